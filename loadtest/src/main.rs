@@ -1,0 +1,2 @@
+//! Switchboard load generator (see issue #4).
+fn main() {}

@@ -1,0 +1,16 @@
+//! Compiles `proto/` with protox (no `protoc` needed), then generates the
+//! prost types and their canonical proto3 JSON mapping (pbjson).
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["switchboard/v1/switchboard.proto"], ["proto"])?;
+    let descriptor_bytes = fds.encode_to_vec();
+    prost_build::Config::new()
+        .bytes(["."])
+        .compile_fds(fds)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptor_bytes)?
+        .build(&[".switchboard"])?;
+    Ok(())
+}

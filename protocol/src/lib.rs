@@ -1,0 +1,38 @@
+//! The Switchboard wire contract.
+//!
+//! - [`v1`]: the frames, generated from `proto/switchboard/v1/switchboard.proto`
+//!   (prost) with the canonical proto3 JSON mapping (pbjson).
+//! - [`Encoding`]: the two encodings and their WebSocket subprotocols.
+//! - [`CloseReason`]: the one table of close codes and reconnect advice.
+//! - [`ChatId`] / [`UserId`]: ids that are safe to put into NATS subjects.
+//! - `client` (feature `client`, on by default): an async Rust client with
+//!   reconnect and resume, used by tests, examples and the load generator.
+//!
+//! `docs/protocol.md` is the reference for app developers.
+#![warn(missing_docs)]
+
+mod close;
+mod codec;
+mod ids;
+
+#[cfg(feature = "client")]
+pub mod client;
+
+pub use close::CloseReason;
+pub use codec::{DecodeError, Encoding};
+pub use ids::{ChatId, IdError, MAX_CLIENT_MSG_ID_LEN, MAX_ID_LEN, UserId, validate_client_msg_id};
+
+/// Generated protocol types (version 1). See the `.proto` file for field docs.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/switchboard.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/switchboard.v1.serde.rs"));
+}
+
+/// Current unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
