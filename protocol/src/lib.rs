@@ -14,12 +14,14 @@
 mod close;
 mod codec;
 mod ids;
+mod stream;
 
 #[cfg(feature = "client")]
 pub mod client;
 
 pub use close::CloseReason;
 pub use codec::{DecodeError, Encoding};
+pub use stream::{SharedFrame, StreamKey};
 pub use ids::{ChatId, IdError, MAX_CLIENT_MSG_ID_LEN, MAX_ID_LEN, UserId, validate_client_msg_id};
 
 /// Generated protocol types (version 1). See the `.proto` file for field docs.

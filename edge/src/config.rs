@@ -1,0 +1,415 @@
+//! Edge configuration: flags, `SWITCHBOARD_*` environment variables and an
+//! optional TOML file (flags and environment win over the file). Every
+//! setting is validated before a port is bound.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use switchboard_router::HistoryLimits;
+
+use crate::auth::{AuthConfig, AuthError};
+
+/// `switchboard-edge`: the WebSocket edge of Switchboard. With no `--nats` /
+/// `--redis` it runs standalone: router, bus, presence and history in this
+/// one process.
+#[derive(Debug, Default, Clone, Parser, Serialize, Deserialize)]
+#[command(name = "switchboard-edge", version, about, long_about = None)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with any of the settings below (snake_case keys, e.g.
+    /// `listen = "0.0.0.0:8080"`). Flags and environment override it.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// host:port of the HTTP/WebSocket listener. Default 127.0.0.1:8080.
+    #[arg(long, env = "SWITCHBOARD_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+
+    /// Name of this node in logs, presence and ConnectResult. Default: the
+    /// host name, else "edge-<random>".
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+
+    /// HS256 secret for client JWTs (development, or tokens minted by a
+    /// trusted backend).
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with an RSA (RS256) or EC P-256 (ES256) public key for
+    /// client JWTs.
+    #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Required `aud` claim, if set.
+    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim, if set.
+    #[arg(long, env = "SWITCHBOARD_JWT_ISSUER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock skew allowed for `exp`/`nbf`, seconds. Default 5.
+    #[arg(long, env = "SWITCHBOARD_JWT_LEEWAY_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_leeway_secs: Option<u64>,
+
+    /// API key for `POST /api/publish` (backends). Unset: the API is off.
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+
+    /// DEV ONLY: serve the demo chat page at `/` and mint tokens for anyone
+    /// at `/dev/token`. Never enable in production.
+    #[arg(long, env = "SWITCHBOARD_DEV", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev: Option<bool>,
+
+    /// Most open sockets. Default: 90% of the process file limit minus 64
+    /// (the limit is raised to its hard maximum first). Upgrades beyond get
+    /// HTTP 503 with Retry-After.
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+
+    /// Largest WebSocket message accepted from a client, bytes. Default 65536.
+    #[arg(long, env = "SWITCHBOARD_MAX_FRAME_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<usize>,
+
+    /// Largest publish payload, bytes. Default 32768.
+    #[arg(long, env = "SWITCHBOARD_MAX_PAYLOAD_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_payload_bytes: Option<usize>,
+
+    /// Frames queued for one socket before it is closed as a slow consumer.
+    /// Default 1024.
+    #[arg(long, env = "SWITCHBOARD_SEND_QUEUE_MAX_FRAMES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_queue_max_frames: Option<usize>,
+
+    /// Bytes queued for one socket before it is closed as a slow consumer.
+    /// Default 1048576.
+    #[arg(long, env = "SWITCHBOARD_SEND_QUEUE_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_queue_max_bytes: Option<usize>,
+
+    /// WebSocket ping interval, ms; a socket silent for two intervals is
+    /// closed. Default 25000.
+    #[arg(long, env = "SWITCHBOARD_HEARTBEAT_INTERVAL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_ms: Option<u64>,
+
+    /// Time from TCP accept to a successful Connect frame, ms. Default 10000.
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout_ms: Option<u64>,
+
+    /// Chats one socket may subscribe to. Default 512.
+    #[arg(long, env = "SWITCHBOARD_MAX_SUBSCRIPTIONS_PER_CONNECTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_subscriptions_per_connection: Option<usize>,
+
+    /// Users one socket may watch for presence. Default 1000.
+    #[arg(long, env = "SWITCHBOARD_MAX_PRESENCE_WATCHES_PER_CONNECTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_presence_watches_per_connection: Option<usize>,
+
+    /// Time allowed for a graceful drain after SIGTERM/SIGINT, ms. Default 30000.
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_ms: Option<u64>,
+
+    /// Sockets disconnected per drain batch. Default 1000.
+    #[arg(long, env = "SWITCHBOARD_DRAIN_BATCH_SIZE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_batch_size: Option<usize>,
+
+    /// Upper bound of the random reconnect delay advised on drain, ms.
+    /// Default 10000.
+    #[arg(long, env = "SWITCHBOARD_RECONNECT_JITTER_MAX_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect_jitter_max_ms: Option<u64>,
+
+    /// Warn a socket this long before its token expires, ms. Default 60000.
+    #[arg(long, env = "SWITCHBOARD_TOKEN_EXPIRY_WARNING_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_expiry_warning_ms: Option<u64>,
+
+    /// Messages kept per stream for recovery. Default 1000.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_MESSAGES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_max_messages: Option<usize>,
+
+    /// Age after which history messages are dropped, ms. Default 600000.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_AGE_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_max_age_ms: Option<u64>,
+
+    /// Streams with history held in memory (standalone). Default 100000.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_STREAMS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_max_streams: Option<usize>,
+
+    /// Log filter (tracing EnvFilter syntax). Default "info".
+    #[arg(long, env = "SWITCHBOARD_LOG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML file is not valid.
+    #[error("invalid config file {path}: {message}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid value for {setting}: {message}")]
+    Invalid {
+        /// The setting (flag name).
+        setting: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// The token settings cannot be used.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+/// The validated configuration of one edge.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listener address (the binary binds it; tests pass their own listener).
+    pub listen: SocketAddr,
+    /// This node's name.
+    pub node_id: String,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Key for the backend publish API; `None` disables it.
+    pub api_key: Option<String>,
+    /// Demo page and dev token endpoint.
+    pub dev: bool,
+    /// Most open sockets.
+    pub max_connections: usize,
+    /// Largest client WebSocket message, bytes.
+    pub max_frame_bytes: usize,
+    /// Largest publish payload, bytes.
+    pub max_payload_bytes: usize,
+    /// Per-socket queue limit, frames.
+    pub send_queue_max_frames: usize,
+    /// Per-socket queue limit, bytes.
+    pub send_queue_max_bytes: usize,
+    /// WebSocket ping interval.
+    pub heartbeat_interval: Duration,
+    /// Accept-to-Connect deadline.
+    pub handshake_timeout: Duration,
+    /// Chats per socket.
+    pub max_subscriptions_per_connection: usize,
+    /// Presence watches per socket.
+    pub max_presence_watches_per_connection: usize,
+    /// Drain deadline.
+    pub shutdown_grace: Duration,
+    /// Sockets per drain batch.
+    pub drain_batch_size: usize,
+    /// Upper bound of advised reconnect delay on drain.
+    pub reconnect_jitter_max: Duration,
+    /// Warning lead before token expiry.
+    pub token_expiry_warning: Duration,
+    /// Memory history limits.
+    pub history: HistoryLimits,
+    /// Log filter.
+    pub log: String,
+}
+
+impl Settings {
+    /// Fills settings missing here from the TOML file named by `--config`.
+    pub fn with_file(self) -> Result<Settings, ConfigError> {
+        let Some(path) = self.config.clone() else { return Ok(self) };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::ReadFile { path: path.clone(), source })?;
+        self.over_toml(&text)
+            .map_err(|message| ConfigError::ParseFile { path, message })
+    }
+
+    /// These settings over those of a TOML document.
+    pub fn over_toml(self, toml_text: &str) -> Result<Settings, String> {
+        let file: Settings = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+        let config = self.config.clone();
+        let mut merged = serde_json::to_value(file).map_err(|e| e.to_string())?;
+        let ours = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        if let (Some(base), serde_json::Value::Object(top)) = (merged.as_object_mut(), ours) {
+            base.extend(top);
+        }
+        let mut out: Settings = serde_json::from_value(merged).map_err(|e| e.to_string())?;
+        out.config = config;
+        Ok(out)
+    }
+
+    /// Applies defaults and validates.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let listen_text = self.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen = listen_text.parse().map_err(|e| ConfigError::Invalid {
+            setting: "--listen",
+            message: format!("{listen_text:?}: {e}"),
+        })?;
+        let node_id = match self.node_id {
+            Some(n) => n,
+            None => std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| format!("edge-{:06x}", rand::random::<u32>() & 0xff_ffff)),
+        };
+        switchboard_protocol::UserId::parse(&node_id).map_err(|e| ConfigError::Invalid {
+            setting: "--node-id",
+            message: e.to_string(),
+        })?;
+        let dev = self.dev.unwrap_or(false);
+        let public_key_pem = match &self.jwt_public_key_file {
+            Some(p) => Some(std::fs::read(p).map_err(|e| ConfigError::Invalid {
+                setting: "--jwt-public-key-file",
+                message: format!("{}: {e}", p.display()),
+            })?),
+            None => None,
+        };
+        let mut secret = self.jwt_secret.map(String::into_bytes);
+        if dev && secret.is_none() {
+            // Dev mode mints its own tokens; a per-process secret keeps them
+            // from working anywhere else.
+            secret = Some(format!("dev-{:032x}", rand::random::<u128>()).into_bytes());
+        }
+        let auth = AuthConfig::new(
+            secret,
+            public_key_pem,
+            self.jwt_audience,
+            self.jwt_issuer,
+            self.jwt_leeway_secs.unwrap_or(5),
+        )?;
+        let positive = |setting: &'static str, v: Option<usize>, default: usize| match v.unwrap_or(default) {
+            0 => Err(ConfigError::Invalid { setting, message: "must be greater than 0".into() }),
+            n => Ok(n),
+        };
+        let ms = |setting: &'static str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
+            0 => Err(ConfigError::Invalid { setting, message: "must be greater than 0".into() }),
+            n => Ok(Duration::from_millis(n)),
+        };
+        let max_connections = match self.max_connections {
+            Some(0) => {
+                return Err(ConfigError::Invalid {
+                    setting: "--max-connections",
+                    message: "must be greater than 0".into(),
+                });
+            }
+            Some(n) => n,
+            None => crate::admission::default_max_connections(),
+        };
+        let max_frame_bytes = positive("--max-frame-bytes", self.max_frame_bytes, 64 * 1024)?;
+        let max_payload_bytes = positive("--max-payload-bytes", self.max_payload_bytes, 32 * 1024)?;
+        if max_payload_bytes > max_frame_bytes {
+            return Err(ConfigError::Invalid {
+                setting: "--max-payload-bytes",
+                message: format!("{max_payload_bytes} exceeds --max-frame-bytes {max_frame_bytes}"),
+            });
+        }
+        Ok(Config {
+            listen,
+            node_id,
+            auth,
+            api_key: self.api_key.filter(|k| !k.is_empty()),
+            dev,
+            max_connections,
+            max_frame_bytes,
+            max_payload_bytes,
+            send_queue_max_frames: positive("--send-queue-max-frames", self.send_queue_max_frames, 1024)?,
+            send_queue_max_bytes: positive("--send-queue-max-bytes", self.send_queue_max_bytes, 1 << 20)?,
+            heartbeat_interval: ms("--heartbeat-interval-ms", self.heartbeat_interval_ms, 25_000)?,
+            handshake_timeout: ms("--handshake-timeout-ms", self.handshake_timeout_ms, 10_000)?,
+            max_subscriptions_per_connection: positive(
+                "--max-subscriptions-per-connection",
+                self.max_subscriptions_per_connection,
+                512,
+            )?,
+            max_presence_watches_per_connection: positive(
+                "--max-presence-watches-per-connection",
+                self.max_presence_watches_per_connection,
+                1000,
+            )?,
+            shutdown_grace: ms("--shutdown-grace-ms", self.shutdown_grace_ms, 30_000)?,
+            drain_batch_size: positive("--drain-batch-size", self.drain_batch_size, 1000)?,
+            reconnect_jitter_max: ms("--reconnect-jitter-max-ms", self.reconnect_jitter_max_ms, 10_000)?,
+            token_expiry_warning: ms("--token-expiry-warning-ms", self.token_expiry_warning_ms, 60_000)?,
+            history: HistoryLimits {
+                max_messages: positive("--history-max-messages", self.history_max_messages, 1000)?,
+                max_age_ms: ms("--history-max-age-ms", self.history_max_age_ms, 600_000)?.as_millis() as i64,
+                max_streams: positive("--history-max-streams", self.history_max_streams, 100_000)?,
+                dedup_entries: 1000,
+            },
+            log: self.log.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+impl Config {
+    /// A standalone config for tests and embedding: HS256 with `secret`,
+    /// everything else at its default.
+    pub fn for_secret(secret: &str) -> Config {
+        Settings { jwt_secret: Some(secret.into()), max_connections: Some(10_000), ..Default::default() }
+            .resolve()
+            .expect("default settings with a secret are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let cli = Settings { listen: Some("127.0.0.1:9000".into()), ..Default::default() };
+        let merged = cli
+            .over_toml("listen = \"0.0.0.0:1\"\njwt_secret = \"s\"\nmax_frame_bytes = 1000\nmax_payload_bytes = 500\nmax_connections = 7")
+            .unwrap();
+        let cfg = merged.resolve().unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.max_frame_bytes, 1000);
+        assert_eq!(cfg.max_connections, 7);
+        assert_eq!(cfg.heartbeat_interval, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let err = Settings { listen: Some("nope".into()), jwt_secret: Some("s".into()), ..Default::default() }
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("--listen"), "{err}");
+        let err = Settings { send_queue_max_bytes: Some(0), jwt_secret: Some("s".into()), ..Default::default() }
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("--send-queue-max-bytes"), "{err}");
+        assert!(Settings::default().over_toml("no_such_setting = 1").is_err());
+    }
+
+    #[test]
+    fn needs_a_key_unless_dev() {
+        assert!(Settings::default().resolve().is_err());
+        assert!(Settings { dev: Some(true), ..Default::default() }.resolve().is_ok());
+    }
+}

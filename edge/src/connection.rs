@@ -1,0 +1,250 @@
+//! One socket's life: Connect handshake under a deadline, then the reader
+//! loop and the writer, which live and die together, then cleanup.
+use std::{
+    sync::{Arc, atomic::AtomicI64, atomic::Ordering},
+    time::Duration,
+};
+
+use fastwebsockets::{Frame, OpCode, WebSocket, WebSocketError, upgrade::UpgradeFut};
+use switchboard_protocol::{
+    CloseReason, Encoding, now_ms,
+    v1::{ClientFrame, Disconnect, Error as ErrorFrame, ErrorCode, ServerFrame, client_frame, server_frame},
+};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::{
+    admission::Permit,
+    app::EdgeState,
+    auth::{AuthError, Identity},
+    metrics,
+    outbound::{ConnHandle, Outbound},
+    session::Session,
+    writer::{Writer, WriterExit, WriterSettings},
+};
+
+/// Everything known about a socket before its Connect frame.
+pub(crate) struct Accepted {
+    pub(crate) encoding: Encoding,
+    /// Identity from an `Authorization: Bearer` header, if one was sent.
+    pub(crate) header_identity: Option<Identity>,
+    pub(crate) deadline: Instant,
+    pub(crate) permit: Permit,
+}
+
+type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// Why the reader stopped.
+pub(crate) enum ReaderExit {
+    /// Close the socket with this reason.
+    Close(CloseReason),
+    /// The peer closed or the transport failed.
+    PeerGone,
+}
+
+pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Accepted) {
+    let conn_id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::debug_span!("conn", id = conn_id, user = tracing::field::Empty, node = %state.config.node_id);
+    async move {
+        let ws = match tokio::time::timeout_at(accepted.deadline, fut).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+            Err(_) => {
+                metrics::disconnect(CloseReason::ConnectTimeout.as_str());
+                return;
+            }
+        };
+        let mut ws = ws;
+        ws.set_max_message_size(state.config.max_frame_bytes);
+        ws.set_auto_close(true);
+        ws.set_auto_pong(true);
+        let Some((identity, connect_id, connect)) = handshake(&state, &mut ws, &accepted).await else {
+            return;
+        };
+        tracing::Span::current().record("user", identity.user.as_str());
+        run(state, ws, conn_id, identity, connect_id, connect, accepted).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Waits for Connect and verifies its token. On failure, answers with an
+/// Error, a Disconnect and a close, and returns None.
+async fn handshake(
+    state: &EdgeState,
+    ws: &mut WebSocket<Upgraded>,
+    accepted: &Accepted,
+) -> Option<(Identity, u32, switchboard_protocol::v1::Connect)> {
+    let enc = accepted.encoding;
+    let frame = match tokio::time::timeout_at(accepted.deadline, ws.read_frame()).await {
+        Err(_) => {
+            close_early(ws, enc, 0, None, CloseReason::ConnectTimeout).await;
+            return None;
+        }
+        Ok(Err(e)) => {
+            let reason = reader_error_reason(&e)?;
+            close_early(ws, enc, 0, Some((ErrorCode::BadRequest, e.to_string())), reason).await;
+            return None;
+        }
+        Ok(Ok(f)) => f,
+    };
+    metrics::frame_in(&state.metrics, frame.payload.len());
+    if !matches!(frame.opcode, OpCode::Text | OpCode::Binary) || !frame.fin {
+        close_early(ws, enc, 0, Some((ErrorCode::BadRequest, "expected a Connect frame".into())), CloseReason::BadRequest)
+            .await;
+        return None;
+    }
+    let parsed = enc.decode_client(&frame.payload, frame.opcode == OpCode::Text);
+    let (id, connect) = match parsed {
+        Ok(ClientFrame { id, kind: Some(client_frame::Kind::Connect(c)) }) => (id, c),
+        Ok(ClientFrame { id, .. }) => {
+            let err = (ErrorCode::BadRequest, "the first frame must be connect".to_string());
+            close_early(ws, enc, id, Some(err), CloseReason::BadRequest).await;
+            return None;
+        }
+        Err(e) => {
+            close_early(ws, enc, 0, Some((ErrorCode::BadRequest, e.to_string())), CloseReason::BadRequest).await;
+            return None;
+        }
+    };
+    let verified = if connect.token.is_empty() {
+        accepted.header_identity.clone().ok_or(AuthError::Missing)
+    } else {
+        state.config.auth.verify(&connect.token)
+    };
+    match verified {
+        Ok(identity) => Some((identity, id, connect)),
+        Err(e) => {
+            metrics::auth_failure(e.label());
+            tracing::debug!(error = %e, "token refused");
+            close_early(ws, enc, id, Some((e.code(), e.to_string())), CloseReason::Unauthorized).await;
+            None
+        }
+    }
+}
+
+/// Maps a read error to a close reason; `None` when the peer is just gone.
+fn reader_error_reason(e: &WebSocketError) -> Option<CloseReason> {
+    match e {
+        WebSocketError::IoError(_) | WebSocketError::UnexpectedEOF | WebSocketError::ConnectionClosed => None,
+        WebSocketError::FrameTooLarge => Some(CloseReason::MessageTooLarge),
+        _ => Some(CloseReason::BadRequest),
+    }
+}
+
+async fn close_early(
+    ws: &mut WebSocket<Upgraded>,
+    enc: Encoding,
+    id: u32,
+    error: Option<(ErrorCode, String)>,
+    reason: CloseReason,
+) {
+    metrics::disconnect(reason.as_str());
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        if let Some((code, message)) = error {
+            let frame = ServerFrame {
+                id,
+                kind: Some(server_frame::Kind::Error(ErrorFrame { code: code as u32, message })),
+            };
+            write_encoded(ws, enc, &frame).await?;
+        }
+        let frame = ServerFrame {
+            id: 0,
+            kind: Some(server_frame::Kind::Disconnect(Disconnect {
+                code: reason.code() as u32,
+                reason: reason.as_str().into(),
+                reconnect: reason.reconnect(),
+                reconnect_delay_ms: 0,
+            })),
+        };
+        write_encoded(ws, enc, &frame).await?;
+        ws.write_frame(Frame::close(reason.code(), reason.as_str().as_bytes())).await
+    })
+    .await;
+}
+
+async fn write_encoded(ws: &mut WebSocket<Upgraded>, enc: Encoding, frame: &ServerFrame) -> Result<(), WebSocketError> {
+    let bytes = enc.encode_server(frame);
+    let opcode = if enc.is_text() { OpCode::Text } else { OpCode::Binary };
+    ws.write_frame(Frame::new(true, opcode, None, fastwebsockets::Payload::Borrowed(&bytes))).await
+}
+
+async fn run(
+    state: Arc<EdgeState>,
+    ws: WebSocket<Upgraded>,
+    conn_id: u64,
+    identity: Identity,
+    connect_id: u32,
+    connect: switchboard_protocol::v1::Connect,
+    accepted: Accepted,
+) {
+    let _permit = accepted.permit;
+    let cfg = &state.config;
+    let (conn, rx) = ConnHandle::new(
+        conn_id,
+        accepted.encoding,
+        cfg.send_queue_max_frames,
+        cfg.send_queue_max_bytes,
+    );
+    let (rd, wr) = ws.split(tokio::io::split);
+    let last_seen = Arc::new(AtomicI64::new(now_ms()));
+    let writer = Writer::new(
+        wr,
+        conn.clone(),
+        rx,
+        last_seen.clone(),
+        identity.expires_at_ms,
+        WriterSettings {
+            heartbeat_interval: cfg.heartbeat_interval,
+            token_expiry_warning: cfg.token_expiry_warning,
+        },
+        state.metrics.clone(),
+    )
+    .run();
+    tokio::pin!(writer);
+
+    state.metrics.opened.increment(1);
+    state.metrics.connections.increment(1.0);
+    state.hub.add_conn(&conn);
+    let mut session = Session::new(state.clone(), conn.clone(), identity);
+
+    let exit = tokio::select! {
+        w = &mut writer => Some(w),
+        ready = session.start(connect_id, connect) => {
+            if let Err(reason) = ready {
+                conn.close(reason, 0);
+            }
+            None
+        }
+    };
+    let exit = match exit {
+        Some(w) => w,
+        None => {
+            let mut rd = rd;
+            let reader = session.read_loop(&mut rd, &last_seen);
+            tokio::pin!(reader);
+            tokio::select! {
+                w = &mut writer => w,
+                r = &mut reader => {
+                    match r {
+                        ReaderExit::Close(reason) => conn.close(reason, 0),
+                        ReaderExit::PeerGone => { conn.send(Outbound::Stop); }
+                    }
+                    tokio::time::timeout(Duration::from_secs(3), &mut writer).await.unwrap_or(WriterExit::Gone)
+                }
+            }
+        }
+    };
+    let reason = match exit {
+        WriterExit::Closed(r) => r.as_str(),
+        WriterExit::Gone => "client_closed",
+    };
+    metrics::disconnect(reason);
+    tracing::debug!(reason, "socket closed");
+    session.cleanup().await;
+    state.hub.remove_conn(conn_id);
+    state.metrics.connections.decrement(1.0);
+}

@@ -1,0 +1,306 @@
+//! The local index (stream → sockets, user → presence watchers) and
+//! fan-out. Interest on the bus is reference-counted: a subject is
+//! subscribed on the first local socket that needs it and unsubscribed
+//! after the last one leaves.
+//!
+//! Deliveries reach sockets in seq order per stream: the hub keeps each
+//! stream's last seq, holds early frames briefly, and repairs a gap from
+//! history (the bus is at-most-once and routers race each other).
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use dashmap::DashMap;
+use switchboard_protocol::{
+    SharedFrame, StreamKey, UserId, now_ms,
+    v1::{StreamPosition, server_frame},
+};
+use switchboard_router::{Bus, BusError, BusHandler, History, presence_subject};
+use tokio::sync::Mutex;
+
+use crate::{metrics::EdgeMetrics, outbound::ConnHandle};
+
+/// Interest changes are serialized per subject through one of these locks,
+/// so subscribe/unsubscribe on the bus never run out of order.
+const INTEREST_STRIPES: usize = 64;
+/// Early frames held per stream before a repair is forced.
+const MAX_PENDING_PER_STREAM: usize = 1024;
+/// How long an early frame waits for the missing ones before repair.
+const GAP_TIMEOUT: Duration = Duration::from_millis(200);
+
+struct StreamEntry {
+    subs: HashMap<u64, ConnHandle>,
+    /// Last seq fanned out (0: not known yet).
+    last_seq: u64,
+    epoch: String,
+    pending: BTreeMap<u64, SharedFrame>,
+    repairing: bool,
+}
+
+impl StreamEntry {
+    fn new() -> Self {
+        StreamEntry { subs: HashMap::new(), last_seq: 0, epoch: String::new(), pending: BTreeMap::new(), repairing: false }
+    }
+}
+
+pub(crate) struct Hub {
+    me: Weak<Hub>,
+    streams: DashMap<StreamKey, StreamEntry>,
+    watchers: DashMap<UserId, HashMap<u64, ConnHandle>>,
+    conns: DashMap<u64, ConnHandle>,
+    stripes: Vec<Mutex<()>>,
+    bus: Arc<dyn Bus>,
+    history: Arc<dyn History>,
+    metrics: Arc<EdgeMetrics>,
+}
+
+fn stripe_of(subject: &str) -> usize {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    (BuildHasherDefault::<DefaultHasher>::default().hash_one(subject) as usize) % INTEREST_STRIPES
+}
+
+impl Hub {
+    pub(crate) fn new(bus: Arc<dyn Bus>, history: Arc<dyn History>, metrics: Arc<EdgeMetrics>) -> Arc<Hub> {
+        let hub = Arc::new_cyclic(|me| Hub {
+            me: me.clone(),
+            streams: DashMap::new(),
+            watchers: DashMap::new(),
+            conns: DashMap::new(),
+            stripes: (0..INTEREST_STRIPES).map(|_| Mutex::new(())).collect(),
+            bus: bus.clone(),
+            history,
+            metrics,
+        });
+        bus.set_handler(hub.clone());
+        hub
+    }
+
+    pub(crate) fn add_conn(&self, conn: &ConnHandle) {
+        self.conns.insert(conn.id(), conn.clone());
+    }
+
+    pub(crate) fn remove_conn(&self, id: u64) {
+        self.conns.remove(&id);
+    }
+
+    /// All open connections (for drain).
+    pub(crate) fn conns(&self) -> Vec<ConnHandle> {
+        self.conns.iter().map(|e| e.value().clone()).collect()
+    }
+
+    pub(crate) fn conn_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Adds a socket to a stream; subscribes the bus on first interest.
+    /// Returns once the subscription is active.
+    pub(crate) async fn join(&self, key: &StreamKey, conn: &ConnHandle) -> Result<(), BusError> {
+        let subject = key.subject();
+        let _guard = self.stripes[stripe_of(&subject)].lock().await;
+        let first = {
+            let mut e = self.streams.entry(key.clone()).or_insert_with(StreamEntry::new);
+            e.subs.insert(conn.id(), conn.clone());
+            e.subs.len() == 1
+        };
+        if first {
+            if let Err(e) = self.bus.subscribe(&subject).await {
+                self.streams.remove_if(key, |_, e| e.subs.len() == 1 && e.subs.contains_key(&conn.id()));
+                return Err(e);
+            }
+            self.metrics.subscriptions.increment(1.0);
+        }
+        Ok(())
+    }
+
+    /// Removes a socket from a stream; unsubscribes after the last one.
+    pub(crate) async fn leave(&self, key: &StreamKey, conn_id: u64) {
+        let subject = key.subject();
+        let _guard = self.stripes[stripe_of(&subject)].lock().await;
+        let last = {
+            let Some(mut e) = self.streams.get_mut(key) else { return };
+            e.subs.remove(&conn_id);
+            e.subs.is_empty()
+        };
+        if last && self.streams.remove_if(key, |_, e| e.subs.is_empty()).is_some() {
+            self.metrics.subscriptions.decrement(1.0);
+            if let Err(e) = self.bus.unsubscribe(&subject).await {
+                tracing::warn!(error = %e, subject, "bus unsubscribe failed");
+            }
+        }
+    }
+
+    /// Watches a user's presence events.
+    pub(crate) async fn watch(&self, user: &UserId, conn: &ConnHandle) -> Result<(), BusError> {
+        let subject = presence_subject(user);
+        let _guard = self.stripes[stripe_of(&subject)].lock().await;
+        let first = {
+            let mut w = self.watchers.entry(user.clone()).or_default();
+            w.insert(conn.id(), conn.clone());
+            w.len() == 1
+        };
+        if first && let Err(e) = self.bus.subscribe(&subject).await {
+            self.watchers.remove_if(user, |_, w| w.len() == 1);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn unwatch(&self, user: &UserId, conn_id: u64) {
+        let subject = presence_subject(user);
+        let _guard = self.stripes[stripe_of(&subject)].lock().await;
+        if let Some(mut w) = self.watchers.get_mut(user) {
+            w.remove(&conn_id);
+        }
+        if self.watchers.remove_if(user, |_, w| w.is_empty()).is_some()
+            && let Err(e) = self.bus.unsubscribe(&subject).await
+        {
+            tracing::warn!(error = %e, subject, "bus unsubscribe failed");
+        }
+    }
+
+    /// Seeds a stream's order tracking from a history read, so a frame lost
+    /// right after the first subscribe is noticed as a gap.
+    pub(crate) fn note_position(&self, key: &StreamKey, pos: &StreamPosition) {
+        if let Some(mut e) = self.streams.get_mut(key)
+            && e.last_seq == 0
+            && e.epoch.is_empty()
+        {
+            e.last_seq = pos.seq;
+            e.epoch = pos.epoch.clone();
+        }
+    }
+
+    fn fan_out(&self, entry: &StreamEntry, frame: &SharedFrame) {
+        for conn in entry.subs.values() {
+            if conn.push(frame.clone()) {
+                self.metrics.deliveries.increment(1);
+            } else {
+                self.metrics.slow_consumer_drops.increment(1);
+            }
+        }
+    }
+
+    fn on_delivery(&self, key: StreamKey, seq: u64, frame: SharedFrame) {
+        let Some(mut e) = self.streams.get_mut(&key) else { return };
+        let epoch = match frame.frame().kind.as_ref() {
+            Some(server_frame::Kind::Delivery(d)) => d.epoch.as_str(),
+            _ => "",
+        };
+        if e.epoch != epoch {
+            // History was reset (or first frame): start tracking afresh.
+            e.epoch = epoch.to_owned();
+            e.last_seq = seq.saturating_sub(1);
+            let n = e.pending.len();
+            e.pending.clear();
+            self.metrics.pending_frames.decrement(n as f64);
+        }
+        if e.last_seq == 0 || seq == e.last_seq + 1 {
+            self.accept(&mut e, seq, &frame);
+            loop {
+                let want = e.last_seq + 1;
+                let Some(next) = e.pending.remove(&want) else { break };
+                self.metrics.pending_frames.decrement(1.0);
+                let s = e.last_seq + 1;
+                self.accept(&mut e, s, &next);
+            }
+        } else if seq <= e.last_seq {
+            self.metrics.duplicates_dropped.increment(1);
+        } else {
+            if e.pending.insert(seq, frame).is_none() {
+                self.metrics.pending_frames.increment(1.0);
+            }
+            if !e.repairing {
+                e.repairing = true;
+                let wait = if e.pending.len() >= MAX_PENDING_PER_STREAM { Duration::ZERO } else { GAP_TIMEOUT };
+                if let Some(hub) = self.me.upgrade() {
+                    tokio::spawn(async move { hub.repair(key, wait).await });
+                }
+            }
+        }
+    }
+
+    fn accept(&self, e: &mut StreamEntry, seq: u64, frame: &SharedFrame) {
+        e.last_seq = seq;
+        if let Some(server_frame::Kind::Delivery(d)) = frame.frame().kind.as_ref() {
+            let lag_ms = (now_ms() - d.timestamp_ms).max(0);
+            self.metrics.delivery_latency.record(lag_ms as f64 / 1000.0);
+        }
+        self.fan_out(e, frame);
+    }
+
+    /// Fills a gap from history; if history no longer has it, skips ahead
+    /// (clients see the gap and re-sync).
+    async fn repair(self: Arc<Self>, key: StreamKey, wait: Duration) {
+        tokio::time::sleep(wait).await;
+        let (since, epoch) = match self.streams.get(&key) {
+            Some(e) if !e.pending.is_empty() => (e.last_seq, e.epoch.clone()),
+            Some(_) => {
+                if let Some(mut e) = self.streams.get_mut(&key) {
+                    e.repairing = false;
+                }
+                return;
+            }
+            None => return,
+        };
+        let recovered = self.history.recover(&key, Some(since), &epoch).await;
+        let Some(mut e) = self.streams.get_mut(&key) else { return };
+        e.repairing = false;
+        match recovered {
+            Ok(r) if !r.position.resync_required => {
+                for f in r.frames {
+                    if let Some((_, seq)) = f.delivery_position()
+                        && seq > e.last_seq
+                        && e.pending.insert(seq, f).is_none()
+                    {
+                        self.metrics.pending_frames.increment(1.0);
+                    }
+                }
+                self.metrics.gaps_repaired.increment(1);
+            }
+            Ok(_) | Err(_) => self.metrics.gaps_unrecoverable.increment(1),
+        }
+        // Deliver everything held in order; anything still missing is lost
+        // to this edge and the clients' own recovery takes over.
+        let held = std::mem::take(&mut e.pending);
+        self.metrics.pending_frames.decrement(held.len() as f64);
+        for (seq, f) in held {
+            if seq > e.last_seq {
+                self.accept(&mut e, seq, &f);
+            }
+        }
+    }
+
+    fn on_event(&self, subject: &str, frame: SharedFrame) {
+        if let Some(user) = subject.strip_prefix("sb.presence.") {
+            if let Some(w) = self.watchers.get(user) {
+                for conn in w.values() {
+                    conn.push(frame.clone());
+                }
+            }
+            return;
+        }
+        let key = if let Some(chat) = subject.strip_prefix("sb.chat.") {
+            switchboard_protocol::ChatId::parse(chat).ok().map(StreamKey::Chat)
+        } else if let Some(user) = subject.strip_prefix("sb.user.") {
+            UserId::parse(user).ok().map(StreamKey::User)
+        } else {
+            None
+        };
+        if let Some(key) = key
+            && let Some(e) = self.streams.get(&key)
+        {
+            self.fan_out(&e, &frame);
+        }
+    }
+}
+
+impl BusHandler for Hub {
+    fn on_frame(&self, subject: &str, frame: SharedFrame) {
+        match frame.delivery_position() {
+            Some((key, seq)) => self.on_delivery(key, seq, frame),
+            None => self.on_event(subject, frame),
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! The Switchboard edge: holds client WebSockets, authenticates them, keeps
+//! the local index of who listens to what, and fans each message out with
+//! one pre-encoded frame shared by all local receivers.
+//!
+//! Layout:
+//! - `config`: flags, environment, TOML file → [`Config`].
+//! - `auth`: JWT verification.
+//! - `server`: listener and HTTP routes (`/ws`, health, metrics, publish API, dev page).
+//! - `admission`: the connection cap under the file limit.
+//! - `connection` / `session` / `writer` / `outbound`: one socket's actor.
+//! - `hub`: local index, reference-counted bus interest, ordered fan-out.
+//! - `app`: backends chosen once, the drain on shutdown.
+//!
+//! Standalone (today) the router, bus, presence and history run in this
+//! process from the `switchboard-router` and `switchboard-presence` crates.
+#![warn(missing_docs)]
+
+mod admission;
+mod app;
+mod auth;
+mod config;
+mod connection;
+mod hub;
+mod metrics;
+mod outbound;
+mod server;
+mod session;
+mod writer;
+
+pub use admission::raise_file_limit;
+pub use app::{Edge, run};
+pub use auth::{AuthConfig, AuthError, Claims, Identity};
+pub use config::{Config, ConfigError, Settings};

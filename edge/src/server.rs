@@ -1,0 +1,336 @@
+//! The listener and the HTTP surface on it: `/ws`, `/healthz`, `/readyz`,
+//! `/metrics`, `POST /api/publish`, and in dev mode `/` and `/dev/token`.
+use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use switchboard_protocol::{ChatId, Encoding, StreamKey, UserId};
+use switchboard_router::{PublishError, PublishRequest};
+use tokio::{net::TcpListener, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    app::EdgeState,
+    auth::Claims,
+    connection::{self, Accepted},
+    metrics,
+};
+
+type Body = Full<Bytes>;
+
+const DEMO_PAGE: &str = include_str!("../assets/demo.html");
+
+pub(crate) async fn accept_loop(state: Arc<EdgeState>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: never let an accept error stop the
+                // server; back off so we don't spin.
+                tracing::warn!(error = %e, "accept failed");
+                metrics::upgrade_rejected("accept_error");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let accepted_at = Instant::now();
+        let state2 = state.clone();
+        let timeout = state.config.handshake_timeout;
+        state.tracker.spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state2.clone();
+                async move { Ok::<_, Infallible>(route(state, req, accepted_at).await) }
+            });
+            let conn = http1::Builder::new()
+                .header_read_timeout(Some(timeout))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "http connection ended");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn api_error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
+    json(status, serde_json::json!({ "error": { "code": status.as_u16(), "message": message.to_string() } }))
+}
+
+async fn route(state: Arc<EdgeState>, req: Request<Incoming>, accepted_at: Instant) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ws") => upgrade(state, req, accepted_at),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if state.draining.load(Ordering::Acquire) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            metrics::refresh_gauges(&state);
+            let mut r = text(StatusCode::OK, state.prometheus.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        (&Method::POST, "/api/publish") => api_publish(state, req).await,
+        (&Method::GET, "/") if state.config.dev => {
+            let mut r = text(StatusCode::OK, DEMO_PAGE);
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+            r
+        }
+        (&Method::GET, "/dev/token") if state.config.dev => dev_token(&state, req.uri().query().unwrap_or("")),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn upgrade(state: Arc<EdgeState>, mut req: Request<Incoming>, accepted_at: Instant) -> Response<Body> {
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        metrics::upgrade_rejected("not_websocket");
+        return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
+    }
+    if state.draining.load(Ordering::Acquire) {
+        metrics::upgrade_rejected("draining");
+        return retry_later("draining");
+    }
+    // Subprotocol: JSON when none is offered; an offer without ours fails.
+    let offered = req.headers().get(header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok());
+    let (encoding, echo) = match offered {
+        None => (Encoding::Json, false),
+        Some(list) => match Encoding::negotiate(list) {
+            Some(e) => (e, true),
+            None => {
+                metrics::upgrade_rejected("subprotocol");
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unsupported subprotocol; offer {} or {}\n",
+                        Encoding::PROTOBUF_SUBPROTOCOL,
+                        Encoding::JSON_SUBPROTOCOL
+                    ),
+                );
+            }
+        },
+    };
+    let header_identity = match req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(h) => match h.strip_prefix("Bearer ").map(|t| state.config.auth.verify(t.trim())) {
+            Some(Ok(id)) => Some(id),
+            Some(Err(e)) => {
+                metrics::auth_failure(e.label());
+                metrics::upgrade_rejected("unauthorized");
+                return text(StatusCode::UNAUTHORIZED, format!("{e}\n"));
+            }
+            None => {
+                metrics::upgrade_rejected("unauthorized");
+                return text(StatusCode::UNAUTHORIZED, "expected Authorization: Bearer <token>\n");
+            }
+        },
+    };
+    let Some(permit) = state.admission.try_admit() else {
+        metrics::upgrade_rejected("over_capacity");
+        return retry_later("connection limit reached");
+    };
+    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(r) => r,
+        Err(e) => {
+            metrics::upgrade_rejected("bad_handshake");
+            return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
+        }
+    };
+    let accepted = Accepted {
+        encoding,
+        header_identity,
+        deadline: accepted_at + state.config.handshake_timeout,
+        permit,
+    };
+    state.tracker.spawn(connection::serve(state.clone(), fut, accepted));
+    let mut response = response.map(|_| Full::new(Bytes::new()));
+    if echo {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, header::HeaderValue::from_static(encoding.subprotocol()));
+    }
+    response
+}
+
+/// 503 with a jittered Retry-After (1-5 s) so refused clients spread out.
+fn retry_later(why: &str) -> Response<Body> {
+    let mut r = text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
+    let secs = rand::random_range(1..=5u32);
+    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    r
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiPublish {
+    chat: Option<String>,
+    user: Option<String>,
+    client_msg_id: String,
+    /// Base64 payload.
+    payload: Option<String>,
+    /// UTF-8 payload (convenience; exclusive with `payload`).
+    text: Option<String>,
+    /// Sender shown to receivers. Default "backend".
+    sender: Option<String>,
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn api_publish(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<Body> {
+    let Some(key) = state.config.api_key.as_deref() else {
+        return api_error(StatusCode::NOT_FOUND, "publish API disabled: set --api-key");
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), key.as_bytes()) {
+        metrics::api_publish("unauthorized");
+        return api_error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
+    }
+    // Base64 grows payloads by 4/3; leave room for the JSON around it.
+    let limit = state.config.max_payload_bytes * 4 / 3 + 4096;
+    let body = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            metrics::api_publish("too_large");
+            return api_error(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {limit} bytes"));
+        }
+    };
+    let parsed: ApiPublish = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            metrics::api_publish("bad_request");
+            return api_error(StatusCode::BAD_REQUEST, e);
+        }
+    };
+    let result = api_request(parsed).map_err(|(s, m)| (s, m.to_string()));
+    let request = match result {
+        Ok(r) => r,
+        Err((status, message)) => {
+            metrics::api_publish("bad_request");
+            return api_error(status, message);
+        }
+    };
+    let target = request.target.clone();
+    match state.router.publish(request).await {
+        Ok(p) => {
+            metrics::api_publish(if p.duplicate { "duplicate" } else { "ok" });
+            json(
+                StatusCode::OK,
+                serde_json::json!({
+                    "stream": target.to_string(),
+                    "seq": p.seq,
+                    "timestamp_ms": p.timestamp_ms,
+                    "duplicate": p.duplicate,
+                }),
+            )
+        }
+        Err(e) => {
+            let status = match e {
+                PublishError::InvalidId(_) => StatusCode::UNPROCESSABLE_ENTITY,
+                PublishError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                PublishError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            metrics::api_publish("refused");
+            api_error(status, e)
+        }
+    }
+}
+
+fn api_request(p: ApiPublish) -> Result<PublishRequest, (StatusCode, String)> {
+    use base64::Engine;
+    let invalid = |e: switchboard_protocol::IdError| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
+    let target = match (p.chat, p.user) {
+        (Some(c), None) => StreamKey::Chat(ChatId::parse(&c).map_err(invalid)?),
+        (None, Some(u)) => StreamKey::User(UserId::parse(&u).map_err(invalid)?),
+        _ => return Err((StatusCode::BAD_REQUEST, "give exactly one of chat, user".into())),
+    };
+    let payload = match (p.payload, p.text) {
+        (Some(b64), None) => Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| (StatusCode::BAD_REQUEST, format!("payload is not base64: {e}")))?,
+        ),
+        (None, Some(t)) => Bytes::from(t),
+        _ => return Err((StatusCode::BAD_REQUEST, "give exactly one of payload, text".into())),
+    };
+    let sender = UserId::parse(p.sender.as_deref().unwrap_or("backend")).map_err(invalid)?;
+    Ok(PublishRequest { sender, target, client_msg_id: p.client_msg_id, payload })
+}
+
+fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
+    let user = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "user")
+        .map(|(_, v)| percent_decode(v))
+        .unwrap_or_default();
+    if let Err(e) = UserId::parse(&user) {
+        return api_error(StatusCode::UNPROCESSABLE_ENTITY, e);
+    }
+    let exp = jsonwebtoken::get_current_timestamp() + 3600;
+    let claims = Claims { sub: user.clone(), exp, nbf: None, aud: None, iss: None, chats: None };
+    match state.config.auth.mint_hs256(&claims) {
+        Some(token) => json(
+            StatusCode::OK,
+            serde_json::json!({ "token": token, "user": user, "expires_at_ms": exp * 1000 }),
+        ),
+        None => api_error(StatusCode::NOT_FOUND, "dev tokens need an HS256 secret"),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

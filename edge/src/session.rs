@@ -1,0 +1,461 @@
+//! The requests of one authenticated socket.
+use std::{collections::HashSet, sync::Arc, sync::atomic::AtomicI64, sync::atomic::Ordering};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
+use switchboard_presence::{Session as PresenceSession, Transition};
+use switchboard_protocol::{
+    ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, now_ms,
+    v1::{
+        self, ClientFrame, ConnectResult, ErrorCode, PresenceEvent, PublishAck, ReceiptEvent, RefreshResult,
+        ServerFrame, SubscribeResult, TypingEvent, client_frame, publish, receipt, server_frame,
+    },
+};
+use switchboard_router::{PublishError, PublishRequest, presence_subject};
+use tokio::io::ReadHalf;
+
+use crate::{
+    app::EdgeState,
+    auth::{AuthError, Identity},
+    connection::ReaderExit,
+    metrics,
+    outbound::{ConnHandle, Outbound},
+};
+
+type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// A request refused with a protocol error code.
+struct Refusal(ErrorCode, String);
+
+impl From<IdError> for Refusal {
+    fn from(e: IdError) -> Self {
+        Refusal(ErrorCode::InvalidId, e.to_string())
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(e: AuthError) -> Self {
+        Refusal(e.code(), e.to_string())
+    }
+}
+
+fn code_label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::BadRequest => "bad_request",
+        ErrorCode::Unauthorized => "unauthorized",
+        ErrorCode::Forbidden => "forbidden",
+        ErrorCode::NotSubscribed => "not_subscribed",
+        ErrorCode::AlreadySubscribed => "already_subscribed",
+        ErrorCode::TooLarge => "too_large",
+        ErrorCode::InvalidId => "invalid_id",
+        ErrorCode::LimitExceeded => "limit_exceeded",
+        ErrorCode::TokenExpired => "token_expired",
+        ErrorCode::Internal => "internal",
+        ErrorCode::Unavailable => "unavailable",
+        ErrorCode::Unspecified => "unspecified",
+    }
+}
+
+pub(crate) struct Session {
+    state: Arc<EdgeState>,
+    conn: ConnHandle,
+    identity: Identity,
+    presence: PresenceSession,
+    chats: HashSet<ChatId>,
+    watching: HashSet<UserId>,
+    joined_user_stream: bool,
+}
+
+impl Session {
+    pub(crate) fn new(state: Arc<EdgeState>, conn: ConnHandle, identity: Identity) -> Self {
+        let presence = PresenceSession {
+            user: identity.user.clone(),
+            session_id: format!("{}-{}", state.config.node_id, conn.id()),
+            node: state.config.node_id.clone(),
+        };
+        Session {
+            state,
+            conn,
+            identity,
+            presence,
+            chats: HashSet::new(),
+            watching: HashSet::new(),
+            joined_user_stream: false,
+        }
+    }
+
+    fn encode(&self, frame: &ServerFrame) -> Bytes {
+        self.conn.encoding().encode_server(frame)
+    }
+
+    fn reply(&self, id: u32, kind: server_frame::Kind) {
+        let bytes = self.encode(&ServerFrame { id, kind: Some(kind) });
+        self.conn.send(Outbound::Reply(bytes));
+    }
+
+    fn refuse(&self, id: u32, Refusal(code, message): Refusal) {
+        metrics::error_reply(code_label(code));
+        self.reply(id, server_frame::Kind::Error(v1::Error { code: code as u32, message }));
+    }
+
+    /// Joins the personal stream, registers presence and answers Connect
+    /// (with the missed personal messages right after).
+    pub(crate) async fn start(&mut self, id: u32, connect: v1::Connect) -> Result<(), CloseReason> {
+        let key = StreamKey::User(self.identity.user.clone());
+        self.conn.send(Outbound::BeginRecovery(key.clone()));
+        if self.state.hub.join(&key, &self.conn).await.is_err() {
+            self.refuse(id, Refusal(ErrorCode::Unavailable, "bus unavailable".into()));
+            return Err(CloseReason::Unavailable);
+        }
+        self.joined_user_stream = true;
+        let recovery = match self.state.history.recover(&key, connect.user_since, &connect.user_epoch).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.refuse(id, Refusal(ErrorCode::Unavailable, e.to_string()));
+                return Err(CloseReason::Unavailable);
+            }
+        };
+        self.state.hub.note_position(&key, &recovery.position);
+        match self.state.presence.register(&self.presence, now_ms()).await {
+            Ok(Transition::BecameOnline) => self.announce(true, now_ms(), 1).await,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "presence register failed"),
+        }
+        let result = ConnectResult {
+            session_id: self.presence.session_id.clone(),
+            user: self.identity.user.to_string(),
+            server_time_ms: now_ms(),
+            heartbeat_interval_ms: self.state.config.heartbeat_interval.as_millis() as u32,
+            token_expires_at_ms: self.identity.expires_at_ms,
+            user_stream: Some(recovery.position),
+            node: self.state.config.node_id.clone(),
+        };
+        let reply = self.encode(&ServerFrame { id, kind: Some(server_frame::Kind::ConnectResult(result)) });
+        self.conn.send(Outbound::Recovered { stream: key, reply, frames: recovery.frames });
+        Ok(())
+    }
+
+    async fn announce(&self, online: bool, at_ms: i64, devices: u32) {
+        let frame = SharedFrame::new(ServerFrame {
+            id: 0,
+            kind: Some(server_frame::Kind::Presence(PresenceEvent {
+                user: self.identity.user.to_string(),
+                online,
+                last_seen_ms: at_ms,
+                devices,
+            })),
+        });
+        self.state.router.broadcast(&presence_subject(&self.identity.user), frame).await;
+    }
+
+    /// Reads frames until the peer leaves or a frame forces a close.
+    pub(crate) async fn read_loop(
+        &mut self,
+        rd: &mut WebSocketRead<ReadHalf<Upgraded>>,
+        last_seen: &AtomicI64,
+    ) -> ReaderExit {
+        let conn = self.conn.clone();
+        let mut obligated = move |f: Frame<'_>| {
+            let ok = conn.send(Outbound::Control { opcode: f.opcode, payload: f.payload.to_vec() });
+            async move { if ok { Ok(()) } else { Err("mailbox full") } }
+        };
+        let max = self.state.config.max_frame_bytes;
+        // A fragmented message, bounded by the same size limit as a frame.
+        let mut partial: Option<(OpCode, Vec<u8>)> = None;
+        loop {
+            let frame = match rd.read_frame(&mut obligated).await {
+                Ok(f) => f,
+                Err(e) => return self.read_error(e),
+            };
+            last_seen.store(now_ms(), Ordering::Relaxed);
+            metrics::frame_in(&self.state.metrics, frame.payload.len());
+            let (opcode, payload): (OpCode, Bytes) = match (frame.opcode, frame.fin) {
+                (OpCode::Close, _) => return ReaderExit::PeerGone,
+                (OpCode::Ping | OpCode::Pong, _) => continue,
+                (OpCode::Text | OpCode::Binary, true) if partial.is_none() => {
+                    (frame.opcode, Bytes::from(frame.payload.to_vec()))
+                }
+                (OpCode::Text | OpCode::Binary, false) if partial.is_none() => {
+                    partial = Some((frame.opcode, frame.payload.to_vec()));
+                    continue;
+                }
+                (OpCode::Continuation, fin) if partial.is_some() => {
+                    let (op, buf) = partial.as_mut().expect("checked is_some");
+                    if buf.len() + frame.payload.len() > max {
+                        return self.fatal(0, ErrorCode::TooLarge, "message too large", CloseReason::MessageTooLarge);
+                    }
+                    buf.extend_from_slice(&frame.payload);
+                    if !fin {
+                        continue;
+                    }
+                    let op = *op;
+                    let (_, buf) = partial.take().expect("checked is_some");
+                    if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
+                        return self.fatal(0, ErrorCode::BadRequest, "invalid UTF-8 in text message", CloseReason::BadRequest);
+                    }
+                    (op, Bytes::from(buf))
+                }
+                _ => return self.fatal(0, ErrorCode::BadRequest, "invalid fragmentation", CloseReason::BadRequest),
+            };
+            let decoded = self.conn.encoding().decode_client(&payload, opcode == OpCode::Text);
+            let request = match decoded {
+                Ok(r) => r,
+                Err(e) => return self.fatal(0, ErrorCode::BadRequest, &e.to_string(), CloseReason::BadRequest),
+            };
+            if let Err(reason) = self.handle(request).await {
+                return ReaderExit::Close(reason);
+            }
+        }
+    }
+
+    fn read_error(&self, e: WebSocketError) -> ReaderExit {
+        match e {
+            WebSocketError::IoError(_) | WebSocketError::UnexpectedEOF | WebSocketError::ConnectionClosed => {
+                ReaderExit::PeerGone
+            }
+            WebSocketError::FrameTooLarge => {
+                let max = self.state.config.max_frame_bytes;
+                self.fatal(0, ErrorCode::TooLarge, &format!("message over {max} bytes"), CloseReason::MessageTooLarge)
+            }
+            WebSocketError::SendError(_) => ReaderExit::PeerGone,
+            other => self.fatal(0, ErrorCode::BadRequest, &other.to_string(), CloseReason::BadRequest),
+        }
+    }
+
+    fn fatal(&self, id: u32, code: ErrorCode, message: &str, reason: CloseReason) -> ReaderExit {
+        self.refuse(id, Refusal(code, message.to_owned()));
+        ReaderExit::Close(reason)
+    }
+
+    async fn handle(&mut self, req: ClientFrame) -> Result<(), CloseReason> {
+        let id = req.id;
+        let Some(kind) = req.kind else {
+            self.refuse(id, Refusal(ErrorCode::BadRequest, "frame has no request".into()));
+            return Ok(());
+        };
+        let outcome = match kind {
+            client_frame::Kind::Connect(_) => Err(Refusal(ErrorCode::BadRequest, "already connected".into())),
+            client_frame::Kind::Subscribe(s) => self.subscribe(id, s).await,
+            client_frame::Kind::Unsubscribe(u) => self.unsubscribe(id, &u.chat).await,
+            client_frame::Kind::Publish(p) => self.publish(id, p).await,
+            client_frame::Kind::Receipt(r) => self.receipt(id, r).await,
+            client_frame::Kind::Typing(t) => self.typing(id, &t.chat).await,
+            client_frame::Kind::Ping(_) => {
+                self.reply(id, server_frame::Kind::Pong(v1::Pong { server_time_ms: now_ms() }));
+                Ok(())
+            }
+            client_frame::Kind::Refresh(r) => self.refresh(id, &r.token),
+            client_frame::Kind::WatchPresence(w) => self.watch(id, w.users).await,
+            client_frame::Kind::UnwatchPresence(w) => self.unwatch(id, w.users).await,
+        };
+        if let Err(refusal) = outcome {
+            self.refuse(id, refusal);
+        }
+        Ok(())
+    }
+
+    fn allowed_chat(&self, chat: &str) -> Result<ChatId, Refusal> {
+        let chat = ChatId::parse(chat)?;
+        if !self.identity.may_use(&chat) {
+            return Err(Refusal(ErrorCode::Forbidden, format!("token does not allow chat {chat}")));
+        }
+        Ok(chat)
+    }
+
+    async fn subscribe(&mut self, id: u32, s: v1::Subscribe) -> Result<(), Refusal> {
+        let chat = self.allowed_chat(&s.chat)?;
+        if self.chats.contains(&chat) {
+            return Err(Refusal(ErrorCode::AlreadySubscribed, format!("already subscribed to {chat}")));
+        }
+        if self.chats.len() >= self.state.config.max_subscriptions_per_connection {
+            return Err(Refusal(ErrorCode::LimitExceeded, "too many subscriptions".into()));
+        }
+        let key = StreamKey::Chat(chat.clone());
+        self.conn.send(Outbound::BeginRecovery(key.clone()));
+        if let Err(e) = self.state.hub.join(&key, &self.conn).await {
+            self.conn.send(Outbound::Forget(key));
+            return Err(Refusal(ErrorCode::Unavailable, e.to_string()));
+        }
+        self.chats.insert(chat.clone());
+        let recovery = match self.state.history.recover(&key, s.since, &s.epoch).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.chats.remove(&chat);
+                self.state.hub.leave(&key, self.conn.id()).await;
+                self.conn.send(Outbound::Forget(key));
+                return Err(Refusal(ErrorCode::Unavailable, e.to_string()));
+            }
+        };
+        self.state.hub.note_position(&key, &recovery.position);
+        let result = SubscribeResult { chat: chat.to_string(), position: Some(recovery.position) };
+        let reply = self.encode(&ServerFrame { id, kind: Some(server_frame::Kind::SubscribeResult(result)) });
+        self.conn.send(Outbound::Recovered { stream: key, reply, frames: recovery.frames });
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, id: u32, chat: &str) -> Result<(), Refusal> {
+        let chat = ChatId::parse(chat)?;
+        if !self.chats.remove(&chat) {
+            return Err(Refusal(ErrorCode::NotSubscribed, format!("not subscribed to {chat}")));
+        }
+        let key = StreamKey::Chat(chat);
+        self.state.hub.leave(&key, self.conn.id()).await;
+        self.conn.send(Outbound::Forget(key));
+        self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
+        Ok(())
+    }
+
+    async fn publish(&mut self, id: u32, p: v1::Publish) -> Result<(), Refusal> {
+        let target = match p.target {
+            Some(publish::Target::Chat(c)) => StreamKey::Chat(self.allowed_chat(&c)?),
+            Some(publish::Target::User(u)) => StreamKey::User(UserId::parse(&u)?),
+            None => return Err(Refusal(ErrorCode::BadRequest, "publish needs a chat or a user".into())),
+        };
+        let req = PublishRequest {
+            sender: self.identity.user.clone(),
+            target: target.clone(),
+            client_msg_id: p.client_msg_id,
+            payload: p.payload,
+        };
+        let published = self.state.router.publish(req).await.map_err(|e| match e {
+            PublishError::InvalidId(e) => Refusal::from(e),
+            PublishError::TooLarge { .. } => Refusal(ErrorCode::TooLarge, e.to_string()),
+            PublishError::Unavailable(_) => Refusal(ErrorCode::Unavailable, e.to_string()),
+        })?;
+        let (chat, user) = match target {
+            StreamKey::Chat(c) => (c.to_string(), String::new()),
+            StreamKey::User(u) => (String::new(), u.to_string()),
+        };
+        self.reply(
+            id,
+            server_frame::Kind::PublishAck(PublishAck {
+                chat,
+                user,
+                seq: published.seq,
+                timestamp_ms: published.timestamp_ms,
+                duplicate: published.duplicate,
+            }),
+        );
+        Ok(())
+    }
+
+    async fn receipt(&mut self, id: u32, r: v1::Receipt) -> Result<(), Refusal> {
+        let (subject, chat) = match r.target {
+            Some(receipt::Target::Chat(c)) => {
+                let chat = self.allowed_chat(&c)?;
+                (StreamKey::Chat(chat.clone()).subject(), chat.to_string())
+            }
+            Some(receipt::Target::User(u)) => (StreamKey::User(UserId::parse(&u)?).subject(), String::new()),
+            None => return Err(Refusal(ErrorCode::BadRequest, "receipt needs a chat or a user".into())),
+        };
+        let frame = SharedFrame::new(ServerFrame {
+            id: 0,
+            kind: Some(server_frame::Kind::Receipt(ReceiptEvent {
+                chat,
+                from: self.identity.user.to_string(),
+                seq: r.seq,
+                kind: r.kind,
+                timestamp_ms: now_ms(),
+            })),
+        });
+        self.state.router.broadcast(&subject, frame).await;
+        self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
+        Ok(())
+    }
+
+    async fn typing(&mut self, id: u32, chat: &str) -> Result<(), Refusal> {
+        let chat = self.allowed_chat(chat)?;
+        let frame = SharedFrame::new(ServerFrame {
+            id: 0,
+            kind: Some(server_frame::Kind::Typing(TypingEvent {
+                chat: chat.to_string(),
+                user: self.identity.user.to_string(),
+            })),
+        });
+        self.state.router.broadcast(&StreamKey::Chat(chat).subject(), frame).await;
+        if id != 0 {
+            self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
+        }
+        Ok(())
+    }
+
+    fn refresh(&mut self, id: u32, token: &str) -> Result<(), Refusal> {
+        let fresh = self.state.config.auth.verify(token).inspect_err(|e| metrics::auth_failure(e.label()))?;
+        if fresh.user != self.identity.user {
+            metrics::auth_failure(AuthError::OtherUser.label());
+            return Err(AuthError::OtherUser.into());
+        }
+        let expires = fresh.expires_at_ms;
+        self.identity = fresh;
+        self.conn.send(Outbound::TokenExpiry(expires));
+        self.reply(id, server_frame::Kind::RefreshResult(RefreshResult { token_expires_at_ms: expires }));
+        Ok(())
+    }
+
+    async fn watch(&mut self, id: u32, users: Vec<String>) -> Result<(), Refusal> {
+        let users = users.iter().map(|u| UserId::parse(u)).collect::<Result<Vec<_>, _>>()?;
+        let fresh: Vec<UserId> = users.into_iter().filter(|u| !self.watching.contains(u)).collect();
+        if self.watching.len() + fresh.len() > self.state.config.max_presence_watches_per_connection {
+            return Err(Refusal(ErrorCode::LimitExceeded, "too many presence watches".into()));
+        }
+        for u in &fresh {
+            self.state
+                .hub
+                .watch(u, &self.conn)
+                .await
+                .map_err(|e| Refusal(ErrorCode::Unavailable, e.to_string()))?;
+            self.watching.insert(u.clone());
+        }
+        self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
+        // Current state right after the reply, so the app starts correct.
+        let statuses = self
+            .state
+            .presence
+            .status(&fresh, now_ms())
+            .await
+            .map_err(|e| Refusal(ErrorCode::Unavailable, e.to_string()))?;
+        for s in statuses {
+            let frame = ServerFrame {
+                id: 0,
+                kind: Some(server_frame::Kind::Presence(PresenceEvent {
+                    user: s.user.to_string(),
+                    online: s.online,
+                    last_seen_ms: s.last_seen_ms,
+                    devices: s.devices,
+                })),
+            };
+            self.conn.send(Outbound::Reply(self.encode(&frame)));
+        }
+        Ok(())
+    }
+
+    async fn unwatch(&mut self, id: u32, users: Vec<String>) -> Result<(), Refusal> {
+        for u in users {
+            let u = UserId::parse(&u)?;
+            if self.watching.remove(&u) {
+                self.state.hub.unwatch(&u, self.conn.id()).await;
+            }
+        }
+        self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
+        Ok(())
+    }
+
+    /// Leaves every stream and watch and unregisters presence.
+    pub(crate) async fn cleanup(&mut self) {
+        for chat in std::mem::take(&mut self.chats) {
+            self.state.hub.leave(&StreamKey::Chat(chat), self.conn.id()).await;
+        }
+        for user in std::mem::take(&mut self.watching) {
+            self.state.hub.unwatch(&user, self.conn.id()).await;
+        }
+        if self.joined_user_stream {
+            self.joined_user_stream = false;
+            self.state.hub.leave(&StreamKey::User(self.identity.user.clone()), self.conn.id()).await;
+            match self.state.presence.unregister(&self.presence, now_ms()).await {
+                Ok(Transition::BecameOffline { last_seen_ms }) => self.announce(false, last_seen_ms, 0).await,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "presence unregister failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The writer half of a connection: drains the mailbox into the socket,
+//! sends heartbeats, enforces token expiry, and merges recovered history
+//! with live deliveries so each stream reaches the socket in seq order.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
+use switchboard_protocol::{
+    CloseReason, Encoding, SharedFrame, StreamKey, now_ms,
+    v1::{Disconnect, ServerFrame, TokenExpiring, server_frame},
+};
+use tokio::{io::AsyncWrite, sync::mpsc, time::Instant};
+
+use crate::{
+    metrics::EdgeMetrics,
+    outbound::{ConnHandle, Outbound},
+};
+
+/// Live deliveries held per stream while its recovery is read; beyond
+/// this the socket is closed as a slow consumer and resumes later.
+const MAX_HELD_PER_STREAM: usize = 4096;
+/// Time allowed for the final Disconnect + close frames.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(crate) struct WriterSettings {
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) token_expiry_warning: Duration,
+}
+
+enum StreamState {
+    Recovering(Vec<SharedFrame>),
+    Live(u64),
+}
+
+/// Why the writer stopped.
+pub(crate) enum WriterExit {
+    /// We closed the socket for this reason.
+    Closed(CloseReason),
+    /// The socket failed or the peer went away.
+    Gone,
+}
+
+pub(crate) struct Writer<W> {
+    ws: WebSocketWrite<W>,
+    conn: ConnHandle,
+    rx: mpsc::Receiver<Outbound>,
+    streams: HashMap<StreamKey, StreamState>,
+    /// Unix ms of the last frame from the client (written by the reader).
+    last_seen_ms: Arc<AtomicI64>,
+    token_expires_at_ms: i64,
+    warned: bool,
+    deadline_dirty: bool,
+    settings: WriterSettings,
+    metrics: Arc<EdgeMetrics>,
+}
+
+impl<W: AsyncWrite + Unpin> Writer<W> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        ws: WebSocketWrite<W>,
+        conn: ConnHandle,
+        rx: mpsc::Receiver<Outbound>,
+        last_seen_ms: Arc<AtomicI64>,
+        token_expires_at_ms: i64,
+        settings: WriterSettings,
+        metrics: Arc<EdgeMetrics>,
+    ) -> Self {
+        Writer {
+            ws,
+            conn,
+            rx,
+            streams: HashMap::new(),
+            last_seen_ms,
+            token_expires_at_ms,
+            warned: false,
+            deadline_dirty: false,
+            settings,
+            metrics,
+        }
+    }
+
+    pub(crate) async fn run(mut self) -> WriterExit {
+        let mut heartbeat = tokio::time::interval_at(
+            Instant::now() + self.settings.heartbeat_interval,
+            self.settings.heartbeat_interval,
+        );
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let silence_limit_ms = 2 * self.settings.heartbeat_interval.as_millis() as i64;
+        let token_timer = tokio::time::sleep_until(self.token_deadline());
+        tokio::pin!(token_timer);
+        loop {
+            if self.deadline_dirty {
+                self.deadline_dirty = false;
+                token_timer.as_mut().reset(self.token_deadline());
+            }
+            tokio::select! {
+                biased;
+                _ = self.conn.close_requested() => {
+                    let closing = self.conn.closing().expect("close_requested resolves only after close()");
+                    self.finish(closing.reason, closing.reconnect_delay_ms).await;
+                    return WriterExit::Closed(closing.reason);
+                }
+                msg = self.rx.recv() => {
+                    let Some(msg) = msg else { return WriterExit::Gone };
+                    if self.handle(msg).await.is_err() {
+                        return WriterExit::Gone;
+                    }
+                    // Drain what is already queued before yielding.
+                    for _ in 0..64 {
+                        let Ok(msg) = self.rx.try_recv() else { break };
+                        if self.handle(msg).await.is_err() {
+                            return WriterExit::Gone;
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let silent_ms = now_ms() - self.last_seen_ms.load(Ordering::Relaxed);
+                    if silent_ms > silence_limit_ms {
+                        self.conn.close(CloseReason::HeartbeatTimeout, 0);
+                        continue;
+                    }
+                    if self.ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await.is_err() {
+                        return WriterExit::Gone;
+                    }
+                }
+                _ = &mut token_timer, if self.token_expires_at_ms > 0 => {
+                    self.deadline_dirty = true;
+                    if now_ms() >= self.token_expires_at_ms {
+                        self.conn.close(CloseReason::TokenExpired, 0);
+                    } else if !self.warned {
+                        self.warned = true;
+                        let frame = ServerFrame {
+                            id: 0,
+                            kind: Some(server_frame::Kind::TokenExpiring(TokenExpiring {
+                                token_expires_at_ms: self.token_expires_at_ms,
+                            })),
+                        };
+                        let bytes = self.conn.encoding().encode_server(&frame);
+                        if self.write(&bytes).await.is_err() {
+                            return WriterExit::Gone;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn token_deadline(&self) -> Instant {
+        if self.token_expires_at_ms <= 0 {
+            return Instant::now() + Duration::from_secs(86_400);
+        }
+        let target = if self.warned {
+            self.token_expires_at_ms
+        } else {
+            self.token_expires_at_ms - self.settings.token_expiry_warning.as_millis() as i64
+        };
+        let wait_ms = (target - now_ms()).max(0) as u64;
+        Instant::now() + Duration::from_millis(wait_ms)
+    }
+
+    async fn handle(&mut self, msg: Outbound) -> Result<(), ()> {
+        let enc = self.conn.encoding();
+        match msg {
+            Outbound::Reply(bytes) => {
+                self.conn.dequeued(bytes.len());
+                self.write(&bytes).await
+            }
+            Outbound::Shared(frame) => {
+                let len = frame.encoded(enc).len();
+                self.conn.dequeued(len);
+                self.live(frame).await
+            }
+            Outbound::BeginRecovery(key) => {
+                self.streams.insert(key, StreamState::Recovering(Vec::new()));
+                Ok(())
+            }
+            Outbound::Recovered { stream, reply, frames } => {
+                let len = reply.len() + frames.iter().map(|f| f.encoded(enc).len()).sum::<usize>();
+                self.conn.dequeued(len);
+                self.write(&reply).await?;
+                let mut last = 0;
+                for f in &frames {
+                    let seq = f.delivery_position().map(|(_, s)| s).unwrap_or(0);
+                    self.write(f.encoded(enc)).await?;
+                    last = last.max(seq);
+                }
+                let held = match self.streams.insert(stream.clone(), StreamState::Live(last)) {
+                    Some(StreamState::Recovering(held)) => held,
+                    _ => Vec::new(),
+                };
+                for f in held {
+                    self.live(f).await?;
+                }
+                Ok(())
+            }
+            Outbound::Forget(key) => {
+                self.streams.remove(&key);
+                Ok(())
+            }
+            Outbound::Control { opcode, payload } => self
+                .ws
+                .write_frame(Frame::new(true, opcode, None, Payload::Owned(payload)))
+                .await
+                .map_err(|_| ()),
+            Outbound::Stop => Err(()),
+            Outbound::TokenExpiry(ms) => {
+                self.token_expires_at_ms = ms;
+                self.warned = false;
+                self.deadline_dirty = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// A live frame: deliveries pass the per-stream order filter.
+    async fn live(&mut self, frame: SharedFrame) -> Result<(), ()> {
+        if let Some((key, seq)) = frame.delivery_position() {
+            match self.streams.get_mut(&key) {
+                Some(StreamState::Recovering(held)) => {
+                    if held.len() >= MAX_HELD_PER_STREAM {
+                        self.conn.close(CloseReason::SlowConsumer, 0);
+                    } else {
+                        held.push(frame);
+                    }
+                    return Ok(());
+                }
+                Some(StreamState::Live(last)) => {
+                    if seq <= *last {
+                        self.metrics.duplicates_dropped.increment(1);
+                        return Ok(());
+                    }
+                    *last = seq;
+                }
+                // Not (or no longer) subscribed on this socket.
+                None => return Ok(()),
+            }
+        }
+        let bytes = frame.encoded(self.conn.encoding()).clone();
+        self.write(&bytes).await
+    }
+
+    async fn write(&mut self, bytes: &Bytes) -> Result<(), ()> {
+        let opcode = if self.conn.encoding() == Encoding::Json { OpCode::Text } else { OpCode::Binary };
+        self.metrics.frames_out.increment(1);
+        self.metrics.bytes_out.increment(bytes.len() as u64);
+        self.ws
+            .write_frame(Frame::new(true, opcode, None, Payload::Borrowed(bytes)))
+            .await
+            .map_err(|_| ())
+    }
+
+    /// Sends Disconnect + close with the reason's code, within a deadline
+    /// (a slow consumer may never read them).
+    async fn finish(&mut self, reason: CloseReason, reconnect_delay_ms: u32) {
+        let frame = ServerFrame {
+            id: 0,
+            kind: Some(server_frame::Kind::Disconnect(Disconnect {
+                code: reason.code() as u32,
+                reason: reason.as_str().into(),
+                reconnect: reason.reconnect(),
+                reconnect_delay_ms,
+            })),
+        };
+        let bytes = self.conn.encoding().encode_server(&frame);
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+            // Replies already queued (say, the error that caused this close)
+            // go first; queued deliveries are dropped, the client resumes.
+            while let Ok(msg) = self.rx.try_recv() {
+                if let Outbound::Reply(b) = msg {
+                    self.write(&b).await?;
+                }
+            }
+            self.write(&bytes).await?;
+            self.ws
+                .write_frame(Frame::close(reason.code(), reason.as_str().as_bytes()))
+                .await
+                .map_err(|_| ())
+        })
+        .await;
+    }
+}

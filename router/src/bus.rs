@@ -1,0 +1,46 @@
+pub(crate) mod memory;
+
+use async_trait::async_trait;
+use switchboard_protocol::{SharedFrame, UserId};
+
+/// Subject of a user's online/offline events.
+pub fn presence_subject(user: &UserId) -> String {
+    format!("sb.presence.{user}")
+}
+
+/// Receives the frames of subjects this node subscribed to.
+pub trait BusHandler: Send + Sync + 'static {
+    /// One frame arrived on `subject`. Must not block: it runs on the
+    /// bus's receive path.
+    fn on_frame(&self, subject: &str, frame: SharedFrame);
+}
+
+/// The bus failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Not connected, or the server refused the operation.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Subject-addressed delivery between nodes.
+///
+/// Contract: at-most-once. Frames from one publisher on one subject arrive
+/// in publish order; anything else (drops while disconnected or lagging)
+/// is detected by the receiver from the stream seq and repaired from
+/// [`crate::History`]. A node receives a subject only between its
+/// `subscribe` and `unsubscribe`; callers reference-count interest and
+/// call each once per transition.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Sets the one handler of this node's subscriptions.
+    fn set_handler(&self, handler: std::sync::Arc<dyn BusHandler>);
+    /// Publishes `frame` on `subject`.
+    async fn publish(&self, subject: &str, frame: SharedFrame) -> Result<(), BusError>;
+    /// Starts receiving `subject`.
+    async fn subscribe(&self, subject: &str) -> Result<(), BusError>;
+    /// Stops receiving `subject`.
+    async fn unsubscribe(&self, subject: &str) -> Result<(), BusError>;
+    /// Subjects this node currently receives (a gauge for leak checks).
+    fn subscriptions(&self) -> usize;
+}

@@ -1,0 +1,22 @@
+//! The publish path.
+//!
+//! - [`Bus`]: moves frames between routers and edges by subject
+//!   (`sb.chat.<chat>`, `sb.user.<user>`, `sb.presence.<user>`);
+//!   [`MemoryBus`] in standalone mode, NATS in a cluster.
+//! - [`History`]: sequences each stream, de-duplicates by client message id
+//!   and keeps a bounded window for recovery; [`MemoryHistory`] in
+//!   standalone mode, Redis in a cluster.
+//! - [`Router`]: validates a publish, appends it and delivers it.
+//!
+//! Standalone, the edge links this crate and runs the router in-process.
+#![warn(missing_docs)]
+
+mod bus;
+mod history;
+mod router;
+
+pub use bus::{Bus, BusError, BusHandler, memory::MemoryBus, presence_subject};
+pub use history::{
+    Draft, History, HistoryError, HistoryLimits, Recovery, memory::MemoryHistory,
+};
+pub use router::{PublishError, PublishRequest, Published, Router, RouterLimits};

@@ -1,0 +1,127 @@
+//! Validating, sequencing and delivering one publish.
+use std::sync::Arc;
+
+use bytes::Bytes;
+use switchboard_protocol::{IdError, SharedFrame, StreamKey, UserId, validate_client_msg_id};
+
+use crate::{Bus, Draft, History, HistoryError};
+
+/// Limits the router enforces on every publish.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterLimits {
+    /// Largest payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for RouterLimits {
+    fn default() -> Self {
+        RouterLimits { max_payload_bytes: 64 * 1024 }
+    }
+}
+
+/// One message to publish, from a client (through its edge) or a backend.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    /// Authenticated sender.
+    pub sender: UserId,
+    /// Chat or personal stream.
+    pub target: StreamKey,
+    /// De-duplication key chosen by the sender.
+    pub client_msg_id: String,
+    /// Opaque payload.
+    pub payload: Bytes,
+}
+
+/// A publish that was sequenced (or recognised as a retry).
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The message's seq in its stream.
+    pub seq: u64,
+    /// Unix ms it was accepted.
+    pub timestamp_ms: i64,
+    /// True when this was a retry of an already sequenced message.
+    pub duplicate: bool,
+}
+
+/// Why a publish was refused. Maps to protocol error codes at the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The client message id is not acceptable.
+    #[error("invalid client message id: {0}")]
+    InvalidId(#[from] IdError),
+    /// The payload is over the limit.
+    #[error("payload is {len} bytes, the limit is {max}")]
+    TooLarge {
+        /// Payload size.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// History is unavailable; nothing was sequenced, retry later.
+    #[error(transparent)]
+    Unavailable(#[from] HistoryError),
+}
+
+/// The publish path: validate, sequence and store, then deliver.
+pub struct Router {
+    history: Arc<dyn History>,
+    bus: Arc<dyn Bus>,
+    limits: RouterLimits,
+}
+
+impl Router {
+    /// A router over these backends.
+    pub fn new(history: Arc<dyn History>, bus: Arc<dyn Bus>, limits: RouterLimits) -> Self {
+        Router { history, bus, limits }
+    }
+
+    /// The history this router appends to (for recovery reads).
+    pub fn history(&self) -> &Arc<dyn History> {
+        &self.history
+    }
+
+    /// Publishes one message. The ack (seq) is returned once the message is
+    /// sequenced and stored; delivery over the bus is at-most-once and gaps
+    /// are repaired by receivers from history.
+    pub async fn publish(&self, req: PublishRequest) -> Result<Published, PublishError> {
+        validate_client_msg_id(&req.client_msg_id)?;
+        if req.payload.len() > self.limits.max_payload_bytes {
+            return Err(PublishError::TooLarge {
+                len: req.payload.len(),
+                max: self.limits.max_payload_bytes,
+            });
+        }
+        let timestamp_ms = switchboard_protocol::now_ms();
+        let draft = Draft {
+            sender: req.sender,
+            client_msg_id: req.client_msg_id,
+            payload: req.payload,
+            timestamp_ms,
+        };
+        let appended = self.history.append(&req.target, draft).await?;
+        if appended.duplicate {
+            metrics::counter!("switchboard_router_publishes_total", "result" => "duplicate").increment(1);
+        } else {
+            metrics::counter!("switchboard_router_publishes_total", "result" => "ok").increment(1);
+            self.deliver(&req.target, appended.frame).await;
+        }
+        Ok(Published { seq: appended.seq, timestamp_ms: appended.timestamp_ms, duplicate: appended.duplicate })
+    }
+
+    async fn deliver(&self, target: &StreamKey, frame: SharedFrame) {
+        if let Err(e) = self.bus.publish(&target.subject(), frame).await {
+            // Stored but not delivered live: receivers repair from history.
+            metrics::counter!("switchboard_router_bus_errors_total").increment(1);
+            tracing::warn!(error = %e, stream = %target, "delivery publish failed; receivers will recover from history");
+        }
+    }
+
+    /// Sends an ephemeral frame (receipt, typing) to a subject: not
+    /// sequenced, not stored, at-most-once.
+    pub async fn broadcast(&self, subject: &str, frame: SharedFrame) {
+        if let Err(e) = self.bus.publish(subject, frame).await {
+            metrics::counter!("switchboard_router_bus_errors_total").increment(1);
+            tracing::debug!(error = %e, subject, "ephemeral publish failed");
+        }
+    }
+}
