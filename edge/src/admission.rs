@@ -13,7 +13,9 @@ const RESERVED_FDS: u64 = 64;
 /// Raises the soft file limit to the hard one and returns the soft limit.
 pub fn raise_file_limit() -> u64 {
     rlimit::increase_nofile_limit(u64::MAX).unwrap_or_else(|_| {
-        rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024)
+        rlimit::getrlimit(rlimit::Resource::NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024)
     })
 }
 
@@ -34,12 +36,17 @@ pub(crate) struct Permit(Arc<Admission>);
 
 impl Admission {
     pub(crate) fn new(max: usize) -> Self {
-        Admission { open: AtomicUsize::new(0), max }
+        Admission {
+            open: AtomicUsize::new(0),
+            max,
+        }
     }
 
     pub(crate) fn try_admit(self: &Arc<Self>) -> Option<Permit> {
         self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
             .ok()
             .map(|_| Permit(self.clone()))
     }

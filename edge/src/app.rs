@@ -41,12 +41,16 @@ impl EdgeState {
         let history: Arc<dyn History> = Arc::new(MemoryHistory::new(config.history));
         // Standalone sessions die with the process; the TTL only matters
         // for the contract shared with the Redis backend.
-        let presence: Arc<dyn PresenceStore> =
-            Arc::new(MemoryPresence::new(3 * config.heartbeat_interval.as_millis() as i64, 100_000));
+        let presence: Arc<dyn PresenceStore> = Arc::new(MemoryPresence::new(
+            3 * config.heartbeat_interval.as_millis() as i64,
+            100_000,
+        ));
         let router = Arc::new(Router::new(
             history.clone(),
             bus.clone(),
-            RouterLimits { max_payload_bytes: config.max_payload_bytes },
+            RouterLimits {
+                max_payload_bytes: config.max_payload_bytes,
+            },
         ));
         let hub = Hub::new(bus.clone(), history.clone(), metrics.clone());
         metrics.connections_max.set(config.max_connections as f64);
@@ -80,8 +84,13 @@ impl Edge {
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
-        let task = tokio::spawn(async move { run(config, listener, token.cancelled_owned()).await });
-        Ok(Edge { addr, shutdown, task })
+        let task =
+            tokio::spawn(async move { run(config, listener, token.cancelled_owned()).await });
+        Ok(Edge {
+            addr,
+            shutdown,
+            task,
+        })
     }
 
     /// The listener's address.
@@ -107,7 +116,11 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Ou
         "switchboard edge listening (standalone)"
     );
     let stop_accepting = CancellationToken::new();
-    let accept = tokio::spawn(server::accept_loop(state.clone(), listener, stop_accepting.clone()));
+    let accept = tokio::spawn(server::accept_loop(
+        state.clone(),
+        listener,
+        stop_accepting.clone(),
+    ));
     shutdown.await;
     drain(&state, stop_accepting).await;
     let _ = accept.await;
@@ -127,7 +140,11 @@ async fn drain(state: &Arc<EdgeState>, stop_accepting: CancellationToken) {
     tracing::info!(sockets = conns.len(), batches, "draining");
     for (i, chunk) in conns.chunks(batch).enumerate() {
         for conn in chunk {
-            let delay = if jitter_ms == 0 { 0 } else { rand::random_range(0..jitter_ms) };
+            let delay = if jitter_ms == 0 {
+                0
+            } else {
+                rand::random_range(0..jitter_ms)
+            };
             conn.close(CloseReason::Shutdown, delay);
         }
         if i + 1 < batches {
@@ -135,8 +152,14 @@ async fn drain(state: &Arc<EdgeState>, stop_accepting: CancellationToken) {
         }
     }
     state.tracker.close();
-    if tokio::time::timeout_at(started + grace, state.tracker.wait()).await.is_err() {
-        tracing::warn!(left = state.hub.conn_count(), "drain deadline reached; exiting with sockets open");
+    if tokio::time::timeout_at(started + grace, state.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = state.hub.conn_count(),
+            "drain deadline reached; exiting with sockets open"
+        );
     }
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
 }

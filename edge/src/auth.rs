@@ -150,15 +150,22 @@ impl AuthConfig {
             Some(pem) => Some(if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
                 (Algorithm::RS256, k)
             } else {
-                let k = DecodingKey::from_ec_pem(&pem)
-                    .map_err(|e| AuthError::BadKey(format!("not an RSA or EC PEM public key ({e})")))?;
+                let k = DecodingKey::from_ec_pem(&pem).map_err(|e| {
+                    AuthError::BadKey(format!("not an RSA or EC PEM public key ({e})"))
+                })?;
                 (Algorithm::ES256, k)
             }),
         };
         if hs256.is_none() && public.is_none() {
             return Err(AuthError::NoKey);
         }
-        Ok(AuthConfig { hs256, public, audience, issuer, leeway_secs })
+        Ok(AuthConfig {
+            hs256,
+            public,
+            audience,
+            issuer,
+            leeway_secs,
+        })
     }
 
     /// Verifies a token.
@@ -168,7 +175,9 @@ impl AuthConfig {
         }
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             // An unknown name, including "none", is an algorithm we refuse.
-            ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => AuthError::Algorithm,
+            ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
+                AuthError::Algorithm
+            }
             _ if token.split('.').next().is_some_and(header_says_none) => AuthError::Algorithm,
             _ => AuthError::Malformed(e.to_string()),
         })?;
@@ -188,12 +197,16 @@ impl AuthConfig {
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e.kind() {
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
+            .kind()
+        {
             ErrorKind::ExpiredSignature => AuthError::Expired,
             ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             ErrorKind::InvalidSignature => AuthError::Signature,
             ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
-            ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => AuthError::WrongAudienceOrIssuer,
+            ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
+                AuthError::WrongAudienceOrIssuer
+            }
             _ => AuthError::Malformed(e.to_string()),
         })?;
         let claims = data.claims;
@@ -208,7 +221,11 @@ impl AuthConfig {
                     .into(),
             ),
         };
-        Ok(Identity { user, expires_at_ms: (claims.exp as i64).saturating_mul(1000), chats })
+        Ok(Identity {
+            user,
+            expires_at_ms: (claims.exp as i64).saturating_mul(1000),
+            chats,
+        })
     }
 
     /// Mints an HS256 token (dev mode and tests). `None` without a secret.
@@ -224,7 +241,11 @@ fn header_says_none(segment: &str) -> bool {
         .decode(segment.trim_end_matches('='))
         .ok()
         .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
-        .and_then(|v| v.get("alg").and_then(|a| a.as_str()).map(|a| a.eq_ignore_ascii_case("none")))
+        .and_then(|v| {
+            v.get("alg")
+                .and_then(|a| a.as_str())
+                .map(|a| a.eq_ignore_ascii_case("none"))
+        })
         .unwrap_or(false)
 }
 
@@ -242,7 +263,14 @@ mod tests {
     }
 
     fn claims(sub: &str, exp: u64) -> Claims {
-        Claims { sub: sub.into(), exp, nbf: None, aud: None, iss: None, chats: None }
+        Claims {
+            sub: sub.into(),
+            exp,
+            nbf: None,
+            aud: None,
+            iss: None,
+            chats: None,
+        }
     }
 
     #[test]
@@ -255,7 +283,10 @@ mod tests {
     #[test]
     fn refuses_bad_tokens_with_typed_errors() {
         let c = cfg();
-        assert_eq!(c.verify(""), Err(AuthError::Missing).map(|_: ()| unreachable!()));
+        assert_eq!(
+            c.verify(""),
+            Err(AuthError::Missing).map(|_: ()| unreachable!())
+        );
         let expired = c.mint_hs256(&claims("a", now() - 120)).unwrap();
         assert_eq!(c.verify(&expired).unwrap_err(), AuthError::Expired);
         let other = AuthConfig::new(Some(b"other".to_vec()), None, None, None, 0).unwrap();
@@ -275,24 +306,49 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.verify(&hs512).unwrap_err(), AuthError::Algorithm);
-        assert!(matches!(c.verify("not-a-jwt").unwrap_err(), AuthError::Malformed(_)));
+        assert!(matches!(
+            c.verify("not-a-jwt").unwrap_err(),
+            AuthError::Malformed(_)
+        ));
         let bad_sub = c.mint_hs256(&claims("a.b", now() + 60)).unwrap();
-        assert!(matches!(c.verify(&bad_sub).unwrap_err(), AuthError::Subject(_)));
+        assert!(matches!(
+            c.verify(&bad_sub).unwrap_err(),
+            AuthError::Subject(_)
+        ));
         let mut future = claims("a", now() + 600);
         future.nbf = Some(now() + 300);
-        assert_eq!(c.verify(&c.mint_hs256(&future).unwrap()).unwrap_err(), AuthError::NotYetValid);
+        assert_eq!(
+            c.verify(&c.mint_hs256(&future).unwrap()).unwrap_err(),
+            AuthError::NotYetValid
+        );
     }
 
     #[test]
     fn checks_audience_and_issuer() {
-        let c = AuthConfig::new(Some(b"s".to_vec()), None, Some("sb".into()), Some("auth".into()), 0).unwrap();
+        let c = AuthConfig::new(
+            Some(b"s".to_vec()),
+            None,
+            Some("sb".into()),
+            Some("auth".into()),
+            0,
+        )
+        .unwrap();
         let mut cl = claims("a", now() + 60);
-        assert_eq!(c.verify(&c.mint_hs256(&cl).unwrap()).unwrap_err(), AuthError::Malformed(
-            c.verify(&c.mint_hs256(&cl).unwrap()).unwrap_err().to_string().replace("malformed token: ", "")
-        ));
+        assert_eq!(
+            c.verify(&c.mint_hs256(&cl).unwrap()).unwrap_err(),
+            AuthError::Malformed(
+                c.verify(&c.mint_hs256(&cl).unwrap())
+                    .unwrap_err()
+                    .to_string()
+                    .replace("malformed token: ", "")
+            )
+        );
         cl.aud = Some("sb".into());
         cl.iss = Some("evil".into());
-        assert_eq!(c.verify(&c.mint_hs256(&cl).unwrap()).unwrap_err(), AuthError::WrongAudienceOrIssuer);
+        assert_eq!(
+            c.verify(&c.mint_hs256(&cl).unwrap()).unwrap_err(),
+            AuthError::WrongAudienceOrIssuer
+        );
         cl.iss = Some("auth".into());
         assert!(c.verify(&c.mint_hs256(&cl).unwrap()).is_ok());
     }

@@ -243,9 +243,13 @@ pub struct Config {
 impl Settings {
     /// Fills settings missing here from the TOML file named by `--config`.
     pub fn with_file(self) -> Result<Settings, ConfigError> {
-        let Some(path) = self.config.clone() else { return Ok(self) };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::ReadFile { path: path.clone(), source })?;
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
+            path: path.clone(),
+            source,
+        })?;
         self.over_toml(&text)
             .map_err(|message| ConfigError::ParseFile { path, message })
     }
@@ -303,12 +307,19 @@ impl Settings {
             self.jwt_issuer,
             self.jwt_leeway_secs.unwrap_or(5),
         )?;
-        let positive = |setting: &'static str, v: Option<usize>, default: usize| match v.unwrap_or(default) {
-            0 => Err(ConfigError::Invalid { setting, message: "must be greater than 0".into() }),
-            n => Ok(n),
-        };
+        let positive =
+            |setting: &'static str, v: Option<usize>, default: usize| match v.unwrap_or(default) {
+                0 => Err(ConfigError::Invalid {
+                    setting,
+                    message: "must be greater than 0".into(),
+                }),
+                n => Ok(n),
+            };
         let ms = |setting: &'static str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
-            0 => Err(ConfigError::Invalid { setting, message: "must be greater than 0".into() }),
+            0 => Err(ConfigError::Invalid {
+                setting,
+                message: "must be greater than 0".into(),
+            }),
             n => Ok(Duration::from_millis(n)),
         };
         let max_connections = match self.max_connections {
@@ -338,9 +349,21 @@ impl Settings {
             max_connections,
             max_frame_bytes,
             max_payload_bytes,
-            send_queue_max_frames: positive("--send-queue-max-frames", self.send_queue_max_frames, 1024)?,
-            send_queue_max_bytes: positive("--send-queue-max-bytes", self.send_queue_max_bytes, 1 << 20)?,
-            heartbeat_interval: ms("--heartbeat-interval-ms", self.heartbeat_interval_ms, 25_000)?,
+            send_queue_max_frames: positive(
+                "--send-queue-max-frames",
+                self.send_queue_max_frames,
+                1024,
+            )?,
+            send_queue_max_bytes: positive(
+                "--send-queue-max-bytes",
+                self.send_queue_max_bytes,
+                1 << 20,
+            )?,
+            heartbeat_interval: ms(
+                "--heartbeat-interval-ms",
+                self.heartbeat_interval_ms,
+                25_000,
+            )?,
             handshake_timeout: ms("--handshake-timeout-ms", self.handshake_timeout_ms, 10_000)?,
             max_subscriptions_per_connection: positive(
                 "--max-subscriptions-per-connection",
@@ -354,11 +377,20 @@ impl Settings {
             )?,
             shutdown_grace: ms("--shutdown-grace-ms", self.shutdown_grace_ms, 30_000)?,
             drain_batch_size: positive("--drain-batch-size", self.drain_batch_size, 1000)?,
-            reconnect_jitter_max: ms("--reconnect-jitter-max-ms", self.reconnect_jitter_max_ms, 10_000)?,
-            token_expiry_warning: ms("--token-expiry-warning-ms", self.token_expiry_warning_ms, 60_000)?,
+            reconnect_jitter_max: ms(
+                "--reconnect-jitter-max-ms",
+                self.reconnect_jitter_max_ms,
+                10_000,
+            )?,
+            token_expiry_warning: ms(
+                "--token-expiry-warning-ms",
+                self.token_expiry_warning_ms,
+                60_000,
+            )?,
             history: HistoryLimits {
                 max_messages: positive("--history-max-messages", self.history_max_messages, 1000)?,
-                max_age_ms: ms("--history-max-age-ms", self.history_max_age_ms, 600_000)?.as_millis() as i64,
+                max_age_ms: ms("--history-max-age-ms", self.history_max_age_ms, 600_000)?
+                    .as_millis() as i64,
                 max_streams: positive("--history-max-streams", self.history_max_streams, 100_000)?,
                 dedup_entries: 1000,
             },
@@ -371,9 +403,13 @@ impl Config {
     /// A standalone config for tests and embedding: HS256 with `secret`,
     /// everything else at its default.
     pub fn for_secret(secret: &str) -> Config {
-        Settings { jwt_secret: Some(secret.into()), max_connections: Some(10_000), ..Default::default() }
-            .resolve()
-            .expect("default settings with a secret are valid")
+        Settings {
+            jwt_secret: Some(secret.into()),
+            max_connections: Some(10_000),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("default settings with a secret are valid")
     }
 }
 
@@ -383,7 +419,10 @@ mod tests {
 
     #[test]
     fn flags_override_file_and_defaults_apply() {
-        let cli = Settings { listen: Some("127.0.0.1:9000".into()), ..Default::default() };
+        let cli = Settings {
+            listen: Some("127.0.0.1:9000".into()),
+            ..Default::default()
+        };
         let merged = cli
             .over_toml("listen = \"0.0.0.0:1\"\njwt_secret = \"s\"\nmax_frame_bytes = 1000\nmax_payload_bytes = 500\nmax_connections = 7")
             .unwrap();
@@ -396,20 +435,39 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_setting() {
-        let err = Settings { listen: Some("nope".into()), jwt_secret: Some("s".into()), ..Default::default() }
-            .resolve()
-            .unwrap_err();
+        let err = Settings {
+            listen: Some("nope".into()),
+            jwt_secret: Some("s".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.to_string().contains("--listen"), "{err}");
-        let err = Settings { send_queue_max_bytes: Some(0), jwt_secret: Some("s".into()), ..Default::default() }
-            .resolve()
-            .unwrap_err();
+        let err = Settings {
+            send_queue_max_bytes: Some(0),
+            jwt_secret: Some("s".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
         assert!(err.to_string().contains("--send-queue-max-bytes"), "{err}");
-        assert!(Settings::default().over_toml("no_such_setting = 1").is_err());
+        assert!(
+            Settings::default()
+                .over_toml("no_such_setting = 1")
+                .is_err()
+        );
     }
 
     #[test]
     fn needs_a_key_unless_dev() {
         assert!(Settings::default().resolve().is_err());
-        assert!(Settings { dev: Some(true), ..Default::default() }.resolve().is_ok());
+        assert!(
+            Settings {
+                dev: Some(true),
+                ..Default::default()
+            }
+            .resolve()
+            .is_ok()
+        );
     }
 }

@@ -8,7 +8,10 @@ use std::{
 use fastwebsockets::{Frame, OpCode, WebSocket, WebSocketError, upgrade::UpgradeFut};
 use switchboard_protocol::{
     CloseReason, Encoding, now_ms,
-    v1::{ClientFrame, Disconnect, Error as ErrorFrame, ErrorCode, ServerFrame, client_frame, server_frame},
+    v1::{
+        ClientFrame, Disconnect, Error as ErrorFrame, ErrorCode, ServerFrame, client_frame,
+        server_frame,
+    },
 };
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -61,7 +64,8 @@ pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Acce
         ws.set_max_message_size(state.config.max_frame_bytes);
         ws.set_auto_close(true);
         ws.set_auto_pong(true);
-        let Some((identity, connect_id, connect)) = handshake(&state, &mut ws, &accepted).await else {
+        let Some((identity, connect_id, connect)) = handshake(&state, &mut ws, &accepted).await
+        else {
             return;
         };
         tracing::Span::current().record("user", identity.user.as_str());
@@ -86,27 +90,53 @@ async fn handshake(
         }
         Ok(Err(e)) => {
             let reason = reader_error_reason(&e)?;
-            close_early(ws, enc, 0, Some((ErrorCode::BadRequest, e.to_string())), reason).await;
+            close_early(
+                ws,
+                enc,
+                0,
+                Some((ErrorCode::BadRequest, e.to_string())),
+                reason,
+            )
+            .await;
             return None;
         }
         Ok(Ok(f)) => f,
     };
     metrics::frame_in(&state.metrics, frame.payload.len());
     if !matches!(frame.opcode, OpCode::Text | OpCode::Binary) || !frame.fin {
-        close_early(ws, enc, 0, Some((ErrorCode::BadRequest, "expected a Connect frame".into())), CloseReason::BadRequest)
-            .await;
+        close_early(
+            ws,
+            enc,
+            0,
+            Some((ErrorCode::BadRequest, "expected a Connect frame".into())),
+            CloseReason::BadRequest,
+        )
+        .await;
         return None;
     }
     let parsed = enc.decode_client(&frame.payload, frame.opcode == OpCode::Text);
     let (id, connect) = match parsed {
-        Ok(ClientFrame { id, kind: Some(client_frame::Kind::Connect(c)) }) => (id, c),
+        Ok(ClientFrame {
+            id,
+            kind: Some(client_frame::Kind::Connect(c)),
+        }) => (id, c),
         Ok(ClientFrame { id, .. }) => {
-            let err = (ErrorCode::BadRequest, "the first frame must be connect".to_string());
+            let err = (
+                ErrorCode::BadRequest,
+                "the first frame must be connect".to_string(),
+            );
             close_early(ws, enc, id, Some(err), CloseReason::BadRequest).await;
             return None;
         }
         Err(e) => {
-            close_early(ws, enc, 0, Some((ErrorCode::BadRequest, e.to_string())), CloseReason::BadRequest).await;
+            close_early(
+                ws,
+                enc,
+                0,
+                Some((ErrorCode::BadRequest, e.to_string())),
+                CloseReason::BadRequest,
+            )
+            .await;
             return None;
         }
     };
@@ -120,7 +150,14 @@ async fn handshake(
         Err(e) => {
             metrics::auth_failure(e.label());
             tracing::debug!(error = %e, "token refused");
-            close_early(ws, enc, id, Some((e.code(), e.to_string())), CloseReason::Unauthorized).await;
+            close_early(
+                ws,
+                enc,
+                id,
+                Some((e.code(), e.to_string())),
+                CloseReason::Unauthorized,
+            )
+            .await;
             None
         }
     }
@@ -129,7 +166,9 @@ async fn handshake(
 /// Maps a read error to a close reason; `None` when the peer is just gone.
 fn reader_error_reason(e: &WebSocketError) -> Option<CloseReason> {
     match e {
-        WebSocketError::IoError(_) | WebSocketError::UnexpectedEOF | WebSocketError::ConnectionClosed => None,
+        WebSocketError::IoError(_)
+        | WebSocketError::UnexpectedEOF
+        | WebSocketError::ConnectionClosed => None,
         WebSocketError::FrameTooLarge => Some(CloseReason::MessageTooLarge),
         _ => Some(CloseReason::BadRequest),
     }
@@ -147,7 +186,10 @@ async fn close_early(
         if let Some((code, message)) = error {
             let frame = ServerFrame {
                 id,
-                kind: Some(server_frame::Kind::Error(ErrorFrame { code: code as u32, message })),
+                kind: Some(server_frame::Kind::Error(ErrorFrame {
+                    code: code as u32,
+                    message,
+                })),
             };
             write_encoded(ws, enc, &frame).await?;
         }
@@ -161,15 +203,30 @@ async fn close_early(
             })),
         };
         write_encoded(ws, enc, &frame).await?;
-        ws.write_frame(Frame::close(reason.code(), reason.as_str().as_bytes())).await
+        ws.write_frame(Frame::close(reason.code(), reason.as_str().as_bytes()))
+            .await
     })
     .await;
 }
 
-async fn write_encoded(ws: &mut WebSocket<Upgraded>, enc: Encoding, frame: &ServerFrame) -> Result<(), WebSocketError> {
+async fn write_encoded(
+    ws: &mut WebSocket<Upgraded>,
+    enc: Encoding,
+    frame: &ServerFrame,
+) -> Result<(), WebSocketError> {
     let bytes = enc.encode_server(frame);
-    let opcode = if enc.is_text() { OpCode::Text } else { OpCode::Binary };
-    ws.write_frame(Frame::new(true, opcode, None, fastwebsockets::Payload::Borrowed(&bytes))).await
+    let opcode = if enc.is_text() {
+        OpCode::Text
+    } else {
+        OpCode::Binary
+    };
+    ws.write_frame(Frame::new(
+        true,
+        opcode,
+        None,
+        fastwebsockets::Payload::Borrowed(&bytes),
+    ))
+    .await
 }
 
 async fn run(

@@ -41,7 +41,13 @@ struct StreamEntry {
 
 impl StreamEntry {
     fn new() -> Self {
-        StreamEntry { subs: HashMap::new(), last_seq: 0, epoch: String::new(), pending: BTreeMap::new(), repairing: false }
+        StreamEntry {
+            subs: HashMap::new(),
+            last_seq: 0,
+            epoch: String::new(),
+            pending: BTreeMap::new(),
+            repairing: false,
+        }
     }
 }
 
@@ -62,7 +68,11 @@ fn stripe_of(subject: &str) -> usize {
 }
 
 impl Hub {
-    pub(crate) fn new(bus: Arc<dyn Bus>, history: Arc<dyn History>, metrics: Arc<EdgeMetrics>) -> Arc<Hub> {
+    pub(crate) fn new(
+        bus: Arc<dyn Bus>,
+        history: Arc<dyn History>,
+        metrics: Arc<EdgeMetrics>,
+    ) -> Arc<Hub> {
         let hub = Arc::new_cyclic(|me| Hub {
             me: me.clone(),
             streams: DashMap::new(),
@@ -100,13 +110,18 @@ impl Hub {
         let subject = key.subject();
         let _guard = self.stripes[stripe_of(&subject)].lock().await;
         let first = {
-            let mut e = self.streams.entry(key.clone()).or_insert_with(StreamEntry::new);
+            let mut e = self
+                .streams
+                .entry(key.clone())
+                .or_insert_with(StreamEntry::new);
             e.subs.insert(conn.id(), conn.clone());
             e.subs.len() == 1
         };
         if first {
             if let Err(e) = self.bus.subscribe(&subject).await {
-                self.streams.remove_if(key, |_, e| e.subs.len() == 1 && e.subs.contains_key(&conn.id()));
+                self.streams.remove_if(key, |_, e| {
+                    e.subs.len() == 1 && e.subs.contains_key(&conn.id())
+                });
                 return Err(e);
             }
             self.metrics.subscriptions.increment(1.0);
@@ -119,11 +134,18 @@ impl Hub {
         let subject = key.subject();
         let _guard = self.stripes[stripe_of(&subject)].lock().await;
         let last = {
-            let Some(mut e) = self.streams.get_mut(key) else { return };
+            let Some(mut e) = self.streams.get_mut(key) else {
+                return;
+            };
             e.subs.remove(&conn_id);
             e.subs.is_empty()
         };
-        if last && self.streams.remove_if(key, |_, e| e.subs.is_empty()).is_some() {
+        if last
+            && self
+                .streams
+                .remove_if(key, |_, e| e.subs.is_empty())
+                .is_some()
+        {
             self.metrics.subscriptions.decrement(1.0);
             if let Err(e) = self.bus.unsubscribe(&subject).await {
                 tracing::warn!(error = %e, subject, "bus unsubscribe failed");
@@ -183,7 +205,9 @@ impl Hub {
     }
 
     fn on_delivery(&self, key: StreamKey, seq: u64, frame: SharedFrame) {
-        let Some(mut e) = self.streams.get_mut(&key) else { return };
+        let Some(mut e) = self.streams.get_mut(&key) else {
+            return;
+        };
         let epoch = match frame.frame().kind.as_ref() {
             Some(server_frame::Kind::Delivery(d)) => d.epoch.as_str(),
             _ => "",
@@ -200,7 +224,9 @@ impl Hub {
             self.accept(&mut e, seq, &frame);
             loop {
                 let want = e.last_seq + 1;
-                let Some(next) = e.pending.remove(&want) else { break };
+                let Some(next) = e.pending.remove(&want) else {
+                    break;
+                };
                 self.metrics.pending_frames.decrement(1.0);
                 let s = e.last_seq + 1;
                 self.accept(&mut e, s, &next);
@@ -213,7 +239,11 @@ impl Hub {
             }
             if !e.repairing {
                 e.repairing = true;
-                let wait = if e.pending.len() >= MAX_PENDING_PER_STREAM { Duration::ZERO } else { GAP_TIMEOUT };
+                let wait = if e.pending.len() >= MAX_PENDING_PER_STREAM {
+                    Duration::ZERO
+                } else {
+                    GAP_TIMEOUT
+                };
                 if let Some(hub) = self.me.upgrade() {
                     tokio::spawn(async move { hub.repair(key, wait).await });
                 }
@@ -245,7 +275,9 @@ impl Hub {
             None => return,
         };
         let recovered = self.history.recover(&key, Some(since), &epoch).await;
-        let Some(mut e) = self.streams.get_mut(&key) else { return };
+        let Some(mut e) = self.streams.get_mut(&key) else {
+            return;
+        };
         e.repairing = false;
         match recovered {
             Ok(r) if !r.position.resync_required => {
@@ -282,7 +314,9 @@ impl Hub {
             return;
         }
         let key = if let Some(chat) = subject.strip_prefix("sb.chat.") {
-            switchboard_protocol::ChatId::parse(chat).ok().map(StreamKey::Chat)
+            switchboard_protocol::ChatId::parse(chat)
+                .ok()
+                .map(StreamKey::Chat)
         } else if let Some(user) = subject.strip_prefix("sb.user.") {
             UserId::parse(user).ok().map(StreamKey::User)
         } else {

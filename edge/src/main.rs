@@ -21,9 +21,14 @@ fn main() -> ExitCode {
         )
         .init();
     if config.dev {
-        tracing::warn!("DEV MODE: demo page at / and unauthenticated tokens at /dev/token; never use in production");
+        tracing::warn!(
+            "DEV MODE: demo page at / and unauthenticated tokens at /dev/token; never use in production"
+        );
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => return fail(&e),
     };

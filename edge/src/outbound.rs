@@ -21,11 +21,18 @@ pub(crate) enum Outbound {
     /// Hold live deliveries of this stream until `Recovered` arrives.
     BeginRecovery(StreamKey),
     /// The reply, then the missed deliveries, then the held live ones.
-    Recovered { stream: StreamKey, reply: Bytes, frames: Vec<SharedFrame> },
+    Recovered {
+        stream: StreamKey,
+        reply: Bytes,
+        frames: Vec<SharedFrame>,
+    },
     /// Forget per-stream state (unsubscribed).
     Forget(StreamKey),
     /// A control frame the protocol obliges us to send (pong, close echo).
-    Control { opcode: fastwebsockets::OpCode, payload: Vec<u8> },
+    Control {
+        opcode: fastwebsockets::OpCode,
+        payload: Vec<u8>,
+    },
     /// The token's expiry moved (refresh), unix ms.
     TokenExpiry(i64),
     /// The peer closed: write what is queued for it and stop.
@@ -93,7 +100,11 @@ impl ConnHandle {
         let len = match &msg {
             Outbound::Reply(b) => b.len(),
             Outbound::Recovered { reply, frames, .. } => {
-                reply.len() + frames.iter().map(|f| f.encoded(self.0.encoding).len()).sum::<usize>()
+                reply.len()
+                    + frames
+                        .iter()
+                        .map(|f| f.encoded(self.0.encoding).len())
+                        .sum::<usize>()
             }
             Outbound::Shared(f) => f.encoded(self.0.encoding).len(),
             _ => 0,
@@ -121,7 +132,15 @@ impl ConnHandle {
 
     /// Asks the writer to send a Disconnect and close. The first reason wins.
     pub(crate) fn close(&self, reason: CloseReason, reconnect_delay_ms: u32) {
-        if self.0.closing.set(Closing { reason, reconnect_delay_ms }).is_ok() {
+        if self
+            .0
+            .closing
+            .set(Closing {
+                reason,
+                reconnect_delay_ms,
+            })
+            .is_ok()
+        {
             self.0.close_notify.notify_one();
         }
     }

@@ -4,7 +4,10 @@ use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering, time::Duration
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1, service::service_fn};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1,
+    service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use switchboard_protocol::{ChatId, Encoding, StreamKey, UserId};
@@ -23,7 +26,11 @@ type Body = Full<Bytes>;
 
 const DEMO_PAGE: &str = include_str!("../assets/demo.html");
 
-pub(crate) async fn accept_loop(state: Arc<EdgeState>, listener: TcpListener, stop: CancellationToken) {
+pub(crate) async fn accept_loop(
+    state: Arc<EdgeState>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -64,22 +71,35 @@ pub(crate) async fn accept_loop(state: Arc<EdgeState>, listener: TcpListener, st
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 fn api_error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
-    json(status, serde_json::json!({ "error": { "code": status.as_u16(), "message": message.to_string() } }))
+    json(
+        status,
+        serde_json::json!({ "error": { "code": status.as_u16(), "message": message.to_string() } }),
+    )
 }
 
-async fn route(state: Arc<EdgeState>, req: Request<Incoming>, accepted_at: Instant) -> Response<Body> {
+async fn route(
+    state: Arc<EdgeState>,
+    req: Request<Incoming>,
+    accepted_at: Instant,
+) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(state, req, accepted_at),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -102,15 +122,24 @@ async fn route(state: Arc<EdgeState>, req: Request<Incoming>, accepted_at: Insta
         (&Method::POST, "/api/publish") => api_publish(state, req).await,
         (&Method::GET, "/") if state.config.dev => {
             let mut r = text(StatusCode::OK, DEMO_PAGE);
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
             r
         }
-        (&Method::GET, "/dev/token") if state.config.dev => dev_token(&state, req.uri().query().unwrap_or("")),
+        (&Method::GET, "/dev/token") if state.config.dev => {
+            dev_token(&state, req.uri().query().unwrap_or(""))
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
-fn upgrade(state: Arc<EdgeState>, mut req: Request<Incoming>, accepted_at: Instant) -> Response<Body> {
+fn upgrade(
+    state: Arc<EdgeState>,
+    mut req: Request<Incoming>,
+    accepted_at: Instant,
+) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         metrics::upgrade_rejected("not_websocket");
         return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
@@ -120,7 +149,10 @@ fn upgrade(state: Arc<EdgeState>, mut req: Request<Incoming>, accepted_at: Insta
         return retry_later("draining");
     }
     // Subprotocol: JSON when none is offered; an offer without ours fails.
-    let offered = req.headers().get(header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok());
+    let offered = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok());
     let (encoding, echo) = match offered {
         None => (Encoding::Json, false),
         Some(list) => match Encoding::negotiate(list) {
@@ -138,9 +170,16 @@ fn upgrade(state: Arc<EdgeState>, mut req: Request<Incoming>, accepted_at: Insta
             }
         },
     };
-    let header_identity = match req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    let header_identity = match req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         None => None,
-        Some(h) => match h.strip_prefix("Bearer ").map(|t| state.config.auth.verify(t.trim())) {
+        Some(h) => match h
+            .strip_prefix("Bearer ")
+            .map(|t| state.config.auth.verify(t.trim()))
+        {
             Some(Ok(id)) => Some(id),
             Some(Err(e)) => {
                 metrics::auth_failure(e.label());
@@ -149,7 +188,10 @@ fn upgrade(state: Arc<EdgeState>, mut req: Request<Incoming>, accepted_at: Insta
             }
             None => {
                 metrics::upgrade_rejected("unauthorized");
-                return text(StatusCode::UNAUTHORIZED, "expected Authorization: Bearer <token>\n");
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "expected Authorization: Bearer <token>\n",
+                );
             }
         },
     };
@@ -170,12 +212,15 @@ fn upgrade(state: Arc<EdgeState>, mut req: Request<Incoming>, accepted_at: Insta
         deadline: accepted_at + state.config.handshake_timeout,
         permit,
     };
-    state.tracker.spawn(connection::serve(state.clone(), fut, accepted));
+    state
+        .tracker
+        .spawn(connection::serve(state.clone(), fut, accepted));
     let mut response = response.map(|_| Full::new(Bytes::new()));
     if echo {
-        response
-            .headers_mut()
-            .insert(header::SEC_WEBSOCKET_PROTOCOL, header::HeaderValue::from_static(encoding.subprotocol()));
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            header::HeaderValue::from_static(encoding.subprotocol()),
+        );
     }
     response
 }
@@ -184,7 +229,8 @@ fn upgrade(state: Arc<EdgeState>, mut req: Request<Incoming>, accepted_at: Insta
 fn retry_later(why: &str) -> Response<Body> {
     let mut r = text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
     let secs = rand::random_range(1..=5u32);
-    r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
     r
 }
 
@@ -226,7 +272,10 @@ async fn api_publish(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<
         Ok(b) => b.to_bytes(),
         Err(_) => {
             metrics::api_publish("too_large");
-            return api_error(StatusCode::PAYLOAD_TOO_LARGE, format!("body over {limit} bytes"));
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body over {limit} bytes"),
+            );
         }
     };
     let parsed: ApiPublish = match serde_json::from_slice(&body) {
@@ -272,23 +321,44 @@ async fn api_publish(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<
 
 fn api_request(p: ApiPublish) -> Result<PublishRequest, (StatusCode, String)> {
     use base64::Engine;
-    let invalid = |e: switchboard_protocol::IdError| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
+    let invalid =
+        |e: switchboard_protocol::IdError| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
     let target = match (p.chat, p.user) {
         (Some(c), None) => StreamKey::Chat(ChatId::parse(&c).map_err(invalid)?),
         (None, Some(u)) => StreamKey::User(UserId::parse(&u).map_err(invalid)?),
-        _ => return Err((StatusCode::BAD_REQUEST, "give exactly one of chat, user".into())),
+        _ => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "give exactly one of chat, user".into(),
+            ));
+        }
     };
     let payload = match (p.payload, p.text) {
         (Some(b64), None) => Bytes::from(
             base64::engine::general_purpose::STANDARD
                 .decode(b64)
-                .map_err(|e| (StatusCode::BAD_REQUEST, format!("payload is not base64: {e}")))?,
+                .map_err(|e| {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        format!("payload is not base64: {e}"),
+                    )
+                })?,
         ),
         (None, Some(t)) => Bytes::from(t),
-        _ => return Err((StatusCode::BAD_REQUEST, "give exactly one of payload, text".into())),
+        _ => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "give exactly one of payload, text".into(),
+            ));
+        }
     };
     let sender = UserId::parse(p.sender.as_deref().unwrap_or("backend")).map_err(invalid)?;
-    Ok(PublishRequest { sender, target, client_msg_id: p.client_msg_id, payload })
+    Ok(PublishRequest {
+        sender,
+        target,
+        client_msg_id: p.client_msg_id,
+        payload,
+    })
 }
 
 fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
@@ -302,7 +372,14 @@ fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
         return api_error(StatusCode::UNPROCESSABLE_ENTITY, e);
     }
     let exp = jsonwebtoken::get_current_timestamp() + 3600;
-    let claims = Claims { sub: user.clone(), exp, nbf: None, aud: None, iss: None, chats: None };
+    let claims = Claims {
+        sub: user.clone(),
+        exp,
+        nbf: None,
+        aud: None,
+        iss: None,
+        chats: None,
+    };
     match state.config.auth.mint_hs256(&claims) {
         Some(token) => json(
             StatusCode::OK,

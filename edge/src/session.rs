@@ -7,8 +7,9 @@ use switchboard_presence::{Session as PresenceSession, Transition};
 use switchboard_protocol::{
     ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, now_ms,
     v1::{
-        self, ClientFrame, ConnectResult, ErrorCode, PresenceEvent, PublishAck, ReceiptEvent, RefreshResult,
-        ServerFrame, SubscribeResult, TypingEvent, client_frame, publish, receipt, server_frame,
+        self, ClientFrame, ConnectResult, ErrorCode, PresenceEvent, PublishAck, ReceiptEvent,
+        RefreshResult, ServerFrame, SubscribeResult, TypingEvent, client_frame, publish, receipt,
+        server_frame,
     },
 };
 use switchboard_router::{PublishError, PublishRequest, presence_subject};
@@ -89,13 +90,22 @@ impl Session {
     }
 
     fn reply(&self, id: u32, kind: server_frame::Kind) {
-        let bytes = self.encode(&ServerFrame { id, kind: Some(kind) });
+        let bytes = self.encode(&ServerFrame {
+            id,
+            kind: Some(kind),
+        });
         self.conn.send(Outbound::Reply(bytes));
     }
 
     fn refuse(&self, id: u32, Refusal(code, message): Refusal) {
         metrics::error_reply(code_label(code));
-        self.reply(id, server_frame::Kind::Error(v1::Error { code: code as u32, message }));
+        self.reply(
+            id,
+            server_frame::Kind::Error(v1::Error {
+                code: code as u32,
+                message,
+            }),
+        );
     }
 
     /// Joins the personal stream, registers presence and answers Connect
@@ -104,11 +114,19 @@ impl Session {
         let key = StreamKey::User(self.identity.user.clone());
         self.conn.send(Outbound::BeginRecovery(key.clone()));
         if self.state.hub.join(&key, &self.conn).await.is_err() {
-            self.refuse(id, Refusal(ErrorCode::Unavailable, "bus unavailable".into()));
+            self.refuse(
+                id,
+                Refusal(ErrorCode::Unavailable, "bus unavailable".into()),
+            );
             return Err(CloseReason::Unavailable);
         }
         self.joined_user_stream = true;
-        let recovery = match self.state.history.recover(&key, connect.user_since, &connect.user_epoch).await {
+        let recovery = match self
+            .state
+            .history
+            .recover(&key, connect.user_since, &connect.user_epoch)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 self.refuse(id, Refusal(ErrorCode::Unavailable, e.to_string()));
@@ -130,8 +148,15 @@ impl Session {
             user_stream: Some(recovery.position),
             node: self.state.config.node_id.clone(),
         };
-        let reply = self.encode(&ServerFrame { id, kind: Some(server_frame::Kind::ConnectResult(result)) });
-        self.conn.send(Outbound::Recovered { stream: key, reply, frames: recovery.frames });
+        let reply = self.encode(&ServerFrame {
+            id,
+            kind: Some(server_frame::Kind::ConnectResult(result)),
+        });
+        self.conn.send(Outbound::Recovered {
+            stream: key,
+            reply,
+            frames: recovery.frames,
+        });
         Ok(())
     }
 
@@ -145,7 +170,10 @@ impl Session {
                 devices,
             })),
         });
-        self.state.router.broadcast(&presence_subject(&self.identity.user), frame).await;
+        self.state
+            .router
+            .broadcast(&presence_subject(&self.identity.user), frame)
+            .await;
     }
 
     /// Reads frames until the peer leaves or a frame forces a close.
@@ -156,7 +184,10 @@ impl Session {
     ) -> ReaderExit {
         let conn = self.conn.clone();
         let mut obligated = move |f: Frame<'_>| {
-            let ok = conn.send(Outbound::Control { opcode: f.opcode, payload: f.payload.to_vec() });
+            let ok = conn.send(Outbound::Control {
+                opcode: f.opcode,
+                payload: f.payload.to_vec(),
+            });
             async move { if ok { Ok(()) } else { Err("mailbox full") } }
         };
         let max = self.state.config.max_frame_bytes;
@@ -182,7 +213,12 @@ impl Session {
                 (OpCode::Continuation, fin) if partial.is_some() => {
                     let (op, buf) = partial.as_mut().expect("checked is_some");
                     if buf.len() + frame.payload.len() > max {
-                        return self.fatal(0, ErrorCode::TooLarge, "message too large", CloseReason::MessageTooLarge);
+                        return self.fatal(
+                            0,
+                            ErrorCode::TooLarge,
+                            "message too large",
+                            CloseReason::MessageTooLarge,
+                        );
                     }
                     buf.extend_from_slice(&frame.payload);
                     if !fin {
@@ -191,16 +227,38 @@ impl Session {
                     let op = *op;
                     let (_, buf) = partial.take().expect("checked is_some");
                     if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
-                        return self.fatal(0, ErrorCode::BadRequest, "invalid UTF-8 in text message", CloseReason::BadRequest);
+                        return self.fatal(
+                            0,
+                            ErrorCode::BadRequest,
+                            "invalid UTF-8 in text message",
+                            CloseReason::BadRequest,
+                        );
                     }
                     (op, Bytes::from(buf))
                 }
-                _ => return self.fatal(0, ErrorCode::BadRequest, "invalid fragmentation", CloseReason::BadRequest),
+                _ => {
+                    return self.fatal(
+                        0,
+                        ErrorCode::BadRequest,
+                        "invalid fragmentation",
+                        CloseReason::BadRequest,
+                    );
+                }
             };
-            let decoded = self.conn.encoding().decode_client(&payload, opcode == OpCode::Text);
+            let decoded = self
+                .conn
+                .encoding()
+                .decode_client(&payload, opcode == OpCode::Text);
             let request = match decoded {
                 Ok(r) => r,
-                Err(e) => return self.fatal(0, ErrorCode::BadRequest, &e.to_string(), CloseReason::BadRequest),
+                Err(e) => {
+                    return self.fatal(
+                        0,
+                        ErrorCode::BadRequest,
+                        &e.to_string(),
+                        CloseReason::BadRequest,
+                    );
+                }
             };
             if let Err(reason) = self.handle(request).await {
                 return ReaderExit::Close(reason);
@@ -210,15 +268,25 @@ impl Session {
 
     fn read_error(&self, e: WebSocketError) -> ReaderExit {
         match e {
-            WebSocketError::IoError(_) | WebSocketError::UnexpectedEOF | WebSocketError::ConnectionClosed => {
-                ReaderExit::PeerGone
-            }
+            WebSocketError::IoError(_)
+            | WebSocketError::UnexpectedEOF
+            | WebSocketError::ConnectionClosed => ReaderExit::PeerGone,
             WebSocketError::FrameTooLarge => {
                 let max = self.state.config.max_frame_bytes;
-                self.fatal(0, ErrorCode::TooLarge, &format!("message over {max} bytes"), CloseReason::MessageTooLarge)
+                self.fatal(
+                    0,
+                    ErrorCode::TooLarge,
+                    &format!("message over {max} bytes"),
+                    CloseReason::MessageTooLarge,
+                )
             }
             WebSocketError::SendError(_) => ReaderExit::PeerGone,
-            other => self.fatal(0, ErrorCode::BadRequest, &other.to_string(), CloseReason::BadRequest),
+            other => self.fatal(
+                0,
+                ErrorCode::BadRequest,
+                &other.to_string(),
+                CloseReason::BadRequest,
+            ),
         }
     }
 
@@ -230,18 +298,28 @@ impl Session {
     async fn handle(&mut self, req: ClientFrame) -> Result<(), CloseReason> {
         let id = req.id;
         let Some(kind) = req.kind else {
-            self.refuse(id, Refusal(ErrorCode::BadRequest, "frame has no request".into()));
+            self.refuse(
+                id,
+                Refusal(ErrorCode::BadRequest, "frame has no request".into()),
+            );
             return Ok(());
         };
         let outcome = match kind {
-            client_frame::Kind::Connect(_) => Err(Refusal(ErrorCode::BadRequest, "already connected".into())),
+            client_frame::Kind::Connect(_) => {
+                Err(Refusal(ErrorCode::BadRequest, "already connected".into()))
+            }
             client_frame::Kind::Subscribe(s) => self.subscribe(id, s).await,
             client_frame::Kind::Unsubscribe(u) => self.unsubscribe(id, &u.chat).await,
             client_frame::Kind::Publish(p) => self.publish(id, p).await,
             client_frame::Kind::Receipt(r) => self.receipt(id, r).await,
             client_frame::Kind::Typing(t) => self.typing(id, &t.chat).await,
             client_frame::Kind::Ping(_) => {
-                self.reply(id, server_frame::Kind::Pong(v1::Pong { server_time_ms: now_ms() }));
+                self.reply(
+                    id,
+                    server_frame::Kind::Pong(v1::Pong {
+                        server_time_ms: now_ms(),
+                    }),
+                );
                 Ok(())
             }
             client_frame::Kind::Refresh(r) => self.refresh(id, &r.token),
@@ -257,7 +335,10 @@ impl Session {
     fn allowed_chat(&self, chat: &str) -> Result<ChatId, Refusal> {
         let chat = ChatId::parse(chat)?;
         if !self.identity.may_use(&chat) {
-            return Err(Refusal(ErrorCode::Forbidden, format!("token does not allow chat {chat}")));
+            return Err(Refusal(
+                ErrorCode::Forbidden,
+                format!("token does not allow chat {chat}"),
+            ));
         }
         Ok(chat)
     }
@@ -265,10 +346,16 @@ impl Session {
     async fn subscribe(&mut self, id: u32, s: v1::Subscribe) -> Result<(), Refusal> {
         let chat = self.allowed_chat(&s.chat)?;
         if self.chats.contains(&chat) {
-            return Err(Refusal(ErrorCode::AlreadySubscribed, format!("already subscribed to {chat}")));
+            return Err(Refusal(
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {chat}"),
+            ));
         }
         if self.chats.len() >= self.state.config.max_subscriptions_per_connection {
-            return Err(Refusal(ErrorCode::LimitExceeded, "too many subscriptions".into()));
+            return Err(Refusal(
+                ErrorCode::LimitExceeded,
+                "too many subscriptions".into(),
+            ));
         }
         let key = StreamKey::Chat(chat.clone());
         self.conn.send(Outbound::BeginRecovery(key.clone()));
@@ -287,16 +374,29 @@ impl Session {
             }
         };
         self.state.hub.note_position(&key, &recovery.position);
-        let result = SubscribeResult { chat: chat.to_string(), position: Some(recovery.position) };
-        let reply = self.encode(&ServerFrame { id, kind: Some(server_frame::Kind::SubscribeResult(result)) });
-        self.conn.send(Outbound::Recovered { stream: key, reply, frames: recovery.frames });
+        let result = SubscribeResult {
+            chat: chat.to_string(),
+            position: Some(recovery.position),
+        };
+        let reply = self.encode(&ServerFrame {
+            id,
+            kind: Some(server_frame::Kind::SubscribeResult(result)),
+        });
+        self.conn.send(Outbound::Recovered {
+            stream: key,
+            reply,
+            frames: recovery.frames,
+        });
         Ok(())
     }
 
     async fn unsubscribe(&mut self, id: u32, chat: &str) -> Result<(), Refusal> {
         let chat = ChatId::parse(chat)?;
         if !self.chats.remove(&chat) {
-            return Err(Refusal(ErrorCode::NotSubscribed, format!("not subscribed to {chat}")));
+            return Err(Refusal(
+                ErrorCode::NotSubscribed,
+                format!("not subscribed to {chat}"),
+            ));
         }
         let key = StreamKey::Chat(chat);
         self.state.hub.leave(&key, self.conn.id()).await;
@@ -309,7 +409,12 @@ impl Session {
         let target = match p.target {
             Some(publish::Target::Chat(c)) => StreamKey::Chat(self.allowed_chat(&c)?),
             Some(publish::Target::User(u)) => StreamKey::User(UserId::parse(&u)?),
-            None => return Err(Refusal(ErrorCode::BadRequest, "publish needs a chat or a user".into())),
+            None => {
+                return Err(Refusal(
+                    ErrorCode::BadRequest,
+                    "publish needs a chat or a user".into(),
+                ));
+            }
         };
         let req = PublishRequest {
             sender: self.identity.user.clone(),
@@ -345,8 +450,15 @@ impl Session {
                 let chat = self.allowed_chat(&c)?;
                 (StreamKey::Chat(chat.clone()).subject(), chat.to_string())
             }
-            Some(receipt::Target::User(u)) => (StreamKey::User(UserId::parse(&u)?).subject(), String::new()),
-            None => return Err(Refusal(ErrorCode::BadRequest, "receipt needs a chat or a user".into())),
+            Some(receipt::Target::User(u)) => {
+                (StreamKey::User(UserId::parse(&u)?).subject(), String::new())
+            }
+            None => {
+                return Err(Refusal(
+                    ErrorCode::BadRequest,
+                    "receipt needs a chat or a user".into(),
+                ));
+            }
         };
         let frame = SharedFrame::new(ServerFrame {
             id: 0,
@@ -372,7 +484,10 @@ impl Session {
                 user: self.identity.user.to_string(),
             })),
         });
-        self.state.router.broadcast(&StreamKey::Chat(chat).subject(), frame).await;
+        self.state
+            .router
+            .broadcast(&StreamKey::Chat(chat).subject(), frame)
+            .await;
         if id != 0 {
             self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
         }
@@ -380,7 +495,12 @@ impl Session {
     }
 
     fn refresh(&mut self, id: u32, token: &str) -> Result<(), Refusal> {
-        let fresh = self.state.config.auth.verify(token).inspect_err(|e| metrics::auth_failure(e.label()))?;
+        let fresh = self
+            .state
+            .config
+            .auth
+            .verify(token)
+            .inspect_err(|e| metrics::auth_failure(e.label()))?;
         if fresh.user != self.identity.user {
             metrics::auth_failure(AuthError::OtherUser.label());
             return Err(AuthError::OtherUser.into());
@@ -388,15 +508,30 @@ impl Session {
         let expires = fresh.expires_at_ms;
         self.identity = fresh;
         self.conn.send(Outbound::TokenExpiry(expires));
-        self.reply(id, server_frame::Kind::RefreshResult(RefreshResult { token_expires_at_ms: expires }));
+        self.reply(
+            id,
+            server_frame::Kind::RefreshResult(RefreshResult {
+                token_expires_at_ms: expires,
+            }),
+        );
         Ok(())
     }
 
     async fn watch(&mut self, id: u32, users: Vec<String>) -> Result<(), Refusal> {
-        let users = users.iter().map(|u| UserId::parse(u)).collect::<Result<Vec<_>, _>>()?;
-        let fresh: Vec<UserId> = users.into_iter().filter(|u| !self.watching.contains(u)).collect();
-        if self.watching.len() + fresh.len() > self.state.config.max_presence_watches_per_connection {
-            return Err(Refusal(ErrorCode::LimitExceeded, "too many presence watches".into()));
+        let users = users
+            .iter()
+            .map(|u| UserId::parse(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fresh: Vec<UserId> = users
+            .into_iter()
+            .filter(|u| !self.watching.contains(u))
+            .collect();
+        if self.watching.len() + fresh.len() > self.state.config.max_presence_watches_per_connection
+        {
+            return Err(Refusal(
+                ErrorCode::LimitExceeded,
+                "too many presence watches".into(),
+            ));
         }
         for u in &fresh {
             self.state
@@ -443,16 +578,29 @@ impl Session {
     /// Leaves every stream and watch and unregisters presence.
     pub(crate) async fn cleanup(&mut self) {
         for chat in std::mem::take(&mut self.chats) {
-            self.state.hub.leave(&StreamKey::Chat(chat), self.conn.id()).await;
+            self.state
+                .hub
+                .leave(&StreamKey::Chat(chat), self.conn.id())
+                .await;
         }
         for user in std::mem::take(&mut self.watching) {
             self.state.hub.unwatch(&user, self.conn.id()).await;
         }
         if self.joined_user_stream {
             self.joined_user_stream = false;
-            self.state.hub.leave(&StreamKey::User(self.identity.user.clone()), self.conn.id()).await;
-            match self.state.presence.unregister(&self.presence, now_ms()).await {
-                Ok(Transition::BecameOffline { last_seen_ms }) => self.announce(false, last_seen_ms, 0).await,
+            self.state
+                .hub
+                .leave(&StreamKey::User(self.identity.user.clone()), self.conn.id())
+                .await;
+            match self
+                .state
+                .presence
+                .unregister(&self.presence, now_ms())
+                .await
+            {
+                Ok(Transition::BecameOffline { last_seen_ms }) => {
+                    self.announce(false, last_seen_ms, 0).await
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "presence unregister failed"),
             }

@@ -178,10 +178,15 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 self.live(frame).await
             }
             Outbound::BeginRecovery(key) => {
-                self.streams.insert(key, StreamState::Recovering(Vec::new()));
+                self.streams
+                    .insert(key, StreamState::Recovering(Vec::new()));
                 Ok(())
             }
-            Outbound::Recovered { stream, reply, frames } => {
+            Outbound::Recovered {
+                stream,
+                reply,
+                frames,
+            } => {
                 let len = reply.len() + frames.iter().map(|f| f.encoded(enc).len()).sum::<usize>();
                 self.conn.dequeued(len);
                 self.write(&reply).await?;
@@ -247,7 +252,11 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     }
 
     async fn write(&mut self, bytes: &Bytes) -> Result<(), ()> {
-        let opcode = if self.conn.encoding() == Encoding::Json { OpCode::Text } else { OpCode::Binary };
+        let opcode = if self.conn.encoding() == Encoding::Json {
+            OpCode::Text
+        } else {
+            OpCode::Binary
+        };
         self.metrics.frames_out.increment(1);
         self.metrics.bytes_out.increment(bytes.len() as u64);
         self.ws

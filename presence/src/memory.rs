@@ -28,7 +28,11 @@ struct Entry {
 impl MemoryPresence {
     /// Sessions expire `ttl_ms` after their last heartbeat.
     pub fn new(ttl_ms: i64, max_offline_users: usize) -> Self {
-        MemoryPresence { users: DashMap::new(), ttl_ms, max_offline_users }
+        MemoryPresence {
+            users: DashMap::new(),
+            ttl_ms,
+            max_offline_users,
+        }
     }
 
     /// Users currently tracked (online or remembered offline).
@@ -61,8 +65,13 @@ impl PresenceStore for MemoryPresence {
         let mut e = self.users.entry(s.user.clone()).or_default();
         e.sessions.retain(|_, exp| *exp > now_ms);
         let was_online = !e.sessions.is_empty();
-        e.sessions.insert(s.session_id.clone(), now_ms + self.ttl_ms);
-        Ok(if was_online { Transition::Unchanged } else { Transition::BecameOnline })
+        e.sessions
+            .insert(s.session_id.clone(), now_ms + self.ttl_ms);
+        Ok(if was_online {
+            Transition::Unchanged
+        } else {
+            Transition::BecameOnline
+        })
     }
 
     async fn unregister(&self, s: &Session, now_ms: i64) -> Result<Transition, PresenceError> {
@@ -74,7 +83,9 @@ impl PresenceStore for MemoryPresence {
             e.sessions.retain(|_, exp| *exp > now_ms);
             if removed && e.sessions.is_empty() {
                 e.last_seen_ms = now_ms;
-                Transition::BecameOffline { last_seen_ms: now_ms }
+                Transition::BecameOffline {
+                    last_seen_ms: now_ms,
+                }
             } else {
                 Transition::Unchanged
             }
@@ -98,16 +109,30 @@ impl PresenceStore for MemoryPresence {
         Ok(())
     }
 
-    async fn status(&self, users: &[UserId], now_ms: i64) -> Result<Vec<UserStatus>, PresenceError> {
+    async fn status(
+        &self,
+        users: &[UserId],
+        now_ms: i64,
+    ) -> Result<Vec<UserStatus>, PresenceError> {
         Ok(users
             .iter()
             .map(|u| {
                 let (devices, last_seen_ms) = self
                     .users
                     .get(u)
-                    .map(|e| (e.sessions.values().filter(|exp| **exp > now_ms).count(), e.last_seen_ms))
+                    .map(|e| {
+                        (
+                            e.sessions.values().filter(|exp| **exp > now_ms).count(),
+                            e.last_seen_ms,
+                        )
+                    })
                     .unwrap_or((0, 0));
-                UserStatus { user: u.clone(), online: devices > 0, devices: devices as u32, last_seen_ms }
+                UserStatus {
+                    user: u.clone(),
+                    online: devices > 0,
+                    devices: devices as u32,
+                    last_seen_ms,
+                }
             })
             .collect())
     }
@@ -131,23 +156,42 @@ mod tests {
     use super::*;
 
     fn session(user: &str, id: &str) -> Session {
-        Session { user: UserId::parse(user).unwrap(), session_id: id.into(), node: "n1".into() }
+        Session {
+            user: UserId::parse(user).unwrap(),
+            session_id: id.into(),
+            node: "n1".into(),
+        }
     }
 
     #[tokio::test]
     async fn transitions_only_on_first_and_last_device() {
         let p = MemoryPresence::new(30_000, 10);
-        assert_eq!(p.register(&session("a", "s1"), 0).await.unwrap(), Transition::BecameOnline);
-        assert_eq!(p.register(&session("a", "s2"), 1).await.unwrap(), Transition::Unchanged);
-        assert_eq!(p.unregister(&session("a", "s1"), 2).await.unwrap(), Transition::Unchanged);
+        assert_eq!(
+            p.register(&session("a", "s1"), 0).await.unwrap(),
+            Transition::BecameOnline
+        );
+        assert_eq!(
+            p.register(&session("a", "s2"), 1).await.unwrap(),
+            Transition::Unchanged
+        );
+        assert_eq!(
+            p.unregister(&session("a", "s1"), 2).await.unwrap(),
+            Transition::Unchanged
+        );
         assert_eq!(
             p.unregister(&session("a", "s2"), 3).await.unwrap(),
             Transition::BecameOffline { last_seen_ms: 3 }
         );
         // Unregistering twice reports nothing new.
-        assert_eq!(p.unregister(&session("a", "s2"), 4).await.unwrap(), Transition::Unchanged);
+        assert_eq!(
+            p.unregister(&session("a", "s2"), 4).await.unwrap(),
+            Transition::Unchanged
+        );
         let st = p.status(&[UserId::parse("a").unwrap()], 5).await.unwrap();
-        assert_eq!((st[0].online, st[0].devices, st[0].last_seen_ms), (false, 0, 3));
+        assert_eq!(
+            (st[0].online, st[0].devices, st[0].last_seen_ms),
+            (false, 0, 3)
+        );
     }
 
     #[tokio::test]
@@ -158,7 +202,10 @@ mod tests {
         p.heartbeat(&[session("b", "s2")], 900).await.unwrap();
         let gone = p.expire(1_500).await.unwrap();
         assert_eq!(gone, vec![(UserId::parse("a").unwrap(), 1_500)]);
-        assert!(p.expire(1_600).await.unwrap().is_empty(), "offline fires once");
+        assert!(
+            p.expire(1_600).await.unwrap().is_empty(),
+            "offline fires once"
+        );
     }
 
     #[tokio::test]

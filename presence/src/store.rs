@@ -59,11 +59,13 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// Registers a live session.
     async fn register(&self, session: &Session, now_ms: i64) -> Result<Transition, PresenceError>;
     /// Removes a session (clean disconnect).
-    async fn unregister(&self, session: &Session, now_ms: i64) -> Result<Transition, PresenceError>;
+    async fn unregister(&self, session: &Session, now_ms: i64)
+    -> Result<Transition, PresenceError>;
     /// Refreshes the TTL of these sessions.
     async fn heartbeat(&self, sessions: &[Session], now_ms: i64) -> Result<(), PresenceError>;
     /// Status of many users in one call.
-    async fn status(&self, users: &[UserId], now_ms: i64) -> Result<Vec<UserStatus>, PresenceError>;
+    async fn status(&self, users: &[UserId], now_ms: i64)
+    -> Result<Vec<UserStatus>, PresenceError>;
     /// Expires sessions past their TTL; returns the users that went offline.
     async fn expire(&self, now_ms: i64) -> Result<Vec<(UserId, i64)>, PresenceError>;
 }

@@ -56,7 +56,12 @@ pub struct HistoryLimits {
 
 impl Default for HistoryLimits {
     fn default() -> Self {
-        HistoryLimits { max_messages: 1000, max_age_ms: 600_000, max_streams: 100_000, dedup_entries: 1000 }
+        HistoryLimits {
+            max_messages: 1000,
+            max_age_ms: 600_000,
+            max_streams: 100_000,
+            dedup_entries: 1000,
+        }
     }
 }
 

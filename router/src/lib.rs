@@ -16,7 +16,5 @@ mod history;
 mod router;
 
 pub use bus::{Bus, BusError, BusHandler, memory::MemoryBus, presence_subject};
-pub use history::{
-    Draft, History, HistoryError, HistoryLimits, Recovery, memory::MemoryHistory,
-};
+pub use history::{Draft, History, HistoryError, HistoryLimits, Recovery, memory::MemoryHistory};
 pub use router::{PublishError, PublishRequest, Published, Router, RouterLimits};

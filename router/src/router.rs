@@ -15,7 +15,9 @@ pub struct RouterLimits {
 
 impl Default for RouterLimits {
     fn default() -> Self {
-        RouterLimits { max_payload_bytes: 64 * 1024 }
+        RouterLimits {
+            max_payload_bytes: 64 * 1024,
+        }
     }
 }
 
@@ -72,7 +74,11 @@ pub struct Router {
 impl Router {
     /// A router over these backends.
     pub fn new(history: Arc<dyn History>, bus: Arc<dyn Bus>, limits: RouterLimits) -> Self {
-        Router { history, bus, limits }
+        Router {
+            history,
+            bus,
+            limits,
+        }
     }
 
     /// The history this router appends to (for recovery reads).
@@ -100,12 +106,17 @@ impl Router {
         };
         let appended = self.history.append(&req.target, draft).await?;
         if appended.duplicate {
-            metrics::counter!("switchboard_router_publishes_total", "result" => "duplicate").increment(1);
+            metrics::counter!("switchboard_router_publishes_total", "result" => "duplicate")
+                .increment(1);
         } else {
             metrics::counter!("switchboard_router_publishes_total", "result" => "ok").increment(1);
             self.deliver(&req.target, appended.frame).await;
         }
-        Ok(Published { seq: appended.seq, timestamp_ms: appended.timestamp_ms, duplicate: appended.duplicate })
+        Ok(Published {
+            seq: appended.seq,
+            timestamp_ms: appended.timestamp_ms,
+            duplicate: appended.duplicate,
+        })
     }
 
     async fn deliver(&self, target: &StreamKey, frame: SharedFrame) {

@@ -43,7 +43,10 @@ impl Log {
 
     fn trim(&mut self, limits: &HistoryLimits, now_ms: i64) {
         while self.window.len() > limits.max_messages
-            || self.window.front().is_some_and(|(_, ts, _)| now_ms - ts > limits.max_age_ms)
+            || self
+                .window
+                .front()
+                .is_some_and(|(_, ts, _)| now_ms - ts > limits.max_age_ms)
         {
             self.window.pop_front();
         }
@@ -55,7 +58,11 @@ impl Log {
     }
 
     fn position(&self) -> StreamPosition {
-        StreamPosition { seq: self.last_seq, epoch: self.epoch.clone(), ..Default::default() }
+        StreamPosition {
+            seq: self.last_seq,
+            epoch: self.epoch.clone(),
+            ..Default::default()
+        }
     }
 }
 
@@ -66,7 +73,10 @@ fn new_epoch() -> String {
 impl MemoryHistory {
     /// An empty history with these limits.
     pub fn new(limits: HistoryLimits) -> Self {
-        MemoryHistory { streams: DashMap::new(), limits }
+        MemoryHistory {
+            streams: DashMap::new(),
+            limits,
+        }
     }
 
     fn evict_if_full(&self, incoming: &StreamKey) {
@@ -91,7 +101,10 @@ impl MemoryHistory {
 impl History for MemoryHistory {
     async fn append(&self, stream: &StreamKey, draft: Draft) -> Result<Appended, HistoryError> {
         self.evict_if_full(stream);
-        let entry = self.streams.entry(stream.clone()).or_insert_with(|| Mutex::new(Log::new()));
+        let entry = self
+            .streams
+            .entry(stream.clone())
+            .or_insert_with(|| Mutex::new(Log::new()));
         // The lock is held only for this synchronous block; a panic while
         // holding it is a bug, so a poisoned lock is recovered as is.
         let mut log = entry.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,7 +116,12 @@ impl History for MemoryHistory {
                 .find(|(s, _, _)| *s == seq)
                 .map(|(_, _, f)| f.clone())
                 .unwrap_or_else(|| delivery_frame(stream, seq, ts, &draft, &log.epoch));
-            return Ok(Appended { frame, seq, timestamp_ms: ts, duplicate: true });
+            return Ok(Appended {
+                frame,
+                seq,
+                timestamp_ms: ts,
+                duplicate: true,
+            });
         }
         log.last_seq += 1;
         let seq = log.last_seq;
@@ -114,7 +132,12 @@ impl History for MemoryHistory {
         log.dedup.insert(key.clone(), (seq, ts));
         log.dedup_order.push_back(key);
         log.trim(&self.limits, ts);
-        Ok(Appended { frame, seq, timestamp_ms: ts, duplicate: false })
+        Ok(Appended {
+            frame,
+            seq,
+            timestamp_ms: ts,
+            duplicate: false,
+        })
     }
 
     async fn recover(
@@ -129,20 +152,33 @@ impl History for MemoryHistory {
                 resync_required: since.is_some_and(|s| s > 0),
                 ..Default::default()
             };
-            return Ok(Recovery { position, frames: Vec::new() });
+            return Ok(Recovery {
+                position,
+                frames: Vec::new(),
+            });
         };
         let mut log = entry.lock().unwrap_or_else(|p| p.into_inner());
         log.trim(&self.limits, switchboard_protocol::now_ms());
         let mut position = log.position();
         let Some(since) = since else {
-            return Ok(Recovery { position, frames: Vec::new() });
+            return Ok(Recovery {
+                position,
+                frames: Vec::new(),
+            });
         };
         let epoch_ok = epoch.is_empty() || epoch == log.epoch;
         if !epoch_ok || since > log.last_seq {
             position.resync_required = true;
-            return Ok(Recovery { position, frames: Vec::new() });
+            return Ok(Recovery {
+                position,
+                frames: Vec::new(),
+            });
         }
-        let oldest = log.window.front().map(|(s, _, _)| *s).unwrap_or(log.last_seq + 1);
+        let oldest = log
+            .window
+            .front()
+            .map(|(s, _, _)| *s)
+            .unwrap_or(log.last_seq + 1);
         // Seqs since+1 ..= oldest-1 are gone: the client has a hole and must
         // re-sync; it still gets what the window holds.
         position.resync_required = since + 1 < oldest;
@@ -161,7 +197,13 @@ impl History for MemoryHistory {
     }
 }
 
-fn delivery_frame(stream: &StreamKey, seq: u64, ts: i64, draft: &Draft, epoch: &str) -> SharedFrame {
+fn delivery_frame(
+    stream: &StreamKey,
+    seq: u64,
+    ts: i64,
+    draft: &Draft,
+    epoch: &str,
+) -> SharedFrame {
     let (chat, user) = match stream {
         StreamKey::Chat(c) => (c.to_string(), String::new()),
         StreamKey::User(u) => (String::new(), u.to_string()),
@@ -200,7 +242,12 @@ mod tests {
     }
 
     fn limits(max_messages: usize) -> HistoryLimits {
-        HistoryLimits { max_messages, max_age_ms: i64::MAX / 4, max_streams: 2, dedup_entries: 100 }
+        HistoryLimits {
+            max_messages,
+            max_age_ms: i64::MAX / 4,
+            max_streams: 2,
+            dedup_entries: 100,
+        }
     }
 
     #[tokio::test]
@@ -212,18 +259,32 @@ mod tests {
         assert_eq!((a.seq, b.seq), (1, 2));
         assert!(again.duplicate);
         assert_eq!((again.seq, again.timestamp_ms), (1, 1));
-        assert_eq!(h.append(&chat("other"), draft("m1", 4)).await.unwrap().seq, 1);
+        assert_eq!(
+            h.append(&chat("other"), draft("m1", 4)).await.unwrap().seq,
+            1
+        );
     }
 
     #[tokio::test]
     async fn recovers_inside_the_window_and_flags_outside() {
         let h = MemoryHistory::new(limits(3));
         for i in 1..=5 {
-            h.append(&chat("c"), draft(&format!("m{i}"), i)).await.unwrap();
+            h.append(&chat("c"), draft(&format!("m{i}"), i))
+                .await
+                .unwrap();
         }
-        let epoch = h.recover(&chat("c"), None, "").await.unwrap().position.epoch;
+        let epoch = h
+            .recover(&chat("c"), None, "")
+            .await
+            .unwrap()
+            .position
+            .epoch;
         let r = h.recover(&chat("c"), Some(3), &epoch).await.unwrap();
-        let seqs: Vec<u64> = r.frames.iter().map(|f| f.delivery_position().unwrap().1).collect();
+        let seqs: Vec<u64> = r
+            .frames
+            .iter()
+            .map(|f| f.delivery_position().unwrap().1)
+            .collect();
         assert_eq!(seqs, vec![4, 5]);
         assert!(!r.position.resync_required);
         assert_eq!(r.position.recovered, 2);
@@ -232,20 +293,46 @@ mod tests {
         let r = h.recover(&chat("c"), Some(1), &epoch).await.unwrap();
         assert!(r.position.resync_required);
         // Wrong epoch or a seq from the future: re-sync, nothing replayed.
-        assert!(h.recover(&chat("c"), Some(5), "bogus").await.unwrap().position.resync_required);
-        assert!(h.recover(&chat("c"), Some(9), &epoch).await.unwrap().position.resync_required);
-        assert!(h.recover(&chat("c"), Some(5), &epoch).await.unwrap().frames.is_empty());
+        assert!(
+            h.recover(&chat("c"), Some(5), "bogus")
+                .await
+                .unwrap()
+                .position
+                .resync_required
+        );
+        assert!(
+            h.recover(&chat("c"), Some(9), &epoch)
+                .await
+                .unwrap()
+                .position
+                .resync_required
+        );
+        assert!(
+            h.recover(&chat("c"), Some(5), &epoch)
+                .await
+                .unwrap()
+                .frames
+                .is_empty()
+        );
     }
 
     #[tokio::test]
     async fn streams_are_bounded_and_eviction_changes_epoch() {
         let h = MemoryHistory::new(limits(3));
         h.append(&chat("a"), draft("m", 1)).await.unwrap();
-        let epoch_a = h.recover(&chat("a"), None, "").await.unwrap().position.epoch;
+        let epoch_a = h
+            .recover(&chat("a"), None, "")
+            .await
+            .unwrap()
+            .position
+            .epoch;
         h.append(&chat("b"), draft("m", 2)).await.unwrap();
         h.append(&chat("c"), draft("m", 3)).await.unwrap();
         assert_eq!(h.streams(), 2);
         let r = h.recover(&chat("a"), Some(1), &epoch_a).await.unwrap();
-        assert!(r.position.resync_required, "evicted stream must ask for re-sync");
+        assert!(
+            r.position.resync_required,
+            "evicted stream must ask for re-sync"
+        );
     }
 }

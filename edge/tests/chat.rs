@@ -1,0 +1,310 @@
+//! Chats, the personal stream, receipts, presence and recovery.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+async fn publish_chat(raw: &mut Raw, chat: &str, id: &str, text: &str) -> Value {
+    let ack = raw
+        .request(json!({"publish": {"chat": chat, "clientMsgId": id, "payload": b64(text)}}))
+        .await;
+    assert!(ack.get("publishAck").is_some(), "publish failed: {ack}");
+    ack["publishAck"].clone()
+}
+
+async fn publish_user(raw: &mut Raw, user: &str, id: &str, text: &str) -> Value {
+    let ack = raw
+        .request(json!({"publish": {"user": user, "clientMsgId": id, "payload": b64(text)}}))
+        .await;
+    assert!(ack.get("publishAck").is_some(), "publish failed: {ack}");
+    ack["publishAck"].clone()
+}
+
+#[tokio::test]
+async fn two_users_chat_and_a_third_receives_nothing() {
+    let edge = start(config()).await;
+    let mut alice = Raw::connected(&edge, "alice").await;
+    let mut bob = Raw::connected(&edge, "bob").await;
+    let mut eve = Raw::connected(&edge, "eve").await;
+    for (raw, chat) in [(&mut alice, "ab"), (&mut bob, "ab"), (&mut eve, "other")] {
+        let r = raw.request(json!({"subscribe": {"chat": chat}})).await;
+        assert!(r.get("subscribeResult").is_some(), "{r}");
+    }
+    // A group message reaches both members, and DMs reach only their addressee.
+    publish_chat(&mut alice, "ab", "a1", "hi bob").await;
+    publish_user(&mut alice, "bob", "a2", "dm for bob").await;
+    publish_user(&mut bob, "alice", "b1", "dm for alice").await;
+
+    let to_bob = bob.deliveries(2).await;
+    let texts: Vec<String> = to_bob.iter().map(payload_text).collect();
+    assert_eq!(texts, ["hi bob", "dm for bob"]);
+    assert_eq!(to_bob[0]["sender"], "alice");
+    assert_eq!(to_bob[1]["user"], "bob");
+
+    let to_alice = alice.deliveries(2).await;
+    let texts: Vec<String> = to_alice.iter().map(payload_text).collect();
+    assert_eq!(texts, ["hi bob", "dm for alice"]);
+
+    eve.assert_no_delivery(Duration::from_millis(300)).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn all_sockets_of_a_user_get_the_personal_stream() {
+    let edge = start(config()).await;
+    let mut devices = Vec::new();
+    for _ in 0..3 {
+        devices.push(Raw::connected(&edge, "carol").await);
+    }
+    let mut sender = Raw::connected(&edge, "dave").await;
+    publish_user(&mut sender, "carol", "d1", "one").await;
+    publish_user(&mut sender, "carol", "d2", "two").await;
+    for d in &mut devices {
+        let got = d.deliveries(2).await;
+        let seqs: Vec<u64> = got.iter().map(seq).collect();
+        assert_eq!(seqs, [1, 2]);
+        assert_eq!(payload_text(&got[1]), "two");
+    }
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn duplicate_client_msg_id_gets_same_seq_and_one_delivery() {
+    let edge = start(config()).await;
+    let mut a = Raw::connected(&edge, "alice").await;
+    a.request(json!({"subscribe": {"chat": "c"}})).await;
+    let first = publish_chat(&mut a, "c", "same", "x").await;
+    let again = publish_chat(&mut a, "c", "same", "x").await;
+    assert_eq!(seq(&first), seq(&again));
+    assert_eq!(again["duplicate"], true);
+    assert_eq!(a.deliveries(1).await.len(), 1);
+    a.assert_no_delivery(Duration::from_millis(300)).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn resume_with_since_recovers_in_order_without_duplicates() {
+    let edge = start(config()).await;
+    let mut reader = Raw::connected(&edge, "reader").await;
+    let sub = reader.request(json!({"subscribe": {"chat": "room"}})).await;
+    let epoch = sub["subscribeResult"]["position"]["epoch"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    let mut writer = Raw::connected(&edge, "writer").await;
+    for i in 1..=3 {
+        publish_chat(&mut writer, "room", &format!("m{i}"), &format!("msg {i}")).await;
+    }
+    let seen = reader.deliveries(3).await;
+    let last = seq(&seen[2]);
+    let epoch = if epoch.is_empty() {
+        seen[2]["epoch"].as_str().unwrap().to_owned()
+    } else {
+        epoch
+    };
+    drop(reader);
+
+    for i in 4..=8 {
+        publish_chat(&mut writer, "room", &format!("m{i}"), &format!("msg {i}")).await;
+    }
+    let mut back = Raw::connected(&edge, "reader").await;
+    let sub = back
+        .request(json!({"subscribe": {"chat": "room", "since": last, "epoch": epoch}}))
+        .await;
+    let pos = &sub["subscribeResult"]["position"];
+    assert_eq!(pos["recovered"], 5, "{sub}");
+    assert!(pos.get("resyncRequired").is_none(), "{sub}");
+    // A live message racing the recovery must not duplicate or reorder.
+    publish_chat(&mut writer, "room", "m9", "msg 9").await;
+    let got = back.deliveries(6).await;
+    let seqs: Vec<u64> = got.iter().map(seq).collect();
+    assert_eq!(seqs, [4, 5, 6, 7, 8, 9]);
+    back.assert_no_delivery(Duration::from_millis(300)).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn since_older_than_the_window_asks_for_resync() {
+    let mut cfg = config();
+    cfg.history.max_messages = 3;
+    let edge = start(cfg).await;
+    let mut w = Raw::connected(&edge, "w").await;
+    let mut ack = json!({});
+    for i in 1..=6 {
+        ack = publish_chat(&mut w, "small", &format!("m{i}"), "x").await;
+    }
+    assert_eq!(seq(&ack), 6);
+    let mut r = Raw::connected(&edge, "r").await;
+    let sub = r
+        .request(json!({"subscribe": {"chat": "small", "since": 1}}))
+        .await;
+    let pos = &sub["subscribeResult"]["position"];
+    assert_eq!(pos["resyncRequired"], true, "{sub}");
+    assert_eq!(seq(pos), 6);
+    // What the window still holds is delivered, in order.
+    let seqs: Vec<u64> = r.deliveries(3).await.iter().map(seq).collect();
+    assert_eq!(seqs, [4, 5, 6]);
+
+    // An epoch from another history is also a re-sync.
+    let mut r2 = Raw::connected(&edge, "r2").await;
+    let sub = r2
+        .request(json!({"subscribe": {"chat": "small", "since": 5, "epoch": "deadbeef"}}))
+        .await;
+    assert_eq!(
+        sub["subscribeResult"]["position"]["resyncRequired"], true,
+        "{sub}"
+    );
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn personal_stream_resumes_on_connect() {
+    let edge = start(config()).await;
+    let mut sender = Raw::connected(&edge, "s").await;
+    let mut phone = Raw::connected(&edge, "p").await;
+    publish_user(&mut sender, "p", "1", "first").await;
+    let first = phone.deliveries(1).await;
+    let epoch = first[0]["epoch"].as_str().unwrap().to_owned();
+    drop(phone);
+    publish_user(&mut sender, "p", "2", "second").await;
+    publish_user(&mut sender, "p", "3", "third").await;
+    let mut phone = Raw::open(&edge, "switchboard.v1.json").await;
+    let reply = phone
+        .request(json!({"connect": {"token": token("p"), "userSince": 1, "userEpoch": epoch}}))
+        .await;
+    assert_eq!(
+        reply["connectResult"]["userStream"]["recovered"], 2,
+        "{reply}"
+    );
+    let texts: Vec<String> = phone.deliveries(2).await.iter().map(payload_text).collect();
+    assert_eq!(texts, ["second", "third"]);
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn receipts_typing_and_presence() {
+    let edge = start(config()).await;
+    let mut alice = Raw::connected(&edge, "alice").await;
+    let w = alice
+        .request(json!({"watchPresence": {"users": ["bob"]}}))
+        .await;
+    assert!(w.get("ok").is_some(), "{w}");
+    let initial = alice.next().await.unwrap();
+    assert_eq!(initial["presence"]["user"], "bob");
+    assert!(
+        initial["presence"].get("online").is_none(),
+        "bob starts offline: {initial}"
+    );
+
+    let mut bob = Raw::connected(&edge, "bob").await;
+    let online = alice.next().await.unwrap();
+    assert_eq!(online["presence"]["online"], true, "{online}");
+    // A second device does not re-announce.
+    let bob2 = Raw::connected(&edge, "bob").await;
+
+    for raw in [&mut alice, &mut bob] {
+        raw.request(json!({"subscribe": {"chat": "t"}})).await;
+    }
+    bob.request(json!({"typing": {"chat": "t"}})).await;
+    let typing = alice.next().await.unwrap();
+    assert_eq!(typing["typing"]["user"], "bob", "{typing}");
+    publish_chat(&mut alice, "t", "x1", "hello").await;
+    bob.deliveries(1).await;
+    bob.request(json!({"receipt": {"chat": "t", "seq": 1, "kind": "RECEIPT_KIND_READ"}}))
+        .await;
+    let mut saw_receipt = false;
+    while let Some(v) = alice.next_within(Duration::from_secs(2)).await {
+        if let Some(r) = v.get("receipt") {
+            assert_eq!(r["from"], "bob");
+            assert_eq!(r["kind"], "RECEIPT_KIND_READ");
+            saw_receipt = true;
+            break;
+        }
+    }
+    assert!(saw_receipt);
+
+    drop(bob);
+    drop(bob2);
+    let offline = loop {
+        let v = alice.next().await.expect("offline event");
+        if v.get("presence").is_some() {
+            break v;
+        }
+    };
+    assert!(offline["presence"].get("online").is_none(), "{offline}");
+    assert!(
+        alice
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none(),
+        "offline fires once"
+    );
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn protobuf_clients_and_json_clients_share_a_chat() {
+    use futures_util::{SinkExt, StreamExt};
+    use switchboard_protocol::{
+        Encoding,
+        v1::{ClientFrame, Connect, Subscribe, client_frame, server_frame},
+    };
+    use tokio_tungstenite::tungstenite::Message;
+    let edge = start(config()).await;
+    let mut json_side = Raw::connected(&edge, "web").await;
+    json_side
+        .request(json!({"subscribe": {"chat": "mix"}}))
+        .await;
+
+    let mut bin = Raw::open(&edge, "switchboard.v1.proto").await;
+    let enc = Encoding::Protobuf;
+    let send = |f: ClientFrame| Message::binary(enc.encode_client(&f));
+    bin.ws
+        .send(send(ClientFrame {
+            id: 1,
+            kind: Some(client_frame::Kind::Connect(Connect {
+                token: token("app"),
+                ..Default::default()
+            })),
+        }))
+        .await
+        .unwrap();
+    bin.ws
+        .send(send(ClientFrame {
+            id: 2,
+            kind: Some(client_frame::Kind::Subscribe(Subscribe {
+                chat: "mix".into(),
+                ..Default::default()
+            })),
+        }))
+        .await
+        .unwrap();
+    let mut next = async || -> server_frame::Kind {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(5), bin.ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Message::Binary(b) = msg {
+                return enc.decode_server(&b, false).unwrap().kind.unwrap();
+            }
+        }
+    };
+    assert!(matches!(next().await, server_frame::Kind::ConnectResult(_)));
+    assert!(matches!(
+        next().await,
+        server_frame::Kind::SubscribeResult(_)
+    ));
+    publish_chat(&mut json_side, "mix", "w1", "from the web").await;
+    let got = match next().await {
+        server_frame::Kind::Delivery(d) => Some(d),
+        other => panic!("expected a delivery, got {other:?}"),
+    };
+    let d = got.expect("protobuf delivery");
+    assert_eq!(&d.payload[..], b"from the web");
+    assert_eq!(d.seq, 1);
+    edge.shutdown().await;
+}

@@ -1,0 +1,220 @@
+//! Shared helpers for the edge integration tests: start a real edge on
+//! 127.0.0.1:0 and talk to it over real sockets.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchboard_edge::{AuthConfig, Claims, Config, Edge};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{
+        Message, client::IntoClientRequest, http::HeaderValue, protocol::frame::coding::CloseCode,
+    },
+};
+
+pub const SECRET: &str = "integration-test-secret";
+
+pub fn config() -> Config {
+    Config::for_secret(SECRET)
+}
+
+pub async fn start(config: Config) -> Edge {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Edge::start(config, listener).unwrap()
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn claims(user: &str) -> Claims {
+    Claims {
+        sub: user.into(),
+        exp: now_secs() + 3600,
+        nbf: None,
+        aud: None,
+        iss: None,
+        chats: None,
+    }
+}
+
+pub fn token_for(claims: &Claims) -> String {
+    AuthConfig::new(Some(SECRET.as_bytes().to_vec()), None, None, None, 0)
+        .unwrap()
+        .mint_hs256(claims)
+        .unwrap()
+}
+
+pub fn token(user: &str) -> String {
+    token_for(&claims(user))
+}
+
+pub fn ws_url(edge: &Edge) -> String {
+    format!("ws://{}/ws", edge.addr())
+}
+
+/// A bare JSON-protocol socket, for tests that need to misbehave.
+pub struct Raw {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub next_id: u32,
+    /// Pushes read while waiting for a reply, handed out by `next` first.
+    pub skipped: std::collections::VecDeque<Value>,
+}
+
+impl Raw {
+    pub async fn open(edge: &Edge, subprotocol: &str) -> Raw {
+        let mut req = ws_url(edge).into_client_request().unwrap();
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_str(subprotocol).unwrap(),
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("upgrade");
+        Raw {
+            ws,
+            next_id: 1,
+            skipped: Default::default(),
+        }
+    }
+
+    /// Opens a JSON socket and completes Connect as `user`.
+    pub async fn connected(edge: &Edge, user: &str) -> Raw {
+        let mut raw = Raw::open(edge, "switchboard.v1.json").await;
+        let reply = raw
+            .request(json!({"connect": {"token": token(user)}}))
+            .await;
+        assert!(
+            reply.get("connectResult").is_some(),
+            "connect failed: {reply}"
+        );
+        raw
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    /// Sends a request with a fresh id and returns the reply with that id
+    /// (pushes that arrive first are skipped).
+    pub async fn request(&mut self, mut v: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        v["id"] = json!(id);
+        self.send(v).await;
+        loop {
+            let msg = self
+                .read_within(Duration::from_secs(5))
+                .await
+                .expect("socket closed before reply");
+            if msg.get("id").and_then(Value::as_u64) == Some(id as u64) {
+                return msg;
+            }
+            self.skipped.push_back(msg);
+        }
+    }
+
+    /// Next JSON frame, or None when the socket closed / timed out.
+    pub async fn next(&mut self) -> Option<Value> {
+        self.next_within(Duration::from_secs(5)).await
+    }
+
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Value> {
+        if let Some(v) = self.skipped.pop_front() {
+            return Some(v);
+        }
+        self.read_within(wait).await
+    }
+
+    async fn read_within(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            let msg = tokio::time::timeout(wait, self.ws.next())
+                .await
+                .ok()??
+                .ok()?;
+            match msg {
+                Message::Text(t) => {
+                    return Some(serde_json::from_str(&t).expect("server sent invalid JSON"));
+                }
+                Message::Binary(_) => panic!("binary frame on a JSON socket"),
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Reads until the close frame; returns its code and every JSON frame before it.
+    pub async fn until_close(&mut self) -> (Option<u16>, Vec<Value>) {
+        let mut frames = Vec::new();
+        loop {
+            let msg = match tokio::time::timeout(Duration::from_secs(10), self.ws.next()).await {
+                Ok(Some(Ok(m))) => m,
+                _ => return (None, frames),
+            };
+            match msg {
+                Message::Text(t) => frames.push(serde_json::from_str(&t).unwrap()),
+                Message::Close(c) => return (c.map(|c| u16::from(c.code)), frames),
+                _ => {}
+            }
+        }
+    }
+
+    /// Collects deliveries until `n` arrived (or 5 s passed).
+    pub async fn deliveries(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            match self.next().await {
+                Some(v) => {
+                    if let Some(d) = v.get("delivery") {
+                        out.push(d.clone());
+                    }
+                }
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// Asserts no delivery arrives within `wait`.
+    pub async fn assert_no_delivery(&mut self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(v)) = tokio::time::timeout_at(deadline, self.next_within(wait)).await {
+            assert!(v.get("delivery").is_none(), "unexpected delivery {v}");
+        }
+    }
+}
+
+pub fn close_code(code: CloseCode) -> u16 {
+    u16::from(code)
+}
+
+/// The text of a delivery's base64 payload.
+pub fn payload_text(d: &Value) -> String {
+    use base64::Engine;
+    let b64 = d["payload"].as_str().unwrap_or("");
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+pub fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+pub fn seq(v: &Value) -> u64 {
+    match &v["seq"] {
+        Value::String(s) => s.parse().unwrap(),
+        Value::Number(n) => n.as_u64().unwrap(),
+        _ => 0,
+    }
+}

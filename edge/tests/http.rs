@@ -1,0 +1,189 @@
+//! The HTTP surface next to /ws: health, metrics, publish API, dev pages.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// A minimal HTTP/1.1 request (no client crate needed): (status, body).
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn health_ready_and_metrics() {
+    let edge = start(config()).await;
+    assert_eq!(http(edge.addr(), "GET", "/healthz", &[], "").await.0, 200);
+    assert_eq!(http(edge.addr(), "GET", "/readyz", &[], "").await.0, 200);
+    let mut raw = Raw::connected(&edge, "metered").await;
+    raw.request(json!({"subscribe": {"chat": "m"}})).await;
+    raw.request(json!({"publish": {"chat": "m", "clientMsgId": "1", "payload": b64("x")}}))
+        .await;
+    raw.deliveries(1).await;
+    let (status, body) = http(edge.addr(), "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    for name in [
+        "switchboard_edge_connections ",
+        "switchboard_edge_connections_max ",
+        "switchboard_edge_connections_opened_total",
+        "switchboard_edge_disconnects_total{reason=\"slow_consumer\"}",
+        "switchboard_edge_received_frames_total",
+        "switchboard_edge_received_bytes_total",
+        "switchboard_edge_sent_frames_total",
+        "switchboard_edge_sent_bytes_total",
+        "switchboard_edge_deliveries_total",
+        "switchboard_edge_queue_drops_total",
+        "switchboard_edge_delivery_latency_seconds_bucket",
+        "switchboard_router_publishes_total",
+    ] {
+        assert!(body.contains(name), "/metrics lacks {name}");
+    }
+    assert_eq!(http(edge.addr(), "GET", "/nope", &[], "").await.0, 404);
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn backend_publish_api() {
+    let mut cfg = config();
+    cfg.api_key = Some("k3y".into());
+    let edge = start(cfg).await;
+    let mut user = Raw::connected(&edge, "ivan").await;
+    user.request(json!({"subscribe": {"chat": "news"}})).await;
+
+    let body = json!({"chat": "news", "client_msg_id": "n1", "text": "breaking"}).to_string();
+    assert_eq!(
+        http(edge.addr(), "POST", "/api/publish", &[], &body)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        http(
+            edge.addr(),
+            "POST",
+            "/api/publish",
+            &[("Authorization", "Bearer wrong")],
+            &body
+        )
+        .await
+        .0,
+        401
+    );
+    let auth = [("Authorization", "Bearer k3y")];
+    let (status, reply) = http(edge.addr(), "POST", "/api/publish", &auth, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply["seq"], 1);
+    let d = user.deliveries(1).await;
+    assert_eq!(payload_text(&d[0]), "breaking");
+    assert_eq!(d[0]["sender"], "backend");
+
+    // A personal message by base64 payload, then the error cases.
+    let dm = json!({"user": "ivan", "client_msg_id": "n2", "payload": b64("for you"), "sender": "billing"}).to_string();
+    assert_eq!(
+        http(edge.addr(), "POST", "/api/publish", &auth, &dm)
+            .await
+            .0,
+        200
+    );
+    let d = user.deliveries(1).await;
+    assert_eq!(
+        (payload_text(&d[0]).as_str(), d[0]["sender"].as_str()),
+        ("for you", Some("billing"))
+    );
+    let bad_id = json!({"chat": "a.b", "client_msg_id": "n3", "text": "x"}).to_string();
+    assert_eq!(
+        http(edge.addr(), "POST", "/api/publish", &auth, &bad_id)
+            .await
+            .0,
+        422
+    );
+    assert_eq!(
+        http(edge.addr(), "POST", "/api/publish", &auth, "{")
+            .await
+            .0,
+        400
+    );
+    let both = json!({"chat": "a", "user": "b", "client_msg_id": "n4", "text": "x"}).to_string();
+    assert_eq!(
+        http(edge.addr(), "POST", "/api/publish", &auth, &both)
+            .await
+            .0,
+        400
+    );
+    let huge = json!({"chat": "a", "client_msg_id": "n5", "text": "x".repeat(100_000)}).to_string();
+    assert_eq!(
+        http(edge.addr(), "POST", "/api/publish", &auth, &huge)
+            .await
+            .0,
+        413
+    );
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn dev_endpoints_only_in_dev_mode() {
+    let edge = start(config()).await;
+    assert_eq!(http(edge.addr(), "GET", "/", &[], "").await.0, 404);
+    assert_eq!(
+        http(edge.addr(), "GET", "/dev/token?user=x", &[], "")
+            .await
+            .0,
+        404
+    );
+    edge.shutdown().await;
+
+    let mut cfg = config();
+    cfg.dev = true;
+    let edge = start(cfg).await;
+    let (status, page) = http(edge.addr(), "GET", "/", &[], "").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("DEV"), "demo page is marked as dev-only");
+    let (status, body) = http(edge.addr(), "GET", "/dev/token?user=zoe", &[], "").await;
+    assert_eq!(status, 200);
+    let tok: Value = serde_json::from_str(&body).unwrap();
+    let mut raw = Raw::open(&edge, "switchboard.v1.json").await;
+    let r = raw
+        .request(json!({"connect": {"token": tok["token"]}}))
+        .await;
+    assert_eq!(r["connectResult"]["user"], "zoe");
+    assert_eq!(
+        http(edge.addr(), "GET", "/dev/token?user=a.b", &[], "")
+            .await
+            .0,
+        422
+    );
+    edge.shutdown().await;
+}

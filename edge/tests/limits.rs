@@ -1,0 +1,259 @@
+//! Hostile and broken input, limits and backpressure.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::{
+    Message,
+    protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    },
+};
+
+/// Reads to the close and returns (first error code, close code).
+async fn error_and_close(raw: &mut Raw) -> (Option<u64>, Option<u16>) {
+    let (close, frames) = raw.until_close().await;
+    let code = frames
+        .iter()
+        .find_map(|f| f.get("error"))
+        .and_then(|e| e["code"].as_u64());
+    (code, close)
+}
+
+#[tokio::test]
+async fn malformed_frames_get_an_error_and_a_close() {
+    let edge = start(config()).await;
+
+    let mut raw = Raw::connected(&edge, "m").await;
+    raw.ws.send(Message::text("{not json")).await.unwrap();
+    assert_eq!(error_and_close(&mut raw).await, (Some(400), Some(4500)));
+
+    let mut raw = Raw::connected(&edge, "m").await;
+    raw.ws
+        .send(Message::binary(vec![0xff, 0x00, 0x13]))
+        .await
+        .unwrap();
+    assert_eq!(error_and_close(&mut raw).await, (Some(400), Some(4500)));
+
+    let mut raw = Raw::connected(&edge, "m").await;
+    let bad_utf8 = Frame::message(vec![b'{', 0xc3, 0x28, b'}'], OpCode::Data(Data::Text), true);
+    raw.ws.send(Message::Frame(bad_utf8)).await.unwrap();
+    assert_eq!(error_and_close(&mut raw).await.1, Some(4500));
+
+    // Anything but Connect first.
+    let mut raw = Raw::open(&edge, "switchboard.v1.json").await;
+    raw.send(json!({"id": 1, "subscribe": {"chat": "x"}})).await;
+    assert_eq!(error_and_close(&mut raw).await, (Some(400), Some(4500)));
+
+    // A frame with no request is refused but not fatal.
+    let mut raw = Raw::connected(&edge, "m").await;
+    let r = raw.request(json!({})).await;
+    assert_eq!(r["error"]["code"], 400, "{r}");
+    let r = raw.request(json!({"ping": {}})).await;
+    assert!(r.get("pong").is_some(), "{r}");
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_frames_are_refused() {
+    let mut cfg = config();
+    cfg.max_frame_bytes = 1024;
+    cfg.max_payload_bytes = 512;
+    let edge = start(cfg).await;
+
+    let mut raw = Raw::connected(&edge, "big").await;
+    // Under the frame limit but over the payload limit: an error, not a close.
+    let r = raw
+        .request(
+            json!({"publish": {"chat": "c", "clientMsgId": "m", "payload": b64(&"x".repeat(600))}}),
+        )
+        .await;
+    assert_eq!(r["error"]["code"], 413, "{r}");
+    raw.send(json!({"id": 9, "publish": {"chat": "c", "clientMsgId": "m", "payload": b64(&"x".repeat(4000))}}))
+        .await;
+    assert_eq!(error_and_close(&mut raw).await, (Some(413), Some(4502)));
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn ids_unsafe_for_subjects_are_refused() {
+    let edge = start(config()).await;
+    let mut raw = Raw::connected(&edge, "ids").await;
+    for chat in ["a.b", "*", ">", "with space", "", &"x".repeat(65)] {
+        let r = raw.request(json!({"subscribe": {"chat": chat}})).await;
+        assert_eq!(r["error"]["code"], 422, "{chat:?}: {r}");
+    }
+    let r = raw
+        .request(json!({"publish": {"user": "a>b", "clientMsgId": "m", "payload": ""}}))
+        .await;
+    assert_eq!(r["error"]["code"], 422, "{r}");
+    let r = raw
+        .request(json!({"publish": {"chat": "ok", "clientMsgId": "bad id", "payload": ""}}))
+        .await;
+    assert_eq!(r["error"]["code"], 422, "{r}");
+    let r = raw
+        .request(json!({"watchPresence": {"users": ["ok", "x.*"]}}))
+        .await;
+    assert_eq!(r["error"]["code"], 422, "{r}");
+    // Double subscribe and unknown unsubscribe have their own codes.
+    raw.request(json!({"subscribe": {"chat": "ok"}})).await;
+    let r = raw.request(json!({"subscribe": {"chat": "ok"}})).await;
+    assert_eq!(r["error"]["code"], 409, "{r}");
+    let r = raw.request(json!({"unsubscribe": {"chat": "never"}})).await;
+    assert_eq!(r["error"]["code"], 404, "{r}");
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscription_count_is_limited() {
+    let mut cfg = config();
+    cfg.max_subscriptions_per_connection = 3;
+    let edge = start(cfg).await;
+    let mut raw = Raw::connected(&edge, "many").await;
+    for i in 0..3 {
+        let r = raw
+            .request(json!({"subscribe": {"chat": format!("c{i}")}}))
+            .await;
+        assert!(r.get("subscribeResult").is_some(), "{r}");
+    }
+    let r = raw.request(json!({"subscribe": {"chat": "c3"}})).await;
+    assert_eq!(r["error"]["code"], 429, "{r}");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_reader_is_disconnected_while_others_keep_receiving() {
+    let mut cfg = config();
+    cfg.send_queue_max_bytes = 512 * 1024;
+    let edge = start(cfg).await;
+    let mut slow = Raw::connected(&edge, "slow").await;
+    slow.request(json!({"subscribe": {"chat": "flood"}})).await;
+    let mut fast = Raw::connected(&edge, "fast").await;
+    fast.request(json!({"subscribe": {"chat": "flood"}})).await;
+    let mut publisher = Raw::connected(&edge, "pub").await;
+
+    // ~24 MB of deliveries: more than loopback socket buffers hold, so the
+    // slow socket's queue must overflow.
+    let body = b64(&"y".repeat(30_000));
+    let total = 600u64;
+    let fast_reader = tokio::spawn(async move {
+        let mut last = 0;
+        while last < total {
+            match fast.next_within(Duration::from_secs(10)).await {
+                Some(v) => {
+                    if let Some(d) = v.get("delivery") {
+                        assert_eq!(seq(d), last + 1, "fast reader saw a gap");
+                        last = seq(d);
+                    }
+                }
+                None => break,
+            }
+        }
+        last
+    });
+    for i in 0..total {
+        let ack = publisher
+            .request(json!({"publish": {"chat": "flood", "clientMsgId": format!("m{i}"), "payload": body}}))
+            .await;
+        assert!(ack.get("publishAck").is_some(), "{ack}");
+    }
+    assert_eq!(
+        fast_reader.await.unwrap(),
+        total,
+        "the fast reader got everything"
+    );
+    let (close, frames) = slow.until_close().await;
+    assert_eq!(close, Some(4001), "slow reader closed as slow_consumer");
+    let disconnect = frames
+        .iter()
+        .find_map(|f| f.get("disconnect"))
+        .expect("disconnect frame");
+    assert_eq!(disconnect["reason"], "slow_consumer");
+    assert_eq!(disconnect["reconnect"], true);
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn over_capacity_upgrades_get_503_with_retry_after() {
+    let mut cfg = config();
+    cfg.max_connections = 2;
+    let edge = start(cfg).await;
+    let _a = Raw::connected(&edge, "a").await;
+    let _b = Raw::connected(&edge, "b").await;
+    match tokio_tungstenite::connect_async(ws_url(&edge)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            let retry: u32 = resp.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=5).contains(&retry));
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    drop(_a);
+    // The slot frees once the socket is gone.
+    let mut ok = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if tokio_tungstenite::connect_async(ws_url(&edge))
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "capacity was not released");
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_sockets_time_out() {
+    let mut cfg = config();
+    cfg.handshake_timeout = Duration::from_millis(300);
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    let edge = start(cfg).await;
+
+    // Never sends Connect.
+    let mut raw = Raw::open(&edge, "switchboard.v1.json").await;
+    assert_eq!(error_and_close(&mut raw).await.1, Some(4006));
+
+    // Connects, then stops reading (so pings go unanswered).
+    let mut raw = Raw::connected(&edge, "sleepy").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (close, frames) = raw.until_close().await;
+    assert_eq!(close, Some(4002), "{frames:?}");
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_subprotocol_is_refused_and_none_means_json() {
+    let edge = start(config()).await;
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValue};
+    let mut req = ws_url(&edge).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 400),
+        other => panic!("expected 400, got {other:?}"),
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url(&edge))
+        .await
+        .unwrap();
+    let mut raw = Raw {
+        ws,
+        next_id: 1,
+        skipped: Default::default(),
+    };
+    let r = raw
+        .request(json!({"connect": {"token": token("plain")}}))
+        .await;
+    assert!(r.get("connectResult").is_some(), "{r}");
+    edge.shutdown().await;
+}
