@@ -189,7 +189,15 @@ impl AuthConfig {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway_secs;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured aud/iss must also be present, not just match when present.
+        let mut required = vec!["exp", "sub"];
+        if self.audience.is_some() {
+            required.push("aud");
+        }
+        if self.issuer.is_some() {
+            required.push("iss");
+        }
+        validation.set_required_spec_claims(&required);
         match &self.audience {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
@@ -205,6 +213,9 @@ impl AuthConfig {
             ErrorKind::InvalidSignature => AuthError::Signature,
             ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
             ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
+                AuthError::WrongAudienceOrIssuer
+            }
+            ErrorKind::MissingRequiredClaim(c) if c == "aud" || c == "iss" => {
                 AuthError::WrongAudienceOrIssuer
             }
             _ => AuthError::Malformed(e.to_string()),
@@ -283,10 +294,7 @@ mod tests {
     #[test]
     fn refuses_bad_tokens_with_typed_errors() {
         let c = cfg();
-        assert_eq!(
-            c.verify(""),
-            Err(AuthError::Missing).map(|_: ()| unreachable!())
-        );
+        assert_eq!(c.verify("").unwrap_err(), AuthError::Missing);
         let expired = c.mint_hs256(&claims("a", now() - 120)).unwrap();
         assert_eq!(c.verify(&expired).unwrap_err(), AuthError::Expired);
         let other = AuthConfig::new(Some(b"other".to_vec()), None, None, None, 0).unwrap();
@@ -334,14 +342,10 @@ mod tests {
         )
         .unwrap();
         let mut cl = claims("a", now() + 60);
+        // No aud at all while one is required: refused.
         assert_eq!(
             c.verify(&c.mint_hs256(&cl).unwrap()).unwrap_err(),
-            AuthError::Malformed(
-                c.verify(&c.mint_hs256(&cl).unwrap())
-                    .unwrap_err()
-                    .to_string()
-                    .replace("malformed token: ", "")
-            )
+            AuthError::WrongAudienceOrIssuer
         );
         cl.aud = Some("sb".into());
         cl.iss = Some("evil".into());

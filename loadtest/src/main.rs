@@ -1,2 +1,48 @@
-//! Switchboard load generator (see issue #4).
-fn main() {}
+//! `switchboard-loadtest`: drives a Switchboard edge over real sockets.
+//!
+//! Scenarios (more arrive with the load-testing issue):
+//! - `idle`: hold N connected sockets; report connect rate and the edge's
+//!   process and kernel memory per socket.
+//! - `fanout`: N sockets subscribe to one chat; one publisher posts M
+//!   messages; report deliveries/s, time to the last delivery, latency.
+//!
+//! Sockets spread over many source addresses (127.0.0.x) to pass the
+//! 64k-ports-per-address limit. Every run is bounded in count and time.
+//! Run with: cargo run --release -p switchboard-loadtest -- idle --help
+mod conn;
+mod fanout;
+mod idle;
+mod sys;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "switchboard-loadtest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Hold N idle sockets and measure memory per socket.
+    Idle(idle::Args),
+    /// One chat, N subscribers, M posts: fan-out throughput and latency.
+    Fanout(fanout::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let report = runtime.block_on(async move {
+        match cli.scenario {
+            Scenario::Idle(a) => idle::run(a).await,
+            Scenario::Fanout(a) => fanout::run(a).await,
+        }
+    })?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! One chat with N subscribers; one publisher posts M messages at a rate.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use switchboard_protocol::v1::{
+    ClientFrame, Publish, Subscribe, client_frame, publish, server_frame,
+};
+use tokio::sync::Semaphore;
+
+use crate::{conn, sys};
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Edge address (host:port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// HS256 secret the edge verifies tokens with.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET")]
+    secret: String,
+    /// Subscribers of the chat.
+    #[arg(long, default_value_t = 10_000)]
+    subscribers: u32,
+    /// Messages to post.
+    #[arg(long, default_value_t = 100)]
+    messages: u32,
+    /// Posts per second.
+    #[arg(long, default_value_t = 20)]
+    rate: u32,
+    /// Payload size, bytes (at least 16: it carries the send time).
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// Connects in flight at once.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Source addresses 127.0.0.1..=127.0.0.N.
+    #[arg(long, default_value_t = 8)]
+    sources: u8,
+    /// Give up waiting for deliveries after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+    /// Edge process id, to read its CPU time.
+    #[arg(long)]
+    edge_pid: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    scenario: &'static str,
+    subscribers: u64,
+    messages: u32,
+    deliveries_expected: u64,
+    deliveries_received: u64,
+    lost: u64,
+    duplicated: u64,
+    out_of_order: u64,
+    seconds_first_post_to_last_delivery: f64,
+    deliveries_per_second: f64,
+    edge_cpu_seconds: Option<f64>,
+    deliveries_per_edge_cpu_second: Option<f64>,
+    latency_ms: Percentiles,
+}
+
+#[derive(Serialize)]
+struct Percentiles {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+fn micros_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
+    let sources = Arc::new(conn::Sources::new(a.sources));
+    let gate = Arc::new(Semaphore::new(a.concurrency));
+    let received = Arc::new(AtomicU64::new(0));
+    let duplicated = Arc::new(AtomicU64::new(0));
+    let out_of_order = Arc::new(AtomicU64::new(0));
+    let ready = Arc::new(AtomicU64::new(0));
+    let last_delivery_us = Arc::new(AtomicU64::new(0));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
+    let mut tasks = Vec::new();
+    for i in 0..a.subscribers {
+        let permit = gate.clone().acquire_owned().await?;
+        let sources = sources.clone();
+        let token = conn::token(&a.secret, &format!("fan-{i}"));
+        let (received, duplicated, out_of_order, ready, last_us, hist) = (
+            received.clone(),
+            duplicated.clone(),
+            out_of_order.clone(),
+            ready.clone(),
+            last_delivery_us.clone(),
+            hist.clone(),
+        );
+        let (addr, messages) = (a.addr, a.messages as u64);
+        tasks.push(tokio::spawn(async move {
+            let mut ws = conn::open(addr, &sources, token).await?;
+            let sub = Subscribe {
+                chat: "bench".into(),
+                ..Default::default()
+            };
+            conn::send(
+                &mut ws,
+                ClientFrame {
+                    id: 2,
+                    kind: Some(client_frame::Kind::Subscribe(sub)),
+                },
+            )
+            .await?;
+            drop(permit);
+            let mut last = 0u64;
+            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut got = 0u64;
+            while got < messages {
+                let frame = match tokio::time::timeout_at(deadline, conn::recv(&mut ws)).await {
+                    Ok(Ok(f)) => f,
+                    _ => break,
+                };
+                match frame.kind {
+                    Some(server_frame::Kind::SubscribeResult(_)) => {
+                        ready.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(server_frame::Kind::Delivery(d)) => {
+                        let now = micros_now();
+                        if d.seq <= last {
+                            duplicated.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if d.seq != last + 1 && last != 0 {
+                            out_of_order.fetch_add(1, Ordering::Relaxed);
+                        }
+                        last = d.seq;
+                        got += 1;
+                        if d.payload.len() >= 8 {
+                            let sent =
+                                u64::from_le_bytes(d.payload[..8].try_into().expect("8 bytes"));
+                            let _ = local.record(now.saturating_sub(sent).max(1));
+                        }
+                        last_us.fetch_max(now, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+            received.fetch_add(got, Ordering::Relaxed);
+            hist.lock().expect("histogram lock").add(&local)?;
+            anyhow::Ok(())
+        }));
+    }
+    while ready.load(Ordering::Relaxed) < a.subscribers as u64 {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "only {} of {} subscribers ready",
+                ready.load(Ordering::Relaxed),
+                a.subscribers
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut publisher =
+        conn::open(a.addr, &sources, conn::token(&a.secret, "fan-publisher")).await?;
+    let cpu_before = a.edge_pid.and_then(sys::cpu_seconds);
+    let started_us = micros_now();
+    let interval = Duration::from_secs_f64(1.0 / a.rate.max(1) as f64);
+    let mut tick = tokio::time::interval(interval);
+    for m in 0..a.messages {
+        tick.tick().await;
+        let mut payload = vec![0u8; a.payload_bytes.max(16)];
+        payload[..8].copy_from_slice(&micros_now().to_le_bytes());
+        let p = Publish {
+            target: Some(publish::Target::Chat("bench".into())),
+            client_msg_id: format!("p{m}"),
+            payload: Bytes::from(payload),
+        };
+        conn::send(
+            &mut publisher,
+            ClientFrame {
+                id: m + 10,
+                kind: Some(client_frame::Kind::Publish(p)),
+            },
+        )
+        .await?;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let cpu_after = a.edge_pid.and_then(sys::cpu_seconds);
+    let n = received.load(Ordering::Relaxed);
+    let expected = a.subscribers as u64 * a.messages as u64;
+    let span = (last_delivery_us
+        .load(Ordering::Relaxed)
+        .saturating_sub(started_us)) as f64
+        / 1e6;
+    let edge_cpu = match (cpu_before, cpu_after) {
+        (Some(b), Some(a)) => Some(a - b),
+        _ => None,
+    };
+    let h = hist.lock().expect("histogram lock");
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Ok(serde_json::to_value(Report {
+        scenario: "fanout",
+        subscribers: a.subscribers as u64,
+        messages: a.messages,
+        deliveries_expected: expected,
+        deliveries_received: n,
+        lost: expected.saturating_sub(n),
+        duplicated: duplicated.load(Ordering::Relaxed),
+        out_of_order: out_of_order.load(Ordering::Relaxed),
+        seconds_first_post_to_last_delivery: span,
+        deliveries_per_second: if span > 0.0 { n as f64 / span } else { 0.0 },
+        edge_cpu_seconds: edge_cpu,
+        deliveries_per_edge_cpu_second: edge_cpu.filter(|c| *c > 0.0).map(|c| n as f64 / c),
+        latency_ms: Percentiles {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        },
+    })?)
+}
