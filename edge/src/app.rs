@@ -36,6 +36,8 @@ pub(crate) struct EdgeState {
 
 impl EdgeState {
     fn standalone(config: Config) -> Arc<EdgeState> {
+        // The recorder must exist before any metric handle is registered.
+        let prometheus = crate::metrics::prometheus();
         let metrics = Arc::new(EdgeMetrics::new());
         let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
         let history: Arc<dyn History> = Arc::new(MemoryHistory::new(config.history));
@@ -65,7 +67,7 @@ impl EdgeState {
             metrics,
             next_conn_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
-            prometheus: crate::metrics::prometheus(),
+            prometheus,
             tracker: TaskTracker::new(),
         })
     }

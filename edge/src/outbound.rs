@@ -99,13 +99,10 @@ impl ConnHandle {
     pub(crate) fn send(&self, msg: Outbound) -> bool {
         let len = match &msg {
             Outbound::Reply(b) => b.len(),
-            Outbound::Recovered { reply, frames, .. } => {
-                reply.len()
-                    + frames
-                        .iter()
-                        .map(|f| f.encoded(self.0.encoding).len())
-                        .sum::<usize>()
-            }
+            // Recovered frames are shared with the history window (reference
+            // counts, already encoded), so only the reply is new memory; a
+            // large recovery must not count as a slow consumer.
+            Outbound::Recovered { reply, .. } => reply.len(),
             Outbound::Shared(f) => f.encoded(self.0.encoding).len(),
             _ => 0,
         };

@@ -187,8 +187,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 reply,
                 frames,
             } => {
-                let len = reply.len() + frames.iter().map(|f| f.encoded(enc).len()).sum::<usize>();
-                self.conn.dequeued(len);
+                self.conn.dequeued(reply.len());
                 self.write(&reply).await?;
                 let mut last = 0;
                 for f in &frames {

@@ -91,9 +91,9 @@ fn encode<M: Message + serde::Serialize>(encoding: Encoding, frame: &M) -> Bytes
         Encoding::Protobuf => Bytes::from(frame.encode_to_vec()),
         // Serializing generated types into a Vec cannot fail: no maps with
         // non-string keys, no I/O.
-        Encoding::Json => Bytes::from(
-            serde_json::to_vec(frame).expect("generated frames always serialize"),
-        ),
+        Encoding::Json => {
+            Bytes::from(serde_json::to_vec(frame).expect("generated frames always serialize"))
+        }
     }
 }
 
@@ -112,7 +112,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::{client_frame, publish, server_frame, Delivery, Publish};
+    use crate::v1::{Delivery, Publish, client_frame, publish, server_frame};
 
     fn publish_frame() -> ClientFrame {
         ClientFrame {
@@ -150,7 +150,8 @@ mod tests {
 
     #[test]
     fn json_mapping_is_the_documented_one() {
-        let json = String::from_utf8(Encoding::Json.encode_client(&publish_frame()).to_vec()).unwrap();
+        let json =
+            String::from_utf8(Encoding::Json.encode_client(&publish_frame()).to_vec()).unwrap();
         assert_eq!(
             json,
             r#"{"id":7,"publish":{"clientMsgId":"m-1","payload":"aGVsbG8g/w==","chat":"general"}}"#
@@ -158,7 +159,9 @@ mod tests {
         // 64-bit integers are strings on output and accepted as numbers too.
         let parsed: ClientFrame =
             serde_json::from_str(r#"{"id":1,"subscribe":{"chat":"c","since":5}}"#).unwrap();
-        let Some(client_frame::Kind::Subscribe(sub)) = parsed.kind else { panic!("not a subscribe") };
+        let Some(client_frame::Kind::Subscribe(sub)) = parsed.kind else {
+            panic!("not a subscribe")
+        };
         assert_eq!(sub.since, Some(5));
     }
 
@@ -177,7 +180,10 @@ mod tests {
 
     #[test]
     fn negotiates_first_known_subprotocol() {
-        assert_eq!(Encoding::negotiate("foo, switchboard.v1.json"), Some(Encoding::Json));
+        assert_eq!(
+            Encoding::negotiate("foo, switchboard.v1.json"),
+            Some(Encoding::Json)
+        );
         assert_eq!(
             Encoding::negotiate("switchboard.v1.proto,switchboard.v1.json"),
             Some(Encoding::Protobuf)

@@ -49,9 +49,16 @@ fn validate(kind: &'static str, s: &str, max: usize) -> Result<(), IdError> {
         return Err(IdError::Empty { kind });
     }
     if s.len() > max {
-        return Err(IdError::TooLong { kind, len: s.len(), max });
+        return Err(IdError::TooLong {
+            kind,
+            len: s.len(),
+            max,
+        });
     }
-    if let Some((pos, ch)) = s.char_indices().find(|&(_, c)| !c.is_ascii() || !allowed(c as u8)) {
+    if let Some((pos, ch)) = s
+        .char_indices()
+        .find(|&(_, c)| !c.is_ascii() || !allowed(c as u8))
+    {
         return Err(IdError::InvalidChar { kind, ch, pos });
     }
     Ok(())
@@ -132,7 +139,13 @@ mod tests {
 
     #[test]
     fn accepts_the_alphabet() {
-        for ok in ["general", "dm:alice:bob", "user@example", "A-Z_09+=", &"x".repeat(64)] {
+        for ok in [
+            "general",
+            "dm:alice:bob",
+            "user@example",
+            "A-Z_09+=",
+            &"x".repeat(64),
+        ] {
             assert!(ChatId::parse(ok).is_ok(), "{ok}");
         }
     }
@@ -144,11 +157,19 @@ mod tests {
         }
         assert_eq!(
             UserId::parse(&"x".repeat(65)),
-            Err(IdError::TooLong { kind: "user", len: 65, max: 64 })
+            Err(IdError::TooLong {
+                kind: "user",
+                len: 65,
+                max: 64
+            })
         );
         assert_eq!(
             ChatId::parse("a.b"),
-            Err(IdError::InvalidChar { kind: "chat", ch: '.', pos: 1 })
+            Err(IdError::InvalidChar {
+                kind: "chat",
+                ch: '.',
+                pos: 1
+            })
         );
     }
 

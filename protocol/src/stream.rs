@@ -51,7 +51,11 @@ struct Inner {
 impl SharedFrame {
     /// Wraps a frame; nothing is encoded yet.
     pub fn new(frame: ServerFrame) -> Self {
-        SharedFrame(Arc::new(Inner { frame, protobuf: OnceLock::new(), json: OnceLock::new() }))
+        SharedFrame(Arc::new(Inner {
+            frame,
+            protobuf: OnceLock::new(),
+            json: OnceLock::new(),
+        }))
     }
 
     /// Wraps a frame whose protobuf encoding is already at hand (from the
@@ -115,11 +119,18 @@ mod tests {
         });
         let a = frame.encoded(Encoding::Json).clone();
         let b = frame.clone().encoded(Encoding::Json).clone();
-        assert_eq!(a.as_ptr(), b.as_ptr(), "second use must share the first encoding");
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "second use must share the first encoding"
+        );
         assert_eq!(
             frame.delivery_position(),
             Some((StreamKey::Chat(ChatId::parse("c1").unwrap()), 3))
         );
-        assert_eq!(StreamKey::Chat(ChatId::parse("c1").unwrap()).subject(), "sb.chat.c1");
+        assert_eq!(
+            StreamKey::Chat(ChatId::parse("c1").unwrap()).subject(),
+            "sb.chat.c1"
+        );
     }
 }

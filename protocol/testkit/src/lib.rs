@@ -16,7 +16,10 @@ use std::{
 /// A port nobody listens on right now (the OS picks it; a tiny race with
 /// other processes remains, and `start` retries on a clash).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
 }
 
 fn wait_for_port(port: u16, child: &mut Child, log: &PathBuf) -> Result<(), String> {
@@ -27,11 +30,17 @@ fn wait_for_port(port: u16, child: &mut Child, log: &PathBuf) -> Result<(), Stri
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("exited with {status}: {}", std::fs::read_to_string(log).unwrap_or_default()));
+            return Err(format!(
+                "exited with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Err(format!("not listening after 10 s: {}", std::fs::read_to_string(log).unwrap_or_default()))
+    Err(format!(
+        "not listening after 10 s: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    ))
 }
 
 /// Which server.
@@ -62,7 +71,12 @@ impl Server {
 
     fn start(kind: Kind) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Server { kind, port: 0, dir, child: None };
+        let mut server = Server {
+            kind,
+            port: 0,
+            dir,
+            child: None,
+        };
         let mut last_err = String::new();
         for _ in 0..5 {
             server.port = free_port();
@@ -85,15 +99,28 @@ impl Server {
             Kind::Nats => {
                 let mut c = Command::new("nats-server");
                 let store = self.dir.path().join("js");
-                c.args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"]).arg(&store).arg("-l").arg(&log);
+                c.args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+                    .arg(&store)
+                    .arg("-l")
+                    .arg(&log);
                 c
             }
             Kind::Redis => {
                 let mut c = Command::new("redis-server");
-                c.args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
-                    .arg(self.dir.path())
-                    .arg("--logfile")
-                    .arg(&log);
+                c.args([
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                ])
+                .arg(self.dir.path())
+                .arg("--logfile")
+                .arg(&log);
                 c
             }
         };
@@ -104,7 +131,12 @@ impl Server {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("cannot run {:?} (install it, or run scripts/test): {e}", self.kind))?;
+            .map_err(|e| {
+                format!(
+                    "cannot run {:?} (install it, or run scripts/test): {e}",
+                    self.kind
+                )
+            })?;
         match wait_for_port(self.port, &mut child, &log) {
             Ok(()) => {
                 self.child = Some(child);
@@ -147,7 +179,9 @@ impl Server {
             match self.spawn() {
                 Ok(()) => return,
                 // The old socket may linger for a moment.
-                Err(e) if Instant::now() > deadline => panic!("{:?} restart failed: {e}", self.kind),
+                Err(e) if Instant::now() > deadline => {
+                    panic!("{:?} restart failed: {e}", self.kind)
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }
@@ -163,7 +197,12 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            eprintln!("--- {:?} log ({}) ---\n{}", self.kind, self.url(), self.log());
+            eprintln!(
+                "--- {:?} log ({}) ---\n{}",
+                self.kind,
+                self.url(),
+                self.log()
+            );
         }
     }
 }
