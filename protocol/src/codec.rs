@@ -166,6 +166,12 @@ mod tests {
     }
 
     #[test]
+    fn json_refuses_unknown_fields() {
+        let err = Encoding::Json.decode_client(br#"{"id":1,"ping":{},"bogus":true}"#, true);
+        assert!(err.is_err(), "unknown fields must not be silently ignored");
+    }
+
+    #[test]
     fn frame_type_must_match_encoding() {
         let bytes = Encoding::Json.encode_client(&publish_frame());
         assert!(matches!(
