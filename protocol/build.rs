@@ -4,11 +4,17 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["switchboard/v1/switchboard.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "switchboard/v1/switchboard.proto",
+            "switchboard/internal/v1/internal.proto",
+        ],
+        ["proto"],
+    )?;
     let descriptor_bytes = fds.encode_to_vec();
     prost_build::Config::new().bytes(["."]).compile_fds(fds)?;
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor_bytes)?
-        .build(&[".switchboard"])?;
+        .build(&[".switchboard.v1"])?;
     Ok(())
 }

@@ -31,6 +31,15 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/switchboard.v1.serde.rs"));
 }
 
+/// Messages between nodes (router requests, shard and push jobs).
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod internal {
+    /// Version 1.
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/switchboard.internal.v1.rs"));
+    }
+}
+
 /// Current unix time in milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -1,4 +1,5 @@
 pub(crate) mod memory;
+pub(crate) mod nats;
 
 use async_trait::async_trait;
 use switchboard_protocol::{SharedFrame, UserId};
@@ -13,6 +14,10 @@ pub trait BusHandler: Send + Sync + 'static {
     /// One frame arrived on `subject`. Must not block: it runs on the
     /// bus's receive path.
     fn on_frame(&self, subject: &str, frame: SharedFrame);
+
+    /// Frames may have been lost (bus reconnect, slow consumer): re-check
+    /// every stream against history. Must not block.
+    fn on_possible_loss(&self) {}
 }
 
 /// The bus failed.

@@ -1,4 +1,5 @@
 pub(crate) mod memory;
+pub(crate) mod redis;
 
 use async_trait::async_trait;
 use bytes::Bytes;

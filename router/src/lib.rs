@@ -15,6 +15,15 @@ mod bus;
 mod history;
 mod router;
 
-pub use bus::{Bus, BusError, BusHandler, memory::MemoryBus, presence_subject};
-pub use history::{Draft, History, HistoryError, HistoryLimits, Recovery, memory::MemoryHistory};
+pub use bus::{
+    Bus, BusError, BusHandler,
+    memory::MemoryBus,
+    nats::{NatsBus, NatsSettings, connect_nats, frame_from_bus},
+    presence_subject,
+};
+pub use history::{
+    Draft, History, HistoryError, HistoryLimits, Recovery,
+    memory::MemoryHistory,
+    redis::{RedisHistory, connect_redis, forget_stream},
+};
 pub use router::{PublishError, PublishRequest, Published, Router, RouterLimits};

@@ -1,0 +1,175 @@
+//! The bus over NATS core pub/sub: at-most-once, one subscription per
+//! subject with local interest. Frames travel as protobuf `ServerFrame`s, so
+//! an edge hands the received bytes straight to its binary sockets.
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use prost::Message;
+use switchboard_protocol::{Encoding, SharedFrame, v1::ServerFrame};
+use tokio::task::JoinHandle;
+
+use super::{Bus, BusError, BusHandler};
+
+/// NATS connection settings shared by edges and routers.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    /// `nats://host:port` (comma-separated for several servers).
+    pub url: String,
+    /// Connection name shown by the server (`node_id`).
+    pub name: String,
+    /// Messages buffered per subscription before NATS drops (slow consumer).
+    pub subscription_capacity: usize,
+}
+
+/// Connects to NATS with reconnects forever; `on_event` sees connection
+/// events (the bus uses them to trigger gap repair).
+pub async fn connect_nats(
+    settings: &NatsSettings,
+    on_event: impl Fn(async_nats::Event) + Send + Sync + 'static,
+) -> Result<async_nats::Client, BusError> {
+    let on_event = Arc::new(on_event);
+    let servers: Vec<&str> = settings.url.split(',').map(str::trim).collect();
+    async_nats::ConnectOptions::new()
+        .name(&settings.name)
+        .subscription_capacity(settings.subscription_capacity)
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let on_event = on_event.clone();
+            async move { on_event(event) }
+        })
+        .connect(servers)
+        .await
+        .map_err(|e| BusError::Unavailable(format!("NATS {}: {e}", settings.url)))
+}
+
+/// The NATS implementation of [`Bus`].
+pub struct NatsBus {
+    client: async_nats::Client,
+    handler: Arc<OnceLock<Arc<dyn BusHandler>>>,
+    subs: DashMap<String, JoinHandle<()>>,
+}
+
+impl NatsBus {
+    /// Connects. Reconnects and slow-consumer events make the handler
+    /// re-check every stream against history (`on_possible_loss`).
+    pub async fn connect(settings: &NatsSettings) -> Result<NatsBus, BusError> {
+        let handler: Arc<OnceLock<Arc<dyn BusHandler>>> = Arc::new(OnceLock::new());
+        let h = handler.clone();
+        let client = connect_nats(settings, move |event| {
+            let lossy = match &event {
+                async_nats::Event::Connected => {
+                    metrics::counter!("switchboard_nats_events_total", "event" => "connected")
+                        .increment(1);
+                    metrics::gauge!("switchboard_nats_connected").set(1.0);
+                    true
+                }
+                async_nats::Event::Disconnected => {
+                    metrics::counter!("switchboard_nats_events_total", "event" => "disconnected")
+                        .increment(1);
+                    metrics::gauge!("switchboard_nats_connected").set(0.0);
+                    tracing::warn!("NATS disconnected; reconnecting");
+                    false
+                }
+                async_nats::Event::SlowConsumer(_) => {
+                    metrics::counter!("switchboard_nats_slow_consumer_total").increment(1);
+                    true
+                }
+                other => {
+                    tracing::info!(event = %other, "NATS event");
+                    false
+                }
+            };
+            if lossy && let Some(handler) = h.get() {
+                handler.on_possible_loss();
+            }
+        })
+        .await?;
+        metrics::gauge!("switchboard_nats_connected").set(1.0);
+        Ok(NatsBus {
+            client,
+            handler,
+            subs: DashMap::new(),
+        })
+    }
+
+    /// The underlying client (for request/reply and JetStream).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+}
+
+/// Decodes a bus message into a shared frame that keeps the received
+/// protobuf bytes.
+pub fn frame_from_bus(payload: bytes::Bytes) -> Option<SharedFrame> {
+    let frame = ServerFrame::decode(payload.clone()).ok()?;
+    Some(SharedFrame::with_protobuf(frame, payload))
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn set_handler(&self, handler: Arc<dyn BusHandler>) {
+        let _ = self.handler.set(handler);
+    }
+
+    async fn publish(&self, subject: &str, frame: SharedFrame) -> Result<(), BusError> {
+        let bytes = frame.encoded(Encoding::Protobuf).clone();
+        self.client
+            .publish(subject.to_owned(), bytes)
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))
+    }
+
+    async fn subscribe(&self, subject: &str) -> Result<(), BusError> {
+        if self.subs.contains_key(subject) {
+            return Ok(());
+        }
+        let mut sub = self
+            .client
+            .subscribe(subject.to_owned())
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        // Make sure the server has the interest before we report it active:
+        // a history read after this cannot miss a later publish.
+        self.client
+            .flush()
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let handler = self.handler.clone();
+        let name = subject.to_owned();
+        let task = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(frame) = frame_from_bus(msg.payload) else {
+                    metrics::counter!("switchboard_nats_undecodable_total").increment(1);
+                    continue;
+                };
+                if let Some(h) = handler.get() {
+                    h.on_frame(&name, frame);
+                }
+            }
+        });
+        if let Some(old) = self.subs.insert(subject.to_owned(), task) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, subject: &str) -> Result<(), BusError> {
+        // Dropping the subscriber (inside the aborted task) unsubscribes.
+        if let Some((_, task)) = self.subs.remove(subject) {
+            task.abort();
+        }
+        Ok(())
+    }
+
+    fn subscriptions(&self) -> usize {
+        self.subs.len()
+    }
+}
