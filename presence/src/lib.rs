@@ -1,13 +1,15 @@
 //! Presence: who is online, on which edge, with which devices.
 //!
 //! [`PresenceStore`] is the contract; [`MemoryPresence`] serves standalone
-//! mode (one process). A Redis backend for clusters lands with cluster mode.
+//! mode (one process); [`RedisPresence`] serves clusters.
 //! Callers publish `sb.presence.<user>` events only on the transitions the
 //! store reports: first device online, last device offline.
 #![warn(missing_docs)]
 
 mod memory;
+mod redis;
 mod store;
 
 pub use memory::MemoryPresence;
+pub use redis::RedisPresence;
 pub use store::{PresenceError, PresenceStore, Session, Transition, UserStatus};

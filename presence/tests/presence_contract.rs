@@ -1,0 +1,134 @@
+//! One contract, every PresenceStore: memory, and Redis on a real
+//! redis-server spawned for the test.
+use std::sync::Arc;
+
+use switchboard_presence::{MemoryPresence, PresenceStore, RedisPresence, Session, Transition};
+use switchboard_protocol::UserId;
+use switchboard_testkit::Server;
+
+fn s(user: &str, id: &str, node: &str) -> Session {
+    Session {
+        user: UserId::parse(user).unwrap(),
+        session_id: id.into(),
+        node: node.into(),
+    }
+}
+
+fn u(user: &str) -> UserId {
+    UserId::parse(user).unwrap()
+}
+
+const TTL: i64 = 1_000;
+
+async fn contract(p: Arc<dyn PresenceStore>) {
+    // First device online, second unchanged; last device offline once.
+    assert_eq!(
+        p.register(&s("a", "s1", "e1"), 0).await.unwrap(),
+        Transition::BecameOnline
+    );
+    assert_eq!(
+        p.register(&s("a", "s2", "e2"), 10).await.unwrap(),
+        Transition::Unchanged
+    );
+    let st = p.status(&[u("a"), u("nobody")], 20).await.unwrap();
+    assert_eq!((st[0].online, st[0].devices), (true, 2));
+    assert_eq!(
+        (st[1].online, st[1].devices, st[1].last_seen_ms),
+        (false, 0, 0)
+    );
+    assert_eq!(
+        p.unregister(&s("a", "s1", "e1"), 30).await.unwrap(),
+        Transition::Unchanged
+    );
+    assert_eq!(
+        p.unregister(&s("a", "s2", "e2"), 40).await.unwrap(),
+        Transition::BecameOffline { last_seen_ms: 40 }
+    );
+    assert_eq!(
+        p.unregister(&s("a", "s2", "e2"), 50).await.unwrap(),
+        Transition::Unchanged
+    );
+    let st = p.status(&[u("a")], 60).await.unwrap();
+    assert_eq!((st[0].online, st[0].last_seen_ms), (false, 40));
+
+    // A crashed node: its sessions stop heartbeating and expire once.
+    p.register(&s("b", "s3", "dead"), 100).await.unwrap();
+    p.register(&s("c", "s4", "alive"), 100).await.unwrap();
+    p.heartbeat(&[s("c", "s4", "alive")], 100 + TTL - 10)
+        .await
+        .unwrap();
+    let gone = p.expire(100 + TTL + 5).await.unwrap();
+    assert_eq!(gone, vec![(u("b"), 100 + TTL + 5)]);
+    assert!(
+        p.expire(100 + TTL + 6).await.unwrap().is_empty(),
+        "offline fires once"
+    );
+    let st = p.status(&[u("b"), u("c")], 100 + TTL + 7).await.unwrap();
+    assert!(!st[0].online && st[1].online);
+    // Re-registering after expiry is a fresh online transition.
+    assert_eq!(
+        p.register(&s("b", "s5", "e1"), 100 + TTL + 8)
+            .await
+            .unwrap(),
+        Transition::BecameOnline
+    );
+}
+
+#[tokio::test]
+async fn memory_presence_meets_the_contract() {
+    contract(Arc::new(MemoryPresence::new(TTL, 1000))).await;
+}
+
+#[tokio::test]
+async fn redis_presence_meets_the_contract() {
+    let redis = Server::redis();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    contract(Arc::new(RedisPresence::new(conn, TTL))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_connects_on_many_edges_announce_online_once() {
+    let redis = Server::redis();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut tasks = Vec::new();
+    for edge in 0..8 {
+        let conn = redis::aio::ConnectionManager::new(client.clone())
+            .await
+            .unwrap();
+        let p = RedisPresence::new(conn, 60_000);
+        tasks.push(tokio::spawn(async move {
+            let mut online = 0;
+            for i in 0..20 {
+                if p.register(&s("hot", &format!("e{edge}-{i}"), &format!("e{edge}")), 1)
+                    .await
+                    .unwrap()
+                    == Transition::BecameOnline
+                {
+                    online += 1;
+                }
+            }
+            let mut offline = 0;
+            for i in 0..20 {
+                if let Transition::BecameOffline { .. } = p
+                    .unregister(&s("hot", &format!("e{edge}-{i}"), &format!("e{edge}")), 2)
+                    .await
+                    .unwrap()
+                {
+                    offline += 1;
+                }
+            }
+            (online, offline)
+        }));
+    }
+    let (mut on, mut off) = (0, 0);
+    for t in tasks {
+        let (a, b) = t.await.unwrap();
+        on += a;
+        off += b;
+    }
+    // Sessions overlap in time, so the user may go on and off more than
+    // once, but every online is matched by exactly one offline.
+    assert!(on >= 1);
+    assert_eq!(on, off);
+}
