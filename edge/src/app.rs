@@ -10,10 +10,14 @@ use std::{
     time::Duration,
 };
 
+use dashmap::DashMap;
 use metrics_exporter_prometheus::PrometheusHandle;
-use switchboard_presence::{MemoryPresence, PresenceStore};
-use switchboard_protocol::CloseReason;
-use switchboard_router::{Bus, History, MemoryBus, MemoryHistory, Router, RouterLimits};
+use switchboard_presence::{MemoryPresence, PresenceStore, RedisPresence, Session};
+use switchboard_protocol::{CloseReason, now_ms};
+use switchboard_router::{
+    Bus, History, MemoryBus, MemoryHistory, NatsBus, NatsSettings, Publisher, RedisHistory,
+    RemoteRouter, Router, RouterLimits, connect_redis,
+};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -22,7 +26,7 @@ use crate::{Config, admission::Admission, hub::Hub, metrics::EdgeMetrics, server
 pub(crate) struct EdgeState {
     pub(crate) config: Config,
     pub(crate) hub: Arc<Hub>,
-    pub(crate) router: Arc<Router>,
+    pub(crate) router: Arc<dyn Publisher>,
     pub(crate) history: Arc<dyn History>,
     pub(crate) presence: Arc<dyn PresenceStore>,
     pub(crate) bus: Arc<dyn Bus>,
@@ -32,21 +36,24 @@ pub(crate) struct EdgeState {
     pub(crate) draining: AtomicBool,
     pub(crate) prometheus: PrometheusHandle,
     pub(crate) tracker: TaskTracker,
+    /// Presence sessions of this node's sockets (heartbeated together).
+    pub(crate) sessions: DashMap<u64, Session>,
 }
 
-impl EdgeState {
-    fn standalone(config: Config) -> Arc<EdgeState> {
-        // The recorder must exist before any metric handle is registered.
-        let prometheus = crate::metrics::prometheus();
-        let metrics = Arc::new(EdgeMetrics::new());
+struct Backends {
+    bus: Arc<dyn Bus>,
+    history: Arc<dyn History>,
+    presence: Arc<dyn PresenceStore>,
+    router: Arc<dyn Publisher>,
+}
+
+/// The one place backends are chosen: memory standalone, NATS + Redis in a
+/// cluster. Everything else sees the traits.
+async fn backends(config: &Config) -> Result<Backends, String> {
+    let ttl = config.presence_ttl.as_millis() as i64;
+    let Some(cluster) = &config.cluster else {
         let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
         let history: Arc<dyn History> = Arc::new(MemoryHistory::new(config.history));
-        // Standalone sessions die with the process; the TTL only matters
-        // for the contract shared with the Redis backend.
-        let presence: Arc<dyn PresenceStore> = Arc::new(MemoryPresence::new(
-            3 * config.heartbeat_interval.as_millis() as i64,
-            100_000,
-        ));
         let router = Arc::new(Router::new(
             history.clone(),
             bus.clone(),
@@ -54,22 +61,64 @@ impl EdgeState {
                 max_payload_bytes: config.max_payload_bytes,
             },
         ));
-        let hub = Hub::new(bus.clone(), history.clone(), metrics.clone());
+        return Ok(Backends {
+            bus,
+            history,
+            presence: Arc::new(MemoryPresence::new(ttl, 100_000)),
+            router,
+        });
+    };
+    let settings = NatsSettings {
+        url: cluster.nats_url.clone(),
+        name: config.node_id.clone(),
+        subscription_capacity: cluster.subscription_capacity,
+    };
+    let nats = NatsBus::connect(&settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    let client = nats.client().clone();
+    let bus: Arc<dyn Bus> = Arc::new(nats);
+    let redis = connect_redis(&cluster.redis_url)
+        .await
+        .map_err(|e| format!("redis {}: {e}", cluster.redis_url))?;
+    let history: Arc<dyn History> = Arc::new(RedisHistory::new(redis.clone(), config.history));
+    let presence: Arc<dyn PresenceStore> = Arc::new(RedisPresence::new(redis, ttl));
+    let router = Arc::new(RemoteRouter::new(
+        client,
+        bus.clone(),
+        Duration::from_secs(2),
+    ));
+    Ok(Backends {
+        bus,
+        history,
+        presence,
+        router,
+    })
+}
+
+impl EdgeState {
+    async fn new(config: Config) -> Result<Arc<EdgeState>, String> {
+        // The recorder must exist before any metric handle is registered.
+        let prometheus = crate::metrics::prometheus();
+        let metrics = Arc::new(EdgeMetrics::new());
+        let b = backends(&config).await?;
+        let hub = Hub::new(b.bus.clone(), b.history.clone(), metrics.clone());
         metrics.connections_max.set(config.max_connections as f64);
-        Arc::new(EdgeState {
+        Ok(Arc::new(EdgeState {
             admission: Arc::new(Admission::new(config.max_connections)),
             config,
             hub,
-            router,
-            history,
-            presence,
-            bus,
+            router: b.router,
+            history: b.history,
+            presence: b.presence,
+            bus: b.bus,
             metrics,
             next_conn_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             prometheus,
             tracker: TaskTracker::new(),
-        })
+            sessions: DashMap::new(),
+        }))
     }
 }
 
@@ -77,7 +126,7 @@ impl EdgeState {
 pub struct Edge {
     addr: SocketAddr,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl Edge {
@@ -105,27 +154,68 @@ impl Edge {
         self.shutdown.cancel();
         let _ = self.task.await;
     }
+
+    /// Stops at once, as a crash would: no drain, no presence cleanup.
+    pub fn abort(self) {
+        self.task.abort();
+    }
 }
 
 /// Serves until `shutdown` resolves, then drains within the grace period.
-pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let state = EdgeState::standalone(config);
+/// Fails only if the cluster backends cannot be reached at startup.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let state = EdgeState::new(config).await?;
     tracing::info!(
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         node = %state.config.node_id,
         max_connections = state.config.max_connections,
+        mode = if state.config.cluster.is_some() { "cluster" } else { "standalone" },
         dev = state.config.dev,
-        "switchboard edge listening (standalone)"
+        "switchboard edge listening"
     );
     let stop_accepting = CancellationToken::new();
+    let background = CancellationToken::new();
     let accept = tokio::spawn(server::accept_loop(
         state.clone(),
         listener,
         stop_accepting.clone(),
     ));
+    let heartbeats = tokio::spawn(presence_heartbeats(state.clone(), background.clone()));
+    let sweeper = tokio::spawn(switchboard_router::sweep_presence(
+        state.presence.clone(),
+        state.bus.clone(),
+        state.config.presence_ttl / 3,
+        background.clone(),
+    ));
     shutdown.await;
     drain(&state, stop_accepting).await;
+    background.cancel();
     let _ = accept.await;
+    let _ = heartbeats.await;
+    let _ = sweeper.await;
+    Ok(())
+}
+
+/// Refreshes the TTL of every local session, so they outlive the TTL only
+/// while this process is alive.
+async fn presence_heartbeats(state: Arc<EdgeState>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(state.config.presence_ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sessions: Vec<Session> = state.sessions.iter().map(|e| e.value().clone()).collect();
+        if let Err(e) = state.presence.heartbeat(&sessions, now_ms()).await {
+            metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+            tracing::warn!(error = %e, "presence heartbeat failed");
+        }
+    }
 }
 
 async fn drain(state: &Arc<EdgeState>, stop_accepting: CancellationToken) {

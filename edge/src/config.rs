@@ -157,6 +157,28 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history_max_streams: Option<usize>,
 
+    /// NATS server URL(s), comma-separated. With --redis: cluster mode.
+    #[arg(long = "nats", env = "SWITCHBOARD_NATS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<String>,
+
+    /// Redis URL. With --nats: cluster mode.
+    #[arg(long = "redis", env = "SWITCHBOARD_REDIS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+
+    /// Presence session TTL, ms; sessions are refreshed every third of it,
+    /// so a crashed edge's users go offline within it. Default 30000.
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence_ttl_ms: Option<u64>,
+
+    /// Messages NATS buffers per subscription before dropping (the edge
+    /// then repairs from history). Default 8192.
+    #[arg(long, env = "SWITCHBOARD_NATS_SUBSCRIPTION_CAPACITY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_subscription_capacity: Option<usize>,
+
     /// Log filter (tracing EnvFilter syntax). Default "info".
     #[arg(long, env = "SWITCHBOARD_LOG")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -236,8 +258,23 @@ pub struct Config {
     pub token_expiry_warning: Duration,
     /// Memory history limits.
     pub history: HistoryLimits,
+    /// Cluster backends; `None`: standalone.
+    pub cluster: Option<ClusterConfig>,
+    /// Presence session TTL.
+    pub presence_ttl: Duration,
     /// Log filter.
     pub log: String,
+}
+
+/// Where the cluster's shared services are.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// NATS URL(s).
+    pub nats_url: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Messages buffered per NATS subscription.
+    pub subscription_capacity: usize,
 }
 
 impl Settings {
@@ -394,6 +431,25 @@ impl Settings {
                 max_streams: positive("--history-max-streams", self.history_max_streams, 100_000)?,
                 dedup_entries: 1000,
             },
+            cluster: match (self.nats, self.redis) {
+                (None, None) => None,
+                (Some(nats_url), Some(redis_url)) => Some(ClusterConfig {
+                    nats_url,
+                    redis_url,
+                    subscription_capacity: positive(
+                        "--nats-subscription-capacity",
+                        self.nats_subscription_capacity,
+                        8192,
+                    )?,
+                }),
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        setting: "--nats/--redis",
+                        message: "cluster mode needs both --nats and --redis".into(),
+                    });
+                }
+            },
+            presence_ttl: ms("--presence-ttl-ms", self.presence_ttl_ms, 30_000)?,
             log: self.log.unwrap_or_else(|| "info".into()),
         })
     }

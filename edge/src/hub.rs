@@ -32,8 +32,11 @@ const GAP_TIMEOUT: Duration = Duration::from_millis(200);
 
 struct StreamEntry {
     subs: HashMap<u64, ConnHandle>,
-    /// Last seq fanned out (0: not known yet).
+    /// Last seq fanned out (0: none yet).
     last_seq: u64,
+    /// Whether `last_seq`/`epoch` come from a history read (so seq 1 of a
+    /// new stream is expected, not whatever arrives first).
+    known: bool,
     epoch: String,
     pending: BTreeMap<u64, SharedFrame>,
     repairing: bool,
@@ -44,6 +47,7 @@ impl StreamEntry {
         StreamEntry {
             subs: HashMap::new(),
             last_seq: 0,
+            known: false,
             epoch: String::new(),
             pending: BTreeMap::new(),
             repairing: false,
@@ -186,11 +190,14 @@ impl Hub {
     /// right after the first subscribe is noticed as a gap.
     pub(crate) fn note_position(&self, key: &StreamKey, pos: &StreamPosition) {
         if let Some(mut e) = self.streams.get_mut(key)
-            && e.last_seq == 0
-            && e.epoch.is_empty()
+            && !e.known
         {
-            e.last_seq = pos.seq;
-            e.epoch = pos.epoch.clone();
+            e.known = true;
+            // Frames that already arrived are newer than this read.
+            if e.last_seq == 0 {
+                e.last_seq = pos.seq;
+                e.epoch = pos.epoch.clone();
+            }
         }
     }
 
@@ -213,24 +220,21 @@ impl Hub {
             _ => "",
         };
         if e.epoch != epoch {
-            // History was reset (or first frame): start tracking afresh.
-            e.epoch = epoch.to_owned();
-            e.last_seq = seq.saturating_sub(1);
-            let n = e.pending.len();
-            e.pending.clear();
-            self.metrics.pending_frames.decrement(n as f64);
-        }
-        if e.last_seq == 0 || seq == e.last_seq + 1 {
-            self.accept(&mut e, seq, &frame);
-            loop {
-                let want = e.last_seq + 1;
-                let Some(next) = e.pending.remove(&want) else {
-                    break;
-                };
-                self.metrics.pending_frames.decrement(1.0);
-                let s = e.last_seq + 1;
-                self.accept(&mut e, s, &next);
+            if e.known && e.epoch.is_empty() && e.last_seq == 0 {
+                // The stream's first history: its seqs start at 1.
+                e.epoch = epoch.to_owned();
+            } else {
+                // History was reset (or nothing was known): start afresh here.
+                e.epoch = epoch.to_owned();
+                e.last_seq = seq.saturating_sub(1);
+                let n = e.pending.len();
+                e.pending.clear();
+                self.metrics.pending_frames.decrement(n as f64);
             }
+        }
+        if seq == e.last_seq + 1 {
+            self.accept(&mut e, seq, &frame);
+            self.drain_contiguous(&mut e);
         } else if seq <= e.last_seq {
             self.metrics.duplicates_dropped.increment(1);
         } else {
@@ -245,7 +249,7 @@ impl Hub {
                     GAP_TIMEOUT
                 };
                 if let Some(hub) = self.me.upgrade() {
-                    tokio::spawn(async move { hub.repair(key, wait).await });
+                    tokio::spawn(async move { hub.repair(key, wait, false).await });
                 }
             }
         }
@@ -262,45 +266,101 @@ impl Hub {
 
     /// Fills a gap from history; if history no longer has it, skips ahead
     /// (clients see the gap and re-sync).
-    async fn repair(self: Arc<Self>, key: StreamKey, wait: Duration) {
-        tokio::time::sleep(wait).await;
-        let (since, epoch) = match self.streams.get(&key) {
-            Some(e) if !e.pending.is_empty() => (e.last_seq, e.epoch.clone()),
-            Some(_) => {
-                if let Some(mut e) = self.streams.get_mut(&key) {
-                    e.repairing = false;
-                }
+    async fn repair(self: Arc<Self>, key: StreamKey, wait: Duration, force: bool) {
+        let mut wait = wait;
+        let mut force = force;
+        loop {
+            tokio::time::sleep(wait).await;
+            if !self.repair_once(&key, force).await {
                 return;
             }
-            None => return,
+            // Still a hole: frames newer than our read were lost too.
+            wait = GAP_TIMEOUT;
+            force = false;
+        }
+    }
+
+    /// One history read; returns true when a hole remains (`repairing`
+    /// stays set and the caller reads again).
+    async fn repair_once(&self, key: &StreamKey, force: bool) -> bool {
+        // Read what to repair without holding the shard lock afterwards.
+        let target = self.streams.get(key).map(|e| {
+            (
+                !e.pending.is_empty() || (force && !e.epoch.is_empty()),
+                e.last_seq,
+                e.epoch.clone(),
+            )
+        });
+        let (since, epoch) = match target {
+            Some((true, since, epoch)) => (since, epoch),
+            Some((false, _, _)) => {
+                if let Some(mut e) = self.streams.get_mut(key) {
+                    e.repairing = false;
+                }
+                return false;
+            }
+            None => return false,
         };
-        let recovered = self.history.recover(&key, Some(since), &epoch).await;
-        let Some(mut e) = self.streams.get_mut(&key) else {
-            return;
+        let recovered = self.history.recover(key, Some(since), &epoch).await;
+        let Some(mut e) = self.streams.get_mut(key) else {
+            return false;
         };
-        e.repairing = false;
         match recovered {
             Ok(r) if !r.position.resync_required => {
+                let mut filled = 0;
                 for f in r.frames {
                     if let Some((_, seq)) = f.delivery_position()
                         && seq > e.last_seq
                         && e.pending.insert(seq, f).is_none()
                     {
                         self.metrics.pending_frames.increment(1.0);
+                        filled += 1;
                     }
                 }
-                self.metrics.gaps_repaired.increment(1);
+                if filled > 0 {
+                    self.metrics.gaps_repaired.increment(1);
+                }
+                self.drain_contiguous(&mut e);
+                if e.pending.is_empty() {
+                    e.repairing = false;
+                    false
+                } else {
+                    true
+                }
             }
-            Ok(_) | Err(_) => self.metrics.gaps_unrecoverable.increment(1),
+            _ => {
+                // History no longer has the missing seqs (or is down):
+                // deliver what we hold, in order; clients see the gap and
+                // re-sync from their own last seq.
+                self.metrics.gaps_unrecoverable.increment(1);
+                let held = std::mem::take(&mut e.pending);
+                self.metrics.pending_frames.decrement(held.len() as f64);
+                for (seq, f) in held {
+                    if seq > e.last_seq {
+                        self.accept(&mut e, seq, &f);
+                    }
+                }
+                e.repairing = false;
+                false
+            }
         }
-        // Deliver everything held in order; anything still missing is lost
-        // to this edge and the clients' own recovery takes over.
-        let held = std::mem::take(&mut e.pending);
-        self.metrics.pending_frames.decrement(held.len() as f64);
-        for (seq, f) in held {
-            if seq > e.last_seq {
-                self.accept(&mut e, seq, &f);
-            }
+    }
+
+    /// Fans out held frames that continue the stream without a hole.
+    fn drain_contiguous(&self, e: &mut StreamEntry) {
+        loop {
+            let want = e.last_seq + 1;
+            let Some(next) = e.pending.remove(&want) else {
+                break;
+            };
+            self.metrics.pending_frames.decrement(1.0);
+            self.accept(e, want, &next);
+        }
+        // Anything at or below last_seq is a duplicate.
+        let stale: Vec<u64> = e.pending.range(..=e.last_seq).map(|(s, _)| *s).collect();
+        for s in stale {
+            e.pending.remove(&s);
+            self.metrics.pending_frames.decrement(1.0);
         }
     }
 
@@ -336,5 +396,30 @@ impl BusHandler for Hub {
             Some((key, seq)) => self.on_delivery(key, seq, frame),
             None => self.on_event(subject, frame),
         }
+    }
+
+    /// After a bus reconnect or a slow-consumer drop, every stream with
+    /// local sockets is checked against history for what went missing.
+    fn on_possible_loss(&self) {
+        let Some(hub) = self.me.upgrade() else { return };
+        let keys: Vec<StreamKey> = self.streams.iter().map(|e| e.key().clone()).collect();
+        tracing::info!(
+            streams = keys.len(),
+            "bus may have dropped frames; checking streams against history"
+        );
+        tokio::spawn(async move {
+            for key in keys {
+                let claimed = match hub.streams.get_mut(&key) {
+                    Some(mut e) if !e.repairing => {
+                        e.repairing = true;
+                        true
+                    }
+                    _ => false,
+                };
+                if claimed {
+                    hub.clone().repair(key, Duration::ZERO, true).await;
+                }
+            }
+        });
     }
 }

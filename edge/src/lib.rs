@@ -30,4 +30,4 @@ mod writer;
 pub use admission::raise_file_limit;
 pub use app::{Edge, run};
 pub use auth::{AuthConfig, AuthError, Claims, Identity};
-pub use config::{Config, ConfigError, Settings};
+pub use config::{ClusterConfig, Config, ConfigError, Settings};

@@ -37,8 +37,10 @@ fn main() -> ExitCode {
             Ok(l) => l,
             Err(e) => return fail(&format!("cannot listen on {}: {e}", config.listen)),
         };
-        run(config, listener, shutdown_signal()).await;
-        ExitCode::SUCCESS
+        match run(config, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        }
     })
 }
 

@@ -9,9 +9,8 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
-use switchboard_protocol::{ChatId, Encoding, StreamKey, UserId};
-use switchboard_router::{PublishError, PublishRequest};
+use switchboard_protocol::{Encoding, UserId};
+use switchboard_router::{constant_time_eq, parse_api_publish, publish_error_status};
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -234,24 +233,6 @@ fn retry_later(why: &str) -> Response<Body> {
     r
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ApiPublish {
-    chat: Option<String>,
-    user: Option<String>,
-    client_msg_id: String,
-    /// Base64 payload.
-    payload: Option<String>,
-    /// UTF-8 payload (convenience; exclusive with `payload`).
-    text: Option<String>,
-    /// Sender shown to receivers. Default "backend".
-    sender: Option<String>,
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn api_publish(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<Body> {
     let Some(key) = state.config.api_key.as_deref() else {
         return api_error(StatusCode::NOT_FOUND, "publish API disabled: set --api-key");
@@ -278,19 +259,14 @@ async fn api_publish(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<
             );
         }
     };
-    let parsed: ApiPublish = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            metrics::api_publish("bad_request");
-            return api_error(StatusCode::BAD_REQUEST, e);
-        }
-    };
-    let result = api_request(parsed).map_err(|(s, m)| (s, m.to_string()));
-    let request = match result {
+    let request = match parse_api_publish(&body) {
         Ok(r) => r,
         Err((status, message)) => {
             metrics::api_publish("bad_request");
-            return api_error(status, message);
+            return api_error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                message,
+            );
         }
     };
     let target = request.target.clone();
@@ -308,57 +284,12 @@ async fn api_publish(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<
             )
         }
         Err(e) => {
-            let status = match e {
-                PublishError::InvalidId(_) => StatusCode::UNPROCESSABLE_ENTITY,
-                PublishError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                PublishError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            };
             metrics::api_publish("refused");
+            let status = StatusCode::from_u16(publish_error_status(&e))
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             api_error(status, e)
         }
     }
-}
-
-fn api_request(p: ApiPublish) -> Result<PublishRequest, (StatusCode, String)> {
-    use base64::Engine;
-    let invalid =
-        |e: switchboard_protocol::IdError| (StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
-    let target = match (p.chat, p.user) {
-        (Some(c), None) => StreamKey::Chat(ChatId::parse(&c).map_err(invalid)?),
-        (None, Some(u)) => StreamKey::User(UserId::parse(&u).map_err(invalid)?),
-        _ => {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                "give exactly one of chat, user".into(),
-            ));
-        }
-    };
-    let payload = match (p.payload, p.text) {
-        (Some(b64), None) => Bytes::from(
-            base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map_err(|e| {
-                    (
-                        StatusCode::BAD_REQUEST,
-                        format!("payload is not base64: {e}"),
-                    )
-                })?,
-        ),
-        (None, Some(t)) => Bytes::from(t),
-        _ => {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                "give exactly one of payload, text".into(),
-            ));
-        }
-    };
-    let sender = UserId::parse(p.sender.as_deref().unwrap_or("backend")).map_err(invalid)?;
-    Ok(PublishRequest {
-        sender,
-        target,
-        client_msg_id: p.client_msg_id,
-        payload,
-    })
 }
 
 fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {

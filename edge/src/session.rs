@@ -12,7 +12,7 @@ use switchboard_protocol::{
         server_frame,
     },
 };
-use switchboard_router::{PublishError, PublishRequest, presence_subject};
+use switchboard_router::{PublishRequest, presence_subject};
 use tokio::io::ReadHalf;
 
 use crate::{
@@ -134,6 +134,9 @@ impl Session {
             }
         };
         self.state.hub.note_position(&key, &recovery.position);
+        self.state
+            .sessions
+            .insert(self.conn.id(), self.presence.clone());
         match self.state.presence.register(&self.presence, now_ms()).await {
             Ok(Transition::BecameOnline) => self.announce(true, now_ms(), 1).await,
             Ok(_) => {}
@@ -422,11 +425,12 @@ impl Session {
             client_msg_id: p.client_msg_id,
             payload: p.payload,
         };
-        let published = self.state.router.publish(req).await.map_err(|e| match e {
-            PublishError::InvalidId(e) => Refusal::from(e),
-            PublishError::TooLarge { .. } => Refusal(ErrorCode::TooLarge, e.to_string()),
-            PublishError::Unavailable(_) => Refusal(ErrorCode::Unavailable, e.to_string()),
-        })?;
+        let published = self
+            .state
+            .router
+            .publish(req)
+            .await
+            .map_err(|e| Refusal(e.code(), e.to_string()))?;
         let (chat, user) = match target {
             StreamKey::Chat(c) => (c.to_string(), String::new()),
             StreamKey::User(u) => (String::new(), u.to_string()),

@@ -215,16 +215,18 @@ async fn over_capacity_upgrades_get_503_with_retry_after() {
 
 #[tokio::test]
 async fn silent_sockets_time_out() {
+    // Never sends Connect.
     let mut cfg = config();
     cfg.handshake_timeout = Duration::from_millis(300);
-    cfg.heartbeat_interval = Duration::from_millis(200);
     let edge = start(cfg).await;
-
-    // Never sends Connect.
     let mut raw = Raw::open(&edge, "switchboard.v1.json").await;
     assert_eq!(error_and_close(&mut raw).await.1, Some(4006));
+    edge.shutdown().await;
 
     // Connects, then stops reading (so pings go unanswered).
+    let mut cfg = config();
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    let edge = start(cfg).await;
     let mut raw = Raw::connected(&edge, "sleepy").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let (close, frames) = raw.until_close().await;

@@ -11,10 +11,16 @@
 //! Standalone, the edge links this crate and runs the router in-process.
 #![warn(missing_docs)]
 
+mod api;
 mod bus;
 mod history;
+mod members;
+mod node;
+mod publisher;
 mod router;
+mod service;
 
+pub use api::{constant_time_eq, parse_api_publish, publish_error_status};
 pub use bus::{
     Bus, BusError, BusHandler,
     memory::MemoryBus,
@@ -26,4 +32,8 @@ pub use history::{
     memory::MemoryHistory,
     redis::{RedisHistory, connect_redis, forget_stream},
 };
+pub use members::{Members, MembersError, PUSH_STREAM, SHARD_SUBJECT};
+pub use node::{RouterConfig, run_router};
+pub use publisher::{PUBLISH_SUBJECT, Publisher, ROUTER_QUEUE, RemoteRouter, encode_request};
 pub use router::{PublishError, PublishRequest, Published, Router, RouterLimits};
+pub use service::{announce, handle_publish, serve, sweep_presence};

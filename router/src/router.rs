@@ -62,6 +62,27 @@ pub enum PublishError {
     /// History is unavailable; nothing was sequenced, retry later.
     #[error(transparent)]
     Unavailable(#[from] HistoryError),
+    /// A remote router refused the publish with this protocol code.
+    #[error("{message}")]
+    Refused {
+        /// Protocol error code.
+        code: switchboard_protocol::v1::ErrorCode,
+        /// Why.
+        message: String,
+    },
+}
+
+impl PublishError {
+    /// The protocol error code for this refusal.
+    pub fn code(&self) -> switchboard_protocol::v1::ErrorCode {
+        use switchboard_protocol::v1::ErrorCode;
+        match self {
+            PublishError::InvalidId(_) => ErrorCode::InvalidId,
+            PublishError::TooLarge { .. } => ErrorCode::TooLarge,
+            PublishError::Unavailable(_) => ErrorCode::Unavailable,
+            PublishError::Refused { code, .. } => *code,
+        }
+    }
 }
 
 /// The publish path: validate, sequence and store, then deliver.
@@ -69,6 +90,7 @@ pub struct Router {
     history: Arc<dyn History>,
     bus: Arc<dyn Bus>,
     limits: RouterLimits,
+    members: Option<Arc<crate::Members>>,
 }
 
 impl Router {
@@ -78,7 +100,14 @@ impl Router {
             history,
             bus,
             limits,
+            members: None,
         }
+    }
+
+    /// Adds member-wide work (channel shards, push hand-off): cluster mode.
+    pub fn with_members(mut self, members: Arc<crate::Members>) -> Self {
+        self.members = Some(members);
+        self
     }
 
     /// The history this router appends to (for recovery reads).
@@ -110,7 +139,13 @@ impl Router {
                 .increment(1);
         } else {
             metrics::counter!("switchboard_router_publishes_total", "result" => "ok").increment(1);
-            self.deliver(&req.target, appended.frame).await;
+            self.deliver(&req.target, appended.frame.clone()).await;
+            if let Some(m) = &self.members
+                && let Err(e) = m.after_publish(&req.target, &appended.frame).await
+            {
+                metrics::counter!("switchboard_router_member_work_errors_total").increment(1);
+                tracing::warn!(error = %e, stream = %req.target, "member work (push hand-off) failed");
+            }
         }
         Ok(Published {
             seq: appended.seq,

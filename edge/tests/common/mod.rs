@@ -15,6 +15,8 @@ use tokio_tungstenite::{
     },
 };
 
+pub mod cluster;
+
 pub const SECRET: &str = "integration-test-secret";
 
 pub fn config() -> Config {
@@ -69,7 +71,11 @@ pub struct Raw {
 
 impl Raw {
     pub async fn open(edge: &Edge, subprotocol: &str) -> Raw {
-        let mut req = ws_url(edge).into_client_request().unwrap();
+        Raw::open_addr(edge.addr(), subprotocol).await
+    }
+
+    pub async fn open_addr(addr: std::net::SocketAddr, subprotocol: &str) -> Raw {
+        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             HeaderValue::from_str(subprotocol).unwrap(),
@@ -86,7 +92,12 @@ impl Raw {
 
     /// Opens a JSON socket and completes Connect as `user`.
     pub async fn connected(edge: &Edge, user: &str) -> Raw {
-        let mut raw = Raw::open(edge, "switchboard.v1.json").await;
+        Raw::connected_addr(edge.addr(), user).await
+    }
+
+    /// Opens a JSON socket to `addr` and completes Connect as `user`.
+    pub async fn connected_addr(addr: std::net::SocketAddr, user: &str) -> Raw {
+        let mut raw = Raw::open_addr(addr, "switchboard.v1.json").await;
         let reply = raw
             .request(json!({"connect": {"token": token(user)}}))
             .await;

@@ -1,0 +1,432 @@
+//! Cluster mode on real nats-server and redis-server processes: edges and
+//! routers in-process (one edge as a child process, to be SIGKILLed).
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{cluster::*, *};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+async fn publish(raw: &mut Raw, target: Value, id: &str, text: &str) -> Value {
+    let mut body = target;
+    body["clientMsgId"] = json!(id);
+    body["payload"] = json!(b64(text));
+    let ack = raw.request(json!({ "publish": body })).await;
+    assert!(ack.get("publishAck").is_some(), "publish failed: {ack}");
+    ack["publishAck"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_on_different_edges_chat_and_personal_streams_reach_both_edges() {
+    let c = Cluster::new(2, 2).await;
+    let (e0, e1) = (&c.edges[0], &c.edges[1]);
+    let mut alice = Raw::connected(e0, "alice").await;
+    let mut bob = Raw::connected(e1, "bob").await;
+    let mut bob_phone = Raw::connected(e0, "bob").await;
+    let mut eve = Raw::connected(e1, "eve").await;
+    for raw in [&mut alice, &mut bob] {
+        let r = raw.request(json!({"subscribe": {"chat": "ab"}})).await;
+        assert!(r.get("subscribeResult").is_some(), "{r}");
+    }
+    eve.request(json!({"subscribe": {"chat": "elsewhere"}}))
+        .await;
+
+    publish(&mut alice, json!({"chat": "ab"}), "a1", "hi bob").await;
+    let got = bob.deliveries(1).await;
+    assert_eq!(payload_text(&got[0]), "hi bob");
+    assert_eq!(payload_text(&alice.deliveries(1).await[0]), "hi bob");
+
+    // The personal stream reaches bob's sockets on both edges.
+    publish(&mut alice, json!({"user": "bob"}), "a2", "dm").await;
+    for raw in [&mut bob, &mut bob_phone] {
+        let d = raw.deliveries(1).await;
+        assert_eq!(
+            (payload_text(&d[0]).as_str(), d[0]["user"].as_str()),
+            ("dm", Some("bob"))
+        );
+    }
+    eve.assert_no_delivery(Duration::from_millis(300)).await;
+
+    // Subject-unsafe ids are refused on the cluster path too.
+    let r = alice
+        .request(json!({"publish": {"chat": "a.b", "clientMsgId": "x", "payload": ""}}))
+        .await;
+    assert_eq!(r["error"]["code"], 422, "{r}");
+    let client = async_nats::connect(c.nats.url()).await.unwrap();
+    for bad in ["a.b", "*", ">", "a b"] {
+        let req = switchboard_router::encode_request(&switchboard_router::PublishRequest {
+            sender: switchboard_protocol::UserId::parse("svc").unwrap(),
+            target: switchboard_protocol::StreamKey::Chat(
+                switchboard_protocol::ChatId::parse("ok").unwrap(),
+            ),
+            client_msg_id: "m".into(),
+            payload: Default::default(),
+        });
+        // Re-encode with a bad chat id, as a buggy backend might send it.
+        let mut msg =
+            <switchboard_protocol::internal::v1::RouterPublish as prost::Message>::decode(req)
+                .unwrap();
+        msg.target =
+            Some(switchboard_protocol::internal::v1::router_publish::Target::Chat(bad.into()));
+        let reply = client
+            .request(
+                switchboard_router::PUBLISH_SUBJECT,
+                prost::Message::encode_to_vec(&msg).into(),
+            )
+            .await
+            .unwrap();
+        let reply = <switchboard_protocol::internal::v1::RouterReply as prost::Message>::decode(
+            reply.payload,
+        )
+        .unwrap();
+        match reply.result {
+            Some(switchboard_protocol::internal::v1::router_reply::Result::Error(e)) => {
+                assert_eq!(e.code, 422, "{bad:?}")
+            }
+            other => panic!("{bad:?} accepted: {other:?}"),
+        }
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishers_through_both_routers_give_one_order() {
+    let c = Cluster::new(2, 2).await;
+    let mut readers = Vec::new();
+    for (i, e) in c.edges.iter().enumerate() {
+        let mut r = Raw::connected(e, &format!("reader{i}")).await;
+        r.request(json!({"subscribe": {"chat": "busy"}})).await;
+        readers.push(r);
+    }
+    let per_writer = 60;
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let addr = c.edges[w % 2].addr();
+        writers.push(tokio::spawn(async move {
+            let mut raw = Raw::connected_addr(addr, &format!("writer{w}")).await;
+            for i in 0..per_writer {
+                let id = format!("w{w}-{i}");
+                let ack = raw.request(json!({"publish": {"chat": "busy", "clientMsgId": id, "payload": b64(&id)}})).await;
+                assert!(ack.get("publishAck").is_some(), "{ack}");
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let total = 4 * per_writer;
+    let mut orders = Vec::new();
+    for r in &mut readers {
+        let got = r.deliveries(total).await;
+        let seqs: Vec<u64> = got.iter().map(seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "gapless, duplicate-free, in order"
+        );
+        orders.push(got.iter().map(payload_text).collect::<Vec<_>>());
+        r.assert_no_delivery(Duration::from_millis(200)).await;
+    }
+    assert_eq!(orders[0], orders[1], "both edges see the same order");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn presence_across_edges_and_a_killed_edge_goes_offline_once() {
+    let c = Cluster::new(1, 1).await;
+    let mut watcher = Raw::connected(&c.edges[0], "watcher").await;
+    watcher
+        .request(json!({"watchPresence": {"users": ["mobile"]}}))
+        .await;
+    let first = watcher.next().await.unwrap();
+    assert!(
+        first["presence"].get("online").is_none(),
+        "starts offline: {first}"
+    );
+
+    // An edge as a separate process, so it can really be SIGKILLed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+        .envs(edge_process_env(&c.nats, &c.redis, "doomed", port))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut mobile = loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break Raw::connected_addr(addr, "mobile").await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let online = watcher.next().await.expect("online event");
+    assert_eq!(online["presence"]["online"], true, "{online}");
+    let _ = mobile.request(json!({"ping": {}})).await;
+
+    child.kill().unwrap(); // SIGKILL: no drain, no unregister
+    child.wait().unwrap();
+    let started = std::time::Instant::now();
+    let offline = watcher
+        .next_within(Duration::from_secs(5))
+        .await
+        .expect("offline event within the TTL");
+    assert_eq!(offline["presence"]["user"], "mobile");
+    assert!(offline["presence"].get("online").is_none(), "{offline}");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500 + 1000),
+        "offline within TTL + sweep interval"
+    );
+    assert!(
+        watcher.next_within(Duration::from_secs(2)).await.is_none(),
+        "offline fires once"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn channel_post_reaches_online_members_once_and_queues_one_push_per_offline_member() {
+    let c = Cluster::new(2, 2).await;
+    let router = c.routers[0].addr;
+    let members: Vec<String> = (0..10_000).map(|i| format!("m{i}")).collect();
+    let (status, body) = post(
+        router,
+        "/api/channels/news/members",
+        &json!({ "add": members }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["added"], 10_000);
+
+    // 100 members online, half on each edge, watching the channel.
+    let mut online = Vec::new();
+    for i in 0..100 {
+        let mut r = Raw::connected(&c.edges[i % 2], &format!("m{i}")).await;
+        r.request(json!({"subscribe": {"chat": "news"}})).await;
+        online.push(r);
+    }
+    let (status, ack) = post(
+        c.edges[0].addr(),
+        "/api/publish",
+        &json!({"chat": "news", "client_msg_id": "post-1", "text": "big news"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{ack}");
+    for r in &mut online {
+        let d = r.deliveries(1).await;
+        assert_eq!(payload_text(&d[0]), "big news");
+        r.assert_no_delivery(Duration::from_millis(20)).await;
+    }
+
+    // Every offline member has exactly one push job; online members none.
+    let js = async_nats::jetstream::new(async_nats::connect(c.nats.url()).await.unwrap());
+    let stream = js
+        .get_stream(switchboard_router::PUSH_STREAM)
+        .await
+        .unwrap();
+    let mut per_user: HashMap<String, usize> = HashMap::new();
+    for _ in 0..100 {
+        per_user.clear();
+        let mut subjects = stream.info_with_subjects("sb.push.>").await.unwrap();
+        while let Some(item) = subjects.next().await {
+            let (subject, n) = item.unwrap();
+            per_user.insert(subject.trim_start_matches("sb.push.").to_owned(), n);
+        }
+        if per_user.len() >= 9_900 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(per_user.len(), 9_900, "one subject per offline member");
+    assert!(per_user.values().all(|n| *n == 1), "exactly one job each");
+    let online_users: HashSet<String> = (0..100).map(|i| format!("m{i}")).collect();
+    assert!(per_user.keys().all(|u| !online_users.contains(u)));
+    let (status, counts) = post_get(router, "/api/channels/news/members").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (counts["members"].as_u64(), counts["online"].as_u64()),
+        (Some(10_000), Some(100))
+    );
+    c.shutdown().await;
+}
+
+async fn post_get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .and_then(|(_, b)| serde_json::from_str(b).ok())
+            .unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dm_to_an_offline_user_becomes_one_push_job() {
+    let c = Cluster::new(1, 1).await;
+    let mut alice = Raw::connected(&c.edges[0], "alice").await;
+    publish(&mut alice, json!({"user": "sleepy"}), "dm-1", "wake up").await;
+    publish(&mut alice, json!({"user": "sleepy"}), "dm-1", "wake up").await; // retry: deduplicated
+    let js = async_nats::jetstream::new(async_nats::connect(c.nats.url()).await.unwrap());
+    let mut stream = js
+        .get_stream(switchboard_router::PUSH_STREAM)
+        .await
+        .unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 1, "one push job");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconnecting_to_the_other_edge_with_since_recovers_everything() {
+    let c = Cluster::new(2, 2).await;
+    let mut reader = Raw::connected(&c.edges[0], "reader").await;
+    let sub = reader.request(json!({"subscribe": {"chat": "move"}})).await;
+    assert!(sub.get("subscribeResult").is_some());
+    let mut writer = Raw::connected(&c.edges[1], "writer").await;
+    for i in 1..=3 {
+        publish(
+            &mut writer,
+            json!({"chat": "move"}),
+            &format!("m{i}"),
+            &format!("{i}"),
+        )
+        .await;
+    }
+    let seen = reader.deliveries(3).await;
+    let (last, epoch) = (seq(&seen[2]), seen[2]["epoch"].as_str().unwrap().to_owned());
+    drop(reader);
+    for i in 4..=9 {
+        publish(
+            &mut writer,
+            json!({"chat": "move"}),
+            &format!("m{i}"),
+            &format!("{i}"),
+        )
+        .await;
+    }
+    let mut back = Raw::connected(&c.edges[1], "reader").await;
+    let r = back
+        .request(json!({"subscribe": {"chat": "move", "since": last, "epoch": epoch}}))
+        .await;
+    assert_eq!(r["subscribeResult"]["position"]["recovered"], 6, "{r}");
+    let seqs: Vec<u64> = back.deliveries(6).await.iter().map(seq).collect();
+    assert_eq!(seqs, [4, 5, 6, 7, 8, 9]);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn frames_dropped_by_a_lagging_nats_subscription_are_repaired_from_history() {
+    let nats = switchboard_testkit::Server::nats();
+    let redis = switchboard_testkit::Server::redis();
+    let router = start_router(&nats, &redis, "r").await;
+    wait_for_routers(&nats).await;
+    // A subscription that can buffer one message: a burst overflows it and
+    // NATS drops frames for this edge (slow consumer).
+    let mut cfg = edge_config(&nats, &redis, "laggy");
+    cfg.cluster.as_mut().unwrap().subscription_capacity = 1;
+    let edge = start(cfg).await;
+    let mut reader = Raw::connected(&edge, "reader").await;
+    reader
+        .request(json!({"subscribe": {"chat": "burst"}}))
+        .await;
+    let total = 300u64;
+    let mut posts = Vec::new();
+    for w in 0..6 {
+        let addr = router.addr;
+        posts.push(tokio::spawn(async move {
+            for i in 0..total / 6 {
+                let (s, b) = post(
+                    addr,
+                    "/api/publish",
+                    &json!({"chat": "burst", "client_msg_id": format!("{w}-{i}"), "text": "x"}),
+                )
+                .await;
+                assert_eq!(s, 200, "{b}");
+            }
+        }));
+    }
+    for p in posts {
+        p.await.unwrap();
+    }
+    let seqs: Vec<u64> = reader
+        .deliveries(total as usize)
+        .await
+        .iter()
+        .map(seq)
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=total).collect::<Vec<_>>(),
+        "no gap seen by the client"
+    );
+    edge.shutdown().await;
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_restart_loses_nothing() {
+    let mut c = Cluster::new(1, 1).await;
+    let mut reader = Raw::connected(&c.edges[0], "reader").await;
+    reader
+        .request(json!({"subscribe": {"chat": "outage"}}))
+        .await;
+    let router = c.routers[0].addr;
+    let mut sent = 0u64;
+    for _ in 0..5 {
+        sent += 1;
+        let (s, _) = post(
+            router,
+            "/api/publish",
+            &json!({"chat": "outage", "client_msg_id": format!("m{sent}"), "text": "x"}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    c.nats.restart();
+    // Published into Redis while the edge's NATS link is being restored.
+    for _ in 0..5 {
+        sent += 1;
+        let (s, b) = post(
+            router,
+            "/api/publish",
+            &json!({"chat": "outage", "client_msg_id": format!("m{sent}"), "text": "x"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        sent += 1;
+        let (s, _) = post(
+            router,
+            "/api/publish",
+            &json!({"chat": "outage", "client_msg_id": format!("m{sent}"), "text": "x"}),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    let seqs: Vec<u64> = reader
+        .deliveries(sent as usize)
+        .await
+        .iter()
+        .map(seq)
+        .collect();
+    assert_eq!(seqs, (1..=sent).collect::<Vec<_>>());
+    c.shutdown().await;
+}

@@ -1,0 +1,180 @@
+//! A cluster on real servers: nats-server and redis-server spawned on free
+//! ports, router replicas and edges in-process (or an edge as a child
+//! process, to be SIGKILLed).
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use switchboard_edge::{ClusterConfig, Config, Edge};
+use switchboard_router::{PUBLISH_SUBJECT, RouterConfig, run_router};
+use switchboard_testkit::Server;
+use tokio_util::sync::CancellationToken;
+
+use super::{SECRET, config};
+
+pub const API_KEY: &str = "cluster-key";
+
+pub struct RouterNode {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl RouterNode {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Dies mid-flight, as a crash would.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+pub struct Cluster {
+    pub nats: Server,
+    pub redis: Server,
+    pub routers: Vec<RouterNode>,
+    pub edges: Vec<Edge>,
+}
+
+pub fn edge_config(nats: &Server, redis: &Server, node: &str) -> Config {
+    let mut c = config();
+    c.node_id = node.into();
+    c.api_key = Some(API_KEY.into());
+    c.presence_ttl = Duration::from_millis(1500);
+    c.cluster = Some(ClusterConfig {
+        nats_url: nats.url(),
+        redis_url: redis.url(),
+        subscription_capacity: 8192,
+    });
+    c
+}
+
+pub async fn start_router(nats: &Server, redis: &Server, node: &str) -> RouterNode {
+    let config = RouterConfig::parse_from([
+        "switchboard-router",
+        "--nats",
+        &nats.url(),
+        "--redis",
+        &redis.url(),
+        "--api-key",
+        API_KEY,
+        "--node-id",
+        node,
+        "--presence-ttl-ms",
+        "1500",
+        "--channel-buckets",
+        "16",
+    ]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .build_recorder()
+        .handle();
+    let task = tokio::spawn(run_router(
+        config,
+        listener,
+        handle,
+        stop.clone().cancelled_owned(),
+    ));
+    RouterNode { addr, stop, task }
+}
+
+/// Waits until some router answers on the publish subject.
+pub async fn wait_for_routers(nats: &Server) {
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    for _ in 0..100 {
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            client.request(PUBLISH_SUBJECT, "x".into()),
+        )
+        .await
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no router answered");
+}
+
+pub async fn start_edge(nats: &Server, redis: &Server, node: &str) -> Edge {
+    super::start(edge_config(nats, redis, node)).await
+}
+
+impl Cluster {
+    pub async fn new(routers: usize, edges: usize) -> Cluster {
+        let nats = Server::nats();
+        let redis = Server::redis();
+        let mut r = Vec::new();
+        for i in 0..routers {
+            r.push(start_router(&nats, &redis, &format!("router-{i}")).await);
+        }
+        wait_for_routers(&nats).await;
+        let mut e = Vec::new();
+        for i in 0..edges {
+            e.push(start_edge(&nats, &redis, &format!("edge-{i}")).await);
+        }
+        Cluster {
+            nats,
+            redis,
+            routers: r,
+            edges: e,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        for e in self.edges {
+            e.shutdown().await;
+        }
+        for r in self.routers {
+            r.stop().await;
+        }
+    }
+}
+
+/// POSTs JSON to a router or edge HTTP API; returns (status, body).
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = out[9..12].parse().unwrap();
+    let json = out
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or_default();
+    (status, json)
+}
+
+/// Environment for an edge run as a child process in this cluster.
+pub fn edge_process_env(
+    nats: &Server,
+    redis: &Server,
+    node: &str,
+    port: u16,
+) -> Vec<(String, String)> {
+    vec![
+        ("SWITCHBOARD_LISTEN".into(), format!("127.0.0.1:{port}")),
+        ("SWITCHBOARD_JWT_SECRET".into(), SECRET.into()),
+        ("SWITCHBOARD_NATS_URL".into(), nats.url()),
+        ("SWITCHBOARD_REDIS_URL".into(), redis.url()),
+        ("SWITCHBOARD_NODE_ID".into(), node.into()),
+        ("SWITCHBOARD_PRESENCE_TTL_MS".into(), "1500".into()),
+        ("SWITCHBOARD_MAX_CONNECTIONS".into(), "1000".into()),
+    ]
+}

@@ -1,0 +1,65 @@
+//! The backend publish API body (`POST /api/publish`), shared by edges and
+//! routers so both accept exactly the same requests.
+use bytes::Bytes;
+use serde::Deserialize;
+use switchboard_protocol::{ChatId, StreamKey, UserId};
+
+use crate::PublishRequest;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiPublish {
+    chat: Option<String>,
+    user: Option<String>,
+    client_msg_id: String,
+    /// Base64 payload.
+    payload: Option<String>,
+    /// UTF-8 payload (exclusive with `payload`).
+    text: Option<String>,
+    /// Sender shown to receivers. Default "backend".
+    sender: Option<String>,
+}
+
+/// Parses a publish body; on error, the HTTP status and a message.
+pub fn parse_api_publish(body: &[u8]) -> Result<PublishRequest, (u16, String)> {
+    use base64::Engine;
+    let p: ApiPublish = serde_json::from_slice(body).map_err(|e| (400, e.to_string()))?;
+    let invalid = |e: switchboard_protocol::IdError| (422, e.to_string());
+    let target = match (p.chat, p.user) {
+        (Some(c), None) => StreamKey::Chat(ChatId::parse(&c).map_err(invalid)?),
+        (None, Some(u)) => StreamKey::User(UserId::parse(&u).map_err(invalid)?),
+        _ => return Err((400, "give exactly one of chat, user".into())),
+    };
+    let payload = match (p.payload, p.text) {
+        (Some(b64), None) => Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| (400, format!("payload is not base64: {e}")))?,
+        ),
+        (None, Some(t)) => Bytes::from(t),
+        _ => return Err((400, "give exactly one of payload, text".into())),
+    };
+    let sender = UserId::parse(p.sender.as_deref().unwrap_or("backend")).map_err(invalid)?;
+    Ok(PublishRequest {
+        sender,
+        target,
+        client_msg_id: p.client_msg_id,
+        payload,
+    })
+}
+
+/// Compares secrets in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// HTTP status for a refused publish.
+pub fn publish_error_status(e: &crate::PublishError) -> u16 {
+    use switchboard_protocol::v1::ErrorCode;
+    match e.code() {
+        ErrorCode::InvalidId => 422,
+        ErrorCode::TooLarge => 413,
+        ErrorCode::BadRequest => 400,
+        _ => 503,
+    }
+}

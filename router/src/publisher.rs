@@ -1,0 +1,144 @@
+//! The publish path as the edge sees it: in-process ([`crate::Router`],
+//! standalone) or any router replica over NATS ([`RemoteRouter`], cluster).
+use std::time::Duration;
+
+use async_trait::async_trait;
+use prost::Message;
+use switchboard_protocol::{
+    SharedFrame, StreamKey,
+    internal::v1::{RouterPublish, RouterReply, router_publish, router_reply},
+    v1::ErrorCode,
+};
+
+use crate::{Bus, PublishError, PublishRequest, Published, Router};
+
+/// NATS subject of publish requests (queue group [`ROUTER_QUEUE`]).
+pub const PUBLISH_SUBJECT: &str = "sb.router.publish";
+/// Queue group shared by all router replicas.
+pub const ROUTER_QUEUE: &str = "sb-routers";
+
+/// Sequences and delivers messages; sends ephemeral frames.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes one message; the ack carries its seq.
+    async fn publish(&self, req: PublishRequest) -> Result<Published, PublishError>;
+    /// Sends an ephemeral frame (receipt, typing, presence) to a subject.
+    async fn broadcast(&self, subject: &str, frame: SharedFrame);
+}
+
+#[async_trait]
+impl Publisher for Router {
+    async fn publish(&self, req: PublishRequest) -> Result<Published, PublishError> {
+        Router::publish(self, req).await
+    }
+
+    async fn broadcast(&self, subject: &str, frame: SharedFrame) {
+        Router::broadcast(self, subject, frame).await
+    }
+}
+
+/// Publishes through whichever router replica NATS picks; a timeout or a
+/// vanished replica is retried (the client message id makes it safe: each
+/// id gets exactly one seq).
+pub struct RemoteRouter {
+    client: async_nats::Client,
+    bus: std::sync::Arc<dyn Bus>,
+    timeout: Duration,
+    attempts: u32,
+}
+
+impl RemoteRouter {
+    /// Requests go over `client`; ephemeral frames over `bus`.
+    pub fn new(
+        client: async_nats::Client,
+        bus: std::sync::Arc<dyn Bus>,
+        timeout: Duration,
+    ) -> Self {
+        RemoteRouter {
+            client,
+            bus,
+            timeout,
+            attempts: 3,
+        }
+    }
+}
+
+/// Encodes a publish request for the wire.
+pub fn encode_request(req: &PublishRequest) -> bytes::Bytes {
+    let target = match &req.target {
+        StreamKey::Chat(c) => router_publish::Target::Chat(c.to_string()),
+        StreamKey::User(u) => router_publish::Target::User(u.to_string()),
+    };
+    RouterPublish {
+        sender: req.sender.to_string(),
+        target: Some(target),
+        client_msg_id: req.client_msg_id.clone(),
+        payload: req.payload.clone(),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+#[async_trait]
+impl Publisher for RemoteRouter {
+    async fn publish(&self, req: PublishRequest) -> Result<Published, PublishError> {
+        let body = encode_request(&req);
+        let mut last = String::new();
+        for attempt in 0..self.attempts {
+            let sent = tokio::time::timeout(
+                self.timeout,
+                self.client.request(PUBLISH_SUBJECT, body.clone()),
+            )
+            .await;
+            let msg = match sent {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    last = e.to_string();
+                    metrics::counter!("switchboard_edge_router_retries_total").increment(1);
+                    tokio::time::sleep(Duration::from_millis(50 * (attempt as u64 + 1))).await;
+                    continue;
+                }
+                Err(_) => {
+                    last = "router timed out".into();
+                    metrics::counter!("switchboard_edge_router_retries_total").increment(1);
+                    continue;
+                }
+            };
+            let reply = RouterReply::decode(msg.payload).map_err(|e| {
+                PublishError::Unavailable(crate::HistoryError::Unavailable(e.to_string()))
+            })?;
+            return match reply.result {
+                Some(router_reply::Result::Ack(a)) => Ok(Published {
+                    seq: a.seq,
+                    timestamp_ms: a.timestamp_ms,
+                    duplicate: a.duplicate,
+                }),
+                Some(router_reply::Result::Error(e)) => {
+                    Err(match ErrorCode::try_from(e.code as i32) {
+                        Ok(ErrorCode::TooLarge) => PublishError::Refused {
+                            code: ErrorCode::TooLarge,
+                            message: e.message,
+                        },
+                        Ok(ErrorCode::InvalidId) => PublishError::Refused {
+                            code: ErrorCode::InvalidId,
+                            message: e.message,
+                        },
+                        _ => PublishError::Unavailable(crate::HistoryError::Unavailable(e.message)),
+                    })
+                }
+                None => Err(PublishError::Unavailable(crate::HistoryError::Unavailable(
+                    "empty router reply".into(),
+                ))),
+            };
+        }
+        Err(PublishError::Unavailable(crate::HistoryError::Unavailable(
+            format!("no router answered: {last}"),
+        )))
+    }
+
+    async fn broadcast(&self, subject: &str, frame: SharedFrame) {
+        if let Err(e) = self.bus.publish(subject, frame).await {
+            tracing::debug!(error = %e, subject, "ephemeral publish failed");
+        }
+    }
+}

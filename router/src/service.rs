@@ -1,0 +1,189 @@
+//! A router replica's NATS side: publish requests and shard jobs from the
+//! `sb-routers` queue group, and the presence sweeper.
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use prost::Message;
+use switchboard_presence::PresenceStore;
+use switchboard_protocol::{
+    ChatId, SharedFrame, StreamKey, UserId,
+    internal::v1::{RouterPublish, RouterReply, ShardJob, router_publish, router_reply},
+    now_ms,
+    v1::{self, ErrorCode, PresenceEvent, PublishAck, ServerFrame, server_frame},
+};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Bus, Members, PUBLISH_SUBJECT, PublishRequest, ROUTER_QUEUE, Router, SHARD_SUBJECT,
+    presence_subject,
+};
+
+/// Publish requests handled at once by one replica.
+const PUBLISH_CONCURRENCY: usize = 4096;
+/// Shard jobs handled at once by one replica.
+const SHARD_CONCURRENCY: usize = 16;
+
+fn error_reply(code: ErrorCode, message: String) -> RouterReply {
+    RouterReply {
+        result: Some(router_reply::Result::Error(v1::Error {
+            code: code as u32,
+            message,
+        })),
+    }
+}
+
+fn request_of(p: RouterPublish) -> Result<PublishRequest, RouterReply> {
+    let invalid =
+        |e: switchboard_protocol::IdError| error_reply(ErrorCode::InvalidId, e.to_string());
+    let sender = UserId::parse(&p.sender).map_err(invalid)?;
+    let target = match p.target {
+        Some(router_publish::Target::Chat(c)) => {
+            StreamKey::Chat(ChatId::parse(&c).map_err(invalid)?)
+        }
+        Some(router_publish::Target::User(u)) => {
+            StreamKey::User(UserId::parse(&u).map_err(invalid)?)
+        }
+        None => return Err(error_reply(ErrorCode::BadRequest, "no target".into())),
+    };
+    Ok(PublishRequest {
+        sender,
+        target,
+        client_msg_id: p.client_msg_id,
+        payload: p.payload,
+    })
+}
+
+/// Answers one publish request.
+pub async fn handle_publish(router: &Router, payload: bytes::Bytes) -> RouterReply {
+    let req = match RouterPublish::decode(payload)
+        .map_err(|e| error_reply(ErrorCode::BadRequest, e.to_string()))
+    {
+        Ok(p) => match request_of(p) {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        },
+        Err(reply) => return reply,
+    };
+    let (chat, user) = match &req.target {
+        StreamKey::Chat(c) => (c.to_string(), String::new()),
+        StreamKey::User(u) => (String::new(), u.to_string()),
+    };
+    match router.publish(req).await {
+        Ok(p) => RouterReply {
+            result: Some(router_reply::Result::Ack(PublishAck {
+                chat,
+                user,
+                seq: p.seq,
+                timestamp_ms: p.timestamp_ms,
+                duplicate: p.duplicate,
+            })),
+        },
+        Err(e) => error_reply(e.code(), e.to_string()),
+    }
+}
+
+/// Serves publish requests and shard jobs until `stop`.
+pub async fn serve(
+    client: async_nats::Client,
+    router: Arc<Router>,
+    members: Option<Arc<Members>>,
+    stop: CancellationToken,
+) -> Result<(), async_nats::SubscribeError> {
+    let mut publishes = client
+        .queue_subscribe(PUBLISH_SUBJECT, ROUTER_QUEUE.into())
+        .await?;
+    let mut shards = client
+        .queue_subscribe(SHARD_SUBJECT, ROUTER_QUEUE.into())
+        .await?;
+    let publish_slots = Arc::new(Semaphore::new(PUBLISH_CONCURRENCY));
+    let shard_slots = Arc::new(Semaphore::new(SHARD_CONCURRENCY));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            msg = publishes.next() => {
+                let Some(msg) = msg else { break };
+                let Some(reply_to) = msg.reply.clone() else { continue };
+                let Ok(permit) = publish_slots.clone().acquire_owned().await else { break };
+                let (router, client) = (router.clone(), client.clone());
+                tokio::spawn(async move {
+                    let started = std::time::Instant::now();
+                    let reply = handle_publish(&router, msg.payload).await;
+                    metrics::histogram!("switchboard_router_publish_duration_seconds").record(started.elapsed().as_secs_f64());
+                    if let Err(e) = client.publish(reply_to, reply.encode_to_vec().into()).await {
+                        tracing::debug!(error = %e, "reply failed; the edge retries");
+                    }
+                    drop(permit);
+                });
+            }
+            msg = shards.next() => {
+                let Some(msg) = msg else { break };
+                let Some(members) = members.clone() else { continue };
+                let Ok(permit) = shard_slots.clone().acquire_owned().await else { break };
+                tokio::spawn(async move {
+                    match ShardJob::decode(msg.payload) {
+                        Ok(job) => {
+                            if let Err(e) = members.process_shard(job).await {
+                                metrics::counter!("switchboard_router_shard_errors_total").increment(1);
+                                tracing::warn!(error = %e, "shard job failed");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "undecodable shard job"),
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+    // Let in-flight requests finish (bounded by the semaphores).
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        publish_slots.acquire_many(PUBLISH_CONCURRENCY as u32),
+    )
+    .await;
+    Ok(())
+}
+
+/// Publishes a presence event.
+pub async fn announce(bus: &dyn Bus, user: &UserId, online: bool, at_ms: i64, devices: u32) {
+    let frame = SharedFrame::new(ServerFrame {
+        id: 0,
+        kind: Some(server_frame::Kind::Presence(PresenceEvent {
+            user: user.to_string(),
+            online,
+            last_seen_ms: at_ms,
+            devices,
+        })),
+    });
+    if let Err(e) = bus.publish(&presence_subject(user), frame).await {
+        tracing::debug!(error = %e, "presence event not published");
+    }
+}
+
+/// Expires sessions of crashed nodes every `every` and announces the users
+/// that went offline. Every node runs one; the store reports each
+/// transition to exactly one of them.
+pub async fn sweep_presence(
+    presence: Arc<dyn PresenceStore>,
+    bus: Arc<dyn Bus>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match presence.expire(now_ms()).await {
+            Ok(gone) => {
+                for (user, at) in gone {
+                    metrics::counter!("switchboard_presence_expired_total").increment(1);
+                    announce(bus.as_ref(), &user, false, at, 0).await;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "presence sweep failed"),
+        }
+    }
+}
