@@ -75,7 +75,12 @@ pub(crate) async fn open(addr: SocketAddr, sources: &Sources, token: String) -> 
         "Sec-WebSocket-Protocol",
         HeaderValue::from_static(Encoding::PROTOBUF_SUBPROTOCOL),
     );
-    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    // tungstenite's default 128 KiB read buffer per socket would cost GBs
+    // at 100k sockets; frames here are small.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
     send(
         &mut ws,
         ClientFrame {

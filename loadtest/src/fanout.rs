@@ -20,9 +20,26 @@ use crate::{conn, sys};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Edge address (host:port).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: SocketAddr,
+    /// Edge addresses (host:port, comma-separated); subscribers are spread
+    /// over them round-robin.
+    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
+    addr: Vec<SocketAddr>,
+    /// Where the publisher connects (default: the first --addr).
+    #[arg(long)]
+    publish_addr: Option<SocketAddr>,
+    /// The chat (channel) to use.
+    #[arg(long, default_value = "bench")]
+    chat: String,
+    /// Prefix of subscriber user names (unique per worker process).
+    #[arg(long, default_value = "fan")]
+    user_prefix: String,
+    /// Only subscribe and count; another process publishes.
+    #[arg(long)]
+    no_publish: bool,
+    /// Seconds to wait after all local subscribers are ready before
+    /// publishing (lets other worker processes finish connecting).
+    #[arg(long, default_value_t = 0)]
+    publish_after_secs: u64,
     /// HS256 secret the edge verifies tokens with.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET")]
     secret: String,
@@ -101,7 +118,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     for i in 0..a.subscribers {
         let permit = gate.clone().acquire_owned().await?;
         let sources = sources.clone();
-        let token = conn::token(&a.secret, &format!("fan-{i}"));
+        let token = conn::token(&a.secret, &format!("{}-{i}", a.user_prefix));
         let (received, duplicated, out_of_order, ready, last_us, hist) = (
             received.clone(),
             duplicated.clone(),
@@ -110,11 +127,12 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
             last_delivery_us.clone(),
             hist.clone(),
         );
-        let (addr, messages) = (a.addr, a.messages as u64);
+        let (addr, messages) = (a.addr[i as usize % a.addr.len()], a.messages as u64);
+        let chat = a.chat.clone();
         tasks.push(tokio::spawn(async move {
             let mut ws = conn::open(addr, &sources, token).await?;
             let sub = Subscribe {
-                chat: "bench".into(),
+                chat,
                 ..Default::default()
             };
             conn::send(
@@ -127,7 +145,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
             .await?;
             drop(permit);
             let mut last = 0u64;
-            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            // Samples, not a histogram per socket: an HDR histogram is ~150 KiB.
+            let mut local: Vec<u64> = Vec::new();
             let mut got = 0u64;
             while got < messages {
                 let frame = match tokio::time::timeout_at(deadline, conn::recv(&mut ws)).await {
@@ -152,7 +171,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
                         if d.payload.len() >= 8 {
                             let sent =
                                 u64::from_le_bytes(d.payload[..8].try_into().expect("8 bytes"));
-                            let _ = local.record(now.saturating_sub(sent).max(1));
+                            local.push(now.saturating_sub(sent).max(1));
                         }
                         last_us.fetch_max(now, Ordering::Relaxed);
                     }
@@ -160,7 +179,12 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
                 }
             }
             received.fetch_add(got, Ordering::Relaxed);
-            hist.lock().expect("histogram lock").add(&local)?;
+            {
+                let mut h = hist.lock().expect("histogram lock");
+                for v in local {
+                    let _ = h.record(v);
+                }
+            }
             anyhow::Ok(())
         }));
     }
@@ -175,29 +199,28 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let mut publisher =
-        conn::open(a.addr, &sources, conn::token(&a.secret, "fan-publisher")).await?;
+    eprintln!("{} subscribers ready", a.subscribers);
+    tokio::time::sleep(Duration::from_secs(a.publish_after_secs)).await;
     let cpu_before = a.edge_pid.and_then(sys::cpu_seconds);
     let started_us = micros_now();
-    let interval = Duration::from_secs_f64(1.0 / a.rate.max(1) as f64);
-    let mut tick = tokio::time::interval(interval);
-    for m in 0..a.messages {
-        tick.tick().await;
-        let mut payload = vec![0u8; a.payload_bytes.max(16)];
-        payload[..8].copy_from_slice(&micros_now().to_le_bytes());
-        let p = Publish {
-            target: Some(publish::Target::Chat("bench".into())),
-            client_msg_id: format!("p{m}"),
-            payload: Bytes::from(payload),
-        };
-        conn::send(
-            &mut publisher,
-            ClientFrame {
-                id: m + 10,
-                kind: Some(client_frame::Kind::Publish(p)),
-            },
-        )
-        .await?;
+    if !a.no_publish {
+        let publish_addr = a.publish_addr.unwrap_or(a.addr[0]);
+        let name = format!("{}-publisher", a.user_prefix);
+        let mut publisher = conn::open(publish_addr, &sources, conn::token(&a.secret, &name)).await?;
+        let interval = Duration::from_secs_f64(1.0 / a.rate.max(1) as f64);
+        let mut tick = tokio::time::interval(interval);
+        for m in 0..a.messages {
+            tick.tick().await;
+            let mut payload = vec![0u8; a.payload_bytes.max(16)];
+            payload[..8].copy_from_slice(&micros_now().to_le_bytes());
+            let p = Publish {
+                target: Some(publish::Target::Chat(a.chat.clone())),
+                client_msg_id: format!("{name}-{m}"),
+                payload: Bytes::from(payload),
+            };
+            let frame = ClientFrame { id: m + 10, kind: Some(client_frame::Kind::Publish(p)) };
+            conn::send(&mut publisher, frame).await?;
+        }
     }
     for t in tasks {
         let _ = t.await;

@@ -5,10 +5,13 @@
 //!   process and kernel memory per socket.
 //! - `fanout`: N sockets subscribe to one chat; one publisher posts M
 //!   messages; report deliveries/s, time to the last delivery, latency.
+//! - `chat`: N users in chats of K members across several edges, R
+//!   messages/s; publish-to-receive latency, loss, order, router CPU.
 //!
 //! Sockets spread over many source addresses (127.0.0.x) to pass the
 //! 64k-ports-per-address limit. Every run is bounded in count and time.
 //! Run with: cargo run --release -p switchboard-loadtest -- idle --help
+mod chat;
 mod conn;
 mod fanout;
 mod idle;
@@ -29,6 +32,8 @@ enum Scenario {
     Idle(idle::Args),
     /// One chat, N subscribers, M posts: fan-out throughput and latency.
     Fanout(fanout::Args),
+    /// N users in chats of K members, R messages/s: cross-edge latency.
+    Chat(chat::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         match cli.scenario {
             Scenario::Idle(a) => idle::run(a).await,
             Scenario::Fanout(a) => fanout::run(a).await,
+            Scenario::Chat(a) => chat::run(a).await,
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&report)?);
