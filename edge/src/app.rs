@@ -210,6 +210,14 @@ async fn presence_heartbeats(state: Arc<EdgeState>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let addr = state.config.listen.to_string();
+        if let Err(e) = state
+            .presence
+            .node_heartbeat(&state.config.node_id, &addr, now_ms())
+            .await
+        {
+            tracing::warn!(error = %e, "node heartbeat failed");
+        }
         let sessions: Vec<Session> = state.sessions.iter().map(|e| e.value().clone()).collect();
         if let Err(e) = state.presence.heartbeat(&sessions, now_ms()).await {
             metrics::counter!("switchboard_edge_presence_errors_total").increment(1);

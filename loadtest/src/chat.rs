@@ -13,7 +13,9 @@ use std::{
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use switchboard_protocol::v1::{ClientFrame, Publish, Subscribe, client_frame, publish, server_frame};
+use switchboard_protocol::v1::{
+    ClientFrame, Publish, Subscribe, client_frame, publish, server_frame,
+};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::{conn, sys};
@@ -84,7 +86,10 @@ struct Percentiles {
 }
 
 fn micros_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 fn cpu(pids: &[u32]) -> Option<f64> {
@@ -103,7 +108,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     let out_of_order = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
     let group = a.group_size.max(2);
     let mut senders = Vec::with_capacity(a.users as usize);
     let mut tasks = Vec::new();
@@ -185,7 +192,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while ready.load(Ordering::Relaxed) < a.users as u64 {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "only {} users ready", ready.load(Ordering::Relaxed));
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {} users ready",
+            ready.load(Ordering::Relaxed)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("{} users ready", a.users);
@@ -212,7 +223,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     let expected_per_msg = (group - 1) as u64;
     let expected = published * expected_per_msg;
     let drain_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while received.load(Ordering::Relaxed) < expected && tokio::time::Instant::now() < drain_deadline {
+    while received.load(Ordering::Relaxed) < expected
+        && tokio::time::Instant::now() < drain_deadline
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (r1, e1) = (cpu(&a.router_pids), cpu(&a.edge_pids));
@@ -241,8 +254,16 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
         out_of_order: out_of_order.load(Ordering::Relaxed),
         achieved_messages_per_second: published as f64 / publish_secs,
         router_cpu_seconds: router_cpu,
-        publishes_per_router_cpu_second: router_cpu.filter(|c| *c > 0.0).map(|c| published as f64 / c),
+        publishes_per_router_cpu_second: router_cpu
+            .filter(|c| *c > 0.0)
+            .map(|c| published as f64 / c),
         edge_cpu_seconds: e0.zip(e1).map(|(a, b)| b - a),
-        latency_ms: Percentiles { p50: ms(0.5), p95: ms(0.95), p99: ms(0.99), p999: ms(0.999), max: h.max() as f64 / 1000.0 },
+        latency_ms: Percentiles {
+            p50: ms(0.5),
+            p95: ms(0.95),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: h.max() as f64 / 1000.0,
+        },
     })?)
 }

@@ -80,7 +80,8 @@ pub(crate) async fn open(addr: SocketAddr, sources: &Sources, token: String) -> 
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
     send(
         &mut ws,
         ClientFrame {

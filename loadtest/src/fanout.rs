@@ -206,7 +206,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     if !a.no_publish {
         let publish_addr = a.publish_addr.unwrap_or(a.addr[0]);
         let name = format!("{}-publisher", a.user_prefix);
-        let mut publisher = conn::open(publish_addr, &sources, conn::token(&a.secret, &name)).await?;
+        let mut publisher =
+            conn::open(publish_addr, &sources, conn::token(&a.secret, &name)).await?;
         let interval = Duration::from_secs_f64(1.0 / a.rate.max(1) as f64);
         let mut tick = tokio::time::interval(interval);
         for m in 0..a.messages {
@@ -218,7 +219,10 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
                 client_msg_id: format!("{name}-{m}"),
                 payload: Bytes::from(payload),
             };
-            let frame = ClientFrame { id: m + 10, kind: Some(client_frame::Kind::Publish(p)) };
+            let frame = ClientFrame {
+                id: m + 10,
+                kind: Some(client_frame::Kind::Publish(p)),
+            };
             conn::send(&mut publisher, frame).await?;
         }
     }

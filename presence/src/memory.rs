@@ -14,6 +14,7 @@ use crate::store::{PresenceError, PresenceStore, Session, Transition, UserStatus
 /// `max_offline_users` users (the oldest are forgotten first).
 pub struct MemoryPresence {
     users: DashMap<UserId, Entry>,
+    nodes: DashMap<String, (i64, String)>,
     ttl_ms: i64,
     max_offline_users: usize,
 }
@@ -30,6 +31,7 @@ impl MemoryPresence {
     pub fn new(ttl_ms: i64, max_offline_users: usize) -> Self {
         MemoryPresence {
             users: DashMap::new(),
+            nodes: DashMap::new(),
             ttl_ms,
             max_offline_users,
         }
@@ -134,6 +136,26 @@ impl PresenceStore for MemoryPresence {
                     last_seen_ms,
                 }
             })
+            .collect())
+    }
+
+    async fn node_heartbeat(
+        &self,
+        node: &str,
+        addr: &str,
+        now_ms: i64,
+    ) -> Result<(), PresenceError> {
+        self.nodes
+            .insert(node.to_owned(), (now_ms + self.ttl_ms, addr.to_owned()));
+        Ok(())
+    }
+
+    async fn nodes(&self, now_ms: i64) -> Result<Vec<(String, String)>, PresenceError> {
+        self.nodes.retain(|_, (exp, _)| *exp > now_ms);
+        Ok(self
+            .nodes
+            .iter()
+            .map(|e| (e.key().clone(), e.value().1.clone()))
             .collect())
     }
 

@@ -36,7 +36,6 @@ local mine = redis.call('HGET', KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[1], ARGV[2], ARGV[3] .. '|' .. ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 if before == 0 or (before == 1 and mine and tonumber(string.match(mine, '^(%d+)')) <= now) then
-  redis.call('SADD', KEYS[3], ARGV[6])
   return 1
 end
 return 0
@@ -51,7 +50,6 @@ redis.call('HDEL', KEYS[1], ARGV[2])
 local after = live(KEYS[1], now)
 if after == 0 and before > 0 then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
-  redis.call('SREM', KEYS[3], ARGV[4])
   return 1
 end
 return 0
@@ -64,7 +62,6 @@ if total == 0 then return 0 end
 local after = live(KEYS[1], now)
 if after == 0 then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  redis.call('SREM', KEYS[3], ARGV[3])
   return 1
 end
 return 0
@@ -87,6 +84,8 @@ end
 
 const EXPIRY_INDEX: &str = "sb:presence:expiry";
 const ONLINE: &str = "sb:online";
+/// Live nodes: node id → `<expiry ms>|<address>`.
+const NODES: &str = "sb:nodes";
 /// Last-seen times are kept this long (ms).
 const SEEN_TTL_MS: i64 = 30 * 86_400_000;
 
@@ -151,16 +150,23 @@ impl PresenceStore for RedisPresence {
             .register
             .key(sessions_key(&s.user))
             .key(seen_key(&s.user))
-            .key(ONLINE)
             .arg(now_ms)
             .arg(&s.session_id)
             .arg(expiry)
             .arg(&s.node)
             .arg(self.ttl_ms * 2)
-            .arg(s.user.as_str())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if became == 1 {
+            // Outside the script: `sb:online` lives in another cluster slot.
+            let _: () = redis::cmd("SADD")
+                .arg(ONLINE)
+                .arg(s.user.as_str())
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
         let _: () = redis::cmd("ZADD")
             .arg(EXPIRY_INDEX)
             .arg(expiry)
@@ -181,14 +187,20 @@ impl PresenceStore for RedisPresence {
             .unregister
             .key(sessions_key(&s.user))
             .key(seen_key(&s.user))
-            .key(ONLINE)
             .arg(now_ms)
             .arg(&s.session_id)
             .arg(SEEN_TTL_MS)
-            .arg(s.user.as_str())
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if became == 1 {
+            let _: () = redis::cmd("SREM")
+                .arg(ONLINE)
+                .arg(s.user.as_str())
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
         let _: () = redis::cmd("ZREM")
             .arg(EXPIRY_INDEX)
             .arg(index_member(s))
@@ -284,6 +296,45 @@ impl PresenceStore for RedisPresence {
             .collect())
     }
 
+    async fn node_heartbeat(
+        &self,
+        node: &str,
+        addr: &str,
+        now_ms: i64,
+    ) -> Result<(), PresenceError> {
+        let value = format!("{}|{addr}", now_ms + self.ttl_ms);
+        redis::cmd("HSET")
+            .arg(NODES)
+            .arg(node)
+            .arg(value)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn nodes(&self, now_ms: i64) -> Result<Vec<(String, String)>, PresenceError> {
+        let all: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(NODES)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let mut live = Vec::new();
+        for (node, v) in all {
+            let (exp, addr) = v.split_once('|').unwrap_or(("0", ""));
+            if exp.parse::<i64>().unwrap_or(0) > now_ms {
+                live.push((node, addr.to_owned()));
+            } else {
+                let _: () = redis::cmd("HDEL")
+                    .arg(NODES)
+                    .arg(&node)
+                    .query_async(&mut self.conn.clone())
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(live)
+    }
+
     async fn expire(&self, now_ms: i64) -> Result<Vec<(UserId, i64)>, PresenceError> {
         let mut conn = self.conn.clone();
         let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
@@ -309,14 +360,18 @@ impl PresenceStore for RedisPresence {
                 .expire
                 .key(sessions_key(&u))
                 .key(seen_key(&u))
-                .key(ONLINE)
                 .arg(now_ms)
                 .arg(SEEN_TTL_MS)
-                .arg(u.as_str())
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
             if became == 1 {
+                let _: () = redis::cmd("SREM")
+                    .arg(ONLINE)
+                    .arg(u.as_str())
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
                 gone.push((u, now_ms));
             }
         }

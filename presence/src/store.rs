@@ -68,4 +68,14 @@ pub trait PresenceStore: Send + Sync + 'static {
     -> Result<Vec<UserStatus>, PresenceError>;
     /// Expires sessions past their TTL; returns the users that went offline.
     async fn expire(&self, now_ms: i64) -> Result<Vec<(UserId, i64)>, PresenceError>;
+    /// Registers or refreshes a node (edge or router) and its address for
+    /// one TTL.
+    async fn node_heartbeat(
+        &self,
+        node: &str,
+        addr: &str,
+        now_ms: i64,
+    ) -> Result<(), PresenceError>;
+    /// Live nodes and their addresses.
+    async fn nodes(&self, now_ms: i64) -> Result<Vec<(String, String)>, PresenceError>;
 }

@@ -65,6 +65,20 @@ async fn contract(p: Arc<dyn PresenceStore>) {
     );
     let st = p.status(&[u("b"), u("c")], 100 + TTL + 7).await.unwrap();
     assert!(!st[0].online && st[1].online);
+    // Nodes register with a TTL too.
+    p.node_heartbeat("edge-a", "10.0.0.1:8080", 0)
+        .await
+        .unwrap();
+    p.node_heartbeat("edge-b", "10.0.0.2:8080", 500)
+        .await
+        .unwrap();
+    let mut nodes = p.nodes(TTL + 100).await.unwrap();
+    nodes.sort();
+    assert_eq!(
+        nodes,
+        vec![("edge-b".to_owned(), "10.0.0.2:8080".to_owned())]
+    );
+
     // Re-registering after expiry is a fresh online transition.
     assert_eq!(
         p.register(&s("b", "s5", "e1"), 100 + TTL + 8)
