@@ -78,7 +78,7 @@ impl Members {
         buckets: u32,
     ) -> Result<Members, MembersError> {
         let js = async_nats::jetstream::new(nats.clone());
-        js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        let config = async_nats::jetstream::stream::Config {
             name: PUSH_STREAM.into(),
             subjects: vec!["sb.push.>".into()],
             retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
@@ -87,9 +87,12 @@ impl Members {
             max_age: Duration::from_secs(86_400),
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
-        })
-        .await
-        .map_err(|e| MembersError::Nats(e.to_string()))?;
+        };
+        // Replicas starting together race to create the stream; whoever
+        // loses finds it created.
+        if let Err(e) = js.get_or_create_stream(config).await {
+            js.get_stream(PUSH_STREAM).await.map_err(|_| MembersError::Nats(e.to_string()))?;
+        }
         Ok(Members {
             conn,
             presence,
