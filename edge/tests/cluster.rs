@@ -430,3 +430,47 @@ async fn a_nats_restart_loses_nothing() {
     assert_eq!(seqs, (1..=sent).collect::<Vec<_>>());
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_interest_follows_local_sockets_without_leaks() {
+    let c = Cluster::new(1, 1).await;
+    let edge = &c.edges[0];
+    let bus_subscriptions = || async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(edge.addr()).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.lines()
+            .find_map(|l| l.strip_prefix("switchboard_edge_bus_subscriptions "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap()
+    };
+    assert_eq!(bus_subscriptions().await, 0.0);
+    for round in 0..3 {
+        let mut sockets = Vec::new();
+        for i in 0..20 {
+            let mut r = Raw::connected(edge, &format!("churn{i}")).await;
+            for chat in [format!("own{i}"), "shared".to_owned()] {
+                let s = r.request(json!({"subscribe": {"chat": chat}})).await;
+                assert!(s.get("subscribeResult").is_some(), "{s}");
+            }
+            sockets.push(r);
+        }
+        // 20 personal streams + 20 own chats + 1 shared chat.
+        assert_eq!(bus_subscriptions().await, 41.0, "round {round}");
+        drop(sockets);
+        let mut left = -1.0;
+        for _ in 0..100 {
+            left = bus_subscriptions().await;
+            if left == 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(left, 0.0, "interest released after round {round}");
+    }
+    c.shutdown().await;
+}

@@ -91,7 +91,9 @@ impl Members {
         // Replicas starting together race to create the stream; whoever
         // loses finds it created.
         if let Err(e) = js.get_or_create_stream(config).await {
-            js.get_stream(PUSH_STREAM).await.map_err(|_| MembersError::Nats(e.to_string()))?;
+            js.get_stream(PUSH_STREAM)
+                .await
+                .map_err(|_| MembersError::Nats(e.to_string()))?;
         }
         Ok(Members {
             conn,
