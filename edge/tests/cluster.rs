@@ -182,7 +182,7 @@ async fn presence_across_edges_and_a_killed_edge_goes_offline_once() {
     assert_eq!(offline["presence"]["user"], "mobile");
     assert!(offline["presence"].get("online").is_none(), "{offline}");
     assert!(
-        started.elapsed() < Duration::from_millis(1500 + 1000),
+        started.elapsed() < Duration::from_millis(1500 + 500 + 2000), // TTL + sweep + CI slack
         "offline within TTL + sweep interval"
     );
     assert!(
