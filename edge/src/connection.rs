@@ -246,7 +246,10 @@ async fn run(
         cfg.send_queue_max_frames,
         cfg.send_queue_max_bytes,
     );
-    let (rd, wr) = ws.split(tokio::io::split);
+    let (rd, wr) = ws.split(|io| {
+        let (r, w) = tokio::io::split(io);
+        (r, crate::batch_writer::BatchWriter::new(w))
+    });
     let last_seen = Arc::new(AtomicI64::new(now_ms()));
     let writer = Writer::new(
         wr,

@@ -18,6 +18,7 @@
 mod admission;
 mod app;
 mod auth;
+mod batch_writer;
 mod config;
 mod connection;
 mod hub;

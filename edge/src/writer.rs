@@ -57,6 +57,8 @@ pub(crate) struct Writer<W> {
     token_expires_at_ms: i64,
     warned: bool,
     deadline_dirty: bool,
+    /// Bytes written into the batch buffer since the last flush.
+    unflushed: bool,
     settings: WriterSettings,
     metrics: Arc<EdgeMetrics>,
 }
@@ -81,6 +83,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             token_expires_at_ms,
             warned: false,
             deadline_dirty: false,
+            unflushed: false,
             settings,
             metrics,
         }
@@ -96,6 +99,13 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         let token_timer = tokio::time::sleep_until(self.token_deadline());
         tokio::pin!(token_timer);
         loop {
+            // One flush (one syscall) per loop turn, i.e. per drained batch.
+            if self.unflushed {
+                self.unflushed = false;
+                if self.ws.flush().await.is_err() {
+                    return WriterExit::Gone;
+                }
+            }
             if self.deadline_dirty {
                 self.deadline_dirty = false;
                 token_timer.as_mut().reset(self.token_deadline());
@@ -129,6 +139,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     if self.ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await.is_err() {
                         return WriterExit::Gone;
                     }
+                    self.unflushed = true;
                 }
                 _ = &mut token_timer, if self.token_expires_at_ms > 0 => {
                     self.deadline_dirty = true;
@@ -208,12 +219,18 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 self.streams.remove(&key);
                 Ok(())
             }
-            Outbound::Control { opcode, payload } => self
-                .ws
-                .write_frame(Frame::new(true, opcode, None, Payload::Owned(payload)))
-                .await
-                .map_err(|_| ()),
-            Outbound::Stop => Err(()),
+            Outbound::Control { opcode, payload } => {
+                self.unflushed = true;
+                self.ws
+                    .write_frame(Frame::new(true, opcode, None, Payload::Owned(payload)))
+                    .await
+                    .map_err(|_| ())
+            }
+            Outbound::Stop => {
+                // The close echo may still be in the batch buffer.
+                let _ = self.ws.flush().await;
+                Err(())
+            }
             Outbound::TokenExpiry(ms) => {
                 self.token_expires_at_ms = ms;
                 self.warned = false;
@@ -258,6 +275,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         };
         self.metrics.frames_out.increment(1);
         self.metrics.bytes_out.increment(bytes.len() as u64);
+        self.unflushed = true;
         self.ws
             .write_frame(Frame::new(true, opcode, None, Payload::Borrowed(bytes)))
             .await
@@ -289,7 +307,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             self.ws
                 .write_frame(Frame::close(reason.code(), reason.as_str().as_bytes()))
                 .await
-                .map_err(|_| ())
+                .map_err(|_| ())?;
+            self.ws.flush().await.map_err(|_| ())
         })
         .await;
     }

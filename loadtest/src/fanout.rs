@@ -203,11 +203,14 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     tokio::time::sleep(Duration::from_secs(a.publish_after_secs)).await;
     let cpu_before = a.edge_pid.and_then(sys::cpu_seconds);
     let started_us = micros_now();
+    // Kept open until every subscriber is done: closing a socket with
+    // unread acks sends a RST, which would discard the last publishes.
+    let mut kept_publisher = None;
     if !a.no_publish {
         let publish_addr = a.publish_addr.unwrap_or(a.addr[0]);
         let name = format!("{}-publisher", a.user_prefix);
-        let mut publisher =
-            conn::open(publish_addr, &sources, conn::token(&a.secret, &name)).await?;
+        let publisher = kept_publisher
+            .insert(conn::open(publish_addr, &sources, conn::token(&a.secret, &name)).await?);
         let interval = Duration::from_secs_f64(1.0 / a.rate.max(1) as f64);
         let mut tick = tokio::time::interval(interval);
         for m in 0..a.messages {
@@ -223,7 +226,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
                 id: m + 10,
                 kind: Some(client_frame::Kind::Publish(p)),
             };
-            conn::send(&mut publisher, frame).await?;
+            conn::send(publisher, frame).await?;
         }
     }
     for t in tasks {

@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const base = process.argv[2];
+const base = (process.argv[2] || "").replace(/\/+$/, "");
 if (!base) {
   console.error("usage: node chat.mjs <base-url>");
   process.exit(2);
