@@ -18,7 +18,10 @@ use switchboard_protocol::v1::{
 };
 use tokio::sync::{Semaphore, mpsc};
 
-use crate::{conn, sys};
+use crate::{
+    accounting::{Seen, Tracker},
+    conn, sys,
+};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -141,7 +144,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
             let me = format!("chat-{i}");
             // Samples, not a histogram per socket: an HDR histogram is ~150 KiB.
             let mut local: Vec<u64> = Vec::new();
-            let mut last = 0u64;
+            let mut tracker = Tracker::default();
             let done = stop.notified();
             tokio::pin!(done);
             loop {
@@ -166,9 +169,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
                             Some(server_frame::Kind::Error(_)) => { errors.fetch_add(1, Ordering::Relaxed); }
                             Some(server_frame::Kind::Delivery(d)) => {
                                 let now = micros_now();
-                                if d.seq <= last { duplicated.fetch_add(1, Ordering::Relaxed); continue; }
-                                if last != 0 && d.seq != last + 1 { out_of_order.fetch_add(1, Ordering::Relaxed); }
-                                last = d.seq;
+                                match tracker.observe(d.seq) {
+                                    Seen::Duplicate => { duplicated.fetch_add(1, Ordering::Relaxed); continue; }
+                                    Seen::Late => { out_of_order.fetch_add(1, Ordering::Relaxed); }
+                                    Seen::New => {}
+                                }
                                 if d.sender == me { continue; }
                                 received.fetch_add(1, Ordering::Relaxed);
                                 if d.payload.len() >= 8 {

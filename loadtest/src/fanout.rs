@@ -16,7 +16,10 @@ use switchboard_protocol::v1::{
 };
 use tokio::sync::Semaphore;
 
-use crate::{conn, sys};
+use crate::{
+    accounting::{Seen, Tracker},
+    conn, sys,
+};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -144,7 +147,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
             )
             .await?;
             drop(permit);
-            let mut last = 0u64;
+            let mut tracker = Tracker::default();
             // Samples, not a histogram per socket: an HDR histogram is ~150 KiB.
             let mut local: Vec<u64> = Vec::new();
             let mut got = 0u64;
@@ -159,14 +162,16 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
                     }
                     Some(server_frame::Kind::Delivery(d)) => {
                         let now = micros_now();
-                        if d.seq <= last {
-                            duplicated.fetch_add(1, Ordering::Relaxed);
-                            continue;
+                        match tracker.observe(d.seq) {
+                            Seen::Duplicate => {
+                                duplicated.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                            Seen::Late => {
+                                out_of_order.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Seen::New => {}
                         }
-                        if d.seq != last + 1 && last != 0 {
-                            out_of_order.fetch_add(1, Ordering::Relaxed);
-                        }
-                        last = d.seq;
                         got += 1;
                         if d.payload.len() >= 8 {
                             let sent =

@@ -11,6 +11,7 @@
 //! Sockets spread over many source addresses (127.0.0.x) to pass the
 //! 64k-ports-per-address limit. Every run is bounded in count and time.
 //! Run with: cargo run --release -p switchboard-loadtest -- idle --help
+mod accounting;
 mod chat;
 mod conn;
 mod fanout;
