@@ -21,22 +21,24 @@ pub(crate) enum Outbound {
     /// Hold live deliveries of this stream until `Recovered` arrives.
     BeginRecovery(StreamKey),
     /// The reply, then the missed deliveries, then the held live ones.
-    Recovered {
-        stream: StreamKey,
-        reply: Bytes,
-        frames: Vec<SharedFrame>,
-    },
+    /// Boxed, like `Control`: the mailbox allocates its first block of
+    /// slots per socket up front, so the enum is kept small.
+    Recovered(Box<Recovered>),
     /// Forget per-stream state (unsubscribed).
     Forget(StreamKey),
     /// A control frame the protocol obliges us to send (pong, close echo).
-    Control {
-        opcode: fastwebsockets::OpCode,
-        payload: Vec<u8>,
-    },
+    Control(Box<(fastwebsockets::OpCode, Vec<u8>)>),
     /// The token's expiry moved (refresh), unix ms.
     TokenExpiry(i64),
     /// The peer closed: write what is queued for it and stop.
     Stop,
+}
+
+/// A subscription's reply and what the client missed.
+pub(crate) struct Recovered {
+    pub(crate) stream: StreamKey,
+    pub(crate) reply: Bytes,
+    pub(crate) frames: Vec<SharedFrame>,
 }
 
 /// How and why a connection is being closed.
@@ -102,7 +104,7 @@ impl ConnHandle {
             // Recovered frames are shared with the history window (reference
             // counts, already encoded), so only the reply is new memory; a
             // large recovery must not count as a slow consumer.
-            Outbound::Recovered { reply, .. } => reply.len(),
+            Outbound::Recovered(r) => r.reply.len(),
             Outbound::Shared(f) => f.encoded(self.0.encoding).len(),
             _ => 0,
         };

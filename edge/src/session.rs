@@ -20,7 +20,7 @@ use crate::{
     auth::{AuthError, Identity},
     connection::ReaderExit,
     metrics,
-    outbound::{ConnHandle, Outbound},
+    outbound::{ConnHandle, Outbound, Recovered},
 };
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
@@ -155,11 +155,11 @@ impl Session {
             id,
             kind: Some(server_frame::Kind::ConnectResult(result)),
         });
-        self.conn.send(Outbound::Recovered {
+        self.conn.send(Outbound::Recovered(Box::new(Recovered {
             stream: key,
             reply,
             frames: recovery.frames,
-        });
+        })));
         Ok(())
     }
 
@@ -187,10 +187,7 @@ impl Session {
     ) -> ReaderExit {
         let conn = self.conn.clone();
         let mut obligated = move |f: Frame<'_>| {
-            let ok = conn.send(Outbound::Control {
-                opcode: f.opcode,
-                payload: f.payload.to_vec(),
-            });
+            let ok = conn.send(Outbound::Control(Box::new((f.opcode, f.payload.to_vec()))));
             async move { if ok { Ok(()) } else { Err("mailbox full") } }
         };
         let max = self.state.config.max_frame_bytes;
@@ -385,11 +382,11 @@ impl Session {
             id,
             kind: Some(server_frame::Kind::SubscribeResult(result)),
         });
-        self.conn.send(Outbound::Recovered {
+        self.conn.send(Outbound::Recovered(Box::new(Recovered {
             stream: key,
             reply,
             frames: recovery.frames,
-        });
+        })));
         Ok(())
     }
 

@@ -20,7 +20,7 @@ use tokio::{io::AsyncWrite, sync::mpsc, time::Instant};
 
 use crate::{
     metrics::EdgeMetrics,
-    outbound::{ConnHandle, Outbound},
+    outbound::{ConnHandle, Outbound, Recovered},
 };
 
 /// Live deliveries held per stream while its recovery is read; beyond
@@ -193,11 +193,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     .insert(key, StreamState::Recovering(Vec::new()));
                 Ok(())
             }
-            Outbound::Recovered {
-                stream,
-                reply,
-                frames,
-            } => {
+            Outbound::Recovered(r) => {
+                let Recovered {
+                    stream,
+                    reply,
+                    frames,
+                } = *r;
                 self.conn.dequeued(reply.len());
                 self.write(&reply).await?;
                 let mut last = 0;
@@ -219,7 +220,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 self.streams.remove(&key);
                 Ok(())
             }
-            Outbound::Control { opcode, payload } => {
+            Outbound::Control(control) => {
+                let (opcode, payload) = *control;
                 self.unflushed = true;
                 self.ws
                     .write_frame(Frame::new(true, opcode, None, Payload::Owned(payload)))
