@@ -272,3 +272,119 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
         },
     })?)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The generator's accounting against a small in-process server that
+    //! misbehaves on purpose: duplicates, reordering, a lost message.
+    use futures_util::{SinkExt, StreamExt};
+    use switchboard_protocol::{
+        Encoding,
+        v1::{ConnectResult, Delivery, ServerFrame, SubscribeResult},
+    };
+    use tokio_tungstenite::tungstenite::{
+        Message,
+        handshake::server::{Request, Response},
+        http::HeaderValue,
+    };
+
+    use super::*;
+
+    /// Serves one socket: answers Connect and Subscribe, then sends
+    /// deliveries with these seqs and keeps the socket open.
+    // tungstenite's header callback returns its large error type by value.
+    #[allow(clippy::result_large_err)]
+    async fn misbehaving_server(seqs: Vec<u64>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let pick = |_: &Request, mut resp: Response| {
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static(Encoding::PROTOBUF_SUBPROTOCOL),
+                );
+                Ok(resp)
+            };
+            let mut ws = tokio_tungstenite::accept_hdr_async(tcp, pick)
+                .await
+                .unwrap();
+            let reply = |kind| {
+                Message::binary(Encoding::Protobuf.encode_server(&ServerFrame {
+                    id: 1,
+                    kind: Some(kind),
+                }))
+            };
+            ws.next().await.unwrap().unwrap(); // connect
+            ws.send(reply(server_frame::Kind::ConnectResult(
+                ConnectResult::default(),
+            )))
+            .await
+            .unwrap();
+            ws.next().await.unwrap().unwrap(); // subscribe
+            ws.send(reply(server_frame::Kind::SubscribeResult(
+                SubscribeResult::default(),
+            )))
+            .await
+            .unwrap();
+            for seq in seqs {
+                let mut payload = micros_now().to_le_bytes().to_vec();
+                payload.resize(16, 0);
+                let d = Delivery {
+                    chat: "bench".into(),
+                    seq,
+                    payload: Bytes::from(payload),
+                    ..Default::default()
+                };
+                ws.send(reply(server_frame::Kind::Delivery(d)))
+                    .await
+                    .unwrap();
+            }
+            // Hold the socket until the client gives up.
+            while ws.next().await.is_some() {}
+        });
+        addr
+    }
+
+    fn args(addr: SocketAddr, messages: u32) -> Args {
+        Args {
+            addr: vec![addr],
+            publish_addr: None,
+            chat: "bench".into(),
+            user_prefix: "t".into(),
+            no_publish: true,
+            publish_after_secs: 0,
+            secret: "s".into(),
+            subscribers: 1,
+            messages,
+            rate: 1,
+            payload_bytes: 16,
+            concurrency: 1,
+            sources: 1,
+            timeout_secs: 2,
+            edge_pid: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_duplicates_and_late_arrivals() {
+        let addr = misbehaving_server(vec![1, 2, 2, 4, 3, 5]).await;
+        let r = run(args(addr, 5)).await.unwrap();
+        assert_eq!(r["deliveries_received"], 5);
+        assert_eq!(r["duplicated"], 1);
+        assert_eq!(r["out_of_order"], 1);
+        assert_eq!(r["lost"], 0);
+    }
+
+    #[tokio::test]
+    async fn counts_a_lost_message() {
+        let addr = misbehaving_server(vec![1, 2, 4, 5]).await;
+        let r = run(args(addr, 5)).await.unwrap();
+        assert_eq!(r["deliveries_received"], 4);
+        assert_eq!(r["lost"], 1);
+        assert_eq!(
+            (r["duplicated"].as_u64(), r["out_of_order"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+}
