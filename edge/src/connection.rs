@@ -8,10 +8,7 @@ use std::{
 use fastwebsockets::{Frame, OpCode, WebSocket, WebSocketError, upgrade::UpgradeFut};
 use switchboard_protocol::{
     CloseReason, Encoding, now_ms,
-    v1::{
-        ClientFrame, Disconnect, Error as ErrorFrame, ErrorCode, ServerFrame, client_frame,
-        server_frame,
-    },
+    v1::{ClientFrame, Error as ErrorFrame, ErrorCode, ServerFrame, client_frame, server_frame},
 };
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -193,16 +190,7 @@ async fn close_early(
             };
             write_encoded(ws, enc, &frame).await?;
         }
-        let frame = ServerFrame {
-            id: 0,
-            kind: Some(server_frame::Kind::Disconnect(Disconnect {
-                code: reason.code() as u32,
-                reason: reason.as_str().into(),
-                reconnect: reason.reconnect(),
-                reconnect_delay_ms: 0,
-            })),
-        };
-        write_encoded(ws, enc, &frame).await?;
+        write_encoded(ws, enc, &reason.disconnect_frame(0)).await?;
         ws.write_frame(Frame::close(reason.code(), reason.as_str().as_bytes()))
             .await
     })

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
 use switchboard_protocol::{
     CloseReason, Encoding, SharedFrame, StreamKey, now_ms,
-    v1::{Disconnect, ServerFrame, TokenExpiring, server_frame},
+    v1::{ServerFrame, TokenExpiring, server_frame},
 };
 use tokio::{io::AsyncWrite, sync::mpsc, time::Instant};
 
@@ -287,16 +287,10 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// Sends Disconnect + close with the reason's code, within a deadline
     /// (a slow consumer may never read them).
     async fn finish(&mut self, reason: CloseReason, reconnect_delay_ms: u32) {
-        let frame = ServerFrame {
-            id: 0,
-            kind: Some(server_frame::Kind::Disconnect(Disconnect {
-                code: reason.code() as u32,
-                reason: reason.as_str().into(),
-                reconnect: reason.reconnect(),
-                reconnect_delay_ms,
-            })),
-        };
-        let bytes = self.conn.encoding().encode_server(&frame);
+        let bytes = self
+            .conn
+            .encoding()
+            .encode_server(&reason.disconnect_frame(reconnect_delay_ms));
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             // Replies already queued (say, the error that caused this close)
             // go first; queued deliveries are dropped, the client resumes.

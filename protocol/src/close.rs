@@ -76,6 +76,21 @@ impl CloseReason {
         self.code() < 4500
     }
 
+    /// The `Disconnect` frame sent just before closing with this reason.
+    pub fn disconnect_frame(self, reconnect_delay_ms: u32) -> crate::v1::ServerFrame {
+        crate::v1::ServerFrame {
+            id: 0,
+            kind: Some(crate::v1::server_frame::Kind::Disconnect(
+                crate::v1::Disconnect {
+                    code: self.code() as u32,
+                    reason: self.as_str().into(),
+                    reconnect: self.reconnect(),
+                    reconnect_delay_ms,
+                },
+            )),
+        }
+    }
+
     /// Stable snake_case name: close frame reason text and metric label.
     pub fn as_str(self) -> &'static str {
         match self {

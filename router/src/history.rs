@@ -3,7 +3,10 @@ pub(crate) mod redis;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use switchboard_protocol::{SharedFrame, StreamKey, UserId, v1::StreamPosition};
+use switchboard_protocol::{
+    SharedFrame, StreamKey, UserId,
+    v1::{Delivery, ServerFrame, StreamPosition, server_frame},
+};
 
 /// A message to sequence.
 #[derive(Debug, Clone)]
@@ -95,4 +98,33 @@ pub trait History: Send + Sync + 'static {
     ) -> Result<Recovery, HistoryError>;
     /// Streams currently held (a gauge).
     fn streams(&self) -> usize;
+}
+
+/// The delivery frame of a stored message, as every receiver gets it.
+pub(crate) fn delivery_frame(
+    stream: &StreamKey,
+    seq: u64,
+    ts: i64,
+    sender: &str,
+    client_msg_id: &str,
+    payload: Bytes,
+    epoch: &str,
+) -> SharedFrame {
+    let (chat, user) = match stream {
+        StreamKey::Chat(c) => (c.to_string(), String::new()),
+        StreamKey::User(u) => (String::new(), u.to_string()),
+    };
+    SharedFrame::new(ServerFrame {
+        id: 0,
+        kind: Some(server_frame::Kind::Delivery(Delivery {
+            chat,
+            user,
+            seq,
+            sender: sender.to_owned(),
+            timestamp_ms: ts,
+            payload,
+            client_msg_id: client_msg_id.to_owned(),
+            epoch: epoch.to_owned(),
+        })),
+    })
 }

@@ -6,12 +6,9 @@ use std::{
 
 use async_trait::async_trait;
 use dashmap::DashMap;
-use switchboard_protocol::{
-    SharedFrame, StreamKey,
-    v1::{Delivery, ServerFrame, StreamPosition, server_frame},
-};
+use switchboard_protocol::{SharedFrame, StreamKey, v1::StreamPosition};
 
-use super::{Appended, Draft, History, HistoryError, HistoryLimits, Recovery};
+use super::{Appended, Draft, History, HistoryError, HistoryLimits, Recovery, delivery_frame};
 
 /// History in this process's memory, bounded by [`HistoryLimits`].
 pub struct MemoryHistory {
@@ -115,7 +112,17 @@ impl History for MemoryHistory {
                 .iter()
                 .find(|(s, _, _)| *s == seq)
                 .map(|(_, _, f)| f.clone())
-                .unwrap_or_else(|| delivery_frame(stream, seq, ts, &draft, &log.epoch));
+                .unwrap_or_else(|| {
+                    delivery_frame(
+                        stream,
+                        seq,
+                        ts,
+                        draft.sender.as_str(),
+                        &draft.client_msg_id,
+                        draft.payload.clone(),
+                        &log.epoch,
+                    )
+                });
             return Ok(Appended {
                 frame,
                 seq,
@@ -127,7 +134,15 @@ impl History for MemoryHistory {
         let seq = log.last_seq;
         let ts = draft.timestamp_ms;
         log.last_write_ms = ts;
-        let frame = delivery_frame(stream, seq, ts, &draft, &log.epoch);
+        let frame = delivery_frame(
+            stream,
+            seq,
+            ts,
+            draft.sender.as_str(),
+            &draft.client_msg_id,
+            draft.payload.clone(),
+            &log.epoch,
+        );
         log.window.push_back((seq, ts, frame.clone()));
         log.dedup.insert(key.clone(), (seq, ts));
         log.dedup_order.push_back(key);
@@ -195,32 +210,6 @@ impl History for MemoryHistory {
     fn streams(&self) -> usize {
         self.streams.len()
     }
-}
-
-fn delivery_frame(
-    stream: &StreamKey,
-    seq: u64,
-    ts: i64,
-    draft: &Draft,
-    epoch: &str,
-) -> SharedFrame {
-    let (chat, user) = match stream {
-        StreamKey::Chat(c) => (c.to_string(), String::new()),
-        StreamKey::User(u) => (String::new(), u.to_string()),
-    };
-    SharedFrame::new(ServerFrame {
-        id: 0,
-        kind: Some(server_frame::Kind::Delivery(Delivery {
-            chat,
-            user,
-            seq,
-            sender: draft.sender.to_string(),
-            timestamp_ms: ts,
-            payload: draft.payload.clone(),
-            client_msg_id: draft.client_msg_id.clone(),
-            epoch: epoch.to_owned(),
-        })),
-    })
 }
 
 #[cfg(test)]

@@ -15,12 +15,9 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{AsyncCommands, aio::ConnectionManager, streams::StreamRangeReply};
-use switchboard_protocol::{
-    SharedFrame, StreamKey, now_ms,
-    v1::{Delivery, ServerFrame, StreamPosition, server_frame},
-};
+use switchboard_protocol::{StreamKey, now_ms, v1::StreamPosition};
 
-use super::{Appended, Draft, History, HistoryError, HistoryLimits, Recovery};
+use super::{Appended, Draft, History, HistoryError, HistoryLimits, Recovery, delivery_frame};
 
 const APPEND: &str = r#"
 local dup = redis.call('GET', KEYS[4])
@@ -83,34 +80,6 @@ impl RedisHistory {
     }
 }
 
-fn delivery(
-    stream: &StreamKey,
-    seq: u64,
-    ts: i64,
-    sender: &str,
-    cmid: &str,
-    payload: Bytes,
-    epoch: &str,
-) -> SharedFrame {
-    let (chat, user) = match stream {
-        StreamKey::Chat(c) => (c.to_string(), String::new()),
-        StreamKey::User(u) => (String::new(), u.to_string()),
-    };
-    SharedFrame::new(ServerFrame {
-        id: 0,
-        kind: Some(server_frame::Kind::Delivery(Delivery {
-            chat,
-            user,
-            seq,
-            sender: sender.to_owned(),
-            timestamp_ms: ts,
-            payload,
-            client_msg_id: cmid.to_owned(),
-            epoch: epoch.to_owned(),
-        })),
-    })
-}
-
 #[async_trait]
 impl History for RedisHistory {
     async fn append(&self, stream: &StreamKey, draft: Draft) -> Result<Appended, HistoryError> {
@@ -136,7 +105,7 @@ impl History for RedisHistory {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let frame = delivery(
+        let frame = delivery_frame(
             stream,
             seq,
             ts,
@@ -221,7 +190,7 @@ impl History for RedisHistory {
             let payload: Vec<u8> = entry.get("p").unwrap_or_default();
             frames.push((
                 seq,
-                delivery(
+                delivery_frame(
                     stream,
                     seq,
                     ts,
