@@ -1,0 +1,150 @@
+//! The socket: dialing, one encoded frame per WebSocket message, decoding
+//! at the edge of the actor, and what a close code advises.
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{
+        self, Message, Utf8Bytes,
+        client::IntoClientRequest,
+        http::{HeaderValue, header::SEC_WEBSOCKET_PROTOCOL},
+    },
+};
+
+use super::ClientError;
+use crate::{
+    CloseReason, DecodeError, Encoding,
+    v1::{ClientFrame, ServerFrame},
+};
+
+pub(super) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long a close handshake may take before the socket is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Opens the WebSocket, offering the encoding's subprotocol.
+pub(super) async fn dial(url: String, encoding: Encoding) -> Result<Ws, ClientError> {
+    let mut request = url.as_str().into_client_request()?;
+    request.headers_mut().insert(
+        SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(encoding.subprotocol()),
+    );
+    let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
+    Ok(ws)
+}
+
+/// Encodes and writes one frame.
+pub(super) async fn send(
+    ws: &mut Ws,
+    encoding: Encoding,
+    frame: &ClientFrame,
+) -> Result<(), ClientError> {
+    let bytes = encoding.encode_client(frame);
+    let message = if encoding.is_text() {
+        // The JSON encoding always produces UTF-8.
+        Message::Text(Utf8Bytes::try_from(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?)
+    } else {
+        Message::Binary(bytes)
+    };
+    ws.send(message).await?;
+    Ok(())
+}
+
+/// What the socket produced.
+#[derive(Debug)]
+pub(super) enum Inbound {
+    /// A decoded frame.
+    Frame(ServerFrame),
+    /// A data frame that did not decode; the socket is still usable.
+    Undecodable(DecodeError),
+    /// A ping or pong: the server is alive (tungstenite answers pings).
+    Heartbeat,
+    /// The peer closed the socket: close code (`None` without a close
+    /// frame) and reason.
+    Closed { code: Option<u16>, reason: String },
+    /// The socket failed.
+    Failed(ClientError),
+}
+
+/// Reads the next frame. Control frames are handled by tungstenite (pings
+/// are answered while we read) and reported as heartbeats. Cancel-safe: nothing is lost when
+/// the future is dropped before it completes.
+pub(super) async fn recv(ws: &mut Ws, encoding: Encoding) -> Inbound {
+    loop {
+        let message = match ws.next().await {
+            Some(Ok(m)) => m,
+            None
+            | Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) =>
+            {
+                return Inbound::Closed {
+                    code: None,
+                    reason: "connection closed".into(),
+                };
+            }
+            Some(Err(e)) => return Inbound::Failed(e.into()),
+        };
+        let decoded = match message {
+            Message::Binary(b) => encoding.decode_server(&b, false),
+            Message::Text(t) => encoding.decode_server(t.as_bytes(), true),
+            Message::Close(frame) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    // 1005: "no status received".
+                    .unwrap_or((1005, String::new()));
+                return Inbound::Closed {
+                    code: Some(code),
+                    reason,
+                };
+            }
+            Message::Ping(_) | Message::Pong(_) => return Inbound::Heartbeat,
+            Message::Frame(_) => continue,
+        };
+        return match decoded {
+            Ok(frame) => Inbound::Frame(frame),
+            Err(e) => Inbound::Undecodable(e),
+        };
+    }
+}
+
+/// Closes the socket (with our close frame, if given) and waits briefly for
+/// the peer's; errors do not matter any more.
+pub(super) async fn shut(mut ws: Ws, frame: Option<tungstenite::protocol::CloseFrame>) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        let _ = ws.close(frame).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// Whether a close code advises reconnecting: ours by their range
+/// (4000-4499 yes, 4500-4999 no); standard codes yes, except those saying
+/// our frames were wrong, which a new socket would repeat. `None` (no close
+/// frame: the network failed) means yes.
+pub(super) fn reconnect_advised(code: Option<u16>) -> bool {
+    let Some(code) = code else { return true };
+    if let Some(reason) = CloseReason::from_code(code) {
+        return reason.reconnect();
+    }
+    !matches!(code, 1002 | 1003 | 1007 | 1008 | 1010 | 4500..=4999)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_advise_by_range() {
+        assert!(reconnect_advised(None));
+        assert!(reconnect_advised(Some(CloseReason::SlowConsumer.code())));
+        assert!(reconnect_advised(Some(CloseReason::Shutdown.code())));
+        assert!(reconnect_advised(Some(4499)));
+        assert!(!reconnect_advised(Some(CloseReason::Unauthorized.code())));
+        assert!(!reconnect_advised(Some(4999)));
+        assert!(reconnect_advised(Some(1001)));
+        assert!(reconnect_advised(Some(1006)));
+        assert!(reconnect_advised(Some(1011)));
+        assert!(!reconnect_advised(Some(1008)));
+    }
+}
