@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new().bytes(["."]).compile_fds(fds)?;
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor_bytes)?
+        // Like the binary encoding, JSON skips fields it does not know, so
+        // an older peer keeps working when a newer one adds fields.
+        .ignore_unknown_fields()
         .build(&[".switchboard.v1"])?;
     Ok(())
 }

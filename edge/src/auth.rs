@@ -232,9 +232,16 @@ impl AuthConfig {
                     .into(),
             ),
         };
+        let expires_at_ms = (claims.exp as i64).saturating_mul(1000);
+        // The leeway absorbs clock skew on nbf; a token already past exp
+        // would only open a socket that closes at once with token_expired,
+        // so it is refused here with 440.
+        if expires_at_ms <= switchboard_protocol::now_ms() {
+            return Err(AuthError::Expired);
+        }
         Ok(Identity {
             user,
-            expires_at_ms: (claims.exp as i64).saturating_mul(1000),
+            expires_at_ms,
             chats,
         })
     }

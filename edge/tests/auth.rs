@@ -34,6 +34,12 @@ async fn bad_tokens_are_refused_with_documented_codes() {
         refused(&edge, &token_for(&expired)).await,
         (440, Some(4501))
     );
+    // Expired a moment ago, inside the clock-skew leeway: still refused.
+    expired.exp = now_secs() - 1;
+    assert_eq!(
+        refused(&edge, &token_for(&expired)).await,
+        (440, Some(4501))
+    );
 
     let other = AuthConfig::new(Some(b"wrong-key".to_vec()), None, None, None, 0).unwrap();
     assert_eq!(

@@ -166,9 +166,13 @@ mod tests {
     }
 
     #[test]
-    fn json_refuses_unknown_fields() {
-        let err = Encoding::Json.decode_client(br#"{"id":1,"ping":{},"bogus":true}"#, true);
-        assert!(err.is_err(), "unknown fields must not be silently ignored");
+    fn json_skips_unknown_fields_like_protobuf_does() {
+        let f = Encoding::Json
+            .decode_client(br#"{"id":1,"ping":{},"addedLater":true}"#, true)
+            .unwrap();
+        assert!(matches!(f.kind, Some(client_frame::Kind::Ping(_))));
+        let bad = Encoding::Json.decode_client(br#"{"id":"x"}"#, true);
+        assert!(bad.is_err(), "known fields are still type-checked");
     }
 
     #[test]

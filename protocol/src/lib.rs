@@ -5,7 +5,7 @@
 //! - [`Encoding`]: the two encodings and their WebSocket subprotocols.
 //! - [`CloseReason`]: the one table of close codes and reconnect advice.
 //! - [`ChatId`] / [`UserId`]: ids that are safe to put into NATS subjects.
-//! - `client` (feature `client`, on by default): an async Rust client with
+//! - `client` (feature `client`, off by default): an async Rust client with
 //!   reconnect and resume, used by tests, examples and the load generator.
 //!
 //! `docs/protocol.md` is the reference for app developers.
