@@ -10,7 +10,7 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use switchboard_protocol::{Encoding, UserId};
-use switchboard_router::{constant_time_eq, parse_api_publish, publish_error_status};
+use switchboard_router::{has_api_key, parse_api_publish, publish_error_status};
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -237,13 +237,7 @@ async fn api_publish(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<
     let Some(key) = state.config.api_key.as_deref() else {
         return api_error(StatusCode::NOT_FOUND, "publish API disabled: set --api-key");
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(presented.as_bytes(), key.as_bytes()) {
+    if !has_api_key(req.headers(), key) {
         metrics::api_publish("unauthorized");
         return api_error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
     }

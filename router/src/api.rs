@@ -49,8 +49,18 @@ pub fn parse_api_publish(body: &[u8]) -> Result<PublishRequest, (u16, String)> {
 }
 
 /// Compares secrets in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether the request carries `Authorization: Bearer <key>`.
+pub fn has_api_key(headers: &hyper::HeaderMap, key: &str) -> bool {
+    let presented = headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(presented.as_bytes(), key.as_bytes())
 }
 
 /// HTTP status for a refused publish.

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Bus, HistoryLimits, Members, NatsBus, NatsSettings, RedisHistory, Router, RouterLimits,
-    connect_redis, constant_time_eq, parse_api_publish, publish_error_status,
+    connect_redis, has_api_key, parse_api_publish, publish_error_status,
 };
 
 /// `switchboard-router`: sequences, stores and delivers messages for a
@@ -235,13 +235,7 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Response<Full<Bytes>>
             let Some(key) = node.api_key.as_deref() else {
                 return err(404, "API disabled: set --api-key");
             };
-            let presented = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            if !constant_time_eq(presented.as_bytes(), key.as_bytes()) {
+            if !has_api_key(req.headers(), key) {
                 return err(401, "missing or wrong API key");
             }
             // Member imports may be large: 64 MiB for those, the payload limit otherwise.
