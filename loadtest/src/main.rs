@@ -7,6 +7,8 @@
 //!   messages; report deliveries/s, time to the last delivery, latency.
 //! - `chat`: N users in chats of K members across several edges, R
 //!   messages/s; publish-to-receive latency, loss, order, router CPU.
+//! - `storm`: N clients drop at once, miss M messages, reconnect at once
+//!   and resume with `since`; time until all are back and resumed.
 //!
 //! Sockets spread over many source addresses (127.0.0.x) to pass the
 //! 64k-ports-per-address limit. Every run is bounded in count and time.
@@ -16,6 +18,7 @@ mod chat;
 mod conn;
 mod fanout;
 mod idle;
+mod storm;
 mod sys;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +38,8 @@ enum Scenario {
     Fanout(fanout::Args),
     /// N users in chats of K members, R messages/s: cross-edge latency.
     Chat(chat::Args),
+    /// N clients drop at once, miss M messages, reconnect and resume.
+    Storm(storm::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +53,7 @@ fn main() -> anyhow::Result<()> {
             Scenario::Idle(a) => idle::run(a).await,
             Scenario::Fanout(a) => fanout::run(a).await,
             Scenario::Chat(a) => chat::run(a).await,
+            Scenario::Storm(a) => storm::run(a).await,
         }
     })?;
     println!("{}", serde_json::to_string_pretty(&report)?);
