@@ -46,6 +46,8 @@ struct Inner {
     frame: ServerFrame,
     protobuf: OnceLock<Bytes>,
     json: OnceLock<Bytes>,
+    /// A delivery's stream and seq, parsed once: every socket's writer asks.
+    position: OnceLock<Option<(StreamKey, u64)>>,
 }
 
 impl SharedFrame {
@@ -55,6 +57,7 @@ impl SharedFrame {
             frame,
             protobuf: OnceLock::new(),
             json: OnceLock::new(),
+            position: OnceLock::new(),
         }))
     }
 
@@ -65,6 +68,7 @@ impl SharedFrame {
             frame,
             protobuf: OnceLock::from(protobuf),
             json: OnceLock::new(),
+            position: OnceLock::new(),
         }))
     }
 
@@ -84,15 +88,21 @@ impl SharedFrame {
 
     /// For a delivery: its stream key and seq.
     pub fn delivery_position(&self) -> Option<(StreamKey, u64)> {
-        let Some(server_frame::Kind::Delivery(d)) = &self.0.frame.kind else {
-            return None;
-        };
-        let key = if !d.chat.is_empty() {
-            StreamKey::Chat(ChatId::parse(&d.chat).ok()?)
-        } else {
-            StreamKey::User(UserId::parse(&d.user).ok()?)
-        };
-        Some((key, d.seq))
+        // Parsed on first use and shared: a clone is a reference count.
+        self.0
+            .position
+            .get_or_init(|| {
+                let Some(server_frame::Kind::Delivery(d)) = &self.0.frame.kind else {
+                    return None;
+                };
+                let key = if !d.chat.is_empty() {
+                    StreamKey::Chat(ChatId::parse(&d.chat).ok()?)
+                } else {
+                    StreamKey::User(UserId::parse(&d.user).ok()?)
+                };
+                Some((key, d.seq))
+            })
+            .clone()
     }
 }
 
