@@ -2,7 +2,6 @@
 //! members; every other member measures publish-to-receive latency. Users
 //! alternate between the given edges, so most deliveries cross edges.
 use std::{
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -25,12 +24,8 @@ use crate::{
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Edge addresses (comma-separated); users alternate between them.
-    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
-    addr: Vec<SocketAddr>,
-    /// HS256 secret the edges verify tokens with.
-    #[arg(long, env = "SWITCHBOARD_JWT_SECRET")]
-    secret: String,
+    #[command(flatten)]
+    target: conn::Target,
     /// Connected users (one socket each).
     #[arg(long, default_value_t = 10_000)]
     users: u32,
@@ -43,12 +38,6 @@ pub(crate) struct Args {
     /// Seconds of publishing.
     #[arg(long, default_value_t = 20)]
     duration_secs: u64,
-    /// Connects in flight at once.
-    #[arg(long, default_value_t = 200)]
-    concurrency: usize,
-    /// Source addresses 127.0.0.1..=127.0.0.N.
-    #[arg(long, default_value_t = 8)]
-    sources: u8,
     /// Processes whose CPU time to report (e.g. routers), comma-separated pids.
     #[arg(long, value_delimiter = ',')]
     router_pids: Vec<u32>,
@@ -103,8 +92,8 @@ fn cpu(pids: &[u32]) -> Option<f64> {
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
-    let sources = Arc::new(conn::Sources::new(a.sources));
-    let gate = Arc::new(Semaphore::new(a.concurrency));
+    let sources = Arc::new(conn::Sources::new(a.target.sources));
+    let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let ready = Arc::new(AtomicU64::new(0));
     let received = Arc::new(AtomicU64::new(0));
     let duplicated = Arc::new(AtomicU64::new(0));
@@ -122,9 +111,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
         let permit = gate.clone().acquire_owned().await?;
         let (tx, mut rx) = mpsc::channel::<u64>(64);
         senders.push(tx);
-        let addr = a.addr[i as usize % a.addr.len()];
+        let addr = a.target.addr_for(i as usize);
         let chat = format!("g{}", i / group);
-        let token = conn::token(&a.secret, &format!("chat-{i}"));
+        let token = conn::token(&a.target.secret, &format!("chat-{i}"));
         let (sources, ready, received, duplicated, out_of_order, acked, errors, hist, stop) = (
             sources.clone(),
             ready.clone(),
@@ -247,7 +236,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
         scenario: "chat",
         users: a.users,
         group_size: group,
-        edges: a.addr.len(),
+        edges: a.target.addr.len(),
         offered_messages_per_second: a.rate,
         published,
         acked: acked.load(Ordering::Relaxed),

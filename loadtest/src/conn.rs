@@ -16,6 +16,31 @@ use tokio_tungstenite::{
 
 pub(crate) type Ws = WebSocketStream<TcpStream>;
 
+/// Where and how to connect; shared by every scenario.
+#[derive(clap::Args)]
+pub(crate) struct Target {
+    /// Edge addresses (host:port, comma-separated); sockets are spread over
+    /// them round-robin.
+    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
+    pub(crate) addr: Vec<SocketAddr>,
+    /// HS256 secret the edges verify tokens with.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET")]
+    pub(crate) secret: String,
+    /// Connects in flight at once.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) concurrency: usize,
+    /// Source addresses 127.0.0.1..=127.0.0.N (to pass the ports limit).
+    #[arg(long, default_value_t = 8)]
+    pub(crate) sources: u8,
+}
+
+impl Target {
+    /// The edge for socket number `i`.
+    pub(crate) fn addr_for(&self, i: usize) -> SocketAddr {
+        self.addr[i % self.addr.len()]
+    }
+}
+
 /// Source addresses 127.0.0.1 ..= 127.0.0.N, used round-robin.
 pub(crate) struct Sources {
     count: u8,

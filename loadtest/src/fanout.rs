@@ -23,10 +23,8 @@ use crate::{
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Edge addresses (host:port, comma-separated); subscribers are spread
-    /// over them round-robin.
-    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
-    addr: Vec<SocketAddr>,
+    #[command(flatten)]
+    target: conn::Target,
     /// Where the publisher connects (default: the first --addr).
     #[arg(long)]
     publish_addr: Option<SocketAddr>,
@@ -43,9 +41,6 @@ pub(crate) struct Args {
     /// publishing (lets other worker processes finish connecting).
     #[arg(long, default_value_t = 0)]
     publish_after_secs: u64,
-    /// HS256 secret the edge verifies tokens with.
-    #[arg(long, env = "SWITCHBOARD_JWT_SECRET")]
-    secret: String,
     /// Subscribers of the chat.
     #[arg(long, default_value_t = 10_000)]
     subscribers: u32,
@@ -58,12 +53,6 @@ pub(crate) struct Args {
     /// Payload size, bytes (at least 16: it carries the send time).
     #[arg(long, default_value_t = 64)]
     payload_bytes: usize,
-    /// Connects in flight at once.
-    #[arg(long, default_value_t = 200)]
-    concurrency: usize,
-    /// Source addresses 127.0.0.1..=127.0.0.N.
-    #[arg(long, default_value_t = 8)]
-    sources: u8,
     /// Give up waiting for deliveries after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
@@ -106,8 +95,8 @@ fn micros_now() -> u64 {
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
-    let sources = Arc::new(conn::Sources::new(a.sources));
-    let gate = Arc::new(Semaphore::new(a.concurrency));
+    let sources = Arc::new(conn::Sources::new(a.target.sources));
+    let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let received = Arc::new(AtomicU64::new(0));
     let duplicated = Arc::new(AtomicU64::new(0));
     let out_of_order = Arc::new(AtomicU64::new(0));
@@ -121,7 +110,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     for i in 0..a.subscribers {
         let permit = gate.clone().acquire_owned().await?;
         let sources = sources.clone();
-        let token = conn::token(&a.secret, &format!("{}-{i}", a.user_prefix));
+        let token = conn::token(&a.target.secret, &format!("{}-{i}", a.user_prefix));
         let (received, duplicated, out_of_order, ready, last_us, hist) = (
             received.clone(),
             duplicated.clone(),
@@ -130,7 +119,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
             last_delivery_us.clone(),
             hist.clone(),
         );
-        let (addr, messages) = (a.addr[i as usize % a.addr.len()], a.messages as u64);
+        let (addr, messages) = (a.target.addr_for(i as usize), a.messages as u64);
         let chat = a.chat.clone();
         tasks.push(tokio::spawn(async move {
             let mut ws = conn::open(addr, &sources, token).await?;
@@ -212,10 +201,11 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     // unread acks sends a RST, which would discard the last publishes.
     let mut kept_publisher = None;
     if !a.no_publish {
-        let publish_addr = a.publish_addr.unwrap_or(a.addr[0]);
+        let publish_addr = a.publish_addr.unwrap_or(a.target.addr[0]);
         let name = format!("{}-publisher", a.user_prefix);
-        let publisher = kept_publisher
-            .insert(conn::open(publish_addr, &sources, conn::token(&a.secret, &name)).await?);
+        let publisher = kept_publisher.insert(
+            conn::open(publish_addr, &sources, conn::token(&a.target.secret, &name)).await?,
+        );
         let interval = Duration::from_secs_f64(1.0 / a.rate.max(1) as f64);
         let mut tick = tokio::time::interval(interval);
         for m in 0..a.messages {
@@ -348,19 +338,21 @@ mod tests {
 
     fn args(addr: SocketAddr, messages: u32) -> Args {
         Args {
-            addr: vec![addr],
+            target: conn::Target {
+                addr: vec![addr],
+                secret: "s".into(),
+                concurrency: 1,
+                sources: 1,
+            },
             publish_addr: None,
             chat: "bench".into(),
             user_prefix: "t".into(),
             no_publish: true,
             publish_after_secs: 0,
-            secret: "s".into(),
             subscribers: 1,
             messages,
             rate: 1,
             payload_bytes: 16,
-            concurrency: 1,
-            sources: 1,
             timeout_secs: 2,
             edge_pid: None,
         }

@@ -1,6 +1,5 @@
 //! Hold N idle sockets; measure the edge's memory per socket.
 use std::{
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -15,21 +14,11 @@ use crate::{conn, sys};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Edge address (host:port).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: SocketAddr,
-    /// HS256 secret the edge verifies tokens with.
-    #[arg(long, env = "SWITCHBOARD_JWT_SECRET")]
-    secret: String,
+    #[command(flatten)]
+    target: conn::Target,
     /// Sockets to open.
     #[arg(long, default_value_t = 10_000)]
     sockets: u32,
-    /// Connects in flight at once.
-    #[arg(long, default_value_t = 200)]
-    concurrency: usize,
-    /// Source addresses 127.0.0.1..=127.0.0.N.
-    #[arg(long, default_value_t = 8)]
-    sources: u8,
     /// Seconds to hold the sockets after the last connect.
     #[arg(long, default_value_t = 5)]
     hold_secs: u64,
@@ -58,8 +47,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     let rss_before = a.edge_pid.and_then(sys::rss_bytes);
     let slab_before = sys::slab_bytes();
     let tcp_before = sys::tcp_kernel();
-    let sources = Arc::new(conn::Sources::new(a.sources));
-    let gate = Arc::new(Semaphore::new(a.concurrency));
+    let sources = Arc::new(conn::Sources::new(a.target.sources));
+    let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let established = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let release = Arc::new(tokio::sync::Notify::new());
@@ -73,8 +62,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
             failed.clone(),
             release.clone(),
         );
-        let token = conn::token(&a.secret, &format!("idle-{i}"));
-        let addr = a.addr;
+        let token = conn::token(&a.target.secret, &format!("idle-{i}"));
+        let addr = a.target.addr_for(i as usize);
         tasks.push(tokio::spawn(async move {
             let ws = conn::open(addr, &sources, token).await;
             drop(permit);

@@ -3,7 +3,6 @@
 //! and resume with `since`. Reports the time until every client is back
 //! and until every client has recovered all M messages.
 use std::{
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -22,24 +21,14 @@ use crate::conn;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Edge addresses (comma-separated); clients are spread over them.
-    #[arg(long, default_value = "127.0.0.1:8080", value_delimiter = ',')]
-    addr: Vec<SocketAddr>,
-    /// HS256 secret the edges verify tokens with.
-    #[arg(long, env = "SWITCHBOARD_JWT_SECRET")]
-    secret: String,
+    #[command(flatten)]
+    target: conn::Target,
     /// Clients.
     #[arg(long, default_value_t = 10_000)]
     clients: u32,
     /// Messages posted while the clients are away.
     #[arg(long, default_value_t = 10)]
     missed: u32,
-    /// Connects in flight at once, in both phases.
-    #[arg(long, default_value_t = 500)]
-    concurrency: usize,
-    /// Source addresses 127.0.0.1..=127.0.0.N.
-    #[arg(long, default_value_t = 8)]
-    sources: u8,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
@@ -95,14 +84,14 @@ async fn subscribe(
 }
 
 pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
-    let sources = Arc::new(conn::Sources::new(a.sources));
-    let gate = Arc::new(Semaphore::new(a.concurrency));
+    let sources = Arc::new(conn::Sources::new(a.target.sources));
+    let gate = Arc::new(Semaphore::new(a.target.concurrency));
     // Phase 1: everyone joins and notes where the chat stands.
     let mut joins = Vec::new();
     for i in 0..a.clients {
         let (gate, sources) = (gate.clone(), sources.clone());
-        let addr = a.addr[i as usize % a.addr.len()];
-        let token = conn::token(&a.secret, &format!("storm-{i}"));
+        let addr = a.target.addr_for(i as usize);
+        let token = conn::token(&a.target.secret, &format!("storm-{i}"));
         joins.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
             let mut ws = conn::open(addr, &sources, token).await?;
@@ -120,9 +109,9 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     eprintln!("{} clients joined and dropped", a.clients);
     // Phase 3: messages the clients miss.
     let mut publisher = conn::open(
-        a.addr[0],
+        a.target.addr[0],
         &sources,
-        conn::token(&a.secret, "storm-publisher"),
+        conn::token(&a.target.secret, "storm-publisher"),
     )
     .await?;
     for m in 0..a.missed {
@@ -162,8 +151,8 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
             last_back.clone(),
             last_resumed.clone(),
         );
-        let addr = a.addr[i % a.addr.len()];
-        let token = conn::token(&a.secret, &format!("storm-{i}"));
+        let addr = a.target.addr_for(i);
+        let token = conn::token(&a.target.secret, &format!("storm-{i}"));
         let missed = a.missed as u64;
         tasks.push(tokio::spawn(async move {
             let work = async {
