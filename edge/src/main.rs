@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard_edge::{Settings, run};
+use switchboard_router::shutdown_signal;
 
 fn main() -> ExitCode {
     let settings = match Settings::parse().with_file() {
@@ -47,26 +48,4 @@ fn main() -> ExitCode {
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("switchboard-edge: {e}");
     ExitCode::from(64)
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown signal received");
 }

@@ -33,7 +33,7 @@ pub use history::{
     redis::{RedisHistory, connect_redis, forget_stream},
 };
 pub use members::{Members, MembersError, PUSH_STREAM, SHARD_SUBJECT};
-pub use node::{RouterConfig, run_router};
+pub use node::{RouterConfig, run_router, shutdown_signal};
 pub use publisher::{PUBLISH_SUBJECT, Publisher, ROUTER_QUEUE, RemoteRouter, encode_request};
 pub use router::{PublishError, PublishRequest, Published, Router, RouterLimits};
 pub use service::{announce, handle_publish, serve, sweep_presence};

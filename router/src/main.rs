@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use switchboard_router::{RouterConfig, run_router};
+use switchboard_router::{RouterConfig, run_router, shutdown_signal};
 
 fn main() -> ExitCode {
     let config = RouterConfig::parse();
@@ -29,7 +29,7 @@ fn main() -> ExitCode {
             Ok(l) => l,
             Err(e) => return fail(&format!("cannot listen on {}: {e}", config.listen)),
         };
-        match run_router(config, listener, prometheus, signal()).await {
+        match run_router(config, listener, prometheus, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         }
@@ -39,19 +39,4 @@ fn main() -> ExitCode {
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("switchboard-router: {e}");
     ExitCode::from(64)
-}
-
-async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(t) => t,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
