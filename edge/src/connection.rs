@@ -268,10 +268,10 @@ async fn run(
             None
         }
     };
+    let mut rd = rd;
     let exit = match exit {
         Some(w) => w,
         None => {
-            let mut rd = rd;
             let reader = session.read_loop(&mut rd, &last_seen);
             tokio::pin!(reader);
             tokio::select! {
@@ -286,6 +286,9 @@ async fn run(
             }
         }
     };
+    if matches!(exit, WriterExit::Closed(_)) {
+        linger(&mut rd).await;
+    }
     let reason = match exit {
         WriterExit::Closed(r) => r.as_str(),
         WriterExit::Gone => "client_closed",
@@ -295,4 +298,23 @@ async fn run(
     session.cleanup().await;
     state.hub.remove_conn(conn_id);
     state.metrics.connections.decrement(1.0);
+}
+
+/// How long a socket we closed keeps reading for the peer's close frame.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// After our close frame, reads and discards until the peer's close or
+/// EOF. Dropping a socket that still has unread input makes the kernel send
+/// a RST, and a RST makes the peer's kernel discard what it has not read
+/// yet: our Disconnect and close frame, i.e. the reason for the close.
+async fn linger(rd: &mut fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>) {
+    let mut discard = |_: Frame<'_>| std::future::ready(Ok::<(), &'static str>(()));
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(frame) = rd.read_frame(&mut discard).await {
+            if frame.opcode == OpCode::Close {
+                break;
+            }
+        }
+    })
+    .await;
 }
