@@ -5,18 +5,23 @@ use std::{
     time::Duration,
 };
 
-use fastwebsockets::{Frame, OpCode, WebSocket, WebSocketError, upgrade::UpgradeFut};
+use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketWrite, upgrade::UpgradeFut};
 use switchboard_protocol::{
     CloseReason, Encoding, now_ms,
     v1::{ClientFrame, Error as ErrorFrame, ErrorCode, ServerFrame, client_frame, server_frame},
 };
-use tokio::time::Instant;
+use tokio::{
+    io::{ReadHalf, WriteHalf},
+    time::Instant,
+};
 use tracing::Instrument;
 
 use crate::{
     admission::Permit,
     app::EdgeState,
     auth::{AuthError, Identity},
+    batch_writer::BatchWriter,
+    inbound::Inbound,
     metrics,
     outbound::{ConnHandle, Outbound},
     session::Session,
@@ -33,6 +38,10 @@ pub(crate) struct Accepted {
 }
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+/// The read side of a socket: one frame at a time, no idle buffer.
+pub(crate) type Reader = Inbound<ReadHalf<Upgraded>>;
+/// The write side: frames coalesced into one syscall per flush.
+pub(crate) type Writing = WebSocketWrite<BatchWriter<WriteHalf<Upgraded>>>;
 
 /// Why the reader stopped.
 pub(crate) enum ReaderExit {
@@ -57,16 +66,25 @@ pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Acce
                 return;
             }
         };
-        let mut ws = ws;
-        ws.set_max_message_size(state.config.max_frame_bytes);
-        ws.set_auto_close(true);
-        ws.set_auto_pong(true);
-        let Some((identity, connect_id, connect)) = handshake(&state, &mut ws, &accepted).await
+        // Nothing was read yet, so fastwebsockets' buffer holds nothing.
+        let (r, w) = tokio::io::split(ws.into_inner());
+        let mut rd = Inbound::new(r, state.config.max_frame_bytes);
+        let (_, mut wr) = fastwebsockets::after_handshake_split(
+            tokio::io::empty(),
+            BatchWriter::new(w),
+            Role::Server,
+        );
+        // Boxed: runs once, and its state must not stay in every socket's task.
+        let Some((identity, connect_id, connect)) =
+            Box::pin(handshake(&state, &mut rd, &mut wr, &accepted)).await
         else {
             return;
         };
         tracing::Span::current().record("user", identity.user.as_str());
-        run(state, ws, conn_id, identity, connect_id, connect, accepted).await;
+        run(
+            state, rd, wr, conn_id, identity, connect_id, connect, accepted,
+        )
+        .await;
     }
     .instrument(span)
     .await
@@ -76,11 +94,12 @@ pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Acce
 /// Error, a Disconnect and a close, and returns None.
 async fn handshake(
     state: &EdgeState,
-    ws: &mut WebSocket<Upgraded>,
+    rd: &mut Reader,
+    ws: &mut Writing,
     accepted: &Accepted,
 ) -> Option<(Identity, u32, switchboard_protocol::v1::Connect)> {
     let enc = accepted.encoding;
-    let frame = match tokio::time::timeout_at(accepted.deadline, ws.read_frame()).await {
+    let frame = match tokio::time::timeout_at(accepted.deadline, first_frame(rd, ws)).await {
         Err(_) => {
             close_early(ws, enc, 0, None, CloseReason::ConnectTimeout).await;
             return None;
@@ -160,6 +179,32 @@ async fn handshake(
     }
 }
 
+/// The first data frame, answering pings before it and echoing a close.
+async fn first_frame(rd: &mut Reader, ws: &mut Writing) -> Result<Frame<'static>, WebSocketError> {
+    let mut echo = None;
+    loop {
+        let mut keep = |f: Frame<'static>| {
+            echo = Some(f.payload.to_vec());
+            std::future::ready(Ok::<(), &'static str>(()))
+        };
+        let frame = rd.read_frame(&mut keep).await?;
+        match frame.opcode {
+            OpCode::Ping => {
+                ws.write_frame(Frame::pong(frame.payload)).await?;
+                ws.flush().await?;
+            }
+            OpCode::Pong => {}
+            OpCode::Close => {
+                let payload = echo.take().unwrap_or_default();
+                ws.write_frame(Frame::close_raw(payload.into())).await?;
+                ws.flush().await?;
+                return Err(WebSocketError::ConnectionClosed);
+            }
+            _ => return Ok(frame),
+        }
+    }
+}
+
 /// Maps a read error to a close reason; `None` when the peer is just gone.
 fn reader_error_reason(e: &WebSocketError) -> Option<CloseReason> {
     match e {
@@ -172,7 +217,7 @@ fn reader_error_reason(e: &WebSocketError) -> Option<CloseReason> {
 }
 
 async fn close_early(
-    ws: &mut WebSocket<Upgraded>,
+    ws: &mut Writing,
     enc: Encoding,
     id: u32,
     error: Option<(ErrorCode, String)>,
@@ -192,13 +237,14 @@ async fn close_early(
         }
         write_encoded(ws, enc, &reason.disconnect_frame(0)).await?;
         ws.write_frame(Frame::close(reason.code(), reason.as_str().as_bytes()))
-            .await
+            .await?;
+        ws.flush().await
     })
     .await;
 }
 
 async fn write_encoded(
-    ws: &mut WebSocket<Upgraded>,
+    ws: &mut Writing,
     enc: Encoding,
     frame: &ServerFrame,
 ) -> Result<(), WebSocketError> {
@@ -217,9 +263,11 @@ async fn write_encoded(
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     state: Arc<EdgeState>,
-    ws: WebSocket<Upgraded>,
+    mut rd: Reader,
+    wr: Writing,
     conn_id: u64,
     identity: Identity,
     connect_id: u32,
@@ -234,10 +282,6 @@ async fn run(
         cfg.send_queue_max_frames,
         cfg.send_queue_max_bytes,
     );
-    let (rd, wr) = ws.split(|io| {
-        let (r, w) = tokio::io::split(io);
-        (r, crate::batch_writer::BatchWriter::new(w))
-    });
     let last_seen = Arc::new(AtomicI64::new(now_ms()));
     let writer = Writer::new(
         wr,
@@ -261,14 +305,14 @@ async fn run(
 
     let exit = tokio::select! {
         w = &mut writer => Some(w),
-        ready = session.start(connect_id, connect) => {
+        // Boxed: runs once per socket, like the handshake.
+        ready = Box::pin(session.start(connect_id, connect)) => {
             if let Err(reason) = ready {
                 conn.close(reason, 0);
             }
             None
         }
     };
-    let mut rd = rd;
     let exit = match exit {
         Some(w) => w,
         None => {
@@ -307,8 +351,8 @@ const LINGER: Duration = Duration::from_secs(1);
 /// EOF. Dropping a socket that still has unread input makes the kernel send
 /// a RST, and a RST makes the peer's kernel discard what it has not read
 /// yet: our Disconnect and close frame, i.e. the reason for the close.
-async fn linger(rd: &mut fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>) {
-    let mut discard = |_: Frame<'_>| std::future::ready(Ok::<(), &'static str>(()));
+async fn linger(rd: &mut Reader) {
+    let mut discard = |_: Frame<'static>| std::future::ready(Ok::<(), &'static str>(()));
     let _ = tokio::time::timeout(LINGER, async {
         while let Ok(frame) = rd.read_frame(&mut discard).await {
             if frame.opcode == OpCode::Close {

@@ -8,6 +8,7 @@
 //! - `server`: listener and HTTP routes (`/ws`, health, metrics, publish API, dev page).
 //! - `admission`: the connection cap under the file limit.
 //! - `connection` / `session` / `writer` / `outbound`: one socket's actor.
+//! - `inbound`: frames read one at a time, with no read buffer while idle.
 //! - `hub`: local index, reference-counted bus interest, ordered fan-out.
 //! - `app`: backends chosen once, the drain on shutdown.
 //!
@@ -22,6 +23,7 @@ mod batch_writer;
 mod config;
 mod connection;
 mod hub;
+mod inbound;
 mod metrics;
 mod outbound;
 mod server;

@@ -2,7 +2,7 @@
 use std::{collections::HashSet, sync::Arc, sync::atomic::AtomicI64, sync::atomic::Ordering};
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, WebSocketError, WebSocketRead};
+use fastwebsockets::{Frame, OpCode, WebSocketError};
 use switchboard_presence::{Session as PresenceSession, Transition};
 use switchboard_protocol::{
     ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, now_ms,
@@ -13,17 +13,14 @@ use switchboard_protocol::{
     },
 };
 use switchboard_router::{PublishRequest, presence_subject};
-use tokio::io::ReadHalf;
 
 use crate::{
     app::EdgeState,
     auth::{AuthError, Identity},
-    connection::ReaderExit,
+    connection::{Reader, ReaderExit},
     metrics,
     outbound::{ConnHandle, Outbound, Recovered},
 };
-
-type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
 /// A request refused with a protocol error code.
 struct Refusal(ErrorCode, String);
@@ -180,13 +177,9 @@ impl Session {
     }
 
     /// Reads frames until the peer leaves or a frame forces a close.
-    pub(crate) async fn read_loop(
-        &mut self,
-        rd: &mut WebSocketRead<ReadHalf<Upgraded>>,
-        last_seen: &AtomicI64,
-    ) -> ReaderExit {
+    pub(crate) async fn read_loop(&mut self, rd: &mut Reader, last_seen: &AtomicI64) -> ReaderExit {
         let conn = self.conn.clone();
-        let mut obligated = move |f: Frame<'_>| {
+        let mut obligated = move |f: Frame<'static>| {
             let ok = conn.send(Outbound::Control(Box::new((f.opcode, f.payload.to_vec()))));
             async move { if ok { Ok(()) } else { Err("mailbox full") } }
         };
@@ -202,7 +195,15 @@ impl Session {
             metrics::frame_in(&self.state.metrics, frame.payload.len());
             let (opcode, payload): (OpCode, Bytes) = match (frame.opcode, frame.fin) {
                 (OpCode::Close, _) => return ReaderExit::PeerGone,
-                (OpCode::Ping | OpCode::Pong, _) => continue,
+                (OpCode::Ping, _) => {
+                    // Auto-pong is off (see `inbound`): answer here.
+                    let pong = Box::new((OpCode::Pong, frame.payload.to_vec()));
+                    if !self.conn.send(Outbound::Control(pong)) {
+                        return ReaderExit::PeerGone;
+                    }
+                    continue;
+                }
+                (OpCode::Pong, _) => continue,
                 (OpCode::Text | OpCode::Binary, true) if partial.is_none() => {
                     (frame.opcode, Bytes::from(frame.payload.to_vec()))
                 }
@@ -260,7 +261,9 @@ impl Session {
                     );
                 }
             };
-            if let Err(reason) = self.handle(request).await {
+            // Boxed: a request's await state (bus, history, presence) must
+            // not stay in every idle socket's task.
+            if let Err(reason) = Box::pin(self.handle(request)).await {
                 return ReaderExit::Close(reason);
             }
         }
