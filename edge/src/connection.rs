@@ -282,56 +282,60 @@ async fn run(
         cfg.send_queue_max_frames,
         cfg.send_queue_max_bytes,
     );
-    let last_seen = Arc::new(AtomicI64::new(now_ms()));
-    let writer = Writer::new(
-        wr,
-        conn.clone(),
-        rx,
-        last_seen.clone(),
-        identity.expires_at_ms,
-        WriterSettings {
-            heartbeat_interval: cfg.heartbeat_interval,
-            token_expiry_warning: cfg.token_expiry_warning,
-        },
-        state.metrics.clone(),
-    )
-    .run();
-    tokio::pin!(writer);
-
     state.metrics.opened.increment(1);
     state.metrics.connections.increment(1.0);
     state.hub.add_conn(&conn);
+    let expires_at_ms = identity.expires_at_ms;
     let mut session = Session::new(state.clone(), conn.clone(), identity);
+    // The steady state, in its own scope so that what comes after it (the
+    // linger, the cleanup) does not add to the size of every socket's task.
+    let exit = {
+        let last_seen = Arc::new(AtomicI64::new(now_ms()));
+        let writer = Writer::new(
+            wr,
+            conn.clone(),
+            rx,
+            last_seen.clone(),
+            expires_at_ms,
+            WriterSettings {
+                heartbeat_interval: cfg.heartbeat_interval,
+                token_expiry_warning: cfg.token_expiry_warning,
+            },
+            state.metrics.clone(),
+        )
+        .run();
+        tokio::pin!(writer);
 
-    let exit = tokio::select! {
-        w = &mut writer => Some(w),
-        // Boxed: runs once per socket, like the handshake.
-        ready = Box::pin(session.start(connect_id, connect)) => {
-            if let Err(reason) = ready {
-                conn.close(reason, 0);
+        let exit = tokio::select! {
+            w = &mut writer => Some(w),
+            // Boxed: runs once per socket, like the handshake.
+            ready = Box::pin(session.start(connect_id, connect)) => {
+                if let Err(reason) = ready {
+                    conn.close(reason, 0);
+                }
+                None
             }
-            None
-        }
-    };
-    let exit = match exit {
-        Some(w) => w,
-        None => {
-            let reader = session.read_loop(&mut rd, &last_seen);
-            tokio::pin!(reader);
-            tokio::select! {
-                w = &mut writer => w,
-                r = &mut reader => {
-                    match r {
-                        ReaderExit::Close(reason) => conn.close(reason, 0),
-                        ReaderExit::PeerGone => { conn.send(Outbound::Stop); }
+        };
+        match exit {
+            Some(w) => w,
+            None => {
+                let reader = session.read_loop(&mut rd, &last_seen);
+                tokio::pin!(reader);
+                tokio::select! {
+                    w = &mut writer => w,
+                    r = &mut reader => {
+                        match r {
+                            ReaderExit::Close(reason) => conn.close(reason, 0),
+                            ReaderExit::PeerGone => { conn.send(Outbound::Stop); }
+                        }
+                        tokio::time::timeout(Duration::from_secs(3), &mut writer).await.unwrap_or(WriterExit::Gone)
                     }
-                    tokio::time::timeout(Duration::from_secs(3), &mut writer).await.unwrap_or(WriterExit::Gone)
                 }
             }
         }
     };
     if matches!(exit, WriterExit::Closed(_)) {
-        linger(&mut rd).await;
+        Box::pin(linger(&mut rd)).await;
     }
     let reason = match exit {
         WriterExit::Closed(r) => r.as_str(),
@@ -339,7 +343,7 @@ async fn run(
     };
     metrics::disconnect(reason);
     tracing::debug!(reason, "socket closed");
-    session.cleanup().await;
+    Box::pin(session.cleanup()).await;
     state.hub.remove_conn(conn_id);
     state.metrics.connections.decrement(1.0);
 }

@@ -114,7 +114,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 biased;
                 _ = self.conn.close_requested() => {
                     let closing = self.conn.closing().expect("close_requested resolves only after close()");
-                    self.finish(closing.reason, closing.reconnect_delay_ms).await;
+                    Box::pin(self.finish(closing.reason, closing.reconnect_delay_ms)).await;
                     return WriterExit::Closed(closing.reason);
                 }
                 msg = self.rx.recv() => {
@@ -193,29 +193,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     .insert(key, StreamState::Recovering(Vec::new()));
                 Ok(())
             }
-            Outbound::Recovered(r) => {
-                let Recovered {
-                    stream,
-                    reply,
-                    frames,
-                } = *r;
-                self.conn.dequeued(reply.len());
-                self.write(&reply).await?;
-                let mut last = 0;
-                for f in &frames {
-                    let seq = f.delivery_position().map(|(_, s)| s).unwrap_or(0);
-                    self.write(f.encoded(enc)).await?;
-                    last = last.max(seq);
-                }
-                let held = match self.streams.insert(stream.clone(), StreamState::Live(last)) {
-                    Some(StreamState::Recovering(held)) => held,
-                    _ => Vec::new(),
-                };
-                for f in held {
-                    self.live(f).await?;
-                }
-                Ok(())
-            }
+            // Boxed, like `finish`: rare, and its await state would
+            // otherwise be part of every socket's task.
+            Outbound::Recovered(r) => Box::pin(self.recovered(*r)).await,
             Outbound::Forget(key) => {
                 self.streams.remove(&key);
                 Ok(())
@@ -240,6 +220,32 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 Ok(())
             }
         }
+    }
+
+    /// The subscription's reply, the missed frames, then the held live ones.
+    async fn recovered(&mut self, r: Recovered) -> Result<(), ()> {
+        let Recovered {
+            stream,
+            reply,
+            frames,
+        } = r;
+        let enc = self.conn.encoding();
+        self.conn.dequeued(reply.len());
+        self.write(&reply).await?;
+        let mut last = 0;
+        for f in &frames {
+            let seq = f.delivery_position().map(|(_, s)| s).unwrap_or(0);
+            self.write(f.encoded(enc)).await?;
+            last = last.max(seq);
+        }
+        let held = match self.streams.insert(stream, StreamState::Live(last)) {
+            Some(StreamState::Recovering(held)) => held,
+            _ => Vec::new(),
+        };
+        for f in held {
+            self.live(f).await?;
+        }
+        Ok(())
     }
 
     /// A live frame: deliveries pass the per-stream order filter.
