@@ -16,11 +16,11 @@ use switchboard_protocol::{
     CloseReason, Encoding, SharedFrame, StreamKey, now_ms,
     v1::{ServerFrame, TokenExpiring, server_frame},
 };
-use tokio::{io::AsyncWrite, sync::mpsc, time::Instant};
+use tokio::{io::AsyncWrite, time::Instant};
 
 use crate::{
     metrics::EdgeMetrics,
-    outbound::{ConnHandle, Outbound, Recovered},
+    outbound::{ConnHandle, Inbox, Next, Outbound, Recovered},
 };
 
 /// Live deliveries held per stream while its recovery is read; beyond
@@ -50,7 +50,7 @@ pub(crate) enum WriterExit {
 pub(crate) struct Writer<W> {
     ws: WebSocketWrite<W>,
     conn: ConnHandle,
-    rx: mpsc::Receiver<Outbound>,
+    rx: Inbox,
     streams: HashMap<StreamKey, StreamState>,
     /// Unix ms of the last frame from the client (written by the reader).
     last_seen_ms: Arc<AtomicI64>,
@@ -68,7 +68,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     pub(crate) fn new(
         ws: WebSocketWrite<W>,
         conn: ConnHandle,
-        rx: mpsc::Receiver<Outbound>,
+        rx: Inbox,
         last_seen_ms: Arc<AtomicI64>,
         token_expires_at_ms: i64,
         settings: WriterSettings,
@@ -112,19 +112,20 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             }
             tokio::select! {
                 biased;
-                _ = self.conn.close_requested() => {
-                    let closing = self.conn.closing().expect("close_requested resolves only after close()");
-                    Box::pin(self.finish(closing.reason, closing.reconnect_delay_ms)).await;
-                    return WriterExit::Closed(closing.reason);
-                }
-                msg = self.rx.recv() => {
-                    let Some(msg) = msg else { return WriterExit::Gone };
+                next = self.rx.recv() => {
+                    let msg = match next {
+                        Next::Close(closing) => {
+                            Box::pin(self.finish(closing.reason, closing.reconnect_delay_ms)).await;
+                            return WriterExit::Closed(closing.reason);
+                        }
+                        Next::Message(msg) => msg,
+                    };
                     if self.handle(msg).await.is_err() {
                         return WriterExit::Gone;
                     }
                     // Drain what is already queued before yielding.
                     for _ in 0..64 {
-                        let Ok(msg) = self.rx.try_recv() else { break };
+                        let Some(msg) = self.rx.try_recv() else { break };
                         if self.handle(msg).await.is_err() {
                             return WriterExit::Gone;
                         }
@@ -300,7 +301,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
             // Replies already queued (say, the error that caused this close)
             // go first; queued deliveries are dropped, the client resumes.
-            while let Ok(msg) = self.rx.try_recv() {
+            while let Some(msg) = self.rx.try_recv() {
                 if let Outbound::Reply(b) = msg {
                     self.write(&b).await?;
                 }
