@@ -1,123 +1,123 @@
-//! Coalesces a socket's frames into one write per drained batch.
+//! A socket's outgoing frames, coalesced into one write per drained batch.
 //!
-//! fastwebsockets writes each frame as it is given (one syscall per frame).
-//! The writer drains its mailbox in batches; this wrapper buffers what a
-//! batch writes and hands it to the socket on `flush`, so a burst of
-//! deliveries costs one syscall. tokio's `BufWriter` would do the same but
-//! allocates its buffer up front, for every idle socket; this one
-//! allocates on first use and gives large buffers back after each flush.
-use std::{
-    io,
-    pin::Pin,
-    task::{Context, Poll, ready},
-};
+//! Frames are appended synchronously (header from fastwebsockets'
+//! `Frame::fmt_head`, then the payload) and handed to the socket on
+//! `flush`, so a burst of deliveries costs one syscall and the writer's
+//! only await on the hot path is that flush: awaiting fastwebsockets'
+//! `write_frame` per frame made every socket's task carry its state
+//! (hundreds of bytes per idle socket). The buffer is allocated on first
+//! use and large buffers are released after each flush, so idle sockets
+//! pay nothing.
+use std::io;
 
-use tokio::io::AsyncWrite;
+use fastwebsockets::{Frame, OpCode, Payload};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-/// Buffered bytes above which a write flushes first (bounded memory).
-const FLUSH_AT_BYTES: usize = 256 * 1024;
+/// Buffered bytes above which the writer should flush before buffering
+/// more (bounded memory).
+pub(crate) const FLUSH_AT_BYTES: usize = 256 * 1024;
 /// Capacity kept between batches; larger buffers are released.
 const KEEP_BYTES: usize = 4 * 1024;
+/// Longest server frame header (no mask): 2 bytes plus 8 of length.
+const MAX_HEAD: usize = 10;
 
 pub(crate) struct BatchWriter<W> {
     inner: W,
     buf: Vec<u8>,
-    written: usize,
 }
 
-impl<W> BatchWriter<W> {
+impl<W: AsyncWrite + Unpin> BatchWriter<W> {
     pub(crate) fn new(inner: W) -> Self {
         BatchWriter {
             inner,
             buf: Vec::new(),
-            written: 0,
         }
     }
-}
 
-impl<W: AsyncWrite + Unpin> BatchWriter<W> {
-    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.written < self.buf.len() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.written..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.written += n;
+    /// Appends one unmasked, unfragmented frame.
+    pub(crate) fn push(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mut head = [0u8; MAX_HEAD + 4];
+        let n = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
+        self.buf.reserve(n + payload.len());
+        self.buf.extend_from_slice(&head[..n]);
+        self.buf.extend_from_slice(payload);
+    }
+
+    /// A close frame with a code and a reason.
+    pub(crate) fn push_close(&mut self, code: u16, reason: &[u8]) {
+        let mut payload = Vec::with_capacity(2 + reason.len());
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(reason);
+        self.push(OpCode::Close, &payload);
+    }
+
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes what is buffered with as few syscalls as the socket allows.
+    pub(crate) async fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.inner.write_all(&self.buf).await?;
         }
-        self.written = 0;
         if self.buf.capacity() > KEEP_BYTES {
             self.buf = Vec::new();
         } else {
             self.buf.clear();
         }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<W: AsyncWrite + Unpin> AsyncWrite for BatchWriter<W> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.buf.len() + data.len() > FLUSH_AT_BYTES && !this.buf.is_empty() {
-            ready!(this.poll_drain(cx))?;
-        }
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        self.inner.flush().await
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use fastwebsockets::{Role, WebSocket};
 
     use super::*;
 
     #[tokio::test]
-    async fn nothing_reaches_the_socket_before_flush() {
-        let (a, mut b) = tokio::io::duplex(1 << 20);
+    async fn nothing_reaches_the_socket_before_flush_and_frames_parse() {
+        let (a, b) = tokio::io::duplex(1 << 20);
         let mut w = BatchWriter::new(a);
-        w.write_all(b"one").await.unwrap();
-        w.write_all(b"two").await.unwrap();
-        let mut got = [0u8; 6];
-        assert!(
-            tokio::time::timeout(std::time::Duration::from_millis(20), b.read_exact(&mut got))
-                .await
-                .is_err()
-        );
+        w.push(OpCode::Binary, b"one");
+        w.push(OpCode::Text, &vec![b'x'; 300]); // 16-bit length
+        w.push(OpCode::Binary, &vec![7; 70_000]); // 64-bit length
+        w.push(OpCode::Ping, b"");
+        w.push_close(4001, b"slow_consumer");
+        let mut client = WebSocket::after_handshake(b, Role::Client);
+        client.set_auto_pong(false);
+        client.set_auto_close(false);
+        let early =
+            tokio::time::timeout(std::time::Duration::from_millis(20), client.read_frame()).await;
+        assert!(early.is_err(), "nothing is written before flush");
         w.flush().await.unwrap();
-        b.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"onetwo");
-        assert_eq!(w.buf.capacity(), KEEP_BYTES.min(w.buf.capacity()));
+        assert_eq!(w.buf.capacity(), 0, "a large batch is given back");
+        let expect: [(OpCode, usize); 5] = [
+            (OpCode::Binary, 3),
+            (OpCode::Text, 300),
+            (OpCode::Binary, 70_000),
+            (OpCode::Ping, 0),
+            (OpCode::Close, 15),
+        ];
+        for (op, len) in expect {
+            let f = client.read_frame().await.unwrap();
+            assert_eq!((f.opcode, f.payload.len()), (op, len));
+            if op == OpCode::Close {
+                assert_eq!(&f.payload[..2], &4001u16.to_be_bytes());
+                assert_eq!(&f.payload[2..], b"slow_consumer");
+            }
+        }
     }
 
     #[tokio::test]
-    async fn large_batches_flush_early_and_release_memory() {
-        let (a, mut b) = tokio::io::duplex(4 << 20);
+    async fn small_batches_keep_their_buffer() {
+        let (a, _b) = tokio::io::duplex(1 << 20);
         let mut w = BatchWriter::new(a);
-        let chunk = vec![7u8; 100_000];
-        for _ in 0..5 {
-            w.write_all(&chunk).await.unwrap();
-        }
-        assert!(w.buf.len() <= FLUSH_AT_BYTES, "buffer stays bounded");
+        assert_eq!(w.buf.capacity(), 0, "nothing up front");
+        w.push(OpCode::Binary, &[1; 100]);
+        assert_eq!(w.buffered(), 102);
         w.flush().await.unwrap();
-        assert_eq!(w.buf.capacity(), 0, "large buffers are given back");
-        let mut all = vec![0u8; 500_000];
-        b.read_exact(&mut all).await.unwrap();
-        assert!(all.iter().all(|x| *x == 7));
+        assert_eq!(w.buffered(), 0);
+        assert!(w.buf.capacity() > 0 && w.buf.capacity() <= KEEP_BYTES);
     }
 }

@@ -5,7 +5,7 @@ use std::{
     time::Duration,
 };
 
-use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketWrite, upgrade::UpgradeFut};
+use fastwebsockets::{Frame, OpCode, WebSocketError, upgrade::UpgradeFut};
 use switchboard_protocol::{
     CloseReason, Encoding, now_ms,
     v1::{ClientFrame, Error as ErrorFrame, ErrorCode, ServerFrame, client_frame, server_frame},
@@ -41,7 +41,7 @@ type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 /// The read side of a socket: one frame at a time, no idle buffer.
 pub(crate) type Reader = Inbound<ReadHalf<Upgraded>>;
 /// The write side: frames coalesced into one syscall per flush.
-pub(crate) type Writing = WebSocketWrite<BatchWriter<WriteHalf<Upgraded>>>;
+pub(crate) type Writing = BatchWriter<WriteHalf<Upgraded>>;
 
 /// Why the reader stopped.
 pub(crate) enum ReaderExit {
@@ -69,11 +69,7 @@ pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Acce
         // Nothing was read yet, so fastwebsockets' buffer holds nothing.
         let (r, w) = tokio::io::split(ws.into_inner());
         let mut rd = Inbound::new(r, state.config.max_frame_bytes);
-        let (_, mut wr) = fastwebsockets::after_handshake_split(
-            tokio::io::empty(),
-            BatchWriter::new(w),
-            Role::Server,
-        );
+        let mut wr = BatchWriter::new(w);
         // Boxed: runs once, and its state must not stay in every socket's task.
         let Some((identity, connect_id, connect)) =
             Box::pin(handshake(&state, &mut rd, &mut wr, &accepted)).await
@@ -81,10 +77,17 @@ pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Acce
             return;
         };
         tracing::Span::current().record("user", identity.user.as_str());
-        run(
-            state, rd, wr, conn_id, identity, connect_id, connect, accepted,
-        )
-        .await;
+        let opened = Opened {
+            state,
+            rd,
+            wr,
+            conn_id,
+            identity,
+            connect_id,
+            connect,
+            accepted,
+        };
+        run(Box::new(opened)).await;
     }
     .instrument(span)
     .await
@@ -97,7 +100,7 @@ async fn handshake(
     rd: &mut Reader,
     ws: &mut Writing,
     accepted: &Accepted,
-) -> Option<(Identity, u32, switchboard_protocol::v1::Connect)> {
+) -> Option<(Identity, u32, Box<switchboard_protocol::v1::Connect>)> {
     let enc = accepted.encoding;
     let frame = match tokio::time::timeout_at(accepted.deadline, first_frame(rd, ws)).await {
         Err(_) => {
@@ -162,7 +165,7 @@ async fn handshake(
         state.config.auth.verify(&connect.token)
     };
     match verified {
-        Ok(identity) => Some((identity, id, connect)),
+        Ok(identity) => Some((identity, id, Box::new(connect))),
         Err(e) => {
             metrics::auth_failure(e.label());
             tracing::debug!(error = %e, "token refused");
@@ -190,13 +193,13 @@ async fn first_frame(rd: &mut Reader, ws: &mut Writing) -> Result<Frame<'static>
         let frame = rd.read_frame(&mut keep).await?;
         match frame.opcode {
             OpCode::Ping => {
-                ws.write_frame(Frame::pong(frame.payload)).await?;
+                ws.push(OpCode::Pong, &frame.payload);
                 ws.flush().await?;
             }
             OpCode::Pong => {}
             OpCode::Close => {
                 let payload = echo.take().unwrap_or_default();
-                ws.write_frame(Frame::close_raw(payload.into())).await?;
+                ws.push(OpCode::Close, &payload);
                 ws.flush().await?;
                 return Err(WebSocketError::ConnectionClosed);
             }
@@ -233,47 +236,51 @@ async fn close_early(
                     message,
                 })),
             };
-            write_encoded(ws, enc, &frame).await?;
+            write_encoded(ws, enc, &frame);
         }
-        write_encoded(ws, enc, &reason.disconnect_frame(0)).await?;
-        ws.write_frame(Frame::close(reason.code(), reason.as_str().as_bytes()))
-            .await?;
+        write_encoded(ws, enc, &reason.disconnect_frame(0));
+        ws.push_close(reason.code(), reason.as_str().as_bytes());
         ws.flush().await
     })
     .await;
 }
 
-async fn write_encoded(
-    ws: &mut Writing,
-    enc: Encoding,
-    frame: &ServerFrame,
-) -> Result<(), WebSocketError> {
+fn write_encoded(ws: &mut Writing, enc: Encoding, frame: &ServerFrame) {
     let bytes = enc.encode_server(frame);
     let opcode = if enc.is_text() {
         OpCode::Text
     } else {
         OpCode::Binary
     };
-    ws.write_frame(Frame::new(
-        true,
-        opcode,
-        None,
-        fastwebsockets::Payload::Borrowed(&bytes),
-    ))
-    .await
+    ws.push(opcode, &bytes);
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
+/// A socket whose Connect was accepted.
+struct Opened {
     state: Arc<EdgeState>,
-    mut rd: Reader,
+    rd: Reader,
     wr: Writing,
     conn_id: u64,
     identity: Identity,
     connect_id: u32,
-    connect: switchboard_protocol::v1::Connect,
+    connect: Box<switchboard_protocol::v1::Connect>,
     accepted: Accepted,
-) {
+}
+
+/// The socket's steady state and cleanup. One boxed argument: an async
+/// fn keeps its arguments for its whole life, beside the locals they are
+/// moved into, and every byte here is paid by every idle socket.
+async fn run(opened: Box<Opened>) {
+    let Opened {
+        state,
+        mut rd,
+        wr,
+        conn_id,
+        identity,
+        connect_id,
+        connect,
+        accepted,
+    } = *opened;
     let _permit = accepted.permit;
     let cfg = &state.config;
     let (conn, rx) = ConnHandle::new(
@@ -291,7 +298,7 @@ async fn run(
     // linger, the cleanup) does not add to the size of every socket's task.
     let exit = {
         let last_seen = Arc::new(AtomicI64::new(now_ms()));
-        let writer = Writer::new(
+        let mut writer = Writer::new(
             wr,
             conn.clone(),
             rx,
@@ -302,14 +309,14 @@ async fn run(
                 token_expiry_warning: cfg.token_expiry_warning,
             },
             state.metrics.clone(),
-        )
-        .run();
+        );
+        let writer = writer.run();
         tokio::pin!(writer);
 
         let exit = tokio::select! {
             w = &mut writer => Some(w),
             // Boxed: runs once per socket, like the handshake.
-            ready = Box::pin(session.start(connect_id, connect)) => {
+            ready = Box::pin(session.start(connect_id, *connect)) => {
                 if let Err(reason) = ready {
                     conn.close(reason, 0);
                 }

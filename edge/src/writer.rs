@@ -11,7 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketWrite};
+use fastwebsockets::OpCode;
 use switchboard_protocol::{
     CloseReason, Encoding, SharedFrame, StreamKey, now_ms,
     v1::{ServerFrame, TokenExpiring, server_frame},
@@ -19,6 +19,7 @@ use switchboard_protocol::{
 use tokio::{io::AsyncWrite, time::Instant};
 
 use crate::{
+    batch_writer::{BatchWriter, FLUSH_AT_BYTES},
     metrics::EdgeMetrics,
     outbound::{ConnHandle, Inbox, Next, Outbound, Recovered},
 };
@@ -48,7 +49,7 @@ pub(crate) enum WriterExit {
 }
 
 pub(crate) struct Writer<W> {
-    ws: WebSocketWrite<W>,
+    out: BatchWriter<W>,
     conn: ConnHandle,
     rx: Inbox,
     streams: HashMap<StreamKey, StreamState>,
@@ -57,8 +58,6 @@ pub(crate) struct Writer<W> {
     token_expires_at_ms: i64,
     warned: bool,
     deadline_dirty: bool,
-    /// Bytes written into the batch buffer since the last flush.
-    unflushed: bool,
     settings: WriterSettings,
     metrics: Arc<EdgeMetrics>,
 }
@@ -66,7 +65,7 @@ pub(crate) struct Writer<W> {
 impl<W: AsyncWrite + Unpin> Writer<W> {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        ws: WebSocketWrite<W>,
+        out: BatchWriter<W>,
         conn: ConnHandle,
         rx: Inbox,
         last_seen_ms: Arc<AtomicI64>,
@@ -75,7 +74,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         metrics: Arc<EdgeMetrics>,
     ) -> Self {
         Writer {
-            ws,
+            out,
             conn,
             rx,
             streams: HashMap::new(),
@@ -83,13 +82,14 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             token_expires_at_ms,
             warned: false,
             deadline_dirty: false,
-            unflushed: false,
             settings,
             metrics,
         }
     }
 
-    pub(crate) async fn run(mut self) -> WriterExit {
+    /// Runs until the socket closes. Takes `&mut self` so that the writer
+    /// is stored once in the connection's task, not copied into this future.
+    pub(crate) async fn run(&mut self) -> WriterExit {
         let mut heartbeat = tokio::time::interval_at(
             Instant::now() + self.settings.heartbeat_interval,
             self.settings.heartbeat_interval,
@@ -100,11 +100,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         tokio::pin!(token_timer);
         loop {
             // One flush (one syscall) per loop turn, i.e. per drained batch.
-            if self.unflushed {
-                self.unflushed = false;
-                if self.ws.flush().await.is_err() {
-                    return WriterExit::Gone;
-                }
+            if self.out.buffered() > 0 && self.out.flush().await.is_err() {
+                return WriterExit::Gone;
             }
             if self.deadline_dirty {
                 self.deadline_dirty = false;
@@ -125,6 +122,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     }
                     // Drain what is already queued before yielding.
                     for _ in 0..64 {
+                        if self.out.buffered() >= FLUSH_AT_BYTES {
+                            break;
+                        }
                         let Some(msg) = self.rx.try_recv() else { break };
                         if self.handle(msg).await.is_err() {
                             return WriterExit::Gone;
@@ -137,10 +137,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                         self.conn.close(CloseReason::HeartbeatTimeout, 0);
                         continue;
                     }
-                    if self.ws.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await.is_err() {
-                        return WriterExit::Gone;
-                    }
-                    self.unflushed = true;
+                    self.out.push(OpCode::Ping, &[]);
                 }
                 _ = &mut token_timer, if self.token_expires_at_ms > 0 => {
                     self.deadline_dirty = true;
@@ -155,9 +152,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                             })),
                         };
                         let bytes = self.conn.encoding().encode_server(&frame);
-                        if self.write(&bytes).await.is_err() {
-                            return WriterExit::Gone;
-                        }
+                        self.write(&bytes);
                     }
                 }
             }
@@ -182,12 +177,14 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         match msg {
             Outbound::Reply(bytes) => {
                 self.conn.dequeued(bytes.len());
-                self.write(&bytes).await
+                self.write(&bytes);
+                Ok(())
             }
             Outbound::Shared(frame) => {
                 let len = frame.encoded(enc).len();
                 self.conn.dequeued(len);
-                self.live(frame).await
+                self.live(frame);
+                Ok(())
             }
             Outbound::BeginRecovery(key) => {
                 self.streams
@@ -203,15 +200,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             }
             Outbound::Control(control) => {
                 let (opcode, payload) = *control;
-                self.unflushed = true;
-                self.ws
-                    .write_frame(Frame::new(true, opcode, None, Payload::Owned(payload)))
-                    .await
-                    .map_err(|_| ())
+                self.out.push(opcode, &payload);
+                Ok(())
             }
             Outbound::Stop => {
                 // The close echo may still be in the batch buffer.
-                let _ = self.ws.flush().await;
+                let _ = self.out.flush().await;
                 Err(())
             }
             Outbound::TokenExpiry(ms) => {
@@ -232,25 +226,31 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         } = r;
         let enc = self.conn.encoding();
         self.conn.dequeued(reply.len());
-        self.write(&reply).await?;
+        self.write(&reply);
         let mut last = 0;
         for f in &frames {
             let seq = f.delivery_position().map(|(_, s)| s).unwrap_or(0);
-            self.write(f.encoded(enc)).await?;
+            self.write(f.encoded(enc));
             last = last.max(seq);
+            if self.out.buffered() >= FLUSH_AT_BYTES {
+                self.out.flush().await.map_err(|_| ())?;
+            }
         }
         let held = match self.streams.insert(stream, StreamState::Live(last)) {
             Some(StreamState::Recovering(held)) => held,
             _ => Vec::new(),
         };
         for f in held {
-            self.live(f).await?;
+            self.live(f);
+            if self.out.buffered() >= FLUSH_AT_BYTES {
+                self.out.flush().await.map_err(|_| ())?;
+            }
         }
         Ok(())
     }
 
     /// A live frame: deliveries pass the per-stream order filter.
-    async fn live(&mut self, frame: SharedFrame) -> Result<(), ()> {
+    fn live(&mut self, frame: SharedFrame) {
         if let Some((key, seq)) = frame.delivery_position() {
             match self.streams.get_mut(&key) {
                 Some(StreamState::Recovering(held)) => {
@@ -259,24 +259,24 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     } else {
                         held.push(frame);
                     }
-                    return Ok(());
+                    return;
                 }
                 Some(StreamState::Live(last)) => {
                     if seq <= *last {
                         self.metrics.duplicates_dropped.increment(1);
-                        return Ok(());
+                        return;
                     }
                     *last = seq;
                 }
                 // Not (or no longer) subscribed on this socket.
-                None => return Ok(()),
+                None => return,
             }
         }
-        let bytes = frame.encoded(self.conn.encoding()).clone();
-        self.write(&bytes).await
+        self.write(frame.encoded(self.conn.encoding()));
     }
 
-    async fn write(&mut self, bytes: &Bytes) -> Result<(), ()> {
+    /// Buffers one data frame; the loop flushes it with the rest of the batch.
+    fn write(&mut self, bytes: &Bytes) {
         let opcode = if self.conn.encoding() == Encoding::Json {
             OpCode::Text
         } else {
@@ -284,11 +284,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         };
         self.metrics.frames_out.increment(1);
         self.metrics.bytes_out.increment(bytes.len() as u64);
-        self.unflushed = true;
-        self.ws
-            .write_frame(Frame::new(true, opcode, None, Payload::Borrowed(bytes)))
-            .await
-            .map_err(|_| ())
+        self.out.push(opcode, bytes);
     }
 
     /// Sends Disconnect + close with the reason's code, within a deadline
@@ -303,15 +299,13 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             // go first; queued deliveries are dropped, the client resumes.
             while let Some(msg) = self.rx.try_recv() {
                 if let Outbound::Reply(b) = msg {
-                    self.write(&b).await?;
+                    self.write(&b);
                 }
             }
-            self.write(&bytes).await?;
-            self.ws
-                .write_frame(Frame::close(reason.code(), reason.as_str().as_bytes()))
-                .await
-                .map_err(|_| ())?;
-            self.ws.flush().await.map_err(|_| ())
+            self.write(&bytes);
+            self.out
+                .push_close(reason.code(), reason.as_str().as_bytes());
+            self.out.flush().await
         })
         .await;
     }
