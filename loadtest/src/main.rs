@@ -3,7 +3,7 @@
 //! Scenarios (more arrive with the load-testing issue):
 //! - `idle`: hold N connected sockets; report connect rate and the edge's
 //!   process and kernel memory per socket.
-//! - `fanout`: N sockets subscribe to one chat; one publisher posts M
+//! - `channel` (alias `fanout`): N sockets subscribe to one chat; one publisher posts M
 //!   messages; report deliveries/s, time to the last delivery, latency.
 //! - `chat`: N users in chats of K members across several edges, R
 //!   messages/s; publish-to-receive latency, loss, order, router CPU.
@@ -14,9 +14,9 @@
 //! 64k-ports-per-address limit. Every run is bounded in count and time.
 //! Run with: cargo run --release -p switchboard-loadtest -- idle --help
 mod accounting;
+mod channel;
 mod chat;
 mod conn;
-mod fanout;
 mod idle;
 mod storm;
 mod sys;
@@ -34,8 +34,9 @@ struct Cli {
 enum Scenario {
     /// Hold N idle sockets and measure memory per socket.
     Idle(idle::Args),
-    /// One chat, N subscribers, M posts: fan-out throughput and latency.
-    Fanout(fanout::Args),
+    /// One channel, N subscribers, M posts: fan-out throughput and latency.
+    #[command(alias = "fanout")]
+    Channel(channel::Args),
     /// N users in chats of K members, R messages/s: cross-edge latency.
     Chat(chat::Args),
     /// N clients drop at once, miss M messages, reconnect and resume.
@@ -51,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let report = runtime.block_on(async move {
         match cli.scenario {
             Scenario::Idle(a) => idle::run(a).await,
-            Scenario::Fanout(a) => fanout::run(a).await,
+            Scenario::Channel(a) => channel::run(a).await,
             Scenario::Chat(a) => chat::run(a).await,
             Scenario::Storm(a) => storm::run(a).await,
         }

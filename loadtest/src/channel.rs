@@ -241,7 +241,7 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
     let h = hist.lock().expect("histogram lock");
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     Ok(serde_json::to_value(Report {
-        scenario: "fanout",
+        scenario: "channel",
         subscribers: a.subscribers as u64,
         messages: a.messages,
         deliveries_expected: expected,
