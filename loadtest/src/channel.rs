@@ -1,47 +1,63 @@
-//! One chat with N subscribers; one publisher posts M messages at a rate.
+//! One channel with N subscribers; one publisher posts M messages at a
+//! rate. Reports the latency of every delivery and, per post, the time
+//! from the post to its last delivery.
+//!
+//! With workers, the subscribers are split among them and worker 0 alone
+//! publishes, once every worker's subscribers are in.
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
-use bytes::Bytes;
-use hdrhistogram::Histogram;
-use serde::Serialize;
+use anyhow::Context;
+use serde_json::{Map, Value, json};
 use switchboard_protocol::v1::{
     ClientFrame, Publish, Subscribe, client_frame, publish, server_frame,
 };
-use tokio::sync::Semaphore;
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
 
 use crate::{
     accounting::{Seen, Tracker},
-    conn, sys,
+    conn,
+    coord::Worker,
+    recorder::{Counters, Recorder},
+    report::{Report, now_us},
+    sys::{Pids, Probe},
 };
+
+/// The only kind of traffic here.
+const CHANNEL: usize = 0;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
     target: conn::Target,
+    #[command(flatten)]
+    pids: Pids,
     /// Where the publisher connects (default: the first --addr).
     #[arg(long)]
     publish_addr: Option<SocketAddr>,
     /// The chat (channel) to use.
     #[arg(long, default_value = "bench")]
     chat: String,
-    /// Prefix of subscriber user names (unique per worker process).
+    /// Prefix of subscriber user names (`PREFIX-N`, N unique over workers).
     #[arg(long, default_value = "fan")]
     user_prefix: String,
     /// Only subscribe and count; another process publishes.
     #[arg(long)]
     no_publish: bool,
-    /// Seconds to wait after all local subscribers are ready before
-    /// publishing (lets other worker processes finish connecting).
+    /// Extra seconds to wait, once every worker's subscribers are ready,
+    /// before publishing.
     #[arg(long, default_value_t = 0)]
     publish_after_secs: u64,
-    /// Subscribers of the chat.
+    /// Subscribers of the chat (over all workers).
     #[arg(long, default_value_t = 10_000)]
     subscribers: u32,
     /// Messages to post.
@@ -53,214 +69,266 @@ pub(crate) struct Args {
     /// Payload size, bytes (at least 16: it carries the send time).
     #[arg(long, default_value_t = 64)]
     payload_bytes: usize,
-    /// Give up waiting for deliveries after this many seconds.
+    /// Longest wait for the subscribers to be ready, and for deliveries
+    /// after the last post.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
-    /// Edge process id, to read its CPU time.
-    #[arg(long)]
-    edge_pid: Option<u32>,
 }
 
-#[derive(Serialize)]
-struct Report {
-    scenario: &'static str,
-    subscribers: u64,
-    messages: u32,
-    deliveries_expected: u64,
-    deliveries_received: u64,
-    lost: u64,
-    duplicated: u64,
-    out_of_order: u64,
-    seconds_first_post_to_last_delivery: f64,
-    deliveries_per_second: f64,
-    edge_cpu_seconds: Option<f64>,
-    deliveries_per_edge_cpu_second: Option<f64>,
-    latency_ms: Percentiles,
+impl Args {
+    fn params(&self) -> Value {
+        json!({
+            "addr": self.target.addr.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "chat": self.chat,
+            "subscribers": self.subscribers,
+            "messages": self.messages,
+            "rate": self.rate,
+            "payload_bytes": self.payload_bytes.max(16),
+            "no_publish": self.no_publish,
+        })
+    }
 }
 
-#[derive(Serialize)]
-struct Percentiles {
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    p999: f64,
-    max: f64,
-}
-
-fn micros_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
-    let sources = Arc::new(conn::Sources::new(a.target.sources));
+pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
+    let rec = Recorder::new(&["channel"], a.messages as usize);
+    let mem_before = Probe::take_if(w.is_first(), &a.pids);
+    w.barrier("start", 0).await?;
+    let sources = Arc::new(conn::Sources::new(a.target.sources, w.index));
     let gate = Arc::new(Semaphore::new(a.target.concurrency));
-    let received = Arc::new(AtomicU64::new(0));
-    let duplicated = Arc::new(AtomicU64::new(0));
-    let out_of_order = Arc::new(AtomicU64::new(0));
     let ready = Arc::new(AtomicU64::new(0));
-    let last_delivery_us = Arc::new(AtomicU64::new(0));
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1, 60_000_000, 3,
-    )?));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
+    let gave_up = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let mine = w.slice(a.subscribers as u64);
+    let local = mine.end - mine.start;
+    let timeout = Duration::from_secs(a.timeout_secs);
     let mut tasks = Vec::new();
-    for i in 0..a.subscribers {
+    for i in mine {
         let permit = gate.clone().acquire_owned().await?;
-        let sources = sources.clone();
-        let token = conn::token(&a.target.secret, &format!("{}-{i}", a.user_prefix));
-        let (received, duplicated, out_of_order, ready, last_us, hist) = (
-            received.clone(),
-            duplicated.clone(),
-            out_of_order.clone(),
-            ready.clone(),
-            last_delivery_us.clone(),
-            hist.clone(),
-        );
-        let (addr, messages) = (a.target.addr_for(i as usize), a.messages as u64);
-        let chat = a.chat.clone();
+        let sub = Subscriber {
+            rec: rec.clone(),
+            sources: sources.clone(),
+            addr: a.target.addr_for(i as usize),
+            token: conn::token(&a.target.secret, &format!("{}-{i}", a.user_prefix)),
+            chat: a.chat.clone(),
+            messages: a.messages as u64,
+            ready: ready.clone(),
+            stop: stop.clone(),
+        };
+        let gave_up = gave_up.clone();
         tasks.push(tokio::spawn(async move {
-            let mut ws = conn::open(addr, &sources, token).await?;
-            let sub = Subscribe {
-                chat,
-                ..Default::default()
-            };
-            conn::send(
-                &mut ws,
-                ClientFrame {
-                    id: 2,
-                    kind: Some(client_frame::Kind::Subscribe(sub)),
-                },
-            )
-            .await?;
-            drop(permit);
-            let mut tracker = Tracker::default();
-            // Samples, not a histogram per socket: an HDR histogram is ~150 KiB.
-            let mut local: Vec<u64> = Vec::new();
-            let mut got = 0u64;
-            while got < messages {
-                let frame = match tokio::time::timeout_at(deadline, conn::recv(&mut ws)).await {
-                    Ok(Ok(f)) => f,
-                    _ => break,
-                };
-                match frame.kind {
-                    Some(server_frame::Kind::SubscribeResult(_)) => {
-                        ready.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(server_frame::Kind::Delivery(d)) => {
-                        let now = micros_now();
-                        match tracker.observe(d.seq) {
-                            Seen::Duplicate => {
-                                duplicated.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            Seen::Late => {
-                                out_of_order.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Seen::New => {}
-                        }
-                        got += 1;
-                        if d.payload.len() >= 8 {
-                            let sent =
-                                u64::from_le_bytes(d.payload[..8].try_into().expect("8 bytes"));
-                            local.push(now.saturating_sub(sent).max(1));
-                        }
-                        last_us.fetch_max(now, Ordering::Relaxed);
-                    }
-                    _ => {}
-                }
+            let r = sub.run(permit).await;
+            if let Err(e) = &r {
+                gave_up.fetch_add(1, Ordering::Relaxed);
+                eprintln!("subscriber gave up: {e:#}");
             }
-            received.fetch_add(got, Ordering::Relaxed);
-            {
-                let mut h = hist.lock().expect("histogram lock");
-                for v in local {
-                    let _ = h.record(v);
-                }
-            }
-            anyhow::Ok(())
         }));
     }
-    while ready.load(Ordering::Relaxed) < a.subscribers as u64 {
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "only {} of {} subscribers ready",
-                ready.load(Ordering::Relaxed),
-                a.subscribers
-            );
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (r, g) = (
+            ready.load(Ordering::Relaxed),
+            gave_up.load(Ordering::Relaxed),
+        );
+        if r + g >= local {
+            break;
         }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {r} of {local} subscribers ready after {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-
-    eprintln!("{} subscribers ready", a.subscribers);
+    let ready_n = ready.load(Ordering::Relaxed);
+    eprintln!("{ready_n} of {local} subscribers ready");
+    rec.add_counter("subscribed", ready_n);
+    w.barrier("subscribed", 0).await?;
+    let mem_after = Probe::take_if(w.is_first(), &a.pids);
     tokio::time::sleep(Duration::from_secs(a.publish_after_secs)).await;
-    let cpu_before = a.edge_pid.and_then(sys::cpu_seconds);
-    let started_us = micros_now();
     // Kept open until every subscriber is done: closing a socket with
     // unread acks sends a RST, which would discard the last publishes.
     let mut kept_publisher = None;
-    if !a.no_publish {
-        let publish_addr = a.publish_addr.unwrap_or(a.target.addr[0]);
-        let name = format!("{}-publisher", a.user_prefix);
-        let publisher = kept_publisher.insert(
-            conn::open(publish_addr, &sources, conn::token(&a.target.secret, &name)).await?,
-        );
-        let interval = Duration::from_secs_f64(1.0 / a.rate.max(1) as f64);
-        let mut tick = tokio::time::interval(interval);
-        for m in 0..a.messages {
-            tick.tick().await;
-            let mut payload = vec![0u8; a.payload_bytes.max(16)];
-            payload[..8].copy_from_slice(&micros_now().to_le_bytes());
-            let p = Publish {
-                target: Some(publish::Target::Chat(a.chat.clone())),
-                client_msg_id: format!("{name}-{m}"),
-                payload: Bytes::from(payload),
-            };
-            let frame = ClientFrame {
-                id: m + 10,
-                kind: Some(client_frame::Kind::Publish(p)),
-            };
-            conn::send(publisher, frame).await?;
+    let mut posts = 0;
+    if w.is_first() {
+        if a.no_publish {
+            posts = a.messages as u64;
+        } else {
+            let (ws, sent) = publish(&a, &sources, &rec).await?;
+            kept_publisher = Some(ws);
+            posts = sent;
         }
     }
+    let posts = w.barrier("published", posts).await?;
+    Counters::add(&rec.kind(CHANNEL).expected, posts * ready_n);
+    let deadline = Instant::now() + timeout;
+    while !rec.kind(CHANNEL).complete() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
     }
-    let cpu_after = a.edge_pid.and_then(sys::cpu_seconds);
-    let n = received.load(Ordering::Relaxed);
-    let expected = a.subscribers as u64 * a.messages as u64;
-    let span = (last_delivery_us
-        .load(Ordering::Relaxed)
-        .saturating_sub(started_us)) as f64
-        / 1e6;
-    let edge_cpu = match (cpu_before, cpu_after) {
-        (Some(b), Some(a)) => Some(a - b),
-        _ => None,
-    };
-    let h = hist.lock().expect("histogram lock");
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    Ok(serde_json::to_value(Report {
-        scenario: "channel",
-        subscribers: a.subscribers as u64,
-        messages: a.messages,
-        deliveries_expected: expected,
-        deliveries_received: n,
-        lost: expected.saturating_sub(n),
-        duplicated: duplicated.load(Ordering::Relaxed),
-        out_of_order: out_of_order.load(Ordering::Relaxed),
-        seconds_first_post_to_last_delivery: span,
-        deliveries_per_second: if span > 0.0 { n as f64 / span } else { 0.0 },
-        edge_cpu_seconds: edge_cpu,
-        deliveries_per_edge_cpu_second: edge_cpu.filter(|c| *c > 0.0).map(|c| n as f64 / c),
-        latency_ms: Percentiles {
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: h.max() as f64 / 1000.0,
-        },
-    })?)
+    w.barrier("drained", 0).await?;
+    let cpu_after = Probe::take_if(w.is_first(), &a.pids);
+    drop(kept_publisher);
+    let server = Probe::server((mem_before, mem_after), (mem_after, cpu_after));
+    Ok(rec.report("channel", a.params(), server))
+}
+
+/// Posts `messages` stamped posts at `rate`; returns the socket (to be
+/// kept open) and how many went out.
+async fn publish(
+    a: &Args,
+    sources: &conn::Sources,
+    rec: &Arc<Recorder>,
+) -> anyhow::Result<(conn::Ws, u64)> {
+    let addr = a.publish_addr.unwrap_or(a.target.addr[0]);
+    let name = format!("{}-publisher", a.user_prefix);
+    let token = conn::token(&a.target.secret, &name);
+    let mut ws = conn::open_counted(rec, addr, sources, token)
+        .await
+        .context("connecting the publisher")?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate.max(1) as f64));
+    let (mut sent, mut acked, mut errors) = (0u64, 0u64, 0u64);
+    let total = a.messages as u64;
+    let acks_until = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(acks_until);
+    rec.earliest("first_post", now_us());
+    while acked + errors < total {
+        tokio::select! {
+            _ = tick.tick(), if sent < total => {
+                let p = Publish {
+                    target: Some(publish::Target::Chat(a.chat.clone())),
+                    client_msg_id: format!("{}-{sent}", conn::run_tag()),
+                    payload: conn::stamped(a.payload_bytes, now_us(), sent),
+                };
+                let frame = ClientFrame { id: sent as u32 + 10, kind: Some(client_frame::Kind::Publish(p)) };
+                conn::send(&mut ws, frame).await?;
+                sent += 1;
+                if sent == total {
+                    acks_until.as_mut().reset(Instant::now() + Duration::from_secs(10));
+                }
+            }
+            f = conn::recv(&mut ws) => match f.context("publisher socket")?.kind {
+                Some(server_frame::Kind::PublishAck(ack)) => {
+                    acked += 1;
+                    if ack.duplicate {
+                        eprintln!("post {} was taken for a duplicate", ack.seq);
+                        rec.add_counter("publish_duplicates", 1);
+                    }
+                }
+                Some(server_frame::Kind::Error(e)) => {
+                    errors += 1;
+                    eprintln!("publish refused: {} {}", e.code, e.message);
+                }
+                _ => {}
+            },
+            _ = &mut acks_until => {
+                eprintln!("{} of {sent} posts unacknowledged after 10 s", sent - acked - errors);
+                break;
+            }
+        }
+    }
+    Counters::add(&rec.kind(CHANNEL).sent, sent);
+    rec.add_counter("posts_acked", acked);
+    rec.add_counter("publish_errors", errors);
+    Ok((ws, sent))
+}
+
+/// One subscriber socket.
+struct Subscriber {
+    rec: Arc<Recorder>,
+    sources: Arc<conn::Sources>,
+    addr: SocketAddr,
+    token: String,
+    chat: String,
+    messages: u64,
+    ready: Arc<AtomicU64>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Subscriber {
+    async fn run(mut self, permit: tokio::sync::OwnedSemaphorePermit) -> anyhow::Result<()> {
+        let mut ws =
+            conn::open_counted(&self.rec, self.addr, &self.sources, self.token.clone()).await?;
+        let sub = Subscribe {
+            chat: self.chat.clone(),
+            ..Default::default()
+        };
+        let frame = ClientFrame {
+            id: 2,
+            kind: Some(client_frame::Kind::Subscribe(sub)),
+        };
+        conn::request(&mut ws, frame).await?;
+        drop(permit);
+        self.ready.fetch_add(1, Ordering::Relaxed);
+        let counters = self.rec.kind(CHANNEL);
+        let mut tracker = Tracker::default();
+        let mut samples = self.rec.samples();
+        let mut got = 0u64;
+        while got < self.messages {
+            let frame = tokio::select! {
+                f = conn::recv(&mut ws) => match f { Ok(f) => f, Err(_) => break },
+                _ = crate::coord::stopped(&mut self.stop) => break,
+            };
+            let Some(server_frame::Kind::Delivery(d)) = frame.kind else {
+                continue;
+            };
+            let now = now_us();
+            match tracker.observe(d.seq) {
+                Seen::Duplicate => {
+                    Counters::add(&counters.duplicated, 1);
+                    continue;
+                }
+                Seen::Late => Counters::add(&counters.out_of_order, 1),
+                Seen::New => {}
+            }
+            got += 1;
+            Counters::add(&counters.received, 1);
+            if let Some((sent, post)) = conn::stamp(&d.payload) {
+                samples.latency(CHANNEL, sent, now);
+                self.rec.post_delivered(post, sent, now);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Channel-specific figures of a (merged) report.
+pub(crate) fn figures(r: &Report) -> Map<String, Value> {
+    let d = r.kinds.get("channel").cloned().unwrap_or_default();
+    let subscribed = r.counter("subscribed");
+    let last_delivery = r.posts.values().map(|p| p.last_us).max().unwrap_or(0);
+    let first_post = r.earliest_us.get("first_post").copied().unwrap_or(0);
+    let span = Report::span_secs(first_post, last_delivery);
+    let times = r.post_times();
+    let cpu = r.server.edge_cpu_seconds.filter(|c| *c > 0.0);
+    let mut m = Map::new();
+    m.insert("subscribers".into(), json!(subscribed));
+    m.insert("messages".into(), json!(d.sent));
+    m.insert("posts_acked".into(), json!(r.counter("posts_acked")));
+    m.insert("publish_errors".into(), json!(r.counter("publish_errors")));
+    m.insert(
+        "publish_duplicates".into(),
+        json!(r.counter("publish_duplicates")),
+    );
+    m.insert("seconds_first_post_to_last_delivery".into(), json!(span));
+    m.insert(
+        "deliveries_per_second".into(),
+        json!(span.filter(|s| *s > 0.0).map(|s| d.received as f64 / s)),
+    );
+    m.insert(
+        "deliveries_per_edge_cpu_second".into(),
+        json!(cpu.map(|c| d.received as f64 / c)),
+    );
+    m.insert(
+        "posts_fully_delivered".into(),
+        json!(times.iter().filter(|(_, _, n)| *n >= subscribed).count()),
+    );
+    m.insert(
+        "time_to_last_delivery_ms_worst_post".into(),
+        json!(times.iter().map(|(_, ms, _)| *ms).reduce(f64::max)),
+    );
+    m
 }
 
 #[cfg(test)]
@@ -299,34 +367,34 @@ mod tests {
             let mut ws = tokio_tungstenite::accept_hdr_async(tcp, pick)
                 .await
                 .unwrap();
-            let reply = |kind| {
+            let reply = |id, kind| {
                 Message::binary(Encoding::Protobuf.encode_server(&ServerFrame {
-                    id: 1,
+                    id,
                     kind: Some(kind),
                 }))
             };
             ws.next().await.unwrap().unwrap(); // connect
-            ws.send(reply(server_frame::Kind::ConnectResult(
-                ConnectResult::default(),
-            )))
+            ws.send(reply(
+                1,
+                server_frame::Kind::ConnectResult(ConnectResult::default()),
+            ))
             .await
             .unwrap();
-            ws.next().await.unwrap().unwrap(); // subscribe
-            ws.send(reply(server_frame::Kind::SubscribeResult(
-                SubscribeResult::default(),
-            )))
+            ws.next().await.unwrap().unwrap(); // subscribe, id 2
+            ws.send(reply(
+                2,
+                server_frame::Kind::SubscribeResult(SubscribeResult::default()),
+            ))
             .await
             .unwrap();
             for seq in seqs {
-                let mut payload = micros_now().to_le_bytes().to_vec();
-                payload.resize(16, 0);
                 let d = Delivery {
                     chat: "bench".into(),
                     seq,
-                    payload: Bytes::from(payload),
+                    payload: conn::stamped(16, now_us(), seq - 1),
                     ..Default::default()
                 };
-                ws.send(reply(server_frame::Kind::Delivery(d)))
+                ws.send(reply(0, server_frame::Kind::Delivery(d)))
                     .await
                     .unwrap();
             }
@@ -344,6 +412,7 @@ mod tests {
                 concurrency: 1,
                 sources: 1,
             },
+            pids: Pids::default(),
             publish_addr: None,
             chat: "bench".into(),
             user_prefix: "t".into(),
@@ -354,14 +423,13 @@ mod tests {
             rate: 1,
             payload_bytes: 16,
             timeout_secs: 2,
-            edge_pid: None,
         }
     }
 
     #[tokio::test]
     async fn counts_duplicates_and_late_arrivals() {
         let addr = misbehaving_server(vec![1, 2, 2, 4, 3, 5]).await;
-        let r = run(args(addr, 5)).await.unwrap();
+        let r = run(args(addr, 5), &Worker::alone()).await.unwrap().render();
         assert_eq!(r["deliveries_received"], 5);
         assert_eq!(r["duplicated"], 1);
         assert_eq!(r["out_of_order"], 1);
@@ -371,7 +439,7 @@ mod tests {
     #[tokio::test]
     async fn counts_a_lost_message() {
         let addr = misbehaving_server(vec![1, 2, 4, 5]).await;
-        let r = run(args(addr, 5)).await.unwrap();
+        let r = run(args(addr, 5), &Worker::alone()).await.unwrap().render();
         assert_eq!(r["deliveries_received"], 4);
         assert_eq!(r["lost"], 1);
         assert_eq!(
