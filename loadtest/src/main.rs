@@ -9,6 +9,9 @@
 //!   each post's time to its last delivery.
 //! - `chat`: N users in chats of K members across several edges, R
 //!   messages/s; publish-to-receive latency, loss, order, router CPU.
+//! - `mixed`: one set of sockets carrying DMs, small groups, one big
+//!   channel, read receipts, typing and presence at R operations/s;
+//!   latency and loss per kind.
 //! - `storm`: N clients drop at once, miss M messages, reconnect at once
 //!   and resume with `since`; time until all are back and resumed.
 //!
@@ -29,6 +32,7 @@ mod conn;
 mod coord;
 mod fleet;
 mod idle;
+mod mixed;
 mod recorder;
 mod report;
 mod storm;
@@ -75,6 +79,8 @@ enum Scenario {
     Channel(channel::Args),
     /// N users in chats of K members, R messages/s: cross-edge latency.
     Chat(chat::Args),
+    /// DMs, groups, a channel, receipts, typing, presence on one set of sockets.
+    Mixed(mixed::Args),
     /// N clients drop at once, miss M messages, reconnect and resume.
     Storm(storm::Args),
 }
@@ -84,6 +90,7 @@ async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> 
         Scenario::Idle(a) => idle::run(a, w).await,
         Scenario::Channel(a) => channel::run(a, w).await,
         Scenario::Chat(a) => chat::run(a, w).await,
+        Scenario::Mixed(a) => mixed::run(a, w).await,
         Scenario::Storm(a) => storm::run(a, w).await,
     }
 }
@@ -94,6 +101,7 @@ pub(crate) fn scenario_figures(r: &Report) -> Map<String, Value> {
         "idle" => idle::figures(r),
         "channel" => channel::figures(r),
         "chat" => chat::figures(r),
+        "mixed" => mixed::figures(r),
         "storm" => storm::figures(r),
         _ => Map::new(),
     }

@@ -106,6 +106,11 @@ impl Recorder {
         &self.kinds[kind]
     }
 
+    /// Every kind has received all it expected.
+    pub(crate) fn all_complete(&self) -> bool {
+        self.kinds.iter().all(Counters::complete)
+    }
+
     pub(crate) fn attempt(&self) {
         self.attempted.fetch_add(1, Relaxed);
         self.first_attempt_us.fetch_min(now_us(), Relaxed);
@@ -301,5 +306,6 @@ mod tests {
         assert_eq!(r.posts.len(), 1);
         assert_eq!(r.posts[&1].delivered, 2);
         assert_eq!(r.posts[&1].last_us, 20);
+        assert!(!rec.all_complete());
     }
 }

@@ -104,6 +104,77 @@ async fn channel_over_two_workers_merges_counts_and_latency() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_over_two_workers_accounts_for_every_kind() {
+    let fake = common::start(common::Faults::default()).await;
+    let addr = fake.addr.to_string();
+    let run = loadtest(&[
+        "mixed",
+        "--workers",
+        "2",
+        "--addr",
+        &addr,
+        "--sources",
+        "1",
+        // 12 per worker: three whole groups of 4 each.
+        "--users",
+        "24",
+        "--presence-users",
+        "4",
+        "--group-size",
+        "4",
+        "--rate",
+        "200",
+        "--duration-secs",
+        "2",
+        "--mix",
+        "dm=40,group=30,receipt=15,typing=10,presence=4,channel=1",
+        "--drain-secs",
+        "5",
+    ])
+    .await;
+    assert!(run.ok, "stderr:\n{}", run.stderr);
+    let r = &run.report;
+    assert_eq!(r["workers"], 2);
+    assert_eq!(u(&r["users_ready"]), 24);
+    // 24 users + 4 away users + the channel owner.
+    assert_eq!(u(&r["connections"]["established"]), 29);
+    assert!(u(&r["away_reconnects"]) > 0);
+    assert_eq!(u(&r["connections"]["failed"]), 0);
+    for kind in ["dm", "group", "channel", "receipt", "typing", "presence"] {
+        let k = &r["kinds"][kind];
+        assert!(u(&k["sent"]) > 0, "{kind} sent nothing: {k}");
+        assert!(u(&k["deliveries_expected"]) > 0, "{kind}: {k}");
+        assert_eq!(
+            k["deliveries_received"], k["deliveries_expected"],
+            "{kind}: {k}"
+        );
+        assert_eq!(u(&k["duplicated"]), 0, "{kind}: {k}");
+        assert_eq!(
+            u(&k["latency_ms"]["samples"]),
+            u(&k["deliveries_received"]),
+            "{kind}: every delivery timed"
+        );
+    }
+    // The channel reaches every user in both workers.
+    let channel = &r["kinds"]["channel"];
+    assert_eq!(u(&channel["deliveries_expected"]), u(&channel["sent"]) * 24);
+    // A DM reaches one user; a group post the other 3 members.
+    assert_eq!(
+        r["kinds"]["dm"]["deliveries_expected"],
+        r["kinds"]["dm"]["sent"]
+    );
+    assert_eq!(
+        u(&r["kinds"]["group"]["deliveries_expected"]),
+        u(&r["kinds"]["group"]["sent"]) * 3
+    );
+    let totals: u64 = ["dm", "group", "channel", "receipt", "typing", "presence"]
+        .iter()
+        .map(|k| u(&r["kinds"][k]["deliveries_received"]))
+        .sum();
+    assert_eq!(u(&r["deliveries_received"]), totals);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_idle_and_storm_run_over_two_workers() {
     let fake = common::start(common::Faults::default()).await;
     let addr = fake.addr.to_string();
