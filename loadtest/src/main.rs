@@ -19,7 +19,7 @@
 //! machines), so `--workers N` runs the scenario in N copies of this
 //! program, each with a disjoint slice of the users, meeting at barriers
 //! between phases (`coord.rs`, `fleet.rs`); the parent merges their
-//! reports (`report.rs`).
+//! reports (`report.rs`) and may plot them (`--plot-dir`, `plot.rs`).
 //!
 //! Sockets spread over many source addresses (127.0.0.x) to pass the
 //! 64k-ports-per-address limit. Every run is bounded in count and time.
@@ -33,12 +33,13 @@ mod coord;
 mod fleet;
 mod idle;
 mod mixed;
+mod plot;
 mod recorder;
 mod report;
 mod storm;
 mod sys;
 
-use std::{process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
@@ -56,6 +57,9 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 1, help_heading = HEADING,
           value_parser = clap::value_parser!(u32).range(1..=256))]
     workers: u32,
+    /// Write SVG plots of the report into this directory.
+    #[arg(long, global = true, help_heading = HEADING)]
+    plot_dir: Option<PathBuf>,
     /// With --workers: longest wait for the last worker at a barrier,
     /// counted from the first one's arrival.
     #[arg(long, global = true, default_value_t = 300, help_heading = HEADING)]
@@ -143,6 +147,11 @@ fn run() -> anyhow::Result<()> {
     } else {
         runtime.block_on(run_scenario(cli.scenario, &Worker::alone()))?
     };
+    if let Some(dir) = &cli.plot_dir {
+        for path in plot::write(&report, dir)? {
+            eprintln!("wrote {}", path.display());
+        }
+    }
     println!("{}", serde_json::to_string_pretty(&report.render())?);
     Ok(())
 }

@@ -74,6 +74,20 @@ impl Hist {
         self.0.max() as f64 / 1000.0
     }
 
+    /// Cumulative distribution: (latency ms, fraction of samples at or
+    /// below it), one point per recorded bucket.
+    pub(crate) fn cdf(&self) -> Vec<(f64, f64)> {
+        let total = self.0.len().max(1) as f64;
+        let mut seen = 0u64;
+        self.0
+            .iter_recorded()
+            .map(|v| {
+                seen += v.count_at_value();
+                (v.value_iterated_to() as f64 / 1000.0, seen as f64 / total)
+            })
+            .collect()
+    }
+
     /// p50 .. max in milliseconds, with the sample count.
     pub(crate) fn summary(&self) -> Value {
         if self.len() == 0 {

@@ -3,7 +3,7 @@
 //! counted, and fail when a worker fails.
 mod common;
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use serde_json::Value;
 
@@ -43,8 +43,12 @@ fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
 
+fn plot_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("sb-loadtest-{name}-{}", std::process::id()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn channel_over_two_workers_merges_counts_and_latency() {
+async fn channel_over_two_workers_merges_counts_latency_and_plots() {
     // One subscriber misses one post: the merged report must say so.
     let fake = common::start(common::Faults {
         drop_delivery: Some(("fan-4".into(), 2)),
@@ -52,9 +56,12 @@ async fn channel_over_two_workers_merges_counts_and_latency() {
     })
     .await;
     let addr = fake.addr.to_string();
+    let plots = plot_dir("channel");
     let run = loadtest(&[
         "--workers",
         "2",
+        "--plot-dir",
+        plots.to_str().unwrap(),
         "channel",
         "--addr",
         &addr,
@@ -101,6 +108,12 @@ async fn channel_over_two_workers_merges_counts_and_latency() {
     want.sort();
     let seen: Vec<String> = fake.seen_users.lock().unwrap().iter().cloned().collect();
     assert_eq!(seen, want);
+    for name in ["latency-over-time", "latency-cdf", "connections"] {
+        let f = plots.join(format!("channel-{name}.svg"));
+        let svg = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        assert!(svg.starts_with("<svg"));
+    }
+    std::fs::remove_dir_all(&plots).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
