@@ -14,6 +14,8 @@ use tokio_tungstenite::{
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
 };
 
+use crate::recorder::Recorder;
+
 pub(crate) type Ws = WebSocketStream<TcpStream>;
 
 /// Where and how to connect; shared by every scenario.
@@ -26,7 +28,7 @@ pub(crate) struct Target {
     /// HS256 secret the edges verify tokens with.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET")]
     pub(crate) secret: String,
-    /// Connects in flight at once.
+    /// Connects in flight at once (per worker process).
     #[arg(long, default_value_t = 200)]
     pub(crate) concurrency: usize,
     /// Source addresses 127.0.0.1..=127.0.0.N (to pass the ports limit).
@@ -48,10 +50,13 @@ pub(crate) struct Sources {
 }
 
 impl Sources {
-    pub(crate) fn new(count: u8) -> Self {
+    /// `offset` staggers the first address, so that workers started
+    /// together do not all begin on 127.0.0.1.
+    pub(crate) fn new(count: u8, offset: u32) -> Self {
+        let count = count.max(1);
         Sources {
-            count: count.max(1),
-            next: AtomicUsize::new(0),
+            count,
+            next: AtomicUsize::new(offset as usize % count as usize),
         }
     }
 
@@ -90,8 +95,82 @@ pub(crate) async fn recv(ws: &mut Ws) -> anyhow::Result<ServerFrame> {
     }
 }
 
+/// Longest a socket may take from TCP connect to ConnectResult.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest wait for the reply to a request.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Opens a socket from the next source address and completes Connect.
 pub(crate) async fn open(addr: SocketAddr, sources: &Sources, token: String) -> anyhow::Result<Ws> {
+    tokio::time::timeout(OPEN_TIMEOUT, open_now(addr, sources, token))
+        .await
+        .map_err(|_| anyhow::anyhow!("no ConnectResult within {OPEN_TIMEOUT:?}"))?
+}
+
+/// [`open`], counted in the recorder as attempted, then established or
+/// failed (a 503 refusal is a failure too, and counted as refused).
+pub(crate) async fn open_counted(
+    rec: &Recorder,
+    addr: SocketAddr,
+    sources: &Sources,
+    token: String,
+) -> anyhow::Result<Ws> {
+    rec.attempt();
+    match open(addr, sources, token).await {
+        Ok(ws) => {
+            rec.established();
+            Ok(ws)
+        }
+        Err(e) => {
+            if is_refused(&e) {
+                rec.refused();
+            }
+            rec.failed();
+            Err(e)
+        }
+    }
+}
+
+/// The edge refused the upgrade with 503 (admission control).
+pub(crate) fn is_refused(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
+        Some(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503
+    )
+}
+
+/// Sends request `frame` and waits for the reply with its id; pushes
+/// that arrive meanwhile are dropped (nothing is expected before the
+/// run starts). An Error reply is an error.
+pub(crate) async fn request(ws: &mut Ws, frame: ClientFrame) -> anyhow::Result<ServerFrame> {
+    let id = frame.id;
+    send(ws, frame).await?;
+    let wait = async {
+        loop {
+            let f = recv(ws).await?;
+            if f.id != id {
+                continue;
+            }
+            if let Some(server_frame::Kind::Error(e)) = &f.kind {
+                bail!("request {id} refused: {} {}", e.code, e.message);
+            }
+            return Ok(f);
+        }
+    };
+    tokio::time::timeout(REPLY_TIMEOUT, wait)
+        .await
+        .map_err(|_| anyhow::anyhow!("no reply to request {id} within {REPLY_TIMEOUT:?}"))?
+}
+
+/// Closes a socket politely and waits (briefly) for the edge's close.
+pub(crate) async fn close(mut ws: Ws) {
+    let _ = ws.close(None).await;
+    let drain = async { while let Some(Ok(_)) = ws.next().await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+async fn open_now(addr: SocketAddr, sources: &Sources, token: String) -> anyhow::Result<Ws> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(sources.pick().into(), 0))?;
     let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr)).await??;
@@ -122,4 +201,31 @@ pub(crate) async fn open(addr: SocketAddr, sources: &Sources, token: String) -> 
         Some(server_frame::Kind::ConnectResult(_)) => Ok(ws),
         other => bail!("connect refused: {other:?}"),
     }
+}
+
+/// Unique to this process: client message ids start with it, so that a
+/// second run against the same edges is not taken for retries of the
+/// first (the router de-duplicates by sender and client message id).
+pub(crate) fn run_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| format!("{:x}{:x}", crate::report::now_us(), std::process::id()))
+}
+
+/// A payload of `len` bytes (at least 16) carrying its send time and a
+/// number (a post's index), so any receiver can time it.
+pub(crate) fn stamped(len: usize, sent_us: u64, n: u64) -> bytes::Bytes {
+    let mut p = vec![0u8; len.max(16)];
+    p[..8].copy_from_slice(&sent_us.to_le_bytes());
+    p[8..16].copy_from_slice(&n.to_le_bytes());
+    p.into()
+}
+
+/// (send time, number) of a [`stamped`] payload.
+pub(crate) fn stamp(payload: &[u8]) -> Option<(u64, u64)> {
+    let sent = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
+    let n = payload
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    Some((sent, n))
 }

@@ -2,54 +2,45 @@
 //! M messages are posted while they are away, then all reconnect at once
 //! and resume with `since`. Reports the time until every client is back
 //! and until every client has recovered all M messages.
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+//!
+//! With workers, each phase starts in all of them together (barriers),
+//! and worker 0 posts the missed messages.
+use std::{sync::Arc, time::Duration};
 
+use anyhow::Context;
 use bytes::Bytes;
-use serde::Serialize;
+use serde_json::{Map, Value, json};
 use switchboard_protocol::v1::{
     ClientFrame, Publish, Subscribe, client_frame, publish, server_frame,
 };
 use tokio::sync::Semaphore;
 
-use crate::conn;
+use crate::{
+    conn,
+    coord::Worker,
+    recorder::{Counters, Recorder},
+    report::{Report, now_us},
+    sys::{Pids, Probe},
+};
+
+/// The missed messages, as the clients recover them.
+const RECOVERED: usize = 0;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
     target: conn::Target,
-    /// Clients.
+    #[command(flatten)]
+    pids: Pids,
+    /// Clients (over all workers).
     #[arg(long, default_value_t = 10_000)]
     clients: u32,
     /// Messages posted while the clients are away.
     #[arg(long, default_value_t = 10)]
     missed: u32,
-    /// Give up after this many seconds.
+    /// Give up after this many seconds (per phase).
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
-    /// Edge process id, to report its RSS after the storm.
-    #[arg(long)]
-    edge_pid: Option<u32>,
-}
-
-#[derive(Serialize)]
-struct Report {
-    scenario: &'static str,
-    clients: u32,
-    missed_messages: u32,
-    back: u64,
-    resumed: u64,
-    failed: u64,
-    refused_with_503: u64,
-    seconds_until_all_back: f64,
-    seconds_until_all_resumed: f64,
-    reconnects_per_second: f64,
-    edge_rss_after_bytes: Option<u64>,
 }
 
 /// Subscribes and returns the stream position (seq, epoch).
@@ -63,126 +54,118 @@ async fn subscribe(
         since,
         epoch: epoch.into(),
     };
-    conn::send(
-        ws,
-        ClientFrame {
-            id: 2,
-            kind: Some(client_frame::Kind::Subscribe(sub)),
-        },
-    )
-    .await?;
-    loop {
-        if let Some(server_frame::Kind::SubscribeResult(r)) = conn::recv(ws).await?.kind {
-            let p = r.position.unwrap_or_default();
-            anyhow::ensure!(
-                !p.resync_required,
-                "history no longer holds the missed messages"
-            );
-            return Ok((p.seq, p.epoch));
-        }
-    }
+    let frame = ClientFrame {
+        id: 2,
+        kind: Some(client_frame::Kind::Subscribe(sub)),
+    };
+    let Some(server_frame::Kind::SubscribeResult(r)) = conn::request(ws, frame).await?.kind else {
+        anyhow::bail!("subscribe answered with something else");
+    };
+    let p = r.position.unwrap_or_default();
+    anyhow::ensure!(
+        !p.resync_required,
+        "history no longer holds the missed messages"
+    );
+    Ok((p.seq, p.epoch))
 }
 
-pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
-    let sources = Arc::new(conn::Sources::new(a.target.sources));
+pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
+    let rec = Recorder::new(&["recovered"], 0);
+    let mem_before = Probe::take_if(w.is_first(), &a.pids);
+    w.barrier("start", 0).await?;
+    let sources = Arc::new(conn::Sources::new(a.target.sources, w.index));
     let gate = Arc::new(Semaphore::new(a.target.concurrency));
+    let timeout = Duration::from_secs(a.timeout_secs);
     // Phase 1: everyone joins and notes where the chat stands.
     let mut joins = Vec::new();
-    for i in 0..a.clients {
-        let (gate, sources) = (gate.clone(), sources.clone());
+    for i in w.slice(a.clients as u64) {
+        let (gate, sources, rec) = (gate.clone(), sources.clone(), rec.clone());
         let addr = a.target.addr_for(i as usize);
         let token = conn::token(&a.target.secret, &format!("storm-{i}"));
         joins.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            let mut ws = conn::open(addr, &sources, token).await?;
+            let mut ws = conn::open_counted(&rec, addr, &sources, token).await?;
             let pos = subscribe(&mut ws, None, "").await?;
-            anyhow::Ok((ws, pos))
+            anyhow::Ok((i, ws, pos))
         }));
     }
-    let mut positions = Vec::with_capacity(a.clients as usize);
+    let mut positions = Vec::with_capacity(joins.len());
+    let deadline = tokio::time::Instant::now() + timeout;
     for j in joins {
-        let (ws, pos) = j.await??;
-        positions.push(pos);
-        // Phase 2: everyone drops (the socket goes away with `ws`).
-        drop(ws);
+        match tokio::time::timeout_at(deadline, j).await {
+            Ok(Ok(Ok((i, ws, pos)))) => {
+                positions.push((i, pos));
+                // Phase 2: everyone drops (the socket goes away with `ws`).
+                drop(ws);
+            }
+            Ok(Ok(Err(e))) => eprintln!("client could not join: {e:#}"),
+            Ok(Err(e)) => eprintln!("client task failed: {e}"),
+            Err(_) => anyhow::bail!("clients still joining after {timeout:?}"),
+        }
     }
-    eprintln!("{} clients joined and dropped", a.clients);
+    rec.add_counter("clients_joined", positions.len() as u64);
+    eprintln!("{} clients joined and dropped", positions.len());
+    w.barrier("dropped", 0).await?;
     // Phase 3: messages the clients miss.
-    let mut publisher = conn::open(
-        a.target.addr[0],
-        &sources,
-        conn::token(&a.target.secret, "storm-publisher"),
-    )
-    .await?;
-    for m in 0..a.missed {
-        let p = Publish {
-            target: Some(publish::Target::Chat("storm".into())),
-            client_msg_id: format!("storm-{m}"),
-            payload: Bytes::from_static(b"missed"),
-        };
-        conn::send(
-            &mut publisher,
-            ClientFrame {
-                id: 10 + m,
-                kind: Some(client_frame::Kind::Publish(p)),
-            },
-        )
-        .await?;
-        while !matches!(
-            conn::recv(&mut publisher).await?.kind,
-            Some(server_frame::Kind::PublishAck(_))
-        ) {}
+    let mut sent = 0;
+    if w.is_first() {
+        sent = post_missed(&a, &sources, &rec).await?;
     }
+    let missed = w.barrier("published", sent).await?;
+    Counters::add(
+        &rec.kind(RECOVERED).expected,
+        missed * positions.len() as u64,
+    );
+    let cpu_before = Probe::take_if(w.is_first(), &a.pids);
     // Phase 4: everyone comes back at once and resumes.
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs);
-    let back = Arc::new(AtomicU64::new(0));
-    let resumed = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let last_back = Arc::new(AtomicU64::new(0));
-    let last_resumed = Arc::new(AtomicU64::new(0));
+    let started = now_us();
+    rec.earliest("storm_start", started);
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut tasks = Vec::new();
-    for (i, (seq, epoch)) in positions.into_iter().enumerate() {
-        let (gate, sources) = (gate.clone(), sources.clone());
-        let (back, resumed, refused, last_back, last_resumed) = (
-            back.clone(),
-            resumed.clone(),
-            refused.clone(),
-            last_back.clone(),
-            last_resumed.clone(),
-        );
-        let addr = a.target.addr_for(i);
+    for (i, (seq, epoch)) in positions {
+        let (gate, sources, rec) = (gate.clone(), sources.clone(), rec.clone());
+        let addr = a.target.addr_for(i as usize);
         let token = conn::token(&a.target.secret, &format!("storm-{i}"));
-        let missed = a.missed as u64;
         tasks.push(tokio::spawn(async move {
             let work = async {
                 let mut ws = loop {
                     let permit = gate.clone().acquire_owned().await?;
+                    rec.attempt();
                     match conn::open(addr, &sources, token.clone()).await {
-                        Ok(ws) => break ws,
-                        Err(e) if e.to_string().contains("503") => {
-                            // Over the edge's admission limit: honour it with jitter.
-                            refused.fetch_add(1, Ordering::Relaxed);
-                            drop(permit);
-                            tokio::time::sleep(Duration::from_millis(200 + (i as u64 * 37) % 800))
-                                .await;
+                        Ok(ws) => {
+                            rec.established();
+                            break ws;
                         }
-                        Err(e) => return Err(e),
+                        Err(e) if conn::is_refused(&e) => {
+                            // Over the edge's admission limit: honour it with jitter.
+                            rec.refused();
+                            drop(permit);
+                            tokio::time::sleep(Duration::from_millis(200 + (i * 37) % 800)).await;
+                        }
+                        Err(e) => {
+                            rec.failed();
+                            return Err(e);
+                        }
                     }
                 };
                 subscribe(&mut ws, Some(seq), &epoch).await?;
-                back.fetch_add(1, Ordering::Relaxed);
-                last_back.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                rec.add_counter("back", 1);
+                rec.latest("last_back", now_us());
+                let counters = rec.kind(RECOVERED);
+                let mut samples = rec.samples();
                 let mut got = 0;
                 while got < missed {
                     if let Some(server_frame::Kind::Delivery(d)) = conn::recv(&mut ws).await?.kind
                         && d.seq > seq
                     {
                         got += 1;
+                        Counters::add(&counters.received, 1);
+                        // Time from the storm's start to this recovery.
+                        samples.latency(RECOVERED, started, now_us());
                     }
                 }
-                resumed.fetch_add(1, Ordering::Relaxed);
-                last_resumed.fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                rec.add_counter("resumed", 1);
+                rec.latest("last_resumed", now_us());
                 // Stay connected until everyone is done, like real clients.
                 anyhow::Ok(ws)
             };
@@ -191,29 +174,94 @@ pub(crate) async fn run(a: Args) -> anyhow::Result<serde_json::Value> {
                 .map_err(|_| anyhow::anyhow!("timed out"))?
         }));
     }
-    let mut failed = 0;
     let mut alive = Vec::new();
     for t in tasks {
         match t.await {
             Ok(Ok(ws)) => alive.push(ws),
-            _ => failed += 1,
+            Ok(Err(e)) => {
+                rec.add_counter("reconnect_failed", 1);
+                eprintln!("client did not resume: {e:#}");
+            }
+            Err(e) => {
+                rec.add_counter("reconnect_failed", 1);
+                eprintln!("client task failed: {e}");
+            }
         }
     }
-    let rss = a.edge_pid.and_then(crate::sys::rss_bytes);
+    // Memory per connection is per socket held when it is read.
+    rec.add_counter("sockets_at_probe", alive.len() as u64);
+    w.barrier("resumed", 0).await?;
+    let after = Probe::take_if(w.is_first(), &a.pids);
     drop(alive);
-    let secs = |us: &AtomicU64| us.load(Ordering::Relaxed) as f64 / 1e6;
-    let n = back.load(Ordering::Relaxed);
-    Ok(serde_json::to_value(Report {
-        scenario: "storm",
-        clients: a.clients,
-        missed_messages: a.missed,
-        back: n,
-        resumed: resumed.load(Ordering::Relaxed),
-        failed,
-        refused_with_503: refused.load(Ordering::Relaxed),
-        seconds_until_all_back: secs(&last_back),
-        seconds_until_all_resumed: secs(&last_resumed),
-        reconnects_per_second: n as f64 / secs(&last_back).max(1e-9),
-        edge_rss_after_bytes: rss,
-    })?)
+    let params = json!({
+        "addr": a.target.addr.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "clients": a.clients,
+        "missed": a.missed,
+        "concurrency": a.target.concurrency,
+    });
+    let server = Probe::server((mem_before, after), (cpu_before, after));
+    Ok(rec.report("storm", params, server))
+}
+
+/// Posts the messages the clients miss, one at a time; returns how many.
+async fn post_missed(a: &Args, sources: &conn::Sources, rec: &Recorder) -> anyhow::Result<u64> {
+    let token = conn::token(&a.target.secret, "storm-publisher");
+    let mut publisher = conn::open_counted(rec, a.target.addr[0], sources, token)
+        .await
+        .context("connecting the publisher")?;
+    for m in 0..a.missed {
+        let p = Publish {
+            target: Some(publish::Target::Chat("storm".into())),
+            client_msg_id: format!("{}-{m}", conn::run_tag()),
+            payload: Bytes::from_static(b"missed"),
+        };
+        let frame = ClientFrame {
+            id: 10 + m,
+            kind: Some(client_frame::Kind::Publish(p)),
+        };
+        conn::request(&mut publisher, frame)
+            .await
+            .context("posting a missed message")?;
+        Counters::add(&rec.kind(RECOVERED).sent, 1);
+    }
+    conn::close(publisher).await;
+    Ok(a.missed as u64)
+}
+
+/// Storm-specific figures of a (merged) report.
+pub(crate) fn figures(r: &Report) -> Map<String, Value> {
+    let start = r.earliest_us.get("storm_start").copied().unwrap_or(0);
+    let at = |k: &str| Report::span_secs(start, r.latest_us.get(k).copied().unwrap_or(0));
+    let back = r.counter("back");
+    let mut m = Map::new();
+    m.insert(
+        "clients".into(),
+        r.params.get("clients").cloned().unwrap_or_default(),
+    );
+    m.insert(
+        "missed_messages".into(),
+        r.params.get("missed").cloned().unwrap_or_default(),
+    );
+    m.insert("joined".into(), json!(r.counter("clients_joined")));
+    m.insert("back".into(), json!(back));
+    m.insert("resumed".into(), json!(r.counter("resumed")));
+    m.insert("failed".into(), json!(r.counter("reconnect_failed")));
+    m.insert(
+        "refused_with_503".into(),
+        json!(r.connections.refused_with_503),
+    );
+    m.insert("seconds_until_all_back".into(), json!(at("last_back")));
+    m.insert(
+        "seconds_until_all_resumed".into(),
+        json!(at("last_resumed")),
+    );
+    m.insert(
+        "reconnects_per_second".into(),
+        json!(
+            at("last_back")
+                .filter(|s| *s > 0.0)
+                .map(|s| back as f64 / s)
+        ),
+    );
+    m
 }

@@ -53,3 +53,74 @@ pub(crate) fn slab_bytes() -> Option<u64> {
     };
     Some((kb("SReclaimable:")? + kb("SUnreclaim:")?) * 1024)
 }
+
+/// Server processes to watch; every scenario takes these.
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct Pids {
+    /// Edge process ids, comma-separated: their RSS per connection and CPU time.
+    #[arg(
+        long = "edge-pids",
+        alias = "edge-pid",
+        value_name = "PIDS",
+        value_delimiter = ','
+    )]
+    pub(crate) edge: Vec<u32>,
+    /// Other processes (routers) whose CPU time to report, comma-separated.
+    #[arg(long = "router-pids", value_name = "PIDS", value_delimiter = ',')]
+    pub(crate) router: Vec<u32>,
+}
+
+/// One set of readings of the watched processes and the kernel.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Probe {
+    edge_rss: Option<u64>,
+    edge_cpu: Option<f64>,
+    router_cpu: Option<f64>,
+    slab: Option<u64>,
+    tcp: Option<u64>,
+}
+
+fn sum<T: std::iter::Sum>(pids: &[u32], f: impl Fn(u32) -> Option<T>) -> Option<T> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| f(*p)).sum()
+}
+
+impl Probe {
+    pub(crate) fn take(pids: &Pids) -> Probe {
+        Probe {
+            edge_rss: sum(&pids.edge, rss_bytes),
+            edge_cpu: sum(&pids.edge, cpu_seconds),
+            router_cpu: sum(&pids.router, cpu_seconds),
+            slab: slab_bytes(),
+            tcp: tcp_kernel().map(|t| t.0),
+        }
+    }
+
+    /// Taken by worker 0 only: the processes are shared by all workers.
+    pub(crate) fn take_if(first: bool, pids: &Pids) -> Option<Probe> {
+        first.then(|| Probe::take(pids))
+    }
+
+    /// The report's view: memory from `mem` (before connecting, once all
+    /// are connected), CPU time over `cpu` (the traffic phase).
+    pub(crate) fn server(
+        mem: (Option<Probe>, Option<Probe>),
+        cpu: (Option<Probe>, Option<Probe>),
+    ) -> crate::report::Server {
+        let delta = |x: Option<f64>, y: Option<f64>| x.zip(y).map(|(x, y)| y - x);
+        let (mb, ma) = (mem.0.unwrap_or_default(), mem.1.unwrap_or_default());
+        let (cb, ca) = (cpu.0.unwrap_or_default(), cpu.1.unwrap_or_default());
+        crate::report::Server {
+            edge_rss_before_bytes: mb.edge_rss,
+            edge_rss_after_bytes: ma.edge_rss,
+            kernel_slab_before_bytes: mb.slab,
+            kernel_slab_after_bytes: ma.slab,
+            kernel_tcp_before_bytes: mb.tcp,
+            kernel_tcp_after_bytes: ma.tcp,
+            edge_cpu_seconds: delta(cb.edge_cpu, ca.edge_cpu),
+            router_cpu_seconds: delta(cb.router_cpu, ca.router_cpu),
+        }
+    }
+}

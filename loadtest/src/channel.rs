@@ -1,0 +1,450 @@
+//! One channel with N subscribers; one publisher posts M messages at a
+//! rate. Reports the latency of every delivery and, per post, the time
+//! from the post to its last delivery.
+//!
+//! With workers, the subscribers are split among them and worker 0 alone
+//! publishes, once every worker's subscribers are in.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use serde_json::{Map, Value, json};
+use switchboard_protocol::v1::{
+    ClientFrame, Publish, Subscribe, client_frame, publish, server_frame,
+};
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
+};
+
+use crate::{
+    accounting::{Seen, Tracker},
+    conn,
+    coord::Worker,
+    recorder::{Counters, Recorder},
+    report::{Report, now_us},
+    sys::{Pids, Probe},
+};
+
+/// The only kind of traffic here.
+const CHANNEL: usize = 0;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    target: conn::Target,
+    #[command(flatten)]
+    pids: Pids,
+    /// Where the publisher connects (default: the first --addr).
+    #[arg(long)]
+    publish_addr: Option<SocketAddr>,
+    /// The chat (channel) to use.
+    #[arg(long, default_value = "bench")]
+    chat: String,
+    /// Prefix of subscriber user names (`PREFIX-N`, N unique over workers).
+    #[arg(long, default_value = "fan")]
+    user_prefix: String,
+    /// Only subscribe and count; another process publishes.
+    #[arg(long)]
+    no_publish: bool,
+    /// Extra seconds to wait, once every worker's subscribers are ready,
+    /// before publishing.
+    #[arg(long, default_value_t = 0)]
+    publish_after_secs: u64,
+    /// Subscribers of the chat (over all workers).
+    #[arg(long, default_value_t = 10_000)]
+    subscribers: u32,
+    /// Messages to post.
+    #[arg(long, default_value_t = 100)]
+    messages: u32,
+    /// Posts per second.
+    #[arg(long, default_value_t = 20)]
+    rate: u32,
+    /// Payload size, bytes (at least 16: it carries the send time).
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// Longest wait for the subscribers to be ready, and for deliveries
+    /// after the last post.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+impl Args {
+    fn params(&self) -> Value {
+        json!({
+            "addr": self.target.addr.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "chat": self.chat,
+            "subscribers": self.subscribers,
+            "messages": self.messages,
+            "rate": self.rate,
+            "payload_bytes": self.payload_bytes.max(16),
+            "no_publish": self.no_publish,
+        })
+    }
+}
+
+pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
+    let rec = Recorder::new(&["channel"], a.messages as usize);
+    let mem_before = Probe::take_if(w.is_first(), &a.pids);
+    w.barrier("start", 0).await?;
+    let sources = Arc::new(conn::Sources::new(a.target.sources, w.index));
+    let gate = Arc::new(Semaphore::new(a.target.concurrency));
+    let ready = Arc::new(AtomicU64::new(0));
+    let gave_up = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop) = watch::channel(false);
+    let mine = w.slice(a.subscribers as u64);
+    let local = mine.end - mine.start;
+    let timeout = Duration::from_secs(a.timeout_secs);
+    let mut tasks = Vec::new();
+    for i in mine {
+        let permit = gate.clone().acquire_owned().await?;
+        let sub = Subscriber {
+            rec: rec.clone(),
+            sources: sources.clone(),
+            addr: a.target.addr_for(i as usize),
+            token: conn::token(&a.target.secret, &format!("{}-{i}", a.user_prefix)),
+            chat: a.chat.clone(),
+            messages: a.messages as u64,
+            ready: ready.clone(),
+            stop: stop.clone(),
+        };
+        let gave_up = gave_up.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = sub.run(permit).await;
+            if let Err(e) = &r {
+                gave_up.fetch_add(1, Ordering::Relaxed);
+                eprintln!("subscriber gave up: {e:#}");
+            }
+        }));
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (r, g) = (
+            ready.load(Ordering::Relaxed),
+            gave_up.load(Ordering::Relaxed),
+        );
+        if r + g >= local {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {r} of {local} subscribers ready after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ready_n = ready.load(Ordering::Relaxed);
+    eprintln!("{ready_n} of {local} subscribers ready");
+    rec.add_counter("subscribed", ready_n);
+    w.barrier("subscribed", 0).await?;
+    let mem_after = Probe::take_if(w.is_first(), &a.pids);
+    tokio::time::sleep(Duration::from_secs(a.publish_after_secs)).await;
+    // Kept open until every subscriber is done: closing a socket with
+    // unread acks sends a RST, which would discard the last publishes.
+    let mut kept_publisher = None;
+    let mut posts = 0;
+    if w.is_first() {
+        if a.no_publish {
+            posts = a.messages as u64;
+        } else {
+            let (ws, sent) = publish(&a, &sources, &rec).await?;
+            kept_publisher = Some(ws);
+            posts = sent;
+        }
+    }
+    let posts = w.barrier("published", posts).await?;
+    Counters::add(&rec.kind(CHANNEL).expected, posts * ready_n);
+    let deadline = Instant::now() + timeout;
+    while !rec.kind(CHANNEL).complete() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    w.barrier("drained", 0).await?;
+    let cpu_after = Probe::take_if(w.is_first(), &a.pids);
+    drop(kept_publisher);
+    let server = Probe::server((mem_before, mem_after), (mem_after, cpu_after));
+    Ok(rec.report("channel", a.params(), server))
+}
+
+/// Posts `messages` stamped posts at `rate`; returns the socket (to be
+/// kept open) and how many went out.
+async fn publish(
+    a: &Args,
+    sources: &conn::Sources,
+    rec: &Arc<Recorder>,
+) -> anyhow::Result<(conn::Ws, u64)> {
+    let addr = a.publish_addr.unwrap_or(a.target.addr[0]);
+    let name = format!("{}-publisher", a.user_prefix);
+    let token = conn::token(&a.target.secret, &name);
+    let mut ws = conn::open_counted(rec, addr, sources, token)
+        .await
+        .context("connecting the publisher")?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate.max(1) as f64));
+    let (mut sent, mut acked, mut errors) = (0u64, 0u64, 0u64);
+    let total = a.messages as u64;
+    let acks_until = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(acks_until);
+    rec.earliest("first_post", now_us());
+    while acked + errors < total {
+        tokio::select! {
+            _ = tick.tick(), if sent < total => {
+                let p = Publish {
+                    target: Some(publish::Target::Chat(a.chat.clone())),
+                    client_msg_id: format!("{}-{sent}", conn::run_tag()),
+                    payload: conn::stamped(a.payload_bytes, now_us(), sent),
+                };
+                let frame = ClientFrame { id: sent as u32 + 10, kind: Some(client_frame::Kind::Publish(p)) };
+                conn::send(&mut ws, frame).await?;
+                sent += 1;
+                if sent == total {
+                    acks_until.as_mut().reset(Instant::now() + Duration::from_secs(10));
+                }
+            }
+            f = conn::recv(&mut ws) => match f.context("publisher socket")?.kind {
+                Some(server_frame::Kind::PublishAck(ack)) => {
+                    acked += 1;
+                    if ack.duplicate {
+                        eprintln!("post {} was taken for a duplicate", ack.seq);
+                        rec.add_counter("publish_duplicates", 1);
+                    }
+                }
+                Some(server_frame::Kind::Error(e)) => {
+                    errors += 1;
+                    eprintln!("publish refused: {} {}", e.code, e.message);
+                }
+                _ => {}
+            },
+            _ = &mut acks_until => {
+                eprintln!("{} of {sent} posts unacknowledged after 10 s", sent - acked - errors);
+                break;
+            }
+        }
+    }
+    Counters::add(&rec.kind(CHANNEL).sent, sent);
+    rec.add_counter("posts_acked", acked);
+    rec.add_counter("publish_errors", errors);
+    Ok((ws, sent))
+}
+
+/// One subscriber socket.
+struct Subscriber {
+    rec: Arc<Recorder>,
+    sources: Arc<conn::Sources>,
+    addr: SocketAddr,
+    token: String,
+    chat: String,
+    messages: u64,
+    ready: Arc<AtomicU64>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Subscriber {
+    async fn run(mut self, permit: tokio::sync::OwnedSemaphorePermit) -> anyhow::Result<()> {
+        let mut ws =
+            conn::open_counted(&self.rec, self.addr, &self.sources, self.token.clone()).await?;
+        let sub = Subscribe {
+            chat: self.chat.clone(),
+            ..Default::default()
+        };
+        let frame = ClientFrame {
+            id: 2,
+            kind: Some(client_frame::Kind::Subscribe(sub)),
+        };
+        conn::request(&mut ws, frame).await?;
+        drop(permit);
+        self.ready.fetch_add(1, Ordering::Relaxed);
+        let counters = self.rec.kind(CHANNEL);
+        let mut tracker = Tracker::default();
+        let mut samples = self.rec.samples();
+        let mut got = 0u64;
+        while got < self.messages {
+            let frame = tokio::select! {
+                f = conn::recv(&mut ws) => match f { Ok(f) => f, Err(_) => break },
+                _ = crate::coord::stopped(&mut self.stop) => break,
+            };
+            let Some(server_frame::Kind::Delivery(d)) = frame.kind else {
+                continue;
+            };
+            let now = now_us();
+            match tracker.observe(d.seq) {
+                Seen::Duplicate => {
+                    Counters::add(&counters.duplicated, 1);
+                    continue;
+                }
+                Seen::Late => Counters::add(&counters.out_of_order, 1),
+                Seen::New => {}
+            }
+            got += 1;
+            Counters::add(&counters.received, 1);
+            if let Some((sent, post)) = conn::stamp(&d.payload) {
+                samples.latency(CHANNEL, sent, now);
+                self.rec.post_delivered(post, sent, now);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Channel-specific figures of a (merged) report.
+pub(crate) fn figures(r: &Report) -> Map<String, Value> {
+    let d = r.kinds.get("channel").cloned().unwrap_or_default();
+    let subscribed = r.counter("subscribed");
+    let last_delivery = r.posts.values().map(|p| p.last_us).max().unwrap_or(0);
+    let first_post = r.earliest_us.get("first_post").copied().unwrap_or(0);
+    let span = Report::span_secs(first_post, last_delivery);
+    let times = r.post_times();
+    let cpu = r.server.edge_cpu_seconds.filter(|c| *c > 0.0);
+    let mut m = Map::new();
+    m.insert("subscribers".into(), json!(subscribed));
+    m.insert("messages".into(), json!(d.sent));
+    m.insert("posts_acked".into(), json!(r.counter("posts_acked")));
+    m.insert("publish_errors".into(), json!(r.counter("publish_errors")));
+    m.insert(
+        "publish_duplicates".into(),
+        json!(r.counter("publish_duplicates")),
+    );
+    m.insert("seconds_first_post_to_last_delivery".into(), json!(span));
+    m.insert(
+        "deliveries_per_second".into(),
+        json!(span.filter(|s| *s > 0.0).map(|s| d.received as f64 / s)),
+    );
+    m.insert(
+        "deliveries_per_edge_cpu_second".into(),
+        json!(cpu.map(|c| d.received as f64 / c)),
+    );
+    m.insert(
+        "posts_fully_delivered".into(),
+        json!(times.iter().filter(|(_, _, n)| *n >= subscribed).count()),
+    );
+    m.insert(
+        "time_to_last_delivery_ms_worst_post".into(),
+        json!(times.iter().map(|(_, ms, _)| *ms).reduce(f64::max)),
+    );
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    //! The generator's accounting against a small in-process server that
+    //! misbehaves on purpose: duplicates, reordering, a lost message.
+    use futures_util::{SinkExt, StreamExt};
+    use switchboard_protocol::{
+        Encoding,
+        v1::{ConnectResult, Delivery, ServerFrame, SubscribeResult},
+    };
+    use tokio_tungstenite::tungstenite::{
+        Message,
+        handshake::server::{Request, Response},
+        http::HeaderValue,
+    };
+
+    use super::*;
+
+    /// Serves one socket: answers Connect and Subscribe, then sends
+    /// deliveries with these seqs and keeps the socket open.
+    // tungstenite's header callback returns its large error type by value.
+    #[allow(clippy::result_large_err)]
+    async fn misbehaving_server(seqs: Vec<u64>) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let pick = |_: &Request, mut resp: Response| {
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static(Encoding::PROTOBUF_SUBPROTOCOL),
+                );
+                Ok(resp)
+            };
+            let mut ws = tokio_tungstenite::accept_hdr_async(tcp, pick)
+                .await
+                .unwrap();
+            let reply = |id, kind| {
+                Message::binary(Encoding::Protobuf.encode_server(&ServerFrame {
+                    id,
+                    kind: Some(kind),
+                }))
+            };
+            ws.next().await.unwrap().unwrap(); // connect
+            ws.send(reply(
+                1,
+                server_frame::Kind::ConnectResult(ConnectResult::default()),
+            ))
+            .await
+            .unwrap();
+            ws.next().await.unwrap().unwrap(); // subscribe, id 2
+            ws.send(reply(
+                2,
+                server_frame::Kind::SubscribeResult(SubscribeResult::default()),
+            ))
+            .await
+            .unwrap();
+            for seq in seqs {
+                let d = Delivery {
+                    chat: "bench".into(),
+                    seq,
+                    payload: conn::stamped(16, now_us(), seq - 1),
+                    ..Default::default()
+                };
+                ws.send(reply(0, server_frame::Kind::Delivery(d)))
+                    .await
+                    .unwrap();
+            }
+            // Hold the socket until the client gives up.
+            while ws.next().await.is_some() {}
+        });
+        addr
+    }
+
+    fn args(addr: SocketAddr, messages: u32) -> Args {
+        Args {
+            target: conn::Target {
+                addr: vec![addr],
+                secret: "s".into(),
+                concurrency: 1,
+                sources: 1,
+            },
+            pids: Pids::default(),
+            publish_addr: None,
+            chat: "bench".into(),
+            user_prefix: "t".into(),
+            no_publish: true,
+            publish_after_secs: 0,
+            subscribers: 1,
+            messages,
+            rate: 1,
+            payload_bytes: 16,
+            timeout_secs: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_duplicates_and_late_arrivals() {
+        let addr = misbehaving_server(vec![1, 2, 2, 4, 3, 5]).await;
+        let r = run(args(addr, 5), &Worker::alone()).await.unwrap().render();
+        assert_eq!(r["deliveries_received"], 5);
+        assert_eq!(r["duplicated"], 1);
+        assert_eq!(r["out_of_order"], 1);
+        assert_eq!(r["lost"], 0);
+    }
+
+    #[tokio::test]
+    async fn counts_a_lost_message() {
+        let addr = misbehaving_server(vec![1, 2, 4, 5]).await;
+        let r = run(args(addr, 5), &Worker::alone()).await.unwrap().render();
+        assert_eq!(r["deliveries_received"], 4);
+        assert_eq!(r["lost"], 1);
+        assert_eq!(
+            (r["duplicated"].as_u64(), r["out_of_order"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+}
