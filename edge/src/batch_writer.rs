@@ -16,8 +16,6 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 /// Buffered bytes above which the writer should flush before buffering
 /// more (bounded memory).
 pub(crate) const FLUSH_AT_BYTES: usize = 256 * 1024;
-/// Capacity kept between batches; larger buffers are released.
-const KEEP_BYTES: usize = 4 * 1024;
 /// Longest server frame header (no mask): 2 bytes plus 8 of length.
 const MAX_HEAD: usize = 10;
 
@@ -60,11 +58,9 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         if !self.buf.is_empty() {
             self.inner.write_all(&self.buf).await?;
         }
-        if self.buf.capacity() > KEEP_BYTES {
-            self.buf = Vec::new();
-        } else {
-            self.buf.clear();
-        }
+        // Released after every batch: an idle socket owns no buffer, and a
+        // busy one pays one allocation per batch, not per frame.
+        self.buf = Vec::new();
         self.inner.flush().await
     }
 }
@@ -91,7 +87,7 @@ mod tests {
             tokio::time::timeout(std::time::Duration::from_millis(20), client.read_frame()).await;
         assert!(early.is_err(), "nothing is written before flush");
         w.flush().await.unwrap();
-        assert_eq!(w.buf.capacity(), 0, "a large batch is given back");
+        assert_eq!(w.buf.capacity(), 0, "the batch is given back");
         let expect: [(OpCode, usize); 5] = [
             (OpCode::Binary, 3),
             (OpCode::Text, 300),
@@ -110,14 +106,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_batches_keep_their_buffer() {
+    async fn an_idle_socket_owns_no_buffer() {
         let (a, _b) = tokio::io::duplex(1 << 20);
         let mut w = BatchWriter::new(a);
         assert_eq!(w.buf.capacity(), 0, "nothing up front");
         w.push(OpCode::Binary, &[1; 100]);
         assert_eq!(w.buffered(), 102);
         w.flush().await.unwrap();
-        assert_eq!(w.buffered(), 0);
-        assert!(w.buf.capacity() > 0 && w.buf.capacity() <= KEEP_BYTES);
+        assert_eq!((w.buffered(), w.buf.capacity()), (0, 0));
     }
 }

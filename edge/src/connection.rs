@@ -76,18 +76,23 @@ pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Acce
         else {
             return;
         };
-        tracing::Span::current().record("user", identity.user.as_str());
+        let span = tracing::Span::current();
+        span.record("user", identity.user.as_str());
         let opened = Opened {
-            state,
+            state: state.clone(),
             rd,
             wr,
             conn_id,
             identity,
             connect_id,
             connect,
-            accepted,
+            encoding: accepted.encoding,
+            permit: accepted.permit,
         };
-        run(Box::new(opened)).await;
+        // The steady state runs as a task of its own, so this one (the
+        // upgrade, the handshake and their arguments) ends and frees its
+        // memory instead of staying inside every socket's task.
+        state.tracker.spawn(run(Box::new(opened)).instrument(span));
     }
     .instrument(span)
     .await
@@ -264,7 +269,8 @@ struct Opened {
     identity: Identity,
     connect_id: u32,
     connect: Box<switchboard_protocol::v1::Connect>,
-    accepted: Accepted,
+    encoding: Encoding,
+    permit: Permit,
 }
 
 /// The socket's steady state and cleanup. One boxed argument: an async
@@ -279,13 +285,13 @@ async fn run(opened: Box<Opened>) {
         identity,
         connect_id,
         connect,
-        accepted,
+        encoding,
+        permit: _permit,
     } = *opened;
-    let _permit = accepted.permit;
     let cfg = &state.config;
     let (conn, rx) = ConnHandle::new(
         conn_id,
-        accepted.encoding,
+        encoding,
         cfg.send_queue_max_frames,
         cfg.send_queue_max_bytes,
     );
@@ -335,7 +341,8 @@ async fn run(opened: Box<Opened>) {
                             ReaderExit::Close(reason) => conn.close(reason, 0),
                             ReaderExit::PeerGone => { conn.send(Outbound::Stop); }
                         }
-                        tokio::time::timeout(Duration::from_secs(3), &mut writer).await.unwrap_or(WriterExit::Gone)
+                        // Boxed: a timer is 100 bytes, and this runs once.
+                    Box::pin(tokio::time::timeout(Duration::from_secs(3), &mut writer)).await.unwrap_or(WriterExit::Gone)
                     }
                 }
             }

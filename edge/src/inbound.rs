@@ -55,19 +55,26 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
                 io::ErrorKind::UnexpectedEof => WebSocketError::UnexpectedEOF,
                 _ => WebSocketError::IoError(e),
             })?;
-        let (mut rd, _) =
-            fastwebsockets::after_handshake_split(&mut self.io, tokio::io::sink(), Role::Server);
-        rd.set_max_message_size(self.max_message_bytes);
-        rd.set_auto_close(true);
-        rd.set_auto_pong(false);
-        let frame = rd.read_frame(obligated).await?;
-        // The payload is already owned (split off the reader's buffer); only
-        // the type still borrows the reader.
-        let payload = match frame.payload {
-            Payload::Bytes(b) => Payload::Bytes(b),
-            other => Payload::Owned(other.to_vec()),
-        };
-        Ok(Frame::new(frame.fin, frame.opcode, None, payload))
+        // Boxed with the reader: the frame's read state exists only while a
+        // frame is arriving, not in every idle socket's task.
+        let max = self.max_message_bytes;
+        let io = &mut self.io;
+        Box::pin(async move {
+            let (mut rd, _) =
+                fastwebsockets::after_handshake_split(io, tokio::io::sink(), Role::Server);
+            rd.set_max_message_size(max);
+            rd.set_auto_close(true);
+            rd.set_auto_pong(false);
+            let frame = rd.read_frame(obligated).await?;
+            // The payload is already owned (split off the reader's buffer);
+            // only the type still borrows the reader.
+            let payload = match frame.payload {
+                Payload::Bytes(b) => Payload::Bytes(b),
+                other => Payload::Owned(other.to_vec()),
+            };
+            Ok(Frame::new(frame.fin, frame.opcode, None, payload))
+        })
+        .await
     }
 }
 

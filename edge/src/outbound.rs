@@ -8,8 +8,8 @@
 //! `AtomicWaker`, rather than a tokio `mpsc` channel: `mpsc` allocates a
 //! block of 32 slots per channel up front (1.3 KiB, plus 0.5 KiB of channel
 //! state), which at a million mostly idle sockets is over a gigabyte of
-//! empty slots. This one allocates on the first frame and gives large
-//! buffers back once drained. A close request wakes the same waker.
+//! empty slots. This one allocates on the first frame and gives its buffer
+//! back once drained. A close request wakes the same waker.
 use std::{
     collections::VecDeque,
     future::poll_fn,
@@ -23,9 +23,6 @@ use std::{
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use switchboard_protocol::{CloseReason, Encoding, SharedFrame, StreamKey};
-
-/// Slots a drained mailbox keeps; a larger buffer is released.
-const KEEP_SLOTS: usize = 16;
 
 /// What a connection's writer can be asked to do.
 pub(crate) enum Outbound {
@@ -114,7 +111,9 @@ impl Inbox {
     pub(crate) fn try_recv(&mut self) -> Option<Outbound> {
         let mut q = self.0.queue.lock().expect("mailbox lock is never poisoned");
         let msg = q.pop_front();
-        if q.is_empty() && q.capacity() > KEEP_SLOTS {
+        // A drained mailbox owns no memory: most sockets are idle most of
+        // the time, and a busy one pays one allocation per batch.
+        if q.is_empty() && q.capacity() > 0 {
             *q = VecDeque::new();
         }
         msg
