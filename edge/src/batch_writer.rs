@@ -22,6 +22,9 @@ const MAX_HEAD: usize = 10;
 pub(crate) struct BatchWriter<W> {
     inner: W,
     buf: Vec<u8>,
+    /// Frames and bytes buffered since the last `take_counts`, for metrics.
+    frames: u64,
+    bytes: u64,
 }
 
 impl<W: AsyncWrite + Unpin> BatchWriter<W> {
@@ -29,6 +32,8 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         BatchWriter {
             inner,
             buf: Vec::new(),
+            frames: 0,
+            bytes: 0,
         }
     }
 
@@ -39,6 +44,16 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         self.buf.reserve(n + payload.len());
         self.buf.extend_from_slice(&head[..n]);
         self.buf.extend_from_slice(payload);
+        self.frames += 1;
+        self.bytes += (n + payload.len()) as u64;
+    }
+
+    /// Frames and bytes (headers included) buffered since the last call.
+    pub(crate) fn take_counts(&mut self) -> (u64, u64) {
+        (
+            std::mem::take(&mut self.frames),
+            std::mem::take(&mut self.bytes),
+        )
     }
 
     /// A close frame with a code and a reason.

@@ -202,13 +202,17 @@ impl Hub {
     }
 
     fn fan_out(&self, entry: &StreamEntry, frame: &SharedFrame) {
+        // Counted once per fan-out: a shared counter touched per socket
+        // costs a contended atomic per delivery.
+        let mut delivered = 0;
         for conn in entry.subs.values() {
             if conn.push(frame.clone()) {
-                self.metrics.deliveries.increment(1);
+                delivered += 1;
             } else {
                 self.metrics.slow_consumer_drops.increment(1);
             }
         }
+        self.metrics.deliveries.increment(delivered);
     }
 
     fn on_delivery(&self, key: StreamKey, seq: u64, frame: SharedFrame) {

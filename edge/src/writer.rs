@@ -100,8 +100,14 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         tokio::pin!(token_timer);
         loop {
             // One flush (one syscall) per loop turn, i.e. per drained batch.
-            if self.out.buffered() > 0 && self.out.flush().await.is_err() {
-                return WriterExit::Gone;
+            if self.out.buffered() > 0 {
+                // Counted per batch, not per frame (shared atomics).
+                let (frames, bytes) = self.out.take_counts();
+                self.metrics.frames_out.increment(frames);
+                self.metrics.bytes_out.increment(bytes);
+                if self.out.flush().await.is_err() {
+                    return WriterExit::Gone;
+                }
             }
             if self.deadline_dirty {
                 self.deadline_dirty = false;
@@ -282,8 +288,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         } else {
             OpCode::Binary
         };
-        self.metrics.frames_out.increment(1);
-        self.metrics.bytes_out.increment(bytes.len() as u64);
         self.out.push(opcode, bytes);
     }
 
