@@ -11,12 +11,15 @@ use switchboard_protocol::{
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::{
     WebSocketStream,
-    tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
+    tungstenite::{Message, protocol::Role},
 };
 
 use crate::recorder::Recorder;
 
 pub(crate) type Ws = WebSocketStream<TcpStream>;
+
+/// Initial read buffer per socket.
+const READ_BUFFER_BYTES: usize = 512;
 
 /// Where and how to connect; shared by every scenario.
 #[derive(clap::Args)]
@@ -103,7 +106,9 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Opens a socket from the next source address and completes Connect.
 pub(crate) async fn open(addr: SocketAddr, sources: &Sources, token: String) -> anyhow::Result<Ws> {
-    tokio::time::timeout(OPEN_TIMEOUT, open_now(addr, sources, token))
+    // Boxed: the handshake's state would otherwise stay in every socket's
+    // task for its whole life (about 3 KiB each).
+    tokio::time::timeout(OPEN_TIMEOUT, Box::pin(open_now(addr, sources, token)))
         .await
         .map_err(|_| anyhow::anyhow!("no ConnectResult within {OPEN_TIMEOUT:?}"))?
 }
@@ -132,12 +137,78 @@ pub(crate) async fn open_counted(
     }
 }
 
+/// The edge answered the upgrade with something other than 101.
+#[derive(Debug, thiserror::Error)]
+#[error("upgrade refused: HTTP {status}")]
+pub(crate) struct UpgradeRefused {
+    pub(crate) status: u16,
+}
+
 /// The edge refused the upgrade with 503 (admission control).
 pub(crate) fn is_refused(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
-        Some(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503
-    )
+    matches!(e.downcast_ref::<UpgradeRefused>(), Some(r) if r.status == 503)
+}
+
+/// Longest upgrade response we read.
+const MAX_RESPONSE_BYTES: usize = 2048;
+
+/// The HTTP upgrade, written out here rather than by tungstenite's client
+/// handshake: that one leaves its 4 KiB response buffer inside every socket
+/// (collected in place into the frame codec), 4 GB at a million sockets.
+/// The edge sends nothing after its 101 until our Connect, so reading up to
+/// the blank line never takes a byte of the WebSocket stream.
+async fn upgrade(stream: &mut TcpStream, addr: SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+    let key = generate_key();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: {}\r\n\r\n",
+        Encoding::PROTOBUF_SUBPROTOCOL
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = [0u8; MAX_RESPONSE_BYTES];
+    let mut len = 0;
+    let end = loop {
+        let n = stream.read(&mut buf[len..]).await?;
+        if n == 0 {
+            bail!("connection closed during the upgrade");
+        }
+        len += n;
+        if let Some(i) = buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if len == buf.len() {
+            bail!("upgrade response over {MAX_RESPONSE_BYTES} bytes");
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 16];
+    let mut response = httparse::Response::new(&mut headers);
+    response
+        .parse(&buf[..end])
+        .context("malformed upgrade response")?;
+    let status = response.code.unwrap_or(0);
+    if status != 101 {
+        return Err(UpgradeRefused { status }.into());
+    }
+    let header = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    if header("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
+        bail!("upgrade response has a wrong Sec-WebSocket-Accept");
+    }
+    if header("sec-websocket-protocol") != Some(Encoding::PROTOBUF_SUBPROTOCOL.as_bytes()) {
+        bail!("the edge did not choose {}", Encoding::PROTOBUF_SUBPROTOCOL);
+    }
+    if end != len {
+        bail!("bytes after the upgrade response, before Connect");
+    }
+    Ok(())
 }
 
 /// Sends request `frame` and waits for the reply with its id; pushes
@@ -173,19 +244,15 @@ pub(crate) async fn close(mut ws: Ws) {
 async fn open_now(addr: SocketAddr, sources: &Sources, token: String) -> anyhow::Result<Ws> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(sources.pick().into(), 0))?;
-    let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr)).await??;
-    let mut req = format!("ws://{addr}/ws").into_client_request()?;
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_static(Encoding::PROTOBUF_SUBPROTOCOL),
-    );
-    // tungstenite's default 128 KiB read buffer per socket would cost GBs
-    // at 100k sockets; frames here are small.
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr)).await??;
+    upgrade(&mut stream, addr).await?;
+    // tungstenite allocates its read buffer up front (128 KiB by default):
+    // at a million sockets every KiB here is a GB. Frames here are small and
+    // the buffer grows for a larger one.
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0);
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(req, stream, Some(config)).await?;
+    let mut ws = WebSocketStream::from_raw_socket(stream, Role::Client, Some(config)).await;
     send(
         &mut ws,
         ClientFrame {
@@ -228,4 +295,68 @@ pub(crate) fn stamp(payload: &[u8]) -> Option<(u64, u64)> {
         .and_then(|b| b.try_into().ok())
         .map_or(0, u64::from_le_bytes);
     Some((sent, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Answers one upgrade request with `response(key)`.
+    async fn server(response: fn(&str) -> String) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = tcp.read(&mut buf).await.unwrap();
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let key = req
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap()
+                .to_string();
+            tcp.write_all(response(&key).as_bytes()).await.unwrap();
+            let _ = tcp.read(&mut buf).await;
+        });
+        addr
+    }
+
+    async fn try_upgrade(addr: SocketAddr) -> anyhow::Result<()> {
+        let mut tcp = TcpStream::connect(addr).await?;
+        upgrade(&mut tcp, addr).await
+    }
+
+    fn accept(key: &str) -> String {
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+            Encoding::PROTOBUF_SUBPROTOCOL
+        )
+    }
+
+    #[tokio::test]
+    async fn a_proper_101_upgrades() {
+        try_upgrade(server(accept).await).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_503_is_a_refusal() {
+        let busy = |_: &str| "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\r\n".into();
+        let err = try_upgrade(server(busy).await).await.unwrap_err();
+        assert!(is_refused(&err), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_wrong_accept_key_or_missing_subprotocol_fails() {
+        let wrong = |_: &str| accept("not-the-key");
+        let err = try_upgrade(server(wrong).await).await.unwrap_err();
+        assert!(err.to_string().contains("Sec-WebSocket-Accept"), "{err:#}");
+        assert!(!is_refused(&err));
+        let plain = |key: &str| accept(key).replace("Sec-WebSocket-Protocol", "X-Other");
+        let err = try_upgrade(server(plain).await).await.unwrap_err();
+        assert!(err.to_string().contains("did not choose"), "{err:#}");
+    }
 }
