@@ -38,6 +38,27 @@ pub(crate) struct EdgeState {
     pub(crate) tracker: TaskTracker,
     /// Presence sessions of this node's sockets (heartbeated together).
     pub(crate) sessions: DashMap<u64, Session>,
+    /// Serializes each user's presence transition with its announcement, so
+    /// a socket's offline cannot overtake the online of the socket that
+    /// replaced it (watchers would be left with the wrong state).
+    presence_order: Box<[tokio::sync::Mutex<()>]>,
+}
+
+/// Stripes of `EdgeState::presence_order`.
+const PRESENCE_STRIPES: usize = 256;
+
+impl EdgeState {
+    /// Held across one user's presence transition and its announcement.
+    pub(crate) async fn presence_order(
+        &self,
+        user: &switchboard_protocol::UserId,
+    ) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user.as_str());
+        self.presence_order[hash as usize % PRESENCE_STRIPES]
+            .lock()
+            .await
+    }
 }
 
 struct Backends {
@@ -118,6 +139,9 @@ impl EdgeState {
             prometheus,
             tracker: TaskTracker::new(),
             sessions: DashMap::new(),
+            presence_order: (0..PRESENCE_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }))
     }
 }

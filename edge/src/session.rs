@@ -134,11 +134,13 @@ impl Session {
         self.state
             .sessions
             .insert(self.conn.id(), self.presence.clone());
+        let order = self.state.presence_order(&self.identity.user).await;
         match self.state.presence.register(&self.presence, now_ms()).await {
             Ok(Transition::BecameOnline) => self.announce(true, now_ms(), 1).await,
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "presence register failed"),
         }
+        drop(order);
         let result = ConnectResult {
             session_id: self.presence.session_id.clone(),
             user: self.identity.user.to_string(),
@@ -596,6 +598,8 @@ impl Session {
                 .hub
                 .leave(&StreamKey::User(self.identity.user.clone()), self.conn.id())
                 .await;
+            let state = self.state.clone();
+            let _order = state.presence_order(&self.identity.user).await;
             match self
                 .state
                 .presence
