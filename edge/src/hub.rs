@@ -29,6 +29,20 @@ const INTEREST_STRIPES: usize = 64;
 const MAX_PENDING_PER_STREAM: usize = 1024;
 /// How long an early frame waits for the missing ones before repair.
 const GAP_TIMEOUT: Duration = Duration::from_millis(200);
+/// History reads retried while history is unavailable, with backoff up to
+/// `MAX_OUTAGE_BACKOFF` (about 11 s in all), before the hole is skipped.
+const MAX_OUTAGE_RETRIES: u32 = 8;
+const MAX_OUTAGE_BACKOFF: Duration = Duration::from_secs(2);
+
+/// What one repair read left.
+enum Repair {
+    /// Nothing more to repair.
+    Done,
+    /// A hole remains (frames newer than the read were lost): read again.
+    Hole,
+    /// History could not be read; the held frames wait for another try.
+    HistoryDown,
+}
 
 struct StreamEntry {
     subs: HashMap<u64, ConnHandle>,
@@ -273,20 +287,28 @@ impl Hub {
     async fn repair(self: Arc<Self>, key: StreamKey, wait: Duration, force: bool) {
         let mut wait = wait;
         let mut force = force;
+        let mut outages = 0;
         loop {
             tokio::time::sleep(wait).await;
-            if !self.repair_once(&key, force).await {
-                return;
+            match self
+                .repair_once(&key, force, outages < MAX_OUTAGE_RETRIES)
+                .await
+            {
+                Repair::Done => return,
+                // Still a hole: frames newer than our read were lost too.
+                Repair::Hole => wait = GAP_TIMEOUT,
+                Repair::HistoryDown => {
+                    outages += 1;
+                    wait = (GAP_TIMEOUT * 2u32.pow(outages)).min(MAX_OUTAGE_BACKOFF);
+                }
             }
-            // Still a hole: frames newer than our read were lost too.
-            wait = GAP_TIMEOUT;
             force = false;
         }
     }
 
-    /// One history read; returns true when a hole remains (`repairing`
-    /// stays set and the caller reads again).
-    async fn repair_once(&self, key: &StreamKey, force: bool) -> bool {
+    /// One history read. `may_wait`: a failed read keeps the held frames
+    /// for another try instead of skipping the hole.
+    async fn repair_once(&self, key: &StreamKey, force: bool, may_wait: bool) -> Repair {
         // Read what to repair without holding the shard lock afterwards.
         let target = self.streams.get(key).map(|e| {
             (
@@ -301,14 +323,20 @@ impl Hub {
                 if let Some(mut e) = self.streams.get_mut(key) {
                     e.repairing = false;
                 }
-                return false;
+                return Repair::Done;
             }
-            None => return false,
+            None => return Repair::Done,
         };
         let recovered = self.history.recover(key, Some(since), &epoch).await;
         let Some(mut e) = self.streams.get_mut(key) else {
-            return false;
+            return Repair::Done;
         };
+        // A history outage is not a lost message: the frames are still in
+        // history, so hold what arrived (bounded) and read again later.
+        if recovered.is_err() && may_wait && e.pending.len() < MAX_PENDING_PER_STREAM {
+            self.metrics.gaps_retried.increment(1);
+            return Repair::HistoryDown;
+        }
         match recovered {
             Ok(r) if !r.position.resync_required => {
                 let mut filled = 0;
@@ -327,13 +355,13 @@ impl Hub {
                 self.drain_contiguous(&mut e);
                 if e.pending.is_empty() {
                     e.repairing = false;
-                    false
+                    Repair::Done
                 } else {
-                    true
+                    Repair::Hole
                 }
             }
             _ => {
-                // History no longer has the missing seqs (or is down):
+                // History no longer has the missing seqs (or stayed down):
                 // deliver what we hold, in order; clients see the gap and
                 // re-sync from their own last seq.
                 self.metrics.gaps_unrecoverable.increment(1);
@@ -345,7 +373,7 @@ impl Hub {
                     }
                 }
                 e.repairing = false;
-                false
+                Repair::Done
             }
         }
     }

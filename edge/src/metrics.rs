@@ -48,6 +48,7 @@ pub(crate) struct EdgeMetrics {
     pub(crate) duplicates_dropped: Counter,
     pub(crate) gaps_repaired: Counter,
     pub(crate) gaps_unrecoverable: Counter,
+    pub(crate) gaps_retried: Counter,
     pub(crate) pending_frames: Gauge,
 }
 
@@ -73,6 +74,7 @@ impl EdgeMetrics {
             duplicates_dropped: counter!("switchboard_edge_duplicate_deliveries_total"),
             gaps_repaired: counter!("switchboard_edge_gaps_total", "result" => "repaired"),
             gaps_unrecoverable: counter!("switchboard_edge_gaps_total", "result" => "unrecoverable"),
+            gaps_retried: counter!("switchboard_edge_gaps_total", "result" => "retried"),
             pending_frames: gauge!("switchboard_edge_reorder_pending_frames"),
         }
     }

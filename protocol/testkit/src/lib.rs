@@ -171,6 +171,26 @@ impl Server {
         }
     }
 
+    /// Freezes the server (SIGSTOP): its socket stays open but nothing is
+    /// answered, as with an overloaded or hung server. Undo with `resume`.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let Some(c) = &self.child else { return };
+        let ok = std::process::Command::new("kill")
+            .args([sig, &c.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {} failed", c.id());
+    }
+
     /// Starts the server again on the same port (after `kill`).
     pub fn restart(&mut self) {
         self.kill();
