@@ -330,106 +330,95 @@ async fn reconnecting_to_the_other_edge_with_since_recovers_everything() {
     c.shutdown().await;
 }
 
+/// A cluster whose edge has a NATS subscription that buffers one message,
+/// so a burst overflows it and NATS drops frames for this edge.
+struct Lagging {
+    nats: switchboard_testkit::Server,
+    redis: switchboard_testkit::Server,
+    router: RouterNode,
+    edge: switchboard_edge::Edge,
+    reader: Raw,
+}
+
+impl Lagging {
+    async fn start(chat: &str) -> Lagging {
+        let nats = switchboard_testkit::Server::nats();
+        let redis = switchboard_testkit::Server::redis();
+        let router = start_router(&nats, &redis, "r").await;
+        wait_for_routers(&nats).await;
+        let mut cfg = edge_config(&nats, &redis, "laggy");
+        cfg.cluster.as_mut().unwrap().subscription_capacity = 1;
+        let edge = start(cfg).await;
+        let mut reader = Raw::connected(&edge, "reader").await;
+        reader.request(json!({"subscribe": {"chat": chat}})).await;
+        Lagging {
+            nats,
+            redis,
+            router,
+            edge,
+            reader,
+        }
+    }
+
+    /// `total` posts to `chat` from 6 concurrent publishers, all acked.
+    async fn burst(&self, chat: &str, total: u64) {
+        let mut posts = Vec::new();
+        for w in 0..6 {
+            let (addr, chat) = (self.router.addr, chat.to_owned());
+            posts.push(tokio::spawn(async move {
+                for i in 0..total / 6 {
+                    let body =
+                        json!({"chat": chat, "client_msg_id": format!("{w}-{i}"), "text": "x"});
+                    let (s, b) = post(addr, "/api/publish", &body).await;
+                    assert_eq!(s, 200, "{b}");
+                }
+            }));
+        }
+        for p in posts {
+            p.await.unwrap();
+        }
+    }
+
+    /// The reader gets 1..=total, in order, with no gap.
+    async fn assert_all_delivered(mut self, total: u64) {
+        let seqs: Vec<u64> = self
+            .reader
+            .deliveries(total as usize)
+            .await
+            .iter()
+            .map(seq)
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "no gap seen by the client"
+        );
+        self.edge.shutdown().await;
+        self.router.stop().await;
+        drop((self.nats, self.redis));
+    }
+}
+
 /// A gap whose repair meets a hung history (Redis frozen past its 2 s
 /// response timeout) is repaired once history answers again, instead of
 /// being skipped: the frames are still there. Found in the 400k-socket
 /// fleet benchmark, where an overloaded Redis turned gaps into losses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_waits_out_a_history_outage() {
-    let nats = switchboard_testkit::Server::nats();
-    let redis = switchboard_testkit::Server::redis();
-    let router = start_router(&nats, &redis, "r").await;
-    wait_for_routers(&nats).await;
-    let mut cfg = edge_config(&nats, &redis, "laggy");
-    cfg.cluster.as_mut().unwrap().subscription_capacity = 1;
-    let edge = start(cfg).await;
-    let mut reader = Raw::connected(&edge, "reader").await;
-    reader
-        .request(json!({"subscribe": {"chat": "outage"}}))
-        .await;
-    // Bursts until NATS drops some frames for this edge; then freeze
-    // Redis before the hub's repair read (200 ms after the first gap).
-    let total = 120u64;
-    let mut posts = Vec::new();
-    for w in 0..6 {
-        let addr = router.addr;
-        posts.push(tokio::spawn(async move {
-            for i in 0..total / 6 {
-                let body =
-                    json!({"chat": "outage", "client_msg_id": format!("{w}-{i}"), "text": "x"});
-                let (s, b) = post(addr, "/api/publish", &body).await;
-                assert_eq!(s, 200, "{b}");
-            }
-        }));
-    }
-    for p in posts {
-        p.await.unwrap();
-    }
-    redis.pause();
+    let lagging = Lagging::start("outage").await;
+    lagging.burst("outage", 120).await;
+    // Freeze Redis before the hub's repair read (200 ms after the gap).
+    lagging.redis.pause();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    redis.resume();
-    let seqs: Vec<u64> = reader
-        .deliveries(total as usize)
-        .await
-        .iter()
-        .map(seq)
-        .collect();
-    assert_eq!(
-        seqs,
-        (1..=total).collect::<Vec<_>>(),
-        "no gap seen by the client"
-    );
-    edge.shutdown().await;
-    router.stop().await;
+    lagging.redis.resume();
+    lagging.assert_all_delivered(120).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn frames_dropped_by_a_lagging_nats_subscription_are_repaired_from_history() {
-    let nats = switchboard_testkit::Server::nats();
-    let redis = switchboard_testkit::Server::redis();
-    let router = start_router(&nats, &redis, "r").await;
-    wait_for_routers(&nats).await;
-    // A subscription that can buffer one message: a burst overflows it and
-    // NATS drops frames for this edge (slow consumer).
-    let mut cfg = edge_config(&nats, &redis, "laggy");
-    cfg.cluster.as_mut().unwrap().subscription_capacity = 1;
-    let edge = start(cfg).await;
-    let mut reader = Raw::connected(&edge, "reader").await;
-    reader
-        .request(json!({"subscribe": {"chat": "burst"}}))
-        .await;
-    let total = 300u64;
-    let mut posts = Vec::new();
-    for w in 0..6 {
-        let addr = router.addr;
-        posts.push(tokio::spawn(async move {
-            for i in 0..total / 6 {
-                let (s, b) = post(
-                    addr,
-                    "/api/publish",
-                    &json!({"chat": "burst", "client_msg_id": format!("{w}-{i}"), "text": "x"}),
-                )
-                .await;
-                assert_eq!(s, 200, "{b}");
-            }
-        }));
-    }
-    for p in posts {
-        p.await.unwrap();
-    }
-    let seqs: Vec<u64> = reader
-        .deliveries(total as usize)
-        .await
-        .iter()
-        .map(seq)
-        .collect();
-    assert_eq!(
-        seqs,
-        (1..=total).collect::<Vec<_>>(),
-        "no gap seen by the client"
-    );
-    edge.shutdown().await;
-    router.stop().await;
+    let lagging = Lagging::start("burst").await;
+    lagging.burst("burst", 300).await;
+    lagging.assert_all_delivered(300).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

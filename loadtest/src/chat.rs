@@ -105,22 +105,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     }
     drop(ready_tx);
     let local = mine.end - mine.start;
-    let deadline = Instant::now() + Duration::from_secs(a.timeout_secs);
-    let (mut ready, mut settled) = (0u64, 0u64);
-    while settled < local {
-        match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
-            Ok(Some(ok)) => {
-                settled += 1;
-                ready += ok as u64;
-            }
-            Ok(None) => break,
-            Err(_) => anyhow::bail!(
-                "only {ready} of {local} users ready after {} s",
-                a.timeout_secs
-            ),
-        }
-    }
-    eprintln!("{ready} of {local} users ready");
+    crate::coord::wait_settled(&mut ready_rx, local, a.timeout_secs, "users").await?;
     w.barrier("subscribed", 0).await?;
     let mem_after = Probe::take_if(w.is_first(), &a.pids);
     // This worker's share of the rate, by its share of the users.

@@ -113,6 +113,31 @@ pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// Waits until `expected` sockets have settled, each sending `true` (ready)
+/// or `false` (gave up) on `settled`; returns how many are ready. Fails
+/// after `timeout_secs`; `what` names the sockets in messages.
+pub(crate) async fn wait_settled(
+    settled: &mut mpsc::Receiver<bool>,
+    expected: u64,
+    timeout_secs: u64,
+    what: &str,
+) -> anyhow::Result<u64> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
+    let (mut ready, mut done) = (0u64, 0u64);
+    while done < expected {
+        match tokio::time::timeout_at(deadline, settled.recv()).await {
+            Ok(Some(ok)) => {
+                done += 1;
+                ready += ok as u64;
+            }
+            Ok(None) => break,
+            Err(_) => bail!("only {ready} of {expected} {what} ready after {timeout_secs} s"),
+        }
+    }
+    eprintln!("{ready} of {expected} {what} ready");
+    Ok(ready)
+}
+
 /// Part `index` of `count` of 0..n.
 pub(crate) fn split(n: u64, index: u32, count: u32) -> Range<u64> {
     let count = count.max(1) as u64;

@@ -206,22 +206,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     }
     drop(ready_tx);
     let sockets = plan.local() + plan.away_local();
-    let deadline = Instant::now() + Duration::from_secs(a.timeout_secs);
-    let (mut ready, mut settled) = (0u64, 0u64);
-    while settled < sockets {
-        match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
-            Ok(Some(ok)) => {
-                settled += 1;
-                ready += ok as u64;
-            }
-            Ok(None) => break,
-            Err(_) => anyhow::bail!(
-                "only {ready} of {sockets} sockets ready after {} s",
-                a.timeout_secs
-            ),
-        }
-    }
-    eprintln!("{ready} of {sockets} sockets ready");
+    crate::coord::wait_settled(&mut ready_rx, sockets, a.timeout_secs, "sockets").await?;
     rec.add_counter("users_ready", live.channel.load(Relaxed));
     w.barrier("ready", 0).await?;
     let mem_after = Probe::take_if(w.is_first(), &a.pids);
