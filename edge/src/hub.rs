@@ -54,6 +54,9 @@ struct StreamEntry {
     epoch: String,
     pending: BTreeMap<u64, SharedFrame>,
     repairing: bool,
+    /// Early frames were dropped (pending full during a repair): read
+    /// history once more before calling the repair done.
+    overflowed: bool,
 }
 
 impl StreamEntry {
@@ -65,6 +68,7 @@ impl StreamEntry {
             epoch: String::new(),
             pending: BTreeMap::new(),
             repairing: false,
+            overflowed: false,
         }
     }
 }
@@ -80,9 +84,14 @@ pub(crate) struct Hub {
     metrics: Arc<EdgeMetrics>,
 }
 
-fn stripe_of(subject: &str) -> usize {
+/// Which of `stripes` locks guards `key` (interest here, presence order in `app`).
+pub(crate) fn stripe(key: &str, stripes: usize) -> usize {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    (BuildHasherDefault::<DefaultHasher>::default().hash_one(subject) as usize) % INTEREST_STRIPES
+    (BuildHasherDefault::<DefaultHasher>::default().hash_one(key) as usize) % stripes
+}
+
+fn stripe_of(subject: &str) -> usize {
+    stripe(subject, INTEREST_STRIPES)
 }
 
 impl Hub {
@@ -256,6 +265,14 @@ impl Hub {
         } else if seq <= e.last_seq {
             self.metrics.duplicates_dropped.increment(1);
         } else {
+            if e.repairing && e.pending.len() >= MAX_PENDING_PER_STREAM {
+                // Full while history is read (or down): the frame is in
+                // history already (routers store before they publish), so
+                // drop it here and have the repair read once more.
+                e.overflowed = true;
+                self.metrics.pending_dropped.increment(1);
+                return;
+            }
             if e.pending.insert(seq, frame).is_none() {
                 self.metrics.pending_frames.increment(1.0);
             }
@@ -353,7 +370,7 @@ impl Hub {
                     self.metrics.gaps_repaired.increment(1);
                 }
                 self.drain_contiguous(&mut e);
-                if e.pending.is_empty() {
+                if e.pending.is_empty() && !std::mem::take(&mut e.overflowed) {
                     e.repairing = false;
                     Repair::Done
                 } else {
@@ -365,6 +382,7 @@ impl Hub {
                 // deliver what we hold, in order; clients see the gap and
                 // re-sync from their own last seq.
                 self.metrics.gaps_unrecoverable.increment(1);
+                e.overflowed = false;
                 let held = std::mem::take(&mut e.pending);
                 self.metrics.pending_frames.decrement(held.len() as f64);
                 for (seq, f) in held {

@@ -50,6 +50,7 @@ pub(crate) struct EdgeMetrics {
     pub(crate) gaps_unrecoverable: Counter,
     pub(crate) gaps_retried: Counter,
     pub(crate) pending_frames: Gauge,
+    pub(crate) pending_dropped: Counter,
 }
 
 impl EdgeMetrics {
@@ -76,6 +77,7 @@ impl EdgeMetrics {
             gaps_unrecoverable: counter!("switchboard_edge_gaps_total", "result" => "unrecoverable"),
             gaps_retried: counter!("switchboard_edge_gaps_total", "result" => "retried"),
             pending_frames: gauge!("switchboard_edge_reorder_pending_frames"),
+            pending_dropped: counter!("switchboard_edge_reorder_dropped_total"),
         }
     }
 }

@@ -100,14 +100,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         tokio::pin!(token_timer);
         loop {
             // One flush (one syscall) per loop turn, i.e. per drained batch.
-            if self.out.buffered() > 0 {
-                // Counted per batch, not per frame (shared atomics).
-                let (frames, bytes) = self.out.take_counts();
-                self.metrics.frames_out.increment(frames);
-                self.metrics.bytes_out.increment(bytes);
-                if self.out.flush().await.is_err() {
-                    return WriterExit::Gone;
-                }
+            if self.out.buffered() > 0 && self.flush().await.is_err() {
+                return WriterExit::Gone;
             }
             if self.deadline_dirty {
                 self.deadline_dirty = false;
@@ -211,7 +205,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             }
             Outbound::Stop => {
                 // The close echo may still be in the batch buffer.
-                let _ = self.out.flush().await;
+                let _ = self.flush().await;
                 Err(())
             }
             Outbound::TokenExpiry(ms) => {
@@ -239,7 +233,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             self.write(f.encoded(enc));
             last = last.max(seq);
             if self.out.buffered() >= FLUSH_AT_BYTES {
-                self.out.flush().await.map_err(|_| ())?;
+                self.flush().await.map_err(|_| ())?;
             }
         }
         let held = match self.streams.insert(stream, StreamState::Live(last)) {
@@ -249,7 +243,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         for f in held {
             self.live(f);
             if self.out.buffered() >= FLUSH_AT_BYTES {
-                self.out.flush().await.map_err(|_| ())?;
+                self.flush().await.map_err(|_| ())?;
             }
         }
         Ok(())
@@ -281,6 +275,15 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.write(frame.encoded(self.conn.encoding()));
     }
 
+    /// Writes the batch, counting its frames and bytes once per batch (the
+    /// counters are atomics shared by every writer).
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let (frames, bytes) = self.out.take_counts();
+        self.metrics.frames_out.increment(frames);
+        self.metrics.bytes_out.increment(bytes);
+        self.out.flush().await
+    }
+
     /// Buffers one data frame; the loop flushes it with the rest of the batch.
     fn write(&mut self, bytes: &Bytes) {
         let opcode = if self.conn.encoding() == Encoding::Json {
@@ -309,7 +312,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             self.write(&bytes);
             self.out
                 .push_close(reason.code(), reason.as_str().as_bytes());
-            self.out.flush().await
+            self.flush().await
         })
         .await;
     }
