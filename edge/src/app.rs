@@ -15,8 +15,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_presence::{MemoryPresence, PresenceStore, RedisPresence, Session};
 use switchboard_protocol::{CloseReason, now_ms};
 use switchboard_router::{
-    Bus, History, MemoryBus, MemoryHistory, NatsBus, NatsSettings, Publisher, RedisHistory,
-    RemoteRouter, Router, RouterLimits, connect_redis,
+    Bus, BusHandler, History, MemoryBus, MemoryHistory, NatsBus, NatsSettings, Publisher,
+    RedisHistory, RemoteRouter, Router, RouterLimits, connect_redis,
 };
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -75,9 +75,11 @@ async fn backends(config: &Config) -> Result<Backends, String> {
     let Some(cluster) = &config.cluster else {
         let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
         let history: Arc<dyn History> = Arc::new(MemoryHistory::new(config.history));
+        let presence: Arc<dyn PresenceStore> = Arc::new(MemoryPresence::new(ttl, 100_000));
         let router = Arc::new(Router::new(
             history.clone(),
             bus.clone(),
+            presence.clone(),
             RouterLimits {
                 max_payload_bytes: config.max_payload_bytes,
             },
@@ -85,7 +87,7 @@ async fn backends(config: &Config) -> Result<Backends, String> {
         return Ok(Backends {
             bus,
             history,
-            presence: Arc::new(MemoryPresence::new(ttl, 100_000)),
+            presence,
             router,
         });
     };
@@ -123,7 +125,13 @@ impl EdgeState {
         let prometheus = crate::metrics::prometheus();
         let metrics = Arc::new(EdgeMetrics::new());
         let b = backends(&config).await?;
-        let hub = Hub::new(b.bus.clone(), b.history.clone(), metrics.clone());
+        let hub = Hub::new(
+            &config.node_id,
+            b.bus.clone(),
+            b.history.clone(),
+            metrics.clone(),
+        );
+        hub.start().await.map_err(|e| e.to_string())?;
         metrics.connections_max.set(config.max_connections as f64);
         Ok(Arc::new(EdgeState {
             admission: Arc::new(Admission::new(config.max_connections)),
@@ -201,6 +209,7 @@ pub async fn run(
         dev = state.config.dev,
         "switchboard edge listening"
     );
+    lease_presence(&state).await;
     let stop_accepting = CancellationToken::new();
     let background = CancellationToken::new();
     let accept = tokio::spawn(server::accept_loop(
@@ -224,29 +233,71 @@ pub async fn run(
     Ok(())
 }
 
-/// Refreshes the TTL of every local session, so they outlive the TTL only
-/// while this process is alive.
+/// Renews this node's presence lease (its sessions live as long as it).
+/// When the store had no live lease for us (Redis restarted empty, or a
+/// stall outlived the lease and another node swept our sessions), every
+/// local session is registered again and every stream is re-read from
+/// history: routers could not find this edge meanwhile.
 async fn presence_heartbeats(state: Arc<EdgeState>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(state.config.presence_ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let node = state.config.node_id.clone();
+    let addr = state.config.listen.to_string();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let addr = state.config.listen.to_string();
-        if let Err(e) = state
-            .presence
-            .node_heartbeat(&state.config.node_id, &addr, now_ms())
-            .await
-        {
-            tracing::warn!(error = %e, "node heartbeat failed");
-        }
+        let fresh = match state.presence.node_heartbeat(&node, &addr, now_ms()).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+                tracing::warn!(error = %e, "presence lease not renewed");
+                continue;
+            }
+        };
         let sessions: Vec<Session> = state.sessions.iter().map(|e| e.value().clone()).collect();
-        if let Err(e) = state.presence.heartbeat(&sessions, now_ms()).await {
-            metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
-            tracing::warn!(error = %e, "presence heartbeat failed");
+        if !fresh || sessions.is_empty() {
+            continue;
         }
+        tracing::warn!(
+            sessions = sessions.len(),
+            "presence lost this node's sessions; restoring them"
+        );
+        metrics::counter!("switchboard_edge_presence_restores_total").increment(1);
+        match state.presence.restore(&sessions, now_ms()).await {
+            Ok(back) => {
+                for user in back {
+                    switchboard_router::announce(state.bus.as_ref(), &user, true, now_ms(), 1)
+                        .await;
+                }
+                // Routers could not find us meanwhile: re-read every stream.
+                state.hub.on_possible_loss();
+            }
+            Err(e) => {
+                metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+                tracing::warn!(error = %e, "presence restore failed");
+            }
+        }
+    }
+}
+
+/// Starts this node's presence lease afresh: sessions a previous run under
+/// the same node id left behind go offline (announced), then the lease
+/// exists before the first socket registers.
+async fn lease_presence(state: &EdgeState) {
+    let node = &state.config.node_id;
+    match state.presence.drop_node(node, now_ms()).await {
+        Ok(gone) => {
+            for (user, at) in gone {
+                switchboard_router::announce(state.bus.as_ref(), &user, false, at, 0).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "presence: previous sessions not dropped"),
+    }
+    let addr = state.config.listen.to_string();
+    if let Err(e) = state.presence.node_heartbeat(node, &addr, now_ms()).await {
+        tracing::warn!(error = %e, "presence lease not taken");
     }
 }
 

@@ -167,8 +167,8 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<String>,
 
-    /// Presence session TTL, ms; sessions are refreshed every third of it,
-    /// so a crashed edge's users go offline within it. Default 30000.
+    /// This node's presence lease, ms: renewed every third of it, so a
+    /// crashed edge's users go offline within it. Default 30000.
     #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub presence_ttl_ms: Option<u64>,
@@ -260,7 +260,7 @@ pub struct Config {
     pub history: HistoryLimits,
     /// Cluster backends; `None`: standalone.
     pub cluster: Option<ClusterConfig>,
-    /// Presence session TTL.
+    /// This node's presence lease.
     pub presence_ttl: Duration,
     /// Log filter.
     pub log: String,

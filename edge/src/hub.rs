@@ -14,7 +14,7 @@ use std::{
 
 use dashmap::DashMap;
 use switchboard_protocol::{
-    SharedFrame, StreamKey, UserId, now_ms,
+    SharedFrame, StreamKey, UserId, edge_users_wildcard, now_ms,
     v1::{StreamPosition, server_frame},
 };
 use switchboard_router::{Bus, BusError, BusHandler, History, presence_subject};
@@ -75,6 +75,8 @@ impl StreamEntry {
 
 pub(crate) struct Hub {
     me: Weak<Hub>,
+    /// `sb.edge.<node>.user.`: the prefix of this edge's personal streams.
+    user_prefix: String,
     streams: DashMap<StreamKey, StreamEntry>,
     watchers: DashMap<UserId, HashMap<u64, ConnHandle>>,
     conns: DashMap<u64, ConnHandle>,
@@ -96,12 +98,15 @@ fn stripe_of(subject: &str) -> usize {
 
 impl Hub {
     pub(crate) fn new(
+        node: &str,
         bus: Arc<dyn Bus>,
         history: Arc<dyn History>,
         metrics: Arc<EdgeMetrics>,
     ) -> Arc<Hub> {
+        let wildcard = edge_users_wildcard(node);
         let hub = Arc::new_cyclic(|me| Hub {
             me: me.clone(),
+            user_prefix: wildcard.trim_end_matches('*').to_owned(),
             streams: DashMap::new(),
             watchers: DashMap::new(),
             conns: DashMap::new(),
@@ -112,6 +117,12 @@ impl Hub {
         });
         bus.set_handler(hub.clone());
         hub
+    }
+
+    /// Subscribes this edge's personal streams: one subscription for all
+    /// its users, whatever their number.
+    pub(crate) async fn start(&self) -> Result<(), BusError> {
+        self.bus.subscribe(&format!("{}*", self.user_prefix)).await
     }
 
     pub(crate) fn add_conn(&self, conn: &ConnHandle) {
@@ -134,7 +145,18 @@ impl Hub {
     /// Adds a socket to a stream; subscribes the bus on first interest.
     /// Returns once the subscription is active.
     pub(crate) async fn join(&self, key: &StreamKey, conn: &ConnHandle) -> Result<(), BusError> {
-        let subject = key.subject();
+        let Some(subject) = key.subject() else {
+            // A personal stream arrives on this edge's one subscription.
+            let mut e = self
+                .streams
+                .entry(key.clone())
+                .or_insert_with(StreamEntry::new);
+            e.subs.insert(conn.id(), conn.clone());
+            if e.subs.len() == 1 {
+                self.metrics.subscriptions.increment(1.0);
+            }
+            return Ok(());
+        };
         let _guard = self.stripes[stripe_of(&subject)].lock().await;
         let first = {
             let mut e = self
@@ -158,7 +180,19 @@ impl Hub {
 
     /// Removes a socket from a stream; unsubscribes after the last one.
     pub(crate) async fn leave(&self, key: &StreamKey, conn_id: u64) {
-        let subject = key.subject();
+        let Some(subject) = key.subject() else {
+            if let Some(mut e) = self.streams.get_mut(key) {
+                e.subs.remove(&conn_id);
+            }
+            if self
+                .streams
+                .remove_if(key, |_, e| e.subs.is_empty())
+                .is_some()
+            {
+                self.metrics.subscriptions.decrement(1.0);
+            }
+            return;
+        };
         let _guard = self.stripes[stripe_of(&subject)].lock().await;
         let last = {
             let Some(mut e) = self.streams.get_mut(key) else {
@@ -427,7 +461,7 @@ impl Hub {
             switchboard_protocol::ChatId::parse(chat)
                 .ok()
                 .map(StreamKey::Chat)
-        } else if let Some(user) = subject.strip_prefix("sb.user.") {
+        } else if let Some(user) = subject.strip_prefix(self.user_prefix.as_str()) {
             UserId::parse(user).ok().map(StreamKey::User)
         } else {
             None

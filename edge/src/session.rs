@@ -5,14 +5,14 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocketError};
 use switchboard_presence::{Session as PresenceSession, Transition};
 use switchboard_protocol::{
-    ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, now_ms,
+    ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, chat_subject, now_ms,
     v1::{
         self, ClientFrame, ConnectResult, ErrorCode, PresenceEvent, PublishAck, ReceiptEvent,
         RefreshResult, ServerFrame, SubscribeResult, TypingEvent, client_frame, publish, receipt,
         server_frame,
     },
 };
-use switchboard_router::{PublishRequest, presence_subject};
+use switchboard_router::{PublishRequest, presence_subject, publish_to_user};
 
 use crate::{
     app::EdgeState,
@@ -118,6 +118,24 @@ impl Session {
             return Err(CloseReason::Unavailable);
         }
         self.joined_user_stream = true;
+        // Presence is how routers find this edge for the personal stream,
+        // so it is registered before history is read: a message stored
+        // before the router's lookup is in the read below, one stored after
+        // it is routed here.
+        self.state
+            .sessions
+            .insert(self.conn.id(), self.presence.clone());
+        let order = self.state.presence_order(&self.identity.user).await;
+        let registered = self.state.presence.register(&self.presence, now_ms()).await;
+        if let Ok(Transition::BecameOnline) = registered {
+            self.announce(true, now_ms(), 1).await;
+        }
+        drop(order);
+        if let Err(e) = registered {
+            ::metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+            self.refuse(id, Refusal(ErrorCode::Unavailable, e.to_string()));
+            return Err(CloseReason::Unavailable);
+        }
         let recovery = match self
             .state
             .history
@@ -131,16 +149,6 @@ impl Session {
             }
         };
         self.state.hub.note_position(&key, &recovery.position);
-        self.state
-            .sessions
-            .insert(self.conn.id(), self.presence.clone());
-        let order = self.state.presence_order(&self.identity.user).await;
-        match self.state.presence.register(&self.presence, now_ms()).await {
-            Ok(Transition::BecameOnline) => self.announce(true, now_ms(), 1).await,
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "presence register failed"),
-        }
-        drop(order);
         let result = ConnectResult {
             session_id: self.presence.session_id.clone(),
             user: self.identity.user.to_string(),
@@ -451,20 +459,21 @@ impl Session {
     }
 
     async fn receipt(&mut self, id: u32, r: v1::Receipt) -> Result<(), Refusal> {
-        let (subject, chat) = match r.target {
-            Some(receipt::Target::Chat(c)) => {
-                let chat = self.allowed_chat(&c)?;
-                (StreamKey::Chat(chat.clone()).subject(), chat.to_string())
-            }
-            Some(receipt::Target::User(u)) => {
-                (StreamKey::User(UserId::parse(&u)?).subject(), String::new())
-            }
+        // A receipt goes to a chat, or to one user (on each edge holding a
+        // socket of theirs); at most once, like every ephemeral event.
+        let to = match r.target {
+            Some(receipt::Target::Chat(c)) => StreamKey::Chat(self.allowed_chat(&c)?),
+            Some(receipt::Target::User(u)) => StreamKey::User(UserId::parse(&u)?),
             None => {
                 return Err(Refusal(
                     ErrorCode::BadRequest,
                     "receipt needs a chat or a user".into(),
                 ));
             }
+        };
+        let chat = match &to {
+            StreamKey::Chat(c) => c.to_string(),
+            StreamKey::User(_) => String::new(),
         };
         let frame = SharedFrame::new(ServerFrame {
             id: 0,
@@ -476,7 +485,15 @@ impl Session {
                 timestamp_ms: now_ms(),
             })),
         });
-        self.state.router.broadcast(&subject, frame).await;
+        match to {
+            StreamKey::Chat(c) => self.state.router.broadcast(&chat_subject(&c), frame).await,
+            StreamKey::User(u) => {
+                let (bus, presence) = (self.state.bus.as_ref(), self.state.presence.as_ref());
+                if let Err(e) = publish_to_user(bus, presence, &u, frame).await {
+                    tracing::debug!(error = %e, "receipt not sent");
+                }
+            }
+        }
         self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
         Ok(())
     }
@@ -492,7 +509,7 @@ impl Session {
         });
         self.state
             .router
-            .broadcast(&StreamKey::Chat(chat).subject(), frame)
+            .broadcast(&chat_subject(&chat), frame)
             .await;
         if id != 0 {
             self.reply(id, server_frame::Kind::Ok(v1::Ok {}));

@@ -14,6 +14,7 @@ use crate::store::{PresenceError, PresenceStore, Session, Transition, UserStatus
 /// `max_offline_users` users (the oldest are forgotten first).
 pub struct MemoryPresence {
     users: DashMap<UserId, Entry>,
+    /// node → (lease expiry unix ms, address)
     nodes: DashMap<String, (i64, String)>,
     ttl_ms: i64,
     max_offline_users: usize,
@@ -21,13 +22,13 @@ pub struct MemoryPresence {
 
 #[derive(Default)]
 struct Entry {
-    /// session id -> expiry (unix ms)
-    sessions: HashMap<String, i64>,
+    /// session id -> node
+    sessions: HashMap<String, String>,
     last_seen_ms: i64,
 }
 
 impl MemoryPresence {
-    /// Sessions expire `ttl_ms` after their last heartbeat.
+    /// Node leases last `ttl_ms` after their last heartbeat.
     pub fn new(ttl_ms: i64, max_offline_users: usize) -> Self {
         MemoryPresence {
             users: DashMap::new(),
@@ -40,6 +41,24 @@ impl MemoryPresence {
     /// Users currently tracked (online or remembered offline).
     pub fn tracked_users(&self) -> usize {
         self.users.len()
+    }
+
+    fn live(&self, node: &str, now_ms: i64) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.0 > now_ms)
+    }
+
+    /// Removes the sessions of nodes matching `dead`.
+    fn sweep(&self, dead: impl Fn(&str) -> bool, now_ms: i64) -> Vec<(UserId, i64)> {
+        let mut gone = Vec::new();
+        for mut e in self.users.iter_mut() {
+            let had = !e.sessions.is_empty();
+            e.sessions.retain(|_, node| !dead(node));
+            if had && e.sessions.is_empty() {
+                e.last_seen_ms = now_ms;
+                gone.push((e.key().clone(), now_ms));
+            }
+        }
+        gone
     }
 
     fn trim_offline(&self) {
@@ -63,12 +82,10 @@ impl MemoryPresence {
 
 #[async_trait]
 impl PresenceStore for MemoryPresence {
-    async fn register(&self, s: &Session, now_ms: i64) -> Result<Transition, PresenceError> {
+    async fn register(&self, s: &Session, _now_ms: i64) -> Result<Transition, PresenceError> {
         let mut e = self.users.entry(s.user.clone()).or_default();
-        e.sessions.retain(|_, exp| *exp > now_ms);
         let was_online = !e.sessions.is_empty();
-        e.sessions
-            .insert(s.session_id.clone(), now_ms + self.ttl_ms);
+        e.sessions.insert(s.session_id.clone(), s.node.clone());
         Ok(if was_online {
             Transition::Unchanged
         } else {
@@ -82,7 +99,6 @@ impl PresenceStore for MemoryPresence {
                 return Ok(Transition::Unchanged);
             };
             let removed = e.sessions.remove(&s.session_id).is_some();
-            e.sessions.retain(|_, exp| *exp > now_ms);
             if removed && e.sessions.is_empty() {
                 e.last_seen_ms = now_ms;
                 Transition::BecameOffline {
@@ -100,15 +116,18 @@ impl PresenceStore for MemoryPresence {
         Ok(transition)
     }
 
-    async fn heartbeat(&self, sessions: &[Session], now_ms: i64) -> Result<(), PresenceError> {
+    async fn restore(
+        &self,
+        sessions: &[Session],
+        now_ms: i64,
+    ) -> Result<Vec<UserId>, PresenceError> {
+        let mut back = Vec::new();
         for s in sessions {
-            if let Some(mut e) = self.users.get_mut(&s.user)
-                && let Some(exp) = e.sessions.get_mut(&s.session_id)
-            {
-                *exp = now_ms + self.ttl_ms;
+            if self.register(s, now_ms).await? == Transition::BecameOnline {
+                back.push(s.user.clone());
             }
         }
-        Ok(())
+        Ok(back)
     }
 
     async fn status(
@@ -124,7 +143,7 @@ impl PresenceStore for MemoryPresence {
                     .get(u)
                     .map(|e| {
                         (
-                            e.sessions.values().filter(|exp| **exp > now_ms).count(),
+                            e.sessions.values().filter(|n| self.live(n, now_ms)).count(),
                             e.last_seen_ms,
                         )
                     })
@@ -139,37 +158,61 @@ impl PresenceStore for MemoryPresence {
             .collect())
     }
 
+    async fn nodes_of(&self, user: &UserId) -> Result<Vec<String>, PresenceError> {
+        let mut nodes: Vec<String> = self
+            .users
+            .get(user)
+            .map(|e| e.sessions.values().cloned().collect())
+            .unwrap_or_default();
+        nodes.sort();
+        nodes.dedup();
+        Ok(nodes)
+    }
+
+    async fn expire(&self, now_ms: i64) -> Result<Vec<(UserId, i64)>, PresenceError> {
+        let dead: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.0 <= now_ms)
+            .map(|n| n.key().clone())
+            .collect();
+        if dead.is_empty() {
+            return Ok(Vec::new());
+        }
+        let gone = self.sweep(|n| dead.iter().any(|d| d == n), now_ms);
+        for d in dead {
+            self.nodes.remove_if(&d, |_, n| n.0 <= now_ms);
+        }
+        Ok(gone)
+    }
+
+    async fn drop_node(
+        &self,
+        node: &str,
+        now_ms: i64,
+    ) -> Result<Vec<(UserId, i64)>, PresenceError> {
+        Ok(self.sweep(|n| n == node, now_ms))
+    }
+
     async fn node_heartbeat(
         &self,
         node: &str,
         addr: &str,
         now_ms: i64,
-    ) -> Result<(), PresenceError> {
-        self.nodes
+    ) -> Result<bool, PresenceError> {
+        let old = self
+            .nodes
             .insert(node.to_owned(), (now_ms + self.ttl_ms, addr.to_owned()));
-        Ok(())
+        Ok(old.is_none_or(|(exp, _)| exp <= now_ms))
     }
 
     async fn nodes(&self, now_ms: i64) -> Result<Vec<(String, String)>, PresenceError> {
-        self.nodes.retain(|_, (exp, _)| *exp > now_ms);
         Ok(self
             .nodes
             .iter()
+            .filter(|e| e.value().0 > now_ms)
             .map(|e| (e.key().clone(), e.value().1.clone()))
             .collect())
-    }
-
-    async fn expire(&self, now_ms: i64) -> Result<Vec<(UserId, i64)>, PresenceError> {
-        let mut gone = Vec::new();
-        for mut e in self.users.iter_mut() {
-            let had = !e.sessions.is_empty();
-            e.sessions.retain(|_, exp| *exp > now_ms);
-            if had && e.sessions.is_empty() {
-                e.last_seen_ms = now_ms;
-                gone.push((e.key().clone(), now_ms));
-            }
-        }
-        Ok(gone)
     }
 }
 
@@ -217,11 +260,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sessions_expire_without_heartbeat() {
+    async fn sessions_expire_with_their_node() {
         let p = MemoryPresence::new(1_000, 10);
+        p.node_heartbeat("n1", "", 0).await.unwrap();
+        p.node_heartbeat("n2", "", 0).await.unwrap();
         p.register(&session("a", "s1"), 0).await.unwrap();
-        p.register(&session("b", "s2"), 0).await.unwrap();
-        p.heartbeat(&[session("b", "s2")], 900).await.unwrap();
+        p.register(
+            &Session {
+                node: "n2".into(),
+                ..session("b", "s2")
+            },
+            0,
+        )
+        .await
+        .unwrap();
+        assert!(!p.node_heartbeat("n2", "", 900).await.unwrap());
         let gone = p.expire(1_500).await.unwrap();
         assert_eq!(gone, vec![(UserId::parse("a").unwrap(), 1_500)]);
         assert!(

@@ -1,14 +1,16 @@
 //! Presence over Redis.
 //!
-//! - `sb:{user:<u>}:sessions` hash: session id → `<expiry ms>|<node>`; one
-//!   Lua script per change counts the live sessions before and after, so
-//!   the first-online and last-offline transitions are reported exactly
-//!   once however many edges race.
+//! - `sb:{user:<u>}:sessions` hash: session id → node; one Lua script per
+//!   change counts the sessions before and after, so the first-online and
+//!   last-offline transitions are reported exactly once however many edges
+//!   race.
 //! - `sb:{user:<u>}:seen` last disconnect (unix ms).
-//! - `sb:presence:expiry` sorted set of `<user> <session>` by expiry: any
-//!   node's sweeper finds sessions of crashed edges and expires them.
+//! - `sb:nodes` hash: node → `<lease expiry ms>|<address>`, renewed by one
+//!   heartbeat per node; a session lives as long as its node's lease.
+//! - `sb:node:<node>:sessions` set of `<user> <session>`: what to remove
+//!   when the node's lease runs out (any node's sweeper pops it).
 //! - `sb:online` set of online users (for channel online counts).
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
@@ -16,78 +18,48 @@ use switchboard_protocol::UserId;
 
 use crate::store::{PresenceError, PresenceStore, Session, Transition, UserStatus};
 
-/// Removes expired sessions; returns the number still live.
-const LIVE: &str = r#"
-local function live(key, now)
-  local n = 0
-  local all = redis.call('HGETALL', key)
-  for i = 1, #all, 2 do
-    local exp = tonumber(string.match(all[i + 1], '^(%d+)'))
-    if exp and exp > now then n = n + 1 else redis.call('HDEL', key, all[i]) end
-  end
-  return n
-end
-"#;
-
+/// Adds a session; 1 if it is the user's first.
 const REGISTER: &str = r#"
-local now = tonumber(ARGV[1])
-local before = live(KEYS[1], now)
-local mine = redis.call('HGET', KEYS[1], ARGV[2])
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[3] .. '|' .. ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-if before == 0 or (before == 1 and mine and tonumber(string.match(mine, '^(%d+)')) <= now) then
-  return 1
-end
+local before = redis.call('HLEN', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if before == 0 then return 1 end
 return 0
 "#;
 
+/// Removes a session (only if it is still the node's); 1 if it was the
+/// user's last, and then records last seen.
 const UNREGISTER: &str = r#"
-local now = tonumber(ARGV[1])
-local had = redis.call('HEXISTS', KEYS[1], ARGV[2])
-if had == 0 then return 0 end
-local before = live(KEYS[1], now)
-redis.call('HDEL', KEYS[1], ARGV[2])
-local after = live(KEYS[1], now)
-if after == 0 and before > 0 then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HLEN', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
   return 1
 end
 return 0
 "#;
 
-const EXPIRE: &str = r#"
-local now = tonumber(ARGV[1])
-local total = redis.call('HLEN', KEYS[1])
-if total == 0 then return 0 end
-local after = live(KEYS[1], now)
-if after == 0 then
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"#;
-
-const HEARTBEAT: &str = r#"
+/// Renews a lease; 1 if there was no live one.
+const LEASE: &str = r#"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+if not cur then return 1 end
+local exp = tonumber(string.match(cur, '^(%d+)'))
+if not exp or exp <= tonumber(ARGV[4]) then return 1 end
+return 0
 "#;
 
-const DROP_DUE: &str = r#"
-for i = 2, #ARGV do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) <= tonumber(ARGV[1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
-end
+/// Forgets a lease that is still the expired one that was read.
+const FORGET: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
 "#;
 
-const EXPIRY_INDEX: &str = "sb:presence:expiry";
 const ONLINE: &str = "sb:online";
 /// Live nodes: node id → `<expiry ms>|<address>`.
 const NODES: &str = "sb:nodes";
 /// Last-seen times are kept this long (ms).
 const SEEN_TTL_MS: i64 = 30 * 86_400_000;
+/// Sessions removed per round trip when a node is swept.
+const SWEEP_BATCH: usize = 1000;
 
 fn sessions_key(u: &UserId) -> String {
     format!("sb:{{user:{u}}}:sessions")
@@ -95,14 +67,17 @@ fn sessions_key(u: &UserId) -> String {
 fn seen_key(u: &UserId) -> String {
     format!("sb:{{user:{u}}}:seen")
 }
+fn node_key(node: &str) -> String {
+    format!("sb:node:{node}:sessions")
+}
 
 /// The Redis implementation of [`PresenceStore`].
 pub struct RedisPresence {
     conn: ConnectionManager,
     ttl_ms: i64,
-    register: redis::Script,
     unregister: redis::Script,
-    expire: redis::Script,
+    lease: redis::Script,
+    forget: redis::Script,
 }
 
 fn unavailable(e: redis::RedisError) -> PresenceError {
@@ -110,15 +85,14 @@ fn unavailable(e: redis::RedisError) -> PresenceError {
 }
 
 impl RedisPresence {
-    /// Sessions expire `ttl_ms` after their last heartbeat.
+    /// Node leases last `ttl_ms` after their last heartbeat.
     pub fn new(conn: ConnectionManager, ttl_ms: i64) -> Self {
-        let with_live = |body: &str| redis::Script::new(&format!("{LIVE}\n{body}"));
         RedisPresence {
             conn,
             ttl_ms,
-            register: with_live(REGISTER),
-            unregister: with_live(UNREGISTER),
-            expire: with_live(EXPIRE),
+            unregister: redis::Script::new(UNREGISTER),
+            lease: redis::Script::new(LEASE),
+            forget: redis::Script::new(FORGET),
         }
     }
 
@@ -135,49 +109,133 @@ impl RedisPresence {
             .map_err(unavailable)?;
         Ok(flags.into_iter().filter(|f| *f).count())
     }
+
+    /// Registers many sessions, one round trip per batch.
+    async fn register_all(&self, sessions: &[Session]) -> Result<Vec<UserId>, PresenceError> {
+        let mut conn = self.conn.clone();
+        let mut back = Vec::new();
+        for chunk in sessions.chunks(SWEEP_BATCH) {
+            // EVAL, not EVALSHA: a pipeline cannot fall back when a
+            // restarted Redis lost its script cache.
+            let mut pipe = redis::pipe();
+            for s in chunk {
+                pipe.cmd("EVAL")
+                    .arg(REGISTER)
+                    .arg(1)
+                    .arg(sessions_key(&s.user))
+                    .arg(&s.session_id)
+                    .arg(&s.node);
+                pipe.cmd("SADD")
+                    .arg(node_key(&s.node))
+                    .arg(index_member(s))
+                    .ignore();
+                // Outside the script: `sb:online` lives in another cluster
+                // slot. Idempotent, so every register may add.
+                pipe.cmd("SADD").arg(ONLINE).arg(s.user.as_str()).ignore();
+            }
+            let became: Vec<i64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            back.extend(
+                chunk
+                    .iter()
+                    .zip(became)
+                    .filter(|(_, b)| *b == 1)
+                    .map(|(s, _)| s.user.clone()),
+            );
+        }
+        Ok(back)
+    }
+
+    /// Removes up to `max` sessions of `node`; returns the users that went
+    /// offline and whether sessions remain.
+    async fn sweep_node(
+        &self,
+        node: &str,
+        now_ms: i64,
+        max: usize,
+    ) -> Result<(Vec<(UserId, i64)>, bool), PresenceError> {
+        let mut conn = self.conn.clone();
+        let mut gone = Vec::new();
+        let mut swept = 0;
+        while swept < max {
+            // SPOP hands each session to exactly one sweeper.
+            let members: Vec<String> = redis::cmd("SPOP")
+                .arg(node_key(node))
+                .arg(SWEEP_BATCH)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if members.is_empty() {
+                return Ok((gone, false));
+            }
+            swept += members.len();
+            let parsed: Vec<(UserId, &str)> = members
+                .iter()
+                .filter_map(|m| {
+                    let (u, s) = m.split_once(' ')?;
+                    Some((UserId::parse(u).ok()?, s))
+                })
+                .collect();
+            let mut pipe = redis::pipe();
+            for (u, session) in &parsed {
+                pipe.cmd("EVAL")
+                    .arg(UNREGISTER)
+                    .arg(2)
+                    .arg(sessions_key(u))
+                    .arg(seen_key(u))
+                    .arg(*session)
+                    .arg(node)
+                    .arg(now_ms)
+                    .arg(SEEN_TTL_MS);
+            }
+            let became: Vec<i64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let offline: Vec<UserId> = parsed
+                .into_iter()
+                .zip(became)
+                .filter(|(_, b)| *b == 1)
+                .map(|((u, _), _)| u)
+                .collect();
+            if !offline.is_empty() {
+                let mut cmd = redis::cmd("SREM");
+                cmd.arg(ONLINE);
+                for u in &offline {
+                    cmd.arg(u.as_str());
+                }
+                let _: () = cmd.query_async(&mut conn).await.map_err(unavailable)?;
+                gone.extend(offline.into_iter().map(|u| (u, now_ms)));
+            }
+        }
+        Ok((gone, true))
+    }
+
+    async fn leases(&self) -> Result<HashMap<String, String>, PresenceError> {
+        redis::cmd("HGETALL")
+            .arg(NODES)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
 }
 
 fn index_member(s: &Session) -> String {
     format!("{} {}", s.user, s.session_id)
 }
 
+fn lease_expiry(value: &str) -> i64 {
+    value
+        .split('|')
+        .next()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(0)
+}
+
 #[async_trait]
 impl PresenceStore for RedisPresence {
-    async fn register(&self, s: &Session, now_ms: i64) -> Result<Transition, PresenceError> {
-        let mut conn = self.conn.clone();
-        let expiry = now_ms + self.ttl_ms;
-        let became: i64 = self
-            .register
-            .key(sessions_key(&s.user))
-            .key(seen_key(&s.user))
-            .arg(now_ms)
-            .arg(&s.session_id)
-            .arg(expiry)
-            .arg(&s.node)
-            .arg(self.ttl_ms * 2)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        if became == 1 {
-            // Outside the script: `sb:online` lives in another cluster slot.
-            let _: () = redis::cmd("SADD")
-                .arg(ONLINE)
-                .arg(s.user.as_str())
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-        }
-        let _: () = redis::cmd("ZADD")
-            .arg(EXPIRY_INDEX)
-            .arg(expiry)
-            .arg(index_member(s))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(if became == 1 {
-            Transition::BecameOnline
-        } else {
+    async fn register(&self, s: &Session, _now_ms: i64) -> Result<Transition, PresenceError> {
+        let became = self.register_all(std::slice::from_ref(s)).await?;
+        Ok(if became.is_empty() {
             Transition::Unchanged
+        } else {
+            Transition::BecameOnline
         })
     }
 
@@ -187,26 +245,22 @@ impl PresenceStore for RedisPresence {
             .unregister
             .key(sessions_key(&s.user))
             .key(seen_key(&s.user))
-            .arg(now_ms)
             .arg(&s.session_id)
+            .arg(&s.node)
+            .arg(now_ms)
             .arg(SEEN_TTL_MS)
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        if became == 1 {
-            let _: () = redis::cmd("SREM")
-                .arg(ONLINE)
-                .arg(s.user.as_str())
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-        }
-        let _: () = redis::cmd("ZREM")
-            .arg(EXPIRY_INDEX)
+        let mut pipe = redis::pipe();
+        pipe.cmd("SREM")
+            .arg(node_key(&s.node))
             .arg(index_member(s))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+            .ignore();
+        if became == 1 {
+            pipe.cmd("SREM").arg(ONLINE).arg(s.user.as_str()).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
         Ok(if became == 1 {
             Transition::BecameOffline {
                 last_seen_ms: now_ms,
@@ -216,37 +270,12 @@ impl PresenceStore for RedisPresence {
         })
     }
 
-    async fn heartbeat(&self, sessions: &[Session], now_ms: i64) -> Result<(), PresenceError> {
-        let mut conn = self.conn.clone();
-        let expiry = now_ms + self.ttl_ms;
-        // Loaded per call, so a restarted Redis (empty script cache) is fine.
-        let sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(HEARTBEAT)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        for chunk in sessions.chunks(500) {
-            let mut pipe = redis::pipe();
-            for s in chunk {
-                pipe.cmd("EVALSHA")
-                    .arg(&sha)
-                    .arg(1)
-                    .arg(sessions_key(&s.user))
-                    .arg(&s.session_id)
-                    .arg(expiry)
-                    .arg(&s.node)
-                    .arg(self.ttl_ms * 2)
-                    .ignore();
-                pipe.cmd("ZADD")
-                    .arg(EXPIRY_INDEX)
-                    .arg(expiry)
-                    .arg(index_member(s))
-                    .ignore();
-            }
-            let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        }
-        Ok(())
+    async fn restore(
+        &self,
+        sessions: &[Session],
+        _now_ms: i64,
+    ) -> Result<Vec<UserId>, PresenceError> {
+        self.register_all(sessions).await
     }
 
     async fn status(
@@ -255,36 +284,35 @@ impl PresenceStore for RedisPresence {
         now_ms: i64,
     ) -> Result<Vec<UserStatus>, PresenceError> {
         let mut pipe = redis::pipe();
+        pipe.hgetall(NODES);
         for u in users {
             pipe.hgetall(sessions_key(u)).get(seen_key(u));
         }
-        let replies: Vec<(HashMap<String, String>, Option<i64>)> = {
-            let raw: Vec<redis::Value> = pipe
-                .query_async(&mut self.conn.clone())
-                .await
-                .map_err(unavailable)?;
-            raw.chunks(2)
-                .map(|pair| {
-                    let sessions: HashMap<String, String> =
-                        redis::from_redis_value(pair[0].clone()).unwrap_or_default();
-                    let seen: Option<i64> =
-                        redis::from_redis_value(pair[1].clone()).unwrap_or(None);
-                    (sessions, seen)
-                })
-                .collect()
-        };
+        let raw: Vec<redis::Value> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let mut raw = raw.into_iter();
+        let leases: HashMap<String, String> = raw
+            .next()
+            .and_then(|v| redis::from_redis_value(v).ok())
+            .unwrap_or_default();
+        let live: HashSet<&str> = leases
+            .iter()
+            .filter(|(_, v)| lease_expiry(v) > now_ms)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let rest: Vec<redis::Value> = raw.collect();
         Ok(users
             .iter()
-            .zip(replies)
-            .map(|(u, (sessions, seen))| {
+            .zip(rest.chunks(2))
+            .map(|(u, pair)| {
+                let sessions: HashMap<String, String> =
+                    redis::from_redis_value(pair[0].clone()).unwrap_or_default();
+                let seen: Option<i64> = redis::from_redis_value(pair[1].clone()).unwrap_or(None);
                 let devices = sessions
                     .values()
-                    .filter(|v| {
-                        v.split('|')
-                            .next()
-                            .and_then(|e| e.parse::<i64>().ok())
-                            .is_some_and(|e| e > now_ms)
-                    })
+                    .filter(|n| live.contains(n.as_str()))
                     .count() as u32;
                 UserStatus {
                     user: u.clone(),
@@ -296,95 +324,83 @@ impl PresenceStore for RedisPresence {
             .collect())
     }
 
+    async fn nodes_of(&self, user: &UserId) -> Result<Vec<String>, PresenceError> {
+        let mut nodes: Vec<String> = redis::cmd("HVALS")
+            .arg(sessions_key(user))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        nodes.sort();
+        nodes.dedup();
+        Ok(nodes)
+    }
+
+    async fn expire(&self, now_ms: i64) -> Result<Vec<(UserId, i64)>, PresenceError> {
+        let mut gone = Vec::new();
+        for (node, value) in self.leases().await? {
+            if lease_expiry(&value) > now_ms {
+                continue;
+            }
+            // Bounded per call, so one sweep of a huge node doesn't stall
+            // the sweeper; the next tick continues.
+            let (offline, more) = self.sweep_node(&node, now_ms, 20 * SWEEP_BATCH).await?;
+            gone.extend(offline);
+            if !more {
+                let _: () = self
+                    .forget
+                    .key(NODES)
+                    .arg(&node)
+                    .arg(&value)
+                    .invoke_async(&mut self.conn.clone())
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(gone)
+    }
+
+    async fn drop_node(
+        &self,
+        node: &str,
+        now_ms: i64,
+    ) -> Result<Vec<(UserId, i64)>, PresenceError> {
+        let mut gone = Vec::new();
+        loop {
+            let (offline, more) = self.sweep_node(node, now_ms, 20 * SWEEP_BATCH).await?;
+            gone.extend(offline);
+            if !more {
+                return Ok(gone);
+            }
+        }
+    }
+
     async fn node_heartbeat(
         &self,
         node: &str,
         addr: &str,
         now_ms: i64,
-    ) -> Result<(), PresenceError> {
-        let value = format!("{}|{addr}", now_ms + self.ttl_ms);
-        redis::cmd("HSET")
-            .arg(NODES)
+    ) -> Result<bool, PresenceError> {
+        let fresh: i64 = self
+            .lease
+            .key(NODES)
             .arg(node)
-            .arg(value)
-            .query_async(&mut self.conn.clone())
+            .arg(now_ms + self.ttl_ms)
+            .arg(addr)
+            .arg(now_ms)
+            .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(fresh == 1)
     }
 
     async fn nodes(&self, now_ms: i64) -> Result<Vec<(String, String)>, PresenceError> {
-        let all: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(NODES)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
         let mut live = Vec::new();
-        for (node, v) in all {
-            let (exp, addr) = v.split_once('|').unwrap_or(("0", ""));
-            if exp.parse::<i64>().unwrap_or(0) > now_ms {
+        for (node, v) in self.leases().await? {
+            if lease_expiry(&v) > now_ms {
+                let addr = v.split_once('|').map(|(_, a)| a).unwrap_or("");
                 live.push((node, addr.to_owned()));
-            } else {
-                let _: () = redis::cmd("HDEL")
-                    .arg(NODES)
-                    .arg(&node)
-                    .query_async(&mut self.conn.clone())
-                    .await
-                    .map_err(unavailable)?;
             }
         }
         Ok(live)
-    }
-
-    async fn expire(&self, now_ms: i64) -> Result<Vec<(UserId, i64)>, PresenceError> {
-        let mut conn = self.conn.clone();
-        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(EXPIRY_INDEX)
-            .arg("-inf")
-            .arg(now_ms)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let mut gone = Vec::new();
-        let mut users: Vec<UserId> = due
-            .iter()
-            .filter_map(|m| m.split(' ').next())
-            .filter_map(|u| UserId::parse(u).ok())
-            .collect();
-        users.sort();
-        users.dedup();
-        for u in users {
-            let became: i64 = self
-                .expire
-                .key(sessions_key(&u))
-                .key(seen_key(&u))
-                .arg(now_ms)
-                .arg(SEEN_TTL_MS)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            if became == 1 {
-                let _: () = redis::cmd("SREM")
-                    .arg(ONLINE)
-                    .arg(u.as_str())
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
-                gone.push((u, now_ms));
-            }
-        }
-        if !due.is_empty() {
-            // Remove the processed entries that are still due (a heartbeat
-            // may have moved one since we read it).
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(DROP_DUE).arg(1).arg(EXPIRY_INDEX).arg(now_ms);
-            for m in &due {
-                cmd.arg(m);
-            }
-            let _: () = cmd.query_async(&mut conn).await.map_err(unavailable)?;
-        }
-        Ok(gone)
     }
 }

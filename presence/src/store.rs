@@ -49,11 +49,14 @@ pub enum PresenceError {
 
 /// Who is online.
 ///
-/// Contract: sessions carry a TTL refreshed by [`PresenceStore::heartbeat`];
-/// a session not refreshed within the TTL counts as gone, so a crashed
-/// node's sessions disappear by themselves. [`Transition`]s are reported
-/// exactly once per change of the user's online state, also under
-/// concurrent registration of the same user's sessions.
+/// Contract: a session lives as long as its node's lease. Nodes renew the
+/// lease with [`PresenceStore::node_heartbeat`]; once a lease runs out, any
+/// node's [`PresenceStore::expire`] removes that node's sessions, so a
+/// crashed node's users go offline by themselves. One heartbeat per node
+/// (not per session) keeps a million sessions cheap. A node leases itself
+/// before it registers sessions. [`Transition`]s are reported exactly once
+/// per change of the user's online state, also under concurrent
+/// registration of the same user's sessions.
 #[async_trait]
 pub trait PresenceStore: Send + Sync + 'static {
     /// Registers a live session.
@@ -61,21 +64,37 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// Removes a session (clean disconnect).
     async fn unregister(&self, session: &Session, now_ms: i64)
     -> Result<Transition, PresenceError>;
-    /// Refreshes the TTL of these sessions.
-    async fn heartbeat(&self, sessions: &[Session], now_ms: i64) -> Result<(), PresenceError>;
+    /// Registers these sessions again after the store lost them (restarted
+    /// empty, or a stalled node's lease ran out and was swept); returns the
+    /// users this brought back online.
+    async fn restore(
+        &self,
+        sessions: &[Session],
+        now_ms: i64,
+    ) -> Result<Vec<UserId>, PresenceError>;
     /// Status of many users in one call.
     async fn status(&self, users: &[UserId], now_ms: i64)
     -> Result<Vec<UserStatus>, PresenceError>;
-    /// Expires sessions past their TTL; returns the users that went offline.
+    /// The nodes holding a session of `user`: where its personal stream
+    /// is delivered.
+    async fn nodes_of(&self, user: &UserId) -> Result<Vec<String>, PresenceError>;
+    /// Removes the sessions of nodes whose lease ran out; returns the users
+    /// that went offline (each to exactly one caller).
     async fn expire(&self, now_ms: i64) -> Result<Vec<(UserId, i64)>, PresenceError>;
-    /// Registers or refreshes a node (edge or router) and its address for
-    /// one TTL.
+    /// Removes every session of `node`: a node starting again under the
+    /// same id drops what its previous run left.
+    async fn drop_node(&self, node: &str, now_ms: i64)
+    -> Result<Vec<(UserId, i64)>, PresenceError>;
+    /// Renews `node`'s lease for one TTL with its address. Returns true
+    /// when the store held no live lease for it (first start, the store
+    /// lost its data, or the lease ran out): the node then restores its
+    /// sessions.
     async fn node_heartbeat(
         &self,
         node: &str,
         addr: &str,
         now_ms: i64,
-    ) -> Result<(), PresenceError>;
+    ) -> Result<bool, PresenceError>;
     /// Live nodes and their addresses.
     async fn nodes(&self, now_ms: i64) -> Result<Vec<(String, String)>, PresenceError>;
 }

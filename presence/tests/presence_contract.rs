@@ -21,6 +21,11 @@ fn u(user: &str) -> UserId {
 const TTL: i64 = 1_000;
 
 async fn contract(p: Arc<dyn PresenceStore>) {
+    // Nodes lease themselves before they register sessions.
+    for node in ["e1", "e2"] {
+        assert!(p.node_heartbeat(node, "", 0).await.unwrap(), "a new lease");
+        assert!(!p.node_heartbeat(node, "", 5).await.unwrap(), "a renewal");
+    }
     // First device online, second unchanged; last device offline once.
     assert_eq!(
         p.register(&s("a", "s1", "e1"), 0).await.unwrap(),
@@ -36,10 +41,13 @@ async fn contract(p: Arc<dyn PresenceStore>) {
         (st[1].online, st[1].devices, st[1].last_seen_ms),
         (false, 0, 0)
     );
+    assert_eq!(p.nodes_of(&u("a")).await.unwrap(), vec!["e1", "e2"]);
+    assert!(p.nodes_of(&u("nobody")).await.unwrap().is_empty());
     assert_eq!(
         p.unregister(&s("a", "s1", "e1"), 30).await.unwrap(),
         Transition::Unchanged
     );
+    assert_eq!(p.nodes_of(&u("a")).await.unwrap(), vec!["e2"]);
     assert_eq!(
         p.unregister(&s("a", "s2", "e2"), 40).await.unwrap(),
         Transition::BecameOffline { last_seen_ms: 40 }
@@ -51,40 +59,73 @@ async fn contract(p: Arc<dyn PresenceStore>) {
     let st = p.status(&[u("a")], 60).await.unwrap();
     assert_eq!((st[0].online, st[0].last_seen_ms), (false, 40));
 
-    // A crashed node: its sessions stop heartbeating and expire once.
+    // A crashed node: its lease runs out and its sessions expire once.
+    p.node_heartbeat("dead", "", 100).await.unwrap();
+    p.node_heartbeat("alive", "", 100).await.unwrap();
     p.register(&s("b", "s3", "dead"), 100).await.unwrap();
     p.register(&s("c", "s4", "alive"), 100).await.unwrap();
-    p.heartbeat(&[s("c", "s4", "alive")], 100 + TTL - 10)
-        .await
-        .unwrap();
+    // b's second device is on a live node: b stays online.
+    p.register(&s("d", "s5", "dead"), 100).await.unwrap();
+    p.register(&s("d", "s6", "alive"), 100).await.unwrap();
+    p.node_heartbeat("alive", "", 100 + TTL - 10).await.unwrap();
+    let st = p.status(&[u("b")], 100 + TTL + 1).await.unwrap();
+    assert!(!st[0].online, "a dead node's session no longer counts");
     let gone = p.expire(100 + TTL + 5).await.unwrap();
     assert_eq!(gone, vec![(u("b"), 100 + TTL + 5)]);
     assert!(
         p.expire(100 + TTL + 6).await.unwrap().is_empty(),
         "offline fires once"
     );
-    let st = p.status(&[u("b"), u("c")], 100 + TTL + 7).await.unwrap();
+    let st = p
+        .status(&[u("b"), u("c"), u("d")], 100 + TTL + 7)
+        .await
+        .unwrap();
     assert!(!st[0].online && st[1].online);
-    // Nodes register with a TTL too.
+    assert_eq!((st[2].online, st[2].devices), (true, 1));
+    assert_eq!(p.nodes_of(&u("d")).await.unwrap(), vec!["alive"]);
+    // The dead node's lease is gone; if it comes back it is told so.
+    assert!(p.node_heartbeat("dead", "", 100 + TTL + 8).await.unwrap());
+
+    // A node that starts again under its id drops its previous sessions.
+    let mut gone = p.drop_node("alive", 1_500).await.unwrap();
+    gone.sort();
+    assert_eq!(gone, vec![(u("c"), 1_500), (u("d"), 1_500)]);
+    assert!(p.drop_node("alive", 1_501).await.unwrap().is_empty());
+
+    // Restoring sessions the store lost brings their users back once.
+    let restored = vec![
+        s("c", "s7", "alive"),
+        s("c", "s8", "alive"),
+        s("e", "s9", "alive"),
+    ];
+    let mut back = p.restore(&restored, 1_600).await.unwrap();
+    back.sort();
+    assert_eq!(back, vec![u("c"), u("e")]);
+    assert!(
+        p.restore(&restored, 1_601).await.unwrap().is_empty(),
+        "idempotent"
+    );
+    let st = p.status(&[u("c")], 1_602).await.unwrap();
+    assert_eq!(st[0].devices, 2);
+
+    // Nodes are listed while their lease lasts.
     p.node_heartbeat("edge-a", "10.0.0.1:8080", 0)
         .await
         .unwrap();
     p.node_heartbeat("edge-b", "10.0.0.2:8080", 500)
         .await
         .unwrap();
-    let mut nodes = p.nodes(TTL + 100).await.unwrap();
+    let mut nodes: Vec<(String, String)> = p
+        .nodes(TTL + 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("edge-"))
+        .collect();
     nodes.sort();
     assert_eq!(
         nodes,
         vec![("edge-b".to_owned(), "10.0.0.2:8080".to_owned())]
-    );
-
-    // Re-registering after expiry is a fresh online transition.
-    assert_eq!(
-        p.register(&s("b", "s5", "e1"), 100 + TTL + 8)
-            .await
-            .unwrap(),
-        Transition::BecameOnline
     );
 }
 

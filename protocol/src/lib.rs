@@ -22,7 +22,7 @@ pub mod client;
 pub use close::CloseReason;
 pub use codec::{DecodeError, Encoding};
 pub use ids::{ChatId, IdError, MAX_CLIENT_MSG_ID_LEN, MAX_ID_LEN, UserId, validate_client_msg_id};
-pub use stream::{SharedFrame, StreamKey};
+pub use stream::{SharedFrame, StreamKey, chat_subject, edge_user_subject, edge_users_wildcard};
 
 /// Generated protocol types (version 1). See the `.proto` file for field docs.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -2,11 +2,34 @@ pub(crate) mod memory;
 pub(crate) mod nats;
 
 use async_trait::async_trait;
-use switchboard_protocol::{SharedFrame, UserId};
+use switchboard_presence::PresenceStore;
+use switchboard_protocol::{SharedFrame, UserId, edge_user_subject};
 
 /// Subject of a user's online/offline events.
 pub fn presence_subject(user: &UserId) -> String {
     format!("sb.presence.{user}")
+}
+
+/// Publishes `frame` on `user`'s personal stream: one copy to each edge
+/// that holds a socket of the user (presence knows which). Returns how many
+/// edges it went to. Edges register presence before they read history, so a
+/// message stored before this lookup is in that read and one stored after
+/// it finds the edge.
+pub async fn publish_to_user(
+    bus: &dyn Bus,
+    presence: &dyn PresenceStore,
+    user: &UserId,
+    frame: SharedFrame,
+) -> Result<usize, BusError> {
+    let nodes = presence
+        .nodes_of(user)
+        .await
+        .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    for node in &nodes {
+        bus.publish(&edge_user_subject(node, user), frame.clone())
+            .await?;
+    }
+    Ok(nodes.len())
 }
 
 /// Receives the frames of subjects this node subscribed to.

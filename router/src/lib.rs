@@ -1,7 +1,7 @@
 //! The publish path.
 //!
 //! - [`Bus`]: moves frames between routers and edges by subject
-//!   (`sb.chat.<chat>`, `sb.user.<user>`, `sb.presence.<user>`);
+//!   (`sb.chat.<chat>`, `sb.edge.<edge>.user.<user>`, `sb.presence.<user>`);
 //!   [`MemoryBus`] in standalone mode, NATS in a cluster.
 //! - [`History`]: sequences each stream, de-duplicates by client message id
 //!   and keeps a bounded window for recovery; [`MemoryHistory`] in
@@ -25,7 +25,7 @@ pub use bus::{
     Bus, BusError, BusHandler,
     memory::MemoryBus,
     nats::{NatsBus, NatsSettings, connect_nats, frame_from_bus},
-    presence_subject,
+    presence_subject, publish_to_user,
 };
 pub use history::{
     Draft, History, HistoryError, HistoryLimits, Recovery,

@@ -62,7 +62,7 @@ pub struct RouterConfig {
     /// existing data.
     #[arg(long, env = "SWITCHBOARD_CHANNEL_BUCKETS", default_value_t = 64)]
     pub channel_buckets: u32,
-    /// Presence session TTL, ms (same value as the edges).
+    /// Presence lease, ms (same value as the edges).
     #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL_MS", default_value_t = 30_000)]
     pub presence_ttl_ms: i64,
     /// Log filter.
@@ -117,6 +117,7 @@ pub async fn run_router(
         Router::new(
             history,
             bus.clone(),
+            presence.clone(),
             RouterLimits {
                 max_payload_bytes: config.max_payload_bytes,
             },

@@ -2,7 +2,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use switchboard_protocol::{IdError, SharedFrame, StreamKey, UserId, validate_client_msg_id};
+use switchboard_presence::PresenceStore;
+use switchboard_protocol::{
+    IdError, SharedFrame, StreamKey, UserId, chat_subject, validate_client_msg_id,
+};
 
 use crate::{Bus, Draft, History, HistoryError};
 
@@ -89,16 +92,24 @@ impl PublishError {
 pub struct Router {
     history: Arc<dyn History>,
     bus: Arc<dyn Bus>,
+    /// Where each user's sockets are: personal streams go per edge.
+    presence: Arc<dyn PresenceStore>,
     limits: RouterLimits,
     members: Option<Arc<crate::Members>>,
 }
 
 impl Router {
     /// A router over these backends.
-    pub fn new(history: Arc<dyn History>, bus: Arc<dyn Bus>, limits: RouterLimits) -> Self {
+    pub fn new(
+        history: Arc<dyn History>,
+        bus: Arc<dyn Bus>,
+        presence: Arc<dyn PresenceStore>,
+        limits: RouterLimits,
+    ) -> Self {
         Router {
             history,
             bus,
+            presence,
             limits,
             members: None,
         }
@@ -155,7 +166,15 @@ impl Router {
     }
 
     async fn deliver(&self, target: &StreamKey, frame: SharedFrame) {
-        if let Err(e) = self.bus.publish(&target.subject(), frame).await {
+        let sent = match target {
+            StreamKey::Chat(c) => self.bus.publish(&chat_subject(c), frame).await,
+            StreamKey::User(u) => {
+                crate::publish_to_user(self.bus.as_ref(), self.presence.as_ref(), u, frame)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        if let Err(e) = sent {
             // Stored but not delivered live: receivers repair from history.
             metrics::counter!("switchboard_router_bus_errors_total").increment(1);
             tracing::warn!(error = %e, stream = %target, "delivery publish failed; receivers will recover from history");

@@ -8,10 +8,13 @@ use switchboard_protocol::SharedFrame;
 use super::{Bus, BusError, BusHandler};
 
 /// A bus inside one process. Delivery is synchronous and in order.
+/// Subscriptions match like NATS: `*` stands for one token.
 #[derive(Default)]
 pub struct MemoryBus {
     handler: OnceLock<Arc<dyn BusHandler>>,
     subjects: DashSet<String>,
+    /// Subscriptions with a `*` token (a handful: one per node).
+    patterns: DashSet<String>,
 }
 
 impl MemoryBus {
@@ -19,6 +22,19 @@ impl MemoryBus {
     pub fn new() -> Self {
         Self::default()
     }
+
+    fn wanted(&self, subject: &str) -> bool {
+        self.subjects.contains(subject) || self.patterns.iter().any(|p| matches(&p, subject))
+    }
+}
+
+/// NATS matching for patterns whose wildcards are `*` tokens.
+fn matches(pattern: &str, subject: &str) -> bool {
+    let mut s = subject.split('.');
+    pattern
+        .split('.')
+        .all(|p| s.next().is_some_and(|t| p == "*" || p == t))
+        && s.next().is_none()
 }
 
 #[async_trait]
@@ -28,7 +44,7 @@ impl Bus for MemoryBus {
     }
 
     async fn publish(&self, subject: &str, frame: SharedFrame) -> Result<(), BusError> {
-        if self.subjects.contains(subject)
+        if self.wanted(subject)
             && let Some(h) = self.handler.get()
         {
             h.on_frame(subject, frame);
@@ -37,16 +53,35 @@ impl Bus for MemoryBus {
     }
 
     async fn subscribe(&self, subject: &str) -> Result<(), BusError> {
-        self.subjects.insert(subject.to_owned());
+        if subject.split('.').any(|t| t == "*") {
+            self.patterns.insert(subject.to_owned());
+        } else {
+            self.subjects.insert(subject.to_owned());
+        }
         Ok(())
     }
 
     async fn unsubscribe(&self, subject: &str) -> Result<(), BusError> {
         self.subjects.remove(subject);
+        self.patterns.remove(subject);
         Ok(())
     }
 
     fn subscriptions(&self) -> usize {
-        self.subjects.len()
+        self.subjects.len() + self.patterns.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matches;
+
+    #[test]
+    fn star_matches_one_token() {
+        assert!(matches("sb.edge.e1.user.*", "sb.edge.e1.user.bob"));
+        assert!(!matches("sb.edge.e1.user.*", "sb.edge.e2.user.bob"));
+        assert!(!matches("sb.edge.e1.user.*", "sb.edge.e1.user"));
+        assert!(!matches("sb.edge.e1.user.*", "sb.edge.e1.user.bob.x"));
+        assert!(matches("sb.chat.c1", "sb.chat.c1"));
     }
 }

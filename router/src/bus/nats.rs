@@ -143,15 +143,16 @@ impl Bus for NatsBus {
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         let handler = self.handler.clone();
-        let name = subject.to_owned();
         let task = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let Some(frame) = frame_from_bus(msg.payload) else {
                     metrics::counter!("switchboard_nats_undecodable_total").increment(1);
                     continue;
                 };
+                // The message's own subject: a wildcard subscription
+                // carries the user in its last token.
                 if let Some(h) = handler.get() {
-                    h.on_frame(&name, frame);
+                    h.on_frame(msg.subject.as_str(), frame);
                 }
             }
         });
