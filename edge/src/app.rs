@@ -239,7 +239,9 @@ pub async fn run(
 /// local session is registered again and every stream is re-read from
 /// history: routers could not find this edge meanwhile.
 async fn presence_heartbeats(state: Arc<EdgeState>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(state.config.presence_ttl / 3);
+    // One command per node per tick, so renewing often is cheap: a node
+    // stalled (or starved of CPU) for up to 5 renewals keeps its lease.
+    let mut tick = tokio::time::interval(state.config.presence_ttl / 6);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let node = state.config.node_id.clone();
     let addr = state.config.listen.to_string();

@@ -167,7 +167,7 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<String>,
 
-    /// This node's presence lease, ms: renewed every third of it, so a
+    /// This node's presence lease, ms: renewed every sixth of it, so a
     /// crashed edge's users go offline within it. Default 30000.
     #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]

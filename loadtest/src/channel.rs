@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::Context;
 use serde_json::{Map, Value, json};
+use switchboard_protocol::client::full_jitter_delay;
 use switchboard_protocol::v1::{
     ClientFrame, Publish, Subscribe, client_frame, publish, server_frame,
 };
@@ -106,6 +107,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         let permit = gate.clone().acquire_owned().await?;
         let sub = Subscriber {
             rec: rec.clone(),
+            retries: a.target.retries,
             sources: sources.clone(),
             addr: a.target.addr_for(i as usize),
             token: conn::token(&a.target.secret, &format!("{}-{i}", a.user_prefix)),
@@ -234,9 +236,23 @@ async fn publish(
     Ok((ws, sent))
 }
 
+/// First and largest backoff step between a subscriber's attempts.
+const RETRY_BASE: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(8);
+
+/// A retried failure is not an error of the run; only the first few are
+/// printed, so a storm of them does not flood the log.
+fn tracing_retry(e: &anyhow::Error) {
+    static SHOWN: AtomicU64 = AtomicU64::new(0);
+    if SHOWN.fetch_add(1, Ordering::Relaxed) < 5 {
+        eprintln!("subscriber retrying after: {e:#}");
+    }
+}
+
 /// One subscriber socket.
 struct Subscriber {
     rec: Arc<Recorder>,
+    retries: u32,
     sources: Arc<conn::Sources>,
     addr: SocketAddr,
     token: String,
@@ -247,18 +263,42 @@ struct Subscriber {
 }
 
 impl Subscriber {
+    /// Connects and subscribes, retrying a transient failure after a
+    /// full-jitter backoff (as apps do).
+    async fn join(&self) -> anyhow::Result<conn::Ws> {
+        let mut attempt = 0;
+        loop {
+            let joined = async {
+                let mut ws =
+                    conn::open_counted(&self.rec, self.addr, &self.sources, self.token.clone())
+                        .await?;
+                let sub = Subscribe {
+                    chat: self.chat.clone(),
+                    ..Default::default()
+                };
+                let frame = ClientFrame {
+                    id: 2,
+                    kind: Some(client_frame::Kind::Subscribe(sub)),
+                };
+                conn::request(&mut ws, frame).await?;
+                anyhow::Ok(ws)
+            }
+            .await;
+            match joined {
+                Err(e) if attempt < self.retries => {
+                    self.rec.add_counter("connect_retries", 1);
+                    let wait = full_jitter_delay(&mut rand::rng(), RETRY_BASE, RETRY_MAX, attempt);
+                    attempt += 1;
+                    tracing_retry(&e);
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn run(mut self, permit: tokio::sync::OwnedSemaphorePermit) -> anyhow::Result<()> {
-        let mut ws =
-            conn::open_counted(&self.rec, self.addr, &self.sources, self.token.clone()).await?;
-        let sub = Subscribe {
-            chat: self.chat.clone(),
-            ..Default::default()
-        };
-        let frame = ClientFrame {
-            id: 2,
-            kind: Some(client_frame::Kind::Subscribe(sub)),
-        };
-        conn::request(&mut ws, frame).await?;
+        let mut ws = self.join().await?;
         drop(permit);
         self.ready.fetch_add(1, Ordering::Relaxed);
         let counters = self.rec.kind(CHANNEL);
@@ -289,6 +329,9 @@ impl Subscriber {
                 self.rec.post_delivered(post, sent, now);
             }
         }
+        // Held open until every subscriber is done: a million sockets
+        // closing while others still receive would be measured as fan-out.
+        crate::coord::stopped(&mut self.stop).await;
         Ok(())
     }
 }

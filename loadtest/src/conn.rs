@@ -37,6 +37,10 @@ pub(crate) struct Target {
     /// Source addresses 127.0.0.1..=127.0.0.N (to pass the ports limit).
     #[arg(long, default_value_t = 8)]
     pub(crate) sources: u8,
+    /// Attempts per socket after a transient failure (503, timeout, reset),
+    /// with full-jitter backoff as the bundled client does; 0: give up at once.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) retries: u32,
 }
 
 impl Target {
@@ -243,6 +247,15 @@ pub(crate) async fn close(mut ws: Ws) {
 
 async fn open_now(addr: SocketAddr, sources: &Sources, token: String) -> anyhow::Result<Ws> {
     let socket = TcpSocket::new_v4()?;
+    // The port is chosen at connect time and may be shared by sockets to
+    // different edges: bind(addr, 0) alone reserves a port per socket and
+    // searches the source's whole range for it, which slows every connect
+    // as a source fills up.
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )?;
     socket.bind(SocketAddr::new(sources.pick().into(), 0))?;
     let mut stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr)).await??;
     upgrade(&mut stream, addr).await?;

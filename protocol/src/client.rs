@@ -54,6 +54,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
+pub use backoff::delay as full_jitter_delay;
 pub use config::ClientConfig;
 pub use error::ClientError;
 pub use event::{Cursor, Event, Events, Positions, ResubscribeFailure, StreamId};

@@ -4,13 +4,13 @@ use std::time::Duration;
 use rand::Rng;
 
 /// The backoff step for an attempt: `base * 2^attempt`, capped at `max`.
-pub(super) fn step(base: Duration, max: Duration, attempt: u32) -> Duration {
+pub(crate) fn step(base: Duration, max: Duration, attempt: u32) -> Duration {
     base.saturating_mul(1u32 << attempt.min(31)).min(max)
 }
 
 /// Full-jitter exponential backoff: uniform in `0..=step(attempt)`, so a
 /// crowd of clients dropped together does not come back together.
-pub(super) fn delay(rng: &mut impl Rng, base: Duration, max: Duration, attempt: u32) -> Duration {
+pub fn delay(rng: &mut impl Rng, base: Duration, max: Duration, attempt: u32) -> Duration {
     uniform(rng, step(base, max, attempt))
 }
 
