@@ -7,7 +7,10 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use switchboard_router::HistoryLimits;
 
-use crate::auth::{AuthConfig, AuthError};
+use crate::{
+    auth::{AuthConfig, AuthError},
+    ratelimit::Rate,
+};
 
 /// `switchboard-edge`: the WebSocket edge of Switchboard. With no `--nats` /
 /// `--redis` it runs standalone: router, bus, presence and history in this
@@ -120,6 +123,37 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_MAX_PRESENCE_WATCHES_PER_CONNECTION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_presence_watches_per_connection: Option<usize>,
+
+    /// Browser origins allowed to open a socket (comma-separated), e.g.
+    /// `https://app.example.com,https://*.example.com`; `*` allows any.
+    /// Requests without an `Origin` header (apps, servers) are not
+    /// affected. Default: any origin.
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Requests (any frame, WebSocket pings included) one socket may send
+    /// per second, sustained. Default 50.
+    #[arg(long, env = "SWITCHBOARD_RATE_REQUESTS_PER_SEC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_requests_per_sec: Option<usize>,
+
+    /// Requests one socket may send at once after a quiet spell: enough to
+    /// resubscribe every chat after a reconnect. Default 600.
+    #[arg(long, env = "SWITCHBOARD_RATE_REQUESTS_BURST")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_requests_burst: Option<usize>,
+
+    /// Publishes, receipts and typing events one socket may send per
+    /// second, sustained. Default 20.
+    #[arg(long, env = "SWITCHBOARD_RATE_PUBLISH_PER_SEC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_publish_per_sec: Option<usize>,
+
+    /// Publishes one socket may send at once. Default 60.
+    #[arg(long, env = "SWITCHBOARD_RATE_PUBLISH_BURST")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_publish_burst: Option<usize>,
 
     /// Time allowed for a graceful drain after SIGTERM/SIGINT, ms. Default 30000.
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS")]
@@ -248,6 +282,12 @@ pub struct Config {
     pub max_subscriptions_per_connection: usize,
     /// Presence watches per socket.
     pub max_presence_watches_per_connection: usize,
+    /// Browser origins allowed to upgrade (empty: any).
+    pub allowed_origins: Vec<String>,
+    /// Any frame from one socket.
+    pub rate_requests: Rate,
+    /// Publishes, receipts and typing from one socket.
+    pub rate_publish: Rate,
     /// Drain deadline.
     pub shutdown_grace: Duration,
     /// Sockets per drain batch.
@@ -412,6 +452,22 @@ impl Settings {
                 self.max_presence_watches_per_connection,
                 1000,
             )?,
+            allowed_origins: self
+                .allowed_origins
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            rate_requests: Rate {
+                per_sec: positive("--rate-requests-per-sec", self.rate_requests_per_sec, 50)?
+                    as f32,
+                burst: positive("--rate-requests-burst", self.rate_requests_burst, 600)? as f32,
+            },
+            rate_publish: Rate {
+                per_sec: positive("--rate-publish-per-sec", self.rate_publish_per_sec, 20)? as f32,
+                burst: positive("--rate-publish-burst", self.rate_publish_burst, 60)? as f32,
+            },
             shutdown_grace: ms("--shutdown-grace-ms", self.shutdown_grace_ms, 30_000)?,
             drain_batch_size: positive("--drain-batch-size", self.drain_batch_size, 1000)?,
             reconnect_jitter_max: ms(

@@ -14,8 +14,8 @@ use std::{
 
 use dashmap::DashMap;
 use switchboard_protocol::{
-    SharedFrame, StreamKey, UserId, edge_users_wildcard, now_ms,
-    v1::{StreamPosition, server_frame},
+    CloseReason, SharedFrame, StreamKey, UserId, edge_users_wildcard, now_ms,
+    v1::{Disconnect, StreamPosition, server_frame},
 };
 use switchboard_router::{Bus, BusError, BusHandler, History, presence_subject};
 use tokio::sync::Mutex;
@@ -75,6 +75,7 @@ impl StreamEntry {
 
 pub(crate) struct Hub {
     me: Weak<Hub>,
+    node: String,
     /// `sb.edge.<node>.user.`: the prefix of this edge's personal streams.
     user_prefix: String,
     streams: DashMap<StreamKey, StreamEntry>,
@@ -106,6 +107,7 @@ impl Hub {
         let wildcard = edge_users_wildcard(node);
         let hub = Arc::new_cyclic(|me| Hub {
             me: me.clone(),
+            node: node.to_owned(),
             user_prefix: wildcard.trim_end_matches('*').to_owned(),
             streams: DashMap::new(),
             watchers: DashMap::new(),
@@ -448,6 +450,22 @@ impl Hub {
         }
     }
 
+    /// A kick sent to one of this edge's users: closes their sockets, or
+    /// the one session named (session ids are `<node>-<conn id>`).
+    fn kick(&self, key: &StreamKey, d: &Disconnect) {
+        let Some(reason) = u16::try_from(d.code).ok().and_then(CloseReason::from_code) else {
+            return;
+        };
+        let Some(e) = self.streams.get(key) else {
+            return;
+        };
+        for conn in e.subs.values() {
+            if d.session.is_empty() || d.session == format!("{}-{}", self.node, conn.id()) {
+                conn.close(reason, 0);
+            }
+        }
+    }
+
     fn on_event(&self, subject: &str, frame: SharedFrame) {
         if let Some(user) = subject.strip_prefix("sb.presence.") {
             if let Some(w) = self.watchers.get(user) {
@@ -466,6 +484,12 @@ impl Hub {
         } else {
             None
         };
+        if let (Some(key), Some(server_frame::Kind::Disconnect(d))) =
+            (&key, frame.frame().kind.as_ref())
+        {
+            self.kick(key, d);
+            return;
+        }
         if let Some(key) = key
             && let Some(e) = self.streams.get(&key)
         {

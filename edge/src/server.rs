@@ -119,6 +119,7 @@ async fn route(
             r
         }
         (&Method::POST, "/api/publish") => api_publish(state, req).await,
+        (&Method::POST, "/api/kick") => api_kick(state, req).await,
         (&Method::GET, "/") if state.config.dev => {
             let mut r = text(StatusCode::OK, DEMO_PAGE);
             r.headers_mut().insert(
@@ -146,6 +147,14 @@ fn upgrade(
     if state.draining.load(Ordering::Acquire) {
         metrics::upgrade_rejected("draining");
         return retry_later("draining");
+    }
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    if !origin_allowed(&state.config.allowed_origins, origin) {
+        metrics::upgrade_rejected("origin");
+        return text(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
     // Subprotocol: JSON when none is offered; an offer without ours fails.
     let offered = req
@@ -224,6 +233,31 @@ fn upgrade(
     response
 }
 
+/// Whether a browser at `origin` may open a socket. Only browsers send
+/// `Origin`, and they always do on a WebSocket: without one the request
+/// comes from an app or a server, which the token authenticates.
+fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
+    let Some(origin) = origin else { return true };
+    if allowed.is_empty() {
+        return true;
+    }
+    let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+    allowed.iter().any(|pattern| {
+        if pattern == "*" || *pattern == origin {
+            return true;
+        }
+        // `https://*.example.com`: any subdomain, not the bare domain.
+        match pattern.split_once("://*.") {
+            Some((scheme, domain)) => origin
+                .strip_prefix(scheme)
+                .and_then(|o| o.strip_prefix("://"))
+                .and_then(|host| host.strip_suffix(domain))
+                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+            None => false,
+        }
+    })
+}
+
 /// 503 with a jittered Retry-After (1-5 s) so refused clients spread out.
 fn retry_later(why: &str) -> Response<Body> {
     let mut r = text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
@@ -286,6 +320,39 @@ async fn api_publish(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<
     }
 }
 
+/// `POST /api/kick {"user", "session"?}`: closes the user's sockets (or one
+/// session) on every edge with 4503, through presence like a DM.
+async fn api_kick(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<Body> {
+    let Some(key) = state.config.api_key.as_deref() else {
+        return api_error(StatusCode::NOT_FOUND, "kick API disabled: set --api-key");
+    };
+    if !has_api_key(req.headers(), key) {
+        return api_error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
+    }
+    let body = match Limited::new(req.into_body(), 4096).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return api_error(StatusCode::PAYLOAD_TOO_LARGE, "body over 4096 bytes"),
+    };
+    let (user, session) = match switchboard_router::parse_api_kick(&body) {
+        Ok(k) => k,
+        Err((status, message)) => {
+            return api_error(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                message,
+            );
+        }
+    };
+    match switchboard_router::kick(state.bus.as_ref(), state.presence.as_ref(), &user, session)
+        .await
+    {
+        Ok(edges) => json(
+            StatusCode::OK,
+            serde_json::json!({"user": user.as_str(), "edges": edges}),
+        ),
+        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
 fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
     let user = query
         .split('&')
@@ -335,4 +402,35 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn origins_match_exactly_or_by_subdomain() {
+        let allowed = vec![
+            "https://app.example.com".to_owned(),
+            "https://*.chat.example".to_owned(),
+        ];
+        assert!(origin_allowed(&allowed, None), "apps send no Origin");
+        assert!(origin_allowed(&[], Some("https://anything")));
+        assert!(origin_allowed(&allowed, Some("https://app.example.com")));
+        assert!(origin_allowed(&allowed, Some("HTTPS://App.Example.com/")));
+        assert!(origin_allowed(&allowed, Some("https://web.chat.example")));
+        assert!(origin_allowed(&allowed, Some("https://a.b.chat.example")));
+        for bad in [
+            "https://evil.example",
+            "http://app.example.com",
+            "https://app.example.com.evil",
+            "https://chat.example",
+            "https://evilchat.example",
+            "http://web.chat.example",
+            "null",
+        ] {
+            assert!(!origin_allowed(&allowed, Some(bad)), "{bad}");
+        }
+        assert!(origin_allowed(&["*".to_owned()], Some("null")));
+    }
 }

@@ -20,7 +20,20 @@ use crate::{
     connection::{Reader, ReaderExit},
     metrics,
     outbound::{ConnHandle, Outbound, Recovered},
+    ratelimit::{self, Bucket},
 };
+
+/// Requests that count against the publish rate as well.
+fn is_publish(kind: Option<&client_frame::Kind>) -> bool {
+    matches!(
+        kind,
+        Some(
+            client_frame::Kind::Publish(_)
+                | client_frame::Kind::Receipt(_)
+                | client_frame::Kind::Typing(_)
+        )
+    )
+}
 
 /// A request refused with a protocol error code.
 struct Refusal(ErrorCode, String);
@@ -62,10 +75,15 @@ pub(crate) struct Session {
     chats: HashSet<ChatId>,
     watching: HashSet<UserId>,
     joined_user_stream: bool,
+    requests: Bucket,
+    publishes: Bucket,
+    /// Requests refused by a limit in a row (a flood at FLOOD_REFUSALS).
+    refused_in_row: u16,
 }
 
 impl Session {
     pub(crate) fn new(state: Arc<EdgeState>, conn: ConnHandle, identity: Identity) -> Self {
+        let state_rates = (state.config.rate_requests, state.config.rate_publish);
         let presence = PresenceSession {
             user: identity.user.clone(),
             session_id: format!("{}-{}", state.config.node_id, conn.id()),
@@ -79,6 +97,9 @@ impl Session {
             chats: HashSet::new(),
             watching: HashSet::new(),
             joined_user_stream: false,
+            requests: Bucket::full(state_rates.0),
+            publishes: Bucket::full(state_rates.1),
+            refused_in_row: 0,
         }
     }
 
@@ -206,6 +227,11 @@ impl Session {
             let (opcode, payload): (OpCode, Bytes) = match (frame.opcode, frame.fin) {
                 (OpCode::Close, _) => return ReaderExit::PeerGone,
                 (OpCode::Ping, _) => {
+                    match self.admit(None) {
+                        Err(exit) => return exit,
+                        Ok(false) => continue, // over the limit: no pong
+                        Ok(true) => {}
+                    }
                     // Auto-pong is off (see `inbound`): answer here.
                     let pong = Box::new((OpCode::Pong, frame.payload.to_vec()));
                     if !self.conn.send(Outbound::Control(pong)) {
@@ -271,12 +297,60 @@ impl Session {
                     );
                 }
             };
+            match self.admit(request.kind.as_ref()) {
+                Err(exit) => return exit,
+                Ok(false) => {
+                    let what = if is_publish(request.kind.as_ref()) {
+                        "publish"
+                    } else {
+                        "request"
+                    };
+                    self.refuse(
+                        request.id,
+                        Refusal(
+                            ErrorCode::LimitExceeded,
+                            format!("{what} rate limit exceeded"),
+                        ),
+                    );
+                    continue;
+                }
+                Ok(true) => {}
+            }
             // Boxed: a request's await state (bus, history, presence) must
             // not stay in every idle socket's task.
             if let Err(reason) = Box::pin(self.handle(request)).await {
                 return ReaderExit::Close(reason);
             }
         }
+    }
+
+    /// Charges one frame to the socket's buckets (`None`: a WebSocket
+    /// ping). `Ok(false)`: over a limit, refuse it; `Err`: a flood, close.
+    fn admit(&mut self, kind: Option<&client_frame::Kind>) -> Result<bool, ReaderExit> {
+        let now = ratelimit::clock_ms();
+        let cfg = &self.state.config;
+        let ok = self.requests.take(cfg.rate_requests, now)
+            && (!is_publish(kind) || self.publishes.take(cfg.rate_publish, now));
+        if ok {
+            self.refused_in_row = 0;
+            return Ok(true);
+        }
+        let label = match kind {
+            None => "ping",
+            k if is_publish(k) => "publish",
+            _ => "request",
+        };
+        ::metrics::counter!("switchboard_edge_rate_limited_total", "kind" => label).increment(1);
+        self.refused_in_row = self.refused_in_row.saturating_add(1);
+        if self.refused_in_row >= ratelimit::FLOOD_REFUSALS {
+            return Err(self.fatal(
+                0,
+                ErrorCode::LimitExceeded,
+                "flood: requests kept coming over the rate limit",
+                CloseReason::RateLimited,
+            ));
+        }
+        Ok(false)
     }
 
     fn read_error(&self, e: WebSocketError) -> ReaderExit {

@@ -196,3 +196,68 @@ async fn token_expiry_on_an_open_socket_warns_then_closes() {
     assert_eq!(close, Some(4005));
     edge.shutdown().await;
 }
+
+#[tokio::test]
+async fn browsers_from_other_origins_are_refused_with_http_403() {
+    let mut cfg = config();
+    cfg.allowed_origins = vec![
+        "https://app.example.com".into(),
+        "https://*.chat.example".into(),
+    ];
+    let edge = start(cfg).await;
+    use tokio_tungstenite::tungstenite::{Error, client::IntoClientRequest, http::HeaderValue};
+    let with_origin = |origin: Option<&'static str>| {
+        let mut req = ws_url(&edge).into_client_request().unwrap();
+        if let Some(o) = origin {
+            req.headers_mut()
+                .insert("Origin", HeaderValue::from_static(o));
+        }
+        req
+    };
+    for bad in [
+        "https://evil.example",
+        "https://app.example.com.evil",
+        "null",
+    ] {
+        match tokio_tungstenite::connect_async(with_origin(Some(bad))).await {
+            Err(Error::Http(resp)) => assert_eq!(resp.status(), 403, "{bad}"),
+            other => panic!("{bad}: expected HTTP 403, got {other:?}"),
+        }
+    }
+    // Allowed origins, and apps that send none, get their socket.
+    for good in [
+        Some("https://app.example.com"),
+        Some("https://web.chat.example"),
+        None,
+    ] {
+        let (ws, _) = tokio_tungstenite::connect_async(with_origin(good))
+            .await
+            .unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        let mut raw = Raw {
+            ws,
+            next_id: 1,
+            skipped: Default::default(),
+        };
+        let reply = raw
+            .request(json!({"connect": {"token": token("webby")}}))
+            .await;
+        assert_eq!(reply["connectResult"]["user"], "webby", "{reply}");
+    }
+    let metrics = metrics_text(&edge).await;
+    assert!(
+        metrics.contains("switchboard_edge_upgrades_rejected_total{reason=\"origin\"} 3"),
+        "rejections by origin are counted"
+    );
+    edge.shutdown().await;
+}
+
+async fn metrics_text(edge: &switchboard_edge::Edge) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(edge.addr()).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}

@@ -566,3 +566,16 @@ async fn personal_streams_find_their_edge_again_after_redis_restarts_empty() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kick_through_any_router_reaches_the_users_edge() {
+    let c = Cluster::new(1, 2).await;
+    let mut bob = Raw::connected(&c.edges[1], "bob").await;
+    let mut alice = Raw::connected(&c.edges[0], "alice").await;
+    let (status, body) = post(c.routers[0].addr, "/api/kick", &json!({"user": "bob"})).await;
+    assert_eq!((status, body["edges"].as_u64()), (200, Some(1)), "{body}");
+    assert_eq!(bob.until_close().await.0, Some(4503));
+    let r = alice.request(json!({"ping": {}})).await;
+    assert!(r.get("pong").is_some(), "{r}");
+    c.shutdown().await;
+}

@@ -187,3 +187,58 @@ async fn dev_endpoints_only_in_dev_mode() {
     );
     edge.shutdown().await;
 }
+
+#[tokio::test]
+async fn kick_closes_a_users_sockets_or_one_session_with_4503() {
+    let mut cfg = config();
+    cfg.api_key = Some("k3y".into());
+    let edge = start(cfg).await;
+    let auth = [("Authorization", "Bearer k3y")];
+    let mut phone = Raw::connected(&edge, "mallory").await;
+    let mut laptop = Raw::open(&edge, "switchboard.v1.json").await;
+    let hello = laptop
+        .request(json!({"connect": {"token": token("mallory")}}))
+        .await;
+    let laptop_session = hello["connectResult"]["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut bystander = Raw::connected(&edge, "trent").await;
+
+    // Bad requests are refused with typed statuses and kick nobody.
+    for (headers, body, status) in [
+        (&[][..], json!({"user": "mallory"}).to_string(), 401),
+        (&auth[..], json!({"user": "a.b"}).to_string(), 422),
+        (
+            &auth[..],
+            json!({"user": "mallory", "session": "*"}).to_string(),
+            422,
+        ),
+        (&auth[..], json!({"who": "mallory"}).to_string(), 400),
+    ] {
+        let (s, b) = http(edge.addr(), "POST", "/api/kick", headers, &body).await;
+        assert_eq!(s, status, "{body}: {b}");
+    }
+
+    // One session: only the laptop goes.
+    let body = json!({"user": "mallory", "session": laptop_session}).to_string();
+    let (s, b) = http(edge.addr(), "POST", "/api/kick", &auth, &body).await;
+    assert_eq!(s, 200, "{b}");
+    let (close, frames) = laptop.until_close().await;
+    assert_eq!(close, Some(4503));
+    assert!(
+        frames.iter().any(|f| f["disconnect"]["reason"] == "kicked"),
+        "told why: {frames:?}"
+    );
+    let r = phone.request(json!({"ping": {}})).await;
+    assert!(r.get("pong").is_some(), "the other session stays: {r}");
+
+    // The whole user: every remaining socket of theirs, nobody else's.
+    let body = json!({"user": "mallory"}).to_string();
+    let (s, b) = http(edge.addr(), "POST", "/api/kick", &auth, &body).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(phone.until_close().await.0, Some(4503));
+    let r = bystander.request(json!({"ping": {}})).await;
+    assert!(r.get("pong").is_some(), "{r}");
+    edge.shutdown().await;
+}

@@ -259,3 +259,80 @@ async fn unknown_subprotocol_is_refused_and_none_means_json() {
     assert!(r.get("connectResult").is_some(), "{r}");
     edge.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_publish_flood_is_refused_then_closed_while_others_publish() {
+    let mut cfg = config();
+    cfg.rate_publish = switchboard_edge::Rate {
+        per_sec: 1.0,
+        burst: 3.0,
+    };
+    let edge = start(cfg).await;
+    let mut flooder = Raw::connected(&edge, "flooder").await;
+    let mut calm = Raw::connected(&edge, "calm").await;
+    // The burst goes through; the rest is refused with 429 and not stored.
+    let mut acked = 0;
+    let mut limited = 0;
+    for i in 0..10 {
+        let r = flooder
+            .request(json!({"publish": {"chat": "room", "clientMsgId": format!("f{i}"), "payload": b64("x")}}))
+            .await;
+        if r.get("publishAck").is_some() {
+            acked += 1;
+        } else {
+            assert_eq!(r["error"]["code"], 429, "{r}");
+            limited += 1;
+        }
+    }
+    assert_eq!((acked, limited), (3, 7));
+    // Other requests still work, and another socket is not affected.
+    let r = flooder.request(json!({"ping": {}})).await;
+    assert!(r.get("pong").is_some(), "{r}");
+    let r = calm
+        .request(json!({"publish": {"chat": "room", "clientMsgId": "c1", "payload": b64("x")}}))
+        .await;
+    assert_eq!(
+        r["publishAck"]["seq"], "4",
+        "only the burst was stored: {r}"
+    );
+    // Publishing on into the limit is a flood: the socket is closed (4003).
+    for i in 0..200 {
+        flooder
+            .send(json!({"id": 100 + i, "publish": {"chat": "room", "clientMsgId": format!("g{i}"), "payload": b64("x")}}))
+            .await;
+    }
+    let (code, close) = error_and_close(&mut flooder).await;
+    assert_eq!((code, close), (Some(429), Some(4003)));
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_websocket_ping_flood_gets_no_more_pongs_and_is_closed() {
+    let mut cfg = config();
+    cfg.rate_requests = switchboard_edge::Rate {
+        per_sec: 1.0,
+        burst: 5.0,
+    };
+    let edge = start(cfg).await;
+    let mut raw = Raw::connected(&edge, "pinger").await;
+    for _ in 0..300 {
+        raw.ws.send(Message::Ping(vec![1].into())).await.unwrap();
+    }
+    let mut pongs = 0;
+    let close = loop {
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            futures_util::StreamExt::next(&mut raw.ws),
+        )
+        .await
+        {
+            Ok(Some(Ok(Message::Pong(_)))) => pongs += 1,
+            Ok(Some(Ok(Message::Close(c)))) => break c.map(|c| close_code(c.code)),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close: {other:?}"),
+        }
+    };
+    assert_eq!(close, Some(4003));
+    assert!(pongs <= 6, "pongs only within the limit, got {pongs}");
+    edge.shutdown().await;
+}

@@ -454,6 +454,7 @@ mod tests {
                 secret: "s".into(),
                 concurrency: 1,
                 sources: 1,
+                retries: 0,
             },
             pids: Pids::default(),
             publish_addr: None,

@@ -86,6 +86,7 @@ impl CloseReason {
                     reason: self.as_str().into(),
                     reconnect: self.reconnect(),
                     reconnect_delay_ms,
+                    session: String::new(),
                 },
             )),
         }

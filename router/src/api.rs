@@ -48,6 +48,45 @@ pub fn parse_api_publish(body: &[u8]) -> Result<PublishRequest, (u16, String)> {
     })
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKick {
+    user: String,
+    /// One session (`connectResult.sessionId`); absent: every session.
+    session: Option<String>,
+}
+
+/// Parses a kick body (`POST /api/kick`): the user and, optionally, one of
+/// their sessions.
+pub fn parse_api_kick(body: &[u8]) -> Result<(UserId, Option<String>), (u16, String)> {
+    let k: ApiKick = serde_json::from_slice(body).map_err(|e| (400, e.to_string()))?;
+    let user = UserId::parse(&k.user).map_err(|e| (422, e.to_string()))?;
+    if let Some(s) = &k.session {
+        // Session ids are `<node>-<n>`: id-safe, like everything on a subject.
+        UserId::parse(s).map_err(|e| (422, format!("session: {e}")))?;
+    }
+    Ok((user, k.session))
+}
+
+/// Closes `user`'s sockets (or one session) on every edge holding one,
+/// with 4503 `kicked`: a revoked login, a banned account. Returns how many
+/// edges were told. The client is told not to reconnect by itself; keeping
+/// the user out is the token issuer's part (tokens are short-lived).
+pub async fn kick(
+    bus: &dyn crate::Bus,
+    presence: &dyn switchboard_presence::PresenceStore,
+    user: &UserId,
+    session: Option<String>,
+) -> Result<usize, crate::BusError> {
+    use switchboard_protocol::{CloseReason, SharedFrame, v1::server_frame};
+    let mut frame = CloseReason::Kicked.disconnect_frame(0);
+    if let Some(server_frame::Kind::Disconnect(d)) = &mut frame.kind {
+        d.session = session.unwrap_or_default();
+    }
+    let frame = SharedFrame::new(frame);
+    crate::publish_to_user(bus, presence, user, frame).await
+}
+
 /// Compares secrets in time independent of where they differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

@@ -20,7 +20,7 @@ mod publisher;
 mod router;
 mod service;
 
-pub use api::{has_api_key, parse_api_publish, publish_error_status};
+pub use api::{has_api_key, kick, parse_api_kick, parse_api_publish, publish_error_status};
 pub use bus::{
     Bus, BusError, BusHandler,
     memory::MemoryBus,

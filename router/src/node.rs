@@ -74,6 +74,7 @@ struct Node {
     router: Arc<Router>,
     members: Arc<Members>,
     bus: Arc<NatsBus>,
+    presence: Arc<dyn PresenceStore>,
     api_key: Option<String>,
     max_body: usize,
     prometheus: PrometheusHandle,
@@ -132,7 +133,7 @@ pub async fn run_router(
         stop.clone(),
     ));
     let sweep = tokio::spawn(crate::sweep_presence(
-        presence,
+        presence.clone(),
         bus.clone() as Arc<dyn Bus>,
         Duration::from_millis((config.presence_ttl_ms / 3).max(100) as u64),
         stop.clone(),
@@ -141,6 +142,7 @@ pub async fn run_router(
         router,
         members,
         bus,
+        presence: presence.clone(),
         api_key: config.api_key.filter(|k| !k.is_empty()),
         max_body: config.max_payload_bytes * 4 / 3 + 4096,
         prometheus,
@@ -231,6 +233,29 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Response<Full<Bytes>>
                 header::HeaderValue::from_static("text/plain; version=0.0.4"),
             );
             r
+        }
+        (Method::POST, "/api/kick") => {
+            let Some(key) = node.api_key.as_deref() else {
+                return err(404, "API disabled: set --api-key");
+            };
+            if !has_api_key(req.headers(), key) {
+                return err(401, "missing or wrong API key");
+            }
+            let body = match Limited::new(req.into_body(), 4096).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return err(413, "body over 4096 bytes"),
+            };
+            let (user, session) = match crate::parse_api_kick(&body) {
+                Ok(k) => k,
+                Err((status, message)) => return err(status, message),
+            };
+            match crate::kick(node.bus.as_ref(), node.presence.as_ref(), &user, session).await {
+                Ok(edges) => json(
+                    200,
+                    serde_json::json!({"user": user.as_str(), "edges": edges}),
+                ),
+                Err(e) => err(503, e),
+            }
         }
         (method, p) if p == "/api/publish" || p.starts_with("/api/channels/") => {
             let Some(key) = node.api_key.as_deref() else {

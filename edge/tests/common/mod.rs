@@ -20,7 +20,14 @@ pub mod cluster;
 pub const SECRET: &str = "integration-test-secret";
 
 pub fn config() -> Config {
-    Config::for_secret(SECRET)
+    let mut c = Config::for_secret(SECRET);
+    // Tests publish much faster than people do; the limit has tests of its
+    // own (limits.rs).
+    c.rate_publish = switchboard_edge::Rate {
+        per_sec: 100_000.0,
+        burst: 100_000.0,
+    };
+    c
 }
 
 pub async fn start(config: Config) -> Edge {

@@ -312,6 +312,7 @@ async fn deliveries_are_deduplicated_and_holes_reported() {
         reason: "bad_request".into(),
         reconnect: false,
         reconnect_delay_ms: 0,
+        ..Default::default()
     }))
     .await;
     let (seqs, other) = seqs_until_other(&mut events).await;
@@ -548,6 +549,7 @@ async fn a_rejected_token_waits_for_a_new_one() {
         reason: "token_expired".into(),
         reconnect: true,
         reconnect_delay_ms: 5,
+        ..Default::default()
     }))
     .await;
     peer.close(4005).await;
