@@ -32,6 +32,10 @@ pub(crate) struct EdgeState {
     pub(crate) bus: Arc<dyn Bus>,
     pub(crate) metrics: Arc<EdgeMetrics>,
     pub(crate) admission: Arc<Admission>,
+    /// Handshakes in progress (`--max-handshakes`).
+    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
+    /// New sockets per second (`--accept-rate-*`), shared by all accepts.
+    pub(crate) accept_rate: std::sync::Mutex<crate::ratelimit::Bucket>,
     pub(crate) next_conn_id: AtomicU64,
     pub(crate) draining: AtomicBool,
     pub(crate) prometheus: PrometheusHandle,
@@ -135,6 +139,8 @@ impl EdgeState {
         metrics.connections_max.set(config.max_connections as f64);
         Ok(Arc::new(EdgeState {
             admission: Arc::new(Admission::new(config.max_connections)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),
+            accept_rate: std::sync::Mutex::new(crate::ratelimit::Bucket::full(config.accept_rate)),
             config,
             hub,
             router: b.router,

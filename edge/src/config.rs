@@ -132,6 +132,25 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,
 
+    /// Handshakes (upgrade to connectResult: token check, presence,
+    /// history) in progress at once; beyond, new upgrades get 503 +
+    /// Retry-After, so a reconnect storm queues at the clients, not here.
+    /// Default 1000.
+    #[arg(long, env = "SWITCHBOARD_MAX_HANDSHAKES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_handshakes: Option<usize>,
+
+    /// New sockets accepted per second, sustained; beyond, 503 +
+    /// Retry-After. Default 2000.
+    #[arg(long, env = "SWITCHBOARD_ACCEPT_RATE_PER_SEC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_rate_per_sec: Option<usize>,
+
+    /// New sockets accepted at once after a quiet spell. Default 2000.
+    #[arg(long, env = "SWITCHBOARD_ACCEPT_RATE_BURST")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_rate_burst: Option<usize>,
+
     /// Requests (any frame, WebSocket pings included) one socket may send
     /// per second, sustained. Default 50.
     #[arg(long, env = "SWITCHBOARD_RATE_REQUESTS_PER_SEC")]
@@ -282,6 +301,10 @@ pub struct Config {
     pub max_subscriptions_per_connection: usize,
     /// Presence watches per socket.
     pub max_presence_watches_per_connection: usize,
+    /// Handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// New sockets per second.
+    pub accept_rate: Rate,
     /// Browser origins allowed to upgrade (empty: any).
     pub allowed_origins: Vec<String>,
     /// Any frame from one socket.
@@ -452,6 +475,11 @@ impl Settings {
                 self.max_presence_watches_per_connection,
                 1000,
             )?,
+            max_handshakes: positive("--max-handshakes", self.max_handshakes, 1000)?,
+            accept_rate: Rate {
+                per_sec: positive("--accept-rate-per-sec", self.accept_rate_per_sec, 2000)? as f32,
+                burst: positive("--accept-rate-burst", self.accept_rate_burst, 2000)? as f32,
+            },
             allowed_origins: self
                 .allowed_origins
                 .unwrap_or_default()

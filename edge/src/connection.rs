@@ -35,6 +35,8 @@ pub(crate) struct Accepted {
     pub(crate) header_identity: Option<Identity>,
     pub(crate) deadline: Instant,
     pub(crate) permit: Permit,
+    /// Held until connectResult (`--max-handshakes`).
+    pub(crate) handshake: tokio::sync::OwnedSemaphorePermit,
 }
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
@@ -88,6 +90,7 @@ pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Acce
             connect,
             encoding: accepted.encoding,
             permit: accepted.permit,
+            handshake: accepted.handshake,
         };
         // The steady state runs as a task of its own, so this one (the
         // upgrade, the handshake and their arguments) ends and frees its
@@ -271,6 +274,7 @@ struct Opened {
     connect: Box<switchboard_protocol::v1::Connect>,
     encoding: Encoding,
     permit: Permit,
+    handshake: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The socket's steady state and cleanup. One boxed argument: an async
@@ -287,6 +291,7 @@ async fn run(opened: Box<Opened>) {
         connect,
         encoding,
         permit: _permit,
+        handshake,
     } = *opened;
     let cfg = &state.config;
     let (conn, rx) = ConnHandle::new(
@@ -322,7 +327,13 @@ async fn run(opened: Box<Opened>) {
         let exit = tokio::select! {
             w = &mut writer => Some(w),
             // Boxed: runs once per socket, like the handshake.
-            ready = Box::pin(session.start(connect_id, *connect)) => {
+            // The handshake permit ends with the handshake, inside the
+            // boxed future, so idle sockets do not carry it.
+            ready = Box::pin(async {
+                let ready = session.start(connect_id, *connect).await;
+                drop(handshake);
+                ready
+            }) => {
                 if let Err(reason) = ready {
                     conn.close(reason, 0);
                 }

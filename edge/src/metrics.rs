@@ -118,5 +118,8 @@ pub(crate) fn refresh_gauges(state: &crate::app::EdgeState) {
     gauge!("switchboard_edge_connections_max").set(state.admission.max() as f64);
     gauge!("switchboard_edge_connections_admitted").set(state.admission.open() as f64);
     gauge!("switchboard_edge_bus_subscriptions").set(state.bus.subscriptions() as f64);
+    let idle = state.handshakes.available_permits();
+    gauge!("switchboard_edge_handshakes")
+        .set(state.config.max_handshakes.saturating_sub(idle) as f64);
     gauge!("switchboard_history_streams").set(state.history.streams() as f64);
 }

@@ -207,6 +207,20 @@ fn upgrade(
         metrics::upgrade_rejected("over_capacity");
         return retry_later("connection limit reached");
     };
+    // A storm is spread out at the clients (Retry-After, then their own
+    // jitter) instead of queuing handshakes here.
+    let admitted = {
+        let mut bucket = state.accept_rate.lock().unwrap_or_else(|e| e.into_inner());
+        bucket.take(state.config.accept_rate, crate::ratelimit::clock_ms())
+    };
+    if !admitted {
+        metrics::upgrade_rejected("accept_rate");
+        return retry_later("too many new connections");
+    }
+    let Ok(handshake) = state.handshakes.clone().try_acquire_owned() else {
+        metrics::upgrade_rejected("handshakes");
+        return retry_later("too many handshakes in progress");
+    };
     let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(r) => r,
         Err(e) => {
@@ -219,6 +233,7 @@ fn upgrade(
         header_identity,
         deadline: accepted_at + state.config.handshake_timeout,
         permit,
+        handshake,
     };
     state
         .tracker

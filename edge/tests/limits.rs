@@ -336,3 +336,79 @@ async fn a_websocket_ping_flood_gets_no_more_pongs_and_is_closed() {
     assert!(pongs <= 6, "pongs only within the limit, got {pongs}");
     edge.shutdown().await;
 }
+
+#[tokio::test]
+async fn handshakes_over_the_limit_get_503_until_one_finishes() {
+    let mut cfg = config();
+    cfg.max_handshakes = 2;
+    cfg.handshake_timeout = Duration::from_secs(2);
+    let edge = start(cfg).await;
+    // Two upgrades that have not sent Connect hold both handshake slots.
+    let mut first = Raw::open(&edge, "switchboard.v1.json").await;
+    let _second = Raw::open(&edge, "switchboard.v1.json").await;
+    use tokio_tungstenite::tungstenite::Error;
+    match tokio_tungstenite::connect_async(ws_url(&edge)).await {
+        Err(Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            assert!(resp.headers().contains_key("retry-after"), "{resp:?}");
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // Once a handshake completes, its slot is free again.
+    let r = first
+        .request(json!({"connect": {"token": token("first")}}))
+        .await;
+    assert!(r.get("connectResult").is_some(), "{r}");
+    let mut third = Raw::connected(&edge, "third").await;
+    let r = third.request(json!({"ping": {}})).await;
+    assert!(r.get("pong").is_some(), "{r}");
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_new_sockets_over_the_accept_rate_gets_503_with_retry_after() {
+    let mut cfg = config();
+    cfg.accept_rate = switchboard_edge::Rate {
+        per_sec: 5.0,
+        burst: 20.0,
+    };
+    cfg.handshake_timeout = Duration::from_secs(2);
+    let edge = start(cfg).await;
+    let url = ws_url(&edge);
+    let attempts: Vec<_> = (0..60)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { tokio_tungstenite::connect_async(url).await })
+        })
+        .collect();
+    let (mut opened, mut refused) = (0, 0);
+    let mut sockets = Vec::new();
+    for a in attempts {
+        match a.await.unwrap() {
+            Ok((ws, _)) => {
+                opened += 1;
+                sockets.push(ws);
+            }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 503);
+                let after: u64 = resp.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=5).contains(&after), "Retry-After {after}");
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The burst, plus what refilled while the attempts ran.
+    assert!((20..=30).contains(&opened), "opened {opened}");
+    assert_eq!(opened + refused, 60);
+    // The refused come back after Retry-After and get in.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut late = Raw::connected(&edge, "late").await;
+    let r = late.request(json!({"ping": {}})).await;
+    assert!(r.get("pong").is_some(), "{r}");
+    edge.shutdown().await;
+}
