@@ -38,6 +38,8 @@ pub(crate) struct EdgeState {
     pub(crate) accept_rate: std::sync::Mutex<crate::ratelimit::Bucket>,
     pub(crate) next_conn_id: AtomicU64,
     pub(crate) draining: AtomicBool,
+    /// The last presence lease renewal succeeded (readiness).
+    pub(crate) presence_ok: AtomicBool,
     pub(crate) prometheus: PrometheusHandle,
     pub(crate) tracker: TaskTracker,
     /// Presence sessions of this node's sockets (heartbeated together).
@@ -150,6 +152,7 @@ impl EdgeState {
             metrics,
             next_conn_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
+            presence_ok: AtomicBool::new(true),
             prometheus,
             tracker: TaskTracker::new(),
             sessions: DashMap::new(),
@@ -256,7 +259,14 @@ async fn presence_heartbeats(state: Arc<EdgeState>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let fresh = match state.presence.node_heartbeat(&node, &addr, now_ms()).await {
+        let renewed = state.presence.node_heartbeat(&node, &addr, now_ms()).await;
+        state.presence_ok.store(renewed.is_ok(), Ordering::Release);
+        metrics::gauge!("switchboard_edge_presence_available").set(if renewed.is_ok() {
+            1.0
+        } else {
+            0.0
+        });
+        let fresh = match renewed {
             Ok(fresh) => fresh,
             Err(e) => {
                 metrics::counter!("switchboard_edge_presence_errors_total").increment(1);

@@ -103,10 +103,20 @@ async fn route(
         (&Method::GET, "/ws") => upgrade(state, req, accepted_at),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if state.draining.load(Ordering::Acquire) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            // Not ready: new sockets would fail (no bus, or presence could
+            // not route to them); open ones keep being served.
+            let unready = if state.draining.load(Ordering::Acquire) {
+                Some("draining")
+            } else if !state.bus.connected() {
+                Some("bus (NATS) disconnected")
+            } else if !state.presence_ok.load(Ordering::Acquire) {
+                Some("presence (Redis) unavailable")
             } else {
-                text(StatusCode::OK, "ready\n")
+                None
+            };
+            match unready {
+                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                None => text(StatusCode::OK, "ready\n"),
             }
         }
         (&Method::GET, "/metrics") => {

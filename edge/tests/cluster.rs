@@ -579,3 +579,94 @@ async fn a_kick_through_any_router_reaches_the_users_edge() {
     assert!(r.get("pong").is_some(), "{r}");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_dms_never_reach_another_users_sockets() {
+    // Personal streams share one subscription per edge: the hub must hand
+    // each delivery only to the sockets of the user it names.
+    let c = Cluster::new(1, 2).await;
+    let users: Vec<String> = (0..24).map(|i| format!("u{i}")).collect();
+    let mut sockets = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        // Two devices per user, on both edges, so every edge holds everyone.
+        sockets.push((u.clone(), Raw::connected(&c.edges[i % 2], u).await));
+        sockets.push((u.clone(), Raw::connected(&c.edges[(i + 1) % 2], u).await));
+    }
+    let per_user = 10;
+    let router = c.routers[0].addr;
+    let mut sends = Vec::new();
+    for u in users.clone() {
+        sends.push(tokio::spawn(async move {
+            for i in 0..per_user {
+                let (s, b) = post(
+                    router,
+                    "/api/publish",
+                    &json!({"user": u, "client_msg_id": format!("{u}-{i}"), "text": format!("for {u}")}),
+                )
+                .await;
+                assert_eq!(s, 200, "{b}");
+            }
+        }));
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    for (user, raw) in &mut sockets {
+        let got = raw.deliveries(per_user).await;
+        for d in &got {
+            assert_eq!(d["user"].as_str(), Some(user.as_str()), "{d}");
+            assert_eq!(payload_text(d), format!("for {user}"));
+        }
+        let seqs: Vec<u64> = got.iter().map(seq).collect();
+        assert_eq!(seqs, (1..=per_user as u64).collect::<Vec<_>>());
+        raw.assert_no_delivery(Duration::from_millis(50)).await;
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_follows_nats_and_redis_while_open_sockets_stay() {
+    let mut c = Cluster::new(1, 1).await;
+    let edge = c.edges[0].addr();
+    let readyz = || async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(edge).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_owned());
+        (out[9..12].parse::<u16>().unwrap(), body.unwrap_or_default())
+    };
+    let until = |want: u16| async move {
+        for _ in 0..200 {
+            let (status, body) = readyz().await;
+            if status == want {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("/readyz never answered {want}");
+    };
+    assert_eq!(until(200).await, "ready");
+    let mut open = Raw::connected(&c.edges[0], "stays").await;
+
+    c.redis.kill();
+    assert_eq!(until(503).await, "presence (Redis) unavailable");
+    let r = open.request(json!({"ping": {}})).await;
+    assert!(
+        r.get("pong").is_some(),
+        "open sockets are still served: {r}"
+    );
+    c.redis.restart();
+    until(200).await;
+
+    c.nats.kill();
+    assert_eq!(until(503).await, "bus (NATS) disconnected");
+    c.nats.restart();
+    until(200).await;
+    let r = open.request(json!({"ping": {}})).await;
+    assert!(r.get("pong").is_some(), "{r}");
+    c.shutdown().await;
+}

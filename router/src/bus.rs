@@ -71,4 +71,8 @@ pub trait Bus: Send + Sync + 'static {
     async fn unsubscribe(&self, subject: &str) -> Result<(), BusError>;
     /// Subjects this node currently receives (a gauge for leak checks).
     fn subscriptions(&self) -> usize;
+    /// Whether the bus is connected now (readiness).
+    fn connected(&self) -> bool {
+        true
+    }
 }

@@ -173,4 +173,8 @@ impl Bus for NatsBus {
     fn subscriptions(&self) -> usize {
         self.subs.len()
     }
+
+    fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
 }
