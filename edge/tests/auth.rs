@@ -243,21 +243,10 @@ async fn browsers_from_other_origins_are_refused_with_http_403() {
             .await;
         assert_eq!(reply["connectResult"]["user"], "webby", "{reply}");
     }
-    let metrics = metrics_text(&edge).await;
+    let (_, metrics) = http_get(edge.addr(), "/metrics").await;
     assert!(
         metrics.contains("switchboard_edge_upgrades_rejected_total{reason=\"origin\"} 3"),
         "rejections by origin are counted"
     );
     edge.shutdown().await;
-}
-
-async fn metrics_text(edge: &switchboard_edge::Edge) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(edge.addr()).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

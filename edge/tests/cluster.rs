@@ -478,13 +478,7 @@ async fn nats_interest_follows_local_sockets_without_leaks() {
     let c = Cluster::new(1, 1).await;
     let edge = &c.edges[0];
     let bus_subscriptions = || async {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(edge.addr()).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
+        let (_, out) = http_get(edge.addr(), "/metrics").await;
         out.lines()
             .find_map(|l| l.strip_prefix("switchboard_edge_bus_subscriptions "))
             .and_then(|v| v.trim().parse::<f64>().ok())
@@ -629,15 +623,8 @@ async fn readiness_follows_nats_and_redis_while_open_sockets_stay() {
     let mut c = Cluster::new(1, 1).await;
     let edge = c.edges[0].addr();
     let readyz = || async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(edge).await.unwrap();
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_owned());
-        (out[9..12].parse::<u16>().unwrap(), body.unwrap_or_default())
+        let (status, body) = http_get(edge, "/readyz").await;
+        (status, body.trim().to_owned())
     };
     let until = |want: u16| async move {
         for _ in 0..200 {
