@@ -38,6 +38,8 @@ pub(crate) struct EdgeState {
     pub(crate) accept_rate: std::sync::Mutex<crate::ratelimit::Bucket>,
     pub(crate) next_conn_id: AtomicU64,
     pub(crate) draining: AtomicBool,
+    /// WSS certificates, reloadable (`None`: plain WS).
+    pub(crate) tls: Option<crate::tls::Tls>,
     /// The last presence lease renewal succeeded (readiness).
     pub(crate) presence_ok: AtomicBool,
     pub(crate) prometheus: PrometheusHandle,
@@ -139,6 +141,10 @@ impl EdgeState {
         );
         hub.start().await.map_err(|e| e.to_string())?;
         metrics.connections_max.set(config.max_connections as f64);
+        let tls = match &config.tls {
+            Some(files) => Some(crate::tls::Tls::load(files.clone())?),
+            None => None,
+        };
         Ok(Arc::new(EdgeState {
             admission: Arc::new(Admission::new(config.max_connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),
@@ -153,6 +159,7 @@ impl EdgeState {
             next_conn_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             presence_ok: AtomicBool::new(true),
+            tls,
             prometheus,
             tracker: TaskTracker::new(),
             sessions: DashMap::new(),
@@ -219,6 +226,7 @@ pub async fn run(
         "switchboard edge listening"
     );
     lease_presence(&state).await;
+    let reloads = tokio::spawn(reload_tls_on_sighup(state.clone()));
     let stop_accepting = CancellationToken::new();
     let background = CancellationToken::new();
     let accept = tokio::spawn(server::accept_loop(
@@ -239,7 +247,32 @@ pub async fn run(
     let _ = accept.await;
     let _ = heartbeats.await;
     let _ = sweeper.await;
+    reloads.abort();
     Ok(())
+}
+
+/// SIGHUP: read the WSS certificate and key again. Open sockets keep the
+/// session they negotiated; new handshakes use the new certificate.
+async fn reload_tls_on_sighup(state: Arc<EdgeState>) {
+    let Some(tls) = &state.tls else { return };
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; TLS certificates will not reload");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => {
+                metrics::counter!("switchboard_edge_tls_reloads_total", "result" => "ok")
+                    .increment(1);
+                tracing::info!("TLS certificate reloaded");
+            }
+            Err(e) => {
+                metrics::counter!("switchboard_edge_tls_reloads_total", "result" => "error")
+                    .increment(1);
+                tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificate");
+            }
+        }
+    }
 }
 
 /// Renews this node's presence lease (its sessions live as long as it).

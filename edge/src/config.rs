@@ -132,6 +132,17 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_origins: Option<Vec<String>>,
 
+    /// PEM certificate chain for WSS (with --tls-key-file). Replaced files
+    /// are picked up on SIGHUP without dropping open sockets.
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key for WSS (with --tls-cert-file).
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+
     /// Handshakes (upgrade to connectResult: token check, presence,
     /// history) in progress at once; beyond, new upgrades get 503 +
     /// Retry-After, so a reconnect storm queues at the clients, not here.
@@ -301,6 +312,9 @@ pub struct Config {
     pub max_subscriptions_per_connection: usize,
     /// Presence watches per socket.
     pub max_presence_watches_per_connection: usize,
+    /// WSS certificate and key; `None`: plain WS (behind a TLS-terminating
+    /// load balancer, or for development).
+    pub tls: Option<crate::TlsFiles>,
     /// Handshakes in progress at once.
     pub max_handshakes: usize,
     /// New sockets per second.
@@ -475,6 +489,24 @@ impl Settings {
                 self.max_presence_watches_per_connection,
                 1000,
             )?,
+            tls: match (self.tls_cert_file, self.tls_key_file) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => {
+                    let files = crate::TlsFiles { cert, key };
+                    // Fail at startup, not at the first handshake.
+                    crate::tls::server_config(&files).map_err(|message| ConfigError::Invalid {
+                        setting: "--tls-cert-file/--tls-key-file",
+                        message,
+                    })?;
+                    Some(files)
+                }
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        setting: "--tls-cert-file/--tls-key-file",
+                        message: "WSS needs both a certificate and a key file".into(),
+                    });
+                }
+            },
             max_handshakes: positive("--max-handshakes", self.max_handshakes, 1000)?,
             accept_rate: Rate {
                 per_sec: positive("--accept-rate-per-sec", self.accept_rate_per_sec, 2000)? as f32,

@@ -29,6 +29,7 @@ mod outbound;
 mod ratelimit;
 mod server;
 mod session;
+mod tls;
 mod writer;
 
 pub use admission::raise_file_limit;
@@ -36,3 +37,4 @@ pub use app::{Edge, run};
 pub use auth::{AuthConfig, AuthError, Claims, Identity};
 pub use config::{ClusterConfig, Config, ConfigError, Settings};
 pub use ratelimit::Rate;
+pub use tls::TlsFiles;

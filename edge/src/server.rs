@@ -49,21 +49,42 @@ pub(crate) async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let accepted_at = Instant::now();
         let state2 = state.clone();
-        let timeout = state.config.handshake_timeout;
         state.tracker.spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state2.clone();
-                async move { Ok::<_, Infallible>(route(state, req, accepted_at).await) }
-            });
-            let conn = http1::Builder::new()
-                .header_read_timeout(Some(timeout))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "http connection ended");
+            let Some(tls) = &state2.tls else {
+                return serve_http(state2, stream, accepted_at).await;
+            };
+            // The TLS handshake counts against the same deadline as the
+            // WebSocket one (slowloris).
+            let deadline = accepted_at + state2.config.handshake_timeout;
+            match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+                Ok(Ok(tls_stream)) => serve_http(state2, tls_stream, accepted_at).await,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    metrics::upgrade_rejected("tls_handshake");
+                }
+                Err(_) => metrics::upgrade_rejected("tls_timeout"),
             }
         });
+    }
+}
+
+/// HTTP/1.1 with upgrades over a plain or TLS stream.
+async fn serve_http<S>(state: Arc<EdgeState>, io: S, accepted_at: Instant)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = state.config.handshake_timeout;
+    let service = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(route(state, req, accepted_at).await) }
+    });
+    let conn = http1::Builder::new()
+        .header_read_timeout(Some(timeout))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "http connection ended");
     }
 }
 
