@@ -38,3 +38,29 @@ pub use auth::{AuthConfig, AuthError, Claims, Identity};
 pub use config::{ClusterConfig, Config, ConfigError, Settings};
 pub use ratelimit::Rate;
 pub use tls::TlsFiles;
+
+/// Entry points for fuzz targets (`edge/fuzz`); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Reads WebSocket frames from `bytes` as a socket's reader does, until
+    /// the input ends or a frame is refused; returns each payload's length.
+    pub fn read_frames(bytes: &[u8], max_message_bytes: usize) -> Vec<usize> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a current-thread runtime");
+        runtime.block_on(async {
+            let mut inbound = crate::inbound::Inbound::new(bytes, max_message_bytes);
+            let mut lens = Vec::new();
+            let mut obligated = |_f: fastwebsockets::Frame<'static>| {
+                std::future::ready(Ok::<(), std::io::Error>(()))
+            };
+            while lens.len() < 10_000 {
+                match inbound.read_frame(&mut obligated).await {
+                    Ok(f) => lens.push(f.payload.len()),
+                    Err(_) => break,
+                }
+            }
+            lens
+        })
+    }
+}
