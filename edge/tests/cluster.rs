@@ -657,3 +657,78 @@ async fn readiness_follows_nats_and_redis_while_open_sockets_stay() {
     assert!(r.get("pong").is_some(), "{r}");
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_of_a_sigkilled_edge_resume_on_another_without_loss_or_duplicates() {
+    use switchboard_protocol::client::{Client, ClientConfig, Event};
+    let c = Cluster::new(1, 1).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut doomed = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+        .envs(edge_process_env(&c.nats, &c.redis, "doomed", port))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let doomed_url = format!("ws://127.0.0.1:{port}/ws");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (clients, total) = (20, 60u64);
+    let mut readers = Vec::new();
+    for i in 0..clients {
+        let mut cfg = ClientConfig::new(doomed_url.clone(), token(&format!("r{i}")));
+        cfg.fallback_urls = vec![ws_url(&c.edges[0])];
+        cfg.backoff_base = Duration::from_millis(50);
+        cfg.backoff_max = Duration::from_millis(500);
+        let (client, events) = Client::connect(cfg).await.unwrap();
+        client.subscribe("live").await.unwrap();
+        readers.push((client, events));
+    }
+    let router = c.routers[0].addr;
+    let post = |i: u64| async move {
+        let (s, b) = post(
+            router,
+            "/api/publish",
+            &json!({"chat": "live", "client_msg_id": format!("p{i}"), "text": format!("post {i}")}),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    };
+    for i in 1..=total / 3 {
+        post(i).await;
+    }
+    doomed.kill().unwrap(); // SIGKILL under load: no drain, no goodbye
+    doomed.wait().unwrap();
+    for i in total / 3 + 1..=total {
+        post(i).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for (i, (_client, events)) in readers.iter_mut().enumerate() {
+        let mut next = 1;
+        let mut reconnected = false;
+        while next <= total {
+            let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("reader {i} stalled at seq {next}"))
+                .expect("client stopped");
+            match event {
+                Event::Delivery(d) => {
+                    assert_eq!(d.seq, next, "reader {i}: once each, in order");
+                    next += 1;
+                }
+                Event::Reconnected { .. } => reconnected = true,
+                Event::ResyncRequired { .. } => panic!("history still holds everything"),
+                _ => {}
+            }
+        }
+        assert!(reconnected, "reader {i} moved to the surviving edge");
+    }
+    c.shutdown().await;
+}

@@ -13,7 +13,8 @@
 //!   code (4000-4499), waiting the server's advised delay, `Retry-After` on
 //!   HTTP 503, or full-jitter exponential backoff; it then resumes the
 //!   personal stream and re-subscribes every chat from the last seq it saw
-//!   ([`Event::Reconnected`]). Requests in flight when the socket drops fail
+//!   ([`Event::Reconnected`]), on the next of its URLs when it has
+//!   `fallback_urls` (edges without a load balancer). Requests in flight when the socket drops fail
 //!   with [`ClientError::Disconnected`]; requests made while reconnecting
 //!   wait for the new session (within the request timeout).
 //!

@@ -255,6 +255,8 @@ pub(super) struct Actor {
     next_id: u32,
     /// Failed attempts (and sessions that ended early) in a row.
     attempt: u32,
+    /// Dials so far: which of the URLs the next one takes.
+    dials: usize,
     /// When the current session started; `None` when there is none, so
     /// `Some` also means a `Disconnected` event is due when it ends.
     live_since: Option<Instant>,
@@ -288,6 +290,7 @@ impl Actor {
             stash: VecDeque::new(),
             next_id: 1,
             attempt: 0,
+            dials: 0,
             live_since: None,
             closers: Vec::new(),
         }

@@ -31,6 +31,10 @@ pub struct ClientConfig {
     pub client_name: String,
     /// Sent in `Connect.client_version`. Default this crate's version.
     pub client_version: String,
+    /// More edges to reconnect to when there is no load balancer in front:
+    /// each dial takes the next of `url` and these, in turn, so a client of
+    /// a dead edge resumes on another. Default empty.
+    pub fallback_urls: Vec<String>,
     /// Reconnect and resume by itself after a network error or a close
     /// with a reconnect code (4000-4499). Default true.
     pub reconnect: bool,
@@ -73,6 +77,7 @@ impl ClientConfig {
             encoding: Encoding::Protobuf,
             client_name: "switchboard-rust".into(),
             client_version: env!("CARGO_PKG_VERSION").into(),
+            fallback_urls: Vec::new(),
             reconnect: true,
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
@@ -91,6 +96,7 @@ impl fmt::Debug for ClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientConfig")
             .field("url", &self.url)
+            .field("fallback_urls", &self.fallback_urls)
             .field("token", &"<redacted>")
             .field("encoding", &self.encoding)
             .field("client_name", &self.client_name)

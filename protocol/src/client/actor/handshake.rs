@@ -24,7 +24,13 @@ fn silence_limit(interval_ms: u32) -> Option<Duration> {
 
 impl Actor {
     pub(super) fn dial(&mut self) {
-        let future = link::dial(self.config.url.clone(), self.config.encoding);
+        let fallbacks = &self.config.fallback_urls;
+        let url = match self.dials % (1 + fallbacks.len()) {
+            0 => self.config.url.clone(),
+            i => fallbacks[i - 1].clone(),
+        };
+        self.dials = self.dials.wrapping_add(1);
+        let future = link::dial(url, self.config.encoding);
         self.link = Link::Dialing {
             future: Box::pin(future),
             deadline: Instant::now() + self.config.request_timeout,
