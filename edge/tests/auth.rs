@@ -250,3 +250,47 @@ async fn browsers_from_other_origins_are_refused_with_http_403() {
     );
     edge.shutdown().await;
 }
+
+#[tokio::test]
+async fn not_before_audience_and_issuer_are_checked_on_the_socket() {
+    let mut cfg = config();
+    cfg.auth = AuthConfig::new(
+        Some(SECRET.as_bytes().to_vec()),
+        None,
+        Some("switchboard".into()),
+        Some("https://auth.example".into()),
+        0,
+    )
+    .unwrap();
+    let edge = start(cfg).await;
+    let good = || {
+        let mut c = claims("ada");
+        c.aud = Some("switchboard".into());
+        c.iss = Some("https://auth.example".into());
+        c
+    };
+    let mut early = good();
+    early.nbf = Some(now_secs() + 600);
+    assert_eq!(refused(&edge, &token_for(&early)).await, (440, Some(4501)));
+    for (aud, iss) in [
+        (Some("other-service"), Some("https://auth.example")),
+        (Some("switchboard"), Some("https://evil.example")),
+        (None, Some("https://auth.example")),
+        (Some("switchboard"), None),
+    ] {
+        let mut c = good();
+        c.aud = aud.map(Into::into);
+        c.iss = iss.map(Into::into);
+        assert_eq!(
+            refused(&edge, &token_for(&c)).await,
+            (401, Some(4501)),
+            "aud {aud:?} iss {iss:?}"
+        );
+    }
+    let mut raw = Raw::open(&edge, "switchboard.v1.json").await;
+    let r = raw
+        .request(json!({"connect": {"token": token_for(&good())}}))
+        .await;
+    assert_eq!(r["connectResult"]["user"], "ada", "{r}");
+    edge.shutdown().await;
+}
