@@ -84,7 +84,24 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         let token = conn::token(&a.target.secret, &format!("storm-{i}"));
         joins.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            let mut ws = conn::open_counted(&rec, addr, &sources, token).await?;
+            // Apps honour a 503 (accept-rate or handshake limits) and retry.
+            let mut ws = loop {
+                rec.attempt();
+                match conn::open(addr, &sources, token.clone()).await {
+                    Ok(ws) => {
+                        rec.established();
+                        break ws;
+                    }
+                    Err(e) if conn::is_refused(&e) => {
+                        rec.refused();
+                        tokio::time::sleep(Duration::from_millis(200 + (i * 37) % 800)).await;
+                    }
+                    Err(e) => {
+                        rec.failed();
+                        return Err(e);
+                    }
+                }
+            };
             let pos = subscribe(&mut ws, None, "").await?;
             anyhow::Ok((i, ws, pos))
         }));
