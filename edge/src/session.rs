@@ -685,6 +685,8 @@ impl Session {
         }
         if self.joined_user_stream {
             self.joined_user_stream = false;
+            // Gone from what a lease restore registers again.
+            self.state.sessions.remove(&self.conn.id());
             self.state
                 .hub
                 .leave(&StreamKey::User(self.identity.user.clone()), self.conn.id())

@@ -527,6 +527,17 @@ async fn personal_streams_find_their_edge_again_after_redis_restarts_empty() {
     };
     assert_eq!(dm("before".into()).await.0, 200);
     assert_eq!(payload_text(&bob.deliveries(1).await[0]), "dm");
+    // A socket that closed before the restart must not come back with it.
+    let mut ghost = Raw::connected(&c.edges[1], "ghost").await;
+    ghost.ws.close(None).await.unwrap();
+    drop(ghost);
+    let kick_ghost = || async move { post(router, "/api/kick", &json!({"user": "ghost"})).await };
+    for _ in 0..100 {
+        if kick_ghost().await.1["edges"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // No persistence: presence (where bob is), leases and history are gone.
     c.redis.restart();
@@ -547,6 +558,12 @@ async fn personal_streams_find_their_edge_again_after_redis_restarts_empty() {
             "bob's edge was never found again"
         );
     }
+    let (status, body) = kick_ghost().await;
+    assert_eq!(
+        (status, body["edges"].as_u64()),
+        (200, Some(0)),
+        "restored a closed session: {body}"
+    );
     // From then on every DM arrives, in order.
     let first = n + 1;
     for i in first..first + 5 {

@@ -83,25 +83,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         let addr = a.target.addr_for(i as usize);
         let token = conn::token(&a.target.secret, &format!("storm-{i}"));
         joins.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await?;
-            // Apps honour a 503 (accept-rate or handshake limits) and retry.
-            let mut ws = loop {
-                rec.attempt();
-                match conn::open(addr, &sources, token.clone()).await {
-                    Ok(ws) => {
-                        rec.established();
-                        break ws;
-                    }
-                    Err(e) if conn::is_refused(&e) => {
-                        rec.refused();
-                        tokio::time::sleep(Duration::from_millis(200 + (i * 37) % 800)).await;
-                    }
-                    Err(e) => {
-                        rec.failed();
-                        return Err(e);
-                    }
-                }
-            };
+            let mut ws = open_honouring_503(&gate, &rec, addr, &sources, &token, i).await?;
             let pos = subscribe(&mut ws, None, "").await?;
             anyhow::Ok((i, ws, pos))
         }));
@@ -145,26 +127,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         let token = conn::token(&a.target.secret, &format!("storm-{i}"));
         tasks.push(tokio::spawn(async move {
             let work = async {
-                let mut ws = loop {
-                    let permit = gate.clone().acquire_owned().await?;
-                    rec.attempt();
-                    match conn::open(addr, &sources, token.clone()).await {
-                        Ok(ws) => {
-                            rec.established();
-                            break ws;
-                        }
-                        Err(e) if conn::is_refused(&e) => {
-                            // Over the edge's admission limit: honour it with jitter.
-                            rec.refused();
-                            drop(permit);
-                            tokio::time::sleep(Duration::from_millis(200 + (i * 37) % 800)).await;
-                        }
-                        Err(e) => {
-                            rec.failed();
-                            return Err(e);
-                        }
-                    }
-                };
+                let mut ws = open_honouring_503(&gate, &rec, addr, &sources, &token, i).await?;
                 subscribe(&mut ws, Some(seq), &epoch).await?;
                 rec.add_counter("back", 1);
                 rec.latest("last_back", now_us());
@@ -281,4 +244,36 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         ),
     );
     m
+}
+
+/// Opens a socket as an app does: a 503 (admission, accept-rate or
+/// handshake limits) is honoured with a jittered pause, without holding a
+/// slot of `gate` meanwhile, and retried.
+async fn open_honouring_503(
+    gate: &Arc<Semaphore>,
+    rec: &Recorder,
+    addr: std::net::SocketAddr,
+    sources: &conn::Sources,
+    token: &str,
+    i: u64,
+) -> anyhow::Result<conn::Ws> {
+    loop {
+        let permit = gate.clone().acquire_owned().await?;
+        rec.attempt();
+        match conn::open(addr, sources, token.to_owned()).await {
+            Ok(ws) => {
+                rec.established();
+                return Ok(ws);
+            }
+            Err(e) if conn::is_refused(&e) => {
+                rec.refused();
+                drop(permit);
+                tokio::time::sleep(Duration::from_millis(200 + (i * 37) % 800)).await;
+            }
+            Err(e) => {
+                rec.failed();
+                return Err(e);
+            }
+        }
+    }
 }
