@@ -99,6 +99,7 @@ async fn backends(config: &Config) -> Result<Backends, String> {
             router,
         });
     };
+    crate::metrics::register_cluster_series();
     let settings = NatsSettings {
         url: cluster.nats_url.clone(),
         name: config.node_id.clone(),

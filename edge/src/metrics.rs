@@ -16,10 +16,7 @@ pub(crate) fn prometheus() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".into()),
-                    &[
-                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
-                        5.0,
-                    ],
+                    switchboard_router::telemetry::SECONDS_BUCKETS,
                 )
                 .expect("static bucket list is non-empty");
             match builder.install_recorder() {
@@ -60,6 +57,24 @@ impl EdgeMetrics {
             counter!("switchboard_edge_disconnects_total", "reason" => r.as_str()).absolute(0);
         }
         counter!("switchboard_edge_disconnects_total", "reason" => "client_closed").absolute(0);
+        for r in AUTH_FAILURE_REASONS {
+            counter!("switchboard_edge_auth_failures_total", "reason" => *r).increment(0);
+        }
+        for r in UPGRADE_REJECT_REASONS {
+            counter!("switchboard_edge_upgrades_rejected_total", "reason" => *r).increment(0);
+        }
+        for k in RATE_LIMIT_KINDS {
+            counter!("switchboard_edge_rate_limited_total", "kind" => *k).increment(0);
+        }
+        for r in API_PUBLISH_RESULTS {
+            counter!("switchboard_api_publishes_total", "result" => *r).increment(0);
+        }
+        for c in ERROR_REPLY_CODES {
+            counter!("switchboard_edge_error_replies_total", "code" => *c).increment(0);
+        }
+        for r in ["ok", "error"] {
+            counter!("switchboard_edge_tls_reloads_total", "result" => r).increment(0);
+        }
         EdgeMetrics {
             connections: gauge!("switchboard_edge_connections"),
             connections_max: gauge!("switchboard_edge_connections_max"),
@@ -82,6 +97,67 @@ impl EdgeMetrics {
     }
 }
 
+/// Label values, registered at zero on start (alerts' `increase()` then
+/// counts the first event). Counting a value missing here is a bug that
+/// debug builds catch.
+pub(crate) const AUTH_FAILURE_REASONS: &[&str] = &[
+    "missing",
+    "malformed",
+    "algorithm",
+    "signature",
+    "expired",
+    "not_yet_valid",
+    "audience_or_issuer",
+    "subject",
+    "other_user",
+    "config",
+];
+pub(crate) const UPGRADE_REJECT_REASONS: &[&str] = &[
+    "over_capacity",
+    "accept_rate",
+    "handshakes",
+    "draining",
+    "origin",
+    "tls_handshake",
+    "tls_timeout",
+    "unauthorized",
+    "subprotocol",
+    "not_websocket",
+    "bad_handshake",
+    "accept_error",
+];
+pub(crate) const ERROR_REPLY_CODES: &[&str] = &[
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_subscribed",
+    "already_subscribed",
+    "too_large",
+    "invalid_id",
+    "limit_exceeded",
+    "token_expired",
+    "internal",
+    "unavailable",
+    "unspecified",
+];
+pub(crate) const RATE_LIMIT_KINDS: &[&str] = &["request", "publish", "ping"];
+pub(crate) const API_PUBLISH_RESULTS: &[&str] = &[
+    "ok",
+    "duplicate",
+    "unauthorized",
+    "too_large",
+    "bad_request",
+    "refused",
+];
+
+/// Registers the series only a cluster edge has at zero.
+pub(crate) fn register_cluster_series() {
+    switchboard_router::telemetry::register_cluster_series();
+    counter!("switchboard_edge_presence_errors_total").increment(0);
+    counter!("switchboard_edge_presence_restores_total").increment(0);
+    counter!("switchboard_edge_router_retries_total").increment(0);
+}
+
 /// Counts a disconnect by reason.
 pub(crate) fn disconnect(reason: &'static str) {
     counter!("switchboard_edge_disconnects_total", "reason" => reason).increment(1);
@@ -89,16 +165,19 @@ pub(crate) fn disconnect(reason: &'static str) {
 
 /// Counts a refused token by reason.
 pub(crate) fn auth_failure(reason: &'static str) {
+    debug_assert!(AUTH_FAILURE_REASONS.contains(&reason), "{reason}");
     counter!("switchboard_edge_auth_failures_total", "reason" => reason).increment(1);
 }
 
 /// Counts an upgrade refused before the WebSocket handshake.
 pub(crate) fn upgrade_rejected(reason: &'static str) {
+    debug_assert!(UPGRADE_REJECT_REASONS.contains(&reason), "{reason}");
     counter!("switchboard_edge_upgrades_rejected_total", "reason" => reason).increment(1);
 }
 
 /// Counts an error reply by protocol code.
 pub(crate) fn error_reply(code: &'static str) {
+    debug_assert!(ERROR_REPLY_CODES.contains(&code), "{code}");
     counter!("switchboard_edge_error_replies_total", "code" => code).increment(1);
 }
 
@@ -110,11 +189,13 @@ pub(crate) fn frame_in(m: &EdgeMetrics, len: usize) {
 
 /// Counts a backend publish by result.
 pub(crate) fn api_publish(result: &'static str) {
+    debug_assert!(API_PUBLISH_RESULTS.contains(&result), "{result}");
     counter!("switchboard_api_publishes_total", "result" => result).increment(1);
 }
 
 /// Updates gauges that are cheaper to read on scrape than to track.
 pub(crate) fn refresh_gauges(state: &crate::app::EdgeState) {
+    switchboard_router::telemetry::collect_process_metrics();
     gauge!("switchboard_edge_connections_max").set(state.admission.max() as f64);
     gauge!("switchboard_edge_connections_admitted").set(state.admission.open() as f64);
     gauge!("switchboard_edge_bus_subscriptions").set(state.bus.subscriptions() as f64);

@@ -19,6 +19,7 @@ mod node;
 mod publisher;
 mod router;
 mod service;
+pub mod telemetry;
 
 pub use api::{has_api_key, kick, parse_api_kick, parse_api_publish, publish_error_status};
 pub use bus::{

@@ -12,8 +12,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let prometheus = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
-    {
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new().set_buckets_for_metric(
+        metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+        switchboard_router::telemetry::SECONDS_BUCKETS,
+    );
+    let prometheus = match builder.and_then(|b| b.install_recorder()) {
         Ok(h) => h,
         Err(e) => return fail(&e),
     };

@@ -87,6 +87,7 @@ pub async fn run_router(
     prometheus: PrometheusHandle,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
+    crate::telemetry::register_router_series();
     let nats = NatsSettings {
         url: config.nats_url.clone(),
         name: config.node_id.clone(),
@@ -227,6 +228,7 @@ async fn route(node: Arc<Node>, req: Request<Incoming>) -> Response<Full<Bytes>>
             }
         }
         (Method::GET, "/metrics") => {
+            crate::telemetry::collect_process_metrics();
             let mut r = Response::new(Full::new(Bytes::from(node.prometheus.render())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
