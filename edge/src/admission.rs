@@ -19,10 +19,14 @@ pub fn raise_file_limit() -> u64 {
     })
 }
 
-/// 90% of the file limit minus a reserve.
+/// Descriptors left for client sockets under `limit`.
+pub(crate) fn usable_fds(limit: u64) -> u64 {
+    limit.saturating_sub(RESERVED_FDS)
+}
+
+/// 90% of the file limit left after a reserve.
 pub(crate) fn default_max_connections() -> usize {
-    let limit = raise_file_limit();
-    (limit.saturating_sub(RESERVED_FDS) * 9 / 10).max(1) as usize
+    (usable_fds(raise_file_limit()) * 9 / 10).max(1) as usize
 }
 
 /// Counts sockets against the cap. A permit is held for a socket's life.

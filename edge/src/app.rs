@@ -217,11 +217,22 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    // Raised whether or not the cap was given: a container starts with a
+    // soft limit (often 1024) far below the hard one.
+    let file_limit = crate::admission::raise_file_limit();
+    if config.max_connections as u64 > crate::admission::usable_fds(file_limit) {
+        tracing::warn!(
+            max_connections = config.max_connections,
+            file_limit,
+            "max_connections is above the file limit; accepts will fail before the cap"
+        );
+    }
     let state = EdgeState::new(config).await?;
     tracing::info!(
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         node = %state.config.node_id,
         max_connections = state.config.max_connections,
+        file_limit,
         mode = if state.config.cluster.is_some() { "cluster" } else { "standalone" },
         dev = state.config.dev,
         "switchboard edge listening"
