@@ -1,0 +1,413 @@
+//! What an SRE deploys and watches: the Helm chart passes its offline
+//! checks, every metric its alerts and dashboard use is on a live node's
+//! `/metrics`, and a real Prometheus scrapes an edge and a router. The edge
+//! and the router run as child processes of the real binaries, on real
+//! nats-server and redis-server processes.
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{cluster::*, *};
+use serde_json::{Value, json};
+use switchboard_testkit::Server;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The router binary sits next to the edge's: `cargo nextest run
+/// --workspace` (and `cargo build`) build both into the same directory.
+fn router_binary() -> PathBuf {
+    let path =
+        Path::new(env!("CARGO_BIN_EXE_switchboard-edge")).with_file_name("switchboard-router");
+    assert!(
+        path.exists(),
+        "{} is missing: build the whole workspace (cargo nextest run --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// An edge and a router as separate processes in one cluster.
+struct Nodes {
+    _nats: Server,
+    _redis: Server,
+    edge: SocketAddr,
+    router: SocketAddr,
+    _procs: Vec<Proc>,
+}
+
+async fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn start_nodes() -> Nodes {
+    let nats = Server::nats();
+    let redis = Server::redis();
+    let (router_port, edge_port) = (free_port(), free_port());
+    let router = Command::new(router_binary())
+        .envs([
+            (
+                "SWITCHBOARD_ROUTER_LISTEN",
+                format!("127.0.0.1:{router_port}"),
+            ),
+            ("SWITCHBOARD_NATS_URL", nats.url()),
+            ("SWITCHBOARD_REDIS_URL", redis.url()),
+            ("SWITCHBOARD_API_KEY", API_KEY.into()),
+            ("SWITCHBOARD_NODE_ID", "router-0".into()),
+            ("SWITCHBOARD_PRESENCE_TTL_MS", "1500".into()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let router_addr: SocketAddr = format!("127.0.0.1:{router_port}").parse().unwrap();
+    wait_listening(router_addr, "router").await;
+    wait_for_routers(&nats).await;
+    let edge = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+        .envs(edge_process_env(&nats, &redis, "edge-0", edge_port))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let edge_addr: SocketAddr = format!("127.0.0.1:{edge_port}").parse().unwrap();
+    wait_listening(edge_addr, "edge").await;
+    Nodes {
+        _nats: nats,
+        _redis: redis,
+        edge: edge_addr,
+        router: router_addr,
+        _procs: vec![Proc(router), Proc(edge)],
+    }
+}
+
+/// Series names in a Prometheus text exposition (`foo_bucket`, not `foo`).
+fn exported_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every `switchboard_*` and `process_*` word in a file.
+fn referenced_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let is_word = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
+    let mut i = 0;
+    while i < bytes.len() {
+        if is_word(bytes[i]) && (i == 0 || !is_word(bytes[i - 1]) && bytes[i - 1] != b'.') {
+            let start = i;
+            while i < bytes.len() && is_word(bytes[i]) {
+                i += 1;
+            }
+            let word = &text[start..i];
+            if word.starts_with("switchboard_") || word.starts_with("process_") {
+                out.insert(word.to_owned());
+            }
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_in_the_alerts_and_the_dashboard_is_on_a_live_node() {
+    let nodes = start_nodes().await;
+    let (status, edge_text) = http_get(nodes.edge, "/metrics").await;
+    assert_eq!(status, 200);
+    let (status, router_text) = http_get(nodes.router, "/metrics").await;
+    assert_eq!(status, 200);
+    let edge = exported_names(&edge_text);
+    let router = exported_names(&router_text);
+
+    let root = repo_root();
+    for (file, at_least) in [
+        ("helm/switchboard/templates/prometheusrule.yaml", 10),
+        ("helm/switchboard/files/dashboards/switchboard.json", 25),
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let used = referenced_names(&text);
+        // So the check cannot pass by finding nothing to check.
+        assert!(used.len() >= at_least, "{file}: only {used:?}");
+        let missing: Vec<_> = used
+            .iter()
+            .filter(|name| {
+                // Router series must come from the router, edge series from the
+                // edge; process and backend series from either.
+                if name.starts_with("switchboard_router_")
+                    || name.starts_with("switchboard_presence_expired")
+                {
+                    !router.contains(*name)
+                } else if name.starts_with("switchboard_edge_")
+                    || name.starts_with("switchboard_api_")
+                {
+                    !edge.contains(*name)
+                } else {
+                    !edge.contains(*name) && !router.contains(*name)
+                }
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{file} uses metrics no node exports: {missing:?}"
+        );
+    }
+    // The histograms alerts compute quantiles from have buckets before any traffic.
+    assert!(edge.contains("switchboard_edge_delivery_latency_seconds_bucket"));
+    assert!(router.contains("switchboard_router_publish_duration_seconds_bucket"));
+}
+
+#[test]
+fn referenced_names_finds_metric_words_only() {
+    let text = r#"expr: sum(rate(switchboard_edge_deliveries_total{job="x"}[5m])) / process_resident_memory_bytes
+        "title": "a.switchboard_not_a_metric and myswitchboard_no""#;
+    let got: Vec<_> = referenced_names(text).into_iter().collect();
+    assert_eq!(
+        got,
+        [
+            "process_resident_memory_bytes",
+            "switchboard_edge_deliveries_total"
+        ]
+    );
+}
+
+/// A Prometheus server (Debian's `prometheus` package) on a free port,
+/// scraping `targets` every second.
+struct Prometheus {
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl Prometheus {
+    async fn start(jobs: &[(&str, SocketAddr)]) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = String::from(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
+        );
+        for (job, addr) in jobs {
+            config.push_str(&format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: ['{addr}']\n"
+            ));
+        }
+        let file = dir.path().join("prometheus.yml");
+        std::fs::write(&file, config).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus (Debian package `prometheus`; scripts/test installs it)");
+        let p = Prometheus {
+            addr,
+            _dir: dir,
+            _proc: Proc(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok()
+                && http_get(addr, "/-/ready").await.0 == 200
+            {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready: {}",
+                p.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// An instant query's first sample value, if the result is not empty.
+    async fn value(&self, promql: &str) -> Option<f64> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (status, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}")).await;
+        assert_eq!(status, 200, "{promql}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "success", "{promql}: {body}");
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until `promql` answers `want`.
+    async fn wait_for(&self, promql: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.value(promql).await;
+            if last == Some(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!(
+            "{promql}: wanted {want}, last answer {last:?}\n{}",
+            self.log()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_an_edge_and_a_router() {
+    let nodes = start_nodes().await;
+    let prom = Prometheus::start(&[
+        ("switchboard-edge", nodes.edge),
+        ("switchboard-router", nodes.router),
+    ])
+    .await;
+    prom.wait_for(r#"up{job="switchboard-edge"}"#, 1.0).await;
+    prom.wait_for(r#"up{job="switchboard-router"}"#, 1.0).await;
+
+    // Three sockets open: the gauge Prometheus stores follows them.
+    let mut sockets = Vec::new();
+    for user in ["ann", "ben", "cat"] {
+        sockets.push(Raw::connected_addr(nodes.edge, user).await);
+    }
+    prom.wait_for(
+        r#"sum(switchboard_edge_connections{job="switchboard-edge"})"#,
+        3.0,
+    )
+    .await;
+
+    // A publish through the router: its counter and histogram move.
+    let r = sockets[0]
+        .request(json!({"subscribe": {"chat": "ops"}}))
+        .await;
+    assert!(r.get("subscribeResult").is_some(), "{r}");
+    let (status, body) = post(
+        nodes.router,
+        "/api/publish",
+        &json!({"chat": "ops", "sender": "backend", "client_msg_id": "m1", "text": "hi"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(sockets[0].deliveries(1).await.len(), 1);
+    prom.wait_for(
+        r#"sum(switchboard_router_publishes_total{job="switchboard-router",result="ok"})"#,
+        1.0,
+    )
+    .await;
+    prom.wait_for(r#"sum(switchboard_router_publish_duration_seconds_count{job="switchboard-router"}) > bool 0"#, 1.0)
+        .await;
+    prom.wait_for(
+        r#"sum(switchboard_edge_deliveries_total{job="switchboard-edge"})"#,
+        1.0,
+    )
+    .await;
+    // The dashboard's memory-per-connection query has an answer.
+    let per_socket = prom
+        .value(r#"process_resident_memory_bytes{job="switchboard-edge"} / on(instance) switchboard_edge_connections"#)
+        .await
+        .expect("memory per connection");
+    assert!(per_socket > 0.0, "{per_socket}");
+
+    drop(sockets);
+    prom.wait_for(
+        r#"sum(switchboard_edge_connections{job="switchboard-edge"})"#,
+        0.0,
+    )
+    .await;
+}
+
+#[test]
+fn the_helm_chart_renders_lints_and_validates_offline() {
+    let root = repo_root();
+    let out = Command::new("python3")
+        .arg(root.join("helm/tests/check_chart.py"))
+        .current_dir(&root)
+        .output()
+        .expect("python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "helm/tests/check_chart.py failed (scripts/test installs its Python packages and promtool):\n{text}"
+    );
+}
+
+/// Containers start with a soft file limit (often 1024) far below the hard
+/// one, and the chart always sets the socket cap: the edge must raise the
+/// soft limit anyway.
+#[tokio::test]
+async fn an_explicit_socket_cap_still_raises_the_soft_file_limit() {
+    let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap().1;
+    assert!(hard > 1024, "hard file limit {hard}: nothing to raise here");
+    let port = free_port();
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 1024 && exec {}",
+            env!("CARGO_BIN_EXE_switchboard-edge")
+        ))
+        .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SWITCHBOARD_JWT_SECRET", SECRET)
+        .env("SWITCHBOARD_MAX_CONNECTIONS", "500")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _edge = Proc(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr, "edge").await;
+    let (_, text) = http_get(addr, "/metrics").await;
+    let max_fds: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("process_max_fds "))
+        .expect("process_max_fds")
+        .parse()
+        .unwrap();
+    assert_eq!(max_fds, hard as f64, "soft limit raised to the hard one");
+}

@@ -1,0 +1,260 @@
+{{/* Names and labels. */}}
+{{- define "switchboard.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "switchboard.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "switchboard.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "switchboard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: switchboard
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "edge"). */}}
+{{- define "switchboard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "switchboard.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "switchboard.componentLabels" -}}
+{{ include "switchboard.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* The Prometheus job names the alerts and the dashboard select on (a fixed contract). */}}
+{{- define "switchboard.edgeJob" -}}switchboard-edge{{- end }}
+{{- define "switchboard.routerJob" -}}switchboard-router{{- end }}
+
+{{/* (dict "ctx" $ "repository" .Values.edge.image.repository) */}}
+{{- define "switchboard.image" -}}
+{{ .repository }}:{{ .ctx.Values.image.tag | default .ctx.Chart.AppVersion }}
+{{- end }}
+
+{{/* Secret holding keys: ours, or the one named by auth.existingSecret. */}}
+{{- define "switchboard.secretName" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecret }}{{ else }}{{ include "switchboard.fullname" . }}{{ end }}
+{{- end }}
+
+{{/* Secret keys in use; empty when that key is not configured. */}}
+{{- define "switchboard.jwtSecretKey" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKeys.jwtSecret }}{{ else if .Values.auth.jwtSecret }}jwt-secret{{ end }}
+{{- end }}
+{{- define "switchboard.jwtPublicKeyKey" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKeys.jwtPublicKey }}{{ else if .Values.auth.jwtPublicKey }}jwt-public-key.pem{{ end }}
+{{- end }}
+{{- define "switchboard.apiKeyKey" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKeys.apiKey }}{{ else if .Values.auth.apiKey }}api-key{{ end }}
+{{- end }}
+
+{{/* Subchart Service names follow the upstream charts' fullname rule. */}}
+{{- define "switchboard.subchartFullname" -}}
+{{- $values := index .ctx.Values .chart }}
+{{- if $values.fullnameOverride }}{{ $values.fullnameOverride }}
+{{- else if contains .chart .ctx.Release.Name }}{{ .ctx.Release.Name }}
+{{- else }}{{ printf "%s-%s" .ctx.Release.Name .chart }}
+{{- end }}
+{{- end }}
+
+{{/* Env entries for NATS and Redis, shared by edges and routers. */}}
+{{- define "switchboard.backendEnv" -}}
+{{- if .Values.nats.enabled }}
+- name: SWITCHBOARD_NATS_URL
+  value: {{ printf "nats://%s:4222" (include "switchboard.subchartFullname" (dict "ctx" . "chart" "nats")) | quote }}
+{{- else if .Values.externalNats.existingSecret }}
+- name: SWITCHBOARD_NATS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.externalNats.existingSecret }}
+      key: {{ .Values.externalNats.existingSecretUrlsKey }}
+{{- else }}
+- name: SWITCHBOARD_NATS_URL
+  value: {{ join "," .Values.externalNats.urls | quote }}
+{{- end }}
+{{- $redisUrl := .Values.externalRedis.url }}
+{{- $pwSecret := .Values.externalRedis.existingSecret }}
+{{- $pwKey := .Values.externalRedis.existingSecretPasswordKey }}
+{{- if .Values.redis.enabled }}
+{{- $redisName := include "switchboard.subchartFullname" (dict "ctx" . "chart" "redis") }}
+{{- $redisUrl = printf "redis://%s-master:6379" $redisName }}
+{{- $pwSecret = ternary $redisName "" (eq (toString .Values.redis.auth.enabled) "true") }}
+{{- $pwKey = "redis-password" }}
+{{- end }}
+{{- if $pwSecret }}
+{{- $parts := splitList "://" $redisUrl }}
+# Not a SWITCHBOARD_* name: only the URL below is a setting.
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $pwSecret }}
+      key: {{ $pwKey }}
+- name: SWITCHBOARD_REDIS_URL
+  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s" (first $parts) (last $parts) | quote }}
+{{- else }}
+- name: SWITCHBOARD_REDIS_URL
+  value: {{ $redisUrl | quote }}
+{{- end }}
+- name: SWITCHBOARD_PRESENCE_TTL_MS
+  value: {{ .Values.cluster.presenceTtlMs | int64 | quote }}
+{{- if include "switchboard.apiKeyKey" . }}
+- name: SWITCHBOARD_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "switchboard.secretName" . }}
+      key: {{ include "switchboard.apiKeyKey" . }}
+{{- end }}
+{{- end }}
+
+{{/* A flat map as TOML. Hand-written because Helm reads every YAML number
+as float64 and toToml would write 1000 as 1000.0, which the edge refuses
+for integer settings. */}}
+{{- define "switchboard.toml" -}}
+{{- range $k, $v := . }}
+{{ $k }} = {{ include "switchboard.tomlValue" (dict "key" $k "v" $v) }}
+{{- end }}
+{{- end }}
+
+{{- define "switchboard.tomlValue" -}}
+{{- $v := .v }}
+{{- if kindIs "slice" $v }}
+{{- $items := list }}
+{{- range $v }}{{ $items = append $items (include "switchboard.tomlValue" (dict "key" $.key "v" .)) }}{{ end }}
+{{- printf "[%s]" (join ", " $items) }}
+{{- else if kindIs "map" $v }}
+{{- fail (printf "edge.settings.%s: nested tables are not edge settings" .key) }}
+{{- else if kindIs "bool" $v }}
+{{- $v }}
+{{- else if kindIs "string" $v }}
+{{- toJson $v }}
+{{- else if kindIs "invalid" $v }}
+{{- fail (printf "edge.settings.%s: a value is required (remove the key to use the default)" .key) }}
+{{- else if eq (float64 $v) (floor $v) }}
+{{- int64 $v }}
+{{- else }}
+{{- $v }}
+{{- end }}
+{{- end }}
+
+{{/* Edge settings the chart writes itself; edge.settings may not repeat them. */}}
+{{- define "switchboard.chartOwnedEdgeKeys" -}}
+listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitter_max_ms jwt_secret jwt_public_key_file api_key tls_cert_file tls_key_file nats redis presence_ttl_ms history_max_messages history_max_age_ms max_payload_bytes log dev
+{{- end }}
+
+{{/* The edge's TOML file: chart-derived settings, then edge.settings. */}}
+{{- define "switchboard.edgeToml" -}}
+{{- $owned := dict
+  "drain_batch_size" .Values.edge.drain.batchSize
+  "reconnect_jitter_max_ms" .Values.edge.drain.reconnectJitterMaxMs
+  "history_max_messages" .Values.cluster.historyMaxMessages
+  "history_max_age_ms" .Values.cluster.historyMaxAgeMs
+  "max_payload_bytes" .Values.cluster.maxPayloadBytes
+  "log" .Values.edge.log }}
+# Set by the chart from its values.
+{{- include "switchboard.toml" $owned }}
+{{- with .Values.edge.settings }}
+# From edge.settings.
+{{- include "switchboard.toml" . }}
+{{- end }}
+{{- end }}
+
+{{/* Fails the render on a configuration that cannot work. */}}
+{{- define "switchboard.validate" -}}
+{{- $a := .Values.auth }}
+{{- if and $a.existingSecret (or $a.jwtSecret $a.jwtPublicKey $a.apiKey) }}
+{{- fail "auth: set either auth.existingSecret (with auth.existingSecretKeys) or the inline auth.jwtSecret/jwtPublicKey/apiKey, not both" }}
+{{- end }}
+{{- if not (or (include "switchboard.jwtSecretKey" .) (include "switchboard.jwtPublicKeyKey" .)) }}
+{{- fail "auth: no JWT key configured. Set auth.jwtSecret (HS256) or auth.jwtPublicKey (RS256/ES256 PEM), or auth.existingSecret with auth.existingSecretKeys.jwtSecret or .jwtPublicKey" }}
+{{- end }}
+{{- if not (or .Values.nats.enabled .Values.externalNats.existingSecret (compact .Values.externalNats.urls)) }}
+{{- fail "nats: the chart deploys cluster mode and needs NATS. Set externalNats.urls (or externalNats.existingSecret), or nats.enabled=true for the subchart" }}
+{{- end }}
+{{- if not (or .Values.redis.enabled .Values.externalRedis.url) }}
+{{- fail "redis: the chart deploys cluster mode and needs Redis. Set externalRedis.url, or redis.enabled=true for the subchart" }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.existingSecret (contains "@" .Values.externalRedis.url) }}
+{{- fail "externalRedis.url: leave credentials out of the URL when externalRedis.existingSecret supplies the password" }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.url (not (hasPrefix "redis://" .Values.externalRedis.url)) }}
+{{- fail "externalRedis.url: expected redis://host:port (TLS to Redis, rediss://, is not built into Switchboard yet; see docs/operations.md#redis)" }}
+{{- end }}
+{{- if and .Values.edge.tls.enabled (not .Values.edge.tls.secretName) }}
+{{- fail "edge.tls.enabled: set edge.tls.secretName to a kubernetes.io/tls Secret" }}
+{{- end }}
+{{- $owned := splitList " " (include "switchboard.chartOwnedEdgeKeys" .) }}
+{{- range $k, $_ := .Values.edge.settings }}
+{{- if eq $k "dev" }}
+{{- fail "edge.settings.dev: dev mode mints tokens for anyone; it is never deployed by this chart" }}
+{{- end }}
+{{- if has $k $owned }}
+{{- fail (printf "edge.settings.%s: the chart sets this itself; use the matching chart value (see values.yaml)" $k) }}
+{{- end }}
+{{- end }}
+{{- if not (gt (int .Values.edge.maxConnections) 0) }}
+{{- fail "edge.maxConnections: set a positive socket cap sized to the memory limit" }}
+{{- end }}
+{{- if not (and (gt (int .Values.edge.drain.preStopSeconds) 0) (gt (int .Values.edge.drain.shutdownGraceSeconds) 0)) }}
+{{- fail "edge.drain: preStopSeconds and shutdownGraceSeconds must be positive" }}
+{{- end }}
+{{- end }}
+
+{{/* Pod anti-affinity: (dict "ctx" $ "component" "edge" "cfg" .Values.edge.affinity). */}}
+{{- define "switchboard.affinity" -}}
+{{- $term := dict "topologyKey" .cfg.topologyKey "labelSelector" (dict "matchLabels" (include "switchboard.selectorLabels" (dict "ctx" .ctx "component" .component) | fromYaml)) }}
+{{- if eq .cfg.podAntiAffinity "hard" }}
+podAntiAffinity:
+  requiredDuringSchedulingIgnoredDuringExecution:
+    {{- toYaml (list $term) | nindent 4 }}
+{{- else if eq .cfg.podAntiAffinity "soft" }}
+podAntiAffinity:
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        {{- toYaml $term | nindent 8 }}
+{{- else if ne .cfg.podAntiAffinity "none" }}
+{{- fail (printf "%s.affinity.podAntiAffinity: expected soft, hard or none, got %q" .component .cfg.podAntiAffinity) }}
+{{- end }}
+{{- end }}
+
+{{/* Security settings for a distroless, non-root image. */}}
+{{- define "switchboard.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "switchboard.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 65532
+capabilities:
+  drop:
+    - ALL
+{{- end }}
+
+{{/* One alert's runbook link: (dict "ctx" $ "name" "SwitchboardEdgeDown"). */}}
+{{- define "switchboard.runbook" -}}
+{{ trimSuffix "/" .ctx.Values.alerts.runbookBaseUrl }}/docs/operations.md#{{ lower .name }}
+{{- end }}
