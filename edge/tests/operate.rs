@@ -54,11 +54,12 @@ fn router_binary() -> PathBuf {
 
 /// An edge and a router as separate processes in one cluster.
 struct Nodes {
-    _nats: Server,
+    nats: Server,
     _redis: Server,
     edge: SocketAddr,
     router: SocketAddr,
-    _procs: Vec<Proc>,
+    edge_proc: Proc,
+    _router_proc: Proc,
 }
 
 async fn wait_listening(addr: SocketAddr, what: &str) {
@@ -101,11 +102,12 @@ async fn start_nodes() -> Nodes {
     let edge_addr: SocketAddr = format!("127.0.0.1:{edge_port}").parse().unwrap();
     wait_listening(edge_addr, "edge").await;
     Nodes {
-        _nats: nats,
+        nats,
         _redis: redis,
         edge: edge_addr,
         router: router_addr,
-        _procs: vec![Proc(router), Proc(edge)],
+        edge_proc: Proc(edge),
+        _router_proc: Proc(router),
     }
 }
 
@@ -202,23 +204,37 @@ fn referenced_names_finds_metric_words_only() {
     );
 }
 
+/// A scrape target, labelled the way prometheus-operator labels a pod.
+struct Target {
+    job: &'static str,
+    pod: &'static str,
+    addr: SocketAddr,
+}
+
+/// The namespace the chart's alerts are rendered for (check_chart.py).
+const NAMESPACE: &str = "switchboard";
+
 /// A Prometheus server (Debian's `prometheus` package) on a free port,
-/// scraping `targets` every second.
+/// scraping `targets` and evaluating `rules` every second.
 struct Prometheus {
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _proc: Proc,
 }
 
 impl Prometheus {
-    async fn start(jobs: &[(&str, SocketAddr)]) -> Prometheus {
+    async fn start(targets: &[Target], rules: Option<&Path>) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = String::from(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
-        );
-        for (job, addr) in jobs {
+        let mut config =
+            String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n");
+        if let Some(rules) = rules {
+            config.push_str(&format!("rule_files: ['{}']\n", rules.display()));
+        }
+        config.push_str("scrape_configs:\n");
+        for t in targets {
             config.push_str(&format!(
-                "  - job_name: {job}\n    static_configs:\n      - targets: ['{addr}']\n"
+                "  - job_name: {}\n    static_configs:\n      - targets: ['{}']\n        labels: {{namespace: {NAMESPACE}, pod: {}}}\n",
+                t.job, t.addr, t.pod
             ));
         }
         let file = dir.path().join("prometheus.yml");
@@ -238,7 +254,7 @@ impl Prometheus {
             .expect("prometheus (Debian package `prometheus`; scripts/test installs it)");
         let p = Prometheus {
             addr,
-            _dir: dir,
+            dir,
             _proc: Proc(child),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -258,11 +274,20 @@ impl Prometheus {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
     }
 
-    /// An instant query's first sample value, if the result is not empty.
-    async fn value(&self, promql: &str) -> Option<f64> {
+    /// GETs an API path and returns its `data`.
+    async fn api(&self, path: &str) -> Value {
+        let (status, body) = http_get(self.addr, path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "success", "{path}: {body}");
+        v["data"].clone()
+    }
+
+    /// An instant query's result vector.
+    async fn query(&self, promql: &str) -> Vec<Value> {
         let encoded: String = promql
             .bytes()
             .map(|b| match b {
@@ -272,11 +297,16 @@ impl Prometheus {
                 _ => format!("%{b:02X}"),
             })
             .collect();
-        let (status, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}")).await;
-        assert_eq!(status, 200, "{promql}: {body}");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["status"], "success", "{promql}: {body}");
-        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+        let data = self.api(&format!("/api/v1/query?query={encoded}")).await;
+        data["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// An instant query's first sample value, if the result is not empty.
+    async fn value(&self, promql: &str) -> Option<f64> {
+        self.query(promql).await.first()?["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
     }
 
     /// Waits until `promql` answers `want`.
@@ -295,16 +325,56 @@ impl Prometheus {
             self.log()
         );
     }
+
+    /// Alerts pending or firing now: (alertname, pod).
+    async fn alerts(&self) -> BTreeSet<(String, String)> {
+        self.query("ALERTS")
+            .await
+            .iter()
+            .map(|s| {
+                let m = &s["metric"];
+                let name = m["alertname"].as_str().unwrap_or_default().to_owned();
+                (name, m["pod"].as_str().unwrap_or_default().to_owned())
+            })
+            .collect()
+    }
+
+    async fn wait_for_alert(&self, name: &str, pod: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let want = (name.to_owned(), pod.to_owned());
+        loop {
+            let now = self.alerts().await;
+            if now.contains(&want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} on {pod} never became pending; alerts now: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+fn targets(nodes: &Nodes) -> [Target; 2] {
+    [
+        Target {
+            job: "switchboard-edge",
+            pod: "edge-0",
+            addr: nodes.edge,
+        },
+        Target {
+            job: "switchboard-router",
+            pod: "router-0",
+            addr: nodes.router,
+        },
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_an_edge_and_a_router() {
     let nodes = start_nodes().await;
-    let prom = Prometheus::start(&[
-        ("switchboard-edge", nodes.edge),
-        ("switchboard-router", nodes.router),
-    ])
-    .await;
+    let prom = Prometheus::start(&targets(&nodes), None).await;
     prom.wait_for(r#"up{job="switchboard-edge"}"#, 1.0).await;
     prom.wait_for(r#"up{job="switchboard-router"}"#, 1.0).await;
 
@@ -337,8 +407,11 @@ async fn a_real_prometheus_scrapes_an_edge_and_a_router() {
         1.0,
     )
     .await;
-    prom.wait_for(r#"sum(switchboard_router_publish_duration_seconds_count{job="switchboard-router"}) > bool 0"#, 1.0)
-        .await;
+    prom.wait_for(
+        r#"sum(switchboard_router_publish_duration_seconds_count{job="switchboard-router"}) > bool 0"#,
+        1.0,
+    )
+    .await;
     prom.wait_for(
         r#"sum(switchboard_edge_deliveries_total{job="switchboard-edge"})"#,
         1.0,
@@ -346,7 +419,7 @@ async fn a_real_prometheus_scrapes_an_edge_and_a_router() {
     .await;
     // The dashboard's memory-per-connection query has an answer.
     let per_socket = prom
-        .value(r#"process_resident_memory_bytes{job="switchboard-edge"} / on(instance) switchboard_edge_connections"#)
+        .value(r#"process_resident_memory_bytes{job="switchboard-edge"} / on(namespace, pod) switchboard_edge_connections"#)
         .await
         .expect("memory per connection");
     assert!(per_socket > 0.0, "{per_socket}");
@@ -357,6 +430,69 @@ async fn a_real_prometheus_scrapes_an_edge_and_a_router() {
         0.0,
     )
     .await;
+}
+
+/// The chart's alerts, rendered by helm/tests/check_chart.py, loaded into a
+/// real Prometheus that scrapes live nodes: every rule evaluates without
+/// error, none is pending while all is well, and a dead edge and a lost
+/// NATS make their alerts pending on the right pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_alerts_evaluate_on_live_nodes_and_catch_a_dead_edge_and_a_lost_nats() {
+    let root = repo_root();
+    let rules_dir = tempfile::tempdir().unwrap();
+    let rules = rules_dir.path().join("rules.yaml");
+    let out = Command::new("python3")
+        .arg(root.join("helm/tests/check_chart.py"))
+        .arg("--rules-out")
+        .arg(&rules)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "rendering the alerts failed (scripts/test installs the Python packages):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut nodes = start_nodes().await;
+    let prom = Prometheus::start(&targets(&nodes), Some(&rules)).await;
+    prom.wait_for(r#"sum(up{namespace="switchboard"})"#, 2.0)
+        .await;
+
+    // Every rule has been evaluated, without an error.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let evaluated = loop {
+        let groups = prom.api("/api/v1/rules").await["groups"].clone();
+        let rules: Vec<Value> = groups
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        if !rules.is_empty() && rules.iter().all(|r| r["health"] != "unknown") {
+            break rules;
+        }
+        assert!(Instant::now() < deadline, "rules never evaluated: {groups}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(evaluated.len() >= 10, "{} rules", evaluated.len());
+    for r in &evaluated {
+        assert_eq!(r["health"], "ok", "{}: {}", r["name"], r["lastError"]);
+    }
+    // A healthy edge and router with a client: nothing pending.
+    let _client = Raw::connected_addr(nodes.edge, "ann").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(prom.alerts().await, BTreeSet::new(), "alerts while healthy");
+
+    // NATS goes away: both nodes report it, the alert names each pod.
+    nodes.nats.kill();
+    prom.wait_for_alert("SwitchboardNatsDisconnected", "router-0")
+        .await;
+    prom.wait_for_alert("SwitchboardNatsDisconnected", "edge-0")
+        .await;
+
+    // The edge dies: its scrape fails and SwitchboardEdgeDown names it.
+    drop(nodes.edge_proc);
+    prom.wait_for_alert("SwitchboardEdgeDown", "edge-0").await;
 }
 
 #[test]

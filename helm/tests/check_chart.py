@@ -2,6 +2,7 @@
 """Offline checks of the Switchboard Helm chart.
 
 Run from the repository root: python3 helm/tests/check_chart.py
+(`--rules-out FILE` only writes the rendered alerts as a rules file.)
 
 Needs the Python packages helm-python-sdk, kubernetes-validate, yamllint and
 pyyaml, and promtool (Debian package `prometheus`). Steps: helm lint; renders
@@ -817,7 +818,20 @@ def lint_yaml(p: Problems) -> None:
     print(f"   {len(files)} files")
 
 
+def write_rules(out: Path) -> int:
+    """Renders the alerts (namespace NAMESPACE) as a Prometheus rules file, for
+    a live Prometheus in edge/tests/operate.rs."""
+    rules = [o for o in objects(render(MONITORING)) if o["kind"] == "PrometheusRule"]
+    if len(rules) != 1:
+        print(f"check_chart: {len(rules)} PrometheusRules rendered, expected 1", file=sys.stderr)
+        return 1
+    out.write_text(yaml.safe_dump(rules[0]["spec"], sort_keys=False))
+    return 0
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--rules-out":
+        return write_rules(Path(sys.argv[2]))
     started = time.monotonic()
     metrics = documented_metrics()
     ANCHORS.update(runbook_anchors())
