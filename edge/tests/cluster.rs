@@ -749,3 +749,67 @@ async fn clients_of_a_sigkilled_edge_resume_on_another_without_loss_or_duplicate
     }
     c.shutdown().await;
 }
+
+/// A router stopping gracefully (a rolling deploy) unsubscribes first and
+/// finishes the requests NATS already gave it, even when they are slow
+/// (Redis stalls during the stop): no request is left unanswered to wait
+/// out the edge's timeout and retry, and every publish is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_router_stopping_under_load_while_redis_stalls_strands_no_request() {
+    let mut c = Cluster::new(2, 1).await;
+    let edge_addr = c.edges[0].addr();
+    let retries = || async move {
+        let (_, out) = http_get(edge_addr, "/metrics").await;
+        out.lines()
+            .find_map(|l| l.strip_prefix("switchboard_edge_router_retries_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap()
+    };
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for i in 0..6 {
+        let mut raw = Raw::connected(&c.edges[0], &format!("p{i}")).await;
+        let r = raw.request(json!({"subscribe": {"chat": "roll"}})).await;
+        assert!(r.get("subscribeResult").is_some(), "{r}");
+        let done = done.clone();
+        publishers.push(tokio::spawn(async move {
+            let mut sent = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                publish(
+                    &mut raw,
+                    json!({"chat": "roll"}),
+                    &format!("p{i}-{sent}"),
+                    "x",
+                )
+                .await;
+                // Under the per-socket publish rate (20/s).
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            sent
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(retries().await, 0.0);
+
+    // Redis stalls, so requests pile up in both routers; router-0 stops.
+    c.redis.pause();
+    let leaving = c.routers.remove(0);
+    let stopped = tokio::spawn(async move { leaving.stop().await });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    c.redis.resume();
+    stopped.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for p in publishers {
+        sent += p.await.unwrap();
+    }
+    assert!(sent > 30, "only {sent} publishes");
+    assert_eq!(
+        retries().await,
+        0.0,
+        "requests stranded at the stopping router"
+    );
+    c.shutdown().await;
+}

@@ -98,11 +98,30 @@ pub async fn serve(
         .await?;
     let publish_slots = Arc::new(Semaphore::new(PUBLISH_CONCURRENCY));
     let shard_slots = Arc::new(Semaphore::new(SHARD_CONCURRENCY));
-    loop {
+    // On stop, unsubscribe first so NATS hands new work to the other
+    // replicas, and finish what it already delivered here (a dropped shard
+    // job would lose member work) until both streams end or the deadline.
+    let mut deadline = None;
+    let (mut publishes_open, mut shards_open) = (true, true);
+    while publishes_open || shards_open {
         tokio::select! {
-            _ = stop.cancelled() => break,
-            msg = publishes.next() => {
-                let Some(msg) = msg else { break };
+            _ = stop.cancelled(), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + DRAIN_DEADLINE);
+                if let Err(e) = publishes.drain().await {
+                    tracing::warn!(error = %e, "unsubscribing publish requests failed");
+                    publishes_open = false;
+                }
+                if let Err(e) = shards.drain().await {
+                    tracing::warn!(error = %e, "unsubscribing shard jobs failed");
+                    shards_open = false;
+                }
+            }
+            _ = sleep_until_some(deadline) => break,
+            msg = publishes.next(), if publishes_open => {
+                let Some(msg) = msg else {
+                    publishes_open = false;
+                    continue;
+                };
                 let Some(reply_to) = msg.reply.clone() else { continue };
                 let Ok(permit) = publish_slots.clone().acquire_owned().await else { break };
                 let (router, client) = (router.clone(), client.clone());
@@ -116,8 +135,11 @@ pub async fn serve(
                     drop(permit);
                 });
             }
-            msg = shards.next() => {
-                let Some(msg) = msg else { break };
+            msg = shards.next(), if shards_open => {
+                let Some(msg) = msg else {
+                    shards_open = false;
+                    continue;
+                };
                 let Some(members) = members.clone() else { continue };
                 let Ok(permit) = shard_slots.clone().acquire_owned().await else { break };
                 tokio::spawn(async move {
@@ -136,12 +158,23 @@ pub async fn serve(
         }
     }
     // Let in-flight requests finish (bounded by the semaphores).
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        publish_slots.acquire_many(PUBLISH_CONCURRENCY as u32),
-    )
+    let until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN_DEADLINE);
+    let _ = tokio::time::timeout_at(until, async {
+        let _ = publish_slots.acquire_many(PUBLISH_CONCURRENCY as u32).await;
+        let _ = shard_slots.acquire_many(SHARD_CONCURRENCY as u32).await;
+    })
     .await;
     Ok(())
+}
+
+/// How long a stopping replica keeps finishing work NATS gave it.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Publishes a presence event.
