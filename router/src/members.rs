@@ -76,6 +76,7 @@ impl Members {
         presence: Arc<dyn PresenceStore>,
         nats: async_nats::Client,
         buckets: u32,
+        push_replicas: usize,
     ) -> Result<Members, MembersError> {
         let js = async_nats::jetstream::new(nats.clone());
         let config = async_nats::jetstream::stream::Config {
@@ -86,14 +87,28 @@ impl Members {
             max_bytes: 4 << 30,
             max_age: Duration::from_secs(86_400),
             duplicate_window: Duration::from_secs(120),
+            num_replicas: push_replicas,
             ..Default::default()
         };
         // Replicas starting together race to create the stream; whoever
         // loses finds it created.
-        if let Err(e) = js.get_or_create_stream(config).await {
-            js.get_stream(PUSH_STREAM)
-                .await
-                .map_err(|_| MembersError::Nats(e.to_string()))?;
+        let mut stream = match js.get_or_create_stream(config).await {
+            Ok(s) => s,
+            Err(e) => js.get_stream(PUSH_STREAM).await.map_err(|_| {
+                MembersError::Nats(format!(
+                    "creating stream {PUSH_STREAM} with {push_replicas} replicas (--push-stream-replicas): {e}"
+                ))
+            })?,
+        };
+        if let Ok(info) = stream.info().await
+            && info.config.num_replicas != push_replicas
+        {
+            tracing::warn!(
+                stream = PUSH_STREAM,
+                replicas = info.config.num_replicas,
+                wanted = push_replicas,
+                "the push stream exists with another replica count; change it with the NATS CLI"
+            );
         }
         Ok(Members {
             conn,

@@ -62,6 +62,16 @@ pub struct RouterConfig {
     /// existing data.
     #[arg(long, env = "SWITCHBOARD_CHANNEL_BUCKETS", default_value_t = 64)]
     pub channel_buckets: u32,
+    /// Replicas of the JetStream push-job stream SB_PUSH (1-5; 3 on a NATS
+    /// cluster, so losing one server loses no queued push job). Applies when
+    /// the stream is created; an existing stream keeps its own.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_PUSH_STREAM_REPLICAS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=5)
+    )]
+    pub push_stream_replicas: u8,
     /// Presence lease, ms (same value as the edges).
     #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL_MS", default_value_t = 30_000)]
     pub presence_ttl_ms: i64,
@@ -111,6 +121,7 @@ pub async fn run_router(
             presence.clone(),
             bus.client().clone(),
             config.channel_buckets,
+            usize::from(config.push_stream_replicas),
         )
         .await
         .map_err(|e| e.to_string())?,
