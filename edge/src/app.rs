@@ -110,9 +110,12 @@ async fn backends(config: &Config) -> Result<Backends, String> {
         .map_err(|e| e.to_string())?;
     let client = nats.client().clone();
     let bus: Arc<dyn Bus> = Arc::new(nats);
-    let redis = connect_redis(&cluster.redis_url)
-        .await
-        .map_err(|e| format!("redis {}: {e}", cluster.redis_url))?;
+    let redis = connect_redis(&cluster.redis_url).await.map_err(|e| {
+        format!(
+            "redis {}: {e}",
+            switchboard_router::redact_url(&cluster.redis_url)
+        )
+    })?;
     let history: Arc<dyn History> = Arc::new(RedisHistory::new(redis.clone(), config.history));
     let presence: Arc<dyn PresenceStore> = Arc::new(RedisPresence::new(redis, ttl));
     let router = Arc::new(RemoteRouter::new(
@@ -210,6 +213,9 @@ impl Edge {
     }
 }
 
+/// How long startup may wait for NATS and Redis.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Serves until `shutdown` resolves, then drains within the grace period.
 /// Fails only if the cluster backends cannot be reached at startup.
 pub async fn run(
@@ -227,7 +233,25 @@ pub async fn run(
             "max_connections is above the file limit; accepts will fail before the cap"
         );
     }
-    let state = EdgeState::new(config).await?;
+    // NATS is dialled with retries, so an unreachable one would hang here
+    // forever; fail with a named error instead (the supervisor restarts us).
+    let backends = config.cluster.as_ref().map(|c| {
+        format!(
+            "NATS {} / Redis {}",
+            switchboard_router::redact_url(&c.nats_url),
+            switchboard_router::redact_url(&c.redis_url)
+        )
+    });
+    let state = match tokio::time::timeout(STARTUP_TIMEOUT, EdgeState::new(config)).await {
+        Ok(state) => state?,
+        Err(_) => {
+            return Err(format!(
+                "cluster backends not ready after {} s: {}",
+                STARTUP_TIMEOUT.as_secs(),
+                backends.unwrap_or_default()
+            ));
+        }
+    };
     tracing::info!(
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         node = %state.config.node_id,

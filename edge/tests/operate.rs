@@ -41,15 +41,42 @@ impl Drop for Proc {
 
 /// The router binary sits next to the edge's: `cargo nextest run
 /// --workspace` (and `cargo build`) build both into the same directory.
+/// Cargo builds it only with the whole workspace, so refuse a stale one.
 fn router_binary() -> PathBuf {
     let path =
         Path::new(env!("CARGO_BIN_EXE_switchboard-edge")).with_file_name("switchboard-router");
-    assert!(
-        path.exists(),
-        "{} is missing: build the whole workspace (cargo nextest run --workspace)",
-        path.display()
-    );
-    path
+    let built = std::fs::metadata(&path).and_then(|m| m.modified());
+    let newest_source = [
+        "router/src",
+        "presence/src",
+        "protocol/src",
+        "protocol/proto",
+    ]
+    .iter()
+    .filter_map(|d| newest_mtime(&repo_root().join(d)))
+    .max();
+    match (built, newest_source) {
+        (Ok(built), Some(source)) if built >= source => path,
+        _ => panic!(
+            "{} is missing or older than its sources: build the workspace (cargo nextest run --workspace, or cargo build -p switchboard-router)",
+            path.display()
+        ),
+    }
+}
+
+fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            if meta.is_dir() {
+                newest_mtime(&e.path())
+            } else {
+                meta.modified().ok()
+            }
+        })
+        .max()
 }
 
 /// An edge and a router as separate processes in one cluster.
@@ -546,4 +573,52 @@ async fn an_explicit_socket_cap_still_raises_the_soft_file_limit() {
         .parse()
         .unwrap();
     assert_eq!(max_fds, hard as f64, "soft limit raised to the hard one");
+}
+
+/// Runs a cluster edge with these backend URLs until it exits (at most 40 s).
+fn edge_exit(nats: &str, redis: &str) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+        .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("SWITCHBOARD_JWT_SECRET", SECRET)
+        .env("SWITCHBOARD_NATS_URL", nats)
+        .env("SWITCHBOARD_REDIS_URL", redis)
+        .env("SWITCHBOARD_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The chart puts the Redis password into the URL: a startup error names
+/// the backend without it.
+#[test]
+fn a_redis_refusal_at_startup_is_named_without_the_password() {
+    let (nats, redis) = (Server::nats(), Server::redis());
+    // The test Redis has no password, so AUTH with one is refused.
+    let url = format!("redis://:hunter2@127.0.0.1:{}", redis.port());
+    let (code, err) = edge_exit(&nats.url(), &url);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains(&format!("redis://***@127.0.0.1:{}", redis.port())),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "password in the error: {err}");
+}
+
+/// NATS is dialled with retries; an edge that cannot reach it gives up
+/// after its startup timeout with a named error instead of hanging.
+#[test]
+fn an_unreachable_nats_stops_the_edge_with_a_named_error() {
+    let redis = Server::redis();
+    let dead = format!("nats://user:hunter2@127.0.0.1:{}", free_port());
+    let started = Instant::now();
+    let (code, err) = edge_exit(&dead, &redis.url());
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("cluster backends not ready"), "{err}");
+    assert!(err.contains("nats://***@127.0.0.1"), "{err}");
+    assert!(!err.contains("hunter2"), "password in the error: {err}");
+    assert!(started.elapsed() < Duration::from_secs(40));
 }

@@ -20,6 +20,7 @@ mod publisher;
 mod router;
 mod service;
 pub mod telemetry;
+mod urls;
 
 pub use api::{has_api_key, kick, parse_api_kick, parse_api_publish, publish_error_status};
 pub use bus::{
@@ -38,3 +39,4 @@ pub use node::{RouterConfig, run_router, shutdown_signal};
 pub use publisher::{PUBLISH_SUBJECT, Publisher, ROUTER_QUEUE, RemoteRouter, encode_request};
 pub use router::{PublishError, PublishRequest, Published, Router, RouterLimits};
 pub use service::{announce, handle_publish, serve, sweep_presence};
+pub use urls::redact_url;

@@ -106,7 +106,7 @@ pub async fn run_router(
     let bus = Arc::new(NatsBus::connect(&nats).await.map_err(|e| e.to_string())?);
     let redis = connect_redis(&config.redis_url)
         .await
-        .map_err(|e| format!("redis {}: {e}", config.redis_url))?;
+        .map_err(|e| format!("redis {}: {e}", crate::redact_url(&config.redis_url)))?;
     let limits = HistoryLimits {
         max_messages: config.history_max_messages,
         max_age_ms: config.history_max_age_ms,

@@ -47,7 +47,9 @@ pub async fn connect_nats(
         })
         .connect(servers)
         .await
-        .map_err(|e| BusError::Unavailable(format!("NATS {}: {e}", settings.url)))
+        .map_err(|e| {
+            BusError::Unavailable(format!("NATS {}: {e}", crate::redact_url(&settings.url)))
+        })
 }
 
 /// The NATS implementation of [`Bus`].
