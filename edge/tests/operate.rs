@@ -622,3 +622,119 @@ fn an_unreachable_nats_stops_the_edge_with_a_named_error() {
     assert!(!err.contains("hunter2"), "password in the error: {err}");
     assert!(started.elapsed() < Duration::from_secs(40));
 }
+
+/// A container as the chart renders it (check_chart.py --pod-config).
+#[derive(serde::Deserialize)]
+struct PodSpec {
+    args: Vec<String>,
+    env: std::collections::BTreeMap<String, String>,
+    files: std::collections::BTreeMap<String, String>,
+}
+
+/// Starts `binary` with the chart's args, env and files, its listen
+/// address and backends moved to this test's.
+fn start_as_rendered(
+    binary: &Path,
+    spec: &PodSpec,
+    dir: &Path,
+    listen: (&str, SocketAddr),
+    nats: &Server,
+    redis: &Server,
+) -> Proc {
+    let mut args = spec.args.clone();
+    for (path, text) in &spec.files {
+        let local = dir.join(path.trim_start_matches('/').replace('/', "_"));
+        std::fs::write(&local, text).unwrap();
+        for a in &mut args {
+            if a == path {
+                *a = local.display().to_string();
+            }
+        }
+    }
+    let child = Command::new(binary)
+        .args(&args)
+        .envs(&spec.env)
+        .env(listen.0, listen.1.to_string())
+        .env("SWITCHBOARD_NATS_URL", nats.url())
+        .env("SWITCHBOARD_REDIS_URL", redis.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+/// What the chart renders is what the binaries accept: the edge's TOML
+/// file (lists, numbers, strings from `edge.settings`) and every env var of
+/// both Deployments start real processes that become ready, and the
+/// settings take effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binaries_start_with_the_configuration_the_chart_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new("python3")
+        .arg(repo_root().join("helm/tests/check_chart.py"))
+        .arg("--pod-config")
+        .arg(dir.path())
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "rendering failed (scripts/test installs the Python packages):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spec = |name: &str| -> PodSpec {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap()
+    };
+    let (edge_spec, router_spec) = (spec("edge.json"), spec("router.json"));
+    assert!(!edge_spec.files.is_empty(), "the edge's config file");
+
+    let (nats, redis) = (Server::nats(), Server::redis());
+    let router: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let edge: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _router = start_as_rendered(
+        &router_binary(),
+        &router_spec,
+        dir.path(),
+        ("SWITCHBOARD_ROUTER_LISTEN", router),
+        &nats,
+        &redis,
+    );
+    wait_listening(router, "router").await;
+    let _edge = start_as_rendered(
+        Path::new(env!("CARGO_BIN_EXE_switchboard-edge")),
+        &edge_spec,
+        dir.path(),
+        ("SWITCHBOARD_LISTEN", edge),
+        &nats,
+        &redis,
+    );
+    wait_listening(edge, "edge").await;
+    for (what, addr) in [("router", router), ("edge", edge)] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http_get(addr, "/readyz").await.0 != 200 {
+            assert!(Instant::now() < deadline, "{what} never ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // The socket cap from the env, the origin list from the TOML file.
+    let (_, metrics) = http_get(edge, "/metrics").await;
+    let cap = format!(
+        "switchboard_edge_connections_max {}",
+        edge_spec.env["SWITCHBOARD_MAX_CONNECTIONS"]
+    );
+    assert!(metrics.lines().any(|l| l == cap), "{cap} not in /metrics");
+    let upgrade = |origin: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(edge).await.unwrap();
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: switchboard.v1.json\r\nOrigin: {origin}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[9..12]).into_owned()
+    };
+    assert_eq!(upgrade("https://evil.example.org").await, "403");
+    assert_eq!(upgrade("https://chat.example.com").await, "101");
+}

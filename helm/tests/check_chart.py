@@ -2,7 +2,9 @@
 """Offline checks of the Switchboard Helm chart.
 
 Run from the repository root: python3 helm/tests/check_chart.py
-(`--rules-out FILE` only writes the rendered alerts as a rules file.)
+(`--rules-out FILE` only writes the rendered alerts as a rules file;
+`--pod-config DIR` only writes the edge's and router's rendered args, env
+and config files as DIR/edge.json and DIR/router.json.)
 
 Needs the Python packages helm-python-sdk, kubernetes-validate, yamllint and
 pyyaml, and promtool (Debian package `prometheus`). Steps: helm lint; renders
@@ -829,9 +831,70 @@ def write_rules(out: Path) -> int:
     return 0
 
 
+# A render whose edge and router configuration operate.rs starts the real
+# binaries with: edge.settings of several TOML types, an API key.
+POD_CONFIG = merge(
+    DEFAULTS,
+    {
+        "auth": {"apiKey": "check-chart-api-key"},
+        "edge": {
+            "settings": {
+                "allowed_origins": ["https://app.example.com", "https://*.example.com"],
+                "jwt_audience": "switchboard",
+                "rate_publish_per_sec": 30,
+                "heartbeat_interval_ms": 20000,
+            }
+        },
+    },
+)
+
+
+def write_pod_config(out: Path) -> int:
+    """Writes each Deployment's container args, resolved env and ConfigMap
+    files as out/<component>.json, for operate.rs to start the binaries with."""
+    import base64
+
+    objs = objects(render(POD_CONFIG))
+    secrets = {
+        o["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in o.get("data", {}).items()}
+        for o in objs
+        if o["kind"] == "Secret"
+    }
+    configmaps = {o["metadata"]["name"]: o.get("data", {}) for o in objs if o["kind"] == "ConfigMap"}
+    for d in (o for o in objs if o["kind"] == "Deployment"):
+        component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+        pod = d["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env: dict[str, str] = {}
+        for e in container.get("env", []):
+            if "value" in e:
+                # Kubernetes expands $(VAR) from variables defined earlier.
+                env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), e["value"])
+            elif "secretKeyRef" in e.get("valueFrom", {}):
+                ref = e["valueFrom"]["secretKeyRef"]
+                env[e["name"]] = secrets[ref["name"]][ref["key"]]
+            elif "fieldRef" in e.get("valueFrom", {}):
+                env[e["name"]] = f"{component}-0"  # metadata.name: the pod
+            else:
+                print(f"check_chart: cannot resolve env {e['name']}", file=sys.stderr)
+                return 1
+        files = {}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for m in container.get("volumeMounts", []):
+            cm = volumes[m["name"]].get("configMap")
+            if cm:
+                for key, text in configmaps[cm["name"]].items():
+                    files[f"{m['mountPath']}/{key}"] = text
+        spec = {"args": container.get("args", []), "env": env, "files": files}
+        (out / f"{component}.json").write_text(json.dumps(spec, indent=1))
+    return 0
+
+
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--rules-out":
         return write_rules(Path(sys.argv[2]))
+    if len(sys.argv) == 3 and sys.argv[1] == "--pod-config":
+        return write_pod_config(Path(sys.argv[2]))
     started = time.monotonic()
     metrics = documented_metrics()
     ANCHORS.update(runbook_anchors())
