@@ -477,13 +477,7 @@ async fn a_nats_restart_loses_nothing() {
 async fn nats_interest_follows_local_sockets_without_leaks() {
     let c = Cluster::new(1, 1).await;
     let edge = &c.edges[0];
-    let bus_subscriptions = || async {
-        let (_, out) = http_get(edge.addr(), "/metrics").await;
-        out.lines()
-            .find_map(|l| l.strip_prefix("switchboard_edge_bus_subscriptions "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap()
-    };
+    let bus_subscriptions = || metric(edge.addr(), "switchboard_edge_bus_subscriptions");
     // One subscription carries every local user's personal stream.
     assert_eq!(bus_subscriptions().await, 1.0);
     for round in 0..3 {
@@ -758,13 +752,7 @@ async fn clients_of_a_sigkilled_edge_resume_on_another_without_loss_or_duplicate
 async fn a_router_stopping_under_load_while_redis_stalls_strands_no_request() {
     let mut c = Cluster::new(2, 1).await;
     let edge_addr = c.edges[0].addr();
-    let retries = || async move {
-        let (_, out) = http_get(edge_addr, "/metrics").await;
-        out.lines()
-            .find_map(|l| l.strip_prefix("switchboard_edge_router_retries_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap()
-    };
+    let retries = || metric(edge_addr, "switchboard_edge_router_retries_total");
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut publishers = Vec::new();
     for i in 0..6 {

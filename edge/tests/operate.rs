@@ -565,13 +565,7 @@ async fn an_explicit_socket_cap_still_raises_the_soft_file_limit() {
     let _edge = Proc(child);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_listening(addr, "edge").await;
-    let (_, text) = http_get(addr, "/metrics").await;
-    let max_fds: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("process_max_fds "))
-        .expect("process_max_fds")
-        .parse()
-        .unwrap();
+    let max_fds = metric(addr, "process_max_fds").await;
     assert_eq!(max_fds, hard as f64, "soft limit raised to the hard one");
 }
 

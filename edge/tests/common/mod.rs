@@ -258,6 +258,15 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The value of an unlabelled series on a node's `/metrics`.
+pub async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let (_, out) = http_get(addr, "/metrics").await;
+    out.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not on {addr}/metrics"))
+}
+
 /// Joins the chunks of a `Transfer-Encoding: chunked` body.
 fn dechunk(mut rest: &str) -> String {
     let mut out = String::new();
