@@ -6,6 +6,8 @@
 # link: no shell, no package manager) and runs as uid 65532 (nonroot).
 
 ARG RUST_VERSION=1.95
+# The builder's Debian (bookworm, glibc 2.36) must match the runtime's
+# (distroless debian12): move both together.
 
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src

@@ -4,7 +4,6 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -150,24 +149,8 @@ async fn presence_across_edges_and_a_killed_edge_goes_offline_once() {
     );
 
     // An edge as a separate process, so it can really be SIGKILLed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
-        .envs(edge_process_env(&c.nats, &c.redis, "doomed", port))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut mobile = loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break Raw::connected_addr(addr, "mobile").await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (mut child, addr) = spawn_edge_process(&c.nats, &c.redis, "doomed").await;
+    let mut mobile = Raw::connected_addr(addr, "mobile").await;
     let online = watcher.next().await.expect("online event");
     assert_eq!(online["presence"]["online"], true, "{online}");
     let _ = mobile.request(json!({"ping": {}})).await;
@@ -673,24 +656,8 @@ async fn readiness_follows_nats_and_redis_while_open_sockets_stay() {
 async fn clients_of_a_sigkilled_edge_resume_on_another_without_loss_or_duplicates() {
     use switchboard_protocol::client::{Client, ClientConfig, Event};
     let c = Cluster::new(1, 1).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut doomed = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
-        .envs(edge_process_env(&c.nats, &c.redis, "doomed", port))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let doomed_url = format!("ws://127.0.0.1:{port}/ws");
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (mut doomed, addr) = spawn_edge_process(&c.nats, &c.redis, "doomed").await;
+    let doomed_url = format!("ws://{addr}/ws");
     let (clients, total) = (20, 60u64);
     let mut readers = Vec::new();
     for i in 0..clients {

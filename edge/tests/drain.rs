@@ -12,12 +12,7 @@ use serde_json::json;
 
 #[tokio::test]
 async fn sigterm_drains_and_exits_in_time() {
-    // Pick a free port, then hand it to the binary.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
         .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
         .env("SWITCHBOARD_JWT_SECRET", SECRET)

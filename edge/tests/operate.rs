@@ -21,14 +21,6 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A child process killed on drop.
 struct Proc(Child);
 
@@ -89,18 +81,10 @@ struct Nodes {
     _router_proc: Proc,
 }
 
-async fn wait_listening(addr: SocketAddr, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on {addr}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn start_nodes() -> Nodes {
     let nats = Server::nats();
     let redis = Server::redis();
-    let (router_port, edge_port) = (free_port(), free_port());
+    let router_port = free_port();
     let router = Command::new(router_binary())
         .envs([
             (
@@ -120,14 +104,7 @@ async fn start_nodes() -> Nodes {
     let router_addr: SocketAddr = format!("127.0.0.1:{router_port}").parse().unwrap();
     wait_listening(router_addr, "router").await;
     wait_for_routers(&nats).await;
-    let edge = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
-        .envs(edge_process_env(&nats, &redis, "edge-0", edge_port))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let edge_addr: SocketAddr = format!("127.0.0.1:{edge_port}").parse().unwrap();
-    wait_listening(edge_addr, "edge").await;
+    let (edge, edge_addr) = spawn_edge_process(&nats, &redis, "edge-0").await;
     Nodes {
         nats,
         _redis: redis,
@@ -242,7 +219,8 @@ struct Target {
 const NAMESPACE: &str = "switchboard";
 
 /// A Prometheus server (Debian's `prometheus` package) on a free port,
-/// scraping `targets` and evaluating `rules` every second.
+/// scraping `targets` every 2 s (a slow debug-build scrape under a loaded
+/// CI must not read as a dead node) and evaluating `rules` every second.
 struct Prometheus {
     addr: SocketAddr,
     dir: tempfile::TempDir,
@@ -252,8 +230,9 @@ struct Prometheus {
 impl Prometheus {
     async fn start(targets: &[Target], rules: Option<&Path>) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
-        let mut config =
-            String::from("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n");
+        let mut config = String::from(
+            "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n  evaluation_interval: 1s\n",
+        );
         if let Some(rules) = rules {
             config.push_str(&format!("rule_files: ['{}']\n", rules.display()));
         }

@@ -103,11 +103,7 @@ async fn wss_serves_and_a_sighup_swaps_the_certificate_without_dropping_sockets(
     let dir = std::env::temp_dir().join(format!("sb-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     install(&dir, "a");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = edge_with_tls(&dir, port);
     let mut first = loop {
         match wss(port, "tls_ca_a.pem").await {

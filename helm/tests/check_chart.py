@@ -165,6 +165,7 @@ MUST_FAIL: dict[str, tuple[dict, str]] = {
     "no JWT key": ({}, "no JWT key configured"),
     "no NATS": (merge(DEFAULTS, {"externalNats": {"urls": []}}), "needs NATS"),
     "no Redis": (merge(DEFAULTS, {"externalRedis": {"url": ""}}), "needs Redis"),
+    "alerts without ServiceMonitors": (merge(DEFAULTS, {"alerts": {"enabled": True}}), "alerts.scrapedElsewhere"),
     "Redis over TLS": (merge(DEFAULTS, {"externalRedis": {"url": "rediss://r:6380"}}), "not built into Switchboard"),
     "existingSecret and inline keys": (
         merge(DEFAULTS, {"auth": {"existingSecret": "keys", "existingSecretKeys": {"jwtSecret": "s"}}}),
@@ -379,8 +380,11 @@ def check_prometheus_rule(p: Problems, where: str, rule: dict, metrics: set[str]
                 continue
             p.check(alert not in names, at, "duplicate alert name")
             names.add(alert)
+            # A severity may depend on the series: '{{ if $labels.pod }}A{{ else }}B{{ end }}'.
+            severity = str(r.get("labels", {}).get("severity"))
+            choices = re.fullmatch(r"\{\{ if \$labels\.pod \}\}(\w+)\{\{ else \}\}(\w+)\{\{ end \}\}", severity)
             p.check(
-                r.get("labels", {}).get("severity") in ("critical", "warning", "info"),
+                all(v in ("critical", "warning", "info") for v in (choices.groups() if choices else [severity])),
                 at,
                 "severity must be critical, warning or info",
             )

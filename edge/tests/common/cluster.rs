@@ -161,6 +161,25 @@ pub async fn post(
     (status, json)
 }
 
+/// A cluster edge as a child process of the real binary (so it can really
+/// be SIGKILLed), once it listens.
+pub async fn spawn_edge_process(
+    nats: &Server,
+    redis: &Server,
+    node: &str,
+) -> (std::process::Child, SocketAddr) {
+    let port = super::free_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+        .envs(edge_process_env(nats, redis, node, port))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    super::wait_listening(addr, node).await;
+    (child, addr)
+}
+
 /// Environment for an edge run as a child process in this cluster.
 pub fn edge_process_env(
     nats: &Server,

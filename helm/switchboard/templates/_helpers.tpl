@@ -196,6 +196,9 @@ listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitt
 {{- if and (not .Values.redis.enabled) .Values.externalRedis.url (not (hasPrefix "redis://" .Values.externalRedis.url)) }}
 {{- fail "externalRedis.url: expected redis://host:port (TLS to Redis, rediss://, is not built into Switchboard yet; see docs/operations.md#redis)" }}
 {{- end }}
+{{- if and .Values.alerts.enabled (not .Values.serviceMonitor.enabled) (not .Values.alerts.scrapedElsewhere) }}
+{{- fail "alerts.enabled: the alerts select the job, namespace and pod labels the chart's ServiceMonitors set; enable serviceMonitor, or set alerts.scrapedElsewhere=true if your scrape config sets the same labels" }}
+{{- end }}
 {{- if and .Values.edge.tls.enabled (not .Values.edge.tls.secretName) }}
 {{- fail "edge.tls.enabled: set edge.tls.secretName to a kubernetes.io/tls Secret" }}
 {{- end }}

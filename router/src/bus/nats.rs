@@ -65,6 +65,7 @@ impl NatsBus {
     pub async fn connect(settings: &NatsSettings) -> Result<NatsBus, BusError> {
         let handler: Arc<OnceLock<Arc<dyn BusHandler>>> = Arc::new(OnceLock::new());
         let h = handler.clone();
+        metrics::gauge!("switchboard_nats_connected").set(0.0);
         let client = connect_nats(settings, move |event| {
             let lossy = match &event {
                 async_nats::Event::Connected => {
@@ -94,7 +95,14 @@ impl NatsBus {
             }
         })
         .await?;
-        metrics::gauge!("switchboard_nats_connected").set(1.0);
+        // Connects are retried in the background: 0 until connected (set
+        // before dialling), then the event callback keeps it current.
+        if matches!(
+            client.connection_state(),
+            async_nats::connection::State::Connected
+        ) {
+            metrics::gauge!("switchboard_nats_connected").set(1.0);
+        }
         Ok(NatsBus {
             client,
             handler,
