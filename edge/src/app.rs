@@ -388,26 +388,32 @@ async fn lease_presence(state: &EdgeState) {
     }
 }
 
+/// The reconnect delay a drained socket is advised: uniform up to
+/// `reconnect_jitter_max`, so its clients come back spread out.
+pub(crate) fn drain_reconnect_delay_ms(config: &Config) -> u32 {
+    match config.reconnect_jitter_max.as_millis() as u32 {
+        0 => 0,
+        max => rand::random_range(0..max),
+    }
+}
+
 async fn drain(state: &Arc<EdgeState>, stop_accepting: CancellationToken) {
     let started = tokio::time::Instant::now();
     let grace = state.config.shutdown_grace;
-    state.draining.store(true, Ordering::Release);
+    state.draining.store(true, Ordering::SeqCst);
     stop_accepting.cancel();
     let conns = state.hub.conns();
     let batch = state.config.drain_batch_size;
     let batches = conns.len().div_ceil(batch).max(1);
     // Spread the batches over the first half of the grace period.
     let pause = (grace / 2 / batches as u32).min(Duration::from_millis(500));
-    let jitter_ms = state.config.reconnect_jitter_max.as_millis() as u32;
     tracing::info!(sockets = conns.len(), batches, "draining");
     for (i, chunk) in conns.chunks(batch).enumerate() {
         for conn in chunk {
-            let delay = if jitter_ms == 0 {
-                0
-            } else {
-                rand::random_range(0..jitter_ms)
-            };
-            conn.close(CloseReason::Shutdown, delay);
+            conn.close(
+                CloseReason::Shutdown,
+                drain_reconnect_delay_ms(&state.config),
+            );
         }
         if i + 1 < batches {
             tokio::time::sleep(pause).await;

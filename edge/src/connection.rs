@@ -303,6 +303,15 @@ async fn run(opened: Box<Opened>) {
     state.metrics.opened.increment(1);
     state.metrics.connections.increment(1.0);
     state.hub.add_conn(&conn);
+    // A handshake that finishes while the edge drains missed the drain's
+    // list of sockets: it gets the same advice at once, or the edge would
+    // wait out its whole grace for it.
+    if state.draining.load(Ordering::SeqCst) {
+        conn.close(
+            CloseReason::Shutdown,
+            crate::app::drain_reconnect_delay_ms(cfg),
+        );
+    }
     let expires_at_ms = identity.expires_at_ms;
     let mut session = Session::new(state.clone(), conn.clone(), identity);
     // The steady state, in its own scope so that what comes after it (the

@@ -83,3 +83,55 @@ async fn sigterm_drains_and_exits_in_time() {
     };
     assert!(status.success(), "clean exit: {status}");
 }
+
+/// A socket whose handshake is still open when the drain starts (upgraded,
+/// Connect not yet sent) missed the drain's list of sockets: when it
+/// connects it is told to go at once with the same advice, rather than
+/// holding the edge open until the grace runs out.
+#[tokio::test]
+async fn a_handshake_finishing_during_the_drain_is_drained_too() {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+        .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SWITCHBOARD_JWT_SECRET", SECRET)
+        .env("SWITCHBOARD_SHUTDOWN_GRACE_MS", "20000")
+        .env("SWITCHBOARD_RECONNECT_JITTER_MAX_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_listening(addr, "edge").await;
+    // Upgraded, but Connect comes only after the drain has begun.
+    let mut late = Raw::open_addr(addr, "switchboard.v1.json").await;
+    let started = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late.send(json!({"id": 1, "connect": {"token": token("late")}}))
+        .await;
+    let (close, frames) = late.until_close().await;
+    assert_eq!(close, Some(4000), "{frames:?}");
+    let d = frames
+        .iter()
+        .find_map(|f| f.get("disconnect"))
+        .expect("disconnect frame");
+    assert_eq!(d["reason"], "shutdown");
+    // Its only socket gone, the edge exits long before the 20 s grace.
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "edge waited for the late socket"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "clean exit: {status}");
+}
