@@ -14,6 +14,8 @@
 //!   latency and loss per kind.
 //! - `storm`: N clients drop at once, miss M messages, reconnect at once
 //!   and resume with `since`; time until all are back and resumed.
+//! - `roll`: N clients follow a chat while the edges restart one at a time
+//!   (`scripts/cluster roll`); reconnect rate, time away, loss and order.
 //!
 //! One process may hold only so many sockets (20,000 open files on our
 //! machines), so `--workers N` runs the scenario in N copies of this
@@ -36,6 +38,7 @@ mod mixed;
 mod plot;
 mod recorder;
 mod report;
+mod roll;
 mod storm;
 mod sys;
 
@@ -87,6 +90,8 @@ enum Scenario {
     Mixed(mixed::Args),
     /// N clients drop at once, miss M messages, reconnect and resume.
     Storm(storm::Args),
+    /// N clients follow a chat through a rolling restart of the edges.
+    Roll(roll::Args),
 }
 
 async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> {
@@ -96,6 +101,7 @@ async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> 
         Scenario::Chat(a) => chat::run(a, w).await,
         Scenario::Mixed(a) => mixed::run(a, w).await,
         Scenario::Storm(a) => storm::run(a, w).await,
+        Scenario::Roll(a) => roll::run(a, w).await,
     }
 }
 
@@ -107,6 +113,7 @@ pub(crate) fn scenario_figures(r: &Report) -> Map<String, Value> {
         "chat" => chat::figures(r),
         "mixed" => mixed::figures(r),
         "storm" => storm::figures(r),
+        "roll" => roll::figures(r),
         _ => Map::new(),
     }
 }

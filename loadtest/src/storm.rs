@@ -43,14 +43,15 @@ pub(crate) struct Args {
     timeout_secs: u64,
 }
 
-/// Subscribes and returns the stream position (seq, epoch).
-async fn subscribe(
+/// Subscribes to `chat` and returns the stream position (seq, epoch).
+pub(crate) async fn subscribe(
     ws: &mut conn::Ws,
+    chat: &str,
     since: Option<u64>,
     epoch: &str,
 ) -> anyhow::Result<(u64, String)> {
     let sub = Subscribe {
-        chat: "storm".into(),
+        chat: chat.into(),
         since,
         epoch: epoch.into(),
     };
@@ -84,7 +85,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         let token = conn::token(&a.target.secret, &format!("storm-{i}"));
         joins.push(tokio::spawn(async move {
             let mut ws = open_honouring_503(&gate, &rec, addr, &sources, &token, i).await?;
-            let pos = subscribe(&mut ws, None, "").await?;
+            let pos = subscribe(&mut ws, "storm", None, "").await?;
             anyhow::Ok((i, ws, pos))
         }));
     }
@@ -128,7 +129,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         tasks.push(tokio::spawn(async move {
             let work = async {
                 let mut ws = open_honouring_503(&gate, &rec, addr, &sources, &token, i).await?;
-                subscribe(&mut ws, Some(seq), &epoch).await?;
+                subscribe(&mut ws, "storm", Some(seq), &epoch).await?;
                 rec.add_counter("back", 1);
                 rec.latest("last_back", now_us());
                 let counters = rec.kind(RECOVERED);
@@ -249,7 +250,7 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
 /// Opens a socket as an app does: a 503 (admission, accept-rate or
 /// handshake limits) is honoured with a jittered pause, without holding a
 /// slot of `gate` meanwhile, and retried.
-async fn open_honouring_503(
+pub(crate) async fn open_honouring_503(
     gate: &Arc<Semaphore>,
     rec: &Recorder,
     addr: std::net::SocketAddr,
