@@ -80,10 +80,6 @@ pub struct RedisPresence {
     forget: redis::Script,
 }
 
-fn unavailable(e: redis::RedisError) -> PresenceError {
-    PresenceError::Unavailable(e.to_string())
-}
-
 impl RedisPresence {
     /// Node leases last `ttl_ms` after their last heartbeat.
     pub fn new(conn: ConnectionManager, ttl_ms: i64) -> Self {
@@ -106,7 +102,7 @@ impl RedisPresence {
         let flags: Vec<bool> = pipe
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(PresenceError::Redis)?;
         Ok(flags.into_iter().filter(|f| *f).count())
     }
 
@@ -133,7 +129,7 @@ impl RedisPresence {
                 // slot. Idempotent, so every register may add.
                 pipe.cmd("SADD").arg(ONLINE).arg(s.user.as_str()).ignore();
             }
-            let became: Vec<i64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let became: Vec<i64> = pipe.query_async(&mut conn).await.map_err(PresenceError::Redis)?;
             back.extend(
                 chunk
                     .iter()
@@ -163,7 +159,7 @@ impl RedisPresence {
                 .arg(SWEEP_BATCH)
                 .query_async(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(PresenceError::Redis)?;
             if members.is_empty() {
                 return Ok((gone, false));
             }
@@ -187,7 +183,7 @@ impl RedisPresence {
                     .arg(now_ms)
                     .arg(SEEN_TTL_MS);
             }
-            let became: Vec<i64> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let became: Vec<i64> = pipe.query_async(&mut conn).await.map_err(PresenceError::Redis)?;
             let offline: Vec<UserId> = parsed
                 .into_iter()
                 .zip(became)
@@ -200,7 +196,7 @@ impl RedisPresence {
                 for u in &offline {
                     cmd.arg(u.as_str());
                 }
-                let _: () = cmd.query_async(&mut conn).await.map_err(unavailable)?;
+                let _: () = cmd.query_async(&mut conn).await.map_err(PresenceError::Redis)?;
                 gone.extend(offline.into_iter().map(|u| (u, now_ms)));
             }
         }
@@ -212,7 +208,7 @@ impl RedisPresence {
             .arg(NODES)
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)
+            .map_err(PresenceError::Redis)
     }
 }
 
@@ -251,7 +247,7 @@ impl PresenceStore for RedisPresence {
             .arg(SEEN_TTL_MS)
             .invoke_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(PresenceError::Redis)?;
         let mut pipe = redis::pipe();
         pipe.cmd("SREM")
             .arg(node_key(&s.node))
@@ -260,7 +256,7 @@ impl PresenceStore for RedisPresence {
         if became == 1 {
             pipe.cmd("SREM").arg(ONLINE).arg(s.user.as_str()).ignore();
         }
-        let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let _: () = pipe.query_async(&mut conn).await.map_err(PresenceError::Redis)?;
         Ok(if became == 1 {
             Transition::BecameOffline {
                 last_seen_ms: now_ms,
@@ -291,7 +287,7 @@ impl PresenceStore for RedisPresence {
         let raw: Vec<redis::Value> = pipe
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(PresenceError::Redis)?;
         let mut raw = raw.into_iter();
         let leases: HashMap<String, String> = raw
             .next()
@@ -329,7 +325,7 @@ impl PresenceStore for RedisPresence {
             .arg(sessions_key(user))
             .query_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(PresenceError::Redis)?;
         nodes.sort();
         nodes.dedup();
         Ok(nodes)
@@ -353,7 +349,7 @@ impl PresenceStore for RedisPresence {
                     .arg(&value)
                     .invoke_async(&mut self.conn.clone())
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(PresenceError::Redis)?;
             }
         }
         Ok(gone)
@@ -389,7 +385,7 @@ impl PresenceStore for RedisPresence {
             .arg(now_ms)
             .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(unavailable)?;
+            .map_err(PresenceError::Redis)?;
         Ok(fresh == 1)
     }
 

@@ -40,11 +40,15 @@ pub struct UserStatus {
 }
 
 /// A presence backend failed; callers keep serving sockets and retry.
+///
+/// The message carries the cause's text (callers print one line: a
+/// client's error, a log field); [`std::error::Error::source`] keeps the
+/// typed cause.
 #[derive(Debug, thiserror::Error)]
 pub enum PresenceError {
-    /// The backend could not be reached or answered with an error.
+    /// Redis could not be reached, timed out or answered with an error.
     #[error("presence backend unavailable: {0}")]
-    Unavailable(String),
+    Redis(#[from] redis::RedisError),
 }
 
 /// Who is online.
@@ -97,4 +101,18 @@ pub trait PresenceStore: Send + Sync + 'static {
     ) -> Result<bool, PresenceError>;
     /// Live nodes and their addresses.
     async fn nodes(&self, now_ms: i64) -> Result<Vec<(String, String)>, PresenceError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redis_failure_keeps_its_cause() {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = PresenceError::from(redis::RedisError::from(cause));
+        assert!(e.to_string().starts_with("presence backend unavailable: "));
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.downcast_ref::<redis::RedisError>().is_some());
+    }
 }

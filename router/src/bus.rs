@@ -2,7 +2,7 @@ pub(crate) mod memory;
 pub(crate) mod nats;
 
 use async_trait::async_trait;
-use switchboard_presence::PresenceStore;
+use switchboard_presence::{PresenceError, PresenceStore};
 use switchboard_protocol::{SharedFrame, UserId, edge_user_subject};
 
 /// Subject of a user's online/offline events.
@@ -21,10 +21,7 @@ pub async fn publish_to_user(
     user: &UserId,
     frame: SharedFrame,
 ) -> Result<usize, BusError> {
-    let nodes = presence
-        .nodes_of(user)
-        .await
-        .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    let nodes = presence.nodes_of(user).await?;
     for node in &nodes {
         bus.publish(&edge_user_subject(node, user), frame.clone())
             .await?;
@@ -43,12 +40,59 @@ pub trait BusHandler: Send + Sync + 'static {
     fn on_possible_loss(&self) {}
 }
 
-/// The bus failed.
+/// The bus failed. Every variant keeps the client's error as its source;
+/// the message carries the cause's text too (callers print one line).
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// Not connected, or the server refused the operation.
-    #[error("bus unavailable: {0}")]
-    Unavailable(String),
+    /// The NATS options were refused (a bad URL); connects themselves are
+    /// retried in the background.
+    #[error("bus unavailable: NATS {url}: {source}")]
+    Connect {
+        /// The server list, credentials redacted.
+        url: String,
+        /// Why.
+        source: async_nats::ConnectError,
+    },
+    /// A publish was not handed to the connection.
+    #[error("bus unavailable: {source}")]
+    Publish {
+        /// Where it was going.
+        subject: String,
+        /// Why.
+        source: async_nats::PublishError,
+    },
+    /// A subscription was not made.
+    #[error("bus unavailable: {source}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// Why.
+        source: async_nats::SubscribeError,
+    },
+    /// A subscription was made but the server did not confirm it, so the
+    /// interest may not be active yet.
+    #[error("bus unavailable: {source}")]
+    Flush {
+        /// The subject.
+        subject: String,
+        /// Why.
+        source: async_nats::client::FlushError,
+    },
+    /// Presence could not say which edges hold the user's sockets.
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
+}
+
+impl BusError {
+    /// A bounded metric label for this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BusError::Connect { .. } => "connect",
+            BusError::Publish { .. } => "publish",
+            BusError::Subscribe { .. } | BusError::Flush { .. } => "subscribe",
+            BusError::Presence(_) => "presence",
+        }
+    }
 }
 
 /// Subject-addressed delivery between nodes.

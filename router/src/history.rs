@@ -69,12 +69,16 @@ impl Default for HistoryLimits {
     }
 }
 
-/// The history backend failed.
+/// The history backend failed; nothing was stored, retry later.
+///
+/// The message carries the cause's text (callers print one line: a
+/// client's error, a log field); [`std::error::Error::source`] keeps the
+/// typed cause.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
-    /// The backend could not be reached or answered with an error.
+    /// Redis could not be reached, timed out or answered with an error.
     #[error("history unavailable: {0}")]
-    Unavailable(String),
+    Redis(#[from] ::redis::RedisError),
 }
 
 /// Sequencer and short history of every stream.

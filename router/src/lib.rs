@@ -37,6 +37,8 @@ pub use history::{
 pub use members::{Members, MembersError, PUSH_STREAM, SHARD_SUBJECT};
 pub use node::{RouterConfig, run_router, shutdown_signal};
 pub use publisher::{PUBLISH_SUBJECT, Publisher, ROUTER_QUEUE, RemoteRouter, encode_request};
-pub use router::{PublishError, PublishRequest, Published, Router, RouterLimits};
+pub use router::{
+    PUBLISH_ERROR_REASONS, PublishError, PublishRequest, Published, Router, RouterLimits,
+};
 pub use service::{announce, handle_publish, serve, sweep_presence};
 pub use urls::redact_url;

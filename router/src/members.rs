@@ -18,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 
 use prost::Message;
 use redis::aio::ConnectionManager;
-use switchboard_presence::PresenceStore;
+use switchboard_presence::{PresenceError, PresenceStore};
 use switchboard_protocol::{
     ChatId, SharedFrame, StreamKey, UserId,
     internal::v1::{PushJob, ShardJob},
@@ -31,15 +31,32 @@ pub const SHARD_SUBJECT: &str = "sb.router.shard";
 /// JetStream stream holding push jobs.
 pub const PUSH_STREAM: &str = "SB_PUSH";
 
-/// Member storage errors.
+/// Member work failed. Every variant keeps its cause as its source; the
+/// message carries the cause's text too (callers print one line).
 #[derive(Debug, thiserror::Error)]
 pub enum MembersError {
-    /// Redis failed.
+    /// Redis failed (member sets, counts, unread counters).
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    /// NATS or JetStream failed.
+    /// Presence could not say who is online.
+    #[error(transparent)]
+    Presence(#[from] PresenceError),
+    /// The push stream could not be created or found at startup.
+    #[error(
+        "creating stream {PUSH_STREAM} with {replicas} replicas (--push-stream-replicas): {source}"
+    )]
+    PushStream {
+        /// The replica count asked for.
+        replicas: usize,
+        /// Why the creation failed.
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+    /// A shard job was not handed to NATS.
     #[error("nats: {0}")]
-    Nats(String),
+    ShardJob(#[source] async_nats::PublishError),
+    /// A push job was not queued (or not acknowledged) by JetStream.
+    #[error("nats: {0}")]
+    PushJob(#[source] async_nats::jetstream::context::PublishError),
 }
 
 /// Channel membership, shard jobs and push hand-off.
@@ -94,10 +111,11 @@ impl Members {
         // loses finds it created.
         let mut stream = match js.get_or_create_stream(config).await {
             Ok(s) => s,
-            Err(e) => js.get_stream(PUSH_STREAM).await.map_err(|_| {
-                MembersError::Nats(format!(
-                    "creating stream {PUSH_STREAM} with {push_replicas} replicas (--push-stream-replicas): {e}"
-                ))
+            Err(source) => js.get_stream(PUSH_STREAM).await.map_err(|_| {
+                MembersError::PushStream {
+                    replicas: push_replicas,
+                    source,
+                }
             })?,
         };
         if let Ok(info) = stream.info().await
@@ -183,8 +201,7 @@ impl Members {
                 let st = self
                     .presence
                     .status(chunk, now_ms())
-                    .await
-                    .map_err(|e| MembersError::Nats(e.to_string()))?;
+                    .await?;
                 total += st.iter().filter(|s| s.online).count() as u64;
             }
         }
@@ -215,8 +232,7 @@ impl Members {
                 let st = self
                     .presence
                     .status(std::slice::from_ref(u), now_ms())
-                    .await
-                    .map_err(|e| MembersError::Nats(e.to_string()))?;
+                    .await?;
                 if !st.first().is_some_and(|s| s.online) {
                     self.push(u, d).await?;
                 }
@@ -235,7 +251,7 @@ impl Members {
                     self.nats
                         .publish(SHARD_SUBJECT, job.encode_to_vec().into())
                         .await
-                        .map_err(|e| MembersError::Nats(e.to_string()))?;
+                        .map_err(MembersError::ShardJob)?;
                 }
                 metrics::counter!("switchboard_router_shard_jobs_published_total")
                     .increment(self.buckets as u64);
@@ -246,7 +262,7 @@ impl Members {
 
     async fn push(&self, user: &UserId, d: &Delivery) -> Result<(), MembersError> {
         let ack = self.push_send(user, d).await?;
-        ack.await.map_err(|e| MembersError::Nats(e.to_string()))?;
+        ack.await.map_err(MembersError::PushJob)?;
         Ok(())
     }
 
@@ -271,7 +287,7 @@ impl Members {
             .js
             .send_publish(format!("sb.push.{user}"), msg)
             .await
-            .map_err(|e| MembersError::Nats(e.to_string()))?;
+            .map_err(MembersError::PushJob)?;
         metrics::counter!("switchboard_router_push_jobs_total").increment(1);
         Ok(ack)
     }
@@ -297,8 +313,7 @@ impl Members {
             let st = self
                 .presence
                 .status(chunk, now_ms())
-                .await
-                .map_err(|e| MembersError::Nats(e.to_string()))?;
+                .await?;
             let mut acks = Vec::new();
             for s in st.iter().filter(|s| !s.online) {
                 acks.push(self.push_send(&s.user, &d).await?);
@@ -308,7 +323,7 @@ impl Members {
             )
             .await
             {
-                ack.map_err(|e| MembersError::Nats(e.to_string()))?;
+                ack.map_err(MembersError::PushJob)?;
             }
         }
         metrics::counter!("switchboard_router_shard_jobs_done_total").increment(1);

@@ -2,6 +2,7 @@
 //! standalone) or any router replica over NATS ([`RemoteRouter`], cluster).
 use std::time::Duration;
 
+use async_nats::{RequestError, RequestErrorKind};
 use async_trait::async_trait;
 use prost::Message;
 use switchboard_protocol::{
@@ -39,7 +40,8 @@ impl Publisher for Router {
 
 /// Publishes through whichever router replica NATS picks; a timeout or a
 /// vanished replica is retried (the client message id makes it safe: each
-/// id gets exactly one seq).
+/// id gets exactly one seq); after the last attempt the publish is
+/// refused with [`PublishError::NoRouter`].
 pub struct RemoteRouter {
     client: async_nats::Client,
     bus: std::sync::Arc<dyn Bus>,
@@ -79,11 +81,10 @@ pub fn encode_request(req: &PublishRequest) -> bytes::Bytes {
     .into()
 }
 
-#[async_trait]
-impl Publisher for RemoteRouter {
-    async fn publish(&self, req: PublishRequest) -> Result<Published, PublishError> {
+impl RemoteRouter {
+    async fn request(&self, req: PublishRequest) -> Result<Published, PublishError> {
         let body = encode_request(&req);
-        let mut last = String::new();
+        let mut last = RequestError::new(RequestErrorKind::TimedOut);
         for attempt in 0..self.attempts {
             let sent = tokio::time::timeout(
                 self.timeout,
@@ -93,47 +94,42 @@ impl Publisher for RemoteRouter {
             let msg = match sent {
                 Ok(Ok(m)) => m,
                 Ok(Err(e)) => {
-                    last = e.to_string();
+                    last = e;
                     metrics::counter!("switchboard_edge_router_retries_total").increment(1);
                     tokio::time::sleep(Duration::from_millis(50 * (attempt as u64 + 1))).await;
                     continue;
                 }
                 Err(_) => {
-                    last = "router timed out".into();
+                    last = RequestError::new(RequestErrorKind::TimedOut);
                     metrics::counter!("switchboard_edge_router_retries_total").increment(1);
                     continue;
                 }
             };
-            let reply = RouterReply::decode(msg.payload).map_err(|e| {
-                PublishError::Unavailable(crate::HistoryError::Unavailable(e.to_string()))
-            })?;
+            let reply = RouterReply::decode(msg.payload).map_err(PublishError::BadReply)?;
             return match reply.result {
                 Some(router_reply::Result::Ack(a)) => Ok(Published {
                     seq: a.seq,
                     timestamp_ms: a.timestamp_ms,
                     duplicate: a.duplicate,
                 }),
-                Some(router_reply::Result::Error(e)) => {
-                    Err(match ErrorCode::try_from(e.code as i32) {
-                        Ok(ErrorCode::TooLarge) => PublishError::Refused {
-                            code: ErrorCode::TooLarge,
-                            message: e.message,
-                        },
-                        Ok(ErrorCode::InvalidId) => PublishError::Refused {
-                            code: ErrorCode::InvalidId,
-                            message: e.message,
-                        },
-                        _ => PublishError::Unavailable(crate::HistoryError::Unavailable(e.message)),
-                    })
-                }
-                None => Err(PublishError::Unavailable(crate::HistoryError::Unavailable(
-                    "empty router reply".into(),
-                ))),
+                Some(router_reply::Result::Error(e)) => Err(PublishError::Remote {
+                    code: ErrorCode::try_from(e.code as i32).unwrap_or(ErrorCode::Unspecified),
+                    message: e.message,
+                }),
+                None => Err(PublishError::EmptyReply),
             };
         }
-        Err(PublishError::Unavailable(crate::HistoryError::Unavailable(
-            format!("no router answered: {last}"),
-        )))
+        Err(PublishError::NoRouter {
+            attempts: self.attempts,
+            source: last,
+        })
+    }
+}
+
+#[async_trait]
+impl Publisher for RemoteRouter {
+    async fn publish(&self, req: PublishRequest) -> Result<Published, PublishError> {
+        self.request(req).await.inspect_err(PublishError::count)
     }
 
     async fn broadcast(&self, subject: &str, frame: SharedFrame) {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use switchboard_presence::PresenceStore;
 use switchboard_protocol::{
-    IdError, SharedFrame, StreamKey, UserId, chat_subject, validate_client_msg_id,
+    IdError, SharedFrame, StreamKey, UserId, chat_subject, v1::ErrorCode, validate_client_msg_id,
 };
 
 use crate::{Bus, Draft, History, HistoryError};
@@ -48,7 +48,9 @@ pub struct Published {
     pub duplicate: bool,
 }
 
-/// Why a publish was refused. Maps to protocol error codes at the edge.
+/// Why a publish was refused. [`PublishError::code`] maps it to a protocol
+/// error code (and [`crate::publish_error_status`] to an HTTP status);
+/// [`PublishError::reason`] to a metric label.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// The client message id is not acceptable.
@@ -64,27 +66,88 @@ pub enum PublishError {
     },
     /// History is unavailable; nothing was sequenced, retry later.
     #[error(transparent)]
-    Unavailable(#[from] HistoryError),
-    /// A remote router refused the publish with this protocol code.
+    History(#[from] HistoryError),
+    /// No router replica answered (none running, or all timed out);
+    /// nothing is known to be sequenced, retry later with the same id.
+    #[error("no router answered: {source}")]
+    NoRouter {
+        /// Requests sent before giving up.
+        attempts: u32,
+        /// The last request's failure (timed out, no responders).
+        source: async_nats::RequestError,
+    },
+    /// A router's reply could not be decoded.
+    #[error("undecodable router reply: {0}")]
+    BadReply(#[source] prost::DecodeError),
+    /// A router replied with neither an ack nor an error.
+    #[error("empty router reply")]
+    EmptyReply,
+    /// A router refused the publish with this protocol code; its message
+    /// is passed on.
     #[error("{message}")]
-    Refused {
-        /// Protocol error code.
-        code: switchboard_protocol::v1::ErrorCode,
+    Remote {
+        /// Protocol error code the router answered.
+        code: ErrorCode,
         /// Why.
         message: String,
     },
 }
 
+/// Every value [`PublishError::reason`] returns (series registered at zero).
+pub const PUBLISH_ERROR_REASONS: &[&str] = &[
+    "invalid_id",
+    "too_large",
+    "bad_request",
+    "history",
+    "no_router",
+    "bad_reply",
+    "router_error",
+];
+
 impl PublishError {
-    /// The protocol error code for this refusal.
-    pub fn code(&self) -> switchboard_protocol::v1::ErrorCode {
-        use switchboard_protocol::v1::ErrorCode;
+    /// The protocol error code for this refusal. "No router answered" and
+    /// "history unavailable" are both `Unavailable` (retry later); their
+    /// messages and [`PublishError::reason`] tell them apart.
+    pub fn code(&self) -> ErrorCode {
         match self {
             PublishError::InvalidId(_) => ErrorCode::InvalidId,
             PublishError::TooLarge { .. } => ErrorCode::TooLarge,
-            PublishError::Unavailable(_) => ErrorCode::Unavailable,
-            PublishError::Refused { code, .. } => *code,
+            PublishError::Remote {
+                code: code @ (ErrorCode::InvalidId | ErrorCode::TooLarge),
+                ..
+            } => *code,
+            PublishError::History(_)
+            | PublishError::NoRouter { .. }
+            | PublishError::BadReply(_)
+            | PublishError::EmptyReply
+            | PublishError::Remote { .. } => ErrorCode::Unavailable,
         }
+    }
+
+    /// A bounded metric label (one of [`PUBLISH_ERROR_REASONS`]), from the
+    /// variant only, never the message.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PublishError::InvalidId(_) => "invalid_id",
+            PublishError::TooLarge { .. } => "too_large",
+            PublishError::History(_) => "history",
+            PublishError::NoRouter { .. } => "no_router",
+            PublishError::BadReply(_) | PublishError::EmptyReply => "bad_reply",
+            PublishError::Remote { code, .. } => match code {
+                ErrorCode::InvalidId => "invalid_id",
+                ErrorCode::TooLarge => "too_large",
+                ErrorCode::BadRequest => "bad_request",
+                // A router answers Unavailable only when its history is.
+                ErrorCode::Unavailable => "history",
+                _ => "router_error",
+            },
+        }
+    }
+
+    /// Counts this refusal in `switchboard_publish_errors_total{reason}`.
+    pub(crate) fn count(&self) {
+        metrics::counter!("switchboard_publish_errors_total", "reason" => self.reason())
+            .increment(1);
     }
 }
 
@@ -130,6 +193,10 @@ impl Router {
     /// sequenced and stored; delivery over the bus is at-most-once and gaps
     /// are repaired by receivers from history.
     pub async fn publish(&self, req: PublishRequest) -> Result<Published, PublishError> {
+        self.try_publish(req).await.inspect_err(PublishError::count)
+    }
+
+    async fn try_publish(&self, req: PublishRequest) -> Result<Published, PublishError> {
         validate_client_msg_id(&req.client_msg_id)?;
         if req.payload.len() > self.limits.max_payload_bytes {
             return Err(PublishError::TooLarge {
@@ -176,7 +243,8 @@ impl Router {
         };
         if let Err(e) = sent {
             // Stored but not delivered live: receivers repair from history.
-            metrics::counter!("switchboard_router_bus_errors_total").increment(1);
+            metrics::counter!("switchboard_router_bus_errors_total", "reason" => e.reason())
+                .increment(1);
             tracing::warn!(error = %e, stream = %target, "delivery publish failed; receivers will recover from history");
         }
     }
@@ -185,7 +253,8 @@ impl Router {
     /// sequenced, not stored, at-most-once.
     pub async fn broadcast(&self, subject: &str, frame: SharedFrame) {
         if let Err(e) = self.bus.publish(subject, frame).await {
-            metrics::counter!("switchboard_router_bus_errors_total").increment(1);
+            metrics::counter!("switchboard_router_bus_errors_total", "reason" => e.reason())
+                .increment(1);
             tracing::debug!(error = %e, subject, "ephemeral publish failed");
         }
     }

@@ -33,6 +33,9 @@ pub fn register_cluster_series() {
     counter!("switchboard_nats_slow_consumer_total").increment(0);
     counter!("switchboard_nats_undecodable_total").increment(0);
     counter!("switchboard_redis_errors_total", "op" => "history").increment(0);
+    for reason in crate::PUBLISH_ERROR_REASONS {
+        counter!("switchboard_publish_errors_total", "reason" => *reason).increment(0);
+    }
 }
 
 /// Registers the router's own series at zero.
@@ -41,8 +44,10 @@ pub fn register_router_series() {
     for result in ["ok", "duplicate"] {
         counter!("switchboard_router_publishes_total", "result" => result).increment(0);
     }
+    for reason in ["publish", "presence"] {
+        counter!("switchboard_router_bus_errors_total", "reason" => reason).increment(0);
+    }
     for name in [
-        "switchboard_router_bus_errors_total",
         "switchboard_router_member_work_errors_total",
         "switchboard_router_shard_jobs_published_total",
         "switchboard_router_shard_jobs_done_total",

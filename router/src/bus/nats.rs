@@ -47,8 +47,9 @@ pub async fn connect_nats(
         })
         .connect(servers)
         .await
-        .map_err(|e| {
-            BusError::Unavailable(format!("NATS {}: {e}", crate::redact_url(&settings.url)))
+        .map_err(|source| BusError::Connect {
+            url: crate::redact_url(&settings.url),
+            source,
         })
 }
 
@@ -134,7 +135,10 @@ impl Bus for NatsBus {
         self.client
             .publish(subject.to_owned(), bytes)
             .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))
+            .map_err(|source| BusError::Publish {
+                subject: subject.to_owned(),
+                source,
+            })
     }
 
     async fn subscribe(&self, subject: &str) -> Result<(), BusError> {
@@ -145,13 +149,19 @@ impl Bus for NatsBus {
             .client
             .subscribe(subject.to_owned())
             .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+            .map_err(|source| BusError::Subscribe {
+                subject: subject.to_owned(),
+                source,
+            })?;
         // Make sure the server has the interest before we report it active:
         // a history read after this cannot miss a later publish.
         self.client
             .flush()
             .await
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+            .map_err(|source| BusError::Flush {
+                subject: subject.to_owned(),
+                source,
+            })?;
         let handler = self.handler.clone();
         let task = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {

@@ -56,7 +56,7 @@ fn prefix(stream: &StreamKey) -> String {
 
 fn unavailable(e: redis::RedisError) -> HistoryError {
     metrics::counter!("switchboard_redis_errors_total", "op" => "history").increment(1);
-    HistoryError::Unavailable(e.to_string())
+    HistoryError::Redis(e)
 }
 
 /// Opens a Redis connection manager (reconnects by itself).
