@@ -129,7 +129,10 @@ impl RedisPresence {
                 // slot. Idempotent, so every register may add.
                 pipe.cmd("SADD").arg(ONLINE).arg(s.user.as_str()).ignore();
             }
-            let became: Vec<i64> = pipe.query_async(&mut conn).await.map_err(PresenceError::Redis)?;
+            let became: Vec<i64> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(PresenceError::Redis)?;
             back.extend(
                 chunk
                     .iter()
@@ -183,7 +186,10 @@ impl RedisPresence {
                     .arg(now_ms)
                     .arg(SEEN_TTL_MS);
             }
-            let became: Vec<i64> = pipe.query_async(&mut conn).await.map_err(PresenceError::Redis)?;
+            let became: Vec<i64> = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(PresenceError::Redis)?;
             let offline: Vec<UserId> = parsed
                 .into_iter()
                 .zip(became)
@@ -196,7 +202,10 @@ impl RedisPresence {
                 for u in &offline {
                     cmd.arg(u.as_str());
                 }
-                let _: () = cmd.query_async(&mut conn).await.map_err(PresenceError::Redis)?;
+                let _: () = cmd
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(PresenceError::Redis)?;
                 gone.extend(offline.into_iter().map(|u| (u, now_ms)));
             }
         }
@@ -256,7 +265,10 @@ impl PresenceStore for RedisPresence {
         if became == 1 {
             pipe.cmd("SREM").arg(ONLINE).arg(s.user.as_str()).ignore();
         }
-        let _: () = pipe.query_async(&mut conn).await.map_err(PresenceError::Redis)?;
+        let _: () = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(PresenceError::Redis)?;
         Ok(if became == 1 {
             Transition::BecameOffline {
                 last_seen_ms: now_ms,

@@ -112,3 +112,35 @@ pub fn publish_error_status(e: &crate::PublishError) -> u16 {
         _ => 503,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use switchboard_protocol::v1::ErrorCode;
+
+    use super::*;
+    use crate::PublishError;
+
+    #[test]
+    fn refused_publishes_map_to_http_statuses() {
+        let remote = |code| PublishError::Remote {
+            code,
+            message: String::new(),
+        };
+        let no_router = PublishError::NoRouter {
+            attempts: 3,
+            source: async_nats::RequestError::new(async_nats::RequestErrorKind::NoResponders),
+        };
+        let cases = [
+            (PublishError::TooLarge { len: 2, max: 1 }, 413),
+            (remote(ErrorCode::InvalidId), 422),
+            (remote(ErrorCode::TooLarge), 413),
+            (remote(ErrorCode::Unavailable), 503),
+            (remote(ErrorCode::BadRequest), 503),
+            (PublishError::EmptyReply, 503),
+            (no_router, 503),
+        ];
+        for (e, status) in cases {
+            assert_eq!(publish_error_status(&e), status, "{e:?}");
+        }
+    }
+}

@@ -120,3 +120,53 @@ pub trait Bus: Send + Sync + 'static {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn each_bus_error_keeps_its_cause_and_has_a_bounded_reason() {
+        use async_nats::{ConnectErrorKind, PublishErrorKind, SubscribeErrorKind};
+        let subject = || "sb.chat.c".to_owned();
+        let redis = redis::RedisError::from(std::io::Error::other("down"));
+        let cases = [
+            (
+                BusError::Connect {
+                    url: "nats://***@n:4222".into(),
+                    source: ConnectErrorKind::ServerParse.into(),
+                },
+                "connect",
+            ),
+            (
+                BusError::Publish {
+                    subject: subject(),
+                    source: PublishErrorKind::Send.into(),
+                },
+                "publish",
+            ),
+            (
+                BusError::Subscribe {
+                    subject: subject(),
+                    source: SubscribeErrorKind::Other.into(),
+                },
+                "subscribe",
+            ),
+            (
+                BusError::Flush {
+                    subject: subject(),
+                    source: async_nats::client::FlushErrorKind::FlushError.into(),
+                },
+                "subscribe",
+            ),
+            (PresenceError::from(redis).into(), "presence"),
+        ];
+        for (e, reason) in cases {
+            assert_eq!(e.reason(), reason, "{e:?}");
+            assert!(e.source().is_some(), "{e:?} lost its source");
+            assert!(e.to_string().contains("unavailable"), "{e}");
+        }
+    }
+}

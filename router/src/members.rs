@@ -111,12 +111,14 @@ impl Members {
         // loses finds it created.
         let mut stream = match js.get_or_create_stream(config).await {
             Ok(s) => s,
-            Err(source) => js.get_stream(PUSH_STREAM).await.map_err(|_| {
-                MembersError::PushStream {
-                    replicas: push_replicas,
-                    source,
-                }
-            })?,
+            Err(source) => {
+                js.get_stream(PUSH_STREAM)
+                    .await
+                    .map_err(|_| MembersError::PushStream {
+                        replicas: push_replicas,
+                        source,
+                    })?
+            }
         };
         if let Ok(info) = stream.info().await
             && info.config.num_replicas != push_replicas
@@ -198,10 +200,7 @@ impl Members {
         for b in 0..self.buckets {
             let members = self.bucket(channel, b).await?;
             for chunk in members.chunks(1000) {
-                let st = self
-                    .presence
-                    .status(chunk, now_ms())
-                    .await?;
+                let st = self.presence.status(chunk, now_ms()).await?;
                 total += st.iter().filter(|s| s.online).count() as u64;
             }
         }
@@ -310,10 +309,7 @@ impl Members {
                     .ignore();
             }
             let _: () = pipe.query_async(&mut conn).await?;
-            let st = self
-                .presence
-                .status(chunk, now_ms())
-                .await?;
+            let st = self.presence.status(chunk, now_ms()).await?;
             let mut acks = Vec::new();
             for s in st.iter().filter(|s| !s.online) {
                 acks.push(self.push_send(&s.user, &d).await?);

@@ -259,3 +259,131 @@ impl Router {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use async_nats::{RequestError, RequestErrorKind};
+
+    use super::*;
+
+    fn redis_down() -> HistoryError {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        HistoryError::Redis(redis::RedisError::from(cause))
+    }
+
+    fn undecodable() -> prost::DecodeError {
+        use prost::Message;
+        let garbage: &[u8] = &[0xff];
+        switchboard_protocol::internal::v1::RouterReply::decode(garbage)
+            .expect_err("a lone continuation byte is no message")
+    }
+
+    fn no_router(kind: RequestErrorKind) -> PublishError {
+        PublishError::NoRouter {
+            attempts: 3,
+            source: RequestError::new(kind),
+        }
+    }
+
+    fn remote(code: ErrorCode) -> PublishError {
+        PublishError::Remote {
+            code,
+            message: "said the router".into(),
+        }
+    }
+
+    #[test]
+    fn each_variant_maps_to_its_code_and_reason() {
+        let bad_id = PublishError::from(validate_client_msg_id("").unwrap_err());
+        let cases = [
+            (bad_id, ErrorCode::InvalidId, "invalid_id"),
+            (
+                PublishError::TooLarge { len: 2, max: 1 },
+                ErrorCode::TooLarge,
+                "too_large",
+            ),
+            (redis_down().into(), ErrorCode::Unavailable, "history"),
+            (
+                no_router(RequestErrorKind::NoResponders),
+                ErrorCode::Unavailable,
+                "no_router",
+            ),
+            (
+                no_router(RequestErrorKind::TimedOut),
+                ErrorCode::Unavailable,
+                "no_router",
+            ),
+            (
+                PublishError::BadReply(undecodable()),
+                ErrorCode::Unavailable,
+                "bad_reply",
+            ),
+            (
+                PublishError::EmptyReply,
+                ErrorCode::Unavailable,
+                "bad_reply",
+            ),
+            (
+                remote(ErrorCode::InvalidId),
+                ErrorCode::InvalidId,
+                "invalid_id",
+            ),
+            (
+                remote(ErrorCode::TooLarge),
+                ErrorCode::TooLarge,
+                "too_large",
+            ),
+            (
+                remote(ErrorCode::BadRequest),
+                ErrorCode::Unavailable,
+                "bad_request",
+            ),
+            (
+                remote(ErrorCode::Unavailable),
+                ErrorCode::Unavailable,
+                "history",
+            ),
+            (
+                remote(ErrorCode::Unspecified),
+                ErrorCode::Unavailable,
+                "router_error",
+            ),
+        ];
+        for (e, code, reason) in cases {
+            assert_eq!((e.code(), e.reason()), (code, reason), "{e:?}");
+            assert!(PUBLISH_ERROR_REASONS.contains(&reason), "{reason}");
+        }
+    }
+
+    #[test]
+    fn wrapped_causes_are_kept_as_sources() {
+        let history = PublishError::from(redis_down());
+        let source = history.source().expect("history keeps the Redis error");
+        assert!(source.downcast_ref::<redis::RedisError>().is_some());
+
+        let none = no_router(RequestErrorKind::NoResponders);
+        let source = none.source().expect("no router keeps the request error");
+        let request = source
+            .downcast_ref::<RequestError>()
+            .expect("a request error");
+        assert_eq!(request.kind(), RequestErrorKind::NoResponders);
+
+        let bad = PublishError::BadReply(undecodable());
+        assert!(bad.source().is_some());
+        assert!(
+            PublishError::from(validate_client_msg_id("").unwrap_err())
+                .source()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn no_router_and_history_outage_read_differently() {
+        let none = no_router(RequestErrorKind::NoResponders).to_string();
+        let history = PublishError::from(redis_down()).to_string();
+        assert!(none.starts_with("no router answered"), "{none}");
+        assert!(history.starts_with("history unavailable"), "{history}");
+    }
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use switchboard_protocol::{ChatId, StreamKey, UserId};
 use switchboard_router::{
-    Draft, History, HistoryLimits, MemoryHistory, RedisHistory, connect_redis,
+    Draft, History, HistoryError, HistoryLimits, MemoryHistory, RedisHistory, connect_redis,
 };
 use switchboard_testkit::Server;
 
@@ -174,7 +174,10 @@ async fn redis_outage_is_a_typed_error() {
     let h = RedisHistory::new(conn, limits());
     h.append(&chat("c"), draft("a", "1")).await.unwrap();
     redis.kill();
-    assert!(h.append(&chat("c"), draft("a", "2")).await.is_err());
+    let err = h.append(&chat("c"), draft("a", "2")).await.unwrap_err();
+    assert!(matches!(err, HistoryError::Redis(_)), "{err:?}");
+    assert!(std::error::Error::source(&err).is_some(), "{err:?}");
+    assert!(err.to_string().starts_with("history unavailable"), "{err}");
     redis.restart();
     // The connection manager reconnects by itself; history was lost with
     // the process, so the stream starts a new epoch.
