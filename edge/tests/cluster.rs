@@ -768,3 +768,60 @@ async fn a_router_stopping_under_load_while_redis_stalls_strands_no_request() {
     );
     c.shutdown().await;
 }
+
+/// With NATS up but no router running, a publish is refused as "no router
+/// answered", not as a history outage; with a router running and Redis
+/// down it is "history unavailable". Both are 503 `Unavailable` (retry
+/// later), told apart by the message and by
+/// `switchboard_publish_errors_total{reason}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_with_no_router_running_is_refused_as_no_router_not_as_history() {
+    let nats = switchboard_testkit::Server::nats();
+    let mut redis = switchboard_testkit::Server::redis();
+    let edge = start_edge(&nats, &redis, "edge-0").await;
+    let addr = edge.addr();
+    let no_router = r#"switchboard_publish_errors_total{reason="no_router"}"#;
+    let history = r#"switchboard_publish_errors_total{reason="history"}"#;
+    let message = |r: &Value| {
+        r["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut alice = Raw::connected(&edge, "alice").await;
+    let refused_before = metric(addr, no_router).await;
+    let publish_raw =
+        |id: &str| json!({"publish": {"chat": "c", "clientMsgId": id, "payload": b64("x")}});
+
+    let r = alice.request(publish_raw("m1")).await;
+    assert_eq!(r["error"]["code"], 503, "{r}");
+    assert!(message(&r).starts_with("no router answered"), "{r}");
+    let (status, body) = post(
+        addr,
+        "/api/publish",
+        &json!({"chat": "c", "client_msg_id": "api-1", "text": "x"}),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(message(&body).starts_with("no router answered"), "{body}");
+    assert_eq!(metric(addr, no_router).await - refused_before, 2.0);
+
+    let router = start_router(&nats, &redis, "router-0").await;
+    wait_for_routers(&nats).await;
+    publish(&mut alice, json!({"chat": "c"}), "m2", "x").await;
+    let history_before = metric(addr, history).await;
+    redis.kill();
+    let r = alice.request(publish_raw("m3")).await;
+    assert_eq!(r["error"]["code"], 503, "{r}");
+    assert!(message(&r).starts_with("history unavailable"), "{r}");
+    assert_eq!(
+        metric(addr, no_router).await - refused_before,
+        2.0,
+        "a Redis outage is not 'no router'"
+    );
+    assert!(metric(addr, history).await > history_before);
+
+    redis.restart();
+    edge.shutdown().await;
+    router.stop().await;
+}

@@ -99,10 +99,7 @@ impl RedisPresence {
         for u in users {
             pipe.cmd("SISMEMBER").arg(ONLINE).arg(u.as_str());
         }
-        let flags: Vec<bool> = pipe
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(PresenceError::Redis)?;
+        let flags: Vec<bool> = pipe.query_async(&mut self.conn.clone()).await?;
         Ok(flags.into_iter().filter(|f| *f).count())
     }
 
@@ -129,10 +126,7 @@ impl RedisPresence {
                 // slot. Idempotent, so every register may add.
                 pipe.cmd("SADD").arg(ONLINE).arg(s.user.as_str()).ignore();
             }
-            let became: Vec<i64> = pipe
-                .query_async(&mut conn)
-                .await
-                .map_err(PresenceError::Redis)?;
+            let became: Vec<i64> = pipe.query_async(&mut conn).await?;
             back.extend(
                 chunk
                     .iter()
@@ -161,8 +155,7 @@ impl RedisPresence {
                 .arg(node_key(node))
                 .arg(SWEEP_BATCH)
                 .query_async(&mut conn)
-                .await
-                .map_err(PresenceError::Redis)?;
+                .await?;
             if members.is_empty() {
                 return Ok((gone, false));
             }
@@ -186,10 +179,7 @@ impl RedisPresence {
                     .arg(now_ms)
                     .arg(SEEN_TTL_MS);
             }
-            let became: Vec<i64> = pipe
-                .query_async(&mut conn)
-                .await
-                .map_err(PresenceError::Redis)?;
+            let became: Vec<i64> = pipe.query_async(&mut conn).await?;
             let offline: Vec<UserId> = parsed
                 .into_iter()
                 .zip(became)
@@ -202,10 +192,7 @@ impl RedisPresence {
                 for u in &offline {
                     cmd.arg(u.as_str());
                 }
-                let _: () = cmd
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(PresenceError::Redis)?;
+                let _: () = cmd.query_async(&mut conn).await?;
                 gone.extend(offline.into_iter().map(|u| (u, now_ms)));
             }
         }
@@ -255,8 +242,7 @@ impl PresenceStore for RedisPresence {
             .arg(now_ms)
             .arg(SEEN_TTL_MS)
             .invoke_async(&mut conn)
-            .await
-            .map_err(PresenceError::Redis)?;
+            .await?;
         let mut pipe = redis::pipe();
         pipe.cmd("SREM")
             .arg(node_key(&s.node))
@@ -265,10 +251,7 @@ impl PresenceStore for RedisPresence {
         if became == 1 {
             pipe.cmd("SREM").arg(ONLINE).arg(s.user.as_str()).ignore();
         }
-        let _: () = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(PresenceError::Redis)?;
+        let _: () = pipe.query_async(&mut conn).await?;
         Ok(if became == 1 {
             Transition::BecameOffline {
                 last_seen_ms: now_ms,
@@ -296,10 +279,7 @@ impl PresenceStore for RedisPresence {
         for u in users {
             pipe.hgetall(sessions_key(u)).get(seen_key(u));
         }
-        let raw: Vec<redis::Value> = pipe
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(PresenceError::Redis)?;
+        let raw: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
         let mut raw = raw.into_iter();
         let leases: HashMap<String, String> = raw
             .next()
@@ -336,8 +316,7 @@ impl PresenceStore for RedisPresence {
         let mut nodes: Vec<String> = redis::cmd("HVALS")
             .arg(sessions_key(user))
             .query_async(&mut self.conn.clone())
-            .await
-            .map_err(PresenceError::Redis)?;
+            .await?;
         nodes.sort();
         nodes.dedup();
         Ok(nodes)
@@ -360,8 +339,7 @@ impl PresenceStore for RedisPresence {
                     .arg(&node)
                     .arg(&value)
                     .invoke_async(&mut self.conn.clone())
-                    .await
-                    .map_err(PresenceError::Redis)?;
+                    .await?;
             }
         }
         Ok(gone)
@@ -396,8 +374,7 @@ impl PresenceStore for RedisPresence {
             .arg(addr)
             .arg(now_ms)
             .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(PresenceError::Redis)?;
+            .await?;
         Ok(fresh == 1)
     }
 
