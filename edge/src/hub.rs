@@ -20,7 +20,7 @@ use switchboard_protocol::{
 use switchboard_router::{Bus, BusError, BusHandler, History, presence_subject};
 use tokio::sync::Mutex;
 
-use crate::{metrics::EdgeMetrics, outbound::ConnHandle};
+use crate::{mailbox::ConnHandle, metrics::EdgeMetrics};
 
 /// Interest changes are serialized per subject through one of these locks,
 /// so subscribe/unsubscribe on the bus never run out of order.

@@ -7,8 +7,9 @@
 //! - `auth`: JWT verification.
 //! - `server`: listener and HTTP routes (`/ws`, health, metrics, publish API, dev page).
 //! - `admission`: the connection cap under the file limit.
-//! - `connection` / `session` / `writer` / `outbound`: one socket's actor.
-//! - `inbound`: frames read one at a time, with no read buffer while idle.
+//! - `conn`: one socket's actor (its session, writer, batched writes, and
+//!   `conn::inbound`: frames read one at a time, no read buffer while idle).
+//! - `mailbox`: a socket's bounded mailbox, the only way others reach it.
 //! - `hub`: local index, reference-counted bus interest, ordered fan-out.
 //! - `app`: backends chosen once, the drain on shutdown.
 //!
@@ -19,18 +20,14 @@
 mod admission;
 mod app;
 mod auth;
-mod batch_writer;
 mod config;
-mod connection;
+mod conn;
 mod hub;
-mod inbound;
+mod mailbox;
 mod metrics;
-mod outbound;
 mod ratelimit;
 mod server;
-mod session;
 mod tls;
-mod writer;
 
 pub use admission::raise_file_limit;
 pub use app::{Edge, run};
@@ -49,7 +46,7 @@ pub mod fuzzing {
             .build()
             .expect("a current-thread runtime");
         runtime.block_on(async {
-            let mut inbound = crate::inbound::Inbound::new(bytes, max_message_bytes);
+            let mut inbound = crate::conn::inbound::Inbound::new(bytes, max_message_bytes);
             let mut lens = Vec::new();
             let mut obligated = |_f: fastwebsockets::Frame<'static>| {
                 std::future::ready(Ok::<(), std::io::Error>(()))

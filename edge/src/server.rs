@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::EdgeState,
     auth::Claims,
-    connection::{self, Accepted},
+    conn::{self, Accepted},
     metrics,
 };
 
@@ -268,7 +268,7 @@ fn upgrade(
     };
     state
         .tracker
-        .spawn(connection::serve(state.clone(), fut, accepted));
+        .spawn(conn::serve(state.clone(), fut, accepted));
     let mut response = response.map(|_| Full::new(Bytes::new()));
     if echo {
         response.headers_mut().insert(

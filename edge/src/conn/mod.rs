@@ -16,16 +16,23 @@ use tokio::{
 };
 use tracing::Instrument;
 
+mod batch_writer;
+pub(crate) mod inbound;
+mod requests;
+mod writer;
+
 use crate::{
     admission::Permit,
     app::EdgeState,
     auth::{AuthError, Identity},
-    batch_writer::BatchWriter,
-    inbound::Inbound,
+    conn::{
+        batch_writer::BatchWriter,
+        inbound::Inbound,
+        requests::Session,
+        writer::{Writer, WriterExit, WriterSettings},
+    },
+    mailbox::{ConnHandle, Outbound},
     metrics,
-    outbound::{ConnHandle, Outbound},
-    session::Session,
-    writer::{Writer, WriterExit, WriterSettings},
 };
 
 /// Everything known about a socket before its Connect frame.

@@ -19,9 +19,9 @@ use switchboard_protocol::{
 use tokio::{io::AsyncWrite, time::Instant};
 
 use crate::{
-    batch_writer::{BatchWriter, FLUSH_AT_BYTES},
+    conn::batch_writer::{BatchWriter, FLUSH_AT_BYTES},
+    mailbox::{ConnHandle, Inbox, Next, Outbound, Recovered},
     metrics::EdgeMetrics,
-    outbound::{ConnHandle, Inbox, Next, Outbound, Recovered},
 };
 
 /// Live deliveries held per stream while its recovery is read; beyond

@@ -17,9 +17,9 @@ use switchboard_router::{PublishRequest, presence_subject, publish_to_user};
 use crate::{
     app::EdgeState,
     auth::{AuthError, Identity},
-    connection::{Reader, ReaderExit},
+    conn::{Reader, ReaderExit},
+    mailbox::{ConnHandle, Outbound, Recovered},
     metrics,
-    outbound::{ConnHandle, Outbound, Recovered},
     ratelimit::{self, Bucket},
 };
 
