@@ -22,11 +22,14 @@ mod app;
 mod auth;
 mod config;
 mod conn;
+mod drain;
 mod hub;
 mod mailbox;
 mod metrics;
+mod presence;
 mod ratelimit;
 mod server;
+mod state;
 mod tls;
 
 pub use admission::raise_file_limit;

@@ -192,15 +192,3 @@ pub(crate) fn api_publish(result: &'static str) {
     debug_assert!(API_PUBLISH_RESULTS.contains(&result), "{result}");
     counter!("switchboard_api_publishes_total", "result" => result).increment(1);
 }
-
-/// Updates gauges that are cheaper to read on scrape than to track.
-pub(crate) fn refresh_gauges(state: &crate::app::EdgeState) {
-    switchboard_router::telemetry::collect_process_metrics();
-    gauge!("switchboard_edge_connections_max").set(state.admission.max() as f64);
-    gauge!("switchboard_edge_connections_admitted").set(state.admission.open() as f64);
-    gauge!("switchboard_edge_bus_subscriptions").set(state.bus.subscriptions() as f64);
-    let idle = state.handshakes.available_permits();
-    gauge!("switchboard_edge_handshakes")
-        .set(state.config.max_handshakes.saturating_sub(idle) as f64);
-    gauge!("switchboard_history_streams").set(state.history.streams() as f64);
-}

@@ -15,10 +15,10 @@ use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::EdgeState,
     auth::Claims,
     conn::{self, Accepted},
     metrics,
+    state::EdgeState,
 };
 
 type Body = Full<Bytes>;
@@ -130,7 +130,7 @@ async fn route(
                 Some("draining")
             } else if !state.bus.connected() {
                 Some("bus (NATS) disconnected")
-            } else if !state.presence_ok.load(Ordering::Acquire) {
+            } else if !state.sessions.renewed() {
                 Some("presence (Redis) unavailable")
             } else {
                 None
@@ -141,7 +141,7 @@ async fn route(
             }
         }
         (&Method::GET, "/metrics") => {
-            metrics::refresh_gauges(&state);
+            state.refresh_gauges();
             let mut r = text(StatusCode::OK, state.prometheus.render());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -23,7 +23,6 @@ mod writer;
 
 use crate::{
     admission::Permit,
-    app::EdgeState,
     auth::{AuthError, Identity},
     conn::{
         batch_writer::BatchWriter,
@@ -31,8 +30,10 @@ use crate::{
         requests::Session,
         writer::{Writer, WriterExit, WriterSettings},
     },
+    drain,
     mailbox::{ConnHandle, Outbound},
     metrics,
+    state::EdgeState,
 };
 
 /// Everything known about a socket before its Connect frame.
@@ -310,15 +311,7 @@ async fn run(opened: Box<Opened>) {
     state.metrics.opened.increment(1);
     state.metrics.connections.increment(1.0);
     state.hub.add_conn(&conn);
-    // A handshake that finishes while the edge drains missed the drain's
-    // list of sockets: it gets the same advice at once, or the edge would
-    // wait out its whole grace for it.
-    if state.draining.load(Ordering::SeqCst) {
-        conn.close(
-            CloseReason::Shutdown,
-            crate::app::drain_reconnect_delay_ms(cfg),
-        );
-    }
+    drain::close_if_draining(&state, &conn);
     let expires_at_ms = identity.expires_at_ms;
     let mut session = Session::new(state.clone(), conn.clone(), identity);
     // The steady state, in its own scope so that what comes after it (the

@@ -3,7 +3,7 @@ use std::{collections::HashSet, sync::Arc, sync::atomic::AtomicI64, sync::atomic
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocketError};
-use switchboard_presence::{Session as PresenceSession, Transition};
+use switchboard_presence::Session as PresenceSession;
 use switchboard_protocol::{
     ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, chat_subject, now_ms,
     v1::{
@@ -12,15 +12,15 @@ use switchboard_protocol::{
         server_frame,
     },
 };
-use switchboard_router::{PublishRequest, presence_subject, publish_to_user};
+use switchboard_router::{PublishRequest, publish_to_user};
 
 use crate::{
-    app::EdgeState,
     auth::{AuthError, Identity},
     conn::{Reader, ReaderExit},
     mailbox::{ConnHandle, Outbound, Recovered},
     metrics,
     ratelimit::{self, Bucket},
+    state::EdgeState,
 };
 
 /// Requests that count against the publish rate as well.
@@ -84,11 +84,7 @@ pub(crate) struct Session {
 impl Session {
     pub(crate) fn new(state: Arc<EdgeState>, conn: ConnHandle, identity: Identity) -> Self {
         let state_rates = (state.config.rate_requests, state.config.rate_publish);
-        let presence = PresenceSession {
-            user: identity.user.clone(),
-            session_id: format!("{}-{}", state.config.node_id, conn.id()),
-            node: state.config.node_id.clone(),
-        };
+        let presence = state.sessions.session_of(&identity.user, conn.id());
         Session {
             state,
             conn,
@@ -143,17 +139,12 @@ impl Session {
         // so it is registered before history is read: a message stored
         // before the router's lookup is in the read below, one stored after
         // it is routed here.
-        self.state
+        let registered = self
+            .state
             .sessions
-            .insert(self.conn.id(), self.presence.clone());
-        let order = self.state.presence_order(&self.identity.user).await;
-        let registered = self.state.presence.register(&self.presence, now_ms()).await;
-        if let Ok(Transition::BecameOnline) = registered {
-            self.announce(true, now_ms(), 1).await;
-        }
-        drop(order);
+            .register(self.conn.id(), &self.presence)
+            .await;
         if let Err(e) = registered {
-            ::metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
             self.refuse(id, Refusal(ErrorCode::Unavailable, e.to_string()));
             return Err(CloseReason::Unavailable);
         }
@@ -189,22 +180,6 @@ impl Session {
             frames: recovery.frames,
         })));
         Ok(())
-    }
-
-    async fn announce(&self, online: bool, at_ms: i64, devices: u32) {
-        let frame = SharedFrame::new(ServerFrame {
-            id: 0,
-            kind: Some(server_frame::Kind::Presence(PresenceEvent {
-                user: self.identity.user.to_string(),
-                online,
-                last_seen_ms: at_ms,
-                devices,
-            })),
-        });
-        self.state
-            .router
-            .broadcast(&presence_subject(&self.identity.user), frame)
-            .await;
     }
 
     /// Reads frames until the peer leaves or a frame forces a close.
@@ -685,26 +660,12 @@ impl Session {
         }
         if self.joined_user_stream {
             self.joined_user_stream = false;
-            // Gone from what a lease restore registers again.
-            self.state.sessions.remove(&self.conn.id());
+            self.state.sessions.forget(self.conn.id());
             self.state
                 .hub
                 .leave(&StreamKey::User(self.identity.user.clone()), self.conn.id())
                 .await;
-            let state = self.state.clone();
-            let _order = state.presence_order(&self.identity.user).await;
-            match self
-                .state
-                .presence
-                .unregister(&self.presence, now_ms())
-                .await
-            {
-                Ok(Transition::BecameOffline { last_seen_ms }) => {
-                    self.announce(false, last_seen_ms, 0).await
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "presence unregister failed"),
-            }
+            self.state.sessions.unregister(&self.presence).await;
         }
     }
 }

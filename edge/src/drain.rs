@@ -1,0 +1,111 @@
+//! The drain on shutdown: readiness fails and accepts stop, sockets are
+//! closed in batches with jittered reconnect advice, and their tasks are
+//! awaited within the grace period. A handshake that finishes during the
+//! drain gets the same advice at once.
+use std::{sync::atomic::Ordering, time::Duration};
+
+use switchboard_protocol::CloseReason;
+use tokio_util::sync::CancellationToken;
+
+use crate::{mailbox::ConnHandle, state::EdgeState};
+
+/// The longest pause between two batches.
+const MAX_BATCH_PAUSE: Duration = Duration::from_millis(500);
+
+/// The reconnect delay a drained socket is advised: uniform below
+/// `jitter_max` (`--reconnect-jitter-max-ms`), so its clients come back
+/// spread out.
+pub(crate) fn reconnect_delay_ms(jitter_max: Duration) -> u32 {
+    match jitter_max.as_millis() as u32 {
+        0 => 0,
+        max => rand::random_range(0..max),
+    }
+}
+
+/// A handshake that finishes while the edge drains missed the drain's
+/// list of sockets: it gets the same advice at once, or the edge would
+/// wait out its whole grace for it.
+pub(crate) fn close_if_draining(state: &EdgeState, conn: &ConnHandle) {
+    if state.draining.load(Ordering::SeqCst) {
+        conn.close(
+            CloseReason::Shutdown,
+            reconnect_delay_ms(state.config.reconnect_jitter_max),
+        );
+    }
+}
+
+/// How many batches `sockets` make and the pause between two of them:
+/// the batches are spread over the first half of the grace period.
+fn batches(sockets: usize, batch: usize, grace: Duration) -> (usize, Duration) {
+    let batches = sockets.div_ceil(batch).max(1);
+    let pause = (grace / 2 / batches as u32).min(MAX_BATCH_PAUSE);
+    (batches, pause)
+}
+
+/// Stops accepting, closes every socket in batches and waits for their
+/// tasks until the grace period ends.
+pub(crate) async fn drain(state: &EdgeState, stop_accepting: CancellationToken) {
+    let started = tokio::time::Instant::now();
+    let grace = state.config.shutdown_grace;
+    state.draining.store(true, Ordering::SeqCst);
+    stop_accepting.cancel();
+    let conns = state.hub.conns();
+    let batch = state.config.drain_batch_size;
+    let (batches, pause) = batches(conns.len(), batch, grace);
+    tracing::info!(sockets = conns.len(), batches, "draining");
+    for (i, chunk) in conns.chunks(batch).enumerate() {
+        for conn in chunk {
+            conn.close(
+                CloseReason::Shutdown,
+                reconnect_delay_ms(state.config.reconnect_jitter_max),
+            );
+        }
+        if i + 1 < batches {
+            tokio::time::sleep(pause).await;
+        }
+    }
+    state.tracker.close();
+    if tokio::time::timeout_at(started + grace, state.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = state.hub.conn_count(),
+            "drain deadline reached; exiting with sockets open"
+        );
+    }
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_delay_stays_below_the_jitter_max() {
+        assert_eq!(reconnect_delay_ms(Duration::ZERO), 0);
+        // Below a millisecond there is no room for jitter.
+        assert_eq!(reconnect_delay_ms(Duration::from_micros(900)), 0);
+        assert_eq!(reconnect_delay_ms(Duration::from_millis(1)), 0);
+        let max = Duration::from_millis(1000);
+        let delays: Vec<u32> = (0..2000).map(|_| reconnect_delay_ms(max)).collect();
+        assert!(delays.iter().all(|&d| d < 1000), "{delays:?}");
+        // Spread out, not one value: both halves of the range are used.
+        assert!(delays.iter().any(|&d| d < 500));
+        assert!(delays.iter().any(|&d| d >= 500));
+    }
+
+    #[test]
+    fn batches_fill_half_the_grace_with_short_pauses() {
+        let grace = Duration::from_secs(20);
+        // No socket: one (empty) batch, so the pause is still defined.
+        assert_eq!(batches(0, 100, grace), (1, MAX_BATCH_PAUSE));
+        // Few batches: the pause is capped.
+        assert_eq!(batches(250, 100, grace), (3, MAX_BATCH_PAUSE));
+        // Many batches: spread over the first half of the grace.
+        let (n, pause) = batches(100_000, 100, grace);
+        assert_eq!(n, 1000);
+        assert_eq!(pause, Duration::from_millis(10));
+        assert!(pause * n as u32 <= grace / 2);
+    }
+}

@@ -1,0 +1,228 @@
+//! This edge's side of presence: the node lease (taken afresh at start,
+//! renewed by heartbeats, restored when the store lost it), the presence
+//! session of each local socket (registered on connect, unregistered on
+//! close, each online/offline transition announced), and the per-user
+//! ordering that keeps a transition and its announcement together.
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use dashmap::DashMap;
+use switchboard_presence::{PresenceError, PresenceStore, Session, Transition};
+use switchboard_protocol::{
+    SharedFrame, UserId, now_ms,
+    v1::{PresenceEvent, ServerFrame, server_frame},
+};
+use switchboard_router::{Bus, BusHandler, Publisher, presence_subject};
+use tokio::sync::{Mutex, MutexGuard};
+use tokio_util::sync::CancellationToken;
+
+use crate::{config::Config, hub::Hub};
+
+/// Stripes of `Sessions::order`: the lock is held across a Redis round
+/// trip, so users sharing a stripe wait on each other; 4,096 keeps that
+/// rare at thousands of connects per second (48 bytes each).
+const STRIPES: usize = 4096;
+
+/// This node's presence lease and the presence sessions of its sockets.
+pub(crate) struct Sessions {
+    store: Arc<dyn PresenceStore>,
+    bus: Arc<dyn Bus>,
+    /// Announces a socket's transitions (as the router broadcasts).
+    router: Arc<dyn Publisher>,
+    hub: Arc<Hub>,
+    node: String,
+    /// Where routers reach this node, renewed with the lease.
+    addr: String,
+    ttl: Duration,
+    /// Presence sessions of this node's sockets (heartbeated together,
+    /// registered again when the lease was lost), by connection id.
+    live: DashMap<u64, Session>,
+    /// Serializes each user's presence transition with its announcement,
+    /// so a socket's offline cannot overtake the online of the socket that
+    /// replaced it (watchers would be left with the wrong state).
+    order: Box<[Mutex<()>]>,
+    /// The last lease renewal succeeded (readiness).
+    renewed: AtomicBool,
+}
+
+impl Sessions {
+    pub(crate) fn new(
+        config: &Config,
+        store: Arc<dyn PresenceStore>,
+        bus: Arc<dyn Bus>,
+        router: Arc<dyn Publisher>,
+        hub: Arc<Hub>,
+    ) -> Self {
+        Sessions {
+            store,
+            bus,
+            router,
+            hub,
+            node: config.node_id.clone(),
+            addr: config.listen.to_string(),
+            ttl: config.presence_ttl,
+            live: DashMap::new(),
+            order: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            renewed: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether the last lease renewal succeeded (readiness).
+    pub(crate) fn renewed(&self) -> bool {
+        self.renewed.load(Ordering::Acquire)
+    }
+
+    /// A socket's presence session on this node.
+    pub(crate) fn session_of(&self, user: &UserId, conn_id: u64) -> Session {
+        Session {
+            user: user.clone(),
+            session_id: format!("{}-{conn_id}", self.node),
+            node: self.node.clone(),
+        }
+    }
+
+    /// Starts this node's presence lease afresh: sessions a previous run
+    /// under the same node id left behind go offline (announced), then the
+    /// lease exists before the first socket registers.
+    pub(crate) async fn lease(&self) {
+        match self.store.drop_node(&self.node, now_ms()).await {
+            Ok(gone) => {
+                for (user, at) in gone {
+                    switchboard_router::announce(self.bus.as_ref(), &user, false, at, 0).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "presence: previous sessions not dropped"),
+        }
+        if let Err(e) = self
+            .store
+            .node_heartbeat(&self.node, &self.addr, now_ms())
+            .await
+        {
+            tracing::warn!(error = %e, "presence lease not taken");
+        }
+    }
+
+    /// Renews this node's presence lease (its sessions live as long as it).
+    /// When the store had no live lease for us (Redis restarted empty, or a
+    /// stall outlived the lease and another node swept our sessions), every
+    /// local session is registered again and every stream is re-read from
+    /// history: routers could not find this edge meanwhile.
+    pub(crate) async fn heartbeats(self: Arc<Self>, stop: CancellationToken) {
+        // One command per node per tick, so renewing often is cheap: a node
+        // stalled (or starved of CPU) for up to 5 renewals keeps its lease.
+        let mut tick = tokio::time::interval(self.ttl / 6);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let renewed = self
+                .store
+                .node_heartbeat(&self.node, &self.addr, now_ms())
+                .await;
+            self.renewed.store(renewed.is_ok(), Ordering::Release);
+            metrics::gauge!("switchboard_edge_presence_available").set(if renewed.is_ok() {
+                1.0
+            } else {
+                0.0
+            });
+            let fresh = match renewed {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+                    tracing::warn!(error = %e, "presence lease not renewed");
+                    continue;
+                }
+            };
+            let sessions: Vec<Session> = self.live.iter().map(|e| e.value().clone()).collect();
+            if !fresh || sessions.is_empty() {
+                continue;
+            }
+            tracing::warn!(
+                sessions = sessions.len(),
+                "presence lost this node's sessions; restoring them"
+            );
+            metrics::counter!("switchboard_edge_presence_restores_total").increment(1);
+            match self.store.restore(&sessions, now_ms()).await {
+                Ok(back) => {
+                    for user in back {
+                        switchboard_router::announce(self.bus.as_ref(), &user, true, now_ms(), 1)
+                            .await;
+                    }
+                    // Routers could not find us meanwhile: re-read every stream.
+                    self.hub.on_possible_loss();
+                }
+                Err(e) => {
+                    metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+                    tracing::warn!(error = %e, "presence restore failed");
+                }
+            }
+        }
+    }
+
+    /// Held across one user's presence transition and its announcement.
+    async fn ordered(&self, user: &UserId) -> MutexGuard<'_, ()> {
+        self.order[crate::hub::stripe(user.as_str(), STRIPES)]
+            .lock()
+            .await
+    }
+
+    /// Registers a socket's session (kept for lease restores even if the
+    /// store fails) and announces the user online if it was not.
+    pub(crate) async fn register(
+        &self,
+        conn_id: u64,
+        session: &Session,
+    ) -> Result<(), PresenceError> {
+        self.live.insert(conn_id, session.clone());
+        let _order = self.ordered(&session.user).await;
+        let transition = self
+            .store
+            .register(session, now_ms())
+            .await
+            .inspect_err(|_| {
+                metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+            })?;
+        if transition == Transition::BecameOnline {
+            self.announce(&session.user, true, now_ms(), 1).await;
+        }
+        Ok(())
+    }
+
+    /// Gone from what a lease restore registers again.
+    pub(crate) fn forget(&self, conn_id: u64) {
+        self.live.remove(&conn_id);
+    }
+
+    /// Unregisters a socket's session and announces the user offline if
+    /// this was its last one.
+    pub(crate) async fn unregister(&self, session: &Session) {
+        let _order = self.ordered(&session.user).await;
+        match self.store.unregister(session, now_ms()).await {
+            Ok(Transition::BecameOffline { last_seen_ms }) => {
+                self.announce(&session.user, false, last_seen_ms, 0).await
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "presence unregister failed"),
+        }
+    }
+
+    async fn announce(&self, user: &UserId, online: bool, at_ms: i64, devices: u32) {
+        let frame = SharedFrame::new(ServerFrame {
+            id: 0,
+            kind: Some(server_frame::Kind::Presence(PresenceEvent {
+                user: user.to_string(),
+                online,
+                last_seen_ms: at_ms,
+                devices,
+            })),
+        });
+        self.router.broadcast(&presence_subject(user), frame).await;
+    }
+}

@@ -1,0 +1,111 @@
+//! The edge's shared state, built once at startup from the chosen
+//! backends and shared by the listener, the routes, the sockets and the
+//! drain.
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64},
+};
+
+use metrics::gauge;
+use metrics_exporter_prometheus::PrometheusHandle;
+use switchboard_presence::PresenceStore;
+use switchboard_router::{Bus, History, Publisher};
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    admission::Admission, config::Config, hub::Hub, metrics::EdgeMetrics, presence::Sessions,
+    ratelimit::Bucket,
+};
+
+pub(crate) struct EdgeState {
+    pub(crate) config: Config,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) router: Arc<dyn Publisher>,
+    pub(crate) history: Arc<dyn History>,
+    pub(crate) presence: Arc<dyn PresenceStore>,
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) metrics: Arc<EdgeMetrics>,
+    pub(crate) admission: Arc<Admission>,
+    /// Handshakes in progress (`--max-handshakes`).
+    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
+    /// New sockets per second (`--accept-rate-*`), shared by all accepts.
+    pub(crate) accept_rate: std::sync::Mutex<Bucket>,
+    pub(crate) next_conn_id: AtomicU64,
+    pub(crate) draining: AtomicBool,
+    /// WSS certificates, reloadable (`None`: plain WS).
+    pub(crate) tls: Option<crate::tls::Tls>,
+    pub(crate) prometheus: PrometheusHandle,
+    pub(crate) tracker: TaskTracker,
+    /// This node's presence lease and its sockets' presence sessions.
+    pub(crate) sessions: Arc<Sessions>,
+}
+
+/// The backends, chosen once at startup (see `app`).
+pub(crate) struct Backends {
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) history: Arc<dyn History>,
+    pub(crate) presence: Arc<dyn PresenceStore>,
+    pub(crate) router: Arc<dyn Publisher>,
+}
+
+impl EdgeState {
+    /// Starts the hub on the backends and loads the TLS certificates.
+    /// `prometheus` and `metrics` exist before the backends, whose metric
+    /// handles need the recorder.
+    pub(crate) async fn new(
+        config: Config,
+        b: Backends,
+        prometheus: PrometheusHandle,
+        metrics: Arc<EdgeMetrics>,
+    ) -> Result<Arc<EdgeState>, String> {
+        let hub = Hub::new(
+            &config.node_id,
+            b.bus.clone(),
+            b.history.clone(),
+            metrics.clone(),
+        );
+        hub.start().await.map_err(|e| e.to_string())?;
+        metrics.connections_max.set(config.max_connections as f64);
+        let tls = match &config.tls {
+            Some(files) => Some(crate::tls::Tls::load(files.clone())?),
+            None => None,
+        };
+        let sessions = Arc::new(Sessions::new(
+            &config,
+            b.presence.clone(),
+            b.bus.clone(),
+            b.router.clone(),
+            hub.clone(),
+        ));
+        Ok(Arc::new(EdgeState {
+            admission: Arc::new(Admission::new(config.max_connections)),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),
+            accept_rate: std::sync::Mutex::new(Bucket::full(config.accept_rate)),
+            config,
+            hub,
+            router: b.router,
+            history: b.history,
+            presence: b.presence,
+            bus: b.bus,
+            metrics,
+            next_conn_id: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+            tls,
+            prometheus,
+            tracker: TaskTracker::new(),
+            sessions,
+        }))
+    }
+
+    /// Updates gauges that are cheaper to read on scrape than to track.
+    pub(crate) fn refresh_gauges(&self) {
+        switchboard_router::telemetry::collect_process_metrics();
+        gauge!("switchboard_edge_connections_max").set(self.admission.max() as f64);
+        gauge!("switchboard_edge_connections_admitted").set(self.admission.open() as f64);
+        gauge!("switchboard_edge_bus_subscriptions").set(self.bus.subscriptions() as f64);
+        let idle = self.handshakes.available_permits();
+        gauge!("switchboard_edge_handshakes")
+            .set(self.config.max_handshakes.saturating_sub(idle) as f64);
+        gauge!("switchboard_history_streams").set(self.history.streams() as f64);
+    }
+}
