@@ -9,14 +9,14 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use switchboard_protocol::{Encoding, UserId};
+use switchboard_protocol::UserId;
 use switchboard_router::{has_api_key, parse_api_publish, publish_error_status};
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     auth::Claims,
-    conn::{self, Accepted},
+    conn::{self, Refused},
     metrics,
     state::EdgeState,
 };
@@ -121,7 +121,11 @@ async fn route(
     accepted_at: Instant,
 ) -> Response<Body> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => upgrade(state, req, accepted_at),
+        (&Method::GET, "/ws") => match conn::upgrade(&state, req, accepted_at) {
+            Ok(switching) => switching.map(|_| Full::new(Bytes::new())),
+            Err(Refused::Status(status, why)) => text(status, why),
+            Err(Refused::RetryLater(why)) => retry_later(why),
+        },
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
             // Not ready: new sockets would fail (no bus, or presence could
@@ -164,144 +168,6 @@ async fn route(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
-}
-
-fn upgrade(
-    state: Arc<EdgeState>,
-    mut req: Request<Incoming>,
-    accepted_at: Instant,
-) -> Response<Body> {
-    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        metrics::upgrade_rejected("not_websocket");
-        return text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade\n");
-    }
-    if state.draining.load(Ordering::Acquire) {
-        metrics::upgrade_rejected("draining");
-        return retry_later("draining");
-    }
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok());
-    if !origin_allowed(&state.config.allowed_origins, origin) {
-        metrics::upgrade_rejected("origin");
-        return text(StatusCode::FORBIDDEN, "origin not allowed\n");
-    }
-    // Subprotocol: JSON when none is offered; an offer without ours fails.
-    let offered = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .and_then(|v| v.to_str().ok());
-    let (encoding, echo) = match offered {
-        None => (Encoding::Json, false),
-        Some(list) => match Encoding::negotiate(list) {
-            Some(e) => (e, true),
-            None => {
-                metrics::upgrade_rejected("subprotocol");
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unsupported subprotocol; offer {} or {}\n",
-                        Encoding::PROTOBUF_SUBPROTOCOL,
-                        Encoding::JSON_SUBPROTOCOL
-                    ),
-                );
-            }
-        },
-    };
-    let header_identity = match req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        None => None,
-        Some(h) => match h
-            .strip_prefix("Bearer ")
-            .map(|t| state.config.auth.verify(t.trim()))
-        {
-            Some(Ok(id)) => Some(id),
-            Some(Err(e)) => {
-                metrics::auth_failure(e.label());
-                metrics::upgrade_rejected("unauthorized");
-                return text(StatusCode::UNAUTHORIZED, format!("{e}\n"));
-            }
-            None => {
-                metrics::upgrade_rejected("unauthorized");
-                return text(
-                    StatusCode::UNAUTHORIZED,
-                    "expected Authorization: Bearer <token>\n",
-                );
-            }
-        },
-    };
-    let Some(permit) = state.admission.try_admit() else {
-        metrics::upgrade_rejected("over_capacity");
-        return retry_later("connection limit reached");
-    };
-    // A storm is spread out at the clients (Retry-After, then their own
-    // jitter) instead of queuing handshakes here.
-    let admitted = {
-        let mut bucket = state.accept_rate.lock().unwrap_or_else(|e| e.into_inner());
-        bucket.take(state.config.accept_rate, crate::ratelimit::clock_ms())
-    };
-    if !admitted {
-        metrics::upgrade_rejected("accept_rate");
-        return retry_later("too many new connections");
-    }
-    let Ok(handshake) = state.handshakes.clone().try_acquire_owned() else {
-        metrics::upgrade_rejected("handshakes");
-        return retry_later("too many handshakes in progress");
-    };
-    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(r) => r,
-        Err(e) => {
-            metrics::upgrade_rejected("bad_handshake");
-            return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
-        }
-    };
-    let accepted = Accepted {
-        encoding,
-        header_identity,
-        deadline: accepted_at + state.config.handshake_timeout,
-        permit,
-        handshake,
-    };
-    state
-        .tracker
-        .spawn(conn::serve(state.clone(), fut, accepted));
-    let mut response = response.map(|_| Full::new(Bytes::new()));
-    if echo {
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            header::HeaderValue::from_static(encoding.subprotocol()),
-        );
-    }
-    response
-}
-
-/// Whether a browser at `origin` may open a socket. Only browsers send
-/// `Origin`, and they always do on a WebSocket: without one the request
-/// comes from an app or a server, which the token authenticates.
-fn origin_allowed(allowed: &[String], origin: Option<&str>) -> bool {
-    let Some(origin) = origin else { return true };
-    if allowed.is_empty() {
-        return true;
-    }
-    let origin = origin.trim_end_matches('/').to_ascii_lowercase();
-    allowed.iter().any(|pattern| {
-        if pattern == "*" || *pattern == origin {
-            return true;
-        }
-        // `https://*.example.com`: any subdomain, not the bare domain.
-        match pattern.split_once("://*.") {
-            Some((scheme, domain)) => origin
-                .strip_prefix(scheme)
-                .and_then(|o| o.strip_prefix("://"))
-                .and_then(|host| host.strip_suffix(domain))
-                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
-            None => false,
-        }
-    })
 }
 
 /// 503 with a jittered Retry-After (1-5 s) so refused clients spread out.
@@ -448,35 +314,4 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod origin_tests {
-    use super::origin_allowed;
-
-    #[test]
-    fn origins_match_exactly_or_by_subdomain() {
-        let allowed = vec![
-            "https://app.example.com".to_owned(),
-            "https://*.chat.example".to_owned(),
-        ];
-        assert!(origin_allowed(&allowed, None), "apps send no Origin");
-        assert!(origin_allowed(&[], Some("https://anything")));
-        assert!(origin_allowed(&allowed, Some("https://app.example.com")));
-        assert!(origin_allowed(&allowed, Some("HTTPS://App.Example.com/")));
-        assert!(origin_allowed(&allowed, Some("https://web.chat.example")));
-        assert!(origin_allowed(&allowed, Some("https://a.b.chat.example")));
-        for bad in [
-            "https://evil.example",
-            "http://app.example.com",
-            "https://app.example.com.evil",
-            "https://chat.example",
-            "https://evilchat.example",
-            "http://web.chat.example",
-            "null",
-        ] {
-            assert!(!origin_allowed(&allowed, Some(bad)), "{bad}");
-        }
-        assert!(origin_allowed(&["*".to_owned()], Some("null")));
-    }
 }

@@ -1,9 +1,12 @@
 //! The edge's shared state, built once at startup from the chosen
-//! backends and shared by the listener, the routes, the sockets and the
-//! drain.
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicU64},
+//! backends: [`EdgeState`] for the listener, the routes and the drain, and
+//! its narrow part [`SessionContext`] for the sockets' sessions.
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64},
+    },
+    time::Duration,
 };
 
 use metrics::gauge;
@@ -13,8 +16,13 @@ use switchboard_router::{Bus, History, Publisher};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    admission::Admission, config::Config, hub::Hub, metrics::EdgeMetrics, presence::Sessions,
-    ratelimit::Bucket,
+    admission::Admission,
+    auth::AuthConfig,
+    config::Config,
+    hub::Hub,
+    metrics::EdgeMetrics,
+    presence::Sessions,
+    ratelimit::{Bucket, Rate},
 };
 
 pub(crate) struct EdgeState {
@@ -38,6 +46,48 @@ pub(crate) struct EdgeState {
     pub(crate) tracker: TaskTracker,
     /// This node's presence lease and its sockets' presence sessions.
     pub(crate) sessions: Arc<Sessions>,
+    /// What each socket's session reaches (clones of the handles above).
+    pub(crate) context: Arc<SessionContext>,
+}
+
+/// What a socket's session may reach, shared by all sessions behind one
+/// `Arc`: each idle socket holds one pointer, not the whole state.
+pub(crate) struct SessionContext {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) router: Arc<dyn Publisher>,
+    pub(crate) history: Arc<dyn History>,
+    /// Receipts to a user go over the bus to the edges presence names.
+    pub(crate) bus: Arc<dyn Bus>,
+    pub(crate) presence: Arc<dyn PresenceStore>,
+    pub(crate) sessions: Arc<Sessions>,
+    pub(crate) metrics: Arc<EdgeMetrics>,
+    pub(crate) auth: AuthConfig,
+    pub(crate) settings: SessionSettings,
+}
+
+/// The settings a socket's session and reader read (see `Config`).
+pub(crate) struct SessionSettings {
+    pub(crate) node_id: String,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) max_frame_bytes: usize,
+    pub(crate) max_subscriptions: usize,
+    pub(crate) max_presence_watches: usize,
+    pub(crate) rate_requests: Rate,
+    pub(crate) rate_publish: Rate,
+}
+
+impl SessionSettings {
+    fn new(config: &Config) -> Self {
+        SessionSettings {
+            node_id: config.node_id.clone(),
+            heartbeat_interval: config.heartbeat_interval,
+            max_frame_bytes: config.max_frame_bytes,
+            max_subscriptions: config.max_subscriptions_per_connection,
+            max_presence_watches: config.max_presence_watches_per_connection,
+            rate_requests: config.rate_requests,
+            rate_publish: config.rate_publish,
+        }
+    }
 }
 
 /// The backends, chosen once at startup (see `app`).
@@ -77,6 +127,17 @@ impl EdgeState {
             b.router.clone(),
             hub.clone(),
         ));
+        let context = Arc::new(SessionContext {
+            hub: hub.clone(),
+            router: b.router.clone(),
+            history: b.history.clone(),
+            bus: b.bus.clone(),
+            presence: b.presence.clone(),
+            sessions: sessions.clone(),
+            metrics: metrics.clone(),
+            auth: config.auth.clone(),
+            settings: SessionSettings::new(&config),
+        });
         Ok(Arc::new(EdgeState {
             admission: Arc::new(Admission::new(config.max_connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),
@@ -94,6 +155,7 @@ impl EdgeState {
             prometheus,
             tracker: TaskTracker::new(),
             sessions,
+            context,
         }))
     }
 

@@ -1,67 +1,70 @@
-//! One socket's life: Connect handshake under a deadline, then the reader
-//! loop and the writer, which live and die together, then cleanup.
+//! One socket's life, by phase: the `/ws` checks (`upgrade`), the
+//! upgrade, the Connect handshake under a deadline (`handshake`), then the
+//! steady state in a task of its own: the reader (`reader`, handing
+//! requests to the session of `requests`) and the writer (`writer`), which
+//! live and die together; then the linger and the cleanup.
 use std::{
     sync::{Arc, atomic::AtomicI64, atomic::Ordering},
     time::Duration,
 };
 
-use fastwebsockets::{Frame, OpCode, WebSocketError, upgrade::UpgradeFut};
-use switchboard_protocol::{
-    CloseReason, Encoding, now_ms,
-    v1::{ClientFrame, Error as ErrorFrame, ErrorCode, ServerFrame, client_frame, server_frame},
-};
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, upgrade::UpgradeFut};
+use http_body_util::Empty;
+use hyper::{Request, Response, body::Incoming};
+use switchboard_protocol::{CloseReason, Encoding, now_ms};
 use tokio::{
     io::{ReadHalf, WriteHalf},
     time::Instant,
 };
 use tracing::Instrument;
 
-mod batch_writer;
-pub(crate) mod inbound;
-mod requests;
-mod writer;
-
 use crate::{
     admission::Permit,
-    auth::{AuthError, Identity},
-    conn::{
-        batch_writer::BatchWriter,
-        inbound::Inbound,
-        requests::Session,
-        writer::{Writer, WriterExit, WriterSettings},
-    },
+    auth::Identity,
     drain,
     mailbox::{ConnHandle, Outbound},
     metrics,
     state::EdgeState,
 };
 
-/// Everything known about a socket before its Connect frame.
-pub(crate) struct Accepted {
-    pub(crate) encoding: Encoding,
-    /// Identity from an `Authorization: Bearer` header, if one was sent.
-    pub(crate) header_identity: Option<Identity>,
-    pub(crate) deadline: Instant,
-    pub(crate) permit: Permit,
-    /// Held until connectResult (`--max-handshakes`).
-    pub(crate) handshake: tokio::sync::OwnedSemaphorePermit,
-}
+mod batch_writer;
+mod handshake;
+pub(crate) mod inbound;
+mod reader;
+mod requests;
+mod upgrade;
+mod writer;
+
+use self::{
+    batch_writer::BatchWriter,
+    handshake::{Accepted, handshake},
+    inbound::Inbound,
+    reader::ReaderExit,
+    requests::Session,
+    writer::{Writer, WriterExit, WriterSettings},
+};
+pub(crate) use upgrade::Refused;
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 /// The read side of a socket: one frame at a time, no idle buffer.
-pub(crate) type Reader = Inbound<ReadHalf<Upgraded>>;
+type Reader = Inbound<ReadHalf<Upgraded>>;
 /// The write side: frames coalesced into one syscall per flush.
-pub(crate) type Writing = BatchWriter<WriteHalf<Upgraded>>;
+type Writing = BatchWriter<WriteHalf<Upgraded>>;
 
-/// Why the reader stopped.
-pub(crate) enum ReaderExit {
-    /// Close the socket with this reason.
-    Close(CloseReason),
-    /// The peer closed or the transport failed.
-    PeerGone,
+/// Answers `GET /ws`: the request passes the checks of `upgrade`, and
+/// once upgraded the socket is served in a task of its own.
+pub(crate) fn upgrade(
+    state: &Arc<EdgeState>,
+    mut req: Request<Incoming>,
+    accepted_at: Instant,
+) -> Result<Response<Empty<Bytes>>, Refused> {
+    let (response, fut, accepted) = upgrade::check(state, &mut req, accepted_at)?;
+    state.tracker.spawn(serve(state.clone(), fut, accepted));
+    Ok(response)
 }
 
-pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Accepted) {
+async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Accepted) {
     let conn_id = state.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!("conn", id = conn_id, user = tracing::field::Empty, node = %state.config.node_id);
     async move {
@@ -82,7 +85,7 @@ pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Acce
         let mut wr = BatchWriter::new(w);
         // Boxed: runs once, and its state must not stay in every socket's task.
         let Some((identity, connect_id, connect)) =
-            Box::pin(handshake(&state, &mut rd, &mut wr, &accepted)).await
+            Box::pin(handshake(&state.context, &mut rd, &mut wr, &accepted)).await
         else {
             return;
         };
@@ -107,168 +110,6 @@ pub(crate) async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Acce
     }
     .instrument(span)
     .await
-}
-
-/// Waits for Connect and verifies its token. On failure, answers with an
-/// Error, a Disconnect and a close, and returns None.
-async fn handshake(
-    state: &EdgeState,
-    rd: &mut Reader,
-    ws: &mut Writing,
-    accepted: &Accepted,
-) -> Option<(Identity, u32, Box<switchboard_protocol::v1::Connect>)> {
-    let enc = accepted.encoding;
-    let frame = match tokio::time::timeout_at(accepted.deadline, first_frame(rd, ws)).await {
-        Err(_) => {
-            close_early(ws, enc, 0, None, CloseReason::ConnectTimeout).await;
-            return None;
-        }
-        Ok(Err(e)) => {
-            let reason = reader_error_reason(&e)?;
-            close_early(
-                ws,
-                enc,
-                0,
-                Some((ErrorCode::BadRequest, e.to_string())),
-                reason,
-            )
-            .await;
-            return None;
-        }
-        Ok(Ok(f)) => f,
-    };
-    metrics::frame_in(&state.metrics, frame.payload.len());
-    if !matches!(frame.opcode, OpCode::Text | OpCode::Binary) || !frame.fin {
-        close_early(
-            ws,
-            enc,
-            0,
-            Some((ErrorCode::BadRequest, "expected a Connect frame".into())),
-            CloseReason::BadRequest,
-        )
-        .await;
-        return None;
-    }
-    let parsed = enc.decode_client(&frame.payload, frame.opcode == OpCode::Text);
-    let (id, connect) = match parsed {
-        Ok(ClientFrame {
-            id,
-            kind: Some(client_frame::Kind::Connect(c)),
-        }) => (id, c),
-        Ok(ClientFrame { id, .. }) => {
-            let err = (
-                ErrorCode::BadRequest,
-                "the first frame must be connect".to_string(),
-            );
-            close_early(ws, enc, id, Some(err), CloseReason::BadRequest).await;
-            return None;
-        }
-        Err(e) => {
-            close_early(
-                ws,
-                enc,
-                0,
-                Some((ErrorCode::BadRequest, e.to_string())),
-                CloseReason::BadRequest,
-            )
-            .await;
-            return None;
-        }
-    };
-    let verified = if connect.token.is_empty() {
-        accepted.header_identity.clone().ok_or(AuthError::Missing)
-    } else {
-        state.config.auth.verify(&connect.token)
-    };
-    match verified {
-        Ok(identity) => Some((identity, id, Box::new(connect))),
-        Err(e) => {
-            metrics::auth_failure(e.label());
-            tracing::debug!(error = %e, "token refused");
-            close_early(
-                ws,
-                enc,
-                id,
-                Some((e.code(), e.to_string())),
-                CloseReason::Unauthorized,
-            )
-            .await;
-            None
-        }
-    }
-}
-
-/// The first data frame, answering pings before it and echoing a close.
-async fn first_frame(rd: &mut Reader, ws: &mut Writing) -> Result<Frame<'static>, WebSocketError> {
-    let mut echo = None;
-    loop {
-        let mut keep = |f: Frame<'static>| {
-            echo = Some(f.payload.to_vec());
-            std::future::ready(Ok::<(), &'static str>(()))
-        };
-        let frame = rd.read_frame(&mut keep).await?;
-        match frame.opcode {
-            OpCode::Ping => {
-                ws.push(OpCode::Pong, &frame.payload);
-                ws.flush().await?;
-            }
-            OpCode::Pong => {}
-            OpCode::Close => {
-                let payload = echo.take().unwrap_or_default();
-                ws.push(OpCode::Close, &payload);
-                ws.flush().await?;
-                return Err(WebSocketError::ConnectionClosed);
-            }
-            _ => return Ok(frame),
-        }
-    }
-}
-
-/// Maps a read error to a close reason; `None` when the peer is just gone.
-fn reader_error_reason(e: &WebSocketError) -> Option<CloseReason> {
-    match e {
-        WebSocketError::IoError(_)
-        | WebSocketError::UnexpectedEOF
-        | WebSocketError::ConnectionClosed => None,
-        WebSocketError::FrameTooLarge => Some(CloseReason::MessageTooLarge),
-        _ => Some(CloseReason::BadRequest),
-    }
-}
-
-async fn close_early(
-    ws: &mut Writing,
-    enc: Encoding,
-    id: u32,
-    error: Option<(ErrorCode, String)>,
-    reason: CloseReason,
-) {
-    metrics::disconnect(reason.as_str());
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        if let Some((code, message)) = error {
-            let frame = ServerFrame {
-                id,
-                kind: Some(server_frame::Kind::Error(ErrorFrame {
-                    code: code as u32,
-                    message,
-                })),
-            };
-            write_encoded(ws, enc, &frame);
-        }
-        write_encoded(ws, enc, &reason.disconnect_frame(0));
-        ws.push_close(reason.code(), reason.as_str().as_bytes());
-        ws.flush().await
-    })
-    .await;
-}
-
-fn write_encoded(ws: &mut Writing, enc: Encoding, frame: &ServerFrame) {
-    let bytes = enc.encode_server(frame);
-    let opcode = if enc.is_text() {
-        OpCode::Text
-    } else {
-        OpCode::Binary
-    };
-    ws.push(opcode, &bytes);
 }
 
 /// A socket whose Connect was accepted.
@@ -313,7 +154,7 @@ async fn run(opened: Box<Opened>) {
     state.hub.add_conn(&conn);
     drain::close_if_draining(&state, &conn);
     let expires_at_ms = identity.expires_at_ms;
-    let mut session = Session::new(state.clone(), conn.clone(), identity);
+    let mut session = Session::new(state.context.clone(), conn.clone(), identity);
     // The steady state, in its own scope so that what comes after it (the
     // linger, the cleanup) does not add to the size of every socket's task.
     let exit = {
@@ -352,7 +193,7 @@ async fn run(opened: Box<Opened>) {
         match exit {
             Some(w) => w,
             None => {
-                let reader = session.read_loop(&mut rd, &last_seen);
+                let reader = reader::read_loop(&mut session, &mut rd, &last_seen);
                 tokio::pin!(reader);
                 tokio::select! {
                     w = &mut writer => w,

@@ -1,8 +1,10 @@
-//! The requests of one authenticated socket.
-use std::{collections::HashSet, sync::Arc, sync::atomic::AtomicI64, sync::atomic::Ordering};
+//! The requests of one authenticated socket: Connect's registration and
+//! recovery, subscribe and unsubscribe, publish, receipts, typing, ping,
+//! token refresh and presence watches. A session reaches the rest of the
+//! edge only through its [`SessionContext`].
+use std::{collections::HashSet, sync::Arc};
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, WebSocketError};
 use switchboard_presence::Session as PresenceSession;
 use switchboard_protocol::{
     ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, chat_subject, now_ms,
@@ -16,27 +18,13 @@ use switchboard_router::{PublishRequest, publish_to_user};
 
 use crate::{
     auth::{AuthError, Identity},
-    conn::{Reader, ReaderExit},
     mailbox::{ConnHandle, Outbound, Recovered},
     metrics,
-    ratelimit::{self, Bucket},
-    state::EdgeState,
+    state::SessionContext,
 };
 
-/// Requests that count against the publish rate as well.
-fn is_publish(kind: Option<&client_frame::Kind>) -> bool {
-    matches!(
-        kind,
-        Some(
-            client_frame::Kind::Publish(_)
-                | client_frame::Kind::Receipt(_)
-                | client_frame::Kind::Typing(_)
-        )
-    )
-}
-
 /// A request refused with a protocol error code.
-struct Refusal(ErrorCode, String);
+pub(super) struct Refusal(pub(super) ErrorCode, pub(super) String);
 
 impl From<IdError> for Refusal {
     fn from(e: IdError) -> Self {
@@ -67,36 +55,39 @@ fn code_label(code: ErrorCode) -> &'static str {
     }
 }
 
+/// One authenticated socket's requests and what they hold: its chats,
+/// its presence watches, its personal stream and presence session.
 pub(crate) struct Session {
-    state: Arc<EdgeState>,
+    /// One pointer to what every session shares: idle sockets pay for it.
+    ctx: Arc<SessionContext>,
     conn: ConnHandle,
     identity: Identity,
     presence: PresenceSession,
     chats: HashSet<ChatId>,
     watching: HashSet<UserId>,
     joined_user_stream: bool,
-    requests: Bucket,
-    publishes: Bucket,
-    /// Requests refused by a limit in a row (a flood at FLOOD_REFUSALS).
-    refused_in_row: u16,
 }
 
 impl Session {
-    pub(crate) fn new(state: Arc<EdgeState>, conn: ConnHandle, identity: Identity) -> Self {
-        let state_rates = (state.config.rate_requests, state.config.rate_publish);
-        let presence = state.sessions.session_of(&identity.user, conn.id());
+    pub(crate) fn new(ctx: Arc<SessionContext>, conn: ConnHandle, identity: Identity) -> Self {
+        let presence = ctx.sessions.session_of(&identity.user, conn.id());
         Session {
-            state,
+            ctx,
             conn,
             identity,
             presence,
             chats: HashSet::new(),
             watching: HashSet::new(),
             joined_user_stream: false,
-            requests: Bucket::full(state_rates.0),
-            publishes: Bucket::full(state_rates.1),
-            refused_in_row: 0,
         }
+    }
+
+    pub(super) fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    pub(super) fn conn(&self) -> &ConnHandle {
+        &self.conn
     }
 
     fn encode(&self, frame: &ServerFrame) -> Bytes {
@@ -111,7 +102,7 @@ impl Session {
         self.conn.send(Outbound::Reply(bytes));
     }
 
-    fn refuse(&self, id: u32, Refusal(code, message): Refusal) {
+    pub(super) fn refuse(&self, id: u32, Refusal(code, message): Refusal) {
         metrics::error_reply(code_label(code));
         self.reply(
             id,
@@ -127,7 +118,7 @@ impl Session {
     pub(crate) async fn start(&mut self, id: u32, connect: v1::Connect) -> Result<(), CloseReason> {
         let key = StreamKey::User(self.identity.user.clone());
         self.conn.send(Outbound::BeginRecovery(key.clone()));
-        if self.state.hub.join(&key, &self.conn).await.is_err() {
+        if self.ctx.hub.join(&key, &self.conn).await.is_err() {
             self.refuse(
                 id,
                 Refusal(ErrorCode::Unavailable, "bus unavailable".into()),
@@ -140,7 +131,7 @@ impl Session {
         // before the router's lookup is in the read below, one stored after
         // it is routed here.
         let registered = self
-            .state
+            .ctx
             .sessions
             .register(self.conn.id(), &self.presence)
             .await;
@@ -149,7 +140,7 @@ impl Session {
             return Err(CloseReason::Unavailable);
         }
         let recovery = match self
-            .state
+            .ctx
             .history
             .recover(&key, connect.user_since, &connect.user_epoch)
             .await
@@ -160,15 +151,15 @@ impl Session {
                 return Err(CloseReason::Unavailable);
             }
         };
-        self.state.hub.note_position(&key, &recovery.position);
+        self.ctx.hub.note_position(&key, &recovery.position);
         let result = ConnectResult {
             session_id: self.presence.session_id.clone(),
             user: self.identity.user.to_string(),
             server_time_ms: now_ms(),
-            heartbeat_interval_ms: self.state.config.heartbeat_interval.as_millis() as u32,
+            heartbeat_interval_ms: self.ctx.settings.heartbeat_interval.as_millis() as u32,
             token_expires_at_ms: self.identity.expires_at_ms,
             user_stream: Some(recovery.position),
-            node: self.state.config.node_id.clone(),
+            node: self.ctx.settings.node_id.clone(),
         };
         let reply = self.encode(&ServerFrame {
             id,
@@ -182,182 +173,8 @@ impl Session {
         Ok(())
     }
 
-    /// Reads frames until the peer leaves or a frame forces a close.
-    pub(crate) async fn read_loop(&mut self, rd: &mut Reader, last_seen: &AtomicI64) -> ReaderExit {
-        let conn = self.conn.clone();
-        let mut obligated = move |f: Frame<'static>| {
-            let ok = conn.send(Outbound::Control(Box::new((f.opcode, f.payload.to_vec()))));
-            async move { if ok { Ok(()) } else { Err("mailbox full") } }
-        };
-        let max = self.state.config.max_frame_bytes;
-        // A fragmented message, bounded by the same size limit as a frame.
-        let mut partial: Option<(OpCode, Vec<u8>)> = None;
-        loop {
-            let frame = match rd.read_frame(&mut obligated).await {
-                Ok(f) => f,
-                Err(e) => return self.read_error(e),
-            };
-            last_seen.store(now_ms(), Ordering::Relaxed);
-            metrics::frame_in(&self.state.metrics, frame.payload.len());
-            let (opcode, payload): (OpCode, Bytes) = match (frame.opcode, frame.fin) {
-                (OpCode::Close, _) => return ReaderExit::PeerGone,
-                (OpCode::Ping, _) => {
-                    match self.admit(None) {
-                        Err(exit) => return exit,
-                        Ok(false) => continue, // over the limit: no pong
-                        Ok(true) => {}
-                    }
-                    // Auto-pong is off (see `inbound`): answer here.
-                    let pong = Box::new((OpCode::Pong, frame.payload.to_vec()));
-                    if !self.conn.send(Outbound::Control(pong)) {
-                        return ReaderExit::PeerGone;
-                    }
-                    continue;
-                }
-                (OpCode::Pong, _) => continue,
-                (OpCode::Text | OpCode::Binary, true) if partial.is_none() => {
-                    (frame.opcode, Bytes::from(frame.payload.to_vec()))
-                }
-                (OpCode::Text | OpCode::Binary, false) if partial.is_none() => {
-                    partial = Some((frame.opcode, frame.payload.to_vec()));
-                    continue;
-                }
-                (OpCode::Continuation, fin) if partial.is_some() => {
-                    let (op, buf) = partial.as_mut().expect("checked is_some");
-                    if buf.len() + frame.payload.len() > max {
-                        return self.fatal(
-                            0,
-                            ErrorCode::TooLarge,
-                            "message too large",
-                            CloseReason::MessageTooLarge,
-                        );
-                    }
-                    buf.extend_from_slice(&frame.payload);
-                    if !fin {
-                        continue;
-                    }
-                    let op = *op;
-                    let (_, buf) = partial.take().expect("checked is_some");
-                    if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
-                        return self.fatal(
-                            0,
-                            ErrorCode::BadRequest,
-                            "invalid UTF-8 in text message",
-                            CloseReason::BadRequest,
-                        );
-                    }
-                    (op, Bytes::from(buf))
-                }
-                _ => {
-                    return self.fatal(
-                        0,
-                        ErrorCode::BadRequest,
-                        "invalid fragmentation",
-                        CloseReason::BadRequest,
-                    );
-                }
-            };
-            let decoded = self
-                .conn
-                .encoding()
-                .decode_client(&payload, opcode == OpCode::Text);
-            let request = match decoded {
-                Ok(r) => r,
-                Err(e) => {
-                    return self.fatal(
-                        0,
-                        ErrorCode::BadRequest,
-                        &e.to_string(),
-                        CloseReason::BadRequest,
-                    );
-                }
-            };
-            match self.admit(request.kind.as_ref()) {
-                Err(exit) => return exit,
-                Ok(false) => {
-                    let what = if is_publish(request.kind.as_ref()) {
-                        "publish"
-                    } else {
-                        "request"
-                    };
-                    self.refuse(
-                        request.id,
-                        Refusal(
-                            ErrorCode::LimitExceeded,
-                            format!("{what} rate limit exceeded"),
-                        ),
-                    );
-                    continue;
-                }
-                Ok(true) => {}
-            }
-            // Boxed: a request's await state (bus, history, presence) must
-            // not stay in every idle socket's task.
-            if let Err(reason) = Box::pin(self.handle(request)).await {
-                return ReaderExit::Close(reason);
-            }
-        }
-    }
-
-    /// Charges one frame to the socket's buckets (`None`: a WebSocket
-    /// ping). `Ok(false)`: over a limit, refuse it; `Err`: a flood, close.
-    fn admit(&mut self, kind: Option<&client_frame::Kind>) -> Result<bool, ReaderExit> {
-        let now = ratelimit::clock_ms();
-        let cfg = &self.state.config;
-        let ok = self.requests.take(cfg.rate_requests, now)
-            && (!is_publish(kind) || self.publishes.take(cfg.rate_publish, now));
-        if ok {
-            self.refused_in_row = 0;
-            return Ok(true);
-        }
-        let label = match kind {
-            None => "ping",
-            k if is_publish(k) => "publish",
-            _ => "request",
-        };
-        ::metrics::counter!("switchboard_edge_rate_limited_total", "kind" => label).increment(1);
-        self.refused_in_row = self.refused_in_row.saturating_add(1);
-        if self.refused_in_row >= ratelimit::FLOOD_REFUSALS {
-            return Err(self.fatal(
-                0,
-                ErrorCode::LimitExceeded,
-                "flood: requests kept coming over the rate limit",
-                CloseReason::RateLimited,
-            ));
-        }
-        Ok(false)
-    }
-
-    fn read_error(&self, e: WebSocketError) -> ReaderExit {
-        match e {
-            WebSocketError::IoError(_)
-            | WebSocketError::UnexpectedEOF
-            | WebSocketError::ConnectionClosed => ReaderExit::PeerGone,
-            WebSocketError::FrameTooLarge => {
-                let max = self.state.config.max_frame_bytes;
-                self.fatal(
-                    0,
-                    ErrorCode::TooLarge,
-                    &format!("message over {max} bytes"),
-                    CloseReason::MessageTooLarge,
-                )
-            }
-            WebSocketError::SendError(_) => ReaderExit::PeerGone,
-            other => self.fatal(
-                0,
-                ErrorCode::BadRequest,
-                &other.to_string(),
-                CloseReason::BadRequest,
-            ),
-        }
-    }
-
-    fn fatal(&self, id: u32, code: ErrorCode, message: &str, reason: CloseReason) -> ReaderExit {
-        self.refuse(id, Refusal(code, message.to_owned()));
-        ReaderExit::Close(reason)
-    }
-
-    async fn handle(&mut self, req: ClientFrame) -> Result<(), CloseReason> {
+    /// Handles one request; `Err` closes the socket.
+    pub(super) async fn handle(&mut self, req: ClientFrame) -> Result<(), CloseReason> {
         let id = req.id;
         let Some(kind) = req.kind else {
             self.refuse(
@@ -413,7 +230,7 @@ impl Session {
                 format!("already subscribed to {chat}"),
             ));
         }
-        if self.chats.len() >= self.state.config.max_subscriptions_per_connection {
+        if self.chats.len() >= self.ctx.settings.max_subscriptions {
             return Err(Refusal(
                 ErrorCode::LimitExceeded,
                 "too many subscriptions".into(),
@@ -421,21 +238,21 @@ impl Session {
         }
         let key = StreamKey::Chat(chat.clone());
         self.conn.send(Outbound::BeginRecovery(key.clone()));
-        if let Err(e) = self.state.hub.join(&key, &self.conn).await {
+        if let Err(e) = self.ctx.hub.join(&key, &self.conn).await {
             self.conn.send(Outbound::Forget(key));
             return Err(Refusal(ErrorCode::Unavailable, e.to_string()));
         }
         self.chats.insert(chat.clone());
-        let recovery = match self.state.history.recover(&key, s.since, &s.epoch).await {
+        let recovery = match self.ctx.history.recover(&key, s.since, &s.epoch).await {
             Ok(r) => r,
             Err(e) => {
                 self.chats.remove(&chat);
-                self.state.hub.leave(&key, self.conn.id()).await;
+                self.ctx.hub.leave(&key, self.conn.id()).await;
                 self.conn.send(Outbound::Forget(key));
                 return Err(Refusal(ErrorCode::Unavailable, e.to_string()));
             }
         };
-        self.state.hub.note_position(&key, &recovery.position);
+        self.ctx.hub.note_position(&key, &recovery.position);
         let result = SubscribeResult {
             chat: chat.to_string(),
             position: Some(recovery.position),
@@ -461,7 +278,7 @@ impl Session {
             ));
         }
         let key = StreamKey::Chat(chat);
-        self.state.hub.leave(&key, self.conn.id()).await;
+        self.ctx.hub.leave(&key, self.conn.id()).await;
         self.conn.send(Outbound::Forget(key));
         self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
         Ok(())
@@ -485,7 +302,7 @@ impl Session {
             payload: p.payload,
         };
         let published = self
-            .state
+            .ctx
             .router
             .publish(req)
             .await
@@ -535,9 +352,9 @@ impl Session {
             })),
         });
         match to {
-            StreamKey::Chat(c) => self.state.router.broadcast(&chat_subject(&c), frame).await,
+            StreamKey::Chat(c) => self.ctx.router.broadcast(&chat_subject(&c), frame).await,
             StreamKey::User(u) => {
-                let (bus, presence) = (self.state.bus.as_ref(), self.state.presence.as_ref());
+                let (bus, presence) = (self.ctx.bus.as_ref(), self.ctx.presence.as_ref());
                 if let Err(e) = publish_to_user(bus, presence, &u, frame).await {
                     tracing::debug!(error = %e, "receipt not sent");
                 }
@@ -556,10 +373,7 @@ impl Session {
                 user: self.identity.user.to_string(),
             })),
         });
-        self.state
-            .router
-            .broadcast(&chat_subject(&chat), frame)
-            .await;
+        self.ctx.router.broadcast(&chat_subject(&chat), frame).await;
         if id != 0 {
             self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
         }
@@ -568,8 +382,7 @@ impl Session {
 
     fn refresh(&mut self, id: u32, token: &str) -> Result<(), Refusal> {
         let fresh = self
-            .state
-            .config
+            .ctx
             .auth
             .verify(token)
             .inspect_err(|e| metrics::auth_failure(e.label()))?;
@@ -598,15 +411,14 @@ impl Session {
             .into_iter()
             .filter(|u| !self.watching.contains(u))
             .collect();
-        if self.watching.len() + fresh.len() > self.state.config.max_presence_watches_per_connection
-        {
+        if self.watching.len() + fresh.len() > self.ctx.settings.max_presence_watches {
             return Err(Refusal(
                 ErrorCode::LimitExceeded,
                 "too many presence watches".into(),
             ));
         }
         for u in &fresh {
-            self.state
+            self.ctx
                 .hub
                 .watch(u, &self.conn)
                 .await
@@ -616,7 +428,7 @@ impl Session {
         self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
         // Current state right after the reply, so the app starts correct.
         let statuses = self
-            .state
+            .ctx
             .presence
             .status(&fresh, now_ms())
             .await
@@ -640,7 +452,7 @@ impl Session {
         for u in users {
             let u = UserId::parse(&u)?;
             if self.watching.remove(&u) {
-                self.state.hub.unwatch(&u, self.conn.id()).await;
+                self.ctx.hub.unwatch(&u, self.conn.id()).await;
             }
         }
         self.reply(id, server_frame::Kind::Ok(v1::Ok {}));
@@ -650,22 +462,22 @@ impl Session {
     /// Leaves every stream and watch and unregisters presence.
     pub(crate) async fn cleanup(&mut self) {
         for chat in std::mem::take(&mut self.chats) {
-            self.state
+            self.ctx
                 .hub
                 .leave(&StreamKey::Chat(chat), self.conn.id())
                 .await;
         }
         for user in std::mem::take(&mut self.watching) {
-            self.state.hub.unwatch(&user, self.conn.id()).await;
+            self.ctx.hub.unwatch(&user, self.conn.id()).await;
         }
         if self.joined_user_stream {
             self.joined_user_stream = false;
-            self.state.sessions.forget(self.conn.id());
-            self.state
+            self.ctx.sessions.forget(self.conn.id());
+            self.ctx
                 .hub
                 .leave(&StreamKey::User(self.identity.user.clone()), self.conn.id())
                 .await;
-            self.state.sessions.unregister(&self.presence).await;
+            self.ctx.sessions.unregister(&self.presence).await;
         }
     }
 }
