@@ -20,7 +20,7 @@ use tokio::{
 use crate::{
     admission::Permit,
     auth::{AuthError, Identity},
-    conn::{batch_writer::BatchWriter, inbound::Inbound},
+    conn::{batch_writer::BatchWriter, inbound::Inbound, reader::read_failure},
     metrics,
     state::SessionContext,
 };
@@ -55,15 +55,8 @@ where
             return None;
         }
         Ok(Err(e)) => {
-            let reason = reader_error_reason(&e)?;
-            close_early(
-                ws,
-                enc,
-                0,
-                Some((ErrorCode::BadRequest, e.to_string())),
-                reason,
-            )
-            .await;
+            let v = read_failure(&e, ctx.settings.max_frame_bytes)?;
+            close_early(ws, enc, 0, Some((v.code, v.message)), v.reason).await;
             return None;
         }
         Ok(Ok(f)) => f,
@@ -159,17 +152,6 @@ where
             }
             _ => return Ok(frame),
         }
-    }
-}
-
-/// Maps a read error to a close reason; `None` when the peer is just gone.
-fn reader_error_reason(e: &WebSocketError) -> Option<CloseReason> {
-    match e {
-        WebSocketError::IoError(_)
-        | WebSocketError::UnexpectedEOF
-        | WebSocketError::ConnectionClosed => None,
-        WebSocketError::FrameTooLarge => Some(CloseReason::MessageTooLarge),
-        _ => Some(CloseReason::BadRequest),
     }
 }
 

@@ -69,7 +69,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
             Ok(f) => f,
             Err(e) => {
                 let max = session.context().settings.max_frame_bytes;
-                return match read_failure(e, max) {
+                return match read_failure(&e, max) {
                     None => ReaderExit::PeerGone,
                     Some(v) => fatal(session, v),
                 };
@@ -82,7 +82,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
             Step::More => continue,
             Step::Closed => return ReaderExit::PeerGone,
             Step::Ping => {
-                match rates.admit(None, &session.context().settings) {
+                match rates.admit(None, &session.context().settings, ratelimit::clock_ms()) {
                     Admit::Flood => return fatal(session, flood()),
                     Admit::Refused => continue, // over the limit: no pong
                     Admit::Yes => {}
@@ -111,7 +111,11 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
                 return fatal(session, v);
             }
         };
-        match rates.admit(request.kind.as_ref(), &session.context().settings) {
+        match rates.admit(
+            request.kind.as_ref(),
+            &session.context().settings,
+            ratelimit::clock_ms(),
+        ) {
             Admit::Flood => return fatal(session, flood()),
             Admit::Refused => {
                 let what = if is_publish(request.kind.as_ref()) {
@@ -152,10 +156,10 @@ fn flood() -> Violation {
     )
 }
 
-/// Maps a read error of the steady state to the close it asks for;
-/// `None` when the peer is just gone (or its mailbox refused a control
-/// frame we owed it).
-fn read_failure(e: WebSocketError, max_frame_bytes: usize) -> Option<Violation> {
+/// The one map from a read error, in the handshake or after it, to the
+/// close it asks for; `None` when the peer is just gone (or its mailbox
+/// refused a control frame we owed it).
+pub(super) fn read_failure(e: &WebSocketError, max_frame_bytes: usize) -> Option<Violation> {
     match e {
         WebSocketError::IoError(_)
         | WebSocketError::UnexpectedEOF
@@ -295,9 +299,14 @@ impl Rates {
         }
     }
 
-    /// Charges one frame to the buckets (`None`: a WebSocket ping).
-    fn admit(&mut self, kind: Option<&client_frame::Kind>, settings: &SessionSettings) -> Admit {
-        let now = ratelimit::clock_ms();
+    /// Charges one frame to the buckets (`None`: a WebSocket ping) at
+    /// `now` on [`ratelimit::clock_ms`].
+    fn admit(
+        &mut self,
+        kind: Option<&client_frame::Kind>,
+        settings: &SessionSettings,
+        now: u32,
+    ) -> Admit {
         let ok = self.requests.take(settings.rate_requests, now)
             && (!is_publish(kind) || self.publishes.take(settings.rate_publish, now));
         if ok {
@@ -315,5 +324,268 @@ impl Rates {
             return Admit::Flood;
         }
         Admit::Refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fastwebsockets::{Payload, Role, WebSocket};
+    use switchboard_protocol::v1::{Publish, Subscribe};
+
+    use crate::ratelimit::Rate;
+
+    use super::*;
+
+    /// Frames as a client sends them (masked, `fin` as given), read back
+    /// by the socket's reader over an in-memory stream and pushed into
+    /// `Fragments` bounded at `max`.
+    async fn steps(frames: Vec<(bool, OpCode, &[u8])>, max: usize) -> Vec<Step> {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let count = frames.len();
+        let owned: Vec<(bool, OpCode, Vec<u8>)> = frames
+            .into_iter()
+            .map(|(fin, op, p)| (fin, op, p.to_vec()))
+            .collect();
+        let writer = tokio::spawn(async move {
+            let mut ws = WebSocket::after_handshake(client, Role::Client);
+            for (fin, op, payload) in owned {
+                ws.write_frame(Frame::new(fin, op, None, Payload::Owned(payload)))
+                    .await
+                    .unwrap();
+            }
+            ws
+        });
+        let mut rd = Inbound::new(server, 1 << 20);
+        let mut fragments = Fragments::new(max);
+        let mut ignore = |_: Frame<'static>| std::future::ready(Ok::<(), &'static str>(()));
+        let mut out = Vec::new();
+        for _ in 0..count {
+            let frame = rd.read_frame(&mut ignore).await.unwrap();
+            let step = fragments.push(&frame);
+            let stop = matches!(step, Step::Refuse(_) | Step::Closed);
+            out.push(step);
+            if stop {
+                break;
+            }
+        }
+        drop(writer.await.unwrap());
+        out
+    }
+
+    fn message(op: OpCode, payload: &[u8]) -> Step {
+        Step::Message(op, Bytes::copy_from_slice(payload))
+    }
+
+    fn refused(code: ErrorCode, message: &str, reason: CloseReason) -> Step {
+        Step::Refuse(Violation::new(code, message, reason))
+    }
+
+    #[tokio::test]
+    async fn fragments_are_reassembled_around_control_frames() {
+        let got = steps(
+            vec![
+                (false, OpCode::Text, b"he"),
+                (true, OpCode::Ping, b"p"),
+                (false, OpCode::Continuation, b"ll"),
+                (true, OpCode::Pong, b""),
+                (true, OpCode::Continuation, b"o"),
+                (true, OpCode::Binary, b"\x00\x01"),
+                (true, OpCode::Close, b""),
+            ],
+            1024,
+        )
+        .await;
+        assert_eq!(
+            got,
+            vec![
+                Step::More,
+                Step::Ping,
+                Step::More,
+                Step::More,
+                message(OpCode::Text, b"hello"),
+                message(OpCode::Binary, b"\x00\x01"),
+                Step::Closed,
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fragmented_message_is_bounded_like_a_frame() {
+        // Exactly the limit passes.
+        let got = steps(
+            vec![
+                (false, OpCode::Binary, b"1234"),
+                (true, OpCode::Continuation, b"5678"),
+            ],
+            8,
+        )
+        .await;
+        assert_eq!(got[1], message(OpCode::Binary, b"12345678"));
+        // One byte over is refused before the message ends.
+        let got = steps(
+            vec![
+                (false, OpCode::Binary, b"1234"),
+                (false, OpCode::Continuation, b"56789"),
+                (true, OpCode::Continuation, b""),
+            ],
+            8,
+        )
+        .await;
+        assert_eq!(
+            got,
+            vec![
+                Step::More,
+                refused(
+                    ErrorCode::TooLarge,
+                    "message too large",
+                    CloseReason::MessageTooLarge
+                ),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn text_is_checked_as_a_whole_message() {
+        // "é" split between two fragments is valid UTF-8 once whole.
+        let got = steps(
+            vec![
+                (false, OpCode::Text, b"caf\xc3"),
+                (true, OpCode::Continuation, b"\xa9"),
+            ],
+            64,
+        )
+        .await;
+        assert_eq!(got[1], message(OpCode::Text, "café".as_bytes()));
+        let got = steps(
+            vec![
+                (false, OpCode::Text, b"caf\xc3"),
+                (true, OpCode::Continuation, b"!"),
+            ],
+            64,
+        )
+        .await;
+        assert_eq!(
+            got[1],
+            refused(
+                ErrorCode::BadRequest,
+                "invalid UTF-8 in text message",
+                CloseReason::BadRequest
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn continuations_must_follow_a_started_message() {
+        let invalid = refused(
+            ErrorCode::BadRequest,
+            "invalid fragmentation",
+            CloseReason::BadRequest,
+        );
+        let got = steps(vec![(true, OpCode::Continuation, b"x")], 64).await;
+        assert_eq!(got, vec![invalid]);
+        let invalid = refused(
+            ErrorCode::BadRequest,
+            "invalid fragmentation",
+            CloseReason::BadRequest,
+        );
+        let got = steps(
+            vec![(false, OpCode::Text, b"a"), (true, OpCode::Text, b"b")],
+            64,
+        )
+        .await;
+        assert_eq!(got, vec![Step::More, invalid]);
+    }
+
+    #[test]
+    fn one_map_from_read_errors_to_close_reasons() {
+        let gone = [
+            WebSocketError::IoError(std::io::ErrorKind::ConnectionReset.into()),
+            WebSocketError::UnexpectedEOF,
+            WebSocketError::ConnectionClosed,
+            WebSocketError::SendError("mailbox full".into()),
+        ];
+        for e in gone {
+            assert_eq!(read_failure(&e, 1024), None, "{e:?}");
+        }
+        assert_eq!(
+            read_failure(&WebSocketError::FrameTooLarge, 1024),
+            Some(Violation::new(
+                ErrorCode::TooLarge,
+                "message over 1024 bytes",
+                CloseReason::MessageTooLarge
+            ))
+        );
+        for e in [
+            WebSocketError::InvalidUTF8,
+            WebSocketError::ReservedBitsNotZero,
+            WebSocketError::ControlFrameFragmented,
+            WebSocketError::InvalidCloseCode,
+            WebSocketError::InvalidFragment,
+        ] {
+            let v = read_failure(&e, 1024).expect("a protocol violation closes");
+            assert_eq!(v.code, ErrorCode::BadRequest, "{e:?}");
+            assert_eq!(v.reason, CloseReason::BadRequest, "{e:?}");
+            assert_eq!(v.message, e.to_string());
+        }
+    }
+
+    fn settings(requests: Rate, publish: Rate) -> SessionSettings {
+        SessionSettings {
+            node_id: "edge-1".into(),
+            heartbeat_interval: std::time::Duration::from_secs(25),
+            max_frame_bytes: 1024,
+            max_subscriptions: 10,
+            max_presence_watches: 10,
+            rate_requests: requests,
+            rate_publish: publish,
+        }
+    }
+
+    #[test]
+    fn publishes_charge_both_buckets() {
+        let s = settings(
+            Rate {
+                per_sec: 0.0,
+                burst: 3.0,
+            },
+            Rate {
+                per_sec: 0.0,
+                burst: 1.0,
+            },
+        );
+        let publish = client_frame::Kind::Publish(Publish::default());
+        let subscribe = client_frame::Kind::Subscribe(Subscribe::default());
+        let mut rates = Rates::new(&s);
+        assert_eq!(rates.admit(Some(&publish), &s, 0), Admit::Yes);
+        assert_eq!(rates.admit(Some(&publish), &s, 0), Admit::Refused);
+        // The request bucket still has a token; pings charge it too.
+        assert_eq!(rates.admit(Some(&subscribe), &s, 0), Admit::Yes);
+        assert_eq!(rates.admit(None, &s, 0), Admit::Refused);
+    }
+
+    #[test]
+    fn refusals_in_a_row_make_a_flood() {
+        let s = settings(
+            Rate {
+                per_sec: 1.0,
+                burst: 1.0,
+            },
+            Rate {
+                per_sec: 1.0,
+                burst: 1.0,
+            },
+        );
+        let mut rates = Rates::new(&s);
+        let now = ratelimit::clock_ms();
+        assert_eq!(rates.admit(None, &s, now), Admit::Yes);
+        for _ in 1..ratelimit::FLOOD_REFUSALS {
+            assert_eq!(rates.admit(None, &s, now), Admit::Refused);
+        }
+        // One admitted frame (a second later) starts the count again.
+        assert_eq!(rates.admit(None, &s, now + 1000), Admit::Yes);
+        for _ in 1..ratelimit::FLOOD_REFUSALS {
+            assert_eq!(rates.admit(None, &s, now + 1000), Admit::Refused);
+        }
+        assert_eq!(rates.admit(None, &s, now + 1000), Admit::Flood);
     }
 }
