@@ -2,16 +2,24 @@
 //! the local index of who listens to what, and fans each message out with
 //! one pre-encoded frame shared by all local receivers.
 //!
-//! Layout:
-//! - `config`: flags, environment, TOML file → [`Config`].
-//! - `auth`: JWT verification.
-//! - `server`: listener and HTTP routes (`/ws`, health, metrics, publish API, dev page).
-//! - `admission`: the connection cap under the file limit.
-//! - `conn`: one socket's actor (its session, writer, batched writes, and
-//!   `conn::inbound`: frames read one at a time, no read buffer while idle).
-//! - `mailbox`: a socket's bounded mailbox, the only way others reach it.
+//! Layout, from the top down (a module uses only those below it):
+//! - `app`: wiring: backends chosen once, run, the [`Edge`] handle.
+//! - `server`: listener and HTTP routes (`/ws` entry, health, metrics,
+//!   publish API, dev page).
+//! - `conn`: one socket by phase: `upgrade` (the `/ws` checks),
+//!   `handshake` (Connect under a deadline), `reader` (fragments, control
+//!   frames, rate admission, the read-error map), `requests` (the
+//!   session's handlers), `writer` and `batch_writer`, `inbound` (frames
+//!   read one at a time, no read buffer while idle).
+//! - `drain`: batched close with jittered advice on shutdown.
+//! - `state`: `EdgeState`, and the narrow `SessionContext` sessions see.
+//! - `presence`: the node lease, heartbeats and restore, each socket's
+//!   presence session and the per-user ordering of its announcements.
 //! - `hub`: local index, reference-counted bus interest, ordered fan-out.
-//! - `app`: backends chosen once, the drain on shutdown.
+//! - `mailbox`: a socket's bounded mailbox, the only way others reach it.
+//! - `config`: flags, environment, TOML file → [`Config`].
+//! - `auth`: JWT verification; `admission`: the connection cap under the
+//!   file limit; `ratelimit`: token buckets; `metrics`; `tls`.
 //!
 //! Standalone (today) the router, bus, presence and history run in this
 //! process from the `switchboard-router` and `switchboard-presence` crates.
