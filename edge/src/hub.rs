@@ -3,13 +3,13 @@
 //! subscribed on the first local socket that needs it and unsubscribed
 //! after the last one leaves.
 //!
-//! Deliveries reach sockets in seq order per stream: the hub keeps each
-//! stream's last seq, holds early frames briefly, and repairs a gap from
-//! history (the bus is at-most-once and routers race each other).
+//! Deliveries reach sockets in seq order per stream: each stream has a
+//! `StreamOrder` (`order.rs`, the reorder and gap-repair state machine)
+//! that the hub feeds with arrivals and history answers, fanning out what
+//! it releases and running the repair reads it asks for.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     sync::{Arc, Weak},
-    time::Duration,
 };
 
 use dashmap::DashMap;
@@ -18,57 +18,28 @@ use switchboard_protocol::{
     v1::{Disconnect, StreamPosition, server_frame},
 };
 use switchboard_router::{Bus, BusError, BusHandler, History, presence_subject};
-use tokio::sync::Mutex;
+use tokio::{sync::Mutex, time::Instant};
 
-use crate::{mailbox::ConnHandle, metrics::EdgeMetrics};
+use crate::{
+    mailbox::ConnHandle,
+    metrics::EdgeMetrics,
+    order::{Arrival, Gap, StreamOrder},
+};
 
 /// Interest changes are serialized per subject through one of these locks,
 /// so subscribe/unsubscribe on the bus never run out of order.
 const INTEREST_STRIPES: usize = 64;
-/// Early frames held per stream before a repair is forced.
-const MAX_PENDING_PER_STREAM: usize = 1024;
-/// How long an early frame waits for the missing ones before repair.
-const GAP_TIMEOUT: Duration = Duration::from_millis(200);
-/// History reads retried while history is unavailable, with backoff up to
-/// `MAX_OUTAGE_BACKOFF` (about 11 s in all), before the hole is skipped.
-const MAX_OUTAGE_RETRIES: u32 = 8;
-const MAX_OUTAGE_BACKOFF: Duration = Duration::from_secs(2);
-
-/// What one repair read left.
-enum Repair {
-    /// Nothing more to repair.
-    Done,
-    /// A hole remains (frames newer than the read were lost): read again.
-    Hole,
-    /// History could not be read; the held frames wait for another try.
-    HistoryDown,
-}
 
 struct StreamEntry {
     subs: HashMap<u64, ConnHandle>,
-    /// Last seq fanned out (0: none yet).
-    last_seq: u64,
-    /// Whether `last_seq`/`epoch` come from a history read (so seq 1 of a
-    /// new stream is expected, not whatever arrives first).
-    known: bool,
-    epoch: String,
-    pending: BTreeMap<u64, SharedFrame>,
-    repairing: bool,
-    /// Early frames were dropped (pending full during a repair): read
-    /// history once more before calling the repair done.
-    overflowed: bool,
+    order: StreamOrder,
 }
 
 impl StreamEntry {
     fn new() -> Self {
         StreamEntry {
             subs: HashMap::new(),
-            last_seq: 0,
-            known: false,
-            epoch: String::new(),
-            pending: BTreeMap::new(),
-            repairing: false,
-            overflowed: false,
+            order: StreamOrder::new(),
         }
     }
 }
@@ -248,23 +219,16 @@ impl Hub {
     /// Seeds a stream's order tracking from a history read, so a frame lost
     /// right after the first subscribe is noticed as a gap.
     pub(crate) fn note_position(&self, key: &StreamKey, pos: &StreamPosition) {
-        if let Some(mut e) = self.streams.get_mut(key)
-            && !e.known
-        {
-            e.known = true;
-            // Frames that already arrived are newer than this read.
-            if e.last_seq == 0 {
-                e.last_seq = pos.seq;
-                e.epoch = pos.epoch.clone();
-            }
+        if let Some(mut e) = self.streams.get_mut(key) {
+            e.order.on_position(pos.seq, &pos.epoch);
         }
     }
 
-    fn fan_out(&self, entry: &StreamEntry, frame: &SharedFrame) {
+    fn fan_out(&self, subs: &HashMap<u64, ConnHandle>, frame: &SharedFrame) {
         // Counted once per fan-out: a shared counter touched per socket
         // costs a contended atomic per delivery.
         let mut delivered = 0;
-        for conn in entry.subs.values() {
+        for conn in subs.values() {
             if conn.push(frame.clone()) {
                 delivered += 1;
             } else {
@@ -272,6 +236,29 @@ impl Hub {
             }
         }
         self.metrics.deliveries.increment(delivered);
+    }
+
+    /// Fans out one delivery the stream's order released.
+    fn accept(&self, subs: &HashMap<u64, ConnHandle>, frame: &SharedFrame) {
+        if let Some(server_frame::Kind::Delivery(d)) = frame.frame().kind.as_ref() {
+            let lag_ms = (now_ms() - d.timestamp_ms).max(0);
+            self.metrics.delivery_latency.record(lag_ms as f64 / 1000.0);
+        }
+        self.fan_out(subs, frame);
+    }
+
+    /// Moves the held-frames gauge by what one step of a stream's order
+    /// changed.
+    fn count_held(&self, before: usize, after: usize) {
+        if after > before {
+            self.metrics
+                .pending_frames
+                .increment((after - before) as f64);
+        } else if before > after {
+            self.metrics
+                .pending_frames
+                .decrement((before - after) as f64);
+        }
     }
 
     fn on_delivery(&self, key: StreamKey, seq: u64, frame: SharedFrame) {
@@ -282,171 +269,65 @@ impl Hub {
             Some(server_frame::Kind::Delivery(d)) => d.epoch.as_str(),
             _ => "",
         };
-        if e.epoch != epoch {
-            if e.known && e.epoch.is_empty() && e.last_seq == 0 {
-                // The stream's first history: its seqs start at 1.
-                e.epoch = epoch.to_owned();
-            } else {
-                // History was reset (or nothing was known): start afresh here.
-                e.epoch = epoch.to_owned();
-                e.last_seq = seq.saturating_sub(1);
-                let n = e.pending.len();
-                e.pending.clear();
-                self.metrics.pending_frames.decrement(n as f64);
+        let StreamEntry { subs, order } = &mut *e;
+        let held = order.held();
+        match order.on_frame(seq, epoch, &frame, Instant::now()) {
+            Arrival::Next { released } => {
+                self.accept(subs, &frame);
+                for f in &released {
+                    self.accept(subs, f);
+                }
             }
-        }
-        if seq == e.last_seq + 1 {
-            self.accept(&mut e, seq, &frame);
-            self.drain_contiguous(&mut e);
-        } else if seq <= e.last_seq {
-            self.metrics.duplicates_dropped.increment(1);
-        } else {
-            if e.repairing && e.pending.len() >= MAX_PENDING_PER_STREAM {
-                // Full while history is read (or down): the frame is in
-                // history already (routers store before they publish), so
-                // drop it here and have the repair read once more.
-                e.overflowed = true;
-                self.metrics.pending_dropped.increment(1);
-                return;
-            }
-            if e.pending.insert(seq, frame).is_none() {
-                self.metrics.pending_frames.increment(1.0);
-            }
-            if !e.repairing {
-                e.repairing = true;
-                let wait = if e.pending.len() >= MAX_PENDING_PER_STREAM {
-                    Duration::ZERO
-                } else {
-                    GAP_TIMEOUT
-                };
-                if let Some(hub) = self.me.upgrade() {
-                    tokio::spawn(async move { hub.repair(key, wait, false).await });
+            Arrival::Duplicate => self.metrics.duplicates_dropped.increment(1),
+            Arrival::Dropped => self.metrics.pending_dropped.increment(1),
+            Arrival::Held { repair_at } => {
+                if let Some(at) = repair_at
+                    && let Some(hub) = self.me.upgrade()
+                {
+                    tokio::spawn(async move { hub.repair(key, at).await });
                 }
             }
         }
+        self.count_held(held, order.held());
     }
 
-    fn accept(&self, e: &mut StreamEntry, seq: u64, frame: &SharedFrame) {
-        e.last_seq = seq;
-        if let Some(server_frame::Kind::Delivery(d)) = frame.frame().kind.as_ref() {
-            let lag_ms = (now_ms() - d.timestamp_ms).max(0);
-            self.metrics.delivery_latency.record(lag_ms as f64 / 1000.0);
-        }
-        self.fan_out(e, frame);
-    }
-
-    /// Fills a gap from history; if history no longer has it, skips ahead
-    /// (clients see the gap and re-sync).
-    async fn repair(self: Arc<Self>, key: StreamKey, wait: Duration, force: bool) {
-        let mut wait = wait;
-        let mut force = force;
-        let mut outages = 0;
+    /// Runs one repair of a stream: sleeps until each read is due, reads
+    /// history and feeds the answer to the stream's order, until the order
+    /// says the repair is over (filled, or the hole skipped).
+    async fn repair(self: Arc<Self>, key: StreamKey, at: Instant) {
+        let mut at = at;
         loop {
-            tokio::time::sleep(wait).await;
-            match self
-                .repair_once(&key, force, outages < MAX_OUTAGE_RETRIES)
-                .await
-            {
-                Repair::Done => return,
-                // Still a hole: frames newer than our read were lost too.
-                Repair::Hole => wait = GAP_TIMEOUT,
-                Repair::HistoryDown => {
-                    outages += 1;
-                    wait = (GAP_TIMEOUT * 2u32.pow(outages)).min(MAX_OUTAGE_BACKOFF);
-                }
-            }
-            force = false;
-        }
-    }
-
-    /// One history read. `may_wait`: a failed read keeps the held frames
-    /// for another try instead of skipping the hole.
-    async fn repair_once(&self, key: &StreamKey, force: bool, may_wait: bool) -> Repair {
-        // Read what to repair without holding the shard lock afterwards.
-        let target = self.streams.get(key).map(|e| {
-            (
-                !e.pending.is_empty() || (force && !e.epoch.is_empty()),
-                e.last_seq,
-                e.epoch.clone(),
-            )
-        });
-        let (since, epoch) = match target {
-            Some((true, since, epoch)) => (since, epoch),
-            Some((false, _, _)) => {
-                if let Some(mut e) = self.streams.get_mut(key) {
-                    e.repairing = false;
-                }
-                return Repair::Done;
-            }
-            None => return Repair::Done,
-        };
-        let recovered = self.history.recover(key, Some(since), &epoch).await;
-        let Some(mut e) = self.streams.get_mut(key) else {
-            return Repair::Done;
-        };
-        // A history outage is not a lost message: the frames are still in
-        // history, so hold what arrived (bounded) and read again later.
-        if recovered.is_err() && may_wait && e.pending.len() < MAX_PENDING_PER_STREAM {
-            self.metrics.gaps_retried.increment(1);
-            return Repair::HistoryDown;
-        }
-        match recovered {
-            Ok(r) if !r.position.resync_required => {
-                let mut filled = 0;
-                for f in r.frames {
-                    if let Some((_, seq)) = f.delivery_position()
-                        && seq > e.last_seq
-                        && e.pending.insert(seq, f).is_none()
-                    {
-                        self.metrics.pending_frames.increment(1.0);
-                        filled += 1;
-                    }
-                }
-                if filled > 0 {
-                    self.metrics.gaps_repaired.increment(1);
-                }
-                self.drain_contiguous(&mut e);
-                if e.pending.is_empty() && !std::mem::take(&mut e.overflowed) {
-                    e.repairing = false;
-                    Repair::Done
-                } else {
-                    Repair::Hole
-                }
-            }
-            _ => {
-                // History no longer has the missing seqs (or stayed down):
-                // deliver what we hold, in order; clients see the gap and
-                // re-sync from their own last seq.
-                self.metrics.gaps_unrecoverable.increment(1);
-                e.overflowed = false;
-                let held = std::mem::take(&mut e.pending);
-                self.metrics.pending_frames.decrement(held.len() as f64);
-                for (seq, f) in held {
-                    if seq > e.last_seq {
-                        self.accept(&mut e, seq, &f);
-                    }
-                }
-                e.repairing = false;
-                Repair::Done
-            }
-        }
-    }
-
-    /// Fans out held frames that continue the stream without a hole.
-    fn drain_contiguous(&self, e: &mut StreamEntry) {
-        loop {
-            let want = e.last_seq + 1;
-            let Some(next) = e.pending.remove(&want) else {
-                break;
+            tokio::time::sleep_until(at).await;
+            // Read what to repair without holding the shard lock afterwards.
+            let read = match self.streams.get_mut(&key) {
+                Some(mut e) => e.order.due_read(),
+                None => None,
             };
-            self.metrics.pending_frames.decrement(1.0);
-            self.accept(e, want, &next);
-        }
-        // Anything at or below last_seq is a duplicate.
-        let stale: Vec<u64> = e.pending.range(..=e.last_seq).map(|(s, _)| *s).collect();
-        for s in stale {
-            e.pending.remove(&s);
-            self.metrics.pending_frames.decrement(1.0);
+            let Some(read) = read else { return };
+            let answer = self
+                .history
+                .recover(&key, Some(read.since), &read.epoch)
+                .await;
+            let Some(mut e) = self.streams.get_mut(&key) else {
+                return;
+            };
+            let StreamEntry { subs, order } = &mut *e;
+            let held = order.held();
+            let answered = order.on_history(answer, Instant::now());
+            match answered.gap {
+                Some(Gap::Repaired) => self.metrics.gaps_repaired.increment(1),
+                Some(Gap::Retried) => self.metrics.gaps_retried.increment(1),
+                Some(Gap::Unrecoverable) => self.metrics.gaps_unrecoverable.increment(1),
+                None => {}
+            }
+            for f in &answered.deliver {
+                self.accept(subs, f);
+            }
+            self.count_held(held, order.held());
+            match answered.next_read {
+                Some(next) => at = next,
+                None => return,
+            }
         }
     }
 
@@ -493,7 +374,7 @@ impl Hub {
         if let Some(key) = key
             && let Some(e) = self.streams.get(&key)
         {
-            self.fan_out(&e, &frame);
+            self.fan_out(&e.subs, &frame);
         }
     }
 }
@@ -517,15 +398,12 @@ impl BusHandler for Hub {
         );
         tokio::spawn(async move {
             for key in keys {
-                let claimed = match hub.streams.get_mut(&key) {
-                    Some(mut e) if !e.repairing => {
-                        e.repairing = true;
-                        true
-                    }
-                    _ => false,
-                };
-                if claimed {
-                    hub.clone().repair(key, Duration::ZERO, true).await;
+                let at = hub
+                    .streams
+                    .get_mut(&key)
+                    .and_then(|mut e| e.order.on_possible_loss(Instant::now()));
+                if let Some(at) = at {
+                    hub.clone().repair(key, at).await;
                 }
             }
         });

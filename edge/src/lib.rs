@@ -16,6 +16,9 @@
 //! - `presence`: the node lease, heartbeats and restore, each socket's
 //!   presence session and the per-user ordering of its announcements.
 //! - `hub`: local index, reference-counted bus interest, ordered fan-out.
+//! - `order`: one stream's reorder and gap repair (a state machine without
+//!   I/O, driven by the hub) and the seq rule the writer shares; its doc
+//!   states the ordering contract end to end.
 //! - `mailbox`: a socket's bounded mailbox, the only way others reach it.
 //! - `config`: flags, environment, TOML file → [`Config`].
 //! - `auth`: JWT verification; `admission`: the connection cap under the
@@ -34,6 +37,7 @@ mod drain;
 mod hub;
 mod mailbox;
 mod metrics;
+mod order;
 mod presence;
 mod ratelimit;
 mod server;

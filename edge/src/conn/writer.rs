@@ -22,6 +22,7 @@ use crate::{
     conn::batch_writer::{BatchWriter, FLUSH_AT_BYTES},
     mailbox::{ConnHandle, Inbox, Next, Outbound, Recovered},
     metrics::EdgeMetrics,
+    order,
 };
 
 /// Live deliveries held per stream while its recovery is read; beyond
@@ -262,7 +263,8 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     return;
                 }
                 Some(StreamState::Live(last)) => {
-                    if seq <= *last {
+                    // The hub's rule: this merge and the reorder agree.
+                    if order::classify(*last, seq) == order::Seq::Duplicate {
                         self.metrics.duplicates_dropped.increment(1);
                         return;
                     }
