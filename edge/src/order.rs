@@ -347,3 +347,6 @@ impl StreamOrder {
         out
     }
 }
+
+#[cfg(test)]
+mod tests;

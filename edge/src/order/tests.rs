@@ -1,0 +1,366 @@
+//! The state machine alone: frames, answers and instants in, decisions
+//! out. No runtime, no bus, no history.
+use std::time::Duration;
+
+use switchboard_protocol::{
+    SharedFrame,
+    v1::{Delivery, ServerFrame, StreamPosition, server_frame},
+};
+use switchboard_router::Recovery;
+use tokio::time::Instant;
+
+use super::*;
+
+fn frame(seq: u64, epoch: &str) -> SharedFrame {
+    SharedFrame::new(ServerFrame {
+        id: 0,
+        kind: Some(server_frame::Kind::Delivery(Delivery {
+            chat: "room".into(),
+            seq,
+            epoch: epoch.into(),
+            ..Default::default()
+        })),
+    })
+}
+
+fn seqs(frames: &[SharedFrame]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| f.delivery_position().expect("a delivery").1)
+        .collect()
+}
+
+fn answer(seqs: impl IntoIterator<Item = u64>, resync_required: bool) -> Result<Recovery, ()> {
+    let frames: Vec<SharedFrame> = seqs.into_iter().map(|s| frame(s, "e")).collect();
+    Ok(Recovery {
+        position: StreamPosition {
+            seq: frames
+                .last()
+                .map_or(0, |f| f.delivery_position().unwrap().1),
+            epoch: "e".into(),
+            recovered: frames.len() as u32,
+            resync_required,
+        },
+        frames,
+    })
+}
+
+const DOWN: Result<Recovery, ()> = Err(());
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A stream whose history read said it stands at `seq` in epoch "e".
+fn at(seq: u64) -> StreamOrder {
+    let mut o = StreamOrder::new();
+    o.on_position(seq, "e");
+    o
+}
+
+/// Feeds a frame of epoch "e"; the seqs it released (itself first), or
+/// panics on any other outcome.
+fn next(o: &mut StreamOrder, seq: u64, now: Instant) -> Vec<u64> {
+    match o.on_frame(seq, "e", &frame(seq, "e"), now) {
+        Arrival::Next { released } => [vec![seq], seqs(&released)].concat(),
+        other => panic!("seq {seq}: expected Next, got {other:?}"),
+    }
+}
+
+/// Feeds a frame of epoch "e" that must be held; when the repair starts.
+fn held(o: &mut StreamOrder, seq: u64, now: Instant) -> Option<Instant> {
+    match o.on_frame(seq, "e", &frame(seq, "e"), now) {
+        Arrival::Held { repair_at } => repair_at,
+        other => panic!("seq {seq}: expected Held, got {other:?}"),
+    }
+}
+
+#[test]
+fn classify_is_the_one_seq_rule() {
+    assert_eq!(classify(5, 4), Seq::Duplicate);
+    assert_eq!(classify(5, 5), Seq::Duplicate);
+    assert_eq!(classify(5, 6), Seq::Next);
+    assert_eq!(classify(5, 7), Seq::Ahead);
+    assert_eq!(classify(0, 1), Seq::Next);
+    assert_eq!(classify(u64::MAX, u64::MAX), Seq::Duplicate);
+}
+
+#[test]
+fn in_order_frames_pass_and_duplicates_drop() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    assert!(matches!(
+        o.on_frame(5, "e", &frame(5, "e"), t0),
+        Arrival::Duplicate
+    ));
+    assert_eq!(next(&mut o, 6, t0), [6]);
+    assert_eq!(next(&mut o, 7, t0), [7]);
+    for dup in [7, 6, 1] {
+        assert!(matches!(
+            o.on_frame(dup, "e", &frame(dup, "e"), t0),
+            Arrival::Duplicate
+        ));
+    }
+    assert_eq!(o.held(), 0);
+    assert_eq!(o.due_read(), None, "nothing held, nothing to repair");
+}
+
+#[test]
+fn an_early_frame_waits_and_the_late_one_releases_it() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    assert_eq!(held(&mut o, 7, t0), Some(t0 + GAP_TIMEOUT));
+    // One repair per hole: later early frames join it.
+    assert_eq!(held(&mut o, 9, t0 + ms(10)), None);
+    assert_eq!(held(&mut o, 8, t0 + ms(20)), None);
+    assert_eq!(o.held(), 3);
+    assert_eq!(next(&mut o, 6, t0 + ms(30)), [6, 7, 8, 9]);
+    assert_eq!(o.held(), 0);
+    // The repair wakes to nothing and ends; the next hole starts another.
+    assert_eq!(o.due_read(), None);
+    assert_eq!(
+        held(&mut o, 11, t0 + ms(40)),
+        Some(t0 + ms(40) + GAP_TIMEOUT)
+    );
+}
+
+#[test]
+fn the_gap_timeout_reads_the_hole_from_history() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    let read_at = held(&mut o, 7, t0).expect("a repair starts");
+    assert_eq!(read_at - t0, GAP_TIMEOUT);
+    assert_eq!(
+        o.due_read(),
+        Some(HistoryRead {
+            since: 5,
+            epoch: "e".into()
+        })
+    );
+    let a = o.on_history(answer([6, 7], false), read_at);
+    assert_eq!(seqs(&a.deliver), [6, 7]);
+    assert_eq!(a.gap, Some(Gap::Repaired));
+    assert_eq!(a.next_read, None, "the repair is over");
+    assert_eq!(o.held(), 0);
+    assert_eq!(next(&mut o, 8, read_at), [8]);
+}
+
+#[test]
+fn a_hole_newer_than_the_read_is_read_again() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    let read_at = held(&mut o, 7, t0).unwrap();
+    held(&mut o, 9, t0);
+    assert_eq!(o.due_read().unwrap().since, 5);
+    // History had 6 only when read: 8 is still missing.
+    let a = o.on_history(answer([6], false), read_at);
+    assert_eq!(seqs(&a.deliver), [6, 7]);
+    assert_eq!(a.gap, Some(Gap::Repaired));
+    assert_eq!(a.next_read, Some(read_at + GAP_TIMEOUT));
+    assert_eq!(o.due_read().unwrap().since, 7);
+    let a = o.on_history(answer([8, 9], false), read_at + GAP_TIMEOUT);
+    assert_eq!(seqs(&a.deliver), [8, 9]);
+    assert_eq!(a.next_read, None);
+}
+
+#[test]
+fn a_read_with_nothing_new_is_no_repair_and_reads_again() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    let read_at = held(&mut o, 7, t0).unwrap();
+    o.due_read().unwrap();
+    let a = o.on_history(answer([], false), read_at);
+    assert!(a.deliver.is_empty());
+    assert_eq!(a.gap, None, "nothing filled");
+    assert_eq!(a.next_read, Some(read_at + GAP_TIMEOUT));
+    assert_eq!(o.held(), 1);
+}
+
+#[test]
+fn history_without_the_hole_skips_it_and_delivers_what_is_held() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    let read_at = held(&mut o, 8, t0).unwrap();
+    held(&mut o, 10, t0);
+    o.due_read().unwrap();
+    // The window no longer reaches back to 6.
+    let a = o.on_history(answer([8, 9, 10], true), read_at);
+    assert_eq!(seqs(&a.deliver), [8, 10], "the held frames, in order");
+    assert_eq!(a.gap, Some(Gap::Unrecoverable));
+    assert_eq!(a.next_read, None);
+    assert_eq!(o.held(), 0);
+    assert_eq!(next(&mut o, 11, read_at), [11]);
+}
+
+#[test]
+fn the_held_frame_limit_drops_while_a_repair_runs() {
+    let t0 = Instant::now();
+    let mut o = at(1);
+    let read_at = held(&mut o, 3, t0).unwrap();
+    for seq in 4..(3 + MAX_PENDING_PER_STREAM as u64) {
+        assert_eq!(held(&mut o, seq, t0), None);
+    }
+    assert_eq!(o.held(), MAX_PENDING_PER_STREAM);
+    let over = 3 + MAX_PENDING_PER_STREAM as u64;
+    for seq in over..over + 5 {
+        assert!(matches!(
+            o.on_frame(seq, "e", &frame(seq, "e"), t0),
+            Arrival::Dropped
+        ));
+    }
+    assert_eq!(o.held(), MAX_PENDING_PER_STREAM, "nothing beyond the limit");
+    // History has everything, the dropped frames included.
+    o.due_read().unwrap();
+    let a = o.on_history(answer(2..over + 5, false), read_at);
+    assert_eq!(seqs(&a.deliver), (2..over + 5).collect::<Vec<_>>());
+    assert_eq!(o.held(), 0);
+}
+
+#[test]
+fn a_history_outage_backs_off_up_to_the_cap_then_skips() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    let mut now = held(&mut o, 7, t0).unwrap();
+    let mut reads = vec![now - t0];
+    for _ in 0..MAX_OUTAGE_RETRIES {
+        assert!(o.due_read().is_some());
+        let a = o.on_history(DOWN, now);
+        assert_eq!(a.gap, Some(Gap::Retried));
+        assert!(a.deliver.is_empty());
+        assert_eq!(o.held(), 1, "the early frame waits out the outage");
+        now = a.next_read.expect("read again");
+        reads.push(now - t0);
+    }
+    // 200 ms, then doubling from 400 ms, capped at 2 s.
+    let expected: Vec<Duration> = [200, 600, 1400, 3000, 5000, 7000, 9000, 11000, 13000]
+        .into_iter()
+        .map(ms)
+        .collect();
+    assert_eq!(reads, expected);
+    assert!(o.due_read().is_some());
+    let a = o.on_history(DOWN, now);
+    assert_eq!(a.gap, Some(Gap::Unrecoverable), "retries spent: skip");
+    assert_eq!(seqs(&a.deliver), [7]);
+    assert_eq!(a.next_read, None);
+}
+
+#[test]
+fn history_back_during_the_backoff_repairs_the_hole() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    let mut now = held(&mut o, 7, t0).unwrap();
+    for _ in 0..3 {
+        o.due_read().unwrap();
+        now = o.on_history(DOWN, now).next_read.unwrap();
+    }
+    o.due_read().unwrap();
+    let a = o.on_history(answer([6, 7], false), now);
+    assert_eq!(seqs(&a.deliver), [6, 7]);
+    assert_eq!(a.gap, Some(Gap::Repaired));
+    // A later repair starts its back-off afresh.
+    let mut now = held(&mut o, 9, now).unwrap();
+    o.due_read().unwrap();
+    let before = now;
+    now = o.on_history(DOWN, now).next_read.unwrap();
+    assert_eq!(now - before, ms(400));
+}
+
+#[test]
+fn an_outage_with_the_held_limit_reached_skips_at_once() {
+    let t0 = Instant::now();
+    let mut o = at(1);
+    let read_at = held(&mut o, 3, t0).unwrap();
+    for seq in 4..(3 + MAX_PENDING_PER_STREAM as u64) {
+        held(&mut o, seq, t0);
+    }
+    o.due_read().unwrap();
+    let a = o.on_history(DOWN, read_at);
+    assert_eq!(a.gap, Some(Gap::Unrecoverable));
+    assert_eq!(a.deliver.len(), MAX_PENDING_PER_STREAM);
+    assert_eq!(a.next_read, None);
+}
+
+#[test]
+fn a_new_epoch_restarts_the_stream_and_forgets_held_frames() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    assert_eq!(next(&mut o, 6, t0), [6]);
+    held(&mut o, 9, t0);
+    assert_eq!(o.held(), 1);
+    // History was lost: the new epoch starts over at whatever seq arrives.
+    match o.on_frame(2, "new", &frame(2, "new"), t0) {
+        Arrival::Next { released } => assert!(released.is_empty()),
+        other => panic!("expected Next, got {other:?}"),
+    }
+    assert_eq!(o.held(), 0, "frames of the old epoch are dropped");
+    assert!(matches!(
+        o.on_frame(2, "new", &frame(2, "new"), t0),
+        Arrival::Duplicate
+    ));
+    assert!(matches!(
+        o.on_frame(3, "new", &frame(3, "new"), t0),
+        Arrival::Next { .. }
+    ));
+    // The running repair finds nothing left and ends.
+    assert_eq!(o.due_read(), None);
+}
+
+#[test]
+fn a_stream_known_empty_expects_seq_one() {
+    let t0 = Instant::now();
+    // History had nothing: the first seq is 1, whatever arrives first.
+    let mut o = StreamOrder::new();
+    o.on_position(0, "");
+    match o.on_frame(2, "e1", &frame(2, "e1"), t0) {
+        Arrival::Held { repair_at } => assert!(repair_at.is_some()),
+        other => panic!("seq 1 is missing, expected Held, got {other:?}"),
+    }
+    assert_eq!(
+        o.due_read(),
+        Some(HistoryRead {
+            since: 0,
+            epoch: "e1".into()
+        })
+    );
+    // Never read from history: the first frame sets the position.
+    let mut o = StreamOrder::new();
+    assert!(matches!(
+        o.on_frame(40, "e1", &frame(40, "e1"), t0),
+        Arrival::Next { .. }
+    ));
+    assert!(matches!(
+        o.on_frame(42, "e1", &frame(42, "e1"), t0),
+        Arrival::Held { .. }
+    ));
+}
+
+#[test]
+fn a_possible_loss_reads_history_with_nothing_held() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    assert_eq!(next(&mut o, 6, t0), [6]);
+    assert_eq!(o.on_possible_loss(t0), Some(t0), "read at once");
+    assert_eq!(o.on_possible_loss(t0), None, "one repair at a time");
+    assert_eq!(o.due_read().unwrap().since, 6);
+    // The bus lost 7 and 8 and nothing arrived after them.
+    let a = o.on_history(answer([7, 8], false), t0);
+    assert_eq!(seqs(&a.deliver), [7, 8]);
+    assert_eq!(a.gap, Some(Gap::Repaired));
+    assert_eq!(a.next_read, None);
+    // Nothing was lost: one read, no repair counted.
+    assert_eq!(o.on_possible_loss(t0), Some(t0));
+    o.due_read().unwrap();
+    let a = o.on_history(answer([], false), t0);
+    assert_eq!((a.gap, a.next_read), (None, None));
+}
+
+#[test]
+fn a_possible_loss_skips_a_stream_without_an_epoch() {
+    let t0 = Instant::now();
+    let mut o = StreamOrder::new();
+    o.on_position(0, "");
+    assert_eq!(o.on_possible_loss(t0), Some(t0));
+    assert_eq!(o.due_read(), None, "nothing to compare against");
+    // The repair is over: the next loss claims the stream again.
+    assert_eq!(o.on_possible_loss(t0), Some(t0));
+}
