@@ -30,7 +30,7 @@ pub use bus::{
     presence_subject, publish_to_user,
 };
 pub use history::{
-    Draft, History, HistoryError, HistoryLimits, Recovery,
+    Appended, Draft, History, HistoryError, HistoryLimits, Recovery,
     memory::MemoryHistory,
     redis::{RedisHistory, connect_redis, forget_stream},
 };
