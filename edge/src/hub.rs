@@ -409,3 +409,6 @@ impl BusHandler for Hub {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;
