@@ -31,8 +31,9 @@ pub async fn publish_to_user(
 
 /// Receives the frames of subjects this node subscribed to.
 pub trait BusHandler: Send + Sync + 'static {
-    /// One frame arrived on `subject`. Must not block: it runs on the
-    /// bus's receive path.
+    /// One frame arrived on `subject`, the subject it was published on
+    /// (under a `*` subscription, the full subject). Must not block: it
+    /// runs on the bus's receive path.
     fn on_frame(&self, subject: &str, frame: SharedFrame);
 
     /// Frames may have been lost (bus reconnect, slow consumer): re-check
@@ -69,14 +70,22 @@ pub enum BusError {
         /// Why.
         source: async_nats::SubscribeError,
     },
-    /// A subscription was made but the server did not confirm it, so the
-    /// interest may not be active yet.
+    /// A subscription was made but not written to the server.
     #[error("bus unavailable: {source}")]
     Flush {
         /// The subject.
         subject: String,
         /// Why.
         source: async_nats::client::FlushError,
+    },
+    /// A subscription was written but the round trip that confirms the
+    /// server has it failed, so the interest may not be active yet.
+    #[error("bus unavailable: {source}")]
+    Confirm {
+        /// The subject.
+        subject: String,
+        /// Why.
+        source: async_nats::RequestError,
     },
     /// Presence could not say which edges hold the user's sockets.
     #[error(transparent)]
@@ -89,7 +98,9 @@ impl BusError {
         match self {
             BusError::Connect { .. } => "connect",
             BusError::Publish { .. } => "publish",
-            BusError::Subscribe { .. } | BusError::Flush { .. } => "subscribe",
+            BusError::Subscribe { .. } | BusError::Flush { .. } | BusError::Confirm { .. } => {
+                "subscribe"
+            }
             BusError::Presence(_) => "presence",
         }
     }
@@ -97,12 +108,18 @@ impl BusError {
 
 /// Subject-addressed delivery between nodes.
 ///
-/// Contract: at-most-once. Frames from one publisher on one subject arrive
-/// in publish order; anything else (drops while disconnected or lagging)
-/// is detected by the receiver from the stream seq and repaired from
-/// [`crate::History`]. A node receives a subject only between its
-/// `subscribe` and `unsubscribe`; callers reference-count interest and
-/// call each once per transition.
+/// Contract (`tests/bus_contract.rs` checks it against every backend):
+/// - At-most-once. Frames from one publisher on one subject arrive in
+///   publish order; anything else (drops while disconnected or lagging)
+///   is detected by the receiver from the stream seq and repaired from
+///   [`crate::History`]. Drops the bus notices (reconnect, slow consumer)
+///   are reported to the handler ([`BusHandler::on_possible_loss`]).
+/// - Live on return: see [`Bus::subscribe`].
+/// - A node receives a subject from its `subscribe` until its
+///   `unsubscribe`, across reconnects; callers reference-count interest
+///   and call each once per transition. A `*` token of a subscribed
+///   subject matches any one token.
+/// - Publishing on a subject nobody receives succeeds.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
     /// Sets the one handler of this node's subscriptions.
@@ -110,12 +127,22 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes `frame` on `subject`.
     async fn publish(&self, subject: &str, frame: SharedFrame) -> Result<(), BusError>;
     /// Starts receiving `subject`.
+    ///
+    /// Live on return: once this returns `Ok`, every frame published on
+    /// `subject` afterwards, by any node, reaches the handler (barring the
+    /// drops above). So a history read made after it misses nothing:
+    /// routers store a message before they publish it. On a NATS cluster
+    /// the interest reaches the other servers shortly after (routes carry
+    /// it asynchronously); a frame published through one of them in that
+    /// moment is a drop, repaired when a later frame shows the gap.
     async fn subscribe(&self, subject: &str) -> Result<(), BusError>;
-    /// Stops receiving `subject`.
+    /// Stops receiving `subject`: frames published after this returns no
+    /// longer reach the handler (over NATS, one being handed over at that
+    /// moment still may).
     async fn unsubscribe(&self, subject: &str) -> Result<(), BusError>;
     /// Subjects this node currently receives (a gauge for leak checks).
     fn subscriptions(&self) -> usize;
-    /// Whether the bus is connected now (readiness).
+    /// Whether the bus is connected now (readiness); a memory bus always is.
     fn connected(&self) -> bool {
         true
     }

@@ -6,7 +6,9 @@ use std::{
     time::Duration,
 };
 
+use async_nats::RequestErrorKind;
 use async_trait::async_trait;
+use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::StreamExt;
 use prost::Message;
@@ -153,8 +155,12 @@ impl Bus for NatsBus {
                 subject: subject.to_owned(),
                 source,
             })?;
-        // Make sure the server has the interest before we report it active:
-        // a history read after this cannot miss a later publish.
+        // Live on return: the server has the interest before we report it,
+        // so a history read after this cannot miss a later publish. A flush
+        // only writes the socket (it waits for a connection, at startup
+        // too); then a request makes the round trip, as the server handles
+        // one connection's operations in order. Nobody serves a fresh
+        // inbox, so the answer is an immediate "no responders".
         self.client
             .flush()
             .await
@@ -162,6 +168,19 @@ impl Bus for NatsBus {
                 subject: subject.to_owned(),
                 source,
             })?;
+        match self
+            .client
+            .request(self.client.new_inbox(), Bytes::new())
+            .await
+        {
+            Err(source) if source.kind() != RequestErrorKind::NoResponders => {
+                return Err(BusError::Confirm {
+                    subject: subject.to_owned(),
+                    source,
+                });
+            }
+            _ => {}
+        }
         let handler = self.handler.clone();
         let task = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
