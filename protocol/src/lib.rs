@@ -5,6 +5,7 @@
 //! - [`Encoding`]: the two encodings and their WebSocket subprotocols.
 //! - [`CloseReason`]: the one table of close codes and reconnect advice.
 //! - [`ChatId`] / [`UserId`]: ids that are safe to put into NATS subjects.
+//! - [`subject`]: the cluster's NATS subjects, built and parsed.
 //! - `client` (feature `client`, off by default): an async Rust client with
 //!   reconnect and resume, used by tests, examples and the load generator.
 //!
@@ -15,6 +16,7 @@ mod close;
 mod codec;
 mod ids;
 mod stream;
+pub mod subject;
 
 #[cfg(feature = "client")]
 pub mod client;
@@ -22,7 +24,7 @@ pub mod client;
 pub use close::CloseReason;
 pub use codec::{DecodeError, Encoding};
 pub use ids::{ChatId, IdError, MAX_CLIENT_MSG_ID_LEN, MAX_ID_LEN, UserId, validate_client_msg_id};
-pub use stream::{SharedFrame, StreamKey, chat_subject, edge_user_subject, edge_users_wildcard};
+pub use stream::{SharedFrame, StreamKey};
 
 /// Generated protocol types (version 1). See the `.proto` file for field docs.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

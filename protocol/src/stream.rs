@@ -1,5 +1,5 @@
-//! Streams (a chat, or one user's personal stream), their NATS subjects, and
-//! frames encoded once for every receiver.
+//! Streams (a chat, or one user's personal stream) and frames encoded once
+//! for every receiver.
 use std::{fmt, sync::Arc, sync::OnceLock};
 
 use bytes::Bytes;
@@ -21,30 +21,13 @@ pub enum StreamKey {
 impl StreamKey {
     /// The NATS subject a chat's deliveries travel on; `None` for a
     /// personal stream, which goes to each edge holding one of the user's
-    /// sockets instead ([`edge_user_subject`]).
+    /// sockets instead ([`crate::subject::edge_user_subject`]).
     pub fn subject(&self) -> Option<String> {
         match self {
-            StreamKey::Chat(c) => Some(chat_subject(c)),
+            StreamKey::Chat(c) => Some(crate::subject::chat_subject(c)),
             StreamKey::User(_) => None,
         }
     }
-}
-
-/// Subject of a chat's deliveries and ephemeral events.
-pub fn chat_subject(chat: &ChatId) -> String {
-    format!("sb.chat.{chat}")
-}
-
-/// Subject of `user`'s personal stream on one edge: routers look up the
-/// user's edges in presence and publish one copy per edge, so an edge needs
-/// one subscription (`sb.edge.<node>.user.*`) for all its users.
-pub fn edge_user_subject(node: &str, user: &UserId) -> String {
-    format!("sb.edge.{node}.user.{user}")
-}
-
-/// What an edge subscribes to for the personal streams of its users.
-pub fn edge_users_wildcard(node: &str) -> String {
-    format!("sb.edge.{node}.user.*")
 }
 
 impl fmt::Display for StreamKey {
@@ -160,10 +143,6 @@ mod tests {
         assert_eq!(
             StreamKey::Chat(ChatId::parse("c1").unwrap()).subject(),
             Some("sb.chat.c1".into())
-        );
-        assert_eq!(
-            edge_user_subject("e1", &UserId::parse("bob").unwrap()),
-            "sb.edge.e1.user.bob"
         );
     }
 }

@@ -3,12 +3,7 @@ pub(crate) mod nats;
 
 use async_trait::async_trait;
 use switchboard_presence::{PresenceError, PresenceStore};
-use switchboard_protocol::{SharedFrame, UserId, edge_user_subject};
-
-/// Subject of a user's online/offline events.
-pub fn presence_subject(user: &UserId) -> String {
-    format!("sb.presence.{user}")
-}
+use switchboard_protocol::{SharedFrame, UserId, subject::edge_user_subject};
 
 /// Publishes `frame` on `user`'s personal stream: one copy to each edge
 /// that holds a socket of the user (presence knows which). Returns how many

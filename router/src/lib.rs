@@ -1,44 +1,46 @@
-//! The publish path.
+//! The publish path: what a publish goes through, from request to
+//! delivery, whichever process runs it (the edge standalone, a router
+//! replica in a cluster).
 //!
-//! - [`Bus`]: moves frames between routers and edges by subject
-//!   (`sb.chat.<chat>`, `sb.edge.<edge>.user.<user>`, `sb.presence.<user>`);
-//!   [`MemoryBus`] in standalone mode, NATS in a cluster.
+//! - [`Bus`]: moves frames between routers and edges by subject (built and
+//!   parsed in `switchboard_protocol::subject`); [`MemoryBus`] in
+//!   standalone mode, [`NatsBus`] in a cluster.
 //! - [`History`]: sequences each stream, de-duplicates by client message id
 //!   and keeps a bounded window for recovery; [`MemoryHistory`] in
-//!   standalone mode, Redis in a cluster.
+//!   standalone mode, [`RedisHistory`] in a cluster.
 //! - [`Router`]: validates a publish, appends it and delivers it.
+//! - [`Publisher`]: the publish path as an edge sees it, in-process
+//!   ([`Router`]) or over NATS ([`RemoteRouter`]).
+//! - [`Members`]: channel members and their work (unread counters, push
+//!   jobs), run by the router replicas.
+//! - [`redact_url`]: backend URLs as logs and errors may show them.
 //!
-//! Standalone, the edge links this crate and runs the router in-process.
+//! The processes around it (HTTP, configuration, telemetry) live in
+//! `switchboard-node` (shared by both binaries), `switchboard-router-server`
+//! (the router process) and `switchboard-edge`.
 #![warn(missing_docs)]
 
-mod api;
 mod bus;
 mod history;
 mod members;
-mod node;
 mod publisher;
 mod router;
-mod service;
-pub mod telemetry;
 mod urls;
 
-pub use api::{has_api_key, kick, parse_api_kick, parse_api_publish, publish_error_status};
 pub use bus::{
     Bus, BusError, BusHandler,
     memory::MemoryBus,
-    nats::{NatsBus, NatsSettings, connect_nats, frame_from_bus},
-    presence_subject, publish_to_user,
+    nats::{NatsBus, NatsSettings},
+    publish_to_user,
 };
 pub use history::{
     Appended, Draft, History, HistoryError, HistoryLimits, Recovery,
     memory::MemoryHistory,
-    redis::{RedisHistory, connect_redis, forget_stream},
+    redis::{RedisHistory, connect_redis},
 };
-pub use members::{Members, MembersError, PUSH_STREAM, SHARD_SUBJECT};
-pub use node::{RouterConfig, run_router, shutdown_signal};
-pub use publisher::{PUBLISH_SUBJECT, Publisher, ROUTER_QUEUE, RemoteRouter, encode_request};
+pub use members::{Members, MembersError, PUSH_STREAM};
+pub use publisher::{Publisher, RemoteRouter, encode_request};
 pub use router::{
     PUBLISH_ERROR_REASONS, PublishError, PublishRequest, Published, Router, RouterLimits,
 };
-pub use service::{announce, handle_publish, serve, sweep_presence};
 pub use urls::redact_url;

@@ -23,11 +23,10 @@ use switchboard_protocol::{
     ChatId, SharedFrame, StreamKey, UserId,
     internal::v1::{PushJob, ShardJob},
     now_ms,
+    subject::{PUSH_ALL, ROUTER_SHARD, push_subject},
     v1::{Delivery, server_frame},
 };
 
-/// Subject of shard jobs (queue group [`crate::ROUTER_QUEUE`]).
-pub const SHARD_SUBJECT: &str = "sb.router.shard";
 /// JetStream stream holding push jobs.
 pub const PUSH_STREAM: &str = "SB_PUSH";
 
@@ -98,7 +97,7 @@ impl Members {
         let js = async_nats::jetstream::new(nats.clone());
         let config = async_nats::jetstream::stream::Config {
             name: PUSH_STREAM.into(),
-            subjects: vec!["sb.push.>".into()],
+            subjects: vec![PUSH_ALL.into()],
             retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
             max_messages: 10_000_000,
             max_bytes: 4 << 30,
@@ -248,7 +247,7 @@ impl Members {
                         delivery: Some(d.clone()),
                     };
                     self.nats
-                        .publish(SHARD_SUBJECT, job.encode_to_vec().into())
+                        .publish(ROUTER_SHARD, job.encode_to_vec().into())
                         .await
                         .map_err(MembersError::ShardJob)?;
                 }
@@ -284,7 +283,7 @@ impl Members {
             .message_id(format!("{stream}:{}:{user}", d.seq));
         let ack = self
             .js
-            .send_publish(format!("sb.push.{user}"), msg)
+            .send_publish(push_subject(user), msg)
             .await
             .map_err(MembersError::PushJob)?;
         metrics::counter!("switchboard_router_push_jobs_total").increment(1);

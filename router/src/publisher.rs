@@ -7,16 +7,13 @@ use async_trait::async_trait;
 use prost::Message;
 use switchboard_protocol::{
     SharedFrame, StreamKey,
+    subject::ROUTER_PUBLISH,
     internal::v1::{RouterPublish, RouterReply, router_publish, router_reply},
     v1::ErrorCode,
 };
 
 use crate::{Bus, PublishError, PublishRequest, Published, Router};
 
-/// NATS subject of publish requests (queue group [`ROUTER_QUEUE`]).
-pub const PUBLISH_SUBJECT: &str = "sb.router.publish";
-/// Queue group shared by all router replicas.
-pub const ROUTER_QUEUE: &str = "sb-routers";
 
 /// Sequences and delivers messages; sends ephemeral frames.
 #[async_trait]
@@ -88,7 +85,7 @@ impl RemoteRouter {
         for attempt in 0..self.attempts {
             let sent = tokio::time::timeout(
                 self.timeout,
-                self.client.request(PUBLISH_SUBJECT, body.clone()),
+                self.client.request(ROUTER_PUBLISH, body.clone()),
             )
             .await;
             let msg = match sent {

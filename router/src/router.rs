@@ -4,7 +4,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use switchboard_presence::PresenceStore;
 use switchboard_protocol::{
-    IdError, SharedFrame, StreamKey, UserId, chat_subject, v1::ErrorCode, validate_client_msg_id,
+    IdError, SharedFrame, StreamKey, UserId, subject::chat_subject, v1::ErrorCode,
+    validate_client_msg_id,
 };
 
 use crate::{Bus, Draft, History, HistoryError};

@@ -30,7 +30,7 @@ pub struct NatsSettings {
 
 /// Connects to NATS with reconnects forever; `on_event` sees connection
 /// events (the bus uses them to trigger gap repair).
-pub async fn connect_nats(
+pub(crate) async fn connect_nats(
     settings: &NatsSettings,
     on_event: impl Fn(async_nats::Event) + Send + Sync + 'static,
 ) -> Result<async_nats::Client, BusError> {
@@ -121,7 +121,7 @@ impl NatsBus {
 
 /// Decodes a bus message into a shared frame that keeps the received
 /// protobuf bytes.
-pub fn frame_from_bus(payload: bytes::Bytes) -> Option<SharedFrame> {
+pub(crate) fn frame_from_bus(payload: bytes::Bytes) -> Option<SharedFrame> {
     let frame = ServerFrame::decode(payload.clone()).ok()?;
     Some(SharedFrame::with_protobuf(frame, payload))
 }

@@ -14,7 +14,7 @@
 //! starts a new epoch and clients that resume are told to re-sync.
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{AsyncCommands, aio::ConnectionManager, streams::StreamRangeReply};
+use redis::{aio::ConnectionManager, streams::StreamRangeReply};
 use switchboard_protocol::{StreamKey, now_ms, v1::StreamPosition};
 
 use super::{Appended, Draft, History, HistoryError, HistoryLimits, Recovery, delivery_frame};
@@ -214,14 +214,4 @@ impl History for RedisHistory {
         // Not tracked for Redis (the keyspace is shared by the cluster).
         0
     }
-}
-
-/// Removes a stream's keys (tests and admin tools).
-pub async fn forget_stream(
-    conn: &mut ConnectionManager,
-    stream: &StreamKey,
-) -> redis::RedisResult<()> {
-    let p = prefix(stream);
-    conn.del::<_, ()>(&[format!("{p}:seq"), format!("{p}:log"), format!("{p}:epoch")])
-        .await
 }
