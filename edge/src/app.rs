@@ -180,7 +180,7 @@ pub async fn run(
         stop_accepting.clone(),
     ));
     let heartbeats = tokio::spawn(state.sessions.clone().heartbeats(background.clone()));
-    let sweeper = tokio::spawn(switchboard_router::sweep_presence(
+    let sweeper = tokio::spawn(switchboard_node::sweep_presence(
         state.presence.clone(),
         state.bus.clone(),
         state.config.presence_ttl / 3,

@@ -1,10 +1,16 @@
 //! Edge configuration: flags, `SWITCHBOARD_*` environment variables and an
-//! optional TOML file (flags and environment win over the file). Every
-//! setting is validated before a port is bound.
+//! optional TOML file (flags and environment win over the file), layered
+//! as the router's (`switchboard_node::config`); the settings both share
+//! are [`ClusterSettings`]. Every setting is validated before a port is
+//! bound.
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use serde::{Deserialize, Serialize};
+use switchboard_node::{
+    ClusterSettings,
+    config::{millis as ms, positive},
+};
 use switchboard_router::HistoryLimits;
 
 use crate::{
@@ -30,11 +36,10 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
 
-    /// Name of this node in logs, presence and ConnectResult. Default: the
-    /// host name, else "edge-<random>".
-    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node_id: Option<String>,
+    /// Settings shared with the routers.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cluster: ClusterSettings,
 
     /// HS256 secret for client JWTs (development, or tokens minted by a
     /// trusted backend).
@@ -63,11 +68,6 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt_leeway_secs: Option<u64>,
 
-    /// API key for `POST /api/publish` (backends). Unset: the API is off.
-    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
-
     /// DEV ONLY: serve the demo chat page at `/` and mint tokens for anyone
     /// at `/dev/token`. Never enable in production.
     #[arg(long, env = "SWITCHBOARD_DEV", num_args = 0..=1, default_missing_value = "true")]
@@ -85,11 +85,6 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_MAX_FRAME_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_frame_bytes: Option<usize>,
-
-    /// Largest publish payload, bytes. Default 32768.
-    #[arg(long, env = "SWITCHBOARD_MAX_PAYLOAD_BYTES")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_payload_bytes: Option<usize>,
 
     /// Frames queued for one socket before it is closed as a slow consumer.
     /// Default 1024.
@@ -206,76 +201,24 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_expiry_warning_ms: Option<u64>,
 
-    /// Messages kept per stream for recovery. Default 1000.
-    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_MESSAGES")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub history_max_messages: Option<usize>,
-
-    /// Age after which history messages are dropped, ms. Default 600000.
-    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_AGE_MS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub history_max_age_ms: Option<u64>,
-
     /// Streams with history held in memory (standalone). Default 100000.
     #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_STREAMS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history_max_streams: Option<usize>,
-
-    /// NATS server URL(s), comma-separated. With --redis: cluster mode.
-    #[arg(long = "nats", env = "SWITCHBOARD_NATS_URL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub nats: Option<String>,
-
-    /// Redis URL. With --nats: cluster mode.
-    #[arg(long = "redis", env = "SWITCHBOARD_REDIS_URL")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub redis: Option<String>,
-
-    /// This node's presence lease, ms: renewed every sixth of it, so a
-    /// crashed edge's users go offline within it. Default 30000.
-    #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL_MS")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub presence_ttl_ms: Option<u64>,
 
     /// Messages NATS buffers per subscription before dropping (the edge
     /// then repairs from history). Default 8192.
     #[arg(long, env = "SWITCHBOARD_NATS_SUBSCRIPTION_CAPACITY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_subscription_capacity: Option<usize>,
-
-    /// Log filter (tracing EnvFilter syntax). Default "info".
-    #[arg(long, env = "SWITCHBOARD_LOG")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub log: Option<String>,
 }
 
 /// A setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The TOML file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    ReadFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The TOML file is not valid.
-    #[error("invalid config file {path}: {message}")]
-    ParseFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        message: String,
-    },
-    /// A value is out of range or malformed.
-    #[error("invalid value for {setting}: {message}")]
-    Invalid {
-        /// The setting (flag name).
-        setting: &'static str,
-        /// Why.
-        message: String,
-    },
+    /// The file, or a value, with the flag at fault.
+    #[error(transparent)]
+    Settings(#[from] switchboard_node::ConfigError),
     /// The token settings cannot be used.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -357,27 +300,16 @@ pub struct ClusterConfig {
 impl Settings {
     /// Fills settings missing here from the TOML file named by `--config`.
     pub fn with_file(self) -> Result<Settings, ConfigError> {
-        let Some(path) = self.config.clone() else {
-            return Ok(self);
-        };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ReadFile {
-            path: path.clone(),
-            source,
-        })?;
-        self.over_toml(&text)
-            .map_err(|message| ConfigError::ParseFile { path, message })
+        let path = self.config.clone();
+        let mut out = switchboard_node::config::read_over(self, path.as_deref())?;
+        out.config = path;
+        Ok(out)
     }
 
     /// These settings over those of a TOML document.
     pub fn over_toml(self, toml_text: &str) -> Result<Settings, String> {
-        let file: Settings = toml::from_str(toml_text).map_err(|e| e.to_string())?;
         let config = self.config.clone();
-        let mut merged = serde_json::to_value(file).map_err(|e| e.to_string())?;
-        let ours = serde_json::to_value(self).map_err(|e| e.to_string())?;
-        if let (Some(base), serde_json::Value::Object(top)) = (merged.as_object_mut(), ours) {
-            base.extend(top);
-        }
-        let mut out: Settings = serde_json::from_value(merged).map_err(|e| e.to_string())?;
+        let mut out = switchboard_node::config::over_toml(self, toml_text)?;
         out.config = config;
         Ok(out)
     }
@@ -385,29 +317,23 @@ impl Settings {
     /// Applies defaults and validates.
     pub fn resolve(self) -> Result<Config, ConfigError> {
         let listen_text = self.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
-        let listen = listen_text.parse().map_err(|e| ConfigError::Invalid {
-            setting: "--listen",
-            message: format!("{listen_text:?}: {e}"),
-        })?;
-        let node_id = match self.node_id {
-            Some(n) => n,
-            None => std::env::var("HOSTNAME")
+        let listen = listen_text
+            .parse()
+            .map_err(|e| invalid("--listen", format!("{listen_text:?}: {e}")))?;
+        let node = self.cluster.resolve(|| {
+            std::env::var("HOSTNAME")
                 .ok()
                 .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| format!("edge-{:06x}", rand::random::<u32>() & 0xff_ffff)),
-        };
-        switchboard_protocol::UserId::parse(&node_id).map_err(|e| ConfigError::Invalid {
-            setting: "--node-id",
-            message: e.to_string(),
+                .unwrap_or_else(|| format!("edge-{:06x}", rand::random::<u32>() & 0xff_ffff))
         })?;
         let dev = self.dev.unwrap_or(false);
-        let public_key_pem = match &self.jwt_public_key_file {
-            Some(p) => Some(std::fs::read(p).map_err(|e| ConfigError::Invalid {
-                setting: "--jwt-public-key-file",
-                message: format!("{}: {e}", p.display()),
-            })?),
-            None => None,
-        };
+        let public_key_pem =
+            match &self.jwt_public_key_file {
+                Some(p) => Some(std::fs::read(p).map_err(|e| {
+                    invalid("--jwt-public-key-file", format!("{}: {e}", p.display()))
+                })?),
+                None => None,
+            };
         let mut secret = self.jwt_secret.map(String::into_bytes);
         if dev && secret.is_none() {
             // Dev mode mints its own tokens; a per-process secret keeps them
@@ -421,44 +347,25 @@ impl Settings {
             self.jwt_issuer,
             self.jwt_leeway_secs.unwrap_or(5),
         )?;
-        let positive =
-            |setting: &'static str, v: Option<usize>, default: usize| match v.unwrap_or(default) {
-                0 => Err(ConfigError::Invalid {
-                    setting,
-                    message: "must be greater than 0".into(),
-                }),
-                n => Ok(n),
-            };
-        let ms = |setting: &'static str, v: Option<u64>, default: u64| match v.unwrap_or(default) {
-            0 => Err(ConfigError::Invalid {
-                setting,
-                message: "must be greater than 0".into(),
-            }),
-            n => Ok(Duration::from_millis(n)),
-        };
         let max_connections = match self.max_connections {
-            Some(0) => {
-                return Err(ConfigError::Invalid {
-                    setting: "--max-connections",
-                    message: "must be greater than 0".into(),
-                });
-            }
+            Some(0) => return Err(invalid("--max-connections", "must be greater than 0").into()),
             Some(n) => n,
             None => crate::admission::default_max_connections(),
         };
         let max_frame_bytes = positive("--max-frame-bytes", self.max_frame_bytes, 64 * 1024)?;
-        let max_payload_bytes = positive("--max-payload-bytes", self.max_payload_bytes, 32 * 1024)?;
+        let max_payload_bytes = node.max_payload_bytes;
         if max_payload_bytes > max_frame_bytes {
-            return Err(ConfigError::Invalid {
-                setting: "--max-payload-bytes",
-                message: format!("{max_payload_bytes} exceeds --max-frame-bytes {max_frame_bytes}"),
-            });
+            return Err(invalid(
+                "--max-payload-bytes",
+                format!("{max_payload_bytes} exceeds --max-frame-bytes {max_frame_bytes}"),
+            )
+            .into());
         }
         Ok(Config {
             listen,
-            node_id,
+            node_id: node.node_id,
             auth,
-            api_key: self.api_key.filter(|k| !k.is_empty()),
+            api_key: node.api_key,
             dev,
             max_connections,
             max_frame_bytes,
@@ -494,17 +401,16 @@ impl Settings {
                 (Some(cert), Some(key)) => {
                     let files = crate::TlsFiles { cert, key };
                     // Fail at startup, not at the first handshake.
-                    crate::tls::server_config(&files).map_err(|message| ConfigError::Invalid {
-                        setting: "--tls-cert-file/--tls-key-file",
-                        message,
-                    })?;
+                    crate::tls::server_config(&files)
+                        .map_err(|message| invalid("--tls-cert-file/--tls-key-file", message))?;
                     Some(files)
                 }
                 _ => {
-                    return Err(ConfigError::Invalid {
-                        setting: "--tls-cert-file/--tls-key-file",
-                        message: "WSS needs both a certificate and a key file".into(),
-                    });
+                    return Err(invalid(
+                        "--tls-cert-file/--tls-key-file",
+                        "WSS needs both a certificate and a key file",
+                    )
+                    .into());
                 }
             },
             max_handshakes: positive("--max-handshakes", self.max_handshakes, 1000)?,
@@ -541,34 +447,29 @@ impl Settings {
                 60_000,
             )?,
             history: HistoryLimits {
-                max_messages: positive("--history-max-messages", self.history_max_messages, 1000)?,
-                max_age_ms: ms("--history-max-age-ms", self.history_max_age_ms, 600_000)?
-                    .as_millis() as i64,
                 max_streams: positive("--history-max-streams", self.history_max_streams, 100_000)?,
-                dedup_entries: 1000,
+                ..node.history
             },
-            cluster: match (self.nats, self.redis) {
-                (None, None) => None,
-                (Some(nats_url), Some(redis_url)) => Some(ClusterConfig {
-                    nats_url,
-                    redis_url,
+            cluster: match node.backends {
+                None => None,
+                Some(urls) => Some(ClusterConfig {
+                    nats_url: urls.nats_url,
+                    redis_url: urls.redis_url,
                     subscription_capacity: positive(
                         "--nats-subscription-capacity",
                         self.nats_subscription_capacity,
                         8192,
                     )?,
                 }),
-                _ => {
-                    return Err(ConfigError::Invalid {
-                        setting: "--nats/--redis",
-                        message: "cluster mode needs both --nats and --redis".into(),
-                    });
-                }
             },
-            presence_ttl: ms("--presence-ttl-ms", self.presence_ttl_ms, 30_000)?,
-            log: self.log.unwrap_or_else(|| "info".into()),
+            presence_ttl: node.presence_ttl,
+            log: node.log,
         })
     }
+}
+
+fn invalid(setting: &'static str, message: impl Into<String>) -> switchboard_node::ConfigError {
+    switchboard_node::ConfigError::invalid(setting, message)
 }
 
 impl Config {

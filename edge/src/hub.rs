@@ -14,10 +14,11 @@ use std::{
 
 use dashmap::DashMap;
 use switchboard_protocol::{
-    CloseReason, SharedFrame, StreamKey, UserId, edge_users_wildcard, now_ms,
+    CloseReason, SharedFrame, StreamKey, UserId, now_ms,
+    subject::{Subject, edge_users_wildcard, presence_subject},
     v1::{Disconnect, StreamPosition, server_frame},
 };
-use switchboard_router::{Bus, BusError, BusHandler, History, presence_subject};
+use switchboard_router::{Bus, BusError, BusHandler, History};
 use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
@@ -348,22 +349,20 @@ impl Hub {
     }
 
     fn on_event(&self, subject: &str, frame: SharedFrame) {
-        if let Some(user) = subject.strip_prefix("sb.presence.") {
-            if let Some(w) = self.watchers.get(user) {
-                for conn in w.values() {
-                    conn.push(frame.clone());
+        let key = match Subject::parse(subject) {
+            Some(Subject::Presence(user)) => {
+                if let Some(w) = self.watchers.get(&user) {
+                    for conn in w.values() {
+                        conn.push(frame.clone());
+                    }
                 }
+                return;
             }
-            return;
-        }
-        let key = if let Some(chat) = subject.strip_prefix("sb.chat.") {
-            switchboard_protocol::ChatId::parse(chat)
-                .ok()
-                .map(StreamKey::Chat)
-        } else if let Some(user) = subject.strip_prefix(self.user_prefix.as_str()) {
-            UserId::parse(user).ok().map(StreamKey::User)
-        } else {
-            None
+            Some(Subject::Chat(chat)) => Some(StreamKey::Chat(chat)),
+            Some(Subject::EdgeUser { edge, user }) if edge == self.node => {
+                Some(StreamKey::User(user))
+            }
+            _ => None,
         };
         if let (Some(key), Some(server_frame::Kind::Disconnect(d))) =
             (&key, frame.frame().kind.as_ref())

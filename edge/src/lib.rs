@@ -3,9 +3,12 @@
 //! one pre-encoded frame shared by all local receivers.
 //!
 //! Layout, from the top down (a module uses only those below it):
+//! - `process`: the binary's `main` (a library function, so the system
+//!   tests run the same code).
 //! - `app`: wiring: backends chosen once, run, the [`Edge`] handle.
-//! - `server`: listener and HTTP routes (`/ws` entry, health, metrics,
-//!   publish API, dev page).
+//! - `server`: listener and HTTP routes (`/ws` entry, dev page; health,
+//!   metrics and the backend API from `switchboard-node`, shared with the
+//!   router).
 //! - `conn`: one socket by phase: `upgrade` (the `/ws` checks),
 //!   `handshake` (Connect under a deadline), `reader` (fragments, control
 //!   frames, rate admission, the read-error map), `requests` (the
@@ -24,8 +27,10 @@
 //! - `auth`: JWT verification; `admission`: the connection cap under the
 //!   file limit; `ratelimit`: token buckets; `metrics`; `tls`.
 //!
-//! Standalone (today) the router, bus, presence and history run in this
-//! process from the `switchboard-router` and `switchboard-presence` crates.
+//! Standalone the router, bus, presence and history run in this process
+//! from the `switchboard-router` and `switchboard-presence` crates; what
+//! edge and router processes share (settings, HTTP answers, telemetry,
+//! presence sweep, shutdown) is `switchboard-node`.
 #![warn(missing_docs)]
 
 mod admission;
@@ -39,6 +44,7 @@ mod mailbox;
 mod metrics;
 mod order;
 mod presence;
+mod process;
 mod ratelimit;
 mod server;
 mod state;
@@ -48,7 +54,9 @@ pub use admission::raise_file_limit;
 pub use app::{Edge, run};
 pub use auth::{AuthConfig, AuthError, Claims, Identity};
 pub use config::{ClusterConfig, Config, ConfigError, Settings};
+pub use process::main;
 pub use ratelimit::Rate;
+pub use switchboard_node::ClusterSettings;
 pub use tls::TlsFiles;
 
 /// Entry points for fuzz targets (`edge/fuzz`); not an API.

@@ -1,32 +1,13 @@
 //! Metric names and handles. Handles are registered once and kept, so the
 //! hot path is an atomic add. Names follow `switchboard_<component>_<what>_<unit>`;
 //! labels come from closed enums only.
-use std::sync::OnceLock;
-
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_protocol::CloseReason;
-
-static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub(crate) fn prometheus() -> PrometheusHandle {
-    RECORDER
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Suffix("_seconds".into()),
-                    switchboard_router::telemetry::SECONDS_BUCKETS,
-                )
-                .expect("static bucket list is non-empty");
-            match builder.install_recorder() {
-                Ok(handle) => handle,
-                // Another recorder is already global (an embedding app's):
-                // keep a private one so /metrics still renders ours.
-                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-            }
-        })
-        .clone()
+    switchboard_node::telemetry::prometheus()
 }
 
 /// Hot-path metric handles of one edge.
@@ -66,9 +47,7 @@ impl EdgeMetrics {
         for k in RATE_LIMIT_KINDS {
             counter!("switchboard_edge_rate_limited_total", "kind" => *k).increment(0);
         }
-        for r in API_PUBLISH_RESULTS {
-            counter!("switchboard_api_publishes_total", "result" => *r).increment(0);
-        }
+        switchboard_node::telemetry::register_api_series();
         for c in ERROR_REPLY_CODES {
             counter!("switchboard_edge_error_replies_total", "code" => *c).increment(0);
         }
@@ -141,18 +120,9 @@ pub(crate) const ERROR_REPLY_CODES: &[&str] = &[
     "unspecified",
 ];
 pub(crate) const RATE_LIMIT_KINDS: &[&str] = &["request", "publish", "ping"];
-pub(crate) const API_PUBLISH_RESULTS: &[&str] = &[
-    "ok",
-    "duplicate",
-    "unauthorized",
-    "too_large",
-    "bad_request",
-    "refused",
-];
-
 /// Registers the series only a cluster edge has at zero.
 pub(crate) fn register_cluster_series() {
-    switchboard_router::telemetry::register_cluster_series();
+    switchboard_node::telemetry::register_cluster_series();
     counter!("switchboard_edge_presence_errors_total").increment(0);
     counter!("switchboard_edge_presence_restores_total").increment(0);
     counter!("switchboard_edge_router_retries_total").increment(0);
@@ -185,10 +155,4 @@ pub(crate) fn error_reply(code: &'static str) {
 pub(crate) fn frame_in(m: &EdgeMetrics, len: usize) {
     m.frames_in.increment(1);
     m.bytes_in.increment(len as u64);
-}
-
-/// Counts a backend publish by result.
-pub(crate) fn api_publish(result: &'static str) {
-    debug_assert!(API_PUBLISH_RESULTS.contains(&result), "{result}");
-    counter!("switchboard_api_publishes_total", "result" => result).increment(1);
 }

@@ -15,9 +15,10 @@ use dashmap::DashMap;
 use switchboard_presence::{PresenceError, PresenceStore, Session, Transition};
 use switchboard_protocol::{
     SharedFrame, UserId, now_ms,
+    subject::presence_subject,
     v1::{PresenceEvent, ServerFrame, server_frame},
 };
-use switchboard_router::{Bus, BusHandler, Publisher, presence_subject};
+use switchboard_router::{Bus, BusHandler, Publisher};
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
@@ -93,7 +94,7 @@ impl Sessions {
         match self.store.drop_node(&self.node, now_ms()).await {
             Ok(gone) => {
                 for (user, at) in gone {
-                    switchboard_router::announce(self.bus.as_ref(), &user, false, at, 0).await;
+                    switchboard_node::announce(self.bus.as_ref(), &user, false, at, 0).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "presence: previous sessions not dropped"),
@@ -152,7 +153,7 @@ impl Sessions {
             match self.store.restore(&sessions, now_ms()).await {
                 Ok(back) => {
                     for user in back {
-                        switchboard_router::announce(self.bus.as_ref(), &user, true, now_ms(), 1)
+                        switchboard_node::announce(self.bus.as_ref(), &user, true, now_ms(), 1)
                             .await;
                     }
                     // Routers could not find us meanwhile: re-read every stream.

@@ -1,16 +1,18 @@
-//! The listener and the HTTP surface on it: `/ws`, `/healthz`, `/readyz`,
-//! `/metrics`, `POST /api/publish`, and in dev mode `/` and `/dev/token`.
+//! The listener and the HTTP surface on it: `/ws`, and in dev mode `/` and
+//! `/dev/token`, here; `/healthz`, `/readyz`, `/metrics`,
+//! `POST /api/publish` and `POST /api/kick` answered by
+//! `switchboard_node::http`, as the router answers them.
 use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode, body::Incoming, header, server::conn::http1,
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
+use switchboard_node::http::{self, Body, api_error, json, text};
 use switchboard_protocol::UserId;
-use switchboard_router::{has_api_key, parse_api_publish, publish_error_status};
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -20,8 +22,6 @@ use crate::{
     metrics,
     state::EdgeState,
 };
-
-type Body = Full<Bytes>;
 
 const DEMO_PAGE: &str = include_str!("../assets/demo.html");
 
@@ -88,33 +88,6 @@ where
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
-}
-
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(value.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-fn api_error(status: StatusCode, message: impl std::fmt::Display) -> Response<Body> {
-    json(
-        status,
-        serde_json::json!({ "error": { "code": status.as_u16(), "message": message.to_string() } }),
-    )
-}
-
 async fn route(
     state: Arc<EdgeState>,
     req: Request<Incoming>,
@@ -126,7 +99,7 @@ async fn route(
             Err(Refused::Status(status, why)) => text(status, why),
             Err(Refused::RetryLater(why)) => retry_later(why),
         },
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/healthz") => http::health(),
         (&Method::GET, "/readyz") => {
             // Not ready: new sockets would fail (no bus, or presence could
             // not route to them); open ones keep being served.
@@ -139,22 +112,21 @@ async fn route(
             } else {
                 None
             };
-            match unready {
-                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
-                None => text(StatusCode::OK, "ready\n"),
-            }
+            http::ready(unready)
         }
         (&Method::GET, "/metrics") => {
             state.refresh_gauges();
-            let mut r = text(StatusCode::OK, state.prometheus.render());
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
+            http::metrics(&state.prometheus)
         }
-        (&Method::POST, "/api/publish") => api_publish(state, req).await,
-        (&Method::POST, "/api/kick") => api_kick(state, req).await,
+        (&Method::POST, "/api/publish") => {
+            let config = &state.config;
+            let (key, max) = (config.api_key.as_deref(), config.max_payload_bytes);
+            http::publish(req, key, max, state.router.as_ref()).await
+        }
+        (&Method::POST, "/api/kick") => {
+            let key = state.config.api_key.as_deref();
+            http::kick(req, key, state.bus.as_ref(), state.presence.as_ref()).await
+        }
         (&Method::GET, "/") if state.config.dev => {
             let mut r = text(StatusCode::OK, DEMO_PAGE);
             r.headers_mut().insert(
@@ -166,7 +138,7 @@ async fn route(
         (&Method::GET, "/dev/token") if state.config.dev => {
             dev_token(&state, req.uri().query().unwrap_or(""))
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        _ => http::not_found(),
     }
 }
 
@@ -177,92 +149,6 @@ fn retry_later(why: &str) -> Response<Body> {
     r.headers_mut()
         .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
     r
-}
-
-async fn api_publish(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<Body> {
-    let Some(key) = state.config.api_key.as_deref() else {
-        return api_error(StatusCode::NOT_FOUND, "publish API disabled: set --api-key");
-    };
-    if !has_api_key(req.headers(), key) {
-        metrics::api_publish("unauthorized");
-        return api_error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
-    }
-    // Base64 grows payloads by 4/3; leave room for the JSON around it.
-    let limit = state.config.max_payload_bytes * 4 / 3 + 4096;
-    let body = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            metrics::api_publish("too_large");
-            return api_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("body over {limit} bytes"),
-            );
-        }
-    };
-    let request = match parse_api_publish(&body) {
-        Ok(r) => r,
-        Err((status, message)) => {
-            metrics::api_publish("bad_request");
-            return api_error(
-                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-                message,
-            );
-        }
-    };
-    let target = request.target.clone();
-    match state.router.publish(request).await {
-        Ok(p) => {
-            metrics::api_publish(if p.duplicate { "duplicate" } else { "ok" });
-            json(
-                StatusCode::OK,
-                serde_json::json!({
-                    "stream": target.to_string(),
-                    "seq": p.seq,
-                    "timestamp_ms": p.timestamp_ms,
-                    "duplicate": p.duplicate,
-                }),
-            )
-        }
-        Err(e) => {
-            metrics::api_publish("refused");
-            let status = StatusCode::from_u16(publish_error_status(&e))
-                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            api_error(status, e)
-        }
-    }
-}
-
-/// `POST /api/kick {"user", "session"?}`: closes the user's sockets (or one
-/// session) on every edge with 4503, through presence like a DM.
-async fn api_kick(state: Arc<EdgeState>, req: Request<Incoming>) -> Response<Body> {
-    let Some(key) = state.config.api_key.as_deref() else {
-        return api_error(StatusCode::NOT_FOUND, "kick API disabled: set --api-key");
-    };
-    if !has_api_key(req.headers(), key) {
-        return api_error(StatusCode::UNAUTHORIZED, "missing or wrong API key");
-    }
-    let body = match Limited::new(req.into_body(), 4096).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return api_error(StatusCode::PAYLOAD_TOO_LARGE, "body over 4096 bytes"),
-    };
-    let (user, session) = match switchboard_router::parse_api_kick(&body) {
-        Ok(k) => k,
-        Err((status, message)) => {
-            return api_error(
-                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-                message,
-            );
-        }
-    };
-    match switchboard_router::kick(state.bus.as_ref(), state.presence.as_ref(), &user, session)
-        .await
-    {
-        Ok(edges) => json(
-            StatusCode::OK,
-            serde_json::json!({"user": user.as_str(), "edges": edges}),
-        ),
-        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, e),
-    }
 }
 
 fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {

@@ -161,7 +161,6 @@ impl EdgeState {
 
     /// Updates gauges that are cheaper to read on scrape than to track.
     pub(crate) fn refresh_gauges(&self) {
-        switchboard_router::telemetry::collect_process_metrics();
         gauge!("switchboard_edge_connections_max").set(self.admission.max() as f64);
         gauge!("switchboard_edge_connections_admitted").set(self.admission.open() as f64);
         gauge!("switchboard_edge_bus_subscriptions").set(self.bus.subscriptions() as f64);

@@ -7,13 +7,12 @@ use async_trait::async_trait;
 use prost::Message;
 use switchboard_protocol::{
     SharedFrame, StreamKey,
-    subject::ROUTER_PUBLISH,
     internal::v1::{RouterPublish, RouterReply, router_publish, router_reply},
+    subject::ROUTER_PUBLISH,
     v1::ErrorCode,
 };
 
 use crate::{Bus, PublishError, PublishRequest, Published, Router};
-
 
 /// Sequences and delivers messages; sends ephemeral frames.
 #[async_trait]

@@ -7,7 +7,8 @@ use std::{collections::HashSet, sync::Arc};
 use bytes::Bytes;
 use switchboard_presence::Session as PresenceSession;
 use switchboard_protocol::{
-    ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, chat_subject, now_ms,
+    ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, now_ms,
+    subject::chat_subject,
     v1::{
         self, ClientFrame, ConnectResult, ErrorCode, PresenceEvent, PublishAck, ReceiptEvent,
         RefreshResult, ServerFrame, SubscribeResult, TypingEvent, client_frame, publish, receipt,

@@ -1,10 +1,11 @@
-//! The backend publish API body (`POST /api/publish`), shared by edges and
-//! routers so both accept exactly the same requests.
+//! The backend API's bodies (`POST /api/publish`, `POST /api/kick`) and
+//! the kick, shared by edges and routers so both accept exactly the same
+//! requests.
 use bytes::Bytes;
 use serde::Deserialize;
 use switchboard_protocol::{ChatId, StreamKey, UserId};
 
-use crate::PublishRequest;
+use switchboard_router::{Bus, BusError, PublishError, PublishRequest, publish_to_user};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,18 +74,18 @@ pub fn parse_api_kick(body: &[u8]) -> Result<(UserId, Option<String>), (u16, Str
 /// edges were told. The client is told not to reconnect by itself; keeping
 /// the user out is the token issuer's part (tokens are short-lived).
 pub async fn kick(
-    bus: &dyn crate::Bus,
+    bus: &dyn Bus,
     presence: &dyn switchboard_presence::PresenceStore,
     user: &UserId,
     session: Option<String>,
-) -> Result<usize, crate::BusError> {
+) -> Result<usize, BusError> {
     use switchboard_protocol::{CloseReason, SharedFrame, v1::server_frame};
     let mut frame = CloseReason::Kicked.disconnect_frame(0);
     if let Some(server_frame::Kind::Disconnect(d)) = &mut frame.kind {
         d.session = session.unwrap_or_default();
     }
     let frame = SharedFrame::new(frame);
-    crate::publish_to_user(bus, presence, user, frame).await
+    publish_to_user(bus, presence, user, frame).await
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -103,7 +104,7 @@ pub fn has_api_key(headers: &hyper::HeaderMap, key: &str) -> bool {
 }
 
 /// HTTP status for a refused publish.
-pub fn publish_error_status(e: &crate::PublishError) -> u16 {
+pub fn publish_error_status(e: &PublishError) -> u16 {
     use switchboard_protocol::v1::ErrorCode;
     match e.code() {
         ErrorCode::InvalidId => 422,
@@ -118,7 +119,6 @@ mod tests {
     use switchboard_protocol::v1::ErrorCode;
 
     use super::*;
-    use crate::PublishError;
 
     #[test]
     fn refused_publishes_map_to_http_statuses() {

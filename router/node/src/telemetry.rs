@@ -1,15 +1,36 @@
-//! Metrics the edge and the router share: histogram buckets, process
-//! metrics read on each scrape, and labelled series registered at zero so
-//! an alert's `increase()` counts the first event and a dashboard shows 0
-//! rather than "no data".
+//! Metrics the edge and the router share: the Prometheus recorder and its
+//! histogram buckets, process metrics read on each scrape, and labelled
+//! series registered at zero so an alert's `increase()` counts the first
+//! event and a dashboard shows 0 rather than "no data".
 use std::sync::OnceLock;
 
 use metrics::counter;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Buckets of every `*_seconds` histogram: 0.5 ms to 5 s.
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 ];
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns its
+/// handle. Install it before any metric handle is registered.
+pub fn prometheus() -> PrometheusHandle {
+    RECORDER
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .expect("static bucket list is non-empty");
+            match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is already global (an embedding app's):
+                // keep a private one so /metrics still renders ours.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
 
 /// Updates `process_resident_memory_bytes`, `process_cpu_seconds_total`,
 /// `process_open_fds`, `process_max_fds`, `process_threads` and
@@ -33,30 +54,31 @@ pub fn register_cluster_series() {
     counter!("switchboard_nats_slow_consumer_total").increment(0);
     counter!("switchboard_nats_undecodable_total").increment(0);
     counter!("switchboard_redis_errors_total", "op" => "history").increment(0);
-    for reason in crate::PUBLISH_ERROR_REASONS {
+    for reason in switchboard_router::PUBLISH_ERROR_REASONS {
         counter!("switchboard_publish_errors_total", "reason" => *reason).increment(0);
     }
 }
 
-/// Registers the router's own series at zero.
-pub fn register_router_series() {
-    register_cluster_series();
-    for result in ["ok", "duplicate"] {
-        counter!("switchboard_router_publishes_total", "result" => result).increment(0);
+/// Results of `POST /api/publish`
+/// (`switchboard_api_publishes_total{result}`), on edges and routers.
+pub const API_PUBLISH_RESULTS: &[&str] = &[
+    "ok",
+    "duplicate",
+    "unauthorized",
+    "too_large",
+    "bad_request",
+    "refused",
+];
+
+/// Registers the backend API's series at zero.
+pub fn register_api_series() {
+    for r in API_PUBLISH_RESULTS {
+        counter!("switchboard_api_publishes_total", "result" => *r).increment(0);
     }
-    for reason in ["publish", "presence"] {
-        counter!("switchboard_router_bus_errors_total", "reason" => reason).increment(0);
-    }
-    for name in [
-        "switchboard_router_member_work_errors_total",
-        "switchboard_router_shard_jobs_published_total",
-        "switchboard_router_shard_jobs_done_total",
-        "switchboard_router_shard_errors_total",
-        "switchboard_router_push_jobs_total",
-        "switchboard_presence_expired_total",
-    ] {
-        counter!(name).increment(0);
-    }
-    // A registered histogram renders its buckets at 0 before the first publish.
-    let _ = metrics::histogram!("switchboard_router_publish_duration_seconds");
+}
+
+/// Counts a backend publish by result.
+pub(crate) fn api_publish(result: &'static str) {
+    debug_assert!(API_PUBLISH_RESULTS.contains(&result), "{result}");
+    counter!("switchboard_api_publishes_total", "result" => result).increment(1);
 }

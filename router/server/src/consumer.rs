@@ -1,23 +1,18 @@
 //! A router replica's NATS side: publish requests and shard jobs from the
-//! `sb-routers` queue group, and the presence sweeper.
+//! routers' queue group.
 use std::{sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use prost::Message;
-use switchboard_presence::PresenceStore;
 use switchboard_protocol::{
-    ChatId, SharedFrame, StreamKey, UserId,
+    ChatId, StreamKey, UserId,
     internal::v1::{RouterPublish, RouterReply, ShardJob, router_publish, router_reply},
-    now_ms,
-    v1::{self, ErrorCode, PresenceEvent, PublishAck, ServerFrame, server_frame},
+    subject::{ROUTER_PUBLISH, ROUTER_QUEUE, ROUTER_SHARD},
+    v1::{self, ErrorCode, PublishAck},
 };
+use switchboard_router::{Members, PublishRequest, Router};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-
-use crate::{
-    Bus, Members, PUBLISH_SUBJECT, PublishRequest, ROUTER_QUEUE, Router, SHARD_SUBJECT,
-    presence_subject,
-};
 
 /// Publish requests handled at once by one replica.
 const PUBLISH_CONCURRENCY: usize = 4096;
@@ -55,7 +50,7 @@ fn request_of(p: RouterPublish) -> Result<PublishRequest, RouterReply> {
 }
 
 /// Answers one publish request.
-pub async fn handle_publish(router: &Router, payload: bytes::Bytes) -> RouterReply {
+async fn handle_publish(router: &Router, payload: bytes::Bytes) -> RouterReply {
     let req = match RouterPublish::decode(payload)
         .map_err(|e| error_reply(ErrorCode::BadRequest, e.to_string()))
     {
@@ -84,17 +79,17 @@ pub async fn handle_publish(router: &Router, payload: bytes::Bytes) -> RouterRep
 }
 
 /// Serves publish requests and shard jobs until `stop`.
-pub async fn serve(
+pub(crate) async fn serve(
     client: async_nats::Client,
     router: Arc<Router>,
     members: Option<Arc<Members>>,
     stop: CancellationToken,
 ) -> Result<(), async_nats::SubscribeError> {
     let mut publishes = client
-        .queue_subscribe(PUBLISH_SUBJECT, ROUTER_QUEUE.into())
+        .queue_subscribe(ROUTER_PUBLISH, ROUTER_QUEUE.into())
         .await?;
     let mut shards = client
-        .queue_subscribe(SHARD_SUBJECT, ROUTER_QUEUE.into())
+        .queue_subscribe(ROUTER_SHARD, ROUTER_QUEUE.into())
         .await?;
     let publish_slots = Arc::new(Semaphore::new(PUBLISH_CONCURRENCY));
     let shard_slots = Arc::new(Semaphore::new(SHARD_CONCURRENCY));
@@ -174,49 +169,5 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Publishes a presence event.
-pub async fn announce(bus: &dyn Bus, user: &UserId, online: bool, at_ms: i64, devices: u32) {
-    let frame = SharedFrame::new(ServerFrame {
-        id: 0,
-        kind: Some(server_frame::Kind::Presence(PresenceEvent {
-            user: user.to_string(),
-            online,
-            last_seen_ms: at_ms,
-            devices,
-        })),
-    });
-    if let Err(e) = bus.publish(&presence_subject(user), frame).await {
-        tracing::debug!(error = %e, "presence event not published");
-    }
-}
-
-/// Expires sessions of crashed nodes every `every` and announces the users
-/// that went offline. Every node runs one; the store reports each
-/// transition to exactly one of them.
-pub async fn sweep_presence(
-    presence: Arc<dyn PresenceStore>,
-    bus: Arc<dyn Bus>,
-    every: Duration,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match presence.expire(now_ms()).await {
-            Ok(gone) => {
-                for (user, at) in gone {
-                    metrics::counter!("switchboard_presence_expired_total").increment(1);
-                    announce(bus.as_ref(), &user, false, at, 0).await;
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "presence sweep failed"),
-        }
     }
 }

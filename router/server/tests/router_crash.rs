@@ -10,10 +10,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use switchboard_protocol::{ChatId, StreamKey, UserId};
+use switchboard_protocol::{ChatId, StreamKey, UserId, subject::ROUTER_PUBLISH};
 use switchboard_router::{
-    History, HistoryLimits, MemoryBus, PUBLISH_SUBJECT, PublishRequest, Publisher, RedisHistory,
-    RemoteRouter, connect_redis,
+    History, HistoryLimits, MemoryBus, PublishRequest, Publisher, RedisHistory, RemoteRouter,
+    connect_redis,
 };
 use switchboard_testkit::Server;
 
@@ -42,7 +42,7 @@ async fn wait_for_replicas(client: &async_nats::Client, n: usize) {
     for _ in 0..400 {
         if let Ok(Ok(m)) = tokio::time::timeout(
             Duration::from_millis(200),
-            client.request(PUBLISH_SUBJECT, "x".into()),
+            client.request(ROUTER_PUBLISH, "x".into()),
         )
         .await
         {

@@ -1,0 +1,26 @@
+//! The `switchboard-edge` binary's `main`, a library function so that the
+//! shipped binary and the system tests' copy run the very same code.
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::{Settings, run};
+
+/// Configuration, logging, listener, then [`run`] until SIGTERM or
+/// SIGINT, then the drain. Exit code 64 when it cannot start.
+pub fn main() -> ExitCode {
+    const NAME: &str = "switchboard-edge";
+    let config = match Settings::parse().with_file().and_then(Settings::resolve) {
+        Ok(c) => c,
+        Err(e) => return switchboard_node::fail(NAME, &e),
+    };
+    let (log, listen) = (config.log.clone(), config.listen);
+    switchboard_node::serve_main(NAME, &log, listen, |listener| {
+        if config.dev {
+            tracing::warn!(
+                "DEV MODE: demo page at / and unauthenticated tokens at /dev/token; never use in production"
+            );
+        }
+        run(config, listener, switchboard_node::shutdown_signal())
+    })
+}

@@ -1,0 +1,286 @@
+//! Settings both processes take, declared once ([`ClusterSettings`]), and
+//! the layering both use: flags and `SWITCHBOARD_*` environment variables
+//! over an optional TOML file (`--config`), then defaults, then
+//! validation that names the flag at fault ([`ConfigError`]), all before a
+//! port is bound.
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use switchboard_router::HistoryLimits;
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML file is not valid.
+    #[error("invalid config file {path}: {message}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid value for {setting}: {message}")]
+    Invalid {
+        /// The setting (flag name).
+        setting: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// `setting` (its flag, e.g. `--listen`) cannot be used, because `message`.
+    pub fn invalid(setting: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            setting,
+            message: message.into(),
+        }
+    }
+}
+
+/// `ours` (flags and environment) over the settings of the TOML file at
+/// `path`, if any. Settings serialize without their unset fields, so only
+/// what flags and environment set overrides the file.
+pub fn read_over<S>(ours: S, path: Option<&Path>) -> Result<S, ConfigError>
+where
+    S: Serialize + DeserializeOwned,
+{
+    let Some(path) = path else { return Ok(ours) };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    over_toml(ours, &text).map_err(|message| ConfigError::ParseFile {
+        path: path.to_owned(),
+        message,
+    })
+}
+
+/// `ours` over the settings of a TOML document.
+pub fn over_toml<S>(ours: S, toml_text: &str) -> Result<S, String>
+where
+    S: Serialize + DeserializeOwned,
+{
+    let file: S = toml::from_str(toml_text).map_err(|e| e.to_string())?;
+    let mut merged = serde_json::to_value(file).map_err(|e| e.to_string())?;
+    let ours = serde_json::to_value(ours).map_err(|e| e.to_string())?;
+    if let (Some(base), serde_json::Value::Object(top)) = (merged.as_object_mut(), ours) {
+        base.extend(top);
+    }
+    serde_json::from_value(merged).map_err(|e| e.to_string())
+}
+
+/// `value`, or `default`; refused if 0.
+pub fn positive(
+    setting: &'static str,
+    value: Option<usize>,
+    default: usize,
+) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError::invalid(setting, "must be greater than 0")),
+        n => Ok(n),
+    }
+}
+
+/// `value` ms, or `default` ms; refused if 0.
+pub fn millis(
+    setting: &'static str,
+    value: Option<u64>,
+    default: u64,
+) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError::invalid(setting, "must be greater than 0")),
+        n => Ok(Duration::from_millis(n)),
+    }
+}
+
+/// The settings edges and routers share: backends, identity, API key,
+/// limits every node of a cluster must agree on, and logging. Flattened
+/// into each process's settings, so the flag, the environment variable
+/// and the TOML key are the same on both.
+#[derive(Debug, Default, Clone, clap::Args, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// NATS server URL(s), comma-separated. With --redis: cluster mode
+    /// (a router needs both; an edge without either runs standalone).
+    #[arg(long = "nats", env = "SWITCHBOARD_NATS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<String>,
+
+    /// Redis URL. With --nats: cluster mode.
+    #[arg(long = "redis", env = "SWITCHBOARD_REDIS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+
+    /// Name of this node in logs, presence, ConnectResult and its NATS
+    /// connection. Default: an edge's host name (else "edge-<random>"), a
+    /// router's "router".
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+
+    /// API key for `POST /api/publish`, `/api/kick` (and a router's
+    /// `/api/channels`), from backends. Unset: the API is off.
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+
+    /// Largest publish payload, bytes. Default 32768.
+    #[arg(long, env = "SWITCHBOARD_MAX_PAYLOAD_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_payload_bytes: Option<usize>,
+
+    /// Messages kept per stream for recovery. Default 1000.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_MESSAGES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_max_messages: Option<usize>,
+
+    /// Age after which history messages are dropped, ms. Default 600000.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_AGE_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_max_age_ms: Option<u64>,
+
+    /// Presence lease, ms, the same on every node: an edge renews its
+    /// users' lease every sixth of it, so a crashed edge's users go
+    /// offline within it. Default 30000.
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub presence_ttl_ms: Option<u64>,
+
+    /// Log filter (tracing EnvFilter syntax). Default "info".
+    #[arg(long, env = "SWITCHBOARD_LOG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+}
+
+/// The validated [`ClusterSettings`].
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's name (a valid id: it goes into NATS subjects).
+    pub node_id: String,
+    /// Key of the backend API; `None` turns it off.
+    pub api_key: Option<String>,
+    /// Largest publish payload, bytes.
+    pub max_payload_bytes: usize,
+    /// History window (messages and age; the rest at defaults).
+    pub history: HistoryLimits,
+    /// Presence lease.
+    pub presence_ttl: Duration,
+    /// NATS and Redis; `None`: neither given.
+    pub backends: Option<BackendUrls>,
+    /// Log filter.
+    pub log: String,
+}
+
+/// Where a cluster's NATS and Redis are.
+#[derive(Debug, Clone)]
+pub struct BackendUrls {
+    /// NATS URL(s), comma-separated.
+    pub nats_url: String,
+    /// Redis URL.
+    pub redis_url: String,
+}
+
+impl ClusterSettings {
+    /// Applies defaults and validates; `default_node_id` names a node
+    /// without `--node-id`.
+    pub fn resolve(
+        self,
+        default_node_id: impl FnOnce() -> String,
+    ) -> Result<NodeConfig, ConfigError> {
+        let node_id = self.node_id.unwrap_or_else(default_node_id);
+        switchboard_protocol::UserId::parse(&node_id)
+            .map_err(|e| ConfigError::invalid("--node-id", e.to_string()))?;
+        let backends = match (self.nats, self.redis) {
+            (None, None) => None,
+            (Some(nats_url), Some(redis_url)) => Some(BackendUrls {
+                nats_url,
+                redis_url,
+            }),
+            _ => {
+                return Err(ConfigError::invalid(
+                    "--nats/--redis",
+                    "cluster mode needs both --nats and --redis",
+                ));
+            }
+        };
+        Ok(NodeConfig {
+            node_id,
+            api_key: self.api_key.filter(|k| !k.is_empty()),
+            max_payload_bytes: positive("--max-payload-bytes", self.max_payload_bytes, 32 * 1024)?,
+            history: HistoryLimits {
+                max_messages: positive("--history-max-messages", self.history_max_messages, 1000)?,
+                max_age_ms: millis("--history-max-age-ms", self.history_max_age_ms, 600_000)?
+                    .as_millis() as i64,
+                ..HistoryLimits::default()
+            },
+            presence_ttl: millis("--presence-ttl-ms", self.presence_ttl_ms, 30_000)?,
+            backends,
+            log: self.log.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        listen: Option<String>,
+        #[serde(flatten)]
+        shared: ClusterSettings,
+    }
+
+    #[test]
+    fn shared_settings_layer_like_their_own() {
+        let ours = Outer {
+            shared: ClusterSettings {
+                node_id: Some("flag".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let merged =
+            over_toml(ours, "listen = \"x\"\nnode_id = \"file\"\nlog = \"debug\"").unwrap();
+        assert_eq!(merged.listen.as_deref(), Some("x"));
+        assert_eq!(merged.shared.node_id.as_deref(), Some("flag"));
+        assert_eq!(merged.shared.log.as_deref(), Some("debug"));
+        assert!(over_toml(Outer::default(), "no_such_setting = 1").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        let err = ClusterSettings {
+            presence_ttl_ms: Some(0),
+            ..Default::default()
+        }
+        .resolve(|| "n".into())
+        .unwrap_err();
+        assert!(err.to_string().contains("--presence-ttl-ms"), "{err}");
+        let err = ClusterSettings {
+            nats: Some("nats://h".into()),
+            ..Default::default()
+        }
+        .resolve(|| "n".into())
+        .unwrap_err();
+        assert!(err.to_string().contains("--nats/--redis"), "{err}");
+        let err = ClusterSettings::default()
+            .resolve(|| "a.b".into())
+            .unwrap_err();
+        assert!(err.to_string().contains("--node-id"), "{err}");
+    }
+}

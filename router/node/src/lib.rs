@@ -1,0 +1,30 @@
+//! What the two Switchboard processes, `switchboard-edge` and
+//! `switchboard-router`, share, so that both are configured, answer HTTP
+//! and report the same way:
+//!
+//! - `config`: the settings both take ([`ClusterSettings`], declared once),
+//!   the TOML-file layering under flags and environment, and
+//!   [`ConfigError`], which names the flag at fault.
+//! - `http`: health, readiness, metrics, and the backend API
+//!   (`POST /api/publish`, `POST /api/kick`) with its key check.
+//! - `api`: the backend API's bodies and the kick itself.
+//! - `telemetry`: the Prometheus recorder (histogram buckets), process
+//!   metrics, series registered at zero.
+//! - `presence`: presence events and the sweep of crashed nodes' sessions.
+//! - `process`: logging, runtime, listener, the shutdown signal and the
+//!   exit code of a process's `main`.
+//!
+//! The publish path itself is `switchboard-router`'s library.
+#![warn(missing_docs)]
+
+mod api;
+pub mod config;
+pub mod http;
+mod presence;
+mod process;
+pub mod telemetry;
+
+pub use api::{has_api_key, kick, parse_api_kick, parse_api_publish, publish_error_status};
+pub use config::{BackendUrls, ClusterSettings, ConfigError, NodeConfig};
+pub use presence::{announce, sweep_presence};
+pub use process::{fail, serve_main, shutdown_signal};

@@ -1,0 +1,71 @@
+//! The frame of a process's `main`, the same for edge and router: logging
+//! from the log filter, a multi-threaded runtime, the listener, the
+//! shutdown signal, and exit code 64 with the reason on stderr when the
+//! process cannot start or stops on an error.
+use std::{fmt::Display, future::Future, net::SocketAddr, process::ExitCode};
+
+use tokio::net::TcpListener;
+
+/// Sets up logging with `log` (tracing `EnvFilter` syntax; "info" when it
+/// does not parse), starts a runtime, binds `listen` and runs `serve` on
+/// the listener until it returns.
+pub fn serve_main<F, Fut, E>(name: &str, log: &str, listen: SocketAddr, serve: F) -> ExitCode
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(name, &e),
+    };
+    runtime.block_on(async move {
+        let listener = match TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(name, &format!("cannot listen on {listen}: {e}")),
+        };
+        match serve(listener).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(name, &e),
+        }
+    })
+}
+
+/// Prints `name: e` to stderr; exit code 64 (bad configuration or a
+/// backend that cannot be reached at startup).
+pub fn fail(name: &str, e: &dyn Display) -> ExitCode {
+    eprintln!("{name}: {e}");
+    ExitCode::from(64)
+}
+
+/// Resolves on SIGTERM or SIGINT: both start a graceful shutdown.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}

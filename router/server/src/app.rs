@@ -1,0 +1,124 @@
+//! Wiring: the backends (NATS, Redis) chosen once, the NATS consumer, the
+//! presence sweeper and the HTTP listener, and their shutdown.
+use std::{future::Future, sync::Arc, time::Duration};
+
+use metrics::counter;
+use metrics_exporter_prometheus::PrometheusHandle;
+use switchboard_presence::{PresenceStore, RedisPresence};
+use switchboard_router::{
+    Bus, Members, NatsBus, NatsSettings, RedisHistory, Router, RouterLimits, connect_redis,
+    redact_url,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Config;
+
+/// What the HTTP routes serve from.
+pub(crate) struct RouterState {
+    pub(crate) router: Arc<Router>,
+    pub(crate) members: Arc<Members>,
+    pub(crate) bus: Arc<NatsBus>,
+    pub(crate) presence: Arc<dyn PresenceStore>,
+    pub(crate) config: Config,
+    pub(crate) prometheus: PrometheusHandle,
+}
+
+/// Connects the backends and serves on `listener` until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    prometheus: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    register_series();
+    let nats = NatsSettings {
+        url: config.nats_url.clone(),
+        name: config.node_id.clone(),
+        subscription_capacity: 65_536,
+    };
+    let bus = Arc::new(NatsBus::connect(&nats).await.map_err(|e| e.to_string())?);
+    let redis = connect_redis(&config.redis_url)
+        .await
+        .map_err(|e| format!("redis {}: {e}", redact_url(&config.redis_url)))?;
+    let history = Arc::new(RedisHistory::new(redis.clone(), config.history));
+    let ttl_ms = config.presence_ttl.as_millis() as i64;
+    let presence: Arc<dyn PresenceStore> = Arc::new(RedisPresence::new(redis.clone(), ttl_ms));
+    let members = Arc::new(
+        Members::new(
+            redis,
+            presence.clone(),
+            bus.client().clone(),
+            config.channel_buckets,
+            usize::from(config.push_stream_replicas),
+        )
+        .await
+        .map_err(|e| e.to_string())?,
+    );
+    let router = Arc::new(
+        Router::new(
+            history,
+            bus.clone(),
+            presence.clone(),
+            RouterLimits {
+                max_payload_bytes: config.max_payload_bytes,
+            },
+        )
+        .with_members(members.clone()),
+    );
+    let stop = CancellationToken::new();
+    let nats_task = tokio::spawn(crate::consumer::serve(
+        bus.client().clone(),
+        router.clone(),
+        Some(members.clone()),
+        stop.clone(),
+    ));
+    let sweep = tokio::spawn(switchboard_node::sweep_presence(
+        presence.clone(),
+        bus.clone() as Arc<dyn Bus>,
+        (config.presence_ttl / 3).max(Duration::from_millis(100)),
+        stop.clone(),
+    ));
+    tracing::info!(addr = %config.listen, node = %config.node_id, "switchboard router serving");
+    let state = Arc::new(RouterState {
+        router,
+        members,
+        bus,
+        presence,
+        config,
+        prometheus,
+    });
+    let http = tokio::spawn(crate::routes::accept(listener, state.clone(), stop.clone()));
+    shutdown.await;
+    tracing::info!("router shutting down");
+    stop.cancel();
+    let _ = nats_task.await;
+    let _ = sweep.await;
+    let _ = http.await;
+    let _ = state.bus.client().flush().await;
+    Ok(())
+}
+
+/// Registers the router's series at zero.
+fn register_series() {
+    switchboard_node::telemetry::register_cluster_series();
+    switchboard_node::telemetry::register_api_series();
+    for result in ["ok", "duplicate"] {
+        counter!("switchboard_router_publishes_total", "result" => result).increment(0);
+    }
+    for reason in ["publish", "presence"] {
+        counter!("switchboard_router_bus_errors_total", "reason" => reason).increment(0);
+    }
+    for name in [
+        "switchboard_router_member_work_errors_total",
+        "switchboard_router_shard_jobs_published_total",
+        "switchboard_router_shard_jobs_done_total",
+        "switchboard_router_shard_errors_total",
+        "switchboard_router_push_jobs_total",
+        "switchboard_presence_expired_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    // A registered histogram renders its buckets at 0 before the first publish.
+    let _ = metrics::histogram!("switchboard_router_publish_duration_seconds");
+}

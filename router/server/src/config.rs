@@ -1,0 +1,211 @@
+//! Router configuration, layered like the edge's: flags and
+//! `SWITCHBOARD_*` environment variables over an optional TOML file, then
+//! defaults and validation before anything connects.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use switchboard_node::{
+    ClusterSettings, ConfigError,
+    config::{positive, read_over},
+};
+use switchboard_router::HistoryLimits;
+
+/// `switchboard-router`: sequences, stores and delivers messages for a
+/// Switchboard cluster. Any number of replicas share the work.
+#[derive(Debug, Default, Clone, Parser, Serialize, Deserialize)]
+#[command(name = "switchboard-router", version, about, long_about = None)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// TOML file with any of the settings below (snake_case keys, e.g.
+    /// `listen = "0.0.0.0:8090"`). Flags and environment override it.
+    #[arg(long, env = "SWITCHBOARD_ROUTER_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// host:port of the HTTP API (health, metrics, publish, kick,
+    /// members). Default 127.0.0.1:8090.
+    #[arg(long, env = "SWITCHBOARD_ROUTER_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+
+    /// Settings shared with the edges.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cluster: ClusterSettings,
+
+    /// Member buckets per channel (shard jobs per post). Never change it on
+    /// existing data. Default 64.
+    #[arg(long, env = "SWITCHBOARD_CHANNEL_BUCKETS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_buckets: Option<u32>,
+
+    /// Replicas of the JetStream push-job stream SB_PUSH (1-5; 3 on a NATS
+    /// cluster, so losing one server loses no queued push job). Applies when
+    /// the stream is created; an existing stream keeps its own. Default 1.
+    #[arg(long, env = "SWITCHBOARD_PUSH_STREAM_REPLICAS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_stream_replicas: Option<u8>,
+}
+
+/// The validated configuration of one router.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP listener address (the binary binds it; tests pass their own).
+    pub listen: SocketAddr,
+    /// This node's name.
+    pub node_id: String,
+    /// Key of the backend API; `None` turns it off.
+    pub api_key: Option<String>,
+    /// Largest publish payload, bytes.
+    pub max_payload_bytes: usize,
+    /// History window.
+    pub history: HistoryLimits,
+    /// Presence lease (the edges' value).
+    pub presence_ttl: Duration,
+    /// NATS URL(s).
+    pub nats_url: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Member buckets per channel.
+    pub channel_buckets: u32,
+    /// Replicas of the push-job stream.
+    pub push_stream_replicas: u8,
+    /// Log filter.
+    pub log: String,
+}
+
+impl Settings {
+    /// Fills settings missing here from the TOML file named by `--config`.
+    pub fn with_file(self) -> Result<Settings, ConfigError> {
+        let path = self.config.clone();
+        let mut out = read_over(self, path.as_deref())?;
+        out.config = path;
+        Ok(out)
+    }
+
+    /// Applies defaults and validates.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let listen_text = self.listen.unwrap_or_else(|| "127.0.0.1:8090".into());
+        let listen = listen_text
+            .parse()
+            .map_err(|e| ConfigError::invalid("--listen", format!("{listen_text:?}: {e}")))?;
+        let node = self.cluster.resolve(|| "router".into())?;
+        let Some(backends) = node.backends else {
+            return Err(ConfigError::invalid(
+                "--nats/--redis",
+                "a router needs both --nats and --redis",
+            ));
+        };
+        let channel_buckets = positive(
+            "--channel-buckets",
+            self.channel_buckets.map(|b| b as usize),
+            64,
+        )? as u32;
+        let push_stream_replicas = match self.push_stream_replicas.unwrap_or(1) {
+            n @ 1..=5 => n,
+            n => {
+                return Err(ConfigError::invalid(
+                    "--push-stream-replicas",
+                    format!("{n} is not in 1..=5"),
+                ));
+            }
+        };
+        Ok(Config {
+            listen,
+            node_id: node.node_id,
+            api_key: node.api_key,
+            max_payload_bytes: node.max_payload_bytes,
+            history: node.history,
+            presence_ttl: node.presence_ttl,
+            nats_url: backends.nats_url,
+            redis_url: backends.redis_url,
+            channel_buckets,
+            push_stream_replicas,
+            log: node.log,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> Settings {
+        Settings {
+            cluster: ClusterSettings {
+                nats: Some("nats://127.0.0.1:4222".into()),
+                redis: Some("redis://127.0.0.1:6379".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let mut cli = cluster();
+        cli.listen = Some("127.0.0.1:9000".into());
+        let merged = switchboard_node::config::over_toml(
+            cli,
+            "listen = \"0.0.0.0:1\"\nchannel_buckets = 16\nnode_id = \"r1\"",
+        )
+        .unwrap();
+        let cfg = merged.resolve().unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.channel_buckets, 16);
+        assert_eq!(cfg.node_id, "r1");
+        assert_eq!(cfg.push_stream_replicas, 1);
+        assert_eq!(cfg.presence_ttl, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (settings, flag) in [
+            (
+                Settings {
+                    listen: Some("nope".into()),
+                    ..cluster()
+                },
+                "--listen",
+            ),
+            (Settings::default(), "--nats/--redis"),
+            (
+                Settings {
+                    push_stream_replicas: Some(6),
+                    ..cluster()
+                },
+                "--push-stream-replicas",
+            ),
+            (
+                Settings {
+                    channel_buckets: Some(0),
+                    ..cluster()
+                },
+                "--channel-buckets",
+            ),
+        ] {
+            let err = settings.resolve().unwrap_err();
+            assert!(err.to_string().contains(flag), "{flag}: {err}");
+        }
+        assert!(
+            switchboard_node::config::over_toml(Settings::default(), "no_such_setting = 1")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_file_is_read_under_flags() {
+        let dir = std::env::temp_dir().join(format!("sb-router-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("router.toml");
+        std::fs::write(&file, "push_stream_replicas = 3\nnode_id = \"from-file\"\n").unwrap();
+        let mut cli = cluster();
+        cli.config = Some(file.clone());
+        cli.cluster.node_id = Some("from-flag".into());
+        let cfg = cli.with_file().unwrap().resolve().unwrap();
+        assert_eq!(cfg.push_stream_replicas, 3);
+        assert_eq!(cfg.node_id, "from-flag");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
