@@ -1,7 +1,6 @@
 //! Token checks at connect and chat authorization.
-mod common;
 
-use common::*;
+use crate::common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use switchboard_edge::{AuthConfig, Claims, Settings};

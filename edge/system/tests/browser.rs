@@ -1,18 +1,17 @@
 //! The demo page in headless Chromium: two pages, one sends, the other
-//! shows the message. Needs node, `npm ci` in edge/tests/browser and
+//! shows the message. Needs node, `npm ci` in edge/system/tests/browser and
 //! Debian's chromium; `scripts/test` installs all three.
-mod common;
 
 use std::{path::Path, process::Stdio};
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browser_tabs_chat_through_the_demo_page() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
     assert!(
         dir.join("node_modules/playwright-core").exists(),
-        "playwright-core is not installed: run scripts/test (or `npm ci` in edge/tests/browser)"
+        "playwright-core is not installed: run scripts/test (or `npm ci` in edge/system/tests/browser)"
     );
     let mut cfg = config();
     cfg.dev = true;

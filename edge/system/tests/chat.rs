@@ -1,9 +1,8 @@
 //! Chats, the personal stream, receipts, presence and recovery.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 
 async fn publish_chat(raw: &mut Raw, chat: &str, id: &str, text: &str) -> Value {

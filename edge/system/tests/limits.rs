@@ -1,9 +1,8 @@
 //! Hostile and broken input, limits and backpressure.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::{

@@ -3,7 +3,6 @@
 //! `/metrics`, and a real Prometheus scrapes an edge and a router. The edge
 //! and the router run as child processes of the real binaries, on real
 //! nats-server and redis-server processes.
-mod common;
 
 use std::{
     collections::BTreeSet,
@@ -13,12 +12,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{cluster::*, *};
+use crate::common::{cluster::*, *};
 use serde_json::{Value, json};
 use switchboard_testkit::Server;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// A child process killed on drop.
@@ -29,46 +28,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The router binary sits next to the edge's: `cargo nextest run
-/// --workspace` (and `cargo build`) build both into the same directory.
-/// Cargo builds it only with the whole workspace, so refuse a stale one.
-fn router_binary() -> PathBuf {
-    let path =
-        Path::new(env!("CARGO_BIN_EXE_switchboard-edge")).with_file_name("switchboard-router");
-    let built = std::fs::metadata(&path).and_then(|m| m.modified());
-    let newest_source = [
-        "router/src",
-        "presence/src",
-        "protocol/src",
-        "protocol/proto",
-    ]
-    .iter()
-    .filter_map(|d| newest_mtime(&repo_root().join(d)))
-    .max();
-    match (built, newest_source) {
-        (Ok(built), Some(source)) if built >= source => path,
-        _ => panic!(
-            "{} is missing or older than its sources: build the workspace (cargo nextest run --workspace, or cargo build -p switchboard-router)",
-            path.display()
-        ),
-    }
-}
-
-fn newest_mtime(dir: &Path) -> Option<std::time::SystemTime> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            if meta.is_dir() {
-                newest_mtime(&e.path())
-            } else {
-                meta.modified().ok()
-            }
-        })
-        .max()
 }
 
 /// An edge and a router as separate processes in one cluster.
@@ -85,7 +44,7 @@ async fn start_nodes() -> Nodes {
     let nats = Server::nats();
     let redis = Server::redis();
     let router_port = free_port();
-    let router = Command::new(router_binary())
+    let router = Command::new(ROUTER_BIN)
         .envs([
             (
                 "SWITCHBOARD_ROUTER_LISTEN",
@@ -530,10 +489,7 @@ async fn an_explicit_socket_cap_still_raises_the_soft_file_limit() {
     let port = free_port();
     let child = Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "ulimit -Sn 1024 && exec {}",
-            env!("CARGO_BIN_EXE_switchboard-edge")
-        ))
+        .arg(format!("ulimit -Sn 1024 && exec {}", EDGE_BIN))
         .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
         .env("SWITCHBOARD_JWT_SECRET", SECRET)
         .env("SWITCHBOARD_MAX_CONNECTIONS", "500")
@@ -550,7 +506,7 @@ async fn an_explicit_socket_cap_still_raises_the_soft_file_limit() {
 
 /// Runs a cluster edge with these backend URLs until it exits (at most 40 s).
 fn edge_exit(nats: &str, redis: &str) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+    let out = Command::new(EDGE_BIN)
         .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env("SWITCHBOARD_JWT_SECRET", SECRET)
         .env("SWITCHBOARD_NATS_URL", nats)
@@ -665,7 +621,7 @@ async fn the_binaries_start_with_the_configuration_the_chart_renders() {
     let router: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let edge: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let _router = start_as_rendered(
-        &router_binary(),
+        Path::new(ROUTER_BIN),
         &router_spec,
         dir.path(),
         ("SWITCHBOARD_ROUTER_LISTEN", router),
@@ -674,7 +630,7 @@ async fn the_binaries_start_with_the_configuration_the_chart_renders() {
     );
     wait_listening(router, "router").await;
     let _edge = start_as_rendered(
-        Path::new(env!("CARGO_BIN_EXE_switchboard-edge")),
+        Path::new(EDGE_BIN),
         &edge_spec,
         dir.path(),
         ("SWITCHBOARD_LISTEN", edge),

@@ -1,7 +1,6 @@
 //! WSS with rustls on the real binary: a TLS client connects, the
 //! certificate is replaced on disk and SIGHUP makes new handshakes use it,
 //! while the socket opened before keeps working.
-mod common;
 
 use std::{
     path::{Path, PathBuf},
@@ -10,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use common::*;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
@@ -74,7 +73,7 @@ async fn request(ws: &mut Wss, v: Value) -> Value {
 }
 
 fn edge_with_tls(dir: &Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+    Command::new(EDGE_BIN)
         .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
         .env("SWITCHBOARD_JWT_SECRET", SECRET)
         .env("SWITCHBOARD_TLS_CERT_FILE", dir.join("cert.pem"))

@@ -5,7 +5,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
 use switchboard_edge::{ClusterConfig, Config, Edge};
-use switchboard_router::{PUBLISH_SUBJECT, RouterConfig, run_router};
+use switchboard_protocol::subject::ROUTER_PUBLISH;
+use switchboard_router_server::{Settings as RouterSettings, run as run_router};
 use switchboard_testkit::Server;
 use tokio_util::sync::CancellationToken;
 
@@ -52,7 +53,7 @@ pub fn edge_config(nats: &Server, redis: &Server, node: &str) -> Config {
 }
 
 pub async fn start_router(nats: &Server, redis: &Server, node: &str) -> RouterNode {
-    let config = RouterConfig::parse_from([
+    let config = RouterSettings::parse_from([
         "switchboard-router",
         "--nats",
         &nats.url(),
@@ -66,7 +67,9 @@ pub async fn start_router(nats: &Server, redis: &Server, node: &str) -> RouterNo
         "1500",
         "--channel-buckets",
         "16",
-    ]);
+    ])
+    .resolve()
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
@@ -88,7 +91,7 @@ pub async fn wait_for_routers(nats: &Server) {
     for _ in 0..100 {
         if let Ok(Ok(_)) = tokio::time::timeout(
             Duration::from_millis(200),
-            client.request(PUBLISH_SUBJECT, "x".into()),
+            client.request(ROUTER_PUBLISH, "x".into()),
         )
         .await
         {
@@ -169,7 +172,7 @@ pub async fn spawn_edge_process(
     node: &str,
 ) -> (std::process::Child, SocketAddr) {
     let port = super::free_port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard-edge"))
+    let child = std::process::Command::new(super::EDGE_BIN)
         .envs(edge_process_env(nats, redis, node, port))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

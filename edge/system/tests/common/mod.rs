@@ -1,5 +1,5 @@
-//! Shared helpers for the edge integration tests: start a real edge on
-//! 127.0.0.1:0 and talk to it over real sockets.
+//! Shared helpers of the system tests: start a real edge on 127.0.0.1:0
+//! and talk to it over real sockets.
 #![allow(dead_code, unreachable_pub)]
 
 use std::time::Duration;
@@ -18,6 +18,12 @@ use tokio_tungstenite::{
 pub mod cluster;
 
 pub const SECRET: &str = "integration-test-secret";
+
+/// The edge binary: `switchboard_edge::main`, built fresh by cargo for
+/// this test run (this package's `system-edge`).
+pub const EDGE_BIN: &str = env!("CARGO_BIN_EXE_system-edge");
+/// The router binary: `switchboard_router_server::main` (`system-router`).
+pub const ROUTER_BIN: &str = env!("CARGO_BIN_EXE_system-router");
 
 pub fn config() -> Config {
     let mut c = Config::for_secret(SECRET);

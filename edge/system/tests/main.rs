@@ -1,0 +1,17 @@
+//! The system tests: real edge and router processes (this package's
+//! `system-edge` and `system-router`, the shipped binaries' `main`s) and
+//! in-process edges and routers, with real NATS, Redis, browsers, k6 and
+//! Prometheus. One binary, one module per area, so the suite links once.
+mod common;
+
+mod auth;
+mod browser;
+mod chat;
+mod client;
+mod cluster;
+mod drain;
+mod http;
+mod k6;
+mod limits;
+mod operate;
+mod tls;
