@@ -16,7 +16,7 @@ COPY . .
 # protox compiles the .proto files in build.rs: no protoc in the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p switchboard-edge -p switchboard-router \
+    cargo build --release --locked -p switchboard-edge -p switchboard-router-server \
     && mkdir /out \
     && cp target/release/switchboard-edge target/release/switchboard-router /out/
 

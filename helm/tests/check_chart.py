@@ -826,7 +826,7 @@ def lint_yaml(p: Problems) -> None:
 
 def write_rules(out: Path) -> int:
     """Renders the alerts (namespace NAMESPACE) as a Prometheus rules file, for
-    a live Prometheus in edge/tests/operate.rs."""
+    a live Prometheus in edge/system/tests/operate.rs."""
     rules = [o for o in objects(render(MONITORING)) if o["kind"] == "PrometheusRule"]
     if len(rules) != 1:
         print(f"check_chart: {len(rules)} PrometheusRules rendered, expected 1", file=sys.stderr)

@@ -74,37 +74,40 @@ pub fn metrics(prometheus: &PrometheusHandle) -> Response<Body> {
     r
 }
 
-/// The API-key check of every `/api/` route: 404 while the API is off (no
-/// key configured), 401 without the right key.
-pub fn authorize(
-    api_key: Option<&str>,
-    headers: &HeaderMap,
-    api: &str,
-) -> Result<(), Response<Body>> {
+/// The API-key check of every `/api/` route; the refusal, if any: 404
+/// while the API is off (no key configured), 401 without the right key.
+pub fn refusal(api_key: Option<&str>, headers: &HeaderMap, api: &str) -> Option<Response<Body>> {
     let Some(key) = api_key else {
-        return Err(api_error(
+        return Some(api_error(
             StatusCode::NOT_FOUND,
             format!("{api} API disabled: set --api-key"),
         ));
     };
     if !crate::has_api_key(headers, key) {
-        return Err(api_error(
+        return Some(api_error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong API key",
         ));
     }
-    Ok(())
+    None
 }
 
-/// Reads a request body of at most `limit` bytes; 413 beyond.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, Response<Body>> {
-    match Limited::new(body, limit).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(_) => Err(api_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("body over {limit} bytes"),
-        )),
-    }
+/// Reads a request body of at most `limit` bytes; `None` beyond (answer
+/// [`too_large`]).
+pub async fn read_body(body: Incoming, limit: usize) -> Option<Bytes> {
+    Limited::new(body, limit)
+        .collect()
+        .await
+        .ok()
+        .map(|b| b.to_bytes())
+}
+
+/// 413 for a body over `limit` bytes.
+pub fn too_large(limit: usize) -> Response<Body> {
+    api_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("body over {limit} bytes"),
+    )
 }
 
 fn status(code: u16, otherwise: StatusCode) -> StatusCode {
@@ -118,7 +121,7 @@ pub async fn publish(
     max_payload_bytes: usize,
     publisher: &dyn Publisher,
 ) -> Response<Body> {
-    if let Err(refused) = authorize(api_key, req.headers(), "publish") {
+    if let Some(refused) = refusal(api_key, req.headers(), "publish") {
         if refused.status() == StatusCode::UNAUTHORIZED {
             api_publish("unauthorized");
         }
@@ -126,12 +129,9 @@ pub async fn publish(
     }
     // Base64 grows payloads by 4/3; leave room for the JSON around it.
     let limit = max_payload_bytes * 4 / 3 + 4096;
-    let body = match read_body(req.into_body(), limit).await {
-        Ok(b) => b,
-        Err(too_large) => {
-            api_publish("too_large");
-            return too_large;
-        }
+    let Some(body) = read_body(req.into_body(), limit).await else {
+        api_publish("too_large");
+        return too_large(limit);
     };
     let request = match crate::parse_api_publish(&body) {
         Ok(r) => r,
@@ -170,12 +170,11 @@ pub async fn kick(
     bus: &dyn Bus,
     presence: &dyn PresenceStore,
 ) -> Response<Body> {
-    if let Err(refused) = authorize(api_key, req.headers(), "kick") {
+    if let Some(refused) = refusal(api_key, req.headers(), "kick") {
         return refused;
     }
-    let body = match read_body(req.into_body(), 4096).await {
-        Ok(b) => b,
-        Err(too_large) => return too_large,
+    let Some(body) = read_body(req.into_body(), 4096).await else {
+        return too_large(4096);
     };
     let (user, session) = match crate::parse_api_kick(&body) {
         Ok(k) => k,

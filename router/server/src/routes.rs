@@ -85,7 +85,7 @@ struct MemberChange {
 
 /// `GET` (counts) and `POST` (changes) `/api/channels/<channel>/members`.
 async fn members_api(state: &RouterState, req: Request<Incoming>) -> Response<Body> {
-    if let Err(refused) = http::authorize(state.config.api_key.as_deref(), req.headers(), "members")
+    if let Some(refused) = http::refusal(state.config.api_key.as_deref(), req.headers(), "members")
     {
         return refused;
     }
@@ -103,9 +103,9 @@ async fn members_api(state: &RouterState, req: Request<Incoming>) -> Response<Bo
     };
     let method = req.method().clone();
     // Member imports may be large.
-    let body = match http::read_body(req.into_body(), 64 << 20).await {
-        Ok(b) => b,
-        Err(too_large) => return too_large,
+    let limit = 64 << 20;
+    let Some(body) = http::read_body(req.into_body(), limit).await else {
+        return http::too_large(limit);
     };
     let members = &state.members;
     match method {
