@@ -241,3 +241,55 @@ async fn kick_closes_a_users_sockets_or_one_session_with_4503() {
     assert!(r.get("pong").is_some(), "{r}");
     edge.shutdown().await;
 }
+
+/// Edges and routers answer the endpoints they share with one
+/// implementation (`switchboard_node::http`): the same status and body.
+#[tokio::test]
+async fn edge_and_router_answer_the_shared_endpoints_alike() {
+    use crate::common::cluster::{API_KEY, Cluster};
+    let c = Cluster::new(1, 1).await;
+    let (edge, router) = (c.edges[0].addr(), c.routers[0].addr);
+    let auth = format!("Bearer {API_KEY}");
+    let key = [("Authorization", auth.as_str())];
+    let wrong = [("Authorization", "Bearer wrong")];
+    // (method, path, headers, body)
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 10] = [
+        ("GET", "/healthz", &[], ""),
+        ("GET", "/readyz", &[], ""),
+        ("GET", "/no-such-path", &[], ""),
+        ("POST", "/api/publish", &[], "{}"),
+        ("POST", "/api/publish", &wrong, "{}"),
+        ("POST", "/api/publish", &key, "not json"),
+        (
+            "POST",
+            "/api/publish",
+            &key,
+            r#"{"chat":"a.b","client_msg_id":"m1","text":"hi"}"#,
+        ),
+        ("POST", "/api/kick", &[], "{}"),
+        ("POST", "/api/kick", &key, r#"{"user":"a b"}"#),
+        ("POST", "/api/kick", &key, r#"{"user":"nobody"}"#),
+    ];
+    for (method, path, headers, body) in cases {
+        let from_edge = http(edge, method, path, headers, body).await;
+        let from_router = http(router, method, path, headers, body).await;
+        assert_eq!(from_edge, from_router, "{method} {path} {body}");
+    }
+    // A stored publish: the same answer but for its seq and time.
+    let publish =
+        |id: &'static str| format!(r#"{{"chat":"alike","client_msg_id":"{id}","text":"hi"}}"#);
+    let (s1, b1) = http(edge, "POST", "/api/publish", &key, &publish("e")).await;
+    let (s2, b2) = http(router, "POST", "/api/publish", &key, &publish("r")).await;
+    assert_eq!((s1, s2), (200, 200), "{b1} {b2}");
+    let (v1, v2): (Value, Value) = (
+        serde_json::from_str(&b1).unwrap(),
+        serde_json::from_str(&b2).unwrap(),
+    );
+    assert_eq!(v1["stream"], v2["stream"]);
+    assert_eq!((v1["seq"].as_u64(), v2["seq"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (&v1["duplicate"], &v2["duplicate"]),
+        (&json!(false), &json!(false))
+    );
+}
