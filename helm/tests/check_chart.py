@@ -209,18 +209,25 @@ def kn(obj: dict) -> str:
 
 
 def rust_settings() -> tuple[set[str], set[str], set[str]]:
-    """(edge TOML keys, edge env names, router env names) from the Rust sources."""
-    edge_src = (ROOT / "edge" / "src" / "config.rs").read_text()
-    start = edge_src.index("pub struct Settings {")
-    body = edge_src[start : edge_src.index("\n}\n", start)]
-    toml_keys = set(re.findall(r"pub (\w+): Option<", body)) - {"config"}
-    edge_env = set(re.findall(r'env = "(SWITCHBOARD_\w+)"', body))
-    router_src = (ROOT / "router" / "src" / "node.rs").read_text()
-    start = router_src.index("pub struct RouterConfig {")
-    body = router_src[start : router_src.index("\n}\n", start)]
-    router_env = set(re.findall(r'env = "(SWITCHBOARD_\w+)"', body))
+    """(edge TOML keys, edge env names, router env names) from the Rust sources:
+    each process's Settings plus the ClusterSettings both flatten in."""
+
+    def struct_body(path: str, name: str) -> str:
+        src = (ROOT / path).read_text()
+        start = src.index(f"pub struct {name} {{")
+        return src[start : src.index("\n}\n", start)]
+
+    shared = struct_body("router/node/src/config.rs", "ClusterSettings")
+    edge = struct_body("edge/src/config.rs", "Settings") + shared
+    router = struct_body("router/server/src/config.rs", "Settings") + shared
+    toml_keys = set(re.findall(r"pub (\w+): Option<", edge)) - {"config"}
+    edge_env = set(re.findall(r'env = "(SWITCHBOARD_\w+)"', edge))
+    router_env = set(re.findall(r'env = "(SWITCHBOARD_\w+)"', router))
     if len(toml_keys) < 20 or len(edge_env) < 20 or len(router_env) < 5:
-        sys.exit("check_chart: could not read the settings from edge/src/config.rs and router/src/node.rs")
+        sys.exit(
+            "check_chart: could not read the settings from edge/src/config.rs, "
+            "router/server/src/config.rs and router/node/src/config.rs"
+        )
     return toml_keys, edge_env, router_env
 
 
