@@ -295,9 +295,14 @@ impl StreamOrder {
                     }
                 }
                 let deliver = self.release_contiguous();
-                let done = self.pending.is_empty() && !std::mem::take(&mut self.overflowed);
+                let overflowed = std::mem::take(&mut self.overflowed);
+                let done = self.pending.is_empty() && !overflowed;
                 if done {
                     self.repairing = false;
+                } else if self.pending.is_empty() {
+                    // Frames dropped at the limit may be newer than this
+                    // read: read once more even with nothing held.
+                    self.force = true;
                 }
                 Answered {
                     deliver,

@@ -217,6 +217,35 @@ fn the_held_frame_limit_drops_while_a_repair_runs() {
 }
 
 #[test]
+fn frames_dropped_during_a_read_are_read_once_more() {
+    let t0 = Instant::now();
+    let mut o = at(1);
+    let read_at = held(&mut o, 3, t0).unwrap();
+    for seq in 4..(3 + MAX_PENDING_PER_STREAM as u64) {
+        assert_eq!(held(&mut o, seq, t0), None);
+    }
+    let over = 3 + MAX_PENDING_PER_STREAM as u64;
+    for seq in over..over + 5 {
+        assert!(matches!(
+            o.on_frame(seq, "e", &frame(seq, "e"), t0),
+            Arrival::Dropped
+        ));
+    }
+    // The read was answered before the dropped frames were stored: it
+    // fills every hole and leaves nothing held, yet they are still missing.
+    o.due_read().unwrap();
+    let a = o.on_history(answer(2..over, false), read_at);
+    assert_eq!(seqs(&a.deliver), (2..over).collect::<Vec<_>>());
+    assert_eq!(o.held(), 0);
+    let again = a.next_read.expect("the dropped frames are read once more");
+    let read = o.due_read().expect("a read with nothing held");
+    assert_eq!(read.since, over - 1);
+    let b = o.on_history(answer(2..over + 5, false), again);
+    assert_eq!(seqs(&b.deliver), (over..over + 5).collect::<Vec<_>>());
+    assert_eq!(b.next_read, None, "then the repair is over");
+}
+
+#[test]
 fn a_history_outage_backs_off_up_to_the_cap_then_skips() {
     let t0 = Instant::now();
     let mut o = at(5);
