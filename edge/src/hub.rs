@@ -158,12 +158,8 @@ impl Hub {
             if let Some(mut e) = self.streams.get_mut(key) {
                 e.subs.remove(&conn_id);
             }
-            if self
-                .streams
-                .remove_if(key, |_, e| e.subs.is_empty())
-                .is_some()
-            {
-                self.metrics.subscriptions.decrement(1.0);
+            if let Some((_, gone)) = self.streams.remove_if(key, |_, e| e.subs.is_empty()) {
+                self.forget(&gone);
             }
             return;
         };
@@ -175,13 +171,8 @@ impl Hub {
             e.subs.remove(&conn_id);
             e.subs.is_empty()
         };
-        if last
-            && self
-                .streams
-                .remove_if(key, |_, e| e.subs.is_empty())
-                .is_some()
-        {
-            self.metrics.subscriptions.decrement(1.0);
+        if last && let Some((_, gone)) = self.streams.remove_if(key, |_, e| e.subs.is_empty()) {
+            self.forget(&gone);
             if let Err(e) = self.bus.unsubscribe(&subject).await {
                 tracing::warn!(error = %e, subject, "bus unsubscribe failed");
             }
@@ -246,6 +237,13 @@ impl Hub {
             self.metrics.delivery_latency.record(lag_ms as f64 / 1000.0);
         }
         self.fan_out(subs, frame);
+    }
+
+    /// A stream without sockets left: its frames held for a repair go
+    /// with it (later subscribers read history on subscribe).
+    fn forget(&self, gone: &StreamEntry) {
+        self.metrics.subscriptions.decrement(1.0);
+        self.count_held(gone.order.held(), 0);
     }
 
     /// Moves the held-frames gauge by what one step of a stream's order
