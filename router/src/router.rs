@@ -113,15 +113,18 @@ impl PublishError {
         match self {
             PublishError::InvalidId(_) => ErrorCode::InvalidId,
             PublishError::TooLarge { .. } => ErrorCode::TooLarge,
+            // A router's answer is passed on as it came (a bad request stays
+            // one: retrying it would fail again); only a missing code is
+            // made retryable.
             PublishError::Remote {
-                code: code @ (ErrorCode::InvalidId | ErrorCode::TooLarge),
+                code: ErrorCode::Unspecified,
                 ..
-            } => *code,
+            } => ErrorCode::Unavailable,
+            PublishError::Remote { code, .. } => *code,
             PublishError::History(_)
             | PublishError::NoRouter { .. }
             | PublishError::BadReply(_)
-            | PublishError::EmptyReply
-            | PublishError::Remote { .. } => ErrorCode::Unavailable,
+            | PublishError::EmptyReply => ErrorCode::Unavailable,
         }
     }
 
@@ -338,7 +341,7 @@ mod tests {
             ),
             (
                 remote(ErrorCode::BadRequest),
-                ErrorCode::Unavailable,
+                ErrorCode::BadRequest,
                 "bad_request",
             ),
             (

@@ -135,7 +135,7 @@ mod tests {
             (remote(ErrorCode::InvalidId), 422),
             (remote(ErrorCode::TooLarge), 413),
             (remote(ErrorCode::Unavailable), 503),
-            (remote(ErrorCode::BadRequest), 503),
+            (remote(ErrorCode::BadRequest), 400),
             (PublishError::EmptyReply, 503),
             (no_router, 503),
         ];
