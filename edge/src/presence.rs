@@ -99,13 +99,22 @@ impl Sessions {
             }
             Err(e) => tracing::warn!(error = %e, "presence: previous sessions not dropped"),
         }
-        if let Err(e) = self
+        let taken = self
             .store
             .node_heartbeat(&self.node, &self.addr, now_ms())
-            .await
-        {
+            .await;
+        // Known before the first socket and the first scrape.
+        self.note_renewal(taken.is_ok());
+        if let Err(e) = taken {
             tracing::warn!(error = %e, "presence lease not taken");
         }
+    }
+
+    /// Readiness and `switchboard_edge_presence_available` follow the last
+    /// attempt to take or renew the lease.
+    fn note_renewal(&self, ok: bool) {
+        self.renewed.store(ok, Ordering::Release);
+        metrics::gauge!("switchboard_edge_presence_available").set(if ok { 1.0 } else { 0.0 });
     }
 
     /// Renews this node's presence lease (its sessions live as long as it).
@@ -127,12 +136,7 @@ impl Sessions {
                 .store
                 .node_heartbeat(&self.node, &self.addr, now_ms())
                 .await;
-            self.renewed.store(renewed.is_ok(), Ordering::Release);
-            metrics::gauge!("switchboard_edge_presence_available").set(if renewed.is_ok() {
-                1.0
-            } else {
-                0.0
-            });
+            self.note_renewal(renewed.is_ok());
             let fresh = match renewed {
                 Ok(fresh) => fresh,
                 Err(e) => {
