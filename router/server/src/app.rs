@@ -12,17 +12,7 @@ use switchboard_router::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::Config;
-
-/// What the HTTP routes serve from.
-pub(crate) struct RouterState {
-    pub(crate) router: Arc<Router>,
-    pub(crate) members: Arc<Members>,
-    pub(crate) bus: Arc<NatsBus>,
-    pub(crate) presence: Arc<dyn PresenceStore>,
-    pub(crate) config: Config,
-    pub(crate) prometheus: PrometheusHandle,
-}
+use crate::{Config, state::RouterState};
 
 /// Connects the backends and serves on `listener` until `shutdown`.
 pub async fn run(

@@ -6,6 +6,7 @@
 //! - `app`: backends (NATS, Redis) chosen once, the tasks, the shutdown.
 //! - `consumer`: publish requests and shard jobs from the routers' queue
 //!   group.
+//! - `state`: what the routes serve from.
 //! - `routes`: the HTTP API: probes, metrics and the backend API shared
 //!   with the edge (`switchboard-node`), and channel members.
 //!
@@ -17,6 +18,7 @@ mod app;
 mod config;
 mod consumer;
 mod routes;
+mod state;
 
 use std::process::ExitCode;
 

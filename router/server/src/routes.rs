@@ -13,7 +13,7 @@ use switchboard_protocol::{ChatId, UserId};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::RouterState;
+use crate::state::RouterState;
 
 pub(crate) async fn accept(
     listener: TcpListener,
