@@ -94,7 +94,10 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let rec = Recorder::new(&["channel"], a.messages as usize);
     let mem_before = Probe::take_if(w.is_first(), &a.pids);
     w.barrier("start", 0).await?;
-    let sources = Arc::new(conn::Sources::new(a.target.sources, w.index));
+    let sources = Arc::new(
+        a.target
+            .sources(w.index, Duration::from_secs(a.timeout_secs)),
+    );
     let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let ready = Arc::new(AtomicU64::new(0));
     let gave_up = Arc::new(AtomicU64::new(0));
@@ -455,6 +458,7 @@ mod tests {
                 concurrency: 1,
                 sources: 1,
                 retries: 0,
+                no_retry: false,
             },
             pids: Pids::default(),
             publish_addr: None,

@@ -72,7 +72,10 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let k = a.group_size.max(2) as u64;
     let chats = w.slice(users.div_ceil(k));
     let mine = chats.start * k..(chats.end * k).min(users);
-    let sources = Arc::new(conn::Sources::new(a.target.sources, w.index));
+    let sources = Arc::new(
+        a.target
+            .sources(w.index, Duration::from_secs(a.timeout_secs)),
+    );
     let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let (stop_tx, stop) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::channel::<bool>(1024);

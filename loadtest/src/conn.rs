@@ -41,6 +41,10 @@ pub(crate) struct Target {
     /// with full-jitter backoff as the bundled client does; 0: give up at once.
     #[arg(long, default_value_t = 4)]
     pub(crate) retries: u32,
+    /// Take a refused upgrade (HTTP 503 or 429) as final instead of
+    /// retrying it after Retry-After as apps do (to measure admission).
+    #[arg(long)]
+    pub(crate) no_retry: bool,
 }
 
 impl Target {
@@ -48,12 +52,24 @@ impl Target {
     pub(crate) fn addr_for(&self, i: usize) -> SocketAddr {
         self.addr[i % self.addr.len()]
     }
+
+    /// Source addresses for worker `offset`, retrying refused upgrades
+    /// for up to `deadline` per socket unless `--no-retry`.
+    pub(crate) fn sources(&self, offset: u32, deadline: Duration) -> Sources {
+        let mut s = Sources::new(self.sources, offset);
+        s.retry_for = (!self.no_retry).then_some(deadline);
+        s
+    }
 }
 
 /// Source addresses 127.0.0.1 ..= 127.0.0.N, used round-robin.
+/// Also says how long a refused upgrade is retried (every socket of a
+/// scenario is opened with them).
 pub(crate) struct Sources {
     count: u8,
     next: AtomicUsize,
+    /// Longest a socket keeps retrying refused upgrades; None: never.
+    retry_for: Option<Duration>,
 }
 
 impl Sources {
@@ -64,6 +80,7 @@ impl Sources {
         Sources {
             count,
             next: AtomicUsize::new(offset as usize % count as usize),
+            retry_for: None,
         }
     }
 
@@ -118,7 +135,9 @@ pub(crate) async fn open(addr: SocketAddr, sources: &Sources, token: String) -> 
 }
 
 /// [`open`], counted in the recorder as attempted, then established or
-/// failed (a 503 refusal is a failure too, and counted as refused).
+/// failed. A refused upgrade (503, 429) is retried as apps do: after its
+/// Retry-After plus full jitter, while `sources` allow, each retry
+/// counted by status; only a socket that never got in counts as failed.
 pub(crate) async fn open_counted(
     rec: &Recorder,
     addr: SocketAddr,
@@ -126,18 +145,29 @@ pub(crate) async fn open_counted(
     token: String,
 ) -> anyhow::Result<Ws> {
     rec.attempt();
-    match open(addr, sources, token).await {
-        Ok(ws) => {
-            rec.established();
-            Ok(ws)
-        }
-        Err(e) => {
-            if is_refused(&e) {
+    let deadline = sources.retry_for.map(|d| tokio::time::Instant::now() + d);
+    loop {
+        let e = match open(addr, sources, token.clone()).await {
+            Ok(ws) => {
+                rec.established();
+                return Ok(ws);
+            }
+            Err(e) => e,
+        };
+        let refusal = e.downcast_ref::<UpgradeRefused>().filter(|r| r.retryable());
+        if let Some(r) = refusal {
+            if r.status == 503 {
                 rec.refused();
             }
-            rec.failed();
-            Err(e)
+            let wait = r.retry_wait(rand::random_range(0.0..1.0));
+            if deadline.is_some_and(|d| tokio::time::Instant::now() + wait < d) {
+                rec.add_counter(&format!("refused_retried_{}", r.status), 1);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
         }
+        rec.failed();
+        return Err(e);
     }
 }
 
@@ -146,9 +176,34 @@ pub(crate) async fn open_counted(
 #[error("upgrade refused: HTTP {status}")]
 pub(crate) struct UpgradeRefused {
     pub(crate) status: u16,
+    /// The response's Retry-After, if it had one.
+    pub(crate) retry_after: Option<Duration>,
+}
+
+/// Wait after a refusal without Retry-After.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Longest Retry-After honoured (a larger one is clamped).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+impl UpgradeRefused {
+    /// Refusals an app retries: overload (503) and rate limits (429).
+    pub(crate) fn retryable(&self) -> bool {
+        matches!(self.status, 503 | 429)
+    }
+
+    /// Retry-After plus full jitter (`jitter` in 0..1 of it again), so
+    /// that sockets refused together do not come back together.
+    pub(crate) fn retry_wait(&self, jitter: f64) -> Duration {
+        let base = self
+            .retry_after
+            .unwrap_or(DEFAULT_RETRY_AFTER)
+            .min(MAX_RETRY_AFTER);
+        base + base.mul_f64(jitter.clamp(0.0, 1.0))
+    }
 }
 
 /// The edge refused the upgrade with 503 (admission control).
+#[cfg(test)]
 pub(crate) fn is_refused(e: &anyhow::Error) -> bool {
     matches!(e.downcast_ref::<UpgradeRefused>(), Some(r) if r.status == 503)
 }
@@ -193,9 +248,6 @@ async fn upgrade(stream: &mut TcpStream, addr: SocketAddr) -> anyhow::Result<()>
         .parse(&buf[..end])
         .context("malformed upgrade response")?;
     let status = response.code.unwrap_or(0);
-    if status != 101 {
-        return Err(UpgradeRefused { status }.into());
-    }
     let header = |name: &str| {
         response
             .headers
@@ -203,6 +255,18 @@ async fn upgrade(stream: &mut TcpStream, addr: SocketAddr) -> anyhow::Result<()>
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     };
+    if status != 101 {
+        // Seconds only: the edge never sends an HTTP date.
+        let retry_after = header("retry-after")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        return Err(UpgradeRefused {
+            status,
+            retry_after,
+        }
+        .into());
+    }
     if header("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
         bail!("upgrade response has a wrong Sec-WebSocket-Accept");
     }
@@ -312,7 +376,12 @@ pub(crate) fn stamp(payload: &[u8]) -> Option<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        time::Instant,
+    };
 
     use super::*;
 
@@ -360,6 +429,101 @@ mod tests {
         let busy = |_: &str| "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\r\n".into();
         let err = try_upgrade(server(busy).await).await.unwrap_err();
         assert!(is_refused(&err), "{err:#}");
+    }
+
+    /// Refuses the first `refusals` upgrades with 503 + Retry-After: 1,
+    /// then upgrades and answers Connect; returns when each came.
+    async fn busy_then_open(refusals: usize) -> (SocketAddr, Arc<Mutex<Vec<Instant>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let seen = times.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                seen.lock().unwrap().push(Instant::now());
+                let mut buf = vec![0u8; 4096];
+                let len = tcp.read(&mut buf).await.unwrap();
+                if n < refusals {
+                    let busy = "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\r\n";
+                    tcp.write_all(busy.as_bytes()).await.unwrap();
+                    continue;
+                }
+                let req = String::from_utf8_lossy(&buf[..len]).to_string();
+                let key = req
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                    .unwrap()
+                    .to_string();
+                tcp.write_all(accept(&key).as_bytes()).await.unwrap();
+                let mut ws = WebSocketStream::from_raw_socket(tcp, Role::Server, None).await;
+                let _connect = ws.next().await;
+                let reply = ServerFrame {
+                    id: 1,
+                    kind: Some(server_frame::Kind::ConnectResult(Default::default())),
+                };
+                ws.send(Message::binary(Encoding::Protobuf.encode_server(&reply)))
+                    .await
+                    .unwrap();
+                let _ = ws.next().await;
+                return;
+            }
+        });
+        (addr, times)
+    }
+
+    #[tokio::test]
+    async fn a_refused_upgrade_is_retried_after_retry_after() {
+        let (addr, times) = busy_then_open(2).await;
+        let rec = Recorder::new(&[], 0);
+        let mut sources = Sources::new(1, 0);
+        sources.retry_for = Some(Duration::from_secs(20));
+        let ws = open_counted(&rec, addr, &sources, "t".into()).await;
+        assert!(ws.is_ok(), "{:#}", ws.err().unwrap());
+        let times = times.lock().unwrap().clone();
+        assert_eq!(times.len(), 3);
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            // Retry-After: 1, plus up to as much jitter.
+            assert!(gap >= Duration::from_millis(990), "{gap:?}");
+            assert!(gap <= Duration::from_millis(2500), "{gap:?}");
+        }
+        let r = rec.report("t", serde_json::Value::Null, Default::default());
+        assert_eq!(r.counter("refused_retried_503"), 2);
+        assert_eq!(r.connections.refused_with_503, 2);
+        assert_eq!((r.connections.established, r.connections.failed), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn without_retry_a_refusal_is_final() {
+        let (addr, times) = busy_then_open(1).await;
+        let rec = Recorder::new(&[], 0);
+        let err = open_counted(&rec, addr, &Sources::new(1, 0), "t".into())
+            .await
+            .err()
+            .unwrap();
+        assert!(is_refused(&err));
+        assert_eq!(times.lock().unwrap().len(), 1);
+        let r = rec.report("t", serde_json::Value::Null, Default::default());
+        assert_eq!((r.connections.established, r.connections.failed), (0, 1));
+        assert_eq!(r.counter("refused_retried_503"), 0);
+    }
+
+    #[test]
+    fn the_wait_is_retry_after_plus_full_jitter() {
+        let r = UpgradeRefused {
+            status: 429,
+            retry_after: Some(Duration::from_secs(2)),
+        };
+        assert!(r.retryable());
+        assert_eq!(r.retry_wait(0.0), Duration::from_secs(2));
+        assert_eq!(r.retry_wait(1.0), Duration::from_secs(4));
+        let never = UpgradeRefused {
+            status: 3600,
+            retry_after: Some(Duration::from_secs(3600)),
+        };
+        assert!(!never.retryable());
+        assert_eq!(never.retry_wait(0.0), MAX_RETRY_AFTER);
     }
 
     #[tokio::test]

@@ -12,6 +12,9 @@ use crate::{
     sys::{Pids, Probe},
 };
 
+/// Longest a socket retries refused upgrades (unless `--no-retry`).
+const IDLE_RETRY_FOR: Duration = Duration::from_secs(120);
+
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
@@ -30,7 +33,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let rec = Recorder::new(&[], 0);
     let before = Probe::take_if(w.is_first(), &a.pids);
     w.barrier("start", 0).await?;
-    let sources = Arc::new(conn::Sources::new(a.target.sources, w.index));
+    let sources = Arc::new(a.target.sources(w.index, IDLE_RETRY_FOR));
     let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let (release_tx, release) = watch::channel(false);
     let mine = w.slice(a.sockets as u64);
@@ -70,6 +73,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         "addr": a.target.addr.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "sockets": a.sockets,
         "hold_secs": a.hold_secs,
+        "no_retry": a.target.no_retry,
     });
     Ok(rec.report(
         "idle",

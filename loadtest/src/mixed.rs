@@ -129,7 +129,10 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         channel: AtomicU64::new(0),
         pending: Pending::default(),
     });
-    let sources = Arc::new(conn::Sources::new(a.target.sources, w.index));
+    let sources = Arc::new(
+        a.target
+            .sources(w.index, Duration::from_secs(a.timeout_secs)),
+    );
     let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let (stop_tx, stop) = watch::channel(false);
     // Away users stop after the users, so that their going offline at

@@ -379,6 +379,14 @@ impl Report {
         Ok(())
     }
 
+    /// Refused upgrades retried, by HTTP status.
+    fn refused_retried(&self) -> Map<String, Value> {
+        self.counters
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("refused_retried_")?.to_owned(), json!(v))))
+            .collect()
+    }
+
     /// All kinds together.
     pub(crate) fn total(&self) -> Deliveries {
         let mut all = Deliveries::default();
@@ -447,6 +455,8 @@ impl Report {
                 "established": c.established,
                 "failed": c.failed,
                 "refused_with_503": c.refused_with_503,
+                "refused_retried": self.refused_retried(),
+                "not_connected": c.failed,
                 "connect_seconds": connect_secs,
                 "connects_per_second": connect_secs.filter(|s| *s > 0.0).map(|s| c.established as f64 / s),
             }),

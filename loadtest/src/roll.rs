@@ -74,7 +74,10 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let rec = Recorder::new(&["delivery", "away"], 0);
     let a = Arc::new(a);
     w.barrier("start", 0).await?;
-    let sources = Arc::new(conn::Sources::new(a.target.sources, w.index));
+    let sources = Arc::new(
+        a.target
+            .sources(w.index, Duration::from_secs(a.timeout_secs)),
+    );
     let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let timeout = Duration::from_secs(a.timeout_secs);
     let mut joins = Vec::new();

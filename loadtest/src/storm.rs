@@ -74,7 +74,10 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let rec = Recorder::new(&["recovered"], 0);
     let mem_before = Probe::take_if(w.is_first(), &a.pids);
     w.barrier("start", 0).await?;
-    let sources = Arc::new(conn::Sources::new(a.target.sources, w.index));
+    let sources = Arc::new(
+        a.target
+            .sources(w.index, Duration::from_secs(a.timeout_secs)),
+    );
     let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let timeout = Duration::from_secs(a.timeout_secs);
     // Phase 1: everyone joins and notes where the chat stands.
@@ -266,10 +269,21 @@ pub(crate) async fn open_honouring_503(
                 rec.established();
                 return Ok(ws);
             }
-            Err(e) if conn::is_refused(&e) => {
-                rec.refused();
+            Err(e)
+                if e.downcast_ref::<conn::UpgradeRefused>()
+                    .is_some_and(|r| r.retryable()) =>
+            {
+                let r = e.downcast_ref::<conn::UpgradeRefused>();
+                let status = r.map_or(0, |r| r.status);
+                if status == 503 {
+                    rec.refused();
+                }
+                rec.add_counter(&format!("refused_retried_{status}"), 1);
                 drop(permit);
-                tokio::time::sleep(Duration::from_millis(200 + (i * 37) % 800)).await;
+                // Retry-After plus full jitter, spread by client number.
+                let jitter = ((i * 37) % 1000) as f64 / 1000.0;
+                let wait = r.map_or(Duration::from_secs(1), |r| r.retry_wait(jitter));
+                tokio::time::sleep(wait).await;
             }
             Err(e) => {
                 rec.failed();
