@@ -5,6 +5,8 @@ use std::collections::BTreeSet;
 /// Tracks one stream's seqs as a receiver sees them.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
+    /// The baseline is set: [`Tracker::after`], or a first delivery.
+    based: bool,
     highest: u64,
     missing: BTreeSet<u64>,
     /// Distinct seqs received.
@@ -27,10 +29,22 @@ pub(crate) enum Seen {
 }
 
 impl Tracker {
-    /// Records a delivery with `seq`. The first one sets the baseline (a
-    /// subscription without `since` starts wherever the stream is).
+    /// A receiver that has seen everything up to `seq` (a resume with
+    /// `since`): anything at or below it again is a duplicate.
+    pub(crate) fn after(seq: u64) -> Tracker {
+        Tracker {
+            based: true,
+            highest: seq,
+            ..Tracker::default()
+        }
+    }
+
+    /// Records a delivery with `seq`. Without [`Tracker::after`], the
+    /// first one sets the baseline (a subscription without `since` starts
+    /// wherever the stream is).
     pub(crate) fn observe(&mut self, seq: u64) -> Seen {
-        if self.received == 0 && self.highest == 0 {
+        if !self.based {
+            self.based = true;
             self.highest = seq;
             self.received = 1;
             return Seen::New;
@@ -83,6 +97,34 @@ mod tests {
             [4],
             "4 never came"
         );
+    }
+
+    #[test]
+    fn after_a_resume_a_duplicate_is_never_recovered() {
+        // Resumed after seq 10; 11..=13 were missed.
+        let mut t = Tracker::after(10);
+        let seen: Vec<Seen> = [12, 10, 12, 11, 13]
+            .into_iter()
+            .map(|s| t.observe(s))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                Seen::New,
+                Seen::Duplicate,
+                Seen::Duplicate,
+                Seen::Late,
+                Seen::New
+            ]
+        );
+        // Three distinct recovered, not five deliveries.
+        assert_eq!((t.received, t.duplicated, t.out_of_order), (3, 2, 1));
+        assert!(t.missing.is_empty());
+        // From an empty stream, seq 2 before 1 is reordering, not a baseline.
+        let mut t = Tracker::after(0);
+        assert_eq!(t.observe(2), Seen::New);
+        assert_eq!(t.observe(1), Seen::Late);
+        assert_eq!((t.received, t.out_of_order), (2, 1));
     }
 
     #[test]

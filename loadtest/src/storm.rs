@@ -16,6 +16,7 @@ use switchboard_protocol::v1::{
 use tokio::sync::Semaphore;
 
 use crate::{
+    accounting::{Seen, Tracker},
     conn,
     coord::Worker,
     recorder::{Counters, Recorder},
@@ -137,16 +138,24 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
                 rec.latest("last_back", now_us());
                 let counters = rec.kind(RECOVERED);
                 let mut samples = rec.samples();
-                let mut got = 0;
-                while got < missed {
-                    if let Some(server_frame::Kind::Delivery(d)) = conn::recv(&mut ws).await?.kind
-                        && d.seq > seq
-                    {
-                        got += 1;
-                        Counters::add(&counters.received, 1);
-                        // Time from the storm's start to this recovery.
-                        samples.latency(RECOVERED, started, now_us());
+                // A duplicate never counts as recovered: it could hide a loss.
+                let mut tracker = Tracker::after(seq);
+                while tracker.received < missed {
+                    let Some(server_frame::Kind::Delivery(d)) = conn::recv(&mut ws).await?.kind
+                    else {
+                        continue;
+                    };
+                    match tracker.observe(d.seq) {
+                        Seen::Duplicate => {
+                            Counters::add(&counters.duplicated, 1);
+                            continue;
+                        }
+                        Seen::Late => Counters::add(&counters.out_of_order, 1),
+                        Seen::New => {}
                     }
+                    Counters::add(&counters.received, 1);
+                    // Time from the storm's start to this recovery.
+                    samples.latency(RECOVERED, started, now_us());
                 }
                 rec.add_counter("resumed", 1);
                 rec.latest("last_resumed", now_us());
