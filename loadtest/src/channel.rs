@@ -149,6 +149,9 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     w.barrier("subscribed", 0).await?;
     let mem_after = Probe::take_if(w.is_first(), &a.pids);
     tokio::time::sleep(Duration::from_secs(a.publish_after_secs)).await;
+    // The per-delivery CPU figures count from here: the publisher's
+    // connect is a connect, but small next to the subscribers'.
+    let cpu_before = Probe::take_if(w.is_first(), &a.pids);
     // Kept open until every subscriber is done: closing a socket with
     // unread acks sends a RST, which would discard the last publishes.
     let mut kept_publisher = None;
@@ -168,14 +171,21 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     while !rec.kind(CHANNEL).complete() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Every worker has its last delivery (or gave up): the delivery
+    // window ends here, before the sockets close.
+    w.barrier("delivered", 0).await?;
+    let cpu_after = Probe::take_if(w.is_first(), &a.pids);
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
     }
     w.barrier("drained", 0).await?;
-    let cpu_after = Probe::take_if(w.is_first(), &a.pids);
     drop(kept_publisher);
-    let server = Probe::server((mem_before, mem_after), (mem_after, cpu_after));
+    let server = Probe::server_apart(
+        (mem_before, mem_after),
+        (mem_before, mem_after),
+        (cpu_before, cpu_after),
+    );
     Ok(rec.report("channel", a.params(), server))
 }
 

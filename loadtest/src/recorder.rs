@@ -25,6 +25,8 @@ pub(crate) struct Counters {
     pub(crate) received: AtomicU64,
     pub(crate) duplicated: AtomicU64,
     pub(crate) out_of_order: AtomicU64,
+    /// Received, but later than the scenario's window after sending.
+    pub(crate) late: AtomicU64,
 }
 
 impl Counters {
@@ -205,6 +207,7 @@ impl Recorder {
                     received: c.received.load(Relaxed),
                     duplicated: c.duplicated.load(Relaxed),
                     out_of_order: c.out_of_order.load(Relaxed),
+                    late: c.late.load(Relaxed),
                     latency: h.clone(),
                 };
                 (name.to_string(), d)

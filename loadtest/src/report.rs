@@ -174,6 +174,10 @@ pub(crate) struct Deliveries {
     pub(crate) duplicated: u64,
     /// Arrived after a higher seq of the same stream.
     pub(crate) out_of_order: u64,
+    /// Received, but later than the scenario's window (counted in
+    /// `received` too).
+    #[serde(default)]
+    pub(crate) late: u64,
     /// Send-to-receive latency of each delivery, µs.
     pub(crate) latency: Hist,
 }
@@ -185,6 +189,7 @@ impl Deliveries {
         self.received += o.received;
         self.duplicated += o.duplicated;
         self.out_of_order += o.out_of_order;
+        self.late += o.late;
         self.latency.merge(&o.latency);
     }
 
@@ -196,6 +201,7 @@ impl Deliveries {
             "lost": self.expected.saturating_sub(self.received),
             "duplicated": self.duplicated,
             "out_of_order": self.out_of_order,
+            "late": self.late,
             "latency_ms": self.latency.summary(),
         })
     }
@@ -240,8 +246,18 @@ pub(crate) struct Server {
     pub(crate) kernel_slab_after_bytes: Option<u64>,
     pub(crate) kernel_tcp_before_bytes: Option<u64>,
     pub(crate) kernel_tcp_after_bytes: Option<u64>,
+    /// CPU over the window the scenario's per-delivery figures claim
+    /// (from the first post to the last delivery, or the timeout).
     pub(crate) edge_cpu_seconds: Option<f64>,
     pub(crate) router_cpu_seconds: Option<f64>,
+    /// Length of that window.
+    #[serde(default)]
+    pub(crate) cpu_window_seconds: Option<f64>,
+    /// CPU while the sockets connected (and subscribed), apart.
+    #[serde(default)]
+    pub(crate) edge_cpu_connect_seconds: Option<f64>,
+    #[serde(default)]
+    pub(crate) router_cpu_connect_seconds: Option<f64>,
 }
 
 impl Server {
@@ -255,6 +271,9 @@ impl Server {
             kernel_tcp_after_bytes,
             edge_cpu_seconds,
             router_cpu_seconds,
+            cpu_window_seconds,
+            edge_cpu_connect_seconds,
+            router_cpu_connect_seconds,
         } = o;
         // Only one worker measures; keep whichever reading exists.
         self.edge_rss_before_bytes = self.edge_rss_before_bytes.or(*edge_rss_before_bytes);
@@ -265,6 +284,11 @@ impl Server {
         self.kernel_tcp_after_bytes = self.kernel_tcp_after_bytes.or(*kernel_tcp_after_bytes);
         self.edge_cpu_seconds = self.edge_cpu_seconds.or(*edge_cpu_seconds);
         self.router_cpu_seconds = self.router_cpu_seconds.or(*router_cpu_seconds);
+        self.cpu_window_seconds = self.cpu_window_seconds.or(*cpu_window_seconds);
+        self.edge_cpu_connect_seconds = self.edge_cpu_connect_seconds.or(*edge_cpu_connect_seconds);
+        self.router_cpu_connect_seconds = self
+            .router_cpu_connect_seconds
+            .or(*router_cpu_connect_seconds);
     }
 
     fn render(&self, connections: u64) -> Value {
@@ -282,6 +306,9 @@ impl Server {
             "kernel_tcp_buffer_per_connection_bytes": per(self.kernel_tcp_before_bytes, self.kernel_tcp_after_bytes),
             "edge_cpu_seconds": self.edge_cpu_seconds,
             "router_cpu_seconds": self.router_cpu_seconds,
+            "cpu_window_seconds": self.cpu_window_seconds,
+            "edge_cpu_connect_seconds": self.edge_cpu_connect_seconds,
+            "router_cpu_connect_seconds": self.router_cpu_connect_seconds,
         })
     }
 }

@@ -73,6 +73,8 @@ pub(crate) struct Pids {
 /// One set of readings of the watched processes and the kernel.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct Probe {
+    /// Unix µs of the readings.
+    at_us: u64,
     edge_rss: Option<u64>,
     edge_cpu: Option<f64>,
     router_cpu: Option<f64>,
@@ -90,6 +92,7 @@ fn sum<T: std::iter::Sum>(pids: &[u32], f: impl Fn(u32) -> Option<T>) -> Option<
 impl Probe {
     pub(crate) fn take(pids: &Pids) -> Probe {
         Probe {
+            at_us: crate::report::now_us(),
             edge_rss: sum(&pids.edge, rss_bytes),
             edge_cpu: sum(&pids.edge, cpu_seconds),
             router_cpu: sum(&pids.router, cpu_seconds),
@@ -109,10 +112,28 @@ impl Probe {
         mem: (Option<Probe>, Option<Probe>),
         cpu: (Option<Probe>, Option<Probe>),
     ) -> crate::report::Server {
+        Probe::server_apart(mem, (None, None), cpu)
+    }
+
+    /// [`Probe::server`], with the CPU time over `connect` (connecting
+    /// and subscribing) reported apart from the traffic window `cpu`.
+    pub(crate) fn server_apart(
+        mem: (Option<Probe>, Option<Probe>),
+        connect: (Option<Probe>, Option<Probe>),
+        cpu: (Option<Probe>, Option<Probe>),
+    ) -> crate::report::Server {
         let delta = |x: Option<f64>, y: Option<f64>| x.zip(y).map(|(x, y)| y - x);
         let (mb, ma) = (mem.0.unwrap_or_default(), mem.1.unwrap_or_default());
+        let (nb, na) = (connect.0.unwrap_or_default(), connect.1.unwrap_or_default());
+        let window = cpu
+            .0
+            .zip(cpu.1)
+            .and_then(|(b, a)| crate::report::Report::span_secs(b.at_us, a.at_us));
         let (cb, ca) = (cpu.0.unwrap_or_default(), cpu.1.unwrap_or_default());
         crate::report::Server {
+            cpu_window_seconds: window,
+            edge_cpu_connect_seconds: delta(nb.edge_cpu, na.edge_cpu),
+            router_cpu_connect_seconds: delta(nb.router_cpu, na.router_cpu),
             edge_rss_before_bytes: mb.edge_rss,
             edge_rss_after_bytes: ma.edge_rss,
             kernel_slab_before_bytes: mb.slab,
