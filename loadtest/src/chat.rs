@@ -5,10 +5,11 @@
 //! With workers, whole chats are split among them (a chat's members live
 //! in one worker), so each worker knows what its members should receive.
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -33,8 +34,17 @@ use crate::{
 
 const CHAT: usize = 0;
 
-/// Longest wait for deliveries after the last publish.
-const DRAIN: Duration = Duration::from_secs(10);
+/// Retries of a publish refused with a retryable code, as the bundled
+/// client does (same client message id each time).
+const PUBLISH_RETRIES: u32 = 4;
+/// Full-jitter backoff between publish retries: base and cap.
+const PUBLISH_RETRY_BASE: Duration = Duration::from_millis(100);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Error codes an app retries a publish on (the bundled client's set).
+fn retryable_code(code: u32) -> bool {
+    matches!(code, 429 | 500 | 503)
+}
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -57,6 +67,11 @@ pub(crate) struct Args {
     /// Longest wait for every user to connect and subscribe.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// The delivery window: a delivery later than this after its send
+    /// counts as late; the wait after the last publish lasts this long,
+    /// and as long again for late ones while something is missing.
+    #[arg(long, default_value_t = 10_000)]
+    window_ms: u64,
 }
 
 /// Members of chat `g` among `users` users in chats of `k`.
@@ -80,6 +95,10 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let (stop_tx, stop) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::channel::<bool>(1024);
     let replies = Arc::new(Replies::default());
+    let local = mine.end - mine.start;
+    // Who got in: a message to a member who never did is not lost.
+    let connected: Arc<[AtomicBool]> = (0..local).map(|_| AtomicBool::new(false)).collect();
+    let window = Duration::from_millis(a.window_ms);
     let mut senders = Vec::with_capacity((mine.end - mine.start) as usize);
     let mut tasks = Vec::new();
     for i in mine.clone() {
@@ -87,13 +106,20 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         let (tx, rx) = mpsc::channel::<u64>(64);
         senders.push(tx);
         let g = i / k;
+        let peers = members(g, k, users)
+            .filter(|&p| p != i)
+            .map(|p| (p - mine.start) as usize)
+            .collect();
         let member = Member {
             rec: rec.clone(),
             sources: sources.clone(),
             addr: a.target.addr_for(i as usize),
             me: format!("chat-{i}"),
             chat: format!("g{g}"),
-            others: members(g, k, users).count() as u64 - 1,
+            index: (i - mine.start) as usize,
+            peers,
+            connected: connected.clone(),
+            window_us: window.as_micros() as u64,
             rx,
             stop: stop.clone(),
             ready: ready_tx.clone(),
@@ -107,10 +133,10 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         }));
     }
     drop(ready_tx);
-    let local = mine.end - mine.start;
     crate::coord::wait_settled(&mut ready_rx, local, a.timeout_secs, "users").await?;
     w.barrier("subscribed", 0).await?;
     let mem_after = Probe::take_if(w.is_first(), &a.pids);
+    let cpu_before = mem_after;
     // This worker's share of the rate, by its share of the users.
     let rate = a.rate as f64 * local as f64 / users.max(1) as f64;
     rec.earliest("publish_start", now_us());
@@ -136,33 +162,42 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     }
     rec.latest("publish_end", now_us());
     // Deliveries are all local: wait until what was queued went out, was
-    // answered, and everything it should cause arrived.
-    let deadline = Instant::now() + DRAIN;
+    // answered for good, and everything it should cause arrived; within
+    // the window, then as long again for late deliveries.
+    let start = Instant::now();
     let chat = rec.kind(CHAT);
-    let answered = || replies.acked.load(Relaxed) + replies.errors.load(Relaxed);
+    let answered = || replies.acked.load(Relaxed) + replies.refused.load(Relaxed);
     while (Counters::get(&chat.sent) < queued || answered() < queued || !chat.complete())
-        && Instant::now() < deadline
+        && start.elapsed() < window * 2
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     rec.add_counter("acked", replies.acked.load(Relaxed));
     rec.add_counter("publish_errors", replies.errors.load(Relaxed));
     rec.add_counter("publish_duplicates", replies.duplicates.load(Relaxed));
+    // The delivery window ends when every worker is done, before the
+    // sockets close.
+    w.barrier("delivered", 0).await?;
+    let cpu_after = Probe::take_if(w.is_first(), &a.pids);
     let _ = stop_tx.send(true);
     drop(senders);
     for t in tasks {
         let _ = t.await;
     }
     w.barrier("drained", 0).await?;
-    let cpu_after = Probe::take_if(w.is_first(), &a.pids);
     let params = json!({
         "addr": a.target.addr.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "users": a.users,
         "group_size": k,
         "rate": a.rate,
         "duration_secs": a.duration_secs,
+        "window_ms": a.window_ms,
     });
-    let server = Probe::server((mem_before, mem_after), (mem_after, cpu_after));
+    let server = Probe::server_apart(
+        (mem_before, mem_after),
+        (mem_before, mem_after),
+        (cpu_before, cpu_after),
+    );
     Ok(rec.report("chat", params, server))
 }
 
@@ -172,7 +207,17 @@ struct Replies {
     acked: AtomicU64,
     /// Acks saying the message was taken for a retry of an earlier one.
     duplicates: AtomicU64,
+    /// Error replies, retried ones included.
     errors: AtomicU64,
+    /// Publishes refused for good (not retryable, or out of retries).
+    refused: AtomicU64,
+}
+
+/// A publish not yet answered for good.
+struct Pending {
+    m: u64,
+    sent_us: u64,
+    retries: u32,
 }
 
 /// One user: publishes when told to, counts what its chat delivers.
@@ -182,8 +227,14 @@ struct Member {
     addr: SocketAddr,
     me: String,
     chat: String,
-    /// Members who receive each of this user's messages.
-    others: u64,
+    /// This user's index among the worker's users.
+    index: usize,
+    /// The other members of the chat, as indices into `connected`.
+    peers: Vec<usize>,
+    /// Per user of this worker: connected (and subscribed) now.
+    connected: Arc<[AtomicBool]>,
+    /// Deliveries later than this after their send are late.
+    window_us: u64,
     rx: mpsc::Receiver<u64>,
     stop: watch::Receiver<bool>,
     ready: mpsc::Sender<bool>,
@@ -212,38 +263,78 @@ impl Member {
         };
         let ws = setup.await;
         drop(permit);
+        if ws.is_ok() {
+            self.connected[self.index].store(true, Relaxed);
+        }
         let _ = self.ready.send(ws.is_ok()).await;
         let mut ws = ws?;
         let counters = self.rec.kind(CHAT);
         let mut samples = self.rec.samples();
         let mut tracker = Tracker::default();
-        loop {
+        let mut pending: HashMap<u32, Pending> = HashMap::new();
+        // (when, frame id) of publishes to send again.
+        let mut retry: Vec<(Instant, u32)> = Vec::new();
+        let mut last_delivery_us = 0;
+        let stopped = loop {
+            let next_retry = retry.iter().map(|r| r.0).min();
             tokio::select! {
-                _ = crate::coord::stopped(&mut self.stop) => break,
+                _ = crate::coord::stopped(&mut self.stop) => break true,
+                _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
+                    let now = Instant::now();
+                    let due: Vec<u32> = retry.iter().filter(|r| r.0 <= now).map(|r| r.1).collect();
+                    retry.retain(|r| r.0 > now);
+                    for id in due {
+                        let Some(p) = pending.get(&id) else { continue };
+                        self.rec.add_counter("publish_retries", 1);
+                        if self.publish(&mut ws, id, p).await.is_err() {
+                            break;
+                        }
+                    }
+                }
                 m = self.rx.recv() => {
-                    let Some(m) = m else { break };
-                    let p = Publish {
-                        target: Some(publish::Target::Chat(self.chat.clone())),
-                        client_msg_id: format!("{}-{m}", conn::run_tag()),
-                        payload: conn::stamped(32, now_us(), m),
-                    };
-                    let frame = ClientFrame { id: 2 + m as u32, kind: Some(client_frame::Kind::Publish(p)) };
-                    conn::send(&mut ws, frame).await?;
+                    let Some(m) = m else { break true };
+                    let id = 2 + m as u32;
+                    let p = Pending { m, sent_us: now_us(), retries: 0 };
+                    if self.publish(&mut ws, id, &p).await.is_err() {
+                        break false;
+                    }
+                    pending.insert(id, p);
                     Counters::add(&counters.sent, 1);
-                    Counters::add(&counters.expected, self.others);
                 }
                 f = conn::recv(&mut ws) => {
-                    let Ok(f) = f else { break };
+                    let Ok(f) = f else { break false };
                     match f.kind {
                         Some(server_frame::Kind::PublishAck(a)) => {
+                            if pending.remove(&f.id).is_none() {
+                                continue;
+                            }
                             self.replies.acked.fetch_add(1, Relaxed);
                             if a.duplicate {
                                 self.replies.duplicates.fetch_add(1, Relaxed);
                             }
+                            // Only members who got in are owed the message.
+                            let (to, away) = self.owed();
+                            Counters::add(&counters.expected, to);
+                            if away > 0 {
+                                self.rec.add_counter("to_unconnected", away);
+                            }
                         }
                         Some(server_frame::Kind::Error(e)) => {
                             self.replies.errors.fetch_add(1, Relaxed);
-                            eprintln!("publish refused: {} {}", e.code, e.message);
+                            let Some(p) = pending.get_mut(&f.id) else { continue };
+                            if retryable_code(e.code) && p.retries < PUBLISH_RETRIES {
+                                let cap = PUBLISH_RETRY_BASE
+                                    .saturating_mul(1 << p.retries)
+                                    .min(PUBLISH_RETRY_MAX);
+                                p.retries += 1;
+                                let wait = cap.mul_f64(rand::random_range(0.0..1.0));
+                                retry.push((Instant::now() + wait, f.id));
+                            } else {
+                                pending.remove(&f.id);
+                                self.replies.refused.fetch_add(1, Relaxed);
+                                self.rec.add_counter(&format!("refused_{}", e.code), 1);
+                                eprintln!("publish refused: {} {}", e.code, e.message);
+                            }
                         }
                         Some(server_frame::Kind::Delivery(d)) => {
                             let now = now_us();
@@ -261,7 +352,11 @@ impl Member {
                                 Seen::New => {}
                             }
                             Counters::add(&counters.received, 1);
+                            last_delivery_us = now;
                             if let Some((sent, _)) = conn::stamp(&d.payload) {
+                                if now.saturating_sub(sent) > self.window_us {
+                                    Counters::add(&counters.late, 1);
+                                }
                                 samples.latency(CHAT, sent, now);
                             }
                         }
@@ -269,8 +364,40 @@ impl Member {
                     }
                 }
             }
+        };
+        if !stopped {
+            // Lost its socket: no longer owed what is acked from now on.
+            self.connected[self.index].store(false, Relaxed);
+            self.rec.add_counter("sockets_lost", 1);
+        }
+        if last_delivery_us > 0 {
+            self.rec.latest("last_delivery", last_delivery_us);
         }
         Ok(())
+    }
+
+    /// Sends publish `id` (again: same client message id and stamp).
+    async fn publish(&self, ws: &mut conn::Ws, id: u32, p: &Pending) -> anyhow::Result<()> {
+        let publish = Publish {
+            target: Some(publish::Target::Chat(self.chat.clone())),
+            client_msg_id: format!("{}-{}", conn::run_tag(), p.m),
+            payload: conn::stamped(32, p.sent_us, p.m),
+        };
+        let frame = ClientFrame {
+            id,
+            kind: Some(client_frame::Kind::Publish(publish)),
+        };
+        conn::send(ws, frame).await
+    }
+
+    /// (connected, not connected) other members now.
+    fn owed(&self) -> (u64, u64) {
+        let on = self
+            .peers
+            .iter()
+            .filter(|&&p| self.connected[p].load(Relaxed))
+            .count() as u64;
+        (on, self.peers.len() as u64 - on)
     }
 }
 
@@ -313,9 +440,29 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         json!(r.counter("dropped_by_generator")),
     );
     m.insert(
-        "achieved_messages_per_second".into(),
+        "published_messages_per_second".into(),
         json!((publish_secs > 0.0).then(|| d.sent as f64 / publish_secs)),
     );
+    let k = r
+        .params
+        .get("group_size")
+        .and_then(Value::as_u64)
+        .unwrap_or(2);
+    let rate = r.params.get("rate").and_then(Value::as_u64).unwrap_or(0);
+    m.insert(
+        "offered_deliveries_per_second".into(),
+        json!(rate * k.saturating_sub(1)),
+    );
+    m.insert(
+        "achieved_deliveries_per_second".into(),
+        json!(crate::accounting::delivery_rate(r, d.received)),
+    );
+    m.insert(
+        "publish_retries".into(),
+        json!(r.counter("publish_retries")),
+    );
+    m.insert("sockets_lost".into(), json!(r.counter("sockets_lost")));
+    m.extend(crate::accounting::apart(r, &d));
     m.insert(
         "publishes_per_router_cpu_second".into(),
         json!(router.map(|c| d.sent as f64 / c)),

@@ -576,6 +576,7 @@ mod tests {
                 received,
                 duplicated: 1,
                 out_of_order: 2,
+                late: 0,
                 latency: hist(lat),
             },
         );
