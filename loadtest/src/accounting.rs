@@ -42,10 +42,10 @@ pub(crate) fn apart(r: &Report, d: &Deliveries) -> Map<String, Value> {
     m
 }
 
-/// Deliveries per second actually received: from the first publish to
-/// the last delivery.
-pub(crate) fn delivery_rate(r: &Report, received: u64) -> Option<f64> {
-    let from = r.earliest_us.get("publish_start").copied().unwrap_or(0);
+/// Deliveries per second actually received: from the first publish
+/// (the timestamp `start`) to the last delivery.
+pub(crate) fn delivery_rate(r: &Report, start: &str, received: u64) -> Option<f64> {
+    let from = r.earliest_us.get(start).copied().unwrap_or(0);
     let to = r.latest_us.get("last_delivery").copied().unwrap_or(0);
     Report::span_secs(from, to)
         .filter(|s| *s > 0.0)
@@ -218,9 +218,9 @@ mod tests {
         let mut r = Report::default();
         r.earliest_us.insert("publish_start".into(), 1_000_000);
         r.latest_us.insert("last_delivery".into(), 3_000_000);
-        assert_eq!(delivery_rate(&r, 500), Some(250.0));
+        assert_eq!(delivery_rate(&r, "publish_start", 500), Some(250.0));
         r.latest_us.clear();
-        assert_eq!(delivery_rate(&r, 500), None);
+        assert_eq!(delivery_rate(&r, "publish_start", 500), None);
     }
 
     #[test]

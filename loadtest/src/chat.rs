@@ -455,7 +455,11 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
     );
     m.insert(
         "achieved_deliveries_per_second".into(),
-        json!(crate::accounting::delivery_rate(r, d.received)),
+        json!(crate::accounting::delivery_rate(
+            r,
+            "publish_start",
+            d.received
+        )),
     );
     m.insert(
         "publish_retries".into(),

@@ -127,6 +127,8 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         group_members: (0..plan.groups()).map(|_| AtomicU64::new(0)).collect(),
         watchers: (0..plan.away_local()).map(|_| AtomicU64::new(0)).collect(),
         channel: AtomicU64::new(0),
+        connected: (0..plan.local()).map(|_| Default::default()).collect(),
+        unanswered: AtomicU64::new(0),
         pending: Pending::default(),
     });
     let sources = Arc::new(
@@ -181,13 +183,14 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
             addr: a.target.addr_for((plan.users.start + u) as usize),
             token: conn::token(&a.target.secret, &me),
             me,
+            index: u as usize,
             group: plan.group_name(g),
             group_index: g as usize,
             channel: a.channel.clone(),
             contacts: plan
                 .contacts_of(u)
                 .into_iter()
-                .map(|c| plan.name(c))
+                .map(|c| (plan.name(c), c as usize))
                 .collect(),
             watched: plan.watched_by(u),
             away_names: plan
@@ -196,6 +199,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
                 .map(|p| plan.away_name(p))
                 .collect(),
             payload_bytes: a.payload_bytes,
+            window_us: a.drain_secs * 1_000_000,
             live: live.clone(),
             ready: ready_tx.clone(),
             executed: executed.clone(),
@@ -309,7 +313,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         posts * live.channel.load(Relaxed),
     );
     let deadline = Instant::now() + Duration::from_secs(a.drain_secs);
-    while !rec.all_complete() && Instant::now() < deadline {
+    while (!rec.all_complete() || live.unanswered.load(Relaxed) > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop_tx.send(true);
@@ -337,6 +341,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         "watches": a.watches,
         "channel": a.channel,
         "payload_bytes": a.payload_bytes.max(16),
+        "window_ms": a.drain_secs * 1000,
     });
     let server = Probe::server((mem_before, mem_after), (mem_after, cpu_after));
     Ok(rec.report("mixed", params, server))
@@ -420,6 +425,7 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
     );
     for k in [
         "acked",
+        "publish_retries",
         "publish_duplicates",
         "request_errors",
         "dropped_by_generator",
@@ -431,5 +437,19 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
     ] {
         m.insert(k.into(), json!(r.counter(k)));
     }
+    let total = r.total();
+    m.insert(
+        "offered_operations_per_second".into(),
+        r.params.get("rate").cloned().unwrap_or_default(),
+    );
+    m.insert(
+        "achieved_deliveries_per_second".into(),
+        json!(crate::accounting::delivery_rate(
+            r,
+            "ops_start",
+            total.received
+        )),
+    );
+    m.extend(crate::accounting::apart(r, &total));
     m
 }

@@ -145,6 +145,12 @@ pub(super) struct Live {
     pub(super) watchers: Vec<AtomicU64>,
     /// Users subscribed to the channel.
     pub(super) channel: AtomicU64,
+    /// Per user of this worker: got in (a DM to one who did not is not
+    /// owed, so not lost).
+    pub(super) connected: Vec<std::sync::atomic::AtomicBool>,
+    /// Publishes not yet acked or refused for good (what they owe is
+    /// not counted until then).
+    pub(super) unanswered: AtomicU64,
     pub(super) pending: Pending,
 }
 

@@ -31,6 +31,25 @@ use crate::{
 /// A user types in its group at most this often (apps throttle too).
 const TYPING_EVERY: Duration = Duration::from_secs(1);
 
+/// Retries of a publish refused with a retryable code (as in `chat`).
+const PUBLISH_RETRIES: u32 = 4;
+const PUBLISH_RETRY_BASE: Duration = Duration::from_millis(100);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// What a publish owes once acked: (kind, deliveries to connected
+/// receivers, to unconnected ones).
+type Owes = (usize, u64, u64);
+
+/// A publish not yet answered for good: owed deliveries count once acked.
+struct Owed {
+    frame: ClientFrame,
+    kind: usize,
+    /// Deliveries owed to connected receivers, and to unconnected ones.
+    owed: u64,
+    away: u64,
+    retries: u32,
+}
+
 /// What the scheduler tells a user to do.
 pub(super) enum Cmd {
     Dm(u64),
@@ -46,13 +65,18 @@ pub(super) struct User {
     pub(super) addr: SocketAddr,
     pub(super) token: String,
     pub(super) me: String,
+    /// This user's index among the worker's users.
+    pub(super) index: usize,
     pub(super) group: String,
     pub(super) group_index: usize,
     pub(super) channel: String,
-    pub(super) contacts: Vec<String>,
+    /// (name, index among the worker's users).
+    pub(super) contacts: Vec<(String, usize)>,
     pub(super) watched: Vec<u64>,
     pub(super) away_names: Vec<String>,
     pub(super) payload_bytes: usize,
+    /// Deliveries later than this after their send are late.
+    pub(super) window_us: u64,
     pub(super) live: Arc<Live>,
     pub(super) ready: mpsc::Sender<bool>,
     pub(super) executed: Arc<AtomicU64>,
@@ -118,6 +142,7 @@ impl User {
         let ws = self.setup().await;
         drop(permit);
         if ws.is_ok() {
+            self.live.connected[self.index].store(true, Relaxed);
             self.live.group_members[self.group_index].fetch_add(1, Relaxed);
             self.live.channel.fetch_add(1, Relaxed);
             for p in &self.watched {
@@ -134,15 +159,35 @@ impl User {
         let mut last_typing: Option<Instant> = None;
         let mut next_id = 10u32;
         let mut n = 0u64;
+        let mut publishes: HashMap<u32, Owed> = HashMap::new();
+        // (when, frame id) of publishes to send again.
+        let mut retry: Vec<(Instant, u32)> = Vec::new();
+        let mut last_delivery_us = 0;
         loop {
+            let next_retry = retry.iter().map(|r| r.0).min();
             tokio::select! {
                 _ = crate::coord::stopped(&mut stop) => break,
+                _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
+                    let now = Instant::now();
+                    let due: Vec<u32> = retry.iter().filter(|r| r.0 <= now).map(|r| r.1).collect();
+                    retry.retain(|r| r.0 > now);
+                    for id in due {
+                        let Some(p) = publishes.get(&id) else { continue };
+                        self.rec.add_counter("publish_retries", 1);
+                        conn::send(&mut ws, p.frame.clone()).await?;
+                    }
+                }
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break };
                     next_id = next_id.wrapping_add(1).max(10);
                     n += 1;
                     let frame = self.command(cmd, next_id, n, &mut dm_unread, &mut group_unread, &mut last_typing);
-                    if let Some(frame) = frame {
+                    if let Some((frame, owed)) = frame {
+                        if let Some((kind, owed, away)) = owed {
+                            let o = Owed { frame: frame.clone(), kind, owed, away, retries: 0 };
+                            publishes.insert(frame.id, o);
+                            self.live.unanswered.fetch_add(1, Relaxed);
+                        }
                         conn::send(&mut ws, frame).await?;
                     }
                     self.executed.fetch_add(1, Relaxed);
@@ -177,7 +222,11 @@ impl User {
                                 Seen::New => {}
                             }
                             Counters::add(&c.received, 1);
+                            last_delivery_us = now;
                             let Some((sent, post)) = conn::stamp(&d.payload) else { continue };
+                            if now.saturating_sub(sent) > self.window_us {
+                                Counters::add(&c.late, 1);
+                            }
                             samples.latency(k, sent, now);
                             match k {
                                 DM => {
@@ -209,10 +258,40 @@ impl User {
                             let key = format!("{}|{}", p.user, p.online);
                             self.ephemeral(PRESENCE, &key, now, &mut samples);
                         }
+                        Some(server_frame::Kind::PublishAck(_)) => {
+                            // Owed from the ack on: a refused one owes nothing.
+                            if let Some(o) = publishes.remove(&f.id) {
+                                self.live.unanswered.fetch_sub(1, Relaxed);
+                                Counters::add(&self.rec.kind(o.kind).expected, o.owed);
+                                if o.away > 0 {
+                                    self.rec.add_counter("to_unconnected", o.away);
+                                }
+                            }
+                            note_reply(&self.rec, &f);
+                        }
+                        Some(server_frame::Kind::Error(e)) => {
+                            note_reply(&self.rec, &f);
+                            let Some(o) = publishes.get_mut(&f.id) else { continue };
+                            if matches!(e.code, 429 | 500 | 503) && o.retries < PUBLISH_RETRIES {
+                                let cap = PUBLISH_RETRY_BASE
+                                    .saturating_mul(1 << o.retries)
+                                    .min(PUBLISH_RETRY_MAX);
+                                o.retries += 1;
+                                let wait = cap.mul_f64(rand::random_range(0.0..1.0));
+                                retry.push((Instant::now() + wait, f.id));
+                            } else {
+                                publishes.remove(&f.id);
+                                self.live.unanswered.fetch_sub(1, Relaxed);
+                                self.rec.add_counter(&format!("refused_{}", e.code), 1);
+                            }
+                        }
                         _ => note_reply(&self.rec, &f),
                     }
                 }
             }
+        }
+        if last_delivery_us > 0 {
+            self.rec.latest("last_delivery", last_delivery_us);
         }
         Ok(())
     }
@@ -239,22 +318,24 @@ impl User {
         dm_unread: &mut HashMap<String, Unread>,
         group_unread: &mut Unread,
         last_typing: &mut Option<Instant>,
-    ) -> Option<ClientFrame> {
+    ) -> Option<(ClientFrame, Option<Owes>)> {
         let now = now_us();
         let others = self.live.group_members[self.group_index]
             .load(Relaxed)
             .saturating_sub(1);
         let client_msg_id = format!("{}-{n}", conn::run_tag());
+        let mut owed = None;
         let kind = match cmd {
             Cmd::Dm(pick) => {
                 if self.contacts.is_empty() {
                     self.rec.add_counter("dm_skipped", 1);
                     return None;
                 }
-                let to = &self.contacts[(pick % self.contacts.len() as u64) as usize];
+                let (to, to_index) = &self.contacts[(pick % self.contacts.len() as u64) as usize];
                 let c = self.rec.kind(DM);
                 Counters::add(&c.sent, 1);
-                Counters::add(&c.expected, 1);
+                let on = u64::from(self.live.connected[*to_index].load(Relaxed));
+                owed = Some((DM, on, 1 - on));
                 client_frame::Kind::Publish(Publish {
                     target: Some(publish::Target::User(to.clone())),
                     client_msg_id,
@@ -264,7 +345,7 @@ impl User {
             Cmd::Group => {
                 let c = self.rec.kind(GROUP);
                 Counters::add(&c.sent, 1);
-                Counters::add(&c.expected, others);
+                owed = Some((GROUP, others, 0));
                 client_frame::Kind::Publish(Publish {
                     target: Some(publish::Target::Chat(self.group.clone())),
                     client_msg_id,
@@ -323,18 +404,20 @@ impl User {
                 Counters::add(&c.sent, 1);
                 Counters::add(&c.expected, others);
                 // Id 0: no reply wanted.
-                return Some(ClientFrame {
+                let frame = ClientFrame {
                     id: 0,
                     kind: Some(client_frame::Kind::Typing(Typing {
                         chat: self.group.clone(),
                     })),
-                });
+                };
+                return Some((frame, None));
             }
         };
-        Some(ClientFrame {
+        let frame = ClientFrame {
             id,
             kind: Some(kind),
-        })
+        };
+        Some((frame, owed))
     }
 }
 
