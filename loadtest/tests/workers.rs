@@ -253,6 +253,55 @@ async fn chat_idle_and_storm_run_over_two_workers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_owes_nothing_to_a_user_who_never_got_in() {
+    // chat-1 is turned away: what its chat-mates send is not lost.
+    let fake = common::start(common::Faults {
+        refuse_user: Some("chat-1".into()),
+        ..Default::default()
+    })
+    .await;
+    let addr = fake.addr.to_string();
+    let run = loadtest(&[
+        "chat",
+        "--addr",
+        &addr,
+        "--sources",
+        "1",
+        "--users",
+        "6",
+        "--group-size",
+        "3",
+        "--rate",
+        "200",
+        "--duration-secs",
+        "1",
+        "--window-ms",
+        "2000",
+    ])
+    .await;
+    assert!(
+        run.ok,
+        "stderr:
+{}",
+        run.stderr
+    );
+    let r = &run.report;
+    assert_eq!(u(&r["connections"]["established"]), 5);
+    assert_eq!(u(&r["connections"]["not_connected"]), 1);
+    assert!(u(&r["to_unconnected"]) > 0, "{r:#}");
+    assert_eq!(u(&r["lost_after_ack"]), 0, "{r:#}");
+    assert_eq!(u(&r["lost"]), 0);
+    assert_eq!(r["deliveries_received"], r["deliveries_expected"]);
+    assert_eq!(r["refused"], serde_json::json!({}));
+    assert_eq!(u(&r["window_ms"]), 2000);
+    assert!(
+        r["achieved_deliveries_per_second"]
+            .as_f64()
+            .is_some_and(|x| x > 0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_worker_fails_the_run_and_says_which() {
     // The publisher (worker 0's) is turned away.
     let fake = common::start(common::Faults {
