@@ -160,9 +160,10 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         if a.no_publish {
             posts = a.messages as u64;
         } else {
-            let (ws, sent) = publish(&a, &sources, &rec).await?;
+            let (ws, sent, refused) = publish(&a, &sources, &rec).await?;
             kept_publisher = Some(ws);
-            posts = sent;
+            // A post refused for good owes nothing.
+            posts = sent - refused;
         }
     }
     let posts = w.barrier("published", posts).await?;
@@ -195,7 +196,7 @@ async fn publish(
     a: &Args,
     sources: &conn::Sources,
     rec: &Arc<Recorder>,
-) -> anyhow::Result<(conn::Ws, u64)> {
+) -> anyhow::Result<(conn::Ws, u64, u64)> {
     let addr = a.publish_addr.unwrap_or(a.target.addr[0]);
     let name = format!("{}-publisher", a.user_prefix);
     let token = conn::token(&a.target.secret, &name);
@@ -204,26 +205,49 @@ async fn publish(
         .context("connecting the publisher")?;
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate.max(1) as f64));
     let (mut sent, mut acked, mut errors) = (0u64, 0u64, 0u64);
+    // Posts refused for good; (when, post) of those to send again, with
+    // the same client message id and stamp; retries per post.
+    let mut refused = 0u64;
+    let mut retry: Vec<(Instant, u64, u64)> = Vec::new();
+    let mut retries: std::collections::HashMap<u64, u32> = Default::default();
     let total = a.messages as u64;
     let acks_until = tokio::time::sleep(Duration::MAX);
     tokio::pin!(acks_until);
     rec.earliest("first_post", now_us());
-    while acked + errors < total {
+    let post = |n: u64, sent_us: u64| {
+        let p = Publish {
+            target: Some(publish::Target::Chat(a.chat.clone())),
+            client_msg_id: format!("{}-{n}", conn::run_tag()),
+            payload: conn::stamped(a.payload_bytes, sent_us, n),
+        };
+        ClientFrame {
+            id: n as u32 + 10,
+            kind: Some(client_frame::Kind::Publish(p)),
+        }
+    };
+    let mut stamps: std::collections::HashMap<u64, u64> = Default::default();
+    while acked + refused < total {
+        let next_retry = retry.iter().map(|r| r.0).min();
         tokio::select! {
+            _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
+                let now = Instant::now();
+                let due: Vec<(u64, u64)> = retry.iter().filter(|r| r.0 <= now).map(|r| (r.1, r.2)).collect();
+                retry.retain(|r| r.0 > now);
+                for (n, sent_us) in due {
+                    rec.add_counter("publish_retries", 1);
+                    conn::send(&mut ws, post(n, sent_us)).await?;
+                }
+            }
             _ = tick.tick(), if sent < total => {
-                let p = Publish {
-                    target: Some(publish::Target::Chat(a.chat.clone())),
-                    client_msg_id: format!("{}-{sent}", conn::run_tag()),
-                    payload: conn::stamped(a.payload_bytes, now_us(), sent),
-                };
-                let frame = ClientFrame { id: sent as u32 + 10, kind: Some(client_frame::Kind::Publish(p)) };
-                conn::send(&mut ws, frame).await?;
+                let sent_us = now_us();
+                stamps.insert(sent, sent_us);
+                conn::send(&mut ws, post(sent, sent_us)).await?;
                 sent += 1;
                 if sent == total {
                     acks_until.as_mut().reset(Instant::now() + Duration::from_secs(10));
                 }
             }
-            f = conn::recv(&mut ws) => match f.context("publisher socket")?.kind {
+            f = conn::recv(&mut ws) => { let f = f.context("publisher socket")?; match f.kind {
                 Some(server_frame::Kind::PublishAck(ack)) => {
                     acked += 1;
                     if ack.duplicate {
@@ -233,10 +257,23 @@ async fn publish(
                 }
                 Some(server_frame::Kind::Error(e)) => {
                     errors += 1;
-                    eprintln!("publish refused: {} {}", e.code, e.message);
+                    let n = u64::from(f.id.saturating_sub(10));
+                    let tries = retries.entry(n).or_default();
+                    match stamps.get(&n) {
+                        Some(&sent_us) if conn::retryable_code(e.code) && *tries < conn::PUBLISH_RETRIES => {
+                            let wait = conn::publish_retry_wait(*tries);
+                            *tries += 1;
+                            retry.push((Instant::now() + wait, n, sent_us));
+                        }
+                        _ => {
+                            refused += 1;
+                            rec.add_counter(&format!("refused_{}", e.code), 1);
+                            eprintln!("publish refused: {} {}", e.code, e.message);
+                        }
+                    }
                 }
                 _ => {}
-            },
+            }},
             _ = &mut acks_until => {
                 eprintln!("{} of {sent} posts unacknowledged after 10 s", sent - acked - errors);
                 break;
@@ -246,7 +283,7 @@ async fn publish(
     Counters::add(&rec.kind(CHANNEL).sent, sent);
     rec.add_counter("posts_acked", acked);
     rec.add_counter("publish_errors", errors);
-    Ok((ws, sent))
+    Ok((ws, sent, refused))
 }
 
 /// First and largest backoff step between a subscriber's attempts.
@@ -363,6 +400,14 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
     m.insert("messages".into(), json!(d.sent));
     m.insert("posts_acked".into(), json!(r.counter("posts_acked")));
     m.insert("publish_errors".into(), json!(r.counter("publish_errors")));
+    m.insert(
+        "publish_retries".into(),
+        json!(r.counter("publish_retries")),
+    );
+    m.insert(
+        "refused".into(),
+        crate::accounting::apart(r, &d)["refused"].clone(),
+    );
     m.insert(
         "publish_duplicates".into(),
         json!(r.counter("publish_duplicates")),
@@ -492,6 +537,90 @@ mod tests {
         assert_eq!(r["duplicated"], 1);
         assert_eq!(r["out_of_order"], 1);
         assert_eq!(r["lost"], 0);
+    }
+
+    /// Serves a publisher: refuses each post's first publish with
+    /// `code`, acks the next; returns the client message ids it saw.
+    #[allow(clippy::result_large_err)]
+    async fn refusing_server(code: u32) -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let ids = seen.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let pick = |_: &Request, mut resp: Response| {
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static(Encoding::PROTOBUF_SUBPROTOCOL),
+                );
+                Ok(resp)
+            };
+            let mut ws = tokio_tungstenite::accept_hdr_async(tcp, pick)
+                .await
+                .unwrap();
+            while let Some(Ok(Message::Binary(b))) = ws.next().await {
+                let f = Encoding::Protobuf.decode_client(&b, false).unwrap();
+                let kind = match f.kind {
+                    Some(client_frame::Kind::Connect(_)) => {
+                        server_frame::Kind::ConnectResult(ConnectResult::default())
+                    }
+                    Some(client_frame::Kind::Publish(p)) => {
+                        let mut seen = ids.lock().unwrap();
+                        let again = seen.contains(&p.client_msg_id);
+                        seen.push(p.client_msg_id);
+                        if again {
+                            server_frame::Kind::PublishAck(Default::default())
+                        } else {
+                            server_frame::Kind::Error(switchboard_protocol::v1::Error {
+                                code,
+                                message: "busy".into(),
+                            })
+                        }
+                    }
+                    _ => continue,
+                };
+                let frame = ServerFrame {
+                    id: f.id,
+                    kind: Some(kind),
+                };
+                let bytes = Encoding::Protobuf.encode_server(&frame);
+                ws.send(Message::binary(bytes)).await.unwrap();
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_post_refused_with_503_is_sent_again_with_its_id() {
+        let (addr, seen) = refusing_server(503).await;
+        let mut a = args(addr, 3);
+        a.rate = 50;
+        let rec = Recorder::new(&["channel"], 3);
+        let (_ws, sent, refused) = publish(&a, &conn::Sources::new(1, 0), &rec).await.unwrap();
+        assert_eq!((sent, refused), (3, 0));
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 6, "{seen:?}");
+        for id in &seen {
+            assert_eq!(seen.iter().filter(|x| *x == id).count(), 2, "{seen:?}");
+        }
+        let r = rec.report("channel", Value::Null, Default::default());
+        assert_eq!(r.counter("publish_retries"), 3);
+        assert_eq!(r.counter("posts_acked"), 3);
+    }
+
+    #[tokio::test]
+    async fn a_post_refused_for_good_is_counted_by_code() {
+        let (addr, seen) = refusing_server(403).await;
+        let rec = Recorder::new(&["channel"], 2);
+        let (_ws, sent, refused) = publish(&args(addr, 2), &conn::Sources::new(1, 0), &rec)
+            .await
+            .unwrap();
+        assert_eq!((sent, refused), (2, 2));
+        assert_eq!(seen.lock().unwrap().len(), 2);
+        let r = rec.report("channel", Value::Null, Default::default());
+        assert_eq!(r.counter("refused_403"), 2);
+        assert_eq!(r.counter("publish_retries"), 0);
     }
 
     #[tokio::test]

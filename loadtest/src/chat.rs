@@ -34,18 +34,6 @@ use crate::{
 
 const CHAT: usize = 0;
 
-/// Retries of a publish refused with a retryable code, as the bundled
-/// client does (same client message id each time).
-const PUBLISH_RETRIES: u32 = 4;
-/// Full-jitter backoff between publish retries: base and cap.
-const PUBLISH_RETRY_BASE: Duration = Duration::from_millis(100);
-const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(2);
-
-/// Error codes an app retries a publish on (the bundled client's set).
-fn retryable_code(code: u32) -> bool {
-    matches!(code, 429 | 500 | 503)
-}
-
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
@@ -322,12 +310,9 @@ impl Member {
                         Some(server_frame::Kind::Error(e)) => {
                             self.replies.errors.fetch_add(1, Relaxed);
                             let Some(p) = pending.get_mut(&f.id) else { continue };
-                            if retryable_code(e.code) && p.retries < PUBLISH_RETRIES {
-                                let cap = PUBLISH_RETRY_BASE
-                                    .saturating_mul(1 << p.retries)
-                                    .min(PUBLISH_RETRY_MAX);
+                            if conn::retryable_code(e.code) && p.retries < conn::PUBLISH_RETRIES {
+                                let wait = conn::publish_retry_wait(p.retries);
                                 p.retries += 1;
-                                let wait = cap.mul_f64(rand::random_range(0.0..1.0));
                                 retry.push((Instant::now() + wait, f.id));
                             } else {
                                 pending.remove(&f.id);

@@ -208,6 +208,26 @@ pub(crate) fn is_refused(e: &anyhow::Error) -> bool {
     matches!(e.downcast_ref::<UpgradeRefused>(), Some(r) if r.status == 503)
 }
 
+/// Retries of a publish refused with a retryable code, as the bundled
+/// client does (same client message id each time).
+pub(crate) const PUBLISH_RETRIES: u32 = 4;
+/// Full-jitter backoff between publish retries: base and cap.
+const PUBLISH_RETRY_BASE: Duration = Duration::from_millis(100);
+const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Error codes an app retries a publish on (the bundled client's set).
+pub(crate) fn retryable_code(code: u32) -> bool {
+    matches!(code, 429 | 500 | 503)
+}
+
+/// The wait before publish retry number `retry` (0 first): full jitter.
+pub(crate) fn publish_retry_wait(retry: u32) -> Duration {
+    let cap = PUBLISH_RETRY_BASE
+        .saturating_mul(1 << retry.min(16))
+        .min(PUBLISH_RETRY_MAX);
+    cap.mul_f64(rand::random_range(0.0..1.0))
+}
+
 /// Longest upgrade response we read.
 const MAX_RESPONSE_BYTES: usize = 2048;
 

@@ -31,11 +31,6 @@ use crate::{
 /// A user types in its group at most this often (apps throttle too).
 const TYPING_EVERY: Duration = Duration::from_secs(1);
 
-/// Retries of a publish refused with a retryable code (as in `chat`).
-const PUBLISH_RETRIES: u32 = 4;
-const PUBLISH_RETRY_BASE: Duration = Duration::from_millis(100);
-const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(2);
-
 /// What a publish owes once acked: (kind, deliveries to connected
 /// receivers, to unconnected ones).
 type Owes = (usize, u64, u64);
@@ -272,12 +267,9 @@ impl User {
                         Some(server_frame::Kind::Error(e)) => {
                             note_reply(&self.rec, &f);
                             let Some(o) = publishes.get_mut(&f.id) else { continue };
-                            if matches!(e.code, 429 | 500 | 503) && o.retries < PUBLISH_RETRIES {
-                                let cap = PUBLISH_RETRY_BASE
-                                    .saturating_mul(1 << o.retries)
-                                    .min(PUBLISH_RETRY_MAX);
+                            if conn::retryable_code(e.code) && o.retries < conn::PUBLISH_RETRIES {
+                                let wait = conn::publish_retry_wait(o.retries);
                                 o.retries += 1;
-                                let wait = cap.mul_f64(rand::random_range(0.0..1.0));
                                 retry.push((Instant::now() + wait, f.id));
                             } else {
                                 publishes.remove(&f.id);
