@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""Tests of scripts/bench-report: the check fails when docs and records
+disagree, and records of a dirty tree never pass or miss.
+
+    python3 scripts/bench_report_test.py    (scripts/test runs it)
+"""
+import importlib.machinery
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import types
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_loader = importlib.machinery.SourceFileLoader("bench_report", os.path.join(HERE, "bench-report"))
+_spec = importlib.util.spec_from_loader("bench_report", _loader)
+br = importlib.util.module_from_spec(_spec)
+_loader.exec_module(br)
+
+
+def fanout_record(clean=True, scale="full", per_cpu=200_000.0):
+    """A record as scripts/bench writes it, from a made-up report."""
+    series = [{"unix_secs": 1000 + i, "latency_samples": 10, "p50_ms": 1.0 + i % 3, "p99_ms": 5.0 + i % 7,
+               "max_ms": 9.0, "established": min(10_000, 100 * i)} for i in range(600)]
+    report = {
+        "scenario": "channel", "workers": 1, "params": {"rate": 10, "addr": ["127.0.0.1:1"]},
+        "started_unix_ms": 1_000_000, "subscribers": 10_000, "deliveries_received": 1_000_000,
+        "deliveries_expected": 1_000_000, "lost": 0, "duplicated": 0, "out_of_order": 0,
+        "deliveries_per_second": 100_000.0, "deliveries_per_edge_cpu_second": per_cpu,
+        "latency_ms": {"samples": 1_000_000, "p50": 2.0, "p90": 4.0, "p95": 5.0, "p99": 8.0, "p999": 12.0,
+                       "max": 30.0},
+        "connections": {"attempted": 10_000, "established": 10_000, "failed": 0, "refused_with_503": 0},
+        "server": {"edge_cpu_seconds": 5.0},
+        "posts": {"count": 100, "each": [{"post": i, "ms_to_last_delivery": 50.0, "delivered": 10_000}
+                                         for i in range(100)]},
+        "series": series,
+    }
+    return {
+        "format": br.FORMAT, "benchmark": "fanout", "scale": scale, "command": "scripts/bench fanout",
+        "argv": [], "commit": "0" * 40, "clean_tree": clean, "dirty_paths": [] if clean else ["edge/src/x.rs"],
+        "started_utc": "2026-12-05 00:00 UTC", "duration_secs": 10, "exit_status": 0, "error": None,
+        "machine": {"cpu": "test", "cores": 2}, "settings": ["open files: 20000"], "memory": None, "extra": {},
+        "report": br.compact_report(report), "series": br._downsample(report["series"], 1000),
+        "cdf": br._cdf(report),
+    }
+
+
+class Repo:
+    """A copy of the generated files (and no records) in a temp dir."""
+
+    def __init__(self):
+        self.root = tempfile.mkdtemp(prefix="bench-report-test-")
+        for d in br.DOCS:
+            os.makedirs(os.path.join(self.root, os.path.dirname(d)), exist_ok=True)
+            shutil.copy(os.path.join(br.ROOT, d), os.path.join(self.root, d))
+        os.makedirs(os.path.join(self.root, br.RECORDS))
+        os.makedirs(os.path.join(self.root, br.PLOTS))
+
+    def add(self, rec):
+        with open(os.path.join(self.root, br.RECORDS, rec["benchmark"] + ".json"), "w") as f:
+            json.dump(rec, f)
+
+    def render(self):
+        br.render(types.SimpleNamespace(root=self.root))
+
+    def read(self, path):
+        with open(os.path.join(self.root, path)) as f:
+            return f.read()
+
+    def write(self, path, text):
+        with open(os.path.join(self.root, path), "w") as f:
+            f.write(text)
+
+
+class CheckTest(unittest.TestCase):
+    def setUp(self):
+        self.repo = Repo()
+        self.addCleanup(shutil.rmtree, self.repo.root)
+
+    def test_the_committed_docs_match_the_committed_records(self):
+        self.assertEqual(br.differences(br.ROOT), [])
+
+    def test_rendered_docs_pass_the_check(self):
+        self.repo.add(fanout_record())
+        self.repo.render()
+        self.assertEqual(br.differences(self.repo.root), [])
+
+    def test_a_number_edited_in_a_generated_block_fails_naming_file_and_line(self):
+        self.repo.add(fanout_record())
+        self.repo.render()
+        text = self.repo.read("docs/benchmarks.md")
+        self.assertIn("200,000 deliveries per edge CPU-second", text)
+        self.repo.write("docs/benchmarks.md", text.replace("200,000 deliveries", "250,000 deliveries", 1))
+        diffs = br.differences(self.repo.root)
+        self.assertEqual(len(diffs), 1)
+        line = text[:text.index("200,000 deliveries")].count("\n") + 1
+        self.assertTrue(diffs[0].startswith(f"docs/benchmarks.md:{line}: has "), diffs[0])
+        self.assertIn("250,000", diffs[0])
+
+    def test_a_record_changed_without_rendering_fails(self):
+        self.repo.add(fanout_record())
+        self.repo.render()
+        self.repo.add(fanout_record(per_cpu=100_000.0))
+        diffs = br.differences(self.repo.root)
+        self.assertTrue(diffs and diffs[0].startswith("docs/"), diffs)
+
+    def test_the_chart_sizing_comment_is_checked_too(self):
+        self.repo.add(fanout_record())
+        self.repo.render()
+        values = self.repo.read("helm/switchboard/values.yaml")
+        self.assertIn("200,000 frames per edge CPU-second", values)
+        self.repo.write("helm/switchboard/values.yaml", values.replace("200,000 frames", "2 frames"))
+        self.assertTrue(br.differences(self.repo.root)[0].startswith("helm/switchboard/values.yaml:"))
+
+    def test_a_stale_or_missing_plot_fails(self):
+        self.repo.add(fanout_record())
+        self.repo.render()
+        self.repo.write(f"{br.PLOTS}/gone-latency-cdf.svg", "<svg/>")
+        self.assertIn("stale plot", br.differences(self.repo.root)[0])
+        os.remove(os.path.join(self.repo.root, br.PLOTS, "gone-latency-cdf.svg"))
+        os.remove(os.path.join(self.repo.root, br.PLOTS, "fanout-latency-cdf.svg"))
+        self.assertIn("fanout-latency-cdf.svg: missing", br.differences(self.repo.root)[0])
+
+
+class VerdictTest(unittest.TestCase):
+    def row(self, rec):
+        return br.judged({"fanout": rec}, "fanout", br.fanout_row)
+
+    def test_a_clean_full_record_passes_or_misses(self):
+        self.assertEqual(self.row(fanout_record())[1], "**pass**")
+        self.assertEqual(self.row(fanout_record(per_cpu=100_000.0))[1], "**miss**")
+
+    def test_a_dirty_tree_is_never_of_record(self):
+        for per_cpu in (100_000.0, 200_000.0):
+            measured, verdict = self.row(fanout_record(clean=False, per_cpu=per_cpu))
+            self.assertEqual(verdict, "not of record (made on an uncommitted tree)")
+            self.assertIn("deliveries per edge CPU-second", measured)
+
+    def test_small_scale_is_never_of_record(self):
+        self.assertEqual(self.row(fanout_record(scale="small"))[1], "not of record (small scale)")
+
+    def test_missing_records_and_benchmarks_say_so(self):
+        self.assertEqual(br.judged({}, "fanout", br.fanout_row)[0], "not run yet (`scripts/bench fanout`)")
+        self.assertIn("not measured yet", br.judged({}, None, None)[0])
+
+
+class RecordTest(unittest.TestCase):
+    def test_records_stay_compact(self):
+        rec = fanout_record()
+        self.assertLessEqual(len(rec["series"]), br.SERIES_POINTS)
+        self.assertEqual(len(rec["report"]["posts"]["each"]), br.POSTS_KEPT)
+        self.assertNotIn("series", rec["report"])
+        self.assertEqual([p[1] for p in rec["cdf"]["all"]], [0.5, 0.9, 0.95, 0.99, 0.999, 1.0])
+        self.assertLess(len(json.dumps(rec)), 16_000)
+
+
+if __name__ == "__main__":
+    unittest.main()
