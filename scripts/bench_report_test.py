@@ -9,10 +9,14 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import types
 import unittest
 
+# No scripts/__pycache__: an untracked file would make the tree dirty
+# for the next benchmark.
+sys.dont_write_bytecode = True
 HERE = os.path.dirname(os.path.abspath(__file__))
 _loader = importlib.machinery.SourceFileLoader("bench_report", os.path.join(HERE, "bench-report"))
 _spec = importlib.util.spec_from_loader("bench_report", _loader)
