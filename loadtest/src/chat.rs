@@ -160,6 +160,11 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Neither acked nor refused by the end of the wait: no answer came
+    // (the router was too slow or the socket went away), so nothing is
+    // owed for them and they are not lost, but they are not delivered
+    // messages either.
+    rec.add_counter("unanswered", queued.saturating_sub(answered()));
     rec.add_counter("acked", replies.acked.load(Relaxed));
     rec.add_counter("publish_errors", replies.errors.load(Relaxed));
     rec.add_counter("publish_duplicates", replies.duplicates.load(Relaxed));
@@ -415,6 +420,7 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
     );
     m.insert("published".into(), json!(d.sent));
     m.insert("acked".into(), json!(r.counter("acked")));
+    m.insert("unanswered".into(), json!(r.counter("unanswered")));
     m.insert("publish_errors".into(), json!(r.counter("publish_errors")));
     m.insert(
         "publish_duplicates".into(),

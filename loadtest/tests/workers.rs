@@ -293,6 +293,8 @@ async fn chat_owes_nothing_to_a_user_who_never_got_in() {
     assert_eq!(u(&r["lost"]), 0);
     assert_eq!(r["deliveries_received"], r["deliveries_expected"]);
     assert_eq!(r["refused"], serde_json::json!({}));
+    assert_eq!(u(&r["unanswered"]), 0, "{r:#}");
+    assert_eq!(r["acked"], r["published"], "every publish answered");
     assert_eq!(u(&r["window_ms"]), 2000);
     assert!(
         r["achieved_deliveries_per_second"]
