@@ -13,10 +13,12 @@
 use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use switchboard_protocol::UserId;
 
-use crate::store::{PresenceError, PresenceStore, Session, Transition, UserStatus};
+use crate::{
+    RedisConn,
+    store::{PresenceError, PresenceStore, Session, Transition, UserStatus},
+};
 
 /// Adds a session; 1 if it is the user's first.
 const REGISTER: &str = r#"
@@ -73,7 +75,7 @@ fn node_key(node: &str) -> String {
 
 /// The Redis implementation of [`PresenceStore`].
 pub struct RedisPresence {
-    conn: ConnectionManager,
+    conn: RedisConn,
     ttl_ms: i64,
     unregister: redis::Script,
     lease: redis::Script,
@@ -82,9 +84,9 @@ pub struct RedisPresence {
 
 impl RedisPresence {
     /// Node leases last `ttl_ms` after their last heartbeat.
-    pub fn new(conn: ConnectionManager, ttl_ms: i64) -> Self {
+    pub fn new(conn: impl Into<RedisConn>, ttl_ms: i64) -> Self {
         RedisPresence {
-            conn,
+            conn: conn.into(),
             ttl_ms,
             unregister: redis::Script::new(UNREGISTER),
             lease: redis::Script::new(LEASE),

@@ -17,8 +17,7 @@
 use std::{sync::Arc, time::Duration};
 
 use prost::Message;
-use redis::aio::ConnectionManager;
-use switchboard_presence::{PresenceError, PresenceStore};
+use switchboard_presence::{PresenceError, PresenceStore, RedisConn};
 use switchboard_protocol::{
     ChatId, SharedFrame, StreamKey, UserId,
     internal::v1::{PushJob, ShardJob},
@@ -60,7 +59,7 @@ pub enum MembersError {
 
 /// Channel membership, shard jobs and push hand-off.
 pub struct Members {
-    conn: ConnectionManager,
+    conn: RedisConn,
     presence: Arc<dyn PresenceStore>,
     nats: async_nats::Client,
     js: async_nats::jetstream::Context,
@@ -88,7 +87,7 @@ fn count_key(channel: &ChatId) -> String {
 impl Members {
     /// `buckets` must stay the same for the life of the data.
     pub async fn new(
-        conn: ConnectionManager,
+        conn: RedisConn,
         presence: Arc<dyn PresenceStore>,
         nats: async_nats::Client,
         buckets: u32,

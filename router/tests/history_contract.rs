@@ -1,5 +1,6 @@
 //! One contract, every History backend: memory, and Redis on a real
-//! redis-server spawned for the test.
+//! redis-server, a real Redis Cluster and a real Sentinel setup spawned
+//! for the test.
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -7,7 +8,7 @@ use switchboard_protocol::{ChatId, StreamKey, UserId};
 use switchboard_router::{
     Draft, History, HistoryError, HistoryLimits, MemoryHistory, RedisHistory, connect_redis,
 };
-use switchboard_testkit::Server;
+use switchboard_testkit::{RedisCluster, RedisSentinel, Server};
 
 fn chat(c: &str) -> StreamKey {
     StreamKey::Chat(ChatId::parse(c).unwrap())
@@ -125,6 +126,47 @@ async fn redis_history_meets_the_contract() {
     let redis = Server::redis();
     let conn = connect_redis(&redis.url()).await.unwrap();
     contract(Arc::new(RedisHistory::new(conn, limits()))).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_history_meets_the_contract() {
+    let cluster = RedisCluster::start();
+    let conn = connect_redis(&cluster.url()).await.unwrap();
+    contract(Arc::new(RedisHistory::new(conn, limits()))).await;
+}
+
+#[tokio::test]
+async fn redis_sentinel_history_meets_the_contract() {
+    let sentinel = RedisSentinel::start();
+    let conn = connect_redis(&sentinel.url()).await.unwrap();
+    contract(Arc::new(RedisHistory::new(conn, limits()))).await;
+}
+
+#[tokio::test]
+async fn history_resumes_after_a_sentinel_failover() {
+    let mut sentinel = RedisSentinel::start();
+    let conn = connect_redis(&sentinel.url()).await.unwrap();
+    let h = RedisHistory::new(conn, limits());
+    let first = h.append(&chat("f"), draft("a", "1")).await.unwrap();
+    assert_eq!(first.seq, 1);
+    let replica = sentinel.replica().port();
+    sentinel.primary().kill();
+    // The same connection finds the promoted replica by itself.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let appended = loop {
+        match h.append(&chat("f"), draft("a", "2")).await {
+            Ok(a) => break a,
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("no append after failover: {e}\n{}", sentinel.logs())
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(sentinel.current_primary_port(), Some(replica));
+    let r = h.recover(&chat("f"), None, "").await.unwrap();
+    assert_eq!(r.position.seq, appended.seq);
+    let again = h.append(&chat("f"), draft("a", "3")).await.unwrap();
+    assert_eq!(again.seq, appended.seq + 1, "one order on the new primary");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -14,7 +14,8 @@
 //! starts a new epoch and clients that resume are told to re-sync.
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{aio::ConnectionManager, streams::StreamRangeReply};
+use redis::streams::StreamRangeReply;
+use switchboard_presence::RedisConn;
 use switchboard_protocol::{StreamKey, now_ms, v1::StreamPosition};
 
 use super::{Appended, Draft, History, HistoryError, HistoryLimits, Recovery, delivery_frame};
@@ -45,7 +46,7 @@ const MIN_STREAM_TTL_MS: i64 = 86_400_000;
 
 /// The Redis implementation of [`History`].
 pub struct RedisHistory {
-    conn: ConnectionManager,
+    conn: RedisConn,
     script: redis::Script,
     limits: HistoryLimits,
 }
@@ -59,21 +60,19 @@ fn unavailable(e: redis::RedisError) -> HistoryError {
     HistoryError::Redis(e)
 }
 
-/// Opens a Redis connection manager (reconnects by itself).
-pub async fn connect_redis(url: &str) -> Result<ConnectionManager, redis::RedisError> {
-    let client = redis::Client::open(url)?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-        .set_response_timeout(Some(std::time::Duration::from_secs(2)))
-        .set_number_of_retries(2);
-    ConnectionManager::new_with_config(client, config).await
+/// Opens the Redis connection every backend shares: `redis://` or
+/// `redis+unix://` (one server), `redis+cluster://h1:p1,h2:p2` (Redis
+/// Cluster) or `redis+sentinel://s1:p1,s2:p2/MASTER` (the primary the
+/// sentinels name, found again after a failover). ADR 0018.
+pub async fn connect_redis(url: &str) -> Result<RedisConn, redis::RedisError> {
+    switchboard_presence::connect_redis(url).await
 }
 
 impl RedisHistory {
     /// History on this connection.
-    pub fn new(conn: ConnectionManager, limits: HistoryLimits) -> Self {
+    pub fn new(conn: impl Into<RedisConn>, limits: HistoryLimits) -> Self {
         RedisHistory {
-            conn,
+            conn: conn.into(),
             script: redis::Script::new(APPEND),
             limits,
         }

@@ -1,0 +1,254 @@
+//! One Redis connection for every deployment mode, chosen by URL, so the
+//! History, Members and Presence backends run unchanged on a single Redis,
+//! a Redis Cluster or a Sentinel-managed primary:
+//!
+//! - `redis://[user:pass@]host:port[/db]` and `redis+unix:///path`: one
+//!   server (a [`ConnectionManager`] that reconnects by itself).
+//! - `redis+cluster://[user:pass@]h1:p1,h2:p2,...`: a Redis Cluster; the
+//!   listed nodes are only seeds, the client learns the slot map and
+//!   follows MOVED/ASK itself. Every multi-key command must stay in one
+//!   hash slot.
+//! - `redis+sentinel://[user:pass@]s1:p1,s2:p2,.../MASTER[/db]`: asks the
+//!   sentinels for the current primary of `MASTER`, and asks again after
+//!   a connection error or a `READONLY` answer (a failover happened).
+//!   The credentials are the data nodes'; sentinels are asked without.
+use std::{sync::Arc, time::Duration};
+
+use redis::{
+    Cmd, ConnectionAddr, Pipeline, RedisError, RedisFuture, Value,
+    aio::{ConnectionLike, ConnectionManager, MultiplexedConnection},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+    sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType},
+};
+
+/// Connect and per-command timeouts of every mode.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A cheap-to-clone Redis connection in any of the three modes; clones
+/// share the underlying connections.
+#[derive(Clone)]
+pub struct RedisConn(Mode);
+
+#[derive(Clone)]
+enum Mode {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+    Sentinel(Arc<Sentinel>),
+}
+
+impl From<ConnectionManager> for RedisConn {
+    fn from(c: ConnectionManager) -> Self {
+        RedisConn(Mode::Single(c))
+    }
+}
+
+/// Opens a connection for `url` (see the module docs for the schemes).
+pub async fn connect_redis(url: &str) -> Result<RedisConn, RedisError> {
+    if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        let (auth, hosts, _) = split_url(rest, 6379)?;
+        let mut b = ClusterClient::builder(hosts.iter().map(|(h, p)| format!("redis://{h}:{p}")))
+            .connection_timeout(TIMEOUT)
+            .response_timeout(TIMEOUT);
+        if let Some(u) = &auth.user {
+            b = b.username(u);
+        }
+        if let Some(p) = &auth.password {
+            b = b.password(p);
+        }
+        let conn = b.build()?.get_async_connection().await?;
+        return Ok(RedisConn(Mode::Cluster(conn)));
+    }
+    if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        let (auth, hosts, path) = split_url(rest, 26379)?;
+        let mut parts = path.split('/').filter(|s| !s.is_empty());
+        let master = parts
+            .next()
+            .ok_or_else(|| invalid("redis+sentinel:// needs /MASTER_NAME after the hosts"))?;
+        let db: i64 = match parts.next() {
+            Some(d) => d
+                .parse()
+                .map_err(|_| invalid("redis+sentinel:// database is not a number"))?,
+            None => 0,
+        };
+        let mut b = SentinelClientBuilder::new(
+            hosts.into_iter().map(|(h, p)| ConnectionAddr::Tcp(h, p)),
+            master,
+            SentinelServerType::Master,
+        )?
+        .set_client_to_redis_db(db);
+        if let Some(u) = &auth.user {
+            b = b.set_client_to_redis_username(u);
+        }
+        if let Some(p) = &auth.password {
+            b = b.set_client_to_redis_password(p);
+        }
+        let s = Sentinel {
+            client: tokio::sync::Mutex::new(b.build()?),
+            current: std::sync::Mutex::new(None),
+            db,
+        };
+        // Fail at startup, not at the first command, when nothing answers.
+        s.connection().await?;
+        return Ok(RedisConn(Mode::Sentinel(Arc::new(s))));
+    }
+    let client = redis::Client::open(url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT))
+        .set_number_of_retries(2);
+    Ok(ConnectionManager::new_with_config(client, config)
+        .await?
+        .into())
+}
+
+fn invalid(msg: &'static str) -> RedisError {
+    RedisError::from((redis::ErrorKind::InvalidClientConfig, msg))
+}
+
+#[derive(Default)]
+struct Auth {
+    user: Option<String>,
+    password: Option<String>,
+}
+
+/// `(host, port)` pairs.
+type Hosts = Vec<(String, u16)>;
+
+/// Splits `[user:pass@]h1:p1,h2:p2[/path]` into credentials, hosts (with
+/// `default_port` where none is given) and the path after the first `/`.
+fn split_url(rest: &str, default_port: u16) -> Result<(Auth, Hosts, &str), RedisError> {
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut auth = Auth::default();
+    let hosts = match authority.rsplit_once('@') {
+        Some((info, hosts)) => {
+            let (user, pass) = info.split_once(':').unwrap_or(("", info));
+            auth.user = (!user.is_empty()).then(|| user.to_owned());
+            auth.password = (!pass.is_empty()).then(|| pass.to_owned());
+            hosts
+        }
+        None => authority,
+    };
+    let hosts = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| match h.rsplit_once(':') {
+            Some((host, port)) => port
+                .parse()
+                .map(|p| (host.to_owned(), p))
+                .map_err(|_| invalid("a Redis host's port is not a number")),
+            None => Ok((h.to_owned(), default_port)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if hosts.is_empty() {
+        return Err(invalid("a Redis URL without hosts"));
+    }
+    Ok((auth, hosts, path))
+}
+
+/// The primary a sentinel named last, until it fails.
+struct Sentinel {
+    client: tokio::sync::Mutex<SentinelClient>,
+    current: std::sync::Mutex<Option<MultiplexedConnection>>,
+    db: i64,
+}
+
+impl Sentinel {
+    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+        if let Some(c) = self.lock().clone() {
+            return Ok(c);
+        }
+        // One discovery at a time; whoever waited finds it done.
+        let mut client = self.client.lock().await;
+        if let Some(c) = self.lock().clone() {
+            return Ok(c);
+        }
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT));
+        let conn = client.get_async_connection_with_config(&config).await?;
+        *self.lock() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a failover the old connection is dead, or its server came
+    /// back as a replica: ask the sentinels again on the next command.
+    fn check(&self, e: &RedisError) {
+        let read_only = e.code() == Some("READONLY");
+        if read_only
+            || e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+        {
+            *self.lock() = None;
+        }
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match &mut self.0 {
+            Mode::Single(c) => c.req_packed_command(cmd),
+            Mode::Cluster(c) => c.req_packed_command(cmd),
+            Mode::Sentinel(s) => Box::pin(async move {
+                let mut conn = s.connection().await.inspect_err(|e| s.check(e))?;
+                conn.req_packed_command(cmd)
+                    .await
+                    .inspect_err(|e| s.check(e))
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match &mut self.0 {
+            Mode::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Mode::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Mode::Sentinel(s) => Box::pin(async move {
+                let mut conn = s.connection().await.inspect_err(|e| s.check(e))?;
+                conn.req_packed_commands(pipeline, offset, count)
+                    .await
+                    .inspect_err(|e| s.check(e))
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match &self.0 {
+            Mode::Single(c) => c.get_db(),
+            Mode::Cluster(_) => 0,
+            Mode::Sentinel(s) => s.db,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_url;
+
+    #[test]
+    fn urls_split_into_credentials_hosts_and_path() {
+        let (a, h, p) = split_url(":pw@h1:7000,h2/sbmaster/2", 26379).unwrap();
+        assert_eq!((a.user, a.password.as_deref()), (None, Some("pw")));
+        assert_eq!(h, [("h1".into(), 7000), ("h2".into(), 26379)]);
+        assert_eq!(p, "sbmaster/2");
+        let (a, h, p) = split_url("u:p@a:1", 6379).unwrap();
+        assert_eq!(
+            (a.user.as_deref(), a.password.as_deref()),
+            (Some("u"), Some("p"))
+        );
+        assert_eq!((h.len(), p), (1, ""));
+        assert!(split_url("", 6379).is_err());
+        assert!(split_url("h:x", 6379).is_err());
+    }
+}
