@@ -35,6 +35,14 @@ mod tests {
         );
         assert_eq!(redact_url("redis://h:6379/x@y"), "redis://h:6379/x@y");
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_url("redis+cluster://:pw@h1:7000,h2:7001"),
+            "redis+cluster://***@h1:7000,h2:7001"
+        );
+        assert_eq!(
+            redact_url("redis+sentinel://u:pw@s1:26379,s2/sbmaster"),
+            "redis+sentinel://***@s1:26379,s2/sbmaster"
+        );
         // A password may itself hold '@' (URL-unsafe, but still masked).
         assert_eq!(redact_url("redis://:a@b@h:1"), "redis://***@h:1");
     }
