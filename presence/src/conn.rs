@@ -6,8 +6,8 @@
 //!   server (a [`ConnectionManager`] that reconnects by itself).
 //! - `redis+cluster://[user:pass@]h1:p1,h2:p2,...`: a Redis Cluster; the
 //!   listed nodes are only seeds, the client learns the slot map and
-//!   follows MOVED/ASK itself. Every multi-key command must stay in one
-//!   hash slot.
+//!   follows MOVED/ASK itself. Every script and transaction must stay in
+//!   one hash slot; a plain pipeline is split into single commands.
 //! - `redis+sentinel://[user:pass@]s1:p1,s2:p2,.../MASTER[/db]`: asks the
 //!   sentinels for the current primary of `MASTER`, and asks again after
 //!   a connection error or a `READONLY` answer (a failover happened).
@@ -213,7 +213,24 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match &mut self.0 {
             Mode::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Mode::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            // A cluster refuses a pipeline that spans slots (presence and
+            // members batch many users): its commands go one by one,
+            // concurrently, each to its slot's node. No caller needs an
+            // order between different keys. Transactions stay whole (one
+            // slot, as MULTI requires).
+            Mode::Cluster(c) => {
+                if pipeline.is_transaction() {
+                    return c.req_packed_commands(pipeline, offset, count);
+                }
+                let c = c.clone();
+                Box::pin(async move {
+                    let sends = pipeline.cmd_iter().skip(offset).take(count).map(|cmd| {
+                        let mut c = c.clone();
+                        async move { c.req_packed_command(cmd).await }
+                    });
+                    futures_util::future::try_join_all(sends).await
+                })
+            }
             Mode::Sentinel(s) => Box::pin(async move {
                 let mut conn = s.connection().await.inspect_err(|e| s.check(e))?;
                 conn.req_packed_commands(pipeline, offset, count)

@@ -10,6 +10,10 @@
 //! - `sb:node:<node>:sessions` set of `<user> <session>`: what to remove
 //!   when the node's lease runs out (any node's sweeper pops it).
 //! - `sb:online` set of online users (for channel online counts).
+//!
+//! Every script touches one user's keys only (one Redis Cluster slot); the
+//! node-wide keys are changed by single commands, so batches that span
+//! users run on a cluster too (see `RedisConn`).
 use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;

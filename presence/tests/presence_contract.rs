@@ -1,10 +1,13 @@
 //! One contract, every PresenceStore: memory, and Redis on a real
-//! redis-server spawned for the test.
+//! redis-server, a real Redis Cluster and a real Sentinel setup spawned
+//! for the test.
 use std::sync::Arc;
 
-use switchboard_presence::{MemoryPresence, PresenceStore, RedisPresence, Session, Transition};
+use switchboard_presence::{
+    MemoryPresence, PresenceStore, RedisPresence, Session, Transition, connect_redis,
+};
 use switchboard_protocol::UserId;
-use switchboard_testkit::Server;
+use switchboard_testkit::{RedisCluster, RedisSentinel, Server};
 
 fn s(user: &str, id: &str, node: &str) -> Session {
     Session {
@@ -139,6 +142,20 @@ async fn redis_presence_meets_the_contract() {
     let redis = Server::redis();
     let client = redis::Client::open(redis.url()).unwrap();
     let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    contract(Arc::new(RedisPresence::new(conn, TTL))).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_presence_meets_the_contract() {
+    let cluster = RedisCluster::start();
+    let conn = connect_redis(&cluster.url()).await.unwrap();
+    contract(Arc::new(RedisPresence::new(conn, TTL))).await;
+}
+
+#[tokio::test]
+async fn redis_sentinel_presence_meets_the_contract() {
+    let sentinel = RedisSentinel::start();
+    let conn = connect_redis(&sentinel.url()).await.unwrap();
     contract(Arc::new(RedisPresence::new(conn, TTL))).await;
 }
 
