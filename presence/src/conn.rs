@@ -43,6 +43,14 @@ impl From<ConnectionManager> for RedisConn {
     }
 }
 
+impl RedisConn {
+    /// Whether this is a Redis Cluster (pipelines must stay in one slot
+    /// to go out as one).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.0, Mode::Cluster(_))
+    }
+}
+
 /// Opens a connection for `url` (see the module docs for the schemes).
 pub async fn connect_redis(url: &str) -> Result<RedisConn, RedisError> {
     if let Some(rest) = url.strip_prefix("redis+cluster://") {
@@ -214,21 +222,30 @@ impl ConnectionLike for RedisConn {
         match &mut self.0 {
             Mode::Single(c) => c.req_packed_commands(pipeline, offset, count),
             // A cluster refuses a pipeline that spans slots (presence and
-            // members batch many users): its commands go one by one,
-            // concurrently, each to its slot's node. No caller needs an
-            // order between different keys. Transactions stay whole (one
-            // slot, as MULTI requires).
+            // members batch many users; the client refuses it before
+            // sending): its commands then go one by one, concurrently, each
+            // to its slot's node. No caller needs an order between
+            // different keys. One-slot pipelines and transactions go whole.
             Mode::Cluster(c) => {
-                if pipeline.is_transaction() {
-                    return c.req_packed_commands(pipeline, offset, count);
-                }
                 let c = c.clone();
                 Box::pin(async move {
-                    let sends = pipeline.cmd_iter().skip(offset).take(count).map(|cmd| {
-                        let mut c = c.clone();
-                        async move { c.req_packed_command(cmd).await }
-                    });
-                    futures_util::future::try_join_all(sends).await
+                    let mut whole = c.clone();
+                    match whole.req_packed_commands(pipeline, offset, count).await {
+                        Err(e)
+                            if !pipeline.is_transaction()
+                                && e.kind()
+                                    == redis::ErrorKind::Server(
+                                        redis::ServerErrorKind::CrossSlot,
+                                    ) =>
+                        {
+                            let sends = pipeline.cmd_iter().skip(offset).take(count).map(|cmd| {
+                                let mut c = c.clone();
+                                async move { c.req_packed_command(cmd).await }
+                            });
+                            futures_util::future::try_join_all(sends).await
+                        }
+                        other => other,
+                    }
                 })
             }
             Mode::Sentinel(s) => Box::pin(async move {

@@ -1,3 +1,4 @@
+mod batch;
 pub(crate) mod memory;
 pub(crate) mod redis;
 
@@ -79,6 +80,17 @@ pub enum HistoryError {
     /// Redis could not be reached, timed out or answered with an error.
     #[error("history unavailable: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// This process's append queue is at its limit (Redis is slower than
+    /// the publishes arriving); nothing was stored.
+    #[error("history unavailable: {capacity} appends already waiting")]
+    QueueFull {
+        /// The queue's limit.
+        capacity: usize,
+    },
+    /// The append task stopped; the message may or may not be stored, a
+    /// retry with the same id is de-duplicated.
+    #[error("history unavailable: append task stopped")]
+    Stopped,
 }
 
 /// Sequencer and short history of every stream.

@@ -12,6 +12,10 @@ pub const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
 ];
 
+/// Buckets of `switchboard_router_sequence_batch_size` (appends per Redis
+/// round trip), up to the batch limit.
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once) and returns its
@@ -21,6 +25,11 @@ pub fn prometheus() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .expect("static bucket list is non-empty")
+                .set_buckets_for_metric(
+                    Matcher::Full("switchboard_router_sequence_batch_size".into()),
+                    BATCH_SIZE_BUCKETS,
+                )
                 .expect("static bucket list is non-empty");
             match builder.install_recorder() {
                 Ok(handle) => handle,
@@ -54,6 +63,8 @@ pub fn register_cluster_series() {
     counter!("switchboard_nats_slow_consumer_total").increment(0);
     counter!("switchboard_nats_undecodable_total").increment(0);
     counter!("switchboard_redis_errors_total", "op" => "history").increment(0);
+    counter!("switchboard_router_sequence_refused_total").increment(0);
+    metrics::gauge!("switchboard_router_sequence_queue_messages").increment(0.0);
     for reason in switchboard_router::PUBLISH_ERROR_REASONS {
         counter!("switchboard_publish_errors_total", "reason" => *reason).increment(0);
     }

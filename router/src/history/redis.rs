@@ -12,13 +12,22 @@
 //!
 //! Idle streams expire after max(history age, 1 day); the next message
 //! starts a new epoch and clients that resume are told to re-sync.
+//!
+//! Appends are batched: concurrent ones go to Redis as one pipeline of
+//! `EVALSHA` calls (`batch`), each call inside its stream's slot, so a
+//! stream's messages keep their arrival order and one failing call leaves
+//! the others alone.
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::streams::StreamRangeReply;
+use redis::{Value, streams::StreamRangeReply};
 use switchboard_presence::RedisConn;
 use switchboard_protocol::{StreamKey, now_ms, v1::StreamPosition};
 
-use super::{Appended, Draft, History, HistoryError, HistoryLimits, Recovery, delivery_frame};
+use super::{
+    Appended, Draft, History, HistoryError, HistoryLimits, Recovery,
+    batch::{BatchLimits, Batcher, Flush, Refused},
+    delivery_frame,
+};
 
 const APPEND: &str = r#"
 local dup = redis.call('GET', KEYS[4])
@@ -44,11 +53,130 @@ return {1, seq, tonumber(ARGV[1]), epoch}
 /// Streams idle longer than this are forgotten (ms), at least the history age.
 const MIN_STREAM_TTL_MS: i64 = 86_400_000;
 
+/// Appends waiting for their round trip at most; beyond, publishes are
+/// refused as unavailable. Above a router's publish concurrency, so only
+/// an overloaded Redis fills it.
+const APPEND_QUEUE_CAPACITY: usize = 16_384;
+/// Appends sent in one pipeline at most.
+const APPEND_BATCH_MAX: usize = 256;
+
 /// The Redis implementation of [`History`].
 pub struct RedisHistory {
     conn: RedisConn,
     script: redis::Script,
+    appends: Batcher<AppendFlush>,
     limits: HistoryLimits,
+}
+
+/// Sends queued `EVALSHA` calls as one pipeline per hash slot.
+struct AppendFlush {
+    conn: RedisConn,
+    script: redis::Script,
+}
+
+/// One queued append: its stream's hash tag (the slot it must go to) and
+/// the script call.
+struct AppendCall {
+    tag: String,
+    call: redis::Cmd,
+}
+
+impl Flush for AppendFlush {
+    type Job = AppendCall;
+    type Out = redis::RedisResult<Value>;
+
+    async fn flush(&mut self, calls: Vec<AppendCall>) -> Vec<redis::RedisResult<Value>> {
+        if !self.conn.is_cluster() {
+            let calls = calls.into_iter().map(|c| c.call).collect();
+            return send_appends(self.conn.clone(), &self.script, calls).await;
+        }
+        // A cluster refuses a pipeline that spans slots: one pipeline per
+        // stream, all in flight at once (each to its slot's master).
+        let mut groups: Vec<(String, Vec<usize>, Vec<redis::Cmd>)> = Vec::new();
+        for (i, c) in calls.into_iter().enumerate() {
+            match groups.iter_mut().find(|g| g.0 == c.tag) {
+                Some(g) => {
+                    g.1.push(i);
+                    g.2.push(c.call);
+                }
+                None => groups.push((c.tag, vec![i], vec![c.call])),
+            }
+        }
+        let n = groups.iter().map(|g| g.1.len()).sum();
+        let sends = groups.into_iter().map(|(_, at, calls)| {
+            let conn = self.conn.clone();
+            let script = &self.script;
+            async move { (at, send_appends(conn, script, calls).await) }
+        });
+        let mut answers: Vec<Option<redis::RedisResult<Value>>> = (0..n).map(|_| None).collect();
+        for (at, got) in futures_util::future::join_all(sends).await {
+            for (i, a) in at.into_iter().zip(got) {
+                answers[i] = Some(a);
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(answer_count_error())))
+            .collect()
+    }
+}
+
+/// Sends `calls` as one pipeline; when Redis lost its script cache
+/// (restart, failover) loads the script and resends, in order, the calls
+/// that did not run.
+async fn send_appends(
+    mut conn: RedisConn,
+    script: &redis::Script,
+    calls: Vec<redis::Cmd>,
+) -> Vec<redis::RedisResult<Value>> {
+    let mut pipe = redis::pipe();
+    for call in calls {
+        pipe.add_command(call);
+    }
+    let mut answers = send(&mut conn, &pipe).await;
+    let no_script = |a: &redis::RedisResult<Value>| matches!(a, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript));
+    if answers.iter().any(no_script) {
+        if let Err(e) = script.prepare_invoke().load_async(&mut conn).await {
+            return answers.into_iter().map(|_| Err(e.clone())).collect();
+        }
+        let again: Vec<usize> = (0..answers.len())
+            .filter(|i| no_script(&answers[*i]))
+            .collect();
+        let mut retry = redis::pipe();
+        for call in pipe
+            .cmd_iter()
+            .enumerate()
+            .filter(|(i, _)| again.contains(i))
+        {
+            retry.add_command(call.1.clone());
+        }
+        for (i, answer) in again.into_iter().zip(send(&mut conn, &retry).await) {
+            answers[i] = answer;
+        }
+    }
+    answers
+}
+
+/// One answer per call; a failed round trip fails each call.
+async fn send(conn: &mut RedisConn, pipe: &redis::Pipeline) -> Vec<redis::RedisResult<Value>> {
+    let n = pipe.cmd_iter().count();
+    match pipe
+        .clone()
+        .ignore_errors()
+        .query_async::<Vec<redis::RedisResult<Value>>>(conn)
+        .await
+    {
+        Ok(answers) if answers.len() == n => answers,
+        Ok(_) => (0..n).map(|_| Err(answer_count_error())).collect(),
+        Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+    }
+}
+
+fn answer_count_error() -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "pipeline answer count differs from its calls",
+    ))
 }
 
 fn prefix(stream: &StreamKey) -> String {
@@ -69,11 +197,23 @@ pub async fn connect_redis(url: &str) -> Result<RedisConn, redis::RedisError> {
 }
 
 impl RedisHistory {
-    /// History on this connection.
+    /// History on this connection; spawns the append batching task (call
+    /// it inside a tokio runtime), which ends when the history is dropped.
     pub fn new(conn: impl Into<RedisConn>, limits: HistoryLimits) -> Self {
+        let conn = conn.into();
+        let script = redis::Script::new(APPEND);
+        let flush = AppendFlush {
+            conn: conn.clone(),
+            script: script.clone(),
+        };
+        let batch = BatchLimits {
+            queue_capacity: APPEND_QUEUE_CAPACITY,
+            max_batch: APPEND_BATCH_MAX,
+        };
         RedisHistory {
-            conn: conn.into(),
-            script: redis::Script::new(APPEND),
+            conn,
+            script,
+            appends: Batcher::spawn(flush, batch),
             limits,
         }
     }
@@ -86,13 +226,13 @@ impl History for RedisHistory {
         let dedup_key = format!("{p}:d:{}:{}", draft.sender, draft.client_msg_id);
         let fresh_epoch = format!("{:08x}", rand::random::<u32>());
         let ttl = self.limits.max_age_ms.max(1);
-        let mut conn = self.conn.clone();
-        let (fresh, seq, ts, epoch): (i64, u64, i64, String) = self
-            .script
-            .key(format!("{p}:seq"))
-            .key(format!("{p}:log"))
-            .key(format!("{p}:epoch"))
-            .key(&dedup_key)
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.script.get_hash())
+            .arg(4)
+            .arg(format!("{p}:seq"))
+            .arg(format!("{p}:log"))
+            .arg(format!("{p}:epoch"))
+            .arg(&dedup_key)
             .arg(draft.timestamp_ms)
             .arg(draft.sender.as_str())
             .arg(&draft.client_msg_id)
@@ -100,9 +240,16 @@ impl History for RedisHistory {
             .arg(self.limits.max_messages)
             .arg(ttl)
             .arg(&fresh_epoch)
-            .arg(ttl.max(MIN_STREAM_TTL_MS))
-            .invoke_async(&mut conn)
-            .await
+            .arg(ttl.max(MIN_STREAM_TTL_MS));
+        let call = AppendCall { tag: p, call };
+        let answer = self.appends.submit(call).await.map_err(|r| match r {
+            Refused::Full => HistoryError::QueueFull {
+                capacity: APPEND_QUEUE_CAPACITY,
+            },
+            Refused::Stopped => HistoryError::Stopped,
+        })?;
+        let (fresh, seq, ts, epoch): (i64, u64, i64, String) = answer
+            .and_then(|v| Ok(redis::from_redis_value(v)?))
             .map_err(unavailable)?;
         let frame = delivery_frame(
             stream,
