@@ -5,8 +5,10 @@
 //! - `sb.chat.<chat>`: a chat's deliveries and ephemeral events.
 //! - `sb.edge.<edge>.user.<user>`: a user's personal stream on one edge.
 //! - `sb.presence.<user>`: a user's online/offline events.
-//! - `sb.router.publish`, `sb.router.shard`: requests to the routers
-//!   (queue group [`ROUTER_QUEUE`]).
+//! - `sb.router.publish`: publish requests to the routers (queue group
+//!   [`ROUTER_QUEUE`]).
+//! - `sb.shard.jobs`: shard jobs (JetStream stream `SB_SHARD`, pulled by
+//!   the routers).
 //! - `sb.push.<user>`: push jobs (JetStream stream `SB_PUSH`).
 //!
 //! Every id on a subject is a [`ChatId`] or [`UserId`], which cannot hold
@@ -15,8 +17,9 @@ use crate::{ChatId, UserId};
 
 /// Publish requests to the routers.
 pub const ROUTER_PUBLISH: &str = "sb.router.publish";
-/// Shard jobs (member work of one channel post) to the routers.
-pub const ROUTER_SHARD: &str = "sb.router.shard";
+/// Shard jobs (member work of one channel post): the subject of the
+/// JetStream stream `SB_SHARD`, which the routers pull from.
+pub const SHARD_JOBS: &str = "sb.shard.jobs";
 /// The routers' queue group: each request goes to one replica.
 pub const ROUTER_QUEUE: &str = "sb-routers";
 /// Every push job (the subjects of the JetStream stream `SB_PUSH`).

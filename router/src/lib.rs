@@ -38,7 +38,10 @@ pub use history::{
     memory::MemoryHistory,
     redis::{RedisHistory, connect_redis},
 };
-pub use members::{Members, MembersError, PUSH_STREAM};
+pub use members::{
+    MEMBER_RETRY_WINDOW, Members, MembersError, MembersSettings, PUSH_STREAM, SHARD_ACK_WAIT_MAX,
+    SHARD_CONSUMER, SHARD_MAX_ACK_PENDING, SHARD_MAX_DELIVER, SHARD_STREAM, ShardConsumer,
+};
 pub use publisher::{Publisher, RemoteRouter, encode_request};
 pub use router::{
     PUBLISH_ERROR_REASONS, PublishError, PublishRequest, Published, Router, RouterLimits,

@@ -216,18 +216,25 @@ impl Router {
             timestamp_ms,
         };
         let appended = self.history.append(&req.target, draft).await?;
+        // A retry soon after the original may follow a router that died
+        // between append and member work: schedule it again (JetStream
+        // de-duplicates the jobs when the first attempt got through).
+        let recent_retry = appended.duplicate
+            && timestamp_ms.saturating_sub(appended.timestamp_ms)
+                < crate::MEMBER_RETRY_WINDOW.as_millis() as i64;
         if appended.duplicate {
             metrics::counter!("switchboard_router_publishes_total", "result" => "duplicate")
                 .increment(1);
         } else {
             metrics::counter!("switchboard_router_publishes_total", "result" => "ok").increment(1);
             self.deliver(&req.target, appended.frame.clone()).await;
-            if let Some(m) = &self.members
-                && let Err(e) = m.after_publish(&req.target, &appended.frame).await
-            {
-                metrics::counter!("switchboard_router_member_work_errors_total").increment(1);
-                tracing::warn!(error = %e, stream = %req.target, "member work (push hand-off) failed");
-            }
+        }
+        if (!appended.duplicate || recent_retry)
+            && let Some(m) = &self.members
+            && let Err(e) = m.after_publish(&req.target, &appended.frame).await
+        {
+            metrics::counter!("switchboard_router_member_work_errors_total").increment(1);
+            tracing::warn!(error = %e, stream = %req.target, "member work (shard jobs, push hand-off) failed");
         }
         Ok(Published {
             seq: appended.seq,

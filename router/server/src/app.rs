@@ -6,8 +6,8 @@ use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_presence::{PresenceStore, RedisPresence};
 use switchboard_router::{
-    Bus, Members, NatsBus, NatsSettings, RedisHistory, Router, RouterLimits, connect_redis,
-    redact_url,
+    Bus, Members, MembersSettings, NatsBus, NatsSettings, RedisHistory, Router, RouterLimits,
+    connect_redis, redact_url,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,8 +39,11 @@ pub async fn run(
             redis,
             presence.clone(),
             bus.client().clone(),
-            config.channel_buckets,
-            usize::from(config.push_stream_replicas),
+            MembersSettings {
+                buckets: config.channel_buckets,
+                stream_replicas: usize::from(config.push_stream_replicas),
+                shard_ack_wait: config.shard_ack_wait,
+            },
         )
         .await
         .map_err(|e| e.to_string())?,
@@ -103,11 +106,20 @@ fn register_series() {
         "switchboard_router_member_work_errors_total",
         "switchboard_router_shard_jobs_published_total",
         "switchboard_router_shard_jobs_done_total",
-        "switchboard_router_shard_errors_total",
+        "switchboard_router_shard_jobs_redelivered_total",
         "switchboard_router_push_jobs_total",
         "switchboard_presence_expired_total",
     ] {
         counter!(name).increment(0);
+    }
+    for reason in ["pull", "decode", "failed", "abandoned"] {
+        counter!("switchboard_router_shard_errors_total", "reason" => reason).increment(0);
+    }
+    for name in [
+        "switchboard_router_shard_jobs_in_flight",
+        "switchboard_router_shard_jobs_pending",
+    ] {
+        metrics::gauge!(name).set(0.0);
     }
     // A registered histogram renders its buckets at 0 before the first publish.
     let _ = metrics::histogram!("switchboard_router_publish_duration_seconds");

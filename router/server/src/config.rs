@@ -9,7 +9,7 @@ use switchboard_node::{
     ClusterSettings, ConfigError,
     config::{positive, read_over},
 };
-use switchboard_router::HistoryLimits;
+use switchboard_router::{HistoryLimits, SHARD_ACK_WAIT_MAX};
 
 /// `switchboard-router`: sequences, stores and delivers messages for a
 /// Switchboard cluster. Any number of replicas share the work.
@@ -40,12 +40,25 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub channel_buckets: Option<u32>,
 
-    /// Replicas of the JetStream push-job stream SB_PUSH (1-5; 3 on a NATS
-    /// cluster, so losing one server loses no queued push job). Applies when
-    /// the stream is created; an existing stream keeps its own. Default 1.
+    /// Replicas of the JetStream streams of member work, SB_PUSH (push
+    /// jobs) and SB_SHARD (shard jobs) (1-5; 3 on a NATS cluster, so losing
+    /// one server loses no queued job). SB_PUSH takes it when created (an
+    /// existing one keeps its own); SB_SHARD is updated to it at every
+    /// startup. Default 1.
     #[arg(long, env = "SWITCHBOARD_PUSH_STREAM_REPLICAS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub push_stream_replicas: Option<u8>,
+
+    /// Milliseconds a router may hold a shard job without acknowledging it
+    /// before JetStream delivers it to another router (a router killed
+    /// mid-job delays that bucket's unread counters and push jobs by this
+    /// much). Routers working longer say so every third of it. Set on the
+    /// shared consumer at startup: give every router the same value.
+    /// 1000-15000 (at most 5 deliveries must fit the 120 s
+    /// de-duplication window of push jobs). Default 10000.
+    #[arg(long, env = "SWITCHBOARD_SHARD_ACK_WAIT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard_ack_wait_ms: Option<u64>,
 }
 
 /// The validated configuration of one router.
@@ -69,8 +82,10 @@ pub struct Config {
     pub redis_url: String,
     /// Member buckets per channel.
     pub channel_buckets: u32,
-    /// Replicas of the push-job stream.
+    /// Replicas of the push-job and shard-job streams.
     pub push_stream_replicas: u8,
+    /// Ack wait of the shard-job consumer.
+    pub shard_ack_wait: Duration,
     /// Log filter.
     pub log: String,
 }
@@ -111,6 +126,16 @@ impl Settings {
                 ));
             }
         };
+        let max_ms = SHARD_ACK_WAIT_MAX.as_millis() as u64;
+        let shard_ack_wait = match self.shard_ack_wait_ms.unwrap_or(10_000) {
+            ms if (1000..=max_ms).contains(&ms) => Duration::from_millis(ms),
+            ms => {
+                return Err(ConfigError::invalid(
+                    "--shard-ack-wait-ms",
+                    format!("{ms} is not in 1000..={max_ms}"),
+                ));
+            }
+        };
         Ok(Config {
             listen,
             node_id: node.node_id,
@@ -122,6 +147,7 @@ impl Settings {
             redis_url: backends.redis_url,
             channel_buckets,
             push_stream_replicas,
+            shard_ack_wait,
             log: node.log,
         })
     }
@@ -156,6 +182,7 @@ mod tests {
         assert_eq!(cfg.channel_buckets, 16);
         assert_eq!(cfg.node_id, "r1");
         assert_eq!(cfg.push_stream_replicas, 1);
+        assert_eq!(cfg.shard_ack_wait, Duration::from_secs(10));
         assert_eq!(cfg.presence_ttl, Duration::from_secs(30));
     }
 
@@ -176,6 +203,20 @@ mod tests {
                     ..cluster()
                 },
                 "--push-stream-replicas",
+            ),
+            (
+                Settings {
+                    shard_ack_wait_ms: Some(999),
+                    ..cluster()
+                },
+                "--shard-ack-wait-ms",
+            ),
+            (
+                Settings {
+                    shard_ack_wait_ms: Some(15_001),
+                    ..cluster()
+                },
+                "--shard-ack-wait-ms",
             ),
             (
                 Settings {

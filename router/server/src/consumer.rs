@@ -1,22 +1,25 @@
-//! A router replica's NATS side: publish requests and shard jobs from the
-//! routers' queue group.
+//! A router replica's NATS side: publish requests from the routers' queue
+//! group, and shard jobs pulled from the JetStream consumer all routers
+//! share (acknowledged only once done, so a killed router loses none).
 use std::{sync::Arc, time::Duration};
 
+use async_nats::jetstream::AckKind;
 use futures_util::StreamExt;
 use prost::Message;
 use switchboard_protocol::{
     ChatId, StreamKey, UserId,
     internal::v1::{RouterPublish, RouterReply, ShardJob, router_publish, router_reply},
-    subject::{ROUTER_PUBLISH, ROUTER_QUEUE, ROUTER_SHARD},
+    subject::{ROUTER_PUBLISH, ROUTER_QUEUE},
     v1::{self, ErrorCode, PublishAck},
 };
-use switchboard_router::{Members, PublishRequest, Router};
-use tokio::sync::Semaphore;
+use switchboard_router::{Members, PublishRequest, Router, SHARD_MAX_DELIVER};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// Publish requests handled at once by one replica.
 const PUBLISH_CONCURRENCY: usize = 4096;
-/// Shard jobs handled at once by one replica.
+/// Shard jobs handled at once by one replica (and pulled at once: a
+/// router asks JetStream for no more than it has free slots).
 const SHARD_CONCURRENCY: usize = 16;
 
 fn error_reply(code: ErrorCode, message: String) -> RouterReply {
@@ -88,35 +91,24 @@ pub(crate) async fn serve(
     let mut publishes = client
         .queue_subscribe(ROUTER_PUBLISH, ROUTER_QUEUE.into())
         .await?;
-    let mut shards = client
-        .queue_subscribe(ROUTER_SHARD, ROUTER_QUEUE.into())
-        .await?;
+    let shards = members.map(|m| tokio::spawn(take_shard_jobs(m, stop.clone())));
     let publish_slots = Arc::new(Semaphore::new(PUBLISH_CONCURRENCY));
-    let shard_slots = Arc::new(Semaphore::new(SHARD_CONCURRENCY));
-    // On stop, unsubscribe first so NATS hands new work to the other
-    // replicas, and finish what it already delivered here (a dropped shard
-    // job would lose member work) until both streams end or the deadline.
+    // On stop, unsubscribe first so NATS hands new requests to the other
+    // replicas, and finish what it already delivered here until the
+    // subscription ends or the deadline.
     let mut deadline = None;
-    let (mut publishes_open, mut shards_open) = (true, true);
-    while publishes_open || shards_open {
+    loop {
         tokio::select! {
             _ = stop.cancelled(), if deadline.is_none() => {
                 deadline = Some(tokio::time::Instant::now() + DRAIN_DEADLINE);
                 if let Err(e) = publishes.drain().await {
                     tracing::warn!(error = %e, "unsubscribing publish requests failed");
-                    publishes_open = false;
-                }
-                if let Err(e) = shards.drain().await {
-                    tracing::warn!(error = %e, "unsubscribing shard jobs failed");
-                    shards_open = false;
+                    break;
                 }
             }
             _ = sleep_until_some(deadline) => break,
-            msg = publishes.next(), if publishes_open => {
-                let Some(msg) = msg else {
-                    publishes_open = false;
-                    continue;
-                };
+            msg = publishes.next() => {
+                let Some(msg) = msg else { break };
                 let Some(reply_to) = msg.reply.clone() else { continue };
                 let Ok(permit) = publish_slots.clone().acquire_owned().await else { break };
                 let (router, client) = (router.clone(), client.clone());
@@ -130,36 +122,162 @@ pub(crate) async fn serve(
                     drop(permit);
                 });
             }
-            msg = shards.next(), if shards_open => {
-                let Some(msg) = msg else {
-                    shards_open = false;
-                    continue;
-                };
-                let Some(members) = members.clone() else { continue };
-                let Ok(permit) = shard_slots.clone().acquire_owned().await else { break };
-                tokio::spawn(async move {
-                    match ShardJob::decode(msg.payload) {
-                        Ok(job) => {
-                            if let Err(e) = members.process_shard(job).await {
-                                metrics::counter!("switchboard_router_shard_errors_total").increment(1);
-                                tracing::warn!(error = %e, "shard job failed");
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "undecodable shard job"),
-                    }
-                    drop(permit);
-                });
-            }
         }
     }
-    // Let in-flight requests finish (bounded by the semaphores).
+    // Let in-flight requests finish (bounded by the semaphore).
     let until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN_DEADLINE);
-    let _ = tokio::time::timeout_at(until, async {
-        let _ = publish_slots.acquire_many(PUBLISH_CONCURRENCY as u32).await;
-        let _ = shard_slots.acquire_many(SHARD_CONCURRENCY as u32).await;
-    })
+    let _ = tokio::time::timeout_at(
+        until,
+        publish_slots.acquire_many(PUBLISH_CONCURRENCY as u32),
+    )
     .await;
+    if let Some(shards) = shards {
+        let _ = shards.await;
+    }
     Ok(())
+}
+
+/// How long one pull request for shard jobs waits for jobs; also the
+/// longest a stopping router keeps receiving jobs it then hands back.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How often a router reads the consumer's backlog for the pending gauge.
+const PENDING_EVERY: Duration = Duration::from_secs(5);
+
+/// Pulls shard jobs, at most [`SHARD_CONCURRENCY`] at a time, until
+/// `stop`; then hands back jobs received but not started, and waits for
+/// the started ones until [`DRAIN_DEADLINE`]. A job still running then is
+/// never acknowledged, and JetStream delivers it again after ack_wait.
+async fn take_shard_jobs(members: Arc<Members>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(SHARD_CONCURRENCY));
+    let mut next_pending = tokio::time::Instant::now();
+    'pull: while !stop.is_cancelled() {
+        if tokio::time::Instant::now() >= next_pending {
+            next_pending += PENDING_EVERY;
+            match members.shard_jobs_pending().await {
+                Ok(n) => metrics::gauge!("switchboard_router_shard_jobs_pending").set(n as f64),
+                Err(e) => tracing::debug!(error = %e, "reading the shard backlog failed"),
+            }
+        }
+        // Ask for exactly as many jobs as there are free slots: a job
+        // waiting in a local buffer would run down its ack_wait unseen.
+        let first = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let mut permits = vec![first];
+        while permits.len() < SHARD_CONCURRENCY {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let batch = members
+            .shard_jobs()
+            .batch()
+            .max_messages(permits.len())
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                metrics::counter!("switchboard_router_shard_errors_total", "reason" => "pull")
+                    .increment(1);
+                tracing::warn!(error = %e, "pulling shard jobs failed");
+                tokio::select! {
+                    _ = stop.cancelled() => break 'pull,
+                    _ = tokio::time::sleep(PULL_EXPIRES) => continue 'pull,
+                }
+            }
+        };
+        // The batch ends when full or after PULL_EXPIRES (so this loop is
+        // bounded after stop too).
+        while let Some(msg) = batch.next().await {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(error = %e, "shard pull ended");
+                    break;
+                }
+            };
+            if stop.is_cancelled() {
+                // Another router takes it now, not after ack_wait.
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
+            let Some(permit) = permits.pop() else {
+                // More than asked for: hand it back.
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                continue;
+            };
+            tokio::spawn(run_shard_job(members.clone(), msg, permit));
+        }
+    }
+    let _ =
+        tokio::time::timeout(DRAIN_DEADLINE, slots.acquire_many(SHARD_CONCURRENCY as u32)).await;
+}
+
+/// Runs one shard job and acknowledges it once done; says "still working"
+/// every third of ack_wait meanwhile. A failed job is handed back for a
+/// later delivery (after ack_wait), up to [`SHARD_MAX_DELIVER`] times.
+async fn run_shard_job(
+    members: Arc<Members>,
+    msg: async_nats::jetstream::Message,
+    permit: OwnedSemaphorePermit,
+) {
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    if delivered > 1 {
+        metrics::counter!("switchboard_router_shard_jobs_redelivered_total").increment(1);
+    }
+    let in_flight = metrics::gauge!("switchboard_router_shard_jobs_in_flight");
+    in_flight.increment(1.0);
+    let job = match ShardJob::decode(msg.payload.clone()) {
+        Ok(job) => job,
+        Err(e) => {
+            metrics::counter!("switchboard_router_shard_errors_total", "reason" => "decode")
+                .increment(1);
+            tracing::warn!(error = %e, "undecodable shard job; dropped");
+            let _ = msg.ack_with(AckKind::Term).await;
+            in_flight.decrement(1.0);
+            return;
+        }
+    };
+    let ack_wait = members.shard_ack_wait();
+    let every = ack_wait / 3;
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let work = members.process_shard(job);
+    tokio::pin!(work);
+    let done = loop {
+        tokio::select! {
+            done = &mut work => break done,
+            _ = progress.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "in-progress ack failed");
+                }
+            }
+        }
+    };
+    let answer = match done {
+        Ok(()) => msg.ack().await,
+        Err(e) if delivered >= SHARD_MAX_DELIVER => {
+            metrics::counter!("switchboard_router_shard_errors_total", "reason" => "abandoned")
+                .increment(1);
+            tracing::error!(error = %e, delivered, "shard job failed on its last delivery; its members' unread counters and push jobs are lost");
+            msg.ack_with(AckKind::Term).await
+        }
+        Err(e) => {
+            metrics::counter!("switchboard_router_shard_errors_total", "reason" => "failed")
+                .increment(1);
+            tracing::warn!(error = %e, delivered, "shard job failed; it will be delivered again");
+            msg.ack_with(AckKind::Nak(Some(ack_wait))).await
+        }
+    };
+    if let Err(e) = answer {
+        // Unanswered, the job comes back after ack_wait: repeated, not lost.
+        tracing::debug!(error = %e, "answering a shard job failed");
+    }
+    in_flight.decrement(1.0);
+    drop(permit);
 }
 
 /// How long a stopping replica keeps finishing work NATS gave it.
