@@ -9,11 +9,16 @@
 //!   heartbeat per node; a session lives as long as its node's lease.
 //! - `sb:node:<node>:sessions` set of `<user> <session>`: what to remove
 //!   when the node's lease runs out (any node's sweeper pops it).
-//! - `sb:online` set of online users (for channel online counts).
+//! - `sb:{online:<b>}` sets of online users, 64 buckets by a stable hash
+//!   of the user (for channel online counts). Every connect and disconnect
+//!   touches it, so one key would pin all of that traffic to one cluster
+//!   master; 64 hash tags spread it over every master (ADR 0018).
 //!
 //! Every script touches one user's keys only (one Redis Cluster slot); the
 //! node-wide keys are changed by single commands, so batches that span
-//! users run on a cluster too (see `RedisConn`).
+//! users run on a cluster too (see `RedisConn`). `sb:nodes` and
+//! `sb:node:<node>:sessions` stay single keys: the first changes once per
+//! lease renewal of a node, the second only with that node's sessions.
 use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
@@ -59,7 +64,8 @@ const FORGET: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then redis.call('HDEL', KEYS[1], ARGV[1]) end
 "#;
 
-const ONLINE: &str = "sb:online";
+/// Buckets of the online set; fixed for the life of the data.
+const ONLINE_BUCKETS: u32 = 64;
 /// Live nodes: node id → `<expiry ms>|<address>`.
 const NODES: &str = "sb:nodes";
 /// Last-seen times are kept this long (ms).
@@ -72,6 +78,30 @@ fn sessions_key(u: &UserId) -> String {
 }
 fn seen_key(u: &UserId) -> String {
     format!("sb:{{user:{u}}}:seen")
+}
+/// FNV-1a: a stable hash, so every process picks the same bucket.
+fn online_bucket(u: &UserId) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in u.as_str().bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % ONLINE_BUCKETS
+}
+fn online_key(bucket: u32) -> String {
+    format!("sb:{{online:{bucket}}}")
+}
+/// Users grouped by online bucket, each group in the callers' order.
+fn by_online_bucket<'a>(
+    users: impl IntoIterator<Item = &'a UserId>,
+) -> Vec<(u32, Vec<&'a UserId>)> {
+    let mut groups: HashMap<u32, Vec<&UserId>> = HashMap::new();
+    for u in users {
+        groups.entry(online_bucket(u)).or_default().push(u);
+    }
+    let mut groups: Vec<_> = groups.into_iter().collect();
+    groups.sort_by_key(|g| g.0);
+    groups
 }
 fn node_key(node: &str) -> String {
     format!("sb:node:{node}:sessions")
@@ -101,12 +131,18 @@ impl RedisPresence {
     /// Online members among `users` (one round trip): used for channel
     /// online counts without listing members to the caller.
     pub async fn count_online(&self, users: &[UserId]) -> Result<usize, PresenceError> {
-        let mut pipe = redis::pipe();
-        for u in users {
-            pipe.cmd("SISMEMBER").arg(ONLINE).arg(u.as_str());
+        if users.is_empty() {
+            return Ok(0);
         }
-        let flags: Vec<bool> = pipe.query_async(&mut self.conn.clone()).await?;
-        Ok(flags.into_iter().filter(|f| *f).count())
+        // One SMISMEMBER per bucket; on a cluster each goes to its master.
+        let mut pipe = redis::pipe();
+        for (b, group) in by_online_bucket(users) {
+            pipe.cmd("SMISMEMBER")
+                .arg(online_key(b))
+                .arg(group.iter().map(|u| u.as_str()).collect::<Vec<_>>());
+        }
+        let flags: Vec<Vec<bool>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(flags.into_iter().flatten().filter(|f| *f).count())
     }
 
     /// Registers many sessions, one round trip per batch.
@@ -128,9 +164,12 @@ impl RedisPresence {
                     .arg(node_key(&s.node))
                     .arg(index_member(s))
                     .ignore();
-                // Outside the script: `sb:online` lives in another cluster
-                // slot. Idempotent, so every register may add.
-                pipe.cmd("SADD").arg(ONLINE).arg(s.user.as_str()).ignore();
+                // Outside the script: the online bucket lives in another
+                // cluster slot. Idempotent, so every register may add.
+                pipe.cmd("SADD")
+                    .arg(online_key(online_bucket(&s.user)))
+                    .arg(s.user.as_str())
+                    .ignore();
             }
             let became: Vec<i64> = pipe.query_async(&mut conn).await?;
             back.extend(
@@ -193,12 +232,14 @@ impl RedisPresence {
                 .map(|((u, _), _)| u)
                 .collect();
             if !offline.is_empty() {
-                let mut cmd = redis::cmd("SREM");
-                cmd.arg(ONLINE);
-                for u in &offline {
-                    cmd.arg(u.as_str());
+                let mut pipe = redis::pipe();
+                for (b, group) in by_online_bucket(&offline) {
+                    pipe.cmd("SREM")
+                        .arg(online_key(b))
+                        .arg(group.iter().map(|u| u.as_str()).collect::<Vec<_>>())
+                        .ignore();
                 }
-                let _: () = cmd.query_async(&mut conn).await?;
+                let _: () = pipe.query_async(&mut conn).await?;
                 gone.extend(offline.into_iter().map(|u| (u, now_ms)));
             }
         }
@@ -255,7 +296,10 @@ impl PresenceStore for RedisPresence {
             .arg(index_member(s))
             .ignore();
         if became == 1 {
-            pipe.cmd("SREM").arg(ONLINE).arg(s.user.as_str()).ignore();
+            pipe.cmd("SREM")
+                .arg(online_key(online_bucket(&s.user)))
+                .arg(s.user.as_str())
+                .ignore();
         }
         let _: () = pipe.query_async(&mut conn).await?;
         Ok(if became == 1 {
@@ -393,5 +437,22 @@ impl PresenceStore for RedisPresence {
             }
         }
         Ok(live)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn online_buckets_are_stable_and_spread() {
+        let a = UserId::parse("alice").unwrap();
+        assert_eq!(online_bucket(&a), online_bucket(&a));
+        let users: Vec<UserId> = (0..5_000)
+            .map(|i| UserId::parse(&format!("user-{i}")).unwrap())
+            .collect();
+        let groups = by_online_bucket(&users);
+        assert_eq!(groups.len(), ONLINE_BUCKETS as usize);
+        assert_eq!(groups.iter().map(|g| g.1.len()).sum::<usize>(), 5_000);
     }
 }

@@ -149,7 +149,35 @@ async fn redis_presence_meets_the_contract() {
 async fn redis_cluster_presence_meets_the_contract() {
     let cluster = RedisCluster::start();
     let conn = connect_redis(&cluster.url()).await.unwrap();
-    contract(Arc::new(RedisPresence::new(conn, TTL))).await;
+    let p = Arc::new(RedisPresence::new(conn, TTL));
+    contract(p.clone()).await;
+
+    // The online set is spread over every master, not one hot key.
+    p.node_heartbeat("spread", "", 0).await.unwrap();
+    let users: Vec<UserId> = (0..300).map(|i| u(&format!("fan-{i}"))).collect();
+    let sessions: Vec<Session> = users
+        .iter()
+        .enumerate()
+        .map(|(i, user)| s(user.as_str(), &format!("x{i}"), "spread"))
+        .collect();
+    assert_eq!(p.restore(&sessions, 0).await.unwrap().len(), 300);
+    assert_eq!(p.count_online(&users).await.unwrap(), 300);
+    for m in cluster.masters() {
+        let keys = switchboard_testkit::cli(m, &["--scan", "--pattern", "sb:{online:*"]).unwrap();
+        assert!(
+            keys.lines().count() >= 5,
+            "master {m} holds few online buckets:\n{keys}"
+        );
+    }
+    assert_eq!(p.drop_node("spread", 10).await.unwrap().len(), 300);
+    assert_eq!(p.count_online(&users).await.unwrap(), 0);
+
+    // No node ever answered a cross-slot error: every script and
+    // transaction stayed in one slot.
+    for m in cluster.masters() {
+        let stats = switchboard_testkit::cli(m, &["info", "errorstats"]).unwrap();
+        assert!(!stats.contains("CROSSSLOT"), "master {m}: {stats}");
+    }
 }
 
 #[tokio::test]

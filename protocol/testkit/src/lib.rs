@@ -75,8 +75,9 @@ const REDIS_ARGS: [&str; 8] = [
     "notice",
 ];
 
-/// Runs `redis-cli -p PORT ARGS...` and returns its output.
-fn cli(port: u16, args: &[&str]) -> Result<String, String> {
+/// Runs `redis-cli -p PORT ARGS...` and returns its output (stdout and
+/// stderr), or the same as the error when redis-cli failed.
+pub fn cli(port: u16, args: &[&str]) -> Result<String, String> {
     let out = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
@@ -308,6 +309,11 @@ fn count_flag(nodes: &str, flag: &str) -> usize {
         .count()
 }
 
+/// The port of a `CLUSTER NODES` address, `ip:port@cport[,hostname]`.
+fn node_port(addr: &str) -> Option<u16> {
+    addr.split('@').next()?.rsplit_once(':')?.1.parse().ok()
+}
+
 /// A Redis Cluster of three masters with one replica each, every node a
 /// real `redis-server` on a free port, killed on drop.
 pub struct RedisCluster {
@@ -364,6 +370,113 @@ impl RedisCluster {
     /// The nodes (their roles change after a failover; ask them).
     pub fn nodes(&mut self) -> &mut [Server] {
         &mut self.nodes
+    }
+
+    /// `CLUSTER NODES` as a running node sees it.
+    fn cluster_nodes(&self) -> Result<String, String> {
+        let mut last = Err("no running node".to_owned());
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            last = cli(n.port, &["cluster", "nodes"]);
+            if last.is_ok() {
+                break;
+            }
+        }
+        last
+    }
+
+    /// Ports of the masters that serve slots now, in slot order.
+    pub fn masters(&self) -> Vec<u16> {
+        let nodes = self.cluster_nodes().unwrap_or_default();
+        let mut masters: Vec<(u16, u16)> = nodes
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let flags = f.get(2)?;
+                if !flags.split(',').any(|x| x == "master") || flags.contains("fail") {
+                    return None;
+                }
+                let first: u16 = f.get(8)?.split('-').next()?.parse().ok()?;
+                Some((first, node_port(f[1])?))
+            })
+            .collect();
+        masters.sort();
+        masters.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        let port = self.masters()[0];
+        cli(port, &["cluster", "keyslot", key])
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("cluster keyslot {key} failed"))
+    }
+
+    /// The port of the master serving `slot` now.
+    pub fn master_of(&self, slot: u16) -> u16 {
+        let nodes = self.cluster_nodes().unwrap_or_default();
+        for l in nodes.lines() {
+            let f: Vec<&str> = l.split(' ').collect();
+            if f.len() < 9 || !f[2].split(',').any(|x| x == "master") {
+                continue;
+            }
+            for range in &f[8..] {
+                if range.starts_with('[') {
+                    continue; // a slot being imported or migrated
+                }
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>())
+                    && (a..=b).contains(&slot)
+                    && let Some(p) = node_port(f[1])
+                {
+                    return p;
+                }
+            }
+        }
+        panic!("no master serves slot {slot}:\n{nodes}");
+    }
+
+    /// Moves `slot` to the master on port `to`, as `redis-cli --cluster
+    /// reshard` does: IMPORTING/MIGRATING, MIGRATE its keys in batches of
+    /// `batch` (clients get ASK meanwhile), then SETSLOT NODE everywhere.
+    /// `between` runs after each batch, so a test can interleave work.
+    pub fn migrate_slot(&self, slot: u16, to: u16, batch: usize, mut between: impl FnMut()) {
+        let from = self.master_of(slot);
+        assert_ne!(from, to, "slot {slot} is already on {to}");
+        let id = |port: u16| {
+            cli(port, &["cluster", "myid"])
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|e| panic!("cluster myid on {port}: {e}"))
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        let slot_s = slot.to_string();
+        let ok = |port: u16, args: &[&str]| {
+            let out = cli(port, args).unwrap_or_else(|e| panic!("{args:?} on {port}: {e}"));
+            assert!(!out.contains("ERR"), "{args:?} on {port}: {out}");
+        };
+        ok(to, &["cluster", "setslot", &slot_s, "importing", &from_id]);
+        ok(from, &["cluster", "setslot", &slot_s, "migrating", &to_id]);
+        let (to_s, batch_s) = (to.to_string(), batch.max(1).to_string());
+        loop {
+            let keys = cli(from, &["cluster", "getkeysinslot", &slot_s, &batch_s])
+                .unwrap_or_else(|e| panic!("getkeysinslot: {e}"));
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let mut args = vec!["migrate", "127.0.0.1", &to_s, "", "0", "5000", "keys"];
+            args.extend(keys);
+            ok(from, &args);
+            between();
+        }
+        // The new owner first, then the old one, then everyone else.
+        ok(to, &["cluster", "setslot", &slot_s, "node", &to_id]);
+        ok(from, &["cluster", "setslot", &slot_s, "node", &to_id]);
+        for port in self.masters() {
+            if port != from && port != to {
+                ok(port, &["cluster", "setslot", &slot_s, "node", &to_id]);
+            }
+        }
     }
 
     /// Every node's log, for a failure message.
@@ -502,6 +615,23 @@ mod tests {
         assert!(c.url().starts_with("redis+cluster://127.0.0.1:"));
         let nodes = cli(c.nodes[0].port, &["cluster", "nodes"]).unwrap();
         assert_eq!(count_flag(&nodes, "master"), 3);
+    }
+
+    #[test]
+    fn a_cluster_slot_moves_with_its_keys() {
+        let c = RedisCluster::start();
+        let slot = c.keyslot("{moving}:a");
+        let from = c.master_of(slot);
+        for i in 0..10 {
+            cli(from, &["set", &format!("{{moving}}:{i}"), "v"]).unwrap();
+        }
+        let to = *c.masters().iter().find(|p| **p != from).unwrap();
+        let mut batches = 0;
+        c.migrate_slot(slot, to, 3, || batches += 1);
+        assert_eq!(batches, 4);
+        assert_eq!(c.master_of(slot), to);
+        assert_eq!(cli(to, &["get", "{moving}:9"]).unwrap().trim(), "v");
+        assert_eq!(c.masters().len(), 3);
     }
 
     #[test]
