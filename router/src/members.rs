@@ -363,7 +363,8 @@ impl Members {
         Ok(total)
     }
 
-    async fn bucket(&self, channel: &ChatId, bucket: u32) -> Result<Vec<UserId>, MembersError> {
+    /// The members in one bucket (`0..buckets`) of a channel.
+    pub async fn bucket(&self, channel: &ChatId, bucket: u32) -> Result<Vec<UserId>, MembersError> {
         let raw: Vec<String> = redis::cmd("SMEMBERS")
             .arg(bucket_key(channel, bucket))
             .query_async(&mut self.conn.clone())
