@@ -199,6 +199,62 @@ impl Sentinel {
     }
 }
 
+/// Times a cluster transaction is sent again after a redirection.
+const TRANSACTION_RETRIES: u32 = 12;
+
+/// The cluster client follows MOVED and ASK for commands and plain
+/// pipelines, but not inside MULTI/EXEC: there the EXEC comes back aborted
+/// with the redirections, and the client's slot map stays stale, so after
+/// a reshard or a failover every transaction on the moved slot would fail.
+/// On MOVED, one single-key read of the transaction's first key takes the
+/// redirection (the client then learns the new map) and the transaction
+/// goes again; on ASK or TRYAGAIN (the slot is being migrated) it waits a
+/// little and goes again, for about two seconds at most.
+async fn cluster_transaction(
+    mut c: ClusterConnection,
+    pipeline: &Pipeline,
+    offset: usize,
+    count: usize,
+) -> Result<Vec<Value>, RedisError> {
+    use redis::ServerErrorKind as K;
+    let mut wait = Duration::from_millis(10);
+    let mut tries = 0;
+    loop {
+        let e = match c.req_packed_commands(pipeline, offset, count).await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let kinds: Vec<K> = e
+            .clone()
+            .into_server_errors()
+            .map(|errs| errs.iter().filter_map(|(_, s)| s.kind()).collect())
+            .unwrap_or_default();
+        let moved = kinds.contains(&K::Moved);
+        let migrating = kinds.iter().any(|k| matches!(k, K::Ask | K::TryAgain));
+        tries += 1;
+        if !(moved || migrating) || tries > TRANSACTION_RETRIES {
+            return Err(e);
+        }
+        metrics::counter!("switchboard_redis_transaction_redirects_total").increment(1);
+        if moved {
+            let key = pipeline
+                .cmd_iter()
+                .next()
+                .and_then(|cmd| cmd.args_iter().nth(1))
+                .and_then(|a| match a {
+                    redis::Arg::Simple(k) => Some(k.to_vec()),
+                    _ => None,
+                });
+            if let Some(key) = key {
+                let _ = c.req_packed_command(redis::cmd("EXISTS").arg(key)).await;
+            }
+        } else {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(250));
+        }
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut self.0 {
@@ -226,6 +282,9 @@ impl ConnectionLike for RedisConn {
             // sending): its commands then go one by one, concurrently, each
             // to its slot's node. No caller needs an order between
             // different keys. One-slot pipelines and transactions go whole.
+            Mode::Cluster(c) if pipeline.is_transaction() => {
+                Box::pin(cluster_transaction(c.clone(), pipeline, offset, count))
+            }
             Mode::Cluster(c) => {
                 let c = c.clone();
                 Box::pin(async move {

@@ -14,4 +14,5 @@ mod http;
 mod k6;
 mod limits;
 mod operate;
+mod redis_modes;
 mod tls;

@@ -81,11 +81,13 @@ pub const API_PUBLISH_RESULTS: &[&str] = &[
     "refused",
 ];
 
-/// Registers the backend API's series at zero.
+/// Registers the backend API's series, and the Redis connection's, at zero.
 pub fn register_api_series() {
     for r in API_PUBLISH_RESULTS {
         counter!("switchboard_api_publishes_total", "result" => *r).increment(0);
     }
+    // Both edges and routers talk to Redis through `RedisConn`.
+    counter!("switchboard_redis_transaction_redirects_total").increment(0);
 }
 
 /// Counts a backend publish by result.

@@ -7,12 +7,36 @@ use clap::Parser;
 use switchboard_edge::{ClusterConfig, Config, Edge};
 use switchboard_protocol::subject::ROUTER_PUBLISH;
 use switchboard_router_server::{Settings as RouterSettings, run as run_router};
-use switchboard_testkit::Server;
+use switchboard_testkit::{RedisCluster, RedisSentinel, Server};
 use tokio_util::sync::CancellationToken;
 
 use super::{SECRET, config};
 
 pub const API_KEY: &str = "cluster-key";
+
+/// Anything edges and routers can take a Redis URL from: one server, a
+/// Redis Cluster or a Sentinel setup (ADR 0018).
+pub trait RedisUrl {
+    fn redis_url(&self) -> String;
+}
+
+impl RedisUrl for Server {
+    fn redis_url(&self) -> String {
+        self.url()
+    }
+}
+
+impl RedisUrl for RedisCluster {
+    fn redis_url(&self) -> String {
+        self.url()
+    }
+}
+
+impl RedisUrl for RedisSentinel {
+    fn redis_url(&self) -> String {
+        self.url()
+    }
+}
 
 pub struct RouterNode {
     pub addr: SocketAddr,
@@ -39,26 +63,26 @@ pub struct Cluster {
     pub edges: Vec<Edge>,
 }
 
-pub fn edge_config(nats: &Server, redis: &Server, node: &str) -> Config {
+pub fn edge_config(nats: &Server, redis: &impl RedisUrl, node: &str) -> Config {
     let mut c = config();
     c.node_id = node.into();
     c.api_key = Some(API_KEY.into());
     c.presence_ttl = Duration::from_millis(1500);
     c.cluster = Some(ClusterConfig {
         nats_url: nats.url(),
-        redis_url: redis.url(),
+        redis_url: redis.redis_url(),
         subscription_capacity: 8192,
     });
     c
 }
 
-pub async fn start_router(nats: &Server, redis: &Server, node: &str) -> RouterNode {
+pub async fn start_router(nats: &Server, redis: &impl RedisUrl, node: &str) -> RouterNode {
     let config = RouterSettings::parse_from([
         "switchboard-router",
         "--nats",
         &nats.url(),
         "--redis",
-        &redis.url(),
+        &redis.redis_url(),
         "--api-key",
         API_KEY,
         "--node-id",
@@ -102,7 +126,7 @@ pub async fn wait_for_routers(nats: &Server) {
     panic!("no router answered");
 }
 
-pub async fn start_edge(nats: &Server, redis: &Server, node: &str) -> Edge {
+pub async fn start_edge(nats: &Server, redis: &impl RedisUrl, node: &str) -> Edge {
     super::start(edge_config(nats, redis, node)).await
 }
 
@@ -168,7 +192,7 @@ pub async fn post(
 /// be SIGKILLed), once it listens.
 pub async fn spawn_edge_process(
     nats: &Server,
-    redis: &Server,
+    redis: &impl RedisUrl,
     node: &str,
 ) -> (std::process::Child, SocketAddr) {
     let port = super::free_port();
@@ -186,7 +210,7 @@ pub async fn spawn_edge_process(
 /// Environment for an edge run as a child process in this cluster.
 pub fn edge_process_env(
     nats: &Server,
-    redis: &Server,
+    redis: &impl RedisUrl,
     node: &str,
     port: u16,
 ) -> Vec<(String, String)> {
@@ -194,7 +218,7 @@ pub fn edge_process_env(
         ("SWITCHBOARD_LISTEN".into(), format!("127.0.0.1:{port}")),
         ("SWITCHBOARD_JWT_SECRET".into(), SECRET.into()),
         ("SWITCHBOARD_NATS_URL".into(), nats.url()),
-        ("SWITCHBOARD_REDIS_URL".into(), redis.url()),
+        ("SWITCHBOARD_REDIS_URL".into(), redis.redis_url()),
         ("SWITCHBOARD_NODE_ID".into(), node.into()),
         ("SWITCHBOARD_PRESENCE_TTL_MS".into(), "1500".into()),
         ("SWITCHBOARD_MAX_CONNECTIONS".into(), "1000".into()),
