@@ -159,6 +159,29 @@ VARIANTS: dict[str, dict] = {
             "externalNats": {"existingSecret": "nats-urls"},
         },
     ),
+    # Redis deployment modes (ADR 0018), with the password from a Secret.
+    "redis-sentinel": merge(
+        DEFAULTS,
+        {
+            "externalRedis": {
+                "mode": "sentinel",
+                "hosts": ["s1:26379", "s2:26379", "s3:26379"],
+                "sentinelMaster": "sbmaster",
+                "database": 2,
+                "existingSecret": "redis-pw",
+            }
+        },
+    ),
+    "redis-cluster": merge(
+        DEFAULTS,
+        {"externalRedis": {"mode": "cluster", "hosts": ["r0:6379", "r1:6379", "r2:6379"], "existingSecret": "redis-pw"}},
+    ),
+}
+# The Redis URL each variant must give edges and routers alike ($(REDIS_PASSWORD) is expanded by Kubernetes).
+REDIS_URLS = {
+    "defaults": "redis://redis-master:6379",
+    "redis-sentinel": "redis+sentinel://:$(REDIS_PASSWORD)@s1:26379,s2:26379,s3:26379/sbmaster/2",
+    "redis-cluster": "redis+cluster://:$(REDIS_PASSWORD)@r0:6379,r1:6379,r2:6379",
 }
 # Renders that must fail, with (part of) the message they must give.
 MUST_FAIL: dict[str, tuple[dict, str]] = {
@@ -166,6 +189,23 @@ MUST_FAIL: dict[str, tuple[dict, str]] = {
     "no NATS": (merge(DEFAULTS, {"externalNats": {"urls": []}}), "needs NATS"),
     "no Redis": (merge(DEFAULTS, {"externalRedis": {"url": ""}}), "needs Redis"),
     "alerts without ServiceMonitors": (merge(DEFAULTS, {"alerts": {"enabled": True}}), "alerts.scrapedElsewhere"),
+    "sentinel without a master name": (
+        merge(DEFAULTS, {"externalRedis": {"mode": "sentinel", "hosts": ["s1:26379"]}}),
+        "externalRedis.sentinelMaster: sentinel mode needs the master name",
+    ),
+    "cluster without hosts": (
+        merge(DEFAULTS, {"externalRedis": {"mode": "cluster"}}),
+        "externalRedis.hosts: cluster mode needs host:port entries",
+    ),
+    "unknown Redis mode": (merge(DEFAULTS, {"externalRedis": {"mode": "shards"}}), "expected single, sentinel or cluster"),
+    "subchart in cluster mode": (
+        merge(DEFAULTS, {"redis": {"enabled": True}, "externalRedis": {"mode": "cluster"}}),
+        "the redis subchart (redis.enabled) is one server",
+    ),
+    "credentials in Redis hosts": (
+        merge(DEFAULTS, {"externalRedis": {"mode": "cluster", "hosts": [":pw@r0:6379"]}}),
+        "give host:port only",
+    ),
     "Redis over TLS": (merge(DEFAULTS, {"externalRedis": {"url": "rediss://r:6380"}}), "not built into Switchboard"),
     "existingSecret and inline keys": (
         merge(DEFAULTS, {"auth": {"existingSecret": "keys", "existingSecretKeys": {"jwtSecret": "s"}}}),
@@ -737,6 +777,18 @@ def cross_checks(p: Problems, rendered: dict[str, list[dict]], metrics: set[str]
                     where,
                     f"{key} differs from {DASHBOARD.relative_to(ROOT)}",
                 )
+
+        # Edges and routers get the same Redis URL, built for the mode.
+        if variant in REDIS_URLS and edge and router:
+            urls = [
+                env_map(d["spec"]["template"]["spec"]["containers"][0]).get("SWITCHBOARD_REDIS_URL", {}).get("value")
+                for d in (edge, router)
+            ]
+            p.check(
+                urls == [REDIS_URLS[variant]] * 2,
+                variant,
+                f"Redis URLs {urls}, want {REDIS_URLS[variant]} on both",
+            )
 
         # The subchart wiring uses the upstream charts' Service names.
         if variant == "subcharts":

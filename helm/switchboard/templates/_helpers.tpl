@@ -74,6 +74,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* The Redis URL of externalRedis, by mode (ADR 0018), without the password. */}}
+{{- define "switchboard.redisUrl" -}}
+{{- $r := .Values.externalRedis }}
+{{- if eq $r.mode "sentinel" }}
+{{- printf "redis+sentinel://%s/%s" (join "," $r.hosts) $r.sentinelMaster }}
+{{- if and $r.database (ne (int $r.database) 0) }}{{ printf "/%d" (int $r.database) }}{{ end }}
+{{- else if eq $r.mode "cluster" }}
+{{- printf "redis+cluster://%s" (join "," $r.hosts) }}
+{{- else }}
+{{- $r.url }}
+{{- end }}
+{{- end }}
+
 {{/* Env entries for NATS and Redis, shared by edges and routers. */}}
 {{- define "switchboard.backendEnv" -}}
 {{- if .Values.nats.enabled }}
@@ -89,7 +102,7 @@ app.kubernetes.io/component: {{ .component }}
 - name: SWITCHBOARD_NATS_URL
   value: {{ join "," .Values.externalNats.urls | quote }}
 {{- end }}
-{{- $redisUrl := .Values.externalRedis.url }}
+{{- $redisUrl := include "switchboard.redisUrl" . }}
 {{- $pwSecret := .Values.externalRedis.existingSecret }}
 {{- $pwKey := .Values.externalRedis.existingSecretPasswordKey }}
 {{- if .Values.redis.enabled }}
@@ -187,13 +200,33 @@ listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitt
 {{- if not (or .Values.nats.enabled .Values.externalNats.existingSecret (compact .Values.externalNats.urls)) }}
 {{- fail "nats: the chart deploys cluster mode and needs NATS. Set externalNats.urls (or externalNats.existingSecret), or nats.enabled=true for the subchart" }}
 {{- end }}
-{{- if not (or .Values.redis.enabled .Values.externalRedis.url) }}
+{{- $r := .Values.externalRedis }}
+{{- if not (has $r.mode (list "single" "sentinel" "cluster")) }}
+{{- fail (printf "externalRedis.mode: expected single, sentinel or cluster, not %q" (toString $r.mode)) }}
+{{- end }}
+{{- if and .Values.redis.enabled (ne $r.mode "single") }}
+{{- fail "externalRedis.mode: the redis subchart (redis.enabled) is one server; for sentinel or cluster point externalRedis at your deployment" }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) (ne $r.mode "single") }}
+{{- if not (compact $r.hosts) }}
+{{- fail (printf "externalRedis.hosts: %s mode needs host:port entries (%s)" $r.mode (ternary "the sentinels" "seed nodes of the Redis Cluster" (eq $r.mode "sentinel"))) }}
+{{- end }}
+{{- if and (eq $r.mode "sentinel") (not $r.sentinelMaster) }}
+{{- fail "externalRedis.sentinelMaster: sentinel mode needs the master name the sentinels monitor (sentinel monitor NAME ...)" }}
+{{- end }}
+{{- range $r.hosts }}
+{{- if or (contains "@" .) (contains "/" .) }}
+{{- fail (printf "externalRedis.hosts: %q: give host:port only; the password comes from externalRedis.existingSecret" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not (or .Values.redis.enabled (ne $r.mode "single") $r.url) }}
 {{- fail "redis: the chart deploys cluster mode and needs Redis. Set externalRedis.url, or redis.enabled=true for the subchart" }}
 {{- end }}
-{{- if and (not .Values.redis.enabled) .Values.externalRedis.existingSecret (contains "@" .Values.externalRedis.url) }}
+{{- if and (not .Values.redis.enabled) (eq $r.mode "single") .Values.externalRedis.existingSecret (contains "@" .Values.externalRedis.url) }}
 {{- fail "externalRedis.url: leave credentials out of the URL when externalRedis.existingSecret supplies the password" }}
 {{- end }}
-{{- if and (not .Values.redis.enabled) .Values.externalRedis.url (not (hasPrefix "redis://" .Values.externalRedis.url)) }}
+{{- if and (not .Values.redis.enabled) (eq $r.mode "single") .Values.externalRedis.url (not (hasPrefix "redis://" .Values.externalRedis.url)) }}
 {{- fail "externalRedis.url: expected redis://host:port (TLS to Redis, rediss://, is not built into Switchboard yet; see docs/operations.md#redis)" }}
 {{- end }}
 {{- if and .Values.alerts.enabled (not .Values.serviceMonitor.enabled) (not .Values.alerts.scrapedElsewhere) }}
