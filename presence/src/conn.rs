@@ -255,6 +255,47 @@ async fn cluster_transaction(
     }
 }
 
+fn is_moved(e: &redis::ServerError) -> bool {
+    matches!(e.kind(), Some(redis::ServerErrorKind::Moved))
+}
+
+/// Whether every call of a one-slot plain pipeline (the batched appends,
+/// errors kept per call) was redirected, so none ran.
+fn all_moved(answer: &Result<Vec<Value>, RedisError>) -> bool {
+    match answer {
+        Err(e) => e
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errs| !errs.is_empty() && errs.iter().all(|(_, e)| is_moved(e))),
+        Ok(values) => {
+            !values.is_empty()
+                && values
+                    .iter()
+                    .all(|v| matches!(v, Value::ServerError(e) if is_moved(e)))
+        }
+    }
+}
+
+/// The key of a pipeline's first command (`EVALSHA sha n KEY…` or
+/// `CMD KEY…`).
+fn first_key(pipeline: &Pipeline) -> Option<Vec<u8>> {
+    let cmd = pipeline.cmd_iter().next()?;
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|a| match a {
+            redis::Arg::Simple(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    let name = args.first()?.to_ascii_uppercase();
+    let at = if name == b"EVALSHA" || name == b"EVAL" {
+        3
+    } else {
+        1
+    };
+    args.get(at).map(|k| k.to_vec())
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut self.0 {
@@ -289,7 +330,20 @@ impl ConnectionLike for RedisConn {
                 let c = c.clone();
                 Box::pin(async move {
                     let mut whole = c.clone();
-                    match whole.req_packed_commands(pipeline, offset, count).await {
+                    let mut answer = whole.req_packed_commands(pipeline, offset, count).await;
+                    if all_moved(&answer) {
+                        // The slot moved (a failover): every call came back
+                        // MOVED, so none ran. One read of the pipeline's key
+                        // teaches the client the new master; send it again.
+                        if let Some(key) = first_key(pipeline) {
+                            let _ = c
+                                .clone()
+                                .req_packed_command(redis::cmd("EXISTS").arg(key))
+                                .await;
+                            answer = whole.req_packed_commands(pipeline, offset, count).await;
+                        }
+                    }
+                    match answer {
                         Err(e)
                             if !pipeline.is_transaction()
                                 && e.kind()

@@ -1,6 +1,7 @@
 mod batch;
 pub(crate) mod memory;
 pub(crate) mod redis;
+mod rpo;
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -177,6 +177,13 @@ impl Server {
                             "nodes.conf",
                             "--cluster-node-timeout",
                             "2000",
+                            // A replica cut off from its master for a while
+                            // still takes over (the failover tests stall it).
+                            "--cluster-replica-validity-factor",
+                            "0",
+                            // A stalled replica's backlog stays in the master.
+                            "--client-output-buffer-limit",
+                            "replica 0 0 0",
                         ]);
                     }
                     Kind::Replica(primary) => {
@@ -477,6 +484,103 @@ impl RedisCluster {
                 ok(port, &["cluster", "setslot", &slot_s, "node", &to_id]);
             }
         }
+    }
+
+    fn index_of_port(&self, port: u16) -> Option<usize> {
+        self.nodes.iter().position(|n| n.port == port)
+    }
+
+    /// Index in [`RedisCluster::nodes`] of the master serving `key`'s slot
+    /// and of its replica.
+    pub fn master_and_replica_of(&self, key: &str) -> Result<(usize, usize), String> {
+        let slot = self.keyslot(key);
+        let nodes = self.cluster_nodes()?;
+        let fields: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .filter(|f| f.len() >= 8)
+            .collect();
+        let master = fields
+            .iter()
+            .find(|f| {
+                f[8..].iter().any(|r| {
+                    let (a, b) = r.split_once('-').unwrap_or((r, r));
+                    matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+                })
+            })
+            .ok_or(format!("no master serves slot {slot}"))?;
+        let replica = fields
+            .iter()
+            .find(|f| f[3] == master[0] && !f[2].contains("fail"))
+            .ok_or(format!("no replica of {}", master[1]))?;
+        let index = |f: &[&str]| {
+            node_port(f[1])
+                .and_then(|p| self.index_of_port(p))
+                .ok_or(format!("unknown node {}", f[1]))
+        };
+        Ok((index(master)?, index(replica)?))
+    }
+
+    /// Makes writes to the master at `master` wait in its memory instead
+    /// of reaching its replica at `replica`: freezes the replica (SIGSTOP)
+    /// and writes 64 MiB under `key` (a key of the master's slots), which
+    /// fills the replication link's socket buffers. Every write after this
+    /// one is acknowledged by the master but lost if it dies before
+    /// [`Server::resume`] of the replica.
+    pub fn stall_replication(&self, master: usize, replica: usize, key: &str) {
+        use std::io::Write;
+        self.nodes[replica].pause();
+        let mut child = Command::new("redis-cli")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.nodes[master].port.to_string(),
+            ])
+            .args(["-x", "set", key])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("redis-cli");
+        let filler = vec![b'x'; 64 << 20];
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(&filler)
+            .expect("write filler");
+        let out = child.wait_with_output().expect("redis-cli");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.trim() == "OK", "filler not written: {text}");
+    }
+
+    /// Waits until the replica at `replica` has every write of the master
+    /// at `master` so far.
+    pub fn wait_replicated(&self, master: usize, replica: usize) -> Result<(), String> {
+        let offset = |port: u16, field: &str| -> Option<u64> {
+            let info = cli(port, &["info", "replication"]).ok()?;
+            info.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        let target =
+            offset(self.nodes[master].port, "master_repl_offset").ok_or("master offset unknown")?;
+        wait_until(10, "replica caught up", || {
+            offset(self.nodes[replica].port, "slave_repl_offset").is_some_and(|o| o >= target)
+        })
+    }
+
+    /// Waits until the node at `index` is a master (its master was lost and
+    /// it took over) and every running node says `cluster_state:ok`.
+    pub fn wait_promoted(&self, index: usize) -> Result<(), String> {
+        let port = self.nodes[index].port;
+        wait_until(30, "replica promoted and cluster ok", || {
+            cli(port, &["info", "replication"]).is_ok_and(|i| i.contains("role:master"))
+                && self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                    cli(n.port, &["cluster", "info"]).is_ok_and(|i| i.contains("cluster_state:ok"))
+                })
+        })
     }
 
     /// Every node's log, for a failure message.

@@ -109,6 +109,8 @@ fn register_series() {
         "switchboard_router_shard_jobs_redelivered_total",
         "switchboard_router_push_jobs_total",
         "switchboard_presence_expired_total",
+        "switchboard_history_failover_lost_total",
+        "switchboard_history_epoch_fenced_total",
     ] {
         counter!(name).increment(0);
     }
@@ -118,6 +120,7 @@ fn register_series() {
     for name in [
         "switchboard_router_shard_jobs_in_flight",
         "switchboard_router_shard_jobs_pending",
+        "switchboard_history_rpo_tracked_streams",
     ] {
         metrics::gauge!(name).set(0.0);
     }

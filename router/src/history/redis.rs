@@ -7,11 +7,20 @@
 //! - `…:epoch`  random id of this history; created with the first message
 //! - `…:log`    Redis stream, entry id `<seq>-0`, fields s/m/p/t (sender,
 //!   client message id, payload, unix ms); `MAXLEN` = max messages
-//! - `…:d:<sender>:<client_msg_id>` de-duplication key → `seq:ts`, `PX` =
-//!   history age
+//! - `…:d:<sender>:<client_msg_id>` de-duplication key → `seq:ts:epoch`,
+//!   `PX` = history age
+//! - `…:w`      `master_replid` of the primary that wrote the stream last
+//! - `…:f`      `<epoch>:<last seq>` of the stream's last failover cut
 //!
 //! Idle streams expire after max(history age, 1 day); the next message
 //! starts a new epoch and clients that resume are told to re-sync.
+//!
+//! Failover fencing (ADR 0019): a promoted replica has a new
+//! `master_replid`, so a stream whose `…:w` names another primary may have
+//! lost its latest acked writes. Its next append starts a new epoch (seq
+//! goes on from what survived), so no (epoch, seq) is handed out twice;
+//! each router counts the acked seqs it remembers above the surviving one
+//! as lost (`rpo`).
 //!
 //! Appends are batched: concurrent ones go to Redis as one pipeline of
 //! `EVALSHA` calls (`batch`), each call inside its stream's slot, so a
@@ -27,27 +36,61 @@ use super::{
     Appended, Draft, History, HistoryError, HistoryLimits, Recovery,
     batch::{BatchLimits, Batcher, Flush, Refused},
     delivery_frame,
+    rpo::{ACKS_PER_STREAM, AckLog, Fence, MAX_STREAMS},
 };
 
+// KEYS: seq, log, epoch, dedup, writer (the master_replid of the primary
+// that wrote last), fence (`<cut epoch>:<surviving seq>` of the last cut).
+// ARGV: ts, sender, client msg id, payload, max messages, dedup ttl, fresh
+// epoch, stream ttl, the epoch the caller last acked ("" when none).
+// Returns {fresh, seq, ts, epoch, fenced now, fence record or ""}.
 const APPEND: &str = r#"
 local dup = redis.call('GET', KEYS[4])
 local epoch = redis.call('GET', KEYS[3])
 if dup and epoch then
-  local sep = string.find(dup, ':', 1, true)
-  return {0, tonumber(string.sub(dup, 1, sep - 1)), tonumber(string.sub(dup, sep + 1)), epoch}
+  local a = string.find(dup, ':', 1, true)
+  local b = string.find(dup, ':', a + 1, true)
+  local dup_epoch = epoch
+  local ts = string.sub(dup, a + 1)
+  if b then
+    ts = string.sub(dup, a + 1, b - 1)
+    dup_epoch = string.sub(dup, b + 1)
+  end
+  return {0, tonumber(string.sub(dup, 1, a - 1)), tonumber(ts), dup_epoch, 0, ''}
 end
+local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
+local fenced = 0
 if not epoch then
   epoch = ARGV[7]
   redis.call('SET', KEYS[3], epoch)
   redis.call('DEL', KEYS[1], KEYS[2])
+else
+  local writer = redis.call('GET', KEYS[5])
+  if writer and replid ~= '' and writer ~= replid then
+    -- Another primary wrote this stream last: its latest acked writes may
+    -- not have reached this one. Cut the history: new epoch, seq goes on.
+    fenced = 1
+    local last = redis.call('GET', KEYS[1]) or '0'
+    redis.call('SET', KEYS[6], epoch .. ':' .. last, 'PX', ARGV[8])
+    epoch = ARGV[7]
+    redis.call('SET', KEYS[3], epoch)
+    redis.call('DEL', KEYS[2])
+  end
+end
+if replid ~= '' then
+  redis.call('SET', KEYS[5], replid, 'PX', ARGV[8])
 end
 local seq = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[5], seq .. '-0', 's', ARGV[2], 'm', ARGV[3], 'p', ARGV[4], 't', ARGV[1])
-redis.call('SET', KEYS[4], seq .. ':' .. ARGV[1], 'PX', ARGV[6])
+redis.call('SET', KEYS[4], seq .. ':' .. ARGV[1] .. ':' .. epoch, 'PX', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 redis.call('PEXPIRE', KEYS[3], ARGV[8])
-return {1, seq, tonumber(ARGV[1]), epoch}
+local cut = ''
+if fenced == 1 or (ARGV[9] ~= '' and ARGV[9] ~= epoch) then
+  cut = redis.call('GET', KEYS[6]) or ''
+end
+return {1, seq, tonumber(ARGV[1]), epoch, fenced, cut}
 "#;
 
 /// Streams idle longer than this are forgotten (ms), at least the history age.
@@ -66,6 +109,7 @@ pub struct RedisHistory {
     script: redis::Script,
     appends: Batcher<AppendFlush>,
     limits: HistoryLimits,
+    acked: AckLog,
 }
 
 /// Sends queued `EVALSHA` calls as one pipeline per hash slot.
@@ -215,7 +259,16 @@ impl RedisHistory {
             script,
             appends: Batcher::spawn(flush, batch),
             limits,
+            acked: AckLog::new(MAX_STREAMS, ACKS_PER_STREAM),
         }
+    }
+
+    /// (acked messages counted as lost, streams fenced) by this history
+    /// since it started: what it added to
+    /// `switchboard_history_failover_lost_total` and
+    /// `switchboard_history_epoch_fenced_total`.
+    pub fn failover_counts(&self) -> (u64, u64) {
+        self.acked.totals()
     }
 }
 
@@ -226,13 +279,16 @@ impl History for RedisHistory {
         let dedup_key = format!("{p}:d:{}:{}", draft.sender, draft.client_msg_id);
         let fresh_epoch = format!("{:08x}", rand::random::<u32>());
         let ttl = self.limits.max_age_ms.max(1);
+        let acked_epoch = self.acked.epoch_of(&p);
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.script.get_hash())
-            .arg(4)
+            .arg(6)
             .arg(format!("{p}:seq"))
             .arg(format!("{p}:log"))
             .arg(format!("{p}:epoch"))
             .arg(&dedup_key)
+            .arg(format!("{p}:w"))
+            .arg(format!("{p}:f"))
             .arg(draft.timestamp_ms)
             .arg(draft.sender.as_str())
             .arg(&draft.client_msg_id)
@@ -240,17 +296,26 @@ impl History for RedisHistory {
             .arg(self.limits.max_messages)
             .arg(ttl)
             .arg(&fresh_epoch)
-            .arg(ttl.max(MIN_STREAM_TTL_MS));
-        let call = AppendCall { tag: p, call };
+            .arg(ttl.max(MIN_STREAM_TTL_MS))
+            .arg(&acked_epoch);
+        let call = AppendCall {
+            tag: p.clone(),
+            call,
+        };
         let answer = self.appends.submit(call).await.map_err(|r| match r {
             Refused::Full => HistoryError::QueueFull {
                 capacity: APPEND_QUEUE_CAPACITY,
             },
             Refused::Stopped => HistoryError::Stopped,
         })?;
-        let (fresh, seq, ts, epoch): (i64, u64, i64, String) = answer
+        let (fresh, seq, ts, epoch, fenced, cut): (i64, u64, i64, String, i64, String) = answer
             .and_then(|v| Ok(redis::from_redis_value(v)?))
             .map_err(unavailable)?;
+        if fresh != 0 {
+            let fence = Fence::parse(&cut);
+            self.acked
+                .on_acked(&p, &epoch, seq, fence.as_ref(), fenced != 0);
+        }
         let frame = delivery_frame(
             stream,
             seq,
