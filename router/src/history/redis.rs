@@ -58,7 +58,9 @@ if dup and epoch then
   end
   return {0, tonumber(string.sub(dup, 1, a - 1)), tonumber(ts), dup_epoch, 0, ''}
 end
-local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)') or ''
+local info = redis.call('INFO', 'replication')
+local replid = string.match(info, 'master_replid:(%w+)') or ''
+local previous = string.match(info, 'master_replid2:(%w+)') or ''
 local fenced = 0
 if not epoch then
   epoch = ARGV[7]
@@ -66,9 +68,11 @@ if not epoch then
   redis.call('DEL', KEYS[1], KEYS[2])
 else
   local writer = redis.call('GET', KEYS[5])
-  if writer and replid ~= '' and writer ~= replid then
-    -- Another primary wrote this stream last: its latest acked writes may
-    -- not have reached this one. Cut the history: new epoch, seq goes on.
+  if writer and replid ~= '' and writer ~= replid and writer == previous then
+    -- This node was promoted from the replica of the primary that wrote
+    -- the stream last: that primary's latest acked writes may not have
+    -- reached it. Cut the history: new epoch, seq goes on. (A writer id
+    -- of another shard means the slot migrated here: nothing was lost.)
     fenced = 1
     local last = redis.call('GET', KEYS[1]) or '0'
     redis.call('SET', KEYS[6], epoch .. ':' .. last, 'PX', ARGV[8])
