@@ -39,6 +39,7 @@ mod plot;
 mod recorder;
 mod report;
 mod roll;
+mod sequence;
 mod storm;
 mod sys;
 
@@ -92,6 +93,9 @@ enum Scenario {
     Storm(storm::Args),
     /// N clients follow a chat through a rolling restart of the edges.
     Roll(roll::Args),
+    /// N publishers into N chats through the routers' HTTP API, back to
+    /// back: acked publishes per second and per router (and Redis) CPU-second.
+    Sequence(sequence::Args),
 }
 
 async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> {
@@ -102,6 +106,7 @@ async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> 
         Scenario::Mixed(a) => mixed::run(a, w).await,
         Scenario::Storm(a) => storm::run(a, w).await,
         Scenario::Roll(a) => roll::run(a, w).await,
+        Scenario::Sequence(a) => sequence::run(a, w).await,
     }
 }
 
@@ -114,6 +119,7 @@ pub(crate) fn scenario_figures(r: &Report) -> Map<String, Value> {
         "mixed" => mixed::figures(r),
         "storm" => storm::figures(r),
         "roll" => roll::figures(r),
+        "sequence" => sequence::figures(r),
         _ => Map::new(),
     }
 }

@@ -31,7 +31,11 @@ pub async fn run(
     let redis = connect_redis(&config.redis_url)
         .await
         .map_err(|e| format!("redis {}: {e}", redact_url(&config.redis_url)))?;
-    let history = Arc::new(RedisHistory::new(redis.clone(), config.history));
+    let history = Arc::new(RedisHistory::with_append_batch(
+        redis.clone(),
+        config.history,
+        config.redis_append_batch,
+    ));
     let ttl_ms = config.presence_ttl.as_millis() as i64;
     let presence: Arc<dyn PresenceStore> = Arc::new(RedisPresence::new(redis.clone(), ttl_ms));
     let members = Arc::new(

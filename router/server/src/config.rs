@@ -59,6 +59,12 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_SHARD_ACK_WAIT_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard_ack_wait_ms: Option<u64>,
+    /// Most history appends sent to Redis in one round trip (1-4096).
+    /// Concurrent publishes share a round trip; a lone one never waits.
+    /// 1 turns batching off (one round trip per publish). Default 256.
+    #[arg(long, env = "SWITCHBOARD_REDIS_APPEND_BATCH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_append_batch: Option<u16>,
 }
 
 /// The validated configuration of one router.
@@ -86,6 +92,8 @@ pub struct Config {
     pub push_stream_replicas: u8,
     /// Ack wait of the shard-job consumer.
     pub shard_ack_wait: Duration,
+    /// Most appends per Redis round trip.
+    pub redis_append_batch: usize,
     /// Log filter.
     pub log: String,
 }
@@ -136,6 +144,15 @@ impl Settings {
                 ));
             }
         };
+        let redis_append_batch = match self.redis_append_batch.unwrap_or(256) {
+            n @ 1..=4096 => usize::from(n),
+            n => {
+                return Err(ConfigError::invalid(
+                    "--redis-append-batch",
+                    format!("{n} is not in 1..=4096"),
+                ));
+            }
+        };
         Ok(Config {
             listen,
             node_id: node.node_id,
@@ -148,6 +165,7 @@ impl Settings {
             channel_buckets,
             push_stream_replicas,
             shard_ack_wait,
+            redis_append_batch,
             log: node.log,
         })
     }
@@ -183,6 +201,7 @@ mod tests {
         assert_eq!(cfg.node_id, "r1");
         assert_eq!(cfg.push_stream_replicas, 1);
         assert_eq!(cfg.shard_ack_wait, Duration::from_secs(10));
+        assert_eq!(cfg.redis_append_batch, 256);
         assert_eq!(cfg.presence_ttl, Duration::from_secs(30));
     }
 
@@ -217,6 +236,13 @@ mod tests {
                     ..cluster()
                 },
                 "--shard-ack-wait-ms",
+            ),
+            (
+                Settings {
+                    redis_append_batch: Some(0),
+                    ..cluster()
+                },
+                "--redis-append-batch",
             ),
             (
                 Settings {

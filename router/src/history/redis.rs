@@ -104,7 +104,7 @@ const MIN_STREAM_TTL_MS: i64 = 86_400_000;
 /// refused as unavailable. Above a router's publish concurrency, so only
 /// an overloaded Redis fills it.
 const APPEND_QUEUE_CAPACITY: usize = 16_384;
-/// Appends sent in one pipeline at most.
+/// Appends sent in one pipeline at most, by default.
 const APPEND_BATCH_MAX: usize = 256;
 
 /// The Redis implementation of [`History`].
@@ -248,6 +248,16 @@ impl RedisHistory {
     /// History on this connection; spawns the append batching task (call
     /// it inside a tokio runtime), which ends when the history is dropped.
     pub fn new(conn: impl Into<RedisConn>, limits: HistoryLimits) -> Self {
+        Self::with_append_batch(conn, limits, APPEND_BATCH_MAX)
+    }
+
+    /// History that sends at most `batch` appends per round trip (1: one
+    /// round trip per append, no batching).
+    pub fn with_append_batch(
+        conn: impl Into<RedisConn>,
+        limits: HistoryLimits,
+        batch: usize,
+    ) -> Self {
         let conn = conn.into();
         let script = redis::Script::new(APPEND);
         let flush = AppendFlush {
@@ -256,7 +266,7 @@ impl RedisHistory {
         };
         let batch = BatchLimits {
             queue_capacity: APPEND_QUEUE_CAPACITY,
-            max_batch: APPEND_BATCH_MAX,
+            max_batch: batch.max(1),
         };
         RedisHistory {
             conn,

@@ -1,0 +1,271 @@
+//! Sequencing throughput: N publishers, each on a keep-alive HTTP
+//! connection to a router's `POST /api/publish`, each into a chat of its
+//! own, publish back to back for D seconds. Reports acked publishes per
+//! second and per router (and Redis) CPU-second over the publish window,
+//! and refusals by HTTP status apart. No sockets and no edges: what is
+//! measured is the routers' publish path and Redis.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use serde_json::{Map, Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{
+    coord::Worker,
+    recorder::{Counters, Recorder},
+    report::{Report, now_us},
+    sys::{Pids, Probe, cpu_seconds},
+};
+
+/// Longest one publish request may take before its connection is dropped.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response read (the API answers a few hundred bytes).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// Router HTTP addresses (host:port), comma-separated; publishers are
+    /// spread over them in turn.
+    #[arg(long, value_delimiter = ',', required = true)]
+    addr: Vec<SocketAddr>,
+    /// The routers' API key (`SWITCHBOARD_API_KEY`).
+    #[arg(long, default_value = "dev-key")]
+    api_key: String,
+    /// Concurrent publishers (over all workers), each with its own chat
+    /// and connection.
+    #[arg(long, default_value_t = 256)]
+    publishers: u32,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Payload bytes per message.
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    #[command(flatten)]
+    pids: Pids,
+    /// Redis process ids (every data node of a cluster), comma-separated:
+    /// their CPU time over the publish window.
+    #[arg(long = "redis-pids", value_delimiter = ',')]
+    redis_pids: Vec<u32>,
+}
+
+/// What one request came to.
+enum Outcome {
+    Acked,
+    /// An HTTP status other than 200.
+    Refused(u16),
+}
+
+/// One keep-alive connection to a router's API.
+struct Api {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Api {
+    async fn connect(addr: SocketAddr) -> anyhow::Result<Api> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Api {
+            stream,
+            buf: Vec::with_capacity(1024),
+        })
+    }
+
+    /// One request and its whole response on this connection.
+    async fn publish(&mut self, head: &str, body: &str) -> anyhow::Result<Outcome> {
+        let request = format!("{head}Content-Length: {}\r\n\r\n{body}", body.len());
+        self.stream.write_all(request.as_bytes()).await?;
+        self.buf.clear();
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut resp = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(at) = resp.parse(&self.buf)? {
+                let status = resp.code.context("response without status")?;
+                let len: usize = resp
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .and_then(|v| v.trim().parse().ok())
+                    .context("response without content-length")?;
+                while self.buf.len() < at + len {
+                    self.read_more().await?;
+                }
+                return Ok(if status == 200 {
+                    Outcome::Acked
+                } else {
+                    Outcome::Refused(status)
+                });
+            }
+            self.read_more().await?;
+        }
+    }
+
+    async fn read_more(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.buf.len() < MAX_RESPONSE_BYTES, "response too large");
+        let mut chunk = [0u8; 4096];
+        let n = self.stream.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "connection closed by the router");
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+/// Publishes into `chat` until `until`, reconnecting after an error.
+async fn publisher(
+    rec: std::sync::Arc<Recorder>,
+    addr: SocketAddr,
+    api_key: String,
+    chat: String,
+    payload: String,
+    until: Instant,
+) {
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\n\
+         Content-Type: application/json\r\n"
+    );
+    let mut samples = rec.samples();
+    let mut api = None;
+    let mut n = 0u64;
+    while Instant::now() < until {
+        if api.is_none() {
+            match Api::connect(addr).await {
+                Ok(a) => api = Some(a),
+                Err(_) => {
+                    rec.add_counter("connect_errors", 1);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(conn) = api.as_mut() else { continue };
+        n += 1;
+        let body = json!({
+            "chat": chat,
+            "client_msg_id": format!("{chat}-{n}"),
+            "text": payload,
+        })
+        .to_string();
+        let sent = now_us();
+        Counters::add(&rec.kind(0).sent, 1);
+        match tokio::time::timeout(REQUEST_TIMEOUT, conn.publish(&head, &body)).await {
+            Ok(Ok(Outcome::Acked)) => {
+                Counters::add(&rec.kind(0).received, 1);
+                samples.latency(0, sent, now_us());
+            }
+            Ok(Ok(Outcome::Refused(status))) => rec.add_counter(&format!("refused_{status}"), 1),
+            Ok(Err(_)) | Err(_) => {
+                rec.add_counter("unanswered", 1);
+                api = None;
+            }
+        }
+    }
+}
+
+pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
+    let rec = Recorder::new(&["publish"], 0);
+    let mine = w.slice(a.publishers as u64);
+    w.barrier("start", 0).await?;
+    let before = Probe::take_if(w.is_first(), &a.pids);
+    let redis_cpu = |pids: &[u32]| -> Option<f64> {
+        (w.is_first() && !pids.is_empty())
+            .then(|| pids.iter().map(|p| cpu_seconds(*p)).sum::<Option<f64>>())
+            .flatten()
+    };
+    let redis_before = redis_cpu(&a.redis_pids);
+    let started = now_us();
+    let until = Instant::now() + Duration::from_secs(a.duration_secs);
+    let payload = "x".repeat(a.payload_bytes);
+    let tasks: Vec<_> = mine
+        .map(|i| {
+            let addr = a.addr[i as usize % a.addr.len()];
+            tokio::spawn(publisher(
+                rec.clone(),
+                addr,
+                a.api_key.clone(),
+                format!("seq-{i}"),
+                payload.clone(),
+                until,
+            ))
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let ended = now_us();
+    let after = Probe::take_if(w.is_first(), &a.pids);
+    let redis_after = redis_cpu(&a.redis_pids);
+    rec.earliest("publish_start", started);
+    rec.latest("publish_end", ended);
+    if let Some(cpu) = redis_before.zip(redis_after).map(|(b, a)| a - b) {
+        rec.add_counter("redis_cpu_us", (cpu * 1e6) as u64);
+    }
+    w.barrier("done", 0).await?;
+    let params = json!({
+        "addr": a.addr.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "publishers": a.publishers,
+        "duration_secs": a.duration_secs,
+        "payload_bytes": a.payload_bytes,
+        "redis_processes": a.redis_pids.len(),
+    });
+    Ok(rec.report(
+        "sequence",
+        params,
+        Probe::server((None, None), (before, after)),
+    ))
+}
+
+/// Acked publishes per second and per CPU-second of the routers, and of
+/// routers and Redis together.
+pub(crate) fn figures(r: &Report) -> Map<String, Value> {
+    let d = r.kinds.get("publish").cloned().unwrap_or_default();
+    let secs = Report::span_secs(
+        r.earliest_us.get("publish_start").copied().unwrap_or(0),
+        r.latest_us.get("publish_end").copied().unwrap_or(0),
+    )
+    .unwrap_or(0.0);
+    let acked = d.received;
+    let router = r.server.router_cpu_seconds.filter(|c| *c > 0.0);
+    let redis = r
+        .counters
+        .get("redis_cpu_us")
+        .map(|us| *us as f64 / 1e6)
+        .filter(|c| *c > 0.0);
+    let per = |cpu: Option<f64>| cpu.map(|c| acked as f64 / c);
+    let refused: Map<String, Value> = r
+        .counters
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("refused_")?.to_string(), json!(v))))
+        .collect();
+    let mut m = Map::new();
+    m.insert("routers".into(), json!(r.params.get("addr").and_then(Value::as_array).map(Vec::len)));
+    m.insert("publishers".into(), r.params.get("publishers").cloned().unwrap_or_default());
+    m.insert("published".into(), json!(d.sent));
+    m.insert("acked".into(), json!(acked));
+    m.insert("refused_by_status".into(), Value::Object(refused));
+    m.insert("unanswered".into(), json!(r.counter("unanswered")));
+    m.insert("connect_errors".into(), json!(r.counter("connect_errors")));
+    m.insert("publish_window_seconds".into(), json!(secs));
+    m.insert(
+        "acked_publishes_per_second".into(),
+        json!((secs > 0.0).then(|| acked as f64 / secs)),
+    );
+    m.insert("redis_cpu_seconds".into(), json!(redis));
+    m.insert("publishes_per_router_cpu_second".into(), json!(per(router)));
+    m.insert(
+        "publishes_per_router_and_redis_cpu_second".into(),
+        json!(per(router.zip(redis).map(|(a, b)| a + b))),
+    );
+    m.insert(
+        "publish_latency_ms".into(),
+        d.latency.summary(),
+    );
+    m
+}
