@@ -1,9 +1,11 @@
-//! Sequencing throughput: N publishers, each on a keep-alive HTTP
-//! connection to a router's `POST /api/publish`, each into a chat of its
-//! own, publish back to back for D seconds. Reports acked publishes per
-//! second and per router (and Redis) CPU-second over the publish window,
-//! and refusals by HTTP status apart. No sockets and no edges: what is
-//! measured is the routers' publish path and Redis.
+//! Sequencing throughput: N publishers, each into a chat of its own,
+//! publish back to back for D seconds, either as edges do (NATS requests
+//! on `sb.router.publish` that any router replica answers, `--nats`) or
+//! as backends do (a keep-alive HTTP connection to a router's `POST
+//! /api/publish`, `--addr`). Reports acked publishes per second and per
+//! router (and Redis) CPU-second over the publish window, and refusals by
+//! code or HTTP status apart. No sockets and no edges: what is measured is
+//! the routers' publish path and Redis.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -30,10 +32,17 @@ const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// Router HTTP addresses (host:port), comma-separated; publishers are
-    /// spread over them in turn.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Publish as edges do: NATS request-reply to whichever router replica
+    /// NATS picks, on this server (nats://host:port).
+    #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
+    nats: Option<String>,
+    /// Publish as backends do: router HTTP addresses (host:port),
+    /// comma-separated; publishers are spread over them in turn.
+    #[arg(long, value_delimiter = ',')]
     addr: Vec<SocketAddr>,
+    /// Routers behind `--nats` (for the report only).
+    #[arg(long, default_value_t = 0)]
+    routers: usize,
     /// The routers' API key (`SWITCHBOARD_API_KEY`).
     #[arg(long, default_value = "dev-key")]
     api_key: String,
@@ -118,6 +127,48 @@ impl Api {
     }
 }
 
+/// Publishes into `chat` over NATS requests until `until`.
+async fn nats_publisher(
+    rec: std::sync::Arc<Recorder>,
+    client: async_nats::Client,
+    chat: String,
+    payload: bytes::Bytes,
+    until: Instant,
+) {
+    use prost::Message;
+    use switchboard_protocol::internal::v1::{
+        RouterPublish, RouterReply, router_publish, router_reply,
+    };
+    let mut samples = rec.samples();
+    let mut n = 0u64;
+    while Instant::now() < until {
+        n += 1;
+        let body = RouterPublish {
+            sender: "sequence".into(),
+            target: Some(router_publish::Target::Chat(chat.clone())),
+            client_msg_id: format!("{chat}-{n}"),
+            payload: payload.clone(),
+        }
+        .encode_to_vec();
+        let sent = now_us();
+        Counters::add(&rec.kind(0).sent, 1);
+        let asked = client.request(switchboard_protocol::subject::ROUTER_PUBLISH, body.into());
+        match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
+            Ok(Ok(msg)) => match RouterReply::decode(msg.payload).map(|r| r.result) {
+                Ok(Some(router_reply::Result::Ack(_))) => {
+                    Counters::add(&rec.kind(0).received, 1);
+                    samples.latency(0, sent, now_us());
+                }
+                Ok(Some(router_reply::Result::Error(e))) => {
+                    rec.add_counter(&format!("refused_code_{}", e.code), 1)
+                }
+                Ok(None) | Err(_) => rec.add_counter("bad_replies", 1),
+            },
+            Ok(Err(_)) | Err(_) => rec.add_counter("unanswered", 1),
+        }
+    }
+}
+
 /// Publishes into `chat` until `until`, reconnecting after an error.
 async fn publisher(
     rec: std::sync::Arc<Recorder>,
@@ -183,8 +234,28 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let started = now_us();
     let until = Instant::now() + Duration::from_secs(a.duration_secs);
     let payload = "x".repeat(a.payload_bytes);
+    let nats = match &a.nats {
+        // One connection per worker, as one edge holds one.
+        Some(url) => Some(
+            async_nats::ConnectOptions::new()
+                .request_timeout(Some(REQUEST_TIMEOUT))
+                .connect(url.as_str())
+                .await
+                .with_context(|| format!("connecting to {url}"))?,
+        ),
+        None => None,
+    };
     let tasks: Vec<_> = mine
         .map(|i| {
+            if let Some(client) = &nats {
+                return tokio::spawn(nats_publisher(
+                    rec.clone(),
+                    client.clone(),
+                    format!("seq-{i}"),
+                    bytes::Bytes::from(payload.clone()),
+                    until,
+                ));
+            }
             let addr = a.addr[i as usize % a.addr.len()];
             tokio::spawn(publisher(
                 rec.clone(),
@@ -209,6 +280,8 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     }
     w.barrier("done", 0).await?;
     let params = json!({
+        "via": if a.nats.is_some() { "nats" } else { "http" },
+        "routers": if a.nats.is_some() { a.routers } else { a.addr.len() },
         "addr": a.addr.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "publishers": a.publishers,
         "duration_secs": a.duration_secs,
@@ -243,10 +316,25 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         .counters
         .iter()
         .filter_map(|(k, v)| Some((k.strip_prefix("refused_")?.to_string(), json!(v))))
+        .chain(
+            r.counters
+                .get("bad_replies")
+                .map(|v| ("bad_reply".to_string(), json!(v))),
+        )
         .collect();
     let mut m = Map::new();
-    m.insert("routers".into(), json!(r.params.get("addr").and_then(Value::as_array).map(Vec::len)));
-    m.insert("publishers".into(), r.params.get("publishers").cloned().unwrap_or_default());
+    m.insert(
+        "routers".into(),
+        r.params.get("routers").cloned().unwrap_or_default(),
+    );
+    m.insert(
+        "via".into(),
+        r.params.get("via").cloned().unwrap_or_default(),
+    );
+    m.insert(
+        "publishers".into(),
+        r.params.get("publishers").cloned().unwrap_or_default(),
+    );
     m.insert("published".into(), json!(d.sent));
     m.insert("acked".into(), json!(acked));
     m.insert("refused_by_status".into(), Value::Object(refused));
@@ -263,9 +351,6 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         "publishes_per_router_and_redis_cpu_second".into(),
         json!(per(router.zip(redis).map(|(a, b)| a + b))),
     );
-    m.insert(
-        "publish_latency_ms".into(),
-        d.latency.summary(),
-    );
+    m.insert("publish_latency_ms".into(), d.latency.summary());
     m
 }
