@@ -56,6 +56,14 @@ pub(crate) struct Args {
     /// Payload bytes per message.
     #[arg(long, default_value_t = 100)]
     payload_bytes: usize,
+    /// Seconds into the publish window at which `--fault-cmd` runs (a
+    /// failover measurement: e.g. SIGKILL a Redis master).
+    #[arg(long, requires = "fault_cmd")]
+    fault_at_secs: Option<f64>,
+    /// Shell command run once at `--fault-at-secs` by the first worker
+    /// (run this with one worker: the others would not know when).
+    #[arg(long, requires = "fault_at_secs")]
+    fault_cmd: Option<String>,
     #[command(flatten)]
     pids: Pids,
     /// Redis process ids (every data node of a cluster), comma-separated:
@@ -127,9 +135,62 @@ impl Api {
     }
 }
 
+/// A publish slower than this, finishing after the fault, counts its chat
+/// as affected by the fault.
+const STALLED: Duration = Duration::from_millis(500);
+
+/// When the fault ran (unix µs; 0: not yet) and what each chat saw of it.
+#[derive(Default)]
+struct Fault {
+    at_us: std::sync::atomic::AtomicU64,
+}
+
+/// One chat's view of the fault: affected from its first failed or
+/// stalled publish after the fault until its next ack, which is recorded
+/// (kind 1, from the fault) as the chat's time to recover.
+#[derive(Default)]
+struct ChatFault {
+    failing: bool,
+    recovered: bool,
+}
+
+impl ChatFault {
+    fn fault_us(fault: &Fault) -> Option<u64> {
+        Some(fault.at_us.load(std::sync::atomic::Ordering::Relaxed)).filter(|t| *t > 0)
+    }
+
+    /// A publish failed (refused, unanswered) at `now`.
+    fn failed(&mut self, fault: &Fault) {
+        if Self::fault_us(fault).is_some() && !self.recovered {
+            self.failing = true;
+        }
+    }
+
+    /// A publish sent at `sent` was acked at `now`.
+    fn acked(
+        &mut self,
+        fault: &Fault,
+        rec: &Recorder,
+        samples: &mut crate::recorder::Batch,
+        sent: u64,
+        now: u64,
+    ) {
+        let Some(at) = Self::fault_us(fault) else {
+            return;
+        };
+        let stalled = now > at && now - sent > STALLED.as_micros() as u64;
+        if !self.recovered && (self.failing || stalled) {
+            self.recovered = true;
+            rec.add_counter("fault_affected_chats", 1);
+            samples.latency(1, at, now);
+        }
+    }
+}
+
 /// Publishes into `chat` over NATS requests until `until`.
 async fn nats_publisher(
     rec: std::sync::Arc<Recorder>,
+    fault: std::sync::Arc<Fault>,
     client: async_nats::Client,
     chat: String,
     payload: bytes::Bytes,
@@ -140,6 +201,7 @@ async fn nats_publisher(
         RouterPublish, RouterReply, router_publish, router_reply,
     };
     let mut samples = rec.samples();
+    let mut seen = ChatFault::default();
     let mut n = 0u64;
     while Instant::now() < until {
         n += 1;
@@ -156,15 +218,26 @@ async fn nats_publisher(
         match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
             Ok(Ok(msg)) => match RouterReply::decode(msg.payload).map(|r| r.result) {
                 Ok(Some(router_reply::Result::Ack(_))) => {
+                    let now = now_us();
                     Counters::add(&rec.kind(0).received, 1);
-                    samples.latency(0, sent, now_us());
+                    samples.latency(0, sent, now);
+                    seen.acked(&fault, &rec, &mut samples, sent, now);
                 }
                 Ok(Some(router_reply::Result::Error(e))) => {
-                    rec.add_counter(&format!("refused_code_{}", e.code), 1)
+                    seen.failed(&fault);
+                    rec.add_counter(&format!("refused_code_{}", e.code), 1);
+                    // A refusal is answered at once: do not spin on it.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Ok(None) | Err(_) => rec.add_counter("bad_replies", 1),
+                Ok(None) | Err(_) => {
+                    seen.failed(&fault);
+                    rec.add_counter("bad_replies", 1)
+                }
             },
-            Ok(Err(_)) | Err(_) => rec.add_counter("unanswered", 1),
+            Ok(Err(_)) | Err(_) => {
+                seen.failed(&fault);
+                rec.add_counter("unanswered", 1)
+            }
         }
     }
 }
@@ -221,7 +294,8 @@ async fn publisher(
 }
 
 pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
-    let rec = Recorder::new(&["publish"], 0);
+    let rec = Recorder::new(&["publish", "recovery"], 0);
+    let fault = std::sync::Arc::new(Fault::default());
     let mine = w.slice(a.publishers as u64);
     w.barrier("start", 0).await?;
     let before = Probe::take_if(w.is_first(), &a.pids);
@@ -250,6 +324,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
             if let Some(client) = &nats {
                 return tokio::spawn(nats_publisher(
                     rec.clone(),
+                    fault.clone(),
                     client.clone(),
                     format!("seq-{i}"),
                     bytes::Bytes::from(payload.clone()),
@@ -267,6 +342,24 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
             ))
         })
         .collect();
+    if let (Some(secs), Some(cmd), true) = (a.fault_at_secs, a.fault_cmd.clone(), w.is_first()) {
+        let (fault, rec) = (fault.clone(), rec.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            let at = now_us();
+            fault.at_us.store(at, std::sync::atomic::Ordering::Relaxed);
+            rec.earliest("fault", at);
+            match tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .status()
+                .await
+            {
+                Ok(st) if st.success() => {}
+                _ => rec.add_counter("fault_cmd_failed", 1),
+            }
+        });
+    }
     for t in tasks {
         let _ = t.await;
     }
@@ -286,6 +379,8 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         "publishers": a.publishers,
         "duration_secs": a.duration_secs,
         "payload_bytes": a.payload_bytes,
+        "fault_at_secs": a.fault_at_secs,
+        "fault_cmd": a.fault_cmd,
         "redis_processes": a.redis_pids.len(),
     });
     Ok(rec.report(
@@ -352,5 +447,23 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         json!(per(router.zip(redis).map(|(a, b)| a + b))),
     );
     m.insert("publish_latency_ms".into(), d.latency.summary());
+    if let Some(at) = r.earliest_us.get("fault") {
+        let rcv = r.kinds.get("recovery").cloned().unwrap_or_default();
+        let start = r.earliest_us.get("publish_start").copied().unwrap_or(0);
+        m.insert(
+            "fault_at_seconds".into(),
+            json!(Report::span_secs(start, *at)),
+        );
+        m.insert(
+            "fault_cmd_failed".into(),
+            json!(r.counter("fault_cmd_failed") > 0),
+        );
+        m.insert(
+            "chats_affected_by_fault".into(),
+            json!(r.counter("fault_affected_chats")),
+        );
+        // From the fault to each affected chat's first ack after it.
+        m.insert("recovery_ms".into(), rcv.latency.summary());
+    }
     m
 }
