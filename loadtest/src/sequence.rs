@@ -64,6 +64,11 @@ pub(crate) struct Args {
     /// (run this with one worker: the others would not know when).
     #[arg(long, requires = "fault_at_secs")]
     fault_cmd: Option<String>,
+    /// Router HTTP addresses (host:port) whose `/metrics` are read after
+    /// the window: the failover counters (lost acked messages, fenced
+    /// streams) summed over them.
+    #[arg(long, value_delimiter = ',')]
+    metrics_from: Vec<SocketAddr>,
     #[command(flatten)]
     pids: Pids,
     /// Redis process ids (every data node of a cluster), comma-separated:
@@ -132,6 +137,47 @@ impl Api {
         anyhow::ensure!(n > 0, "connection closed by the router");
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
+    }
+}
+
+/// Counters read off the routers after a run: what a failover cost.
+const FAILOVER_SERIES: [&str; 2] = [
+    "switchboard_history_failover_lost_total",
+    "switchboard_history_epoch_fenced_total",
+];
+
+/// One plain HTTP GET of `/metrics`; the value of each of `series` (no
+/// labels) summed into `rec`'s counters. A router that does not answer is
+/// counted apart, never read as zero.
+async fn scrape(rec: &Recorder, addr: SocketAddr) {
+    let got = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await?;
+        anyhow::Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, got).await {
+        Ok(Ok(text)) => {
+            for name in FAILOVER_SERIES {
+                let v: f64 = text
+                    .lines()
+                    .filter_map(|l| {
+                        l.strip_prefix(name)?
+                            .strip_prefix(' ')?
+                            .trim()
+                            .parse::<f64>()
+                            .ok()
+                    })
+                    .sum();
+                rec.add_counter(name, v as u64);
+            }
+        }
+        _ => rec.add_counter("metrics_unread", 1),
     }
 }
 
@@ -364,6 +410,11 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         let _ = t.await;
     }
     let ended = now_us();
+    if w.is_first() {
+        for addr in &a.metrics_from {
+            scrape(&rec, *addr).await;
+        }
+    }
     let after = Probe::take_if(w.is_first(), &a.pids);
     let redis_after = redis_cpu(&a.redis_pids);
     rec.earliest("publish_start", started);
@@ -381,6 +432,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         "payload_bytes": a.payload_bytes,
         "fault_at_secs": a.fault_at_secs,
         "fault_cmd": a.fault_cmd,
+        "metrics_read": a.metrics_from.len(),
         "redis_processes": a.redis_pids.len(),
     });
     Ok(rec.report(
@@ -464,6 +516,25 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         );
         // From the fault to each affected chat's first ack after it.
         m.insert("recovery_ms".into(), rcv.latency.summary());
+    }
+    if r.params
+        .get("metrics_read")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        > 0
+    {
+        m.insert(
+            "acked_lost_in_failover".into(),
+            json!(r.counter(FAILOVER_SERIES[0])),
+        );
+        m.insert(
+            "streams_fenced".into(),
+            json!(r.counter(FAILOVER_SERIES[1])),
+        );
+        m.insert(
+            "routers_metrics_unread".into(),
+            json!(r.counter("metrics_unread")),
+        );
     }
     m
 }
