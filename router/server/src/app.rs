@@ -64,8 +64,12 @@ pub async fn run(
         .with_members(members.clone()),
     );
     let stop = CancellationToken::new();
+    // Subscribed before the HTTP listener answers /readyz: ready means
+    // reachable by the edges' publish requests.
+    let publishes = crate::consumer::subscribe(bus.client()).await?;
     let nats_task = tokio::spawn(crate::consumer::serve(
         bus.client().clone(),
+        publishes,
         router.clone(),
         Some(members.clone()),
         stop.clone(),

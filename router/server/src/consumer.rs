@@ -81,16 +81,31 @@ async fn handle_publish(router: &Router, payload: bytes::Bytes) -> RouterReply {
     }
 }
 
-/// Serves publish requests and shard jobs until `stop`.
+/// Joins the routers' queue group for publish requests and waits until
+/// the NATS server has the subscription (a flush round trip), so a router
+/// that reports ready is one that edges' requests can reach.
+pub(crate) async fn subscribe(
+    client: &async_nats::Client,
+) -> Result<async_nats::Subscriber, String> {
+    let sub = client
+        .queue_subscribe(ROUTER_PUBLISH, ROUTER_QUEUE.into())
+        .await
+        .map_err(|e| format!("subscribing to {ROUTER_PUBLISH}: {e}"))?;
+    client
+        .flush()
+        .await
+        .map_err(|e| format!("subscribing to {ROUTER_PUBLISH}: {e}"))?;
+    Ok(sub)
+}
+
+/// Serves publish requests (from [`subscribe`]) and shard jobs until `stop`.
 pub(crate) async fn serve(
     client: async_nats::Client,
+    mut publishes: async_nats::Subscriber,
     router: Arc<Router>,
     members: Option<Arc<Members>>,
     stop: CancellationToken,
-) -> Result<(), async_nats::SubscribeError> {
-    let mut publishes = client
-        .queue_subscribe(ROUTER_PUBLISH, ROUTER_QUEUE.into())
-        .await?;
+) {
     let shards = members.map(|m| tokio::spawn(take_shard_jobs(m, stop.clone())));
     let publish_slots = Arc::new(Semaphore::new(PUBLISH_CONCURRENCY));
     // On stop, unsubscribe first so NATS hands new requests to the other
@@ -134,7 +149,6 @@ pub(crate) async fn serve(
     if let Some(shards) = shards {
         let _ = shards.await;
     }
-    Ok(())
 }
 
 /// How long one pull request for shard jobs waits for jobs; also the
