@@ -88,6 +88,14 @@ impl SharedFrame {
         cell.get_or_init(|| encoding.encode_server(&self.0.frame))
     }
 
+    /// The epoch of a delivery frame (`None` for any other frame).
+    pub fn delivery_epoch(&self) -> Option<&str> {
+        match &self.0.frame.kind {
+            Some(server_frame::Kind::Delivery(d)) => Some(&d.epoch),
+            _ => None,
+        }
+    }
+
     /// For a delivery: its stream key and seq.
     pub fn delivery_position(&self) -> Option<(StreamKey, u64)> {
         // Parsed on first use and shared: a clone is a reference count.

@@ -38,7 +38,18 @@ pub(crate) struct WriterSettings {
 
 enum StreamState {
     Recovering(Vec<SharedFrame>),
-    Live(u64),
+    /// The last seq written, and a hash of its epoch: a new epoch restarts
+    /// the stream (after a state-tier failover or reset its seqs may be at
+    /// or below the old epoch's), so it is never a duplicate.
+    Live { seq: u64, epoch: u64 },
+}
+
+/// A stable hash of an epoch (FNV-1a): a socket keeps 8 bytes per
+/// stream, not the string.
+fn epoch_hash(epoch: &str) -> u64 {
+    epoch.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Why the writer stopped.
@@ -228,16 +239,17 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         let enc = self.conn.encoding();
         self.conn.dequeued(reply.len());
         self.write(&reply);
-        let mut last = 0;
+        let (mut last, mut epoch) = (0, epoch_hash(""));
         for f in &frames {
             let seq = f.delivery_position().map(|(_, s)| s).unwrap_or(0);
             self.write(f.encoded(enc));
             last = last.max(seq);
+            epoch = epoch_hash(f.delivery_epoch().unwrap_or(""));
             if self.out.buffered() >= FLUSH_AT_BYTES {
                 self.flush().await.map_err(|_| ())?;
             }
         }
-        let held = match self.streams.insert(stream, StreamState::Live(last)) {
+        let held = match self.streams.insert(stream, StreamState::Live { seq: last, epoch }) {
             Some(StreamState::Recovering(held)) => held,
             _ => Vec::new(),
         };
@@ -262,13 +274,15 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     }
                     return;
                 }
-                Some(StreamState::Live(last)) => {
-                    // The hub's rule: this merge and the reorder agree.
-                    if order::classify(*last, seq) == order::Seq::Duplicate {
+                Some(StreamState::Live { seq: last, epoch }) => {
+                    let this = epoch_hash(frame.delivery_epoch().unwrap_or(""));
+                    // The hub's rule: this merge and the reorder agree,
+                    // within an epoch.
+                    if this == *epoch && order::classify(*last, seq) == order::Seq::Duplicate {
                         self.metrics.duplicates_dropped.increment(1);
                         return;
                     }
-                    *last = seq;
+                    (*last, *epoch) = (seq, this);
                 }
                 // Not (or no longer) subscribed on this socket.
                 None => return,

@@ -10,6 +10,7 @@ mod chat;
 mod client;
 mod cluster;
 mod drain;
+mod failover;
 mod http;
 mod k6;
 mod limits;
