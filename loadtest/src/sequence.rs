@@ -286,6 +286,9 @@ async fn nats_publisher(
             }
         }
     }
+    if seen.failing && !seen.recovered {
+        rec.add_counter("fault_unrecovered_chats", 1);
+    }
 }
 
 /// Publishes into `chat` until `until`, reconnecting after an error.
@@ -513,6 +516,11 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         m.insert(
             "chats_affected_by_fault".into(),
             json!(r.counter("fault_affected_chats")),
+        );
+        // Failing still when the window closed: no recovery time for them.
+        m.insert(
+            "chats_unrecovered".into(),
+            json!(r.counter("fault_unrecovered_chats")),
         );
         // From the fault to each affected chat's first ack after it.
         m.insert("recovery_ms".into(), rcv.latency.summary());

@@ -41,7 +41,10 @@ enum StreamState {
     /// The last seq written, and a hash of its epoch: a new epoch restarts
     /// the stream (after a state-tier failover or reset its seqs may be at
     /// or below the old epoch's), so it is never a duplicate.
-    Live { seq: u64, epoch: u64 },
+    Live {
+        seq: u64,
+        epoch: u64,
+    },
 }
 
 /// A stable hash of an epoch (FNV-1a): a socket keeps 8 bytes per
@@ -249,7 +252,10 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 self.flush().await.map_err(|_| ())?;
             }
         }
-        let held = match self.streams.insert(stream, StreamState::Live { seq: last, epoch }) {
+        let held = match self
+            .streams
+            .insert(stream, StreamState::Live { seq: last, epoch })
+        {
             Some(StreamState::Recovering(held)) => held,
             _ => Vec::new(),
         };

@@ -70,9 +70,7 @@ async fn publish(raw: &mut Raw, chat: &str, id: &str) -> Option<u64> {
             .expect("no publish reply");
         if msg.get("id").and_then(Value::as_u64) == Some(u64::from(rid)) {
             // uint64 is a string in proto3 JSON.
-            return msg
-                .get("publishAck")
-                .map(seq);
+            return msg.get("publishAck").map(seq);
         }
     }
 }
@@ -240,11 +238,8 @@ async fn a_master_sigkilled_mid_burst_hands_out_no_seq_twice_and_counts_its_loss
             *e = (*e).min(survived);
         }
     }
-    let epoch_of: HashMap<String, String> = got
-        .iter()
-        .flatten()
-        .map(|d| (cmid(d), epoch(d)))
-        .collect();
+    let epoch_of: HashMap<String, String> =
+        got.iter().flatten().map(|d| (cmid(d), epoch(d))).collect();
     let mut lost = HashSet::new();
     for (c, id, s) in &acked {
         let in_current = epoch_of.get(id).is_some_and(|e| *e == current[c]);
@@ -254,12 +249,21 @@ async fn a_master_sigkilled_mid_burst_hands_out_no_seq_twice_and_counts_its_loss
     }
     let counted = metric(router0, LOST_METRIC).await + metric(router1, LOST_METRIC).await;
     let ids0: HashSet<String> = got[0].iter().map(cmid).collect();
-    let missing: Vec<_> = acked.iter().filter(|a| !ids0.contains(&a.1)).take(8).collect();
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|a| !ids0.contains(&a.1))
+        .take(8)
+        .collect();
     let mut ep: HashMap<String, HashSet<String>> = HashMap::new();
     for d in &got[0] {
-        ep.entry(d["chat"].as_str().unwrap().into()).or_default().insert(epoch(d));
+        ep.entry(d["chat"].as_str().unwrap().into())
+            .or_default()
+            .insert(epoch(d));
     }
-    eprintln!("missing {missing:?} epochs {ep:?} current {current:?} stored {}", stored.len());
+    eprintln!(
+        "missing {missing:?} epochs {ep:?} current {current:?} stored {}",
+        stored.len()
+    );
     eprintln!(
         "acked {}, lost {}, counted {counted}, cut {cut:?}, receivers got {:?}",
         acked.len(),

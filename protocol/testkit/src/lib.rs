@@ -357,16 +357,21 @@ impl RedisCluster {
     /// replica has finished its sync (a replica that has not cannot take
     /// over: a master killed before then leaves its slots down).
     pub fn wait_ok(&self) -> Result<(), String> {
-        wait_until(30, "cluster_state:ok on every node, replicas in sync", || {
-            self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
-                cli(n.port, &["cluster", "info"]).is_ok_and(|i| {
-                    i.contains("cluster_state:ok") && i.contains("cluster_known_nodes:6")
-                }) && cli(n.port, &["cluster", "nodes"]).is_ok_and(|t| count_flag(&t, "slave") == 3)
-                    && cli(n.port, &["info", "replication"]).is_ok_and(|i| {
-                        !i.contains("role:slave") || i.contains("master_link_status:up")
-                    })
-            })
-        })
+        wait_until(
+            30,
+            "cluster_state:ok on every node, replicas in sync",
+            || {
+                self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                    cli(n.port, &["cluster", "info"]).is_ok_and(|i| {
+                        i.contains("cluster_state:ok") && i.contains("cluster_known_nodes:6")
+                    }) && cli(n.port, &["cluster", "nodes"])
+                        .is_ok_and(|t| count_flag(&t, "slave") == 3)
+                        && cli(n.port, &["info", "replication"]).is_ok_and(|i| {
+                            !i.contains("role:slave") || i.contains("master_link_status:up")
+                        })
+                })
+            },
+        )
     }
 
     /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...` (every node).
