@@ -40,8 +40,9 @@
 //!    the read is retried with back-off (doubling, capped at
 //!    [`MAX_OUTAGE_BACKOFF`], [`MAX_OUTAGE_RETRIES`] times); when history
 //!    no longer has the hole (or stays down) the held frames go out and
-//!    clients see the skip. A new epoch restarts the stream at the frame
-//!    that carries it. After a bus reconnect or a slow consumer every
+//!    clients see the skip. A new epoch restarts the stream at seq 1, or,
+//!    when its first frame to arrive is past 1 (a failover fenced the
+//!    stream and its seqs go on, ADR 0019), where history says it starts. After a bus reconnect or a slow consumer every
 //!    stream is read again since its last seq.
 //! 4. **A socket's resume merges history with live frames** (the writer,
 //!    `Outbound::BeginRecovery` and `Outbound::Recovered`). Subscribe and
@@ -161,6 +162,11 @@ pub(crate) struct StreamOrder {
     /// The current repair reads even with nothing held (the sweep after a
     /// possible loss).
     force: bool,
+    /// The epoch changed at a frame past seq 1: where the new epoch starts
+    /// is read from history (a fenced stream goes on from the seq its
+    /// promoted replica held, ADR 0019, and frames from different routers
+    /// may arrive out of order).
+    epoch_start: bool,
 }
 
 impl StreamOrder {
@@ -200,11 +206,24 @@ impl StreamOrder {
             if self.known && self.epoch.is_empty() && self.last_seq == 0 {
                 // The stream's first history: its seqs start at 1.
                 self.epoch = epoch.to_owned();
-            } else {
-                // History was reset (or nothing was known): start afresh here.
+            } else if !self.known && self.last_seq == 0 {
+                // Never read from history: the first frame sets the position.
                 self.epoch = epoch.to_owned();
                 self.last_seq = seq.saturating_sub(1);
+            } else {
+                // A new epoch (history reset, or a failover fenced the
+                // stream): it starts at seq 1 or where history says.
+                self.epoch = epoch.to_owned();
+                self.last_seq = 0;
                 self.pending.clear();
+                self.overflowed = false;
+                if seq > 1 {
+                    self.epoch_start = true;
+                    self.pending.insert(seq, frame.clone());
+                    return Arrival::Held {
+                        repair_at: Some(self.start_repair(false, now)),
+                    };
+                }
             }
         }
         match classify(self.last_seq, seq) {
@@ -283,8 +302,21 @@ impl StreamOrder {
                 next_read: Some(now + wait),
             };
         }
+        // A new epoch's start: the oldest seq history (or a held frame)
+        // has of it. Its frames fill in as any repair's do.
+        let started = std::mem::take(&mut self.epoch_start)
+            && matches!(&answer, Ok(r) if r.position.epoch == self.epoch);
+        if started && let Ok(r) = &answer {
+            let oldest = r
+                .frames
+                .iter()
+                .filter_map(|f| f.delivery_position().map(|(_, s)| s));
+            if let Some(first) = oldest.chain(self.pending.keys().copied()).min() {
+                self.last_seq = first - 1;
+            }
+        }
         match answer {
-            Ok(r) if !r.position.resync_required => {
+            Ok(r) if started || !r.position.resync_required => {
                 let mut filled = 0;
                 for f in r.frames {
                     if let Some((_, seq)) = f.delivery_position()

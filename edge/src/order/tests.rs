@@ -309,29 +309,87 @@ fn an_outage_with_the_held_limit_reached_skips_at_once() {
     assert_eq!(a.next_read, None);
 }
 
+/// A history answer of epoch `epoch` holding `seqs`, flagged for re-sync
+/// as a read from before the epoch's first seq is.
+fn answer_in(epoch: &str, seqs: impl IntoIterator<Item = u64>) -> Result<Recovery, ()> {
+    let frames: Vec<SharedFrame> = seqs.into_iter().map(|s| frame(s, epoch)).collect();
+    Ok(Recovery {
+        position: StreamPosition {
+            seq: frames
+                .last()
+                .map_or(0, |f| f.delivery_position().unwrap().1),
+            epoch: epoch.into(),
+            recovered: frames.len() as u32,
+            resync_required: true,
+        },
+        frames,
+    })
+}
+
 #[test]
-fn a_new_epoch_restarts_the_stream_and_forgets_held_frames() {
+fn a_new_epoch_at_seq_one_restarts_the_stream_and_forgets_held_frames() {
     let t0 = Instant::now();
     let mut o = at(5);
     assert_eq!(next(&mut o, 6, t0), [6]);
     held(&mut o, 9, t0);
     assert_eq!(o.held(), 1);
-    // History was lost: the new epoch starts over at whatever seq arrives.
-    match o.on_frame(2, "new", &frame(2, "new"), t0) {
+    // History was reset: the new epoch starts at seq 1.
+    match o.on_frame(1, "new", &frame(1, "new"), t0) {
         Arrival::Next { released } => assert!(released.is_empty()),
         other => panic!("expected Next, got {other:?}"),
     }
     assert_eq!(o.held(), 0, "frames of the old epoch are dropped");
     assert!(matches!(
-        o.on_frame(2, "new", &frame(2, "new"), t0),
+        o.on_frame(1, "new", &frame(1, "new"), t0),
         Arrival::Duplicate
     ));
     assert!(matches!(
-        o.on_frame(3, "new", &frame(3, "new"), t0),
+        o.on_frame(2, "new", &frame(2, "new"), t0),
         Arrival::Next { .. }
     ));
     // The running repair finds nothing left and ends.
     assert_eq!(o.due_read(), None);
+}
+
+#[test]
+fn a_fenced_epoch_starts_where_history_says_whatever_arrives_first() {
+    // A failover fenced the stream at seq 32: its new epoch goes on at 33.
+    // Two routers published 33 and 34; 34 arrives first.
+    let t0 = Instant::now();
+    let mut o = at(30);
+    assert_eq!(next(&mut o, 31, t0), [31]);
+    match o.on_frame(34, "new", &frame(34, "new"), t0) {
+        Arrival::Held { repair_at } => assert_eq!(repair_at, Some(t0), "read at once"),
+        other => panic!("expected Held, got {other:?}"),
+    }
+    assert!(matches!(
+        o.on_frame(33, "new", &frame(33, "new"), t0),
+        Arrival::Held { repair_at: None }
+    ));
+    assert_eq!(
+        o.due_read(),
+        Some(HistoryRead {
+            since: 0,
+            epoch: "new".into()
+        })
+    );
+    // History has the new epoch from 33: both go out, in order, once.
+    let a = o.on_history(answer_in("new", [33, 34]), t0);
+    assert_eq!(seqs(&a.deliver), [33, 34]);
+    assert_eq!(a.next_read, None);
+    assert!(matches!(
+        o.on_frame(35, "new", &frame(35, "new"), t0),
+        Arrival::Next { .. }
+    ));
+    // History down first: the start is read again, not given up.
+    let mut o = at(30);
+    o.on_frame(34, "new", &frame(34, "new"), t0);
+    o.due_read().unwrap();
+    let a = o.on_history(DOWN, t0);
+    assert_eq!(a.gap, Some(Gap::Retried));
+    o.due_read().unwrap();
+    let a = o.on_history(answer_in("new", [33, 34]), t0 + ms(400));
+    assert_eq!(seqs(&a.deliver), [33, 34]);
 }
 
 #[test]
