@@ -33,7 +33,7 @@ pub struct RedisConn(Mode);
 #[derive(Clone)]
 enum Mode {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Cluster>),
     Sentinel(Arc<Sentinel>),
 }
 
@@ -64,8 +64,14 @@ pub async fn connect_redis(url: &str) -> Result<RedisConn, RedisError> {
         if let Some(p) = &auth.password {
             b = b.password(p);
         }
-        let conn = b.build()?.get_async_connection().await?;
-        return Ok(RedisConn(Mode::Cluster(conn)));
+        let client = b.build()?;
+        let conn = client.get_async_connection().await?;
+        return Ok(RedisConn(Mode::Cluster(Arc::new(Cluster {
+            client,
+            conn: std::sync::RwLock::new(conn),
+            rebuilding: std::sync::atomic::AtomicBool::new(false),
+            last_rebuild: std::sync::Mutex::new(None),
+        }))));
     }
     if let Some(rest) = url.strip_prefix("redis+sentinel://") {
         let (auth, hosts, path) = split_url(rest, 26379)?;
@@ -296,11 +302,80 @@ fn first_key(pipeline: &Pipeline) -> Option<Vec<u8>> {
     args.get(at).map(|k| k.to_vec())
 }
 
+/// A Redis Cluster connection that starts over from the seed nodes after
+/// a connection error. The crate learns a new slot map from MOVED, but a
+/// master that died answers nothing: its slots stay routed to the dead
+/// address after its replica was promoted (seen under load: chats of the
+/// failed master refused for the rest of the run). A fresh connection
+/// asks the live nodes for the slot map.
+struct Cluster {
+    client: ClusterClient,
+    conn: std::sync::RwLock<ClusterConnection>,
+    rebuilding: std::sync::atomic::AtomicBool,
+    last_rebuild: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// At most one rebuild of a cluster connection per this interval.
+const CLUSTER_REBUILD_EVERY: Duration = Duration::from_millis(500);
+
+impl Cluster {
+    fn conn(&self) -> ClusterConnection {
+        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After a connection error, a fresh connection in the background (at
+    /// most one at a time, one per interval); callers keep the answer
+    /// they got, and their retries go to the fresh one.
+    fn check(self: &Arc<Self>, e: &RedisError) {
+        use std::sync::atomic::Ordering;
+        let lost = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.kind() == redis::ErrorKind::ClusterConnectionNotFound;
+        if !lost {
+            return;
+        }
+        {
+            let last = self.last_rebuild.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < CLUSTER_REBUILD_EVERY) {
+                return;
+            }
+        }
+        if self.rebuilding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let fresh = tokio::time::timeout(TIMEOUT * 2, me.client.get_async_connection()).await;
+            match fresh {
+                Ok(Ok(c)) => {
+                    *me.conn.write().unwrap_or_else(|p| p.into_inner()) = c;
+                    metrics::counter!("switchboard_redis_cluster_reconnects_total").increment(1);
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis cluster: reconnecting failed"),
+                Err(_) => tracing::warn!("redis cluster: reconnecting timed out"),
+            }
+            *me.last_rebuild.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(std::time::Instant::now());
+            me.rebuilding.store(false, Ordering::Release);
+        });
+    }
+}
+
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match &mut self.0 {
             Mode::Single(c) => c.req_packed_command(cmd),
-            Mode::Cluster(c) => c.req_packed_command(cmd),
+            Mode::Cluster(cl) => {
+                let cl = cl.clone();
+                Box::pin(async move {
+                    cl.conn()
+                        .req_packed_command(cmd)
+                        .await
+                        .inspect_err(|e| cl.check(e))
+                })
+            }
             Mode::Sentinel(s) => Box::pin(async move {
                 let mut conn = s.connection().await.inspect_err(|e| s.check(e))?;
                 conn.req_packed_command(cmd)
@@ -323,11 +398,17 @@ impl ConnectionLike for RedisConn {
             // sending): its commands then go one by one, concurrently, each
             // to its slot's node. No caller needs an order between
             // different keys. One-slot pipelines and transactions go whole.
-            Mode::Cluster(c) if pipeline.is_transaction() => {
-                Box::pin(cluster_transaction(c.clone(), pipeline, offset, count))
+            Mode::Cluster(cl) if pipeline.is_transaction() => {
+                let cl = cl.clone();
+                Box::pin(async move {
+                    cluster_transaction(cl.conn(), pipeline, offset, count)
+                        .await
+                        .inspect_err(|e| cl.check(e))
+                })
             }
-            Mode::Cluster(c) => {
-                let c = c.clone();
+            Mode::Cluster(cl) => {
+                let cl = cl.clone();
+                let c = cl.conn();
                 Box::pin(async move {
                     let mut whole = c.clone();
                     let mut answer = whole.req_packed_commands(pipeline, offset, count).await;
@@ -359,6 +440,7 @@ impl ConnectionLike for RedisConn {
                         }
                         other => other,
                     }
+                    .inspect_err(|e| cl.check(e))
                 })
             }
             Mode::Sentinel(s) => Box::pin(async move {

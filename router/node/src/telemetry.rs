@@ -88,6 +88,7 @@ pub fn register_api_series() {
     }
     // Both edges and routers talk to Redis through `RedisConn`.
     counter!("switchboard_redis_transaction_redirects_total").increment(0);
+    counter!("switchboard_redis_cluster_reconnects_total").increment(0);
 }
 
 /// Counts a backend publish by result.
