@@ -3,6 +3,7 @@
 //! in order; [`Edge`] runs it all for tests and embedding.
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
+use switchboard_node::{Stop, Stopped};
 use switchboard_presence::{MemoryPresence, PresenceStore, RedisPresence};
 use switchboard_router::{
     Bus, History, MemoryBus, MemoryHistory, NatsBus, NatsSettings, RedisHistory, RemoteRouter,
@@ -87,7 +88,7 @@ async fn start(config: Config) -> Result<Arc<EdgeState>, String> {
 pub struct Edge {
     addr: SocketAddr,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), String>>,
+    task: tokio::task::JoinHandle<Result<Stopped, String>>,
 }
 
 impl Edge {
@@ -111,9 +112,12 @@ impl Edge {
     }
 
     /// Drains (as on SIGTERM) and waits until the edge has stopped.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(self) -> Stopped {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        match self.task.await {
+            Ok(Ok(stopped)) => stopped,
+            _ => Stopped::GaveUp,
+        }
     }
 
     /// Stops at once, as a crash would: no drain, no presence cleanup.
@@ -125,13 +129,14 @@ impl Edge {
 /// How long startup may wait for NATS and Redis.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Serves until `shutdown` resolves, then drains within the grace period.
-/// Fails only if the cluster backends cannot be reached at startup.
+/// Serves until `shutdown` resolves, then drains and lets go of the
+/// backends within the grace period, whatever they do. Fails only if the
+/// cluster backends cannot be reached at startup.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<Stopped, String> {
     // Raised whether or not the cap was given: a container starts with a
     // soft limit (often 1024) far below the hard one.
     let file_limit = crate::admission::raise_file_limit();
@@ -187,13 +192,24 @@ pub async fn run(
         background.clone(),
     ));
     shutdown.await;
-    drain::drain(&state, stop_accepting).await;
+    let stop = Stop::new(state.config.shutdown_grace);
+    stop.begin();
+    // Every step is bounded whatever NATS and Redis do: the sockets until
+    // the work deadline, then the backends until the grace ends.
+    drain::drain(&state, stop_accepting, &stop).await;
     background.cancel();
-    let _ = accept.await;
-    let _ = heartbeats.await;
-    let _ = sweeper.await;
     reloads.abort();
-    Ok(())
+    let deadline = stop.deadline();
+    tokio::join!(
+        stop.join("accept loop", deadline, accept),
+        stop.join("presence lease renewal", deadline, heartbeats),
+        stop.join("presence sweep", deadline, sweeper),
+        // The last presence events of the drained sockets leave here.
+        stop.step("NATS flush", deadline, state.bus.flush()),
+    );
+    let stopped = stop.stopped();
+    tracing::info!(clean = stopped == Stopped::Clean, "edge stopped");
+    Ok(stopped)
 }
 
 /// SIGHUP: read the WSS certificate and key again. Open sockets keep the

@@ -180,7 +180,9 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_publish_burst: Option<usize>,
 
-    /// Time allowed for a graceful drain after SIGTERM/SIGINT, ms. Default 30000.
+    /// The whole stop after SIGTERM/SIGINT, ms: the drain of the sockets,
+    /// then the last NATS flush. The edge exits within it whatever NATS
+    /// and Redis do (exit 75 when it gave up on something). Default 30000.
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_ms: Option<u64>,
@@ -268,7 +270,7 @@ pub struct Config {
     pub rate_requests: Rate,
     /// Publishes, receipts and typing from one socket.
     pub rate_publish: Rate,
-    /// Drain deadline.
+    /// From the shutdown signal to the exit, at most.
     pub shutdown_grace: Duration,
     /// Sockets per drain batch.
     pub drain_batch_size: usize,

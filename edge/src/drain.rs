@@ -1,9 +1,10 @@
 //! The drain on shutdown: readiness fails and accepts stop, sockets are
 //! closed in batches with jittered reconnect advice, and their tasks are
-//! awaited within the grace period. A handshake that finishes during the
-//! drain gets the same advice at once.
+//! awaited until the stop's work deadline. A handshake that finishes
+//! during the drain gets the same advice at once.
 use std::{sync::atomic::Ordering, time::Duration};
 
+use switchboard_node::Stop;
 use switchboard_protocol::CloseReason;
 use tokio_util::sync::CancellationToken;
 
@@ -43,10 +44,12 @@ fn batches(sockets: usize, batch: usize, grace: Duration) -> (usize, Duration) {
 }
 
 /// Stops accepting, closes every socket in batches and waits for their
-/// tasks until the grace period ends.
-pub(crate) async fn drain(state: &EdgeState, stop_accepting: CancellationToken) {
+/// tasks (each unregisters its presence session) until the stop's work
+/// deadline; what is left then is given up on, by name.
+pub(crate) async fn drain(state: &EdgeState, stop_accepting: CancellationToken, stop: &Stop) {
     let started = tokio::time::Instant::now();
-    let grace = state.config.shutdown_grace;
+    let grace = stop.grace();
+    let unregisters_failed = state.sessions.unregisters_failed();
     state.draining.store(true, Ordering::SeqCst);
     stop_accepting.cancel();
     let conns = state.hub.conns();
@@ -65,13 +68,33 @@ pub(crate) async fn drain(state: &EdgeState, stop_accepting: CancellationToken) 
         }
     }
     state.tracker.close();
-    if tokio::time::timeout_at(started + grace, state.tracker.wait())
+    if tokio::time::timeout_at(stop.work_deadline(), state.tracker.wait())
         .await
         .is_err()
     {
-        tracing::warn!(
-            left = state.hub.conn_count(),
-            "drain deadline reached; exiting with sockets open"
+        // Their clients lose the socket without advice and reconnect with
+        // backoff; their presence sessions expire with this node's lease.
+        let unregistering = state.sessions.unregistering();
+        if unregistering > 0 {
+            stop.gave_up(
+                "presence unregister",
+                &format_args!("{unregistering} sockets still waiting for the presence store"),
+            );
+        }
+        let open = state.hub.conn_count().saturating_sub(unregistering);
+        if open > 0 || unregistering == 0 {
+            let tasks = state.tracker.len();
+            stop.gave_up(
+                "sockets",
+                &format_args!("{open} still open ({tasks} connection tasks)"),
+            );
+        }
+    }
+    let failed = state.sessions.unregisters_failed() - unregisters_failed;
+    if failed > 0 {
+        stop.gave_up(
+            "presence unregister",
+            &format_args!("{failed} sessions refused by the presence store; they expire with this node's lease"),
         );
     }
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");

@@ -56,7 +56,7 @@ pub use auth::{AuthConfig, AuthError, Claims, Identity};
 pub use config::{ClusterConfig, Config, ConfigError, Settings};
 pub use process::main;
 pub use ratelimit::Rate;
-pub use switchboard_node::ClusterSettings;
+pub use switchboard_node::{ClusterSettings, Stopped};
 pub use tls::TlsFiles;
 
 /// Entry points for fuzz targets (`edge/fuzz`); not an API.

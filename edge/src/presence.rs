@@ -6,7 +6,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -49,6 +49,10 @@ pub(crate) struct Sessions {
     order: Box<[Mutex<()>]>,
     /// The last lease renewal succeeded (readiness).
     renewed: AtomicBool,
+    /// Unregisters waiting for the store now, and failed so far: what a
+    /// drain that runs out of time (or finds the store down) names.
+    unregistering: AtomicUsize,
+    unregisters_failed: AtomicU64,
 }
 
 impl Sessions {
@@ -70,7 +74,19 @@ impl Sessions {
             live: DashMap::new(),
             order: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             renewed: AtomicBool::new(true),
+            unregistering: AtomicUsize::new(0),
+            unregisters_failed: AtomicU64::new(0),
         }
+    }
+
+    /// Unregisters waiting for the store now.
+    pub(crate) fn unregistering(&self) -> usize {
+        self.unregistering.load(Ordering::Relaxed)
+    }
+
+    /// Unregisters the store refused so far.
+    pub(crate) fn unregisters_failed(&self) -> u64 {
+        self.unregisters_failed.load(Ordering::Relaxed)
     }
 
     /// Whether the last lease renewal succeeded (readiness).
@@ -208,13 +224,23 @@ impl Sessions {
     /// Unregisters a socket's session and announces the user offline if
     /// this was its last one.
     pub(crate) async fn unregister(&self, session: &Session) {
-        let _order = self.ordered(&session.user).await;
-        match self.store.unregister(session, now_ms()).await {
+        let _order;
+        let unregistered = {
+            // Counted down however this ends (a drain past its deadline
+            // drops it); the lock waits on other users' round trips.
+            let _waiting = Waiting::new(&self.unregistering);
+            _order = self.ordered(&session.user).await;
+            self.store.unregister(session, now_ms()).await
+        };
+        match unregistered {
             Ok(Transition::BecameOffline { last_seen_ms }) => {
                 self.announce(&session.user, false, last_seen_ms, 0).await
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "presence unregister failed"),
+            Err(e) => {
+                self.unregisters_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "presence unregister failed")
+            }
         }
     }
 
@@ -229,5 +255,21 @@ impl Sessions {
             })),
         });
         self.router.broadcast(&presence_subject(user), frame).await;
+    }
+}
+
+/// Counts one unregister up while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -7,20 +7,22 @@ use clap::Parser;
 use crate::{Settings, run};
 
 /// Configuration, logging, listener, then [`run`] until SIGTERM or
-/// SIGINT, then the drain. Exit code 64 when it cannot start.
+/// SIGINT, then the drain. Exit code 64 when it cannot start; after a
+/// stop, 0, or 75 when the stop gave up on something.
 pub fn main() -> ExitCode {
     const NAME: &str = "switchboard-edge";
     let config = match Settings::parse().with_file().and_then(Settings::resolve) {
         Ok(c) => c,
         Err(e) => return switchboard_node::fail(NAME, &e),
     };
-    let (log, listen) = (config.log.clone(), config.listen);
+    let (log, listen, grace) = (config.log.clone(), config.listen, config.shutdown_grace);
     switchboard_node::serve_main(NAME, &log, listen, |listener| {
         if config.dev {
             tracing::warn!(
                 "DEV MODE: demo page at / and unauthenticated tokens at /dev/token; never use in production"
             );
         }
-        run(config, listener, switchboard_node::shutdown_signal())
+        let shutdown = switchboard_node::shutdown_signal_with_watchdog(grace);
+        run(config, listener, shutdown)
     })
 }

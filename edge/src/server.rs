@@ -48,16 +48,16 @@ pub(crate) async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let accepted_at = Instant::now();
-        let state2 = state.clone();
+        let (state2, stop) = (state.clone(), stop.clone());
         state.tracker.spawn(async move {
             let Some(tls) = &state2.tls else {
-                return serve_http(state2, stream, accepted_at).await;
+                return serve_http(state2, stream, accepted_at, stop).await;
             };
             // The TLS handshake counts against the same deadline as the
             // WebSocket one (slowloris).
             let deadline = accepted_at + state2.config.handshake_timeout;
             match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
-                Ok(Ok(tls_stream)) => serve_http(state2, tls_stream, accepted_at).await,
+                Ok(Ok(tls_stream)) => serve_http(state2, tls_stream, accepted_at, stop).await,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "TLS handshake failed");
                     metrics::upgrade_rejected("tls_handshake");
@@ -68,8 +68,10 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// HTTP/1.1 with upgrades over a plain or TLS stream.
-async fn serve_http<S>(state: Arc<EdgeState>, io: S, accepted_at: Instant)
+/// HTTP/1.1 with upgrades over a plain or TLS stream. Once the drain
+/// begins (`stop`), an idle keep-alive connection closes and a busy one
+/// closes after its answer, so neither holds the drain.
+async fn serve_http<S>(state: Arc<EdgeState>, io: S, accepted_at: Instant, stop: CancellationToken)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -83,7 +85,15 @@ where
         .timer(hyper_util::rt::TokioTimer::new())
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "http connection ended");
     }
 }

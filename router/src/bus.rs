@@ -65,10 +65,11 @@ pub enum BusError {
         /// Why.
         source: async_nats::SubscribeError,
     },
-    /// A subscription was made but not written to the server.
+    /// A subscription, or what was published before a flush, was not
+    /// written to the server.
     #[error("bus unavailable: {source}")]
     Flush {
-        /// The subject.
+        /// The subject (empty for [`Bus::flush`]).
         subject: String,
         /// Why.
         source: async_nats::client::FlushError,
@@ -135,6 +136,12 @@ pub trait Bus: Send + Sync + 'static {
     /// longer reach the handler (over NATS, one being handed over at that
     /// moment still may).
     async fn unsubscribe(&self, subject: &str) -> Result<(), BusError>;
+    /// Writes out everything published so far: a stopping node's last
+    /// step, so its last frames (presence offline events, replies) leave
+    /// the process. Over NATS it waits for a connection, so bound it.
+    async fn flush(&self) -> Result<(), BusError> {
+        Ok(())
+    }
     /// Subjects this node currently receives (a gauge for leak checks).
     fn subscriptions(&self) -> usize;
     /// Whether the bus is connected now (readiness); a memory bus always is.

@@ -16,4 +16,5 @@ mod k6;
 mod limits;
 mod operate;
 mod redis_modes;
+mod stop;
 mod tls;

@@ -13,6 +13,8 @@
 //! - `presence`: presence events and the sweep of crashed nodes' sessions.
 //! - `process`: logging, runtime, listener, the shutdown signal and the
 //!   exit code of a process's `main`.
+//! - `stop`: the deadlines of a stop, derived from the shutdown grace,
+//!   what it gave up on, and the watchdog behind them.
 //!
 //! The publish path itself is `switchboard-router`'s library.
 #![warn(missing_docs)]
@@ -22,9 +24,11 @@ pub mod config;
 pub mod http;
 mod presence;
 mod process;
+mod stop;
 pub mod telemetry;
 
 pub use api::{has_api_key, kick, parse_api_kick, parse_api_publish, publish_error_status};
 pub use config::{BackendUrls, ClusterSettings, ConfigError, NodeConfig};
 pub use presence::{announce, sweep_presence};
-pub use process::{fail, serve_main, shutdown_signal};
+pub use process::{fail, serve_main, shutdown_signal, shutdown_signal_with_watchdog};
+pub use stop::{EXIT_GAVE_UP, Stop, Stopped, WATCHDOG_MARGIN, arm_watchdog};

@@ -1,18 +1,26 @@
 //! The frame of a process's `main`, the same for edge and router: logging
 //! from the log filter, a multi-threaded runtime, the listener, the
-//! shutdown signal, and exit code 64 with the reason on stderr when the
-//! process cannot start or stops on an error.
-use std::{fmt::Display, future::Future, net::SocketAddr, process::ExitCode};
+//! shutdown signal and its watchdog, and the exit status: 0 after a clean
+//! stop, 75 after a stop that gave up on something ([`Stopped`]), 64 with
+//! the reason on stderr when the process cannot start or stops on an
+//! error.
+use std::{fmt::Display, future::Future, net::SocketAddr, process::ExitCode, time::Duration};
 
 use tokio::net::TcpListener;
 
+use crate::stop::{Stopped, arm_watchdog};
+
+/// How long the runtime's teardown waits for blocking tasks (a DNS
+/// lookup, say) once `serve` has returned.
+const TEARDOWN: Duration = Duration::from_millis(500);
+
 /// Sets up logging with `log` (tracing `EnvFilter` syntax; "info" when it
 /// does not parse), starts a runtime, binds `listen` and runs `serve` on
-/// the listener until it returns.
+/// the listener until it returns; its [`Stopped`] is the exit status.
 pub fn serve_main<F, Fut, E>(name: &str, log: &str, listen: SocketAddr, serve: F) -> ExitCode
 where
     F: FnOnce(TcpListener) -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<Stopped, E>>,
     E: Display,
 {
     tracing_subscriber::fmt()
@@ -28,16 +36,19 @@ where
         Ok(r) => r,
         Err(e) => return fail(name, &e),
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let listener = match TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(e) => return fail(name, &format!("cannot listen on {listen}: {e}")),
         };
         match serve(listener).await {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(stopped) => stopped.exit_code(),
             Err(e) => fail(name, &e),
         }
-    })
+    });
+    // Dropping a runtime waits for its blocking tasks without a limit.
+    runtime.shutdown_timeout(TEARDOWN);
+    code
 }
 
 /// Prints `name: e` to stderr; exit code 64 (bad configuration or a
@@ -68,4 +79,11 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     tracing::info!("shutdown signal received");
+}
+
+/// [`shutdown_signal`], then the watchdog ([`arm_watchdog`]) for a stop
+/// of `grace`: a binary's shutdown future (a test's would end the test).
+pub async fn shutdown_signal_with_watchdog(grace: Duration) {
+    shutdown_signal().await;
+    arm_watchdog(grace);
 }

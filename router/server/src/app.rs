@@ -4,23 +4,25 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
+use switchboard_node::{Stop, Stopped};
 use switchboard_presence::{PresenceStore, RedisPresence};
 use switchboard_router::{
     Bus, Members, MembersSettings, NatsBus, NatsSettings, RedisHistory, Router, RouterLimits,
     connect_redis, redact_url,
 };
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-use crate::{Config, state::RouterState};
+use crate::{Config, routes::Http, state::RouterState};
 
-/// Connects the backends and serves on `listener` until `shutdown`.
+/// Connects the backends and serves on `listener` until `shutdown`, then
+/// stops within `--shutdown-grace-ms`, whatever the backends do. Fails
+/// only when it cannot start.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     prometheus: PrometheusHandle,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<Stopped, String> {
     register_series();
     let nats = NatsSettings {
         url: config.nats_url.clone(),
@@ -63,7 +65,7 @@ pub async fn run(
         )
         .with_members(members.clone()),
     );
-    let stop = CancellationToken::new();
+    let stop = Stop::new(config.shutdown_grace);
     // Subscribed before the HTTP listener answers /readyz: ready means
     // reachable by the edges' publish requests.
     let publishes = crate::consumer::subscribe(bus.client()).await?;
@@ -78,7 +80,7 @@ pub async fn run(
         presence.clone(),
         bus.clone() as Arc<dyn Bus>,
         (config.presence_ttl / 3).max(Duration::from_millis(100)),
-        stop.clone(),
+        stop.token(),
     ));
     tracing::info!(addr = %config.listen, node = %config.node_id, "switchboard router serving");
     let state = Arc::new(RouterState {
@@ -89,15 +91,28 @@ pub async fn run(
         config,
         prometheus,
     });
-    let http = tokio::spawn(crate::routes::accept(listener, state.clone(), stop.clone()));
+    let http = Http::start(listener, state.clone(), stop.clone());
     shutdown.await;
-    tracing::info!("router shutting down");
-    stop.cancel();
-    let _ = nats_task.await;
-    let _ = sweep.await;
-    let _ = http.await;
-    let _ = state.bus.client().flush().await;
-    Ok(())
+    tracing::info!(
+        grace_ms = stop.grace().as_millis() as u64,
+        "router shutting down"
+    );
+    stop.begin();
+    // Every step is bounded whatever NATS and Redis do (a flush waits for
+    // a connection that may never come). First the work in hand, each part
+    // bounded by the work deadline inside; then the backends are let go.
+    let deadline = stop.deadline();
+    tokio::join!(
+        stop.join("publish requests and shard jobs", deadline, nats_task),
+        http.stop(&stop),
+    );
+    tokio::join!(
+        stop.join("presence sweep", deadline, sweep),
+        stop.step("NATS flush", deadline, state.bus.flush()),
+    );
+    let stopped = stop.stopped();
+    tracing::info!(clean = stopped == Stopped::Clean, "router stopped");
+    Ok(stopped)
 }
 
 /// Registers the router's series at zero.

@@ -7,7 +7,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use switchboard_node::{
     ClusterSettings, ConfigError,
-    config::{positive, read_over},
+    config::{millis, positive, read_over},
 };
 use switchboard_router::{HistoryLimits, SHARD_ACK_WAIT_MAX};
 
@@ -59,6 +59,14 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_SHARD_ACK_WAIT_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard_ack_wait_ms: Option<u64>,
+    /// The whole stop after SIGTERM/SIGINT, ms: finishing the publish
+    /// requests and shard jobs in hand, then the last NATS flush. The
+    /// router exits within it whatever NATS and Redis do (exit 75 when it
+    /// gave up on something). Default 10000.
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_GRACE_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_ms: Option<u64>,
+
     /// Most history appends sent to Redis in one round trip (1-4096).
     /// Concurrent publishes share a round trip; a lone one never waits.
     /// 1 turns batching off (one round trip per publish). Default 256.
@@ -94,6 +102,8 @@ pub struct Config {
     pub shard_ack_wait: Duration,
     /// Most appends per Redis round trip.
     pub redis_append_batch: usize,
+    /// From the shutdown signal to the exit, at most.
+    pub shutdown_grace: Duration,
     /// Log filter.
     pub log: String,
 }
@@ -166,6 +176,7 @@ impl Settings {
             push_stream_replicas,
             shard_ack_wait,
             redis_append_batch,
+            shutdown_grace: millis("--shutdown-grace-ms", self.shutdown_grace_ms, 10_000)?,
             log: node.log,
         })
     }
@@ -203,6 +214,7 @@ mod tests {
         assert_eq!(cfg.shard_ack_wait, Duration::from_secs(10));
         assert_eq!(cfg.redis_append_batch, 256);
         assert_eq!(cfg.presence_ttl, Duration::from_secs(30));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(10));
     }
 
     #[test]
@@ -243,6 +255,13 @@ mod tests {
                     ..cluster()
                 },
                 "--redis-append-batch",
+            ),
+            (
+                Settings {
+                    shutdown_grace_ms: Some(0),
+                    ..cluster()
+                },
+                "--shutdown-grace-ms",
             ),
             (
                 Settings {

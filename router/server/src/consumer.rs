@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 use async_nats::jetstream::AckKind;
 use futures_util::StreamExt;
 use prost::Message;
+use switchboard_node::Stop;
 use switchboard_protocol::{
     ChatId, StreamKey, UserId,
     internal::v1::{RouterPublish, RouterReply, ShardJob, router_publish, router_reply},
@@ -13,8 +14,10 @@ use switchboard_protocol::{
     v1::{self, ErrorCode, PublishAck},
 };
 use switchboard_router::{Members, PublishRequest, Router, SHARD_MAX_DELIVER};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 
 /// Publish requests handled at once by one replica.
 const PUBLISH_CONCURRENCY: usize = 4096;
@@ -98,30 +101,39 @@ pub(crate) async fn subscribe(
     Ok(sub)
 }
 
-/// Serves publish requests (from [`subscribe`]) and shard jobs until `stop`.
+/// What the stop logs when NATS did not let go of the publish requests.
+const UNSUBSCRIBE: &str = "unsubscribing publish requests";
+
+/// Serves publish requests (from [`subscribe`]) and shard jobs until the
+/// stop begins, then finishes what it holds until the stop's work
+/// deadline, whatever NATS does.
 pub(crate) async fn serve(
     client: async_nats::Client,
     mut publishes: async_nats::Subscriber,
     router: Arc<Router>,
     members: Option<Arc<Members>>,
-    stop: CancellationToken,
+    stop: Stop,
 ) {
     let shards = members.map(|m| tokio::spawn(take_shard_jobs(m, stop.clone())));
     let publish_slots = Arc::new(Semaphore::new(PUBLISH_CONCURRENCY));
     // On stop, unsubscribe first so NATS hands new requests to the other
     // replicas, and finish what it already delivered here until the
-    // subscription ends or the deadline.
+    // subscription ends (the unsubscribe was written to NATS) or the
+    // deadline.
     let mut deadline = None;
     loop {
         tokio::select! {
-            _ = stop.cancelled(), if deadline.is_none() => {
-                deadline = Some(tokio::time::Instant::now() + DRAIN_DEADLINE);
-                if let Err(e) = publishes.drain().await {
-                    tracing::warn!(error = %e, "unsubscribing publish requests failed");
+            _ = stop.begun(), if deadline.is_none() => {
+                deadline = Some(stop.work_deadline());
+                // A full command queue (NATS gone) makes even this wait.
+                if stop.step(UNSUBSCRIBE, stop.work_deadline(), publishes.drain()).await.is_none() {
                     break;
                 }
             }
-            _ = sleep_until_some(deadline) => break,
+            _ = sleep_until_some(deadline) => {
+                stop.gave_up(UNSUBSCRIBE, &"the unsubscribe never reached NATS");
+                break;
+            }
             msg = publishes.next() => {
                 let Some(msg) = msg else { break };
                 let Some(reply_to) = msg.reply.clone() else { continue };
@@ -140,32 +152,41 @@ pub(crate) async fn serve(
         }
     }
     // Let in-flight requests finish (bounded by the semaphore).
-    let until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + DRAIN_DEADLINE);
-    let _ = tokio::time::timeout_at(
-        until,
-        publish_slots.acquire_many(PUBLISH_CONCURRENCY as u32),
-    )
-    .await;
+    let all = publish_slots.acquire_many(PUBLISH_CONCURRENCY as u32);
+    if tokio::time::timeout_at(stop.work_deadline(), all)
+        .await
+        .is_err()
+    {
+        let open = PUBLISH_CONCURRENCY - publish_slots.available_permits();
+        stop.gave_up(
+            "publish requests in flight",
+            &format_args!("{open} unanswered; the edges send them again to another router"),
+        );
+    }
     if let Some(shards) = shards {
-        let _ = shards.await;
+        // Bounded inside too, but a pull or an ack waits for NATS.
+        stop.join("pulling shard jobs", stop.work_deadline(), shards)
+            .await;
     }
 }
 
 /// How long one pull request for shard jobs waits for jobs; also the
-/// longest a stopping router keeps receiving jobs it then hands back.
+/// longest a stopping router keeps receiving jobs it then hands back
+/// (while NATS answers).
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// How often a router reads the consumer's backlog for the pending gauge.
 const PENDING_EVERY: Duration = Duration::from_secs(5);
 
-/// Pulls shard jobs, at most [`SHARD_CONCURRENCY`] at a time, until
-/// `stop`; then hands back jobs received but not started, and waits for
-/// the started ones until [`DRAIN_DEADLINE`]. A job still running then is
-/// never acknowledged, and JetStream delivers it again after ack_wait.
-async fn take_shard_jobs(members: Arc<Members>, stop: CancellationToken) {
+/// Pulls shard jobs, at most [`SHARD_CONCURRENCY`] at a time, until the
+/// stop begins; then hands back jobs received but not started, and waits
+/// for the started ones until the stop's work deadline. A job still
+/// running then is never acknowledged, and JetStream delivers it again
+/// after ack_wait.
+async fn take_shard_jobs(members: Arc<Members>, stop: Stop) {
     let slots = Arc::new(Semaphore::new(SHARD_CONCURRENCY));
-    let mut next_pending = tokio::time::Instant::now();
-    'pull: while !stop.is_cancelled() {
-        if tokio::time::Instant::now() >= next_pending {
+    let mut next_pending = Instant::now();
+    'pull: while !stop.is_begun() {
+        if Instant::now() >= next_pending {
             next_pending += PENDING_EVERY;
             match members.shard_jobs_pending().await {
                 Ok(n) => metrics::gauge!("switchboard_router_shard_jobs_pending").set(n as f64),
@@ -175,7 +196,7 @@ async fn take_shard_jobs(members: Arc<Members>, stop: CancellationToken) {
         // Ask for exactly as many jobs as there are free slots: a job
         // waiting in a local buffer would run down its ack_wait unseen.
         let first = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = stop.begun() => break,
             p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
         let mut permits = vec![first];
@@ -199,13 +220,13 @@ async fn take_shard_jobs(members: Arc<Members>, stop: CancellationToken) {
                     .increment(1);
                 tracing::warn!(error = %e, "pulling shard jobs failed");
                 tokio::select! {
-                    _ = stop.cancelled() => break 'pull,
+                    _ = stop.begun() => break 'pull,
                     _ = tokio::time::sleep(PULL_EXPIRES) => continue 'pull,
                 }
             }
         };
-        // The batch ends when full or after PULL_EXPIRES (so this loop is
-        // bounded after stop too).
+        // The batch ends when full or after PULL_EXPIRES, if NATS answers
+        // (the caller bounds it after the stop began).
         while let Some(msg) = batch.next().await {
             let msg = match msg {
                 Ok(m) => m,
@@ -214,7 +235,7 @@ async fn take_shard_jobs(members: Arc<Members>, stop: CancellationToken) {
                     break;
                 }
             };
-            if stop.is_cancelled() {
+            if stop.is_begun() {
                 // Another router takes it now, not after ack_wait.
                 let _ = msg.ack_with(AckKind::Nak(None)).await;
                 continue;
@@ -227,8 +248,17 @@ async fn take_shard_jobs(members: Arc<Members>, stop: CancellationToken) {
             tokio::spawn(run_shard_job(members.clone(), msg, permit));
         }
     }
-    let _ =
-        tokio::time::timeout(DRAIN_DEADLINE, slots.acquire_many(SHARD_CONCURRENCY as u32)).await;
+    let all = slots.acquire_many(SHARD_CONCURRENCY as u32);
+    if tokio::time::timeout_at(stop.work_deadline(), all)
+        .await
+        .is_err()
+    {
+        let open = SHARD_CONCURRENCY - slots.available_permits();
+        stop.gave_up(
+            "shard jobs in flight",
+            &format_args!("{open} unacknowledged; JetStream delivers them again after ack_wait"),
+        );
+    }
 }
 
 /// Runs one shard job and acknowledges it once done; says "still working"
@@ -294,10 +324,7 @@ async fn run_shard_job(
     drop(permit);
 }
 
-/// How long a stopping replica keeps finishing work NATS gave it.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
-
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

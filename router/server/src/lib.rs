@@ -24,10 +24,11 @@ use std::process::ExitCode;
 
 pub use app::run;
 pub use config::{Config, Settings};
-pub use switchboard_node::ConfigError;
+pub use switchboard_node::{ConfigError, Stopped};
 
 /// The binary: configuration, logging, listener, then [`run`] until
-/// SIGTERM or SIGINT. Exit code 64 when it cannot start.
+/// SIGTERM or SIGINT. Exit code 64 when it cannot start; after a stop, 0,
+/// or 75 when the stop gave up on something.
 pub fn main() -> ExitCode {
     const NAME: &str = "switchboard-router";
     let config = match <Settings as clap::Parser>::parse()
@@ -37,13 +38,13 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return switchboard_node::fail(NAME, &e),
     };
-    let (log, listen) = (config.log.clone(), config.listen);
+    let (log, listen, grace) = (config.log.clone(), config.listen, config.shutdown_grace);
     switchboard_node::serve_main(NAME, &log, listen, |listener| {
         run(
             config,
             listener,
             switchboard_node::telemetry::prometheus(),
-            switchboard_node::shutdown_signal(),
+            switchboard_node::shutdown_signal_with_watchdog(grace),
         )
     })
 }

@@ -8,21 +8,48 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use switchboard_node::Stop;
 use switchboard_node::http::{self, Body, api_error, json};
 use switchboard_protocol::{ChatId, UserId};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::task::TaskTracker;
 
 use crate::state::RouterState;
 
-pub(crate) async fn accept(
-    listener: TcpListener,
-    state: Arc<RouterState>,
-    stop: CancellationToken,
-) {
+/// The HTTP listener and the connections it serves.
+pub(crate) struct Http {
+    accept: JoinHandle<()>,
+    conns: TaskTracker,
+}
+
+impl Http {
+    /// Serves `listener` until `stop` begins.
+    pub(crate) fn start(listener: TcpListener, state: Arc<RouterState>, stop: Stop) -> Http {
+        let conns = TaskTracker::new();
+        let accept = tokio::spawn(accept(listener, state, stop, conns.clone()));
+        Http { accept, conns }
+    }
+
+    /// Once the stop has begun: the listener is closed, idle connections
+    /// close, and requests being answered get until the work deadline.
+    pub(crate) async fn stop(self, stop: &Stop) {
+        stop.join("HTTP listener", stop.work_deadline(), self.accept)
+            .await;
+        self.conns.close();
+        let answered = tokio::time::timeout_at(stop.work_deadline(), self.conns.wait()).await;
+        if answered.is_err() {
+            stop.gave_up(
+                "HTTP requests in flight",
+                &format_args!("{} connections unanswered", self.conns.len()),
+            );
+        }
+    }
+}
+
+async fn accept(listener: TcpListener, state: Arc<RouterState>, stop: Stop, conns: TaskTracker) {
     loop {
         let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.begun() => return,
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
@@ -32,15 +59,21 @@ pub(crate) async fn accept(
                 }
             },
         };
-        let state = state.clone();
-        tokio::spawn(async move {
+        let (state, stop) = (state.clone(), stop.clone());
+        conns.spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(state, req).await) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.begun() => {}
+            }
+            // Answers the request in hand, if any, then closes.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         });
     }
 }

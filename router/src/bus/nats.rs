@@ -209,6 +209,13 @@ impl Bus for NatsBus {
         Ok(())
     }
 
+    async fn flush(&self) -> Result<(), BusError> {
+        self.client.flush().await.map_err(|source| BusError::Flush {
+            subject: String::new(),
+            source,
+        })
+    }
+
     fn subscriptions(&self) -> usize {
         self.subs.len()
     }

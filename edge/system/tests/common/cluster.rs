@@ -41,7 +41,7 @@ impl RedisUrl for RedisSentinel {
 pub struct RouterNode {
     pub addr: SocketAddr,
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), String>>,
+    task: tokio::task::JoinHandle<Result<switchboard_router_server::Stopped, String>>,
 }
 
 impl RouterNode {
