@@ -22,6 +22,11 @@
 //! [`Client::close`] or a terminal close (4500+). Read [`Events`]: when the
 //! app stops reading, the client stops reading the socket too.
 //!
+//! With [`ClientConfig::deflate`] the client offers permessage-deflate
+//! (RFC 7692, no context takeover): what the server compresses is
+//! inflated under tungstenite by [`DeflateStream`], and the client
+//! compresses what it sends from `deflate::DEFAULT_MIN_BYTES` on.
+//!
 //! Only plain `ws://` URLs: the crate is built without TLS.
 //!
 //! ```no_run
@@ -43,6 +48,7 @@ mod actor;
 mod backoff;
 mod config;
 mod cursor;
+mod deflate_stream;
 mod error;
 mod event;
 mod link;
@@ -57,6 +63,7 @@ use tracing::Instrument;
 
 pub use backoff::delay as full_jitter_delay;
 pub use config::ClientConfig;
+pub use deflate_stream::DeflateStream;
 pub use error::ClientError;
 pub use event::{Cursor, Event, Events, Positions, ResubscribeFailure, StreamId};
 

@@ -6,6 +6,8 @@
 //! - [`CloseReason`]: the one table of close codes and reconnect advice.
 //! - [`ChatId`] / [`UserId`]: ids that are safe to put into NATS subjects.
 //! - [`subject`]: the cluster's NATS subjects, built and parsed.
+//! - [`deflate`]: permessage-deflate (RFC 7692) without context takeover:
+//!   the extension's negotiation and the codec.
 //! - `client` (feature `client`, off by default): an async Rust client with
 //!   reconnect and resume, used by tests, examples and the load generator.
 //!
@@ -14,6 +16,7 @@
 
 mod close;
 mod codec;
+pub mod deflate;
 mod ids;
 mod stream;
 pub mod subject;
@@ -24,7 +27,7 @@ pub mod client;
 pub use close::CloseReason;
 pub use codec::{DecodeError, Encoding};
 pub use ids::{ChatId, IdError, MAX_CLIENT_MSG_ID_LEN, MAX_ID_LEN, UserId, validate_client_msg_id};
-pub use stream::{SharedFrame, StreamKey};
+pub use stream::{Deflated, SharedFrame, StreamKey};
 
 /// Generated protocol types (version 1). See the `.proto` file for field docs.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -39,8 +39,9 @@ impl fmt::Display for StreamKey {
     }
 }
 
-/// A server frame shared by every socket it goes to: each encoding is
-/// produced at most once, on first use, and then shared as `Bytes`.
+/// A server frame shared by every socket it goes to: each encoding, and
+/// each encoding compressed for permessage-deflate, is produced at most
+/// once, on first use, and then shared as `Bytes`.
 #[derive(Clone)]
 pub struct SharedFrame(Arc<Inner>);
 
@@ -48,8 +49,24 @@ struct Inner {
     frame: ServerFrame,
     protobuf: OnceLock<Bytes>,
     json: OnceLock<Bytes>,
+    /// Each encoding compressed ([`crate::deflate`]); `None` inside when
+    /// compressing did not make it smaller.
+    deflated_protobuf: OnceLock<Option<Bytes>>,
+    deflated_json: OnceLock<Option<Bytes>>,
     /// A delivery's stream and seq, parsed once: every socket's writer asks.
     position: OnceLock<Option<(StreamKey, u64)>>,
+}
+
+/// A frame's bytes for a socket that negotiated permessage-deflate.
+#[derive(Debug, Clone, Copy)]
+pub struct Deflated<'a> {
+    /// The frame's payload as written.
+    pub bytes: &'a Bytes,
+    /// Whether `bytes` is compressed (the frame goes with RSV1 set).
+    pub compressed: bool,
+    /// Whether this call ran the compressor: true once per frame and
+    /// encoding, for the first socket that needed it.
+    pub compressed_now: bool,
 }
 
 impl SharedFrame {
@@ -59,6 +76,8 @@ impl SharedFrame {
             frame,
             protobuf: OnceLock::new(),
             json: OnceLock::new(),
+            deflated_protobuf: OnceLock::new(),
+            deflated_json: OnceLock::new(),
             position: OnceLock::new(),
         }))
     }
@@ -70,6 +89,8 @@ impl SharedFrame {
             frame,
             protobuf: OnceLock::from(protobuf),
             json: OnceLock::new(),
+            deflated_protobuf: OnceLock::new(),
+            deflated_json: OnceLock::new(),
             position: OnceLock::new(),
         }))
     }
@@ -86,6 +107,39 @@ impl SharedFrame {
             Encoding::Json => &self.0.json,
         };
         cell.get_or_init(|| encoding.encode_server(&self.0.frame))
+    }
+
+    /// The frame's bytes in `encoding` for a compressing socket: below
+    /// `min_bytes` (or when compressing does not make them smaller) the
+    /// plain encoding, else the compressed form, produced once on first
+    /// use and then shared by every compressing socket. Without context
+    /// takeover a message's compressed bytes do not depend on the socket.
+    pub fn deflated(&self, encoding: Encoding, min_bytes: usize) -> Deflated<'_> {
+        let plain = self.encoded(encoding);
+        let mut compressed_now = false;
+        if plain.len() >= min_bytes {
+            let cell = match encoding {
+                Encoding::Protobuf => &self.0.deflated_protobuf,
+                Encoding::Json => &self.0.deflated_json,
+            };
+            let packed = cell.get_or_init(|| {
+                compressed_now = true;
+                let packed = crate::deflate::compress(plain);
+                (packed.len() < plain.len()).then(|| Bytes::from(packed))
+            });
+            if let Some(bytes) = packed {
+                return Deflated {
+                    bytes,
+                    compressed: true,
+                    compressed_now,
+                };
+            }
+        }
+        Deflated {
+            bytes: plain,
+            compressed: false,
+            compressed_now,
+        }
     }
 
     /// The epoch of a delivery frame (`None` for any other frame).
@@ -152,5 +206,67 @@ mod tests {
             StreamKey::Chat(ChatId::parse("c1").unwrap()).subject(),
             Some("sb.chat.c1".into())
         );
+    }
+
+    #[test]
+    fn compresses_once_above_the_threshold() {
+        let frame = SharedFrame::new(ServerFrame {
+            id: 0,
+            kind: Some(server_frame::Kind::Delivery(Delivery {
+                chat: "c1".into(),
+                seq: 3,
+                payload: "a chat message that says the same thing again and again and again"
+                    .repeat(8)
+                    .into(),
+                ..Default::default()
+            })),
+        });
+        let plain_len = frame.encoded(Encoding::Json).len();
+        // Below the threshold: the plain bytes, nothing compressed.
+        let small = frame.deflated(Encoding::Json, plain_len + 1);
+        assert!(!small.compressed && !small.compressed_now);
+        assert_eq!(small.bytes, frame.encoded(Encoding::Json));
+        let first = frame.deflated(Encoding::Json, 16);
+        assert!(first.compressed && first.compressed_now);
+        assert!(first.bytes.len() < plain_len);
+        let other = frame.clone();
+        let again = other.deflated(Encoding::Json, 16);
+        assert!(again.compressed && !again.compressed_now);
+        assert_eq!(
+            first.bytes.as_ptr(),
+            again.bytes.as_ptr(),
+            "shared, not redone"
+        );
+        assert_eq!(
+            crate::deflate::inflate(again.bytes, 1 << 20).unwrap(),
+            frame.encoded(Encoding::Json)[..]
+        );
+        // Each encoding has its own compressed form.
+        assert!(frame.deflated(Encoding::Protobuf, 16).compressed_now);
+    }
+
+    #[test]
+    fn incompressible_frames_stay_plain() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..600)
+            .map(|_| {
+                // xorshift64: bytes DEFLATE cannot shrink.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let frame = SharedFrame::new(ServerFrame {
+            id: 0,
+            kind: Some(server_frame::Kind::Delivery(Delivery {
+                payload: noise.into(),
+                ..Default::default()
+            })),
+        });
+        let d = frame.deflated(Encoding::Protobuf, 16);
+        assert!(!d.compressed && d.compressed_now, "tried once");
+        assert!(!frame.deflated(Encoding::Protobuf, 16).compressed_now);
+        assert_eq!(d.bytes, frame.encoded(Encoding::Protobuf));
     }
 }

@@ -66,6 +66,10 @@ pub struct ClientConfig {
     pub user_since: Option<u64>,
     /// Epoch that `user_since` belongs to. Default empty.
     pub user_epoch: String,
+    /// Offer permessage-deflate (RFC 7692, no context takeover either
+    /// way): the server then compresses long frames and the client its
+    /// long requests. Default false.
+    pub deflate: bool,
 }
 
 impl ClientConfig {
@@ -87,6 +91,7 @@ impl ClientConfig {
             max_in_flight: 1024,
             user_since: None,
             user_epoch: String::new(),
+            deflate: false,
         }
     }
 }
@@ -110,6 +115,7 @@ impl fmt::Debug for ClientConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("user_since", &self.user_since)
             .field("user_epoch", &self.user_epoch)
+            .field("deflate", &self.deflate)
             .finish()
     }
 }

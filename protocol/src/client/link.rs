@@ -5,50 +5,132 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream,
+    WebSocketStream,
     tungstenite::{
         self, Message, Utf8Bytes,
         client::IntoClientRequest,
-        http::{HeaderValue, header::SEC_WEBSOCKET_PROTOCOL},
+        error::UrlError,
+        http::{
+            HeaderValue,
+            header::{SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL},
+        },
+        protocol::frame::{
+            Frame,
+            coding::{Data, OpCode},
+        },
     },
 };
 
-use super::ClientError;
+use super::{ClientError, DeflateStream};
 use crate::{
-    CloseReason, DecodeError, Encoding,
+    CloseReason, DecodeError, Encoding, deflate,
     v1::{ClientFrame, ServerFrame},
 };
 
-pub(super) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// An open socket.
+pub(super) struct Ws {
+    stream: WebSocketStream<DeflateStream<TcpStream>>,
+    /// permessage-deflate was agreed and lets us compress what we send.
+    compress: bool,
+}
 
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Opens the WebSocket, offering the encoding's subprotocol.
-pub(super) async fn dial(url: String, encoding: Encoding) -> Result<Ws, ClientError> {
+/// Largest message accepted from the server, inflated or not
+/// (tungstenite's own default).
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Opens the WebSocket, offering the encoding's subprotocol and, with
+/// `offer_deflate`, permessage-deflate.
+pub(super) async fn dial(
+    url: String,
+    encoding: Encoding,
+    offer_deflate: bool,
+) -> Result<Ws, ClientError> {
     let mut request = url.as_str().into_client_request()?;
     request.headers_mut().insert(
         SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(encoding.subprotocol()),
     );
-    let (ws, _response) = tokio_tungstenite::connect_async(request).await?;
-    Ok(ws)
+    if offer_deflate {
+        request.headers_mut().insert(
+            SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(deflate::CLIENT_OFFER),
+        );
+    }
+    let uri = request.uri();
+    if uri.scheme_str() != Some("ws") {
+        // Built without TLS, as `connect_async` would say.
+        return Err(tungstenite::Error::Url(UrlError::TlsFeatureNotEnabled).into());
+    }
+    let host = uri
+        .host()
+        .ok_or(tungstenite::Error::Url(UrlError::NoHostName))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    // Dialed here rather than by `connect_async`, to put the deflate
+    // stream under tungstenite.
+    let tcp = TcpStream::connect((host, port))
+        .await
+        .map_err(ClientError::Io)?;
+    let io = if offer_deflate {
+        DeflateStream::before_upgrade(tcp, MAX_MESSAGE_BYTES)
+    } else {
+        DeflateStream::plain(tcp)
+    };
+    let (stream, response) = tokio_tungstenite::client_async(request, io).await?;
+    let answer = response
+        .headers()
+        .get_all(SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    let agreed =
+        deflate::agreed(Some(&answer)).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if agreed.is_some() && !offer_deflate {
+        return Err(ClientError::Protocol(
+            "the server agreed to permessage-deflate, which was not offered".into(),
+        ));
+    }
+    debug_assert_eq!(agreed.is_some(), stream.get_ref().is_agreed());
+    Ok(Ws {
+        stream,
+        compress: agreed.is_some_and(|a| a.compress_outgoing),
+    })
 }
 
-/// Encodes and writes one frame.
+/// Encodes and writes one frame, compressed when deflate was agreed and
+/// it is long enough.
 pub(super) async fn send(
     ws: &mut Ws,
     encoding: Encoding,
     frame: &ClientFrame,
 ) -> Result<(), ClientError> {
     let bytes = encoding.encode_client(frame);
+    let packed = (ws.compress && bytes.len() >= deflate::DEFAULT_MIN_BYTES)
+        .then(|| deflate::compress(&bytes))
+        .filter(|p| p.len() < bytes.len());
+    if let Some(packed) = packed {
+        let data = if encoding.is_text() {
+            Data::Text
+        } else {
+            Data::Binary
+        };
+        // tungstenite writes a prepared frame as it is, RSV1 included.
+        let mut frame = Frame::message(packed, OpCode::Data(data), true);
+        frame.header_mut().rsv1 = true;
+        ws.stream.send(Message::Frame(frame)).await?;
+        return Ok(());
+    }
     let message = if encoding.is_text() {
         // The JSON encoding always produces UTF-8.
         Message::Text(Utf8Bytes::try_from(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?)
     } else {
         Message::Binary(bytes)
     };
-    ws.send(message).await?;
+    ws.stream.send(message).await?;
     Ok(())
 }
 
@@ -73,7 +155,7 @@ pub(super) enum Inbound {
 /// the future is dropped before it completes.
 pub(super) async fn recv(ws: &mut Ws, encoding: Encoding) -> Inbound {
     loop {
-        let message = match ws.next().await {
+        let message = match ws.stream.next().await {
             Some(Ok(m)) => m,
             None
             | Some(Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed)) =>
@@ -112,8 +194,8 @@ pub(super) async fn recv(ws: &mut Ws, encoding: Encoding) -> Inbound {
 /// the peer's; errors do not matter any more.
 pub(super) async fn shut(mut ws: Ws, frame: Option<tungstenite::protocol::CloseFrame>) {
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        let _ = ws.close(frame).await;
-        while let Some(Ok(_)) = ws.next().await {}
+        let _ = ws.stream.close(frame).await;
+        while let Some(Ok(_)) = ws.stream.next().await {}
     })
     .await;
 }
