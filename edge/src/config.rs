@@ -208,6 +208,19 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history_max_streams: Option<usize>,
 
+    /// Accept permessage-deflate (RFC 7692) when a client offers it (browsers
+    /// do), without context takeover: each broadcast is compressed once for
+    /// every compressing socket. Default true.
+    #[arg(long, env = "SWITCHBOARD_DEFLATE", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deflate: Option<bool>,
+
+    /// Frames shorter than this go uncompressed even on a compressing
+    /// socket, bytes. Default 256.
+    #[arg(long, env = "SWITCHBOARD_DEFLATE_MIN_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deflate_min_bytes: Option<usize>,
+
     /// Messages NATS buffers per subscription before dropping (the edge
     /// then repairs from history). Default 8192.
     #[arg(long, env = "SWITCHBOARD_NATS_SUBSCRIPTION_CAPACITY")]
@@ -278,6 +291,10 @@ pub struct Config {
     pub reconnect_jitter_max: Duration,
     /// Warning lead before token expiry.
     pub token_expiry_warning: Duration,
+    /// Accept permessage-deflate offers.
+    pub deflate: bool,
+    /// Frames under this many bytes go uncompressed.
+    pub deflate_min_bytes: usize,
     /// Memory history limits.
     pub history: HistoryLimits,
     /// Cluster backends; `None`: standalone.
@@ -448,6 +465,13 @@ impl Settings {
                 self.token_expiry_warning_ms,
                 60_000,
             )?,
+            deflate: self.deflate.unwrap_or(true),
+            deflate_min_bytes: positive(
+                "--deflate-min-bytes",
+                self.deflate_min_bytes,
+                switchboard_protocol::deflate::DEFAULT_MIN_BYTES,
+            )?
+            .min(u32::MAX as usize),
             history: HistoryLimits {
                 max_streams: positive("--history-max-streams", self.history_max_streams, 100_000)?,
                 ..node.history

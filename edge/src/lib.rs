@@ -62,21 +62,30 @@ pub use tls::TlsFiles;
 /// Entry points for fuzz targets (`edge/fuzz`); not an API.
 #[doc(hidden)]
 pub mod fuzzing {
-    /// Reads WebSocket frames from `bytes` as a socket's reader does, until
-    /// the input ends or a frame is refused; returns each payload's length.
+    /// Reads WebSocket frames from `bytes` as the reader of a socket that
+    /// negotiated permessage-deflate does, until the input ends or a frame
+    /// is refused; returns each payload's length (a compressed frame's
+    /// once inflated within the limit, as a whole message would be).
     pub fn read_frames(bytes: &[u8], max_message_bytes: usize) -> Vec<usize> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("a current-thread runtime");
         runtime.block_on(async {
-            let mut inbound = crate::conn::inbound::Inbound::new(bytes, max_message_bytes);
+            let mut inbound = crate::conn::inbound::Inbound::new(bytes, max_message_bytes, true);
             let mut lens = Vec::new();
             let mut obligated = |_f: fastwebsockets::Frame<'static>| {
                 std::future::ready(Ok::<(), std::io::Error>(()))
             };
             while lens.len() < 10_000 {
                 match inbound.read_frame(&mut obligated).await {
-                    Ok(f) => lens.push(f.payload.len()),
+                    Ok((f, false)) => lens.push(f.payload.len()),
+                    Ok((f, true)) => {
+                        match switchboard_protocol::deflate::inflate(&f.payload, max_message_bytes)
+                        {
+                            Ok(plain) => lens.push(plain.len()),
+                            Err(_) => break,
+                        }
+                    }
                     Err(_) => break,
                 }
             }

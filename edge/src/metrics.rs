@@ -29,6 +29,51 @@ pub(crate) struct EdgeMetrics {
     pub(crate) gaps_retried: Counter,
     pub(crate) pending_frames: Gauge,
     pub(crate) pending_dropped: Counter,
+    pub(crate) deflate: DeflateMetrics,
+}
+
+/// permessage-deflate: how often the compressor ran (once per shared frame
+/// and encoding, once per reply) and on how many bytes.
+pub(crate) struct DeflateMetrics {
+    pub(crate) negotiated: Counter,
+    pub(crate) shared: Counter,
+    pub(crate) replies: Counter,
+    pub(crate) input_bytes: Counter,
+    pub(crate) output_bytes: Counter,
+    pub(crate) inflated: Counter,
+}
+
+impl DeflateMetrics {
+    fn new() -> Self {
+        let m = DeflateMetrics {
+            negotiated: counter!("switchboard_edge_deflate_negotiated_total"),
+            shared: counter!("switchboard_edge_deflate_compressed_frames_total", "kind" => "shared"),
+            replies: counter!("switchboard_edge_deflate_compressed_frames_total", "kind" => "reply"),
+            input_bytes: counter!("switchboard_edge_deflate_input_bytes_total"),
+            output_bytes: counter!("switchboard_edge_deflate_output_bytes_total"),
+            inflated: counter!("switchboard_edge_deflate_inflated_frames_total"),
+        };
+        // Shown at zero from the start.
+        for c in [
+            &m.negotiated,
+            &m.shared,
+            &m.replies,
+            &m.input_bytes,
+            &m.output_bytes,
+            &m.inflated,
+        ] {
+            c.increment(0);
+        }
+        m
+    }
+
+    /// Counts one run of the compressor over `input` bytes, of which
+    /// `output` bytes go out (compressed, or plain when that was smaller).
+    pub(crate) fn compressed(&self, kind: &Counter, input: usize, output: usize) {
+        kind.increment(1);
+        self.input_bytes.increment(input as u64);
+        self.output_bytes.increment(output as u64);
+    }
 }
 
 impl EdgeMetrics {
@@ -72,6 +117,7 @@ impl EdgeMetrics {
             gaps_retried: counter!("switchboard_edge_gaps_total", "result" => "retried"),
             pending_frames: gauge!("switchboard_edge_reorder_pending_frames"),
             pending_dropped: counter!("switchboard_edge_reorder_dropped_total"),
+            deflate: DeflateMetrics::new(),
         }
     }
 }

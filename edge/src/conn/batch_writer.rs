@@ -18,6 +18,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 pub(crate) const FLUSH_AT_BYTES: usize = 256 * 1024;
 /// Longest server frame header (no mask): 2 bytes plus 8 of length.
 const MAX_HEAD: usize = 10;
+/// RSV1 in a frame's first byte: permessage-deflate's "compressed" bit.
+const RSV1: u8 = 0x40;
 
 pub(crate) struct BatchWriter<W> {
     inner: W,
@@ -39,8 +41,18 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
 
     /// Appends one unmasked, unfragmented frame.
     pub(crate) fn push(&mut self, opcode: OpCode, payload: &[u8]) {
+        self.push_frame(opcode, false, payload);
+    }
+
+    /// Appends one unmasked, unfragmented frame, with RSV1 set when its
+    /// payload is compressed (permessage-deflate; data frames only).
+    pub(crate) fn push_frame(&mut self, opcode: OpCode, compressed: bool, payload: &[u8]) {
         let mut head = [0u8; MAX_HEAD + 4];
         let n = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
+        // fastwebsockets' header has no RSV bits of its own.
+        if compressed {
+            head[0] |= RSV1;
+        }
         self.buf.reserve(n + payload.len());
         self.buf.extend_from_slice(&head[..n]);
         self.buf.extend_from_slice(payload);
@@ -118,6 +130,18 @@ mod tests {
                 assert_eq!(&f.payload[2..], b"slow_consumer");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_compressed_frame_has_rsv1_and_no_other_does() {
+        let (a, _b) = tokio::io::duplex(1 << 20);
+        let mut w = BatchWriter::new(a);
+        w.push_frame(OpCode::Text, true, &[9; 300]);
+        w.push_frame(OpCode::Binary, false, b"plain");
+        w.push(OpCode::Ping, b"");
+        assert_eq!(&w.buf[..4], &[0x80 | 0x40 | 0x1, 126, 1, 44]);
+        assert_eq!(&w.buf[304..306], &[0x82, 5], "no RSV1 on a plain frame");
+        assert_eq!(&w.buf[311..], &[0x89, 0]);
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fastwebsockets::{Frame, OpCode, WebSocketError};
 use switchboard_protocol::{
-    CloseReason, Encoding,
+    CloseReason, Encoding, deflate,
     v1::{
         ClientFrame, Connect, Error as ErrorFrame, ErrorCode, ServerFrame, client_frame,
         server_frame,
@@ -20,7 +20,11 @@ use tokio::{
 use crate::{
     admission::Permit,
     auth::{AuthError, Identity},
-    conn::{batch_writer::BatchWriter, inbound::Inbound, reader::read_failure},
+    conn::{
+        batch_writer::BatchWriter,
+        inbound::Inbound,
+        reader::{inflate_failure, read_failure},
+    },
     metrics,
     state::SessionContext,
 };
@@ -28,6 +32,8 @@ use crate::{
 /// Everything known about a socket before its Connect frame.
 pub(crate) struct Accepted {
     pub(crate) encoding: Encoding,
+    /// permessage-deflate was agreed in the 101.
+    pub(crate) deflate: bool,
     /// Identity from an `Authorization: Bearer` header, if one was sent.
     pub(crate) header_identity: Option<Identity>,
     pub(crate) deadline: Instant,
@@ -49,18 +55,19 @@ where
     W: AsyncWrite + Unpin,
 {
     let enc = accepted.encoding;
-    let frame = match tokio::time::timeout_at(accepted.deadline, first_frame(rd, ws)).await {
-        Err(_) => {
-            close_early(ws, enc, 0, None, CloseReason::ConnectTimeout).await;
-            return None;
-        }
-        Ok(Err(e)) => {
-            let v = read_failure(&e, ctx.settings.max_frame_bytes)?;
-            close_early(ws, enc, 0, Some((v.code, v.message)), v.reason).await;
-            return None;
-        }
-        Ok(Ok(f)) => f,
-    };
+    let (frame, compressed) =
+        match tokio::time::timeout_at(accepted.deadline, first_frame(rd, ws)).await {
+            Err(_) => {
+                close_early(ws, enc, 0, None, CloseReason::ConnectTimeout).await;
+                return None;
+            }
+            Ok(Err(e)) => {
+                let v = read_failure(&e, ctx.settings.max_frame_bytes)?;
+                close_early(ws, enc, 0, Some((v.code, v.message)), v.reason).await;
+                return None;
+            }
+            Ok(Ok(f)) => f,
+        };
     metrics::frame_in(&ctx.metrics, frame.payload.len());
     if !matches!(frame.opcode, OpCode::Text | OpCode::Binary) || !frame.fin {
         close_early(
@@ -73,7 +80,23 @@ where
         .await;
         return None;
     }
-    let parsed = enc.decode_client(&frame.payload, frame.opcode == OpCode::Text);
+    // Browsers compress every message once permessage-deflate is agreed.
+    let inflated;
+    let payload: &[u8] = if compressed {
+        inflated = match deflate::inflate(&frame.payload, ctx.settings.max_frame_bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                let v = inflate_failure(e);
+                close_early(ws, enc, 0, Some((v.code, v.message)), v.reason).await;
+                return None;
+            }
+        };
+        ctx.metrics.deflate.inflated.increment(1);
+        &inflated
+    } else {
+        &frame.payload
+    };
+    let parsed = enc.decode_client(payload, frame.opcode == OpCode::Text);
     let (id, connect) = match parsed {
         Ok(ClientFrame {
             id,
@@ -126,7 +149,7 @@ where
 async fn first_frame<R, W>(
     rd: &mut Inbound<R>,
     ws: &mut BatchWriter<W>,
-) -> Result<Frame<'static>, WebSocketError>
+) -> Result<(Frame<'static>, bool), WebSocketError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -137,7 +160,7 @@ where
             echo = Some(f.payload.to_vec());
             std::future::ready(Ok::<(), &'static str>(()))
         };
-        let frame = rd.read_frame(&mut keep).await?;
+        let (frame, compressed) = rd.read_frame(&mut keep).await?;
         match frame.opcode {
             OpCode::Ping => {
                 ws.push(OpCode::Pong, &frame.payload);
@@ -150,7 +173,7 @@ where
                 ws.flush().await?;
                 return Err(WebSocketError::ConnectionClosed);
             }
-            _ => return Ok(frame),
+            _ => return Ok((frame, compressed)),
         }
     }
 }

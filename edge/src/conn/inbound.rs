@@ -9,6 +9,13 @@
 //! frame's last byte ([`FrameBounded`]): the header is read exactly and the
 //! payload passes through capped at its announced length. Parsing frames
 //! (masks, opcodes, UTF-8, size limits) stays fastwebsockets' job.
+//!
+//! fastwebsockets knows no extensions and refuses any RSV bit. On a socket
+//! that negotiated permessage-deflate, the header of a compressed data
+//! frame (RSV1 on a text or binary frame) is handed to it as a plain
+//! binary frame, RSV1 cleared, and the frame comes back marked compressed
+//! with its own opcode; the caller inflates the message. Anywhere else RSV1
+//! stays set, and fastwebsockets refuses the frame.
 use std::{
     future::poll_fn,
     io,
@@ -16,11 +23,15 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use fastwebsockets::{Frame, Payload, Role, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// Longest WebSocket frame header: 2 bytes, 8 of length, 4 of mask.
 const MAX_HEADER: usize = 14;
+/// RSV1 in a frame's first byte: permessage-deflate's "compressed" bit.
+const RSV1: u8 = 0x40;
+const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_BINARY: u8 = 0x2;
 
 /// Reads one WebSocket frame at a time from `R`, holding no buffer between
 /// frames. Pings are returned like other frames (auto-pong is off: the
@@ -31,19 +42,24 @@ pub(crate) struct Inbound<R> {
 }
 
 impl<R: AsyncRead + Unpin> Inbound<R> {
-    pub(crate) fn new(io: R, max_message_bytes: usize) -> Self {
+    /// `deflate`: the socket negotiated permessage-deflate, so RSV1 marks a
+    /// compressed message.
+    pub(crate) fn new(io: R, max_message_bytes: usize, deflate: bool) -> Self {
+        let mut io = FrameBounded::new(io);
+        io.deflate = deflate;
         Inbound {
-            io: FrameBounded::new(io),
+            io,
             max_message_bytes,
         }
     }
 
-    /// The next frame; `obligated` receives what the protocol obliges us to
-    /// send back (the echo of a close).
+    /// The next frame, and whether it starts a compressed message (its
+    /// payload as sent, still compressed); `obligated` receives what the
+    /// protocol obliges us to send back (the echo of a close).
     pub(crate) async fn read_frame<F, E>(
         &mut self,
         obligated: &mut impl FnMut(Frame<'static>) -> F,
-    ) -> Result<Frame<'static>, WebSocketError>
+    ) -> Result<(Frame<'static>, bool), WebSocketError>
     where
         F: Future<Output = Result<(), E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
@@ -58,6 +74,7 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         // Boxed with the reader: the frame's read state exists only while a
         // frame is arriving, not in every idle socket's task.
         let max = self.max_message_bytes;
+        let compressed = self.io.compressed;
         let io = &mut self.io;
         Box::pin(async move {
             let (mut rd, _) =
@@ -72,7 +89,15 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
                 Payload::Bytes(b) => Payload::Bytes(b),
                 other => Payload::Owned(other.to_vec()),
             };
-            Ok(Frame::new(frame.fin, frame.opcode, None, payload))
+            let opcode = match compressed {
+                Some(true) => OpCode::Text,
+                Some(false) => OpCode::Binary,
+                None => frame.opcode,
+            };
+            Ok((
+                Frame::new(frame.fin, opcode, None, payload),
+                compressed.is_some(),
+            ))
         })
         .await
     }
@@ -90,6 +115,12 @@ pub(crate) struct FrameBounded<R> {
     given: usize,
     /// Payload bytes the reader may still take; `None` until the header is whole.
     payload_left: Option<u64>,
+    /// permessage-deflate was negotiated: RSV1 may mark a compressed message.
+    deflate: bool,
+    /// This frame is compressed (RSV1 cleared before fastwebsockets saw it),
+    /// and whether it was a text frame (handed over as binary, so that
+    /// fastwebsockets does not check compressed bytes for UTF-8).
+    compressed: Option<bool>,
 }
 
 impl<R: AsyncRead + Unpin> FrameBounded<R> {
@@ -101,6 +132,8 @@ impl<R: AsyncRead + Unpin> FrameBounded<R> {
             need: 2,
             given: 0,
             payload_left: None,
+            deflate: false,
+            compressed: None,
         }
     }
 
@@ -143,6 +176,12 @@ impl<R: AsyncRead + Unpin> FrameBounded<R> {
                     .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)),
             };
             self.payload_left = Some(len);
+            self.compressed = None;
+            let (first, opcode) = (self.header[0], self.header[0] & 0x0f);
+            if self.deflate && first & RSV1 != 0 && matches!(opcode, OPCODE_TEXT | OPCODE_BINARY) {
+                self.compressed = Some(opcode == OPCODE_TEXT);
+                self.header[0] = (first & !(RSV1 | 0x0f)) | OPCODE_BINARY;
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -179,7 +218,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameBounded<R> {
 
 #[cfg(test)]
 mod tests {
-    use fastwebsockets::{OpCode, WebSocket};
+    use fastwebsockets::WebSocket;
     use tokio::io::AsyncWriteExt;
 
     use super::*;
@@ -215,10 +254,11 @@ mod tests {
                 tokio::task::yield_now().await;
             }
         });
-        let mut inbound = Inbound::new(rx, 1 << 20);
+        let mut inbound = Inbound::new(rx, 1 << 20, false);
         let mut got = Vec::new();
         for _ in 0..count {
-            let f = inbound.read_frame(&mut no_obligation).await.unwrap();
+            let (f, compressed) = inbound.read_frame(&mut no_obligation).await.unwrap();
+            assert!(!compressed);
             got.push((f.opcode, f.payload.to_vec()));
         }
         writer.await.unwrap();
@@ -247,7 +287,7 @@ mod tests {
         let bytes = client_frames(vec![(OpCode::Binary, vec![1; 5000])]).await;
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         tx.write_all(&bytes).await.unwrap();
-        let mut inbound = Inbound::new(rx, 1024);
+        let mut inbound = Inbound::new(rx, 1024, false);
         let Err(err) = inbound.read_frame(&mut no_obligation).await else {
             panic!("expected an error")
         };
@@ -260,7 +300,7 @@ mod tests {
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         tx.write_all(&bytes[..bytes.len() - 10]).await.unwrap();
         drop(tx);
-        let mut inbound = Inbound::new(rx, 1 << 20);
+        let mut inbound = Inbound::new(rx, 1 << 20, false);
         let Err(err) = inbound.read_frame(&mut no_obligation).await else {
             panic!("expected an error")
         };
@@ -268,10 +308,80 @@ mod tests {
 
         let (tx, rx) = tokio::io::duplex(64);
         drop(tx);
-        let mut inbound = Inbound::new(rx, 1 << 20);
+        let mut inbound = Inbound::new(rx, 1 << 20, false);
         let Err(err) = inbound.read_frame(&mut no_obligation).await else {
             panic!("expected an error")
         };
         assert!(matches!(err, WebSocketError::UnexpectedEOF), "{err:?}");
+    }
+
+    /// One masked client frame with this first byte (FIN, RSV, opcode),
+    /// written by hand: fastwebsockets cannot set RSV bits.
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x11, 0x22, 0x33, 0x44];
+        let mut out = vec![first];
+        if payload.len() < 126 {
+            out.push(0x80 | payload.len() as u8);
+        } else {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    async fn read_one(
+        bytes: Vec<u8>,
+        deflate: bool,
+    ) -> Result<(Frame<'static>, bool), WebSocketError> {
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        tx.write_all(&bytes).await.unwrap();
+        let mut inbound = Inbound::new(rx, 1 << 20, deflate);
+        inbound.read_frame(&mut no_obligation).await
+    }
+
+    #[tokio::test]
+    async fn rsv1_marks_a_compressed_message_only_when_negotiated() {
+        // Compressed bytes are not UTF-8; a text frame still comes back as text.
+        let packed = [0xff, 0xfe, 0x00, 0x80, 0x12];
+        let (f, compressed) = read_one(masked(0x80 | RSV1 | OPCODE_TEXT, &packed), true)
+            .await
+            .unwrap();
+        assert!(compressed);
+        assert_eq!(
+            (f.opcode, f.fin, &f.payload[..]),
+            (OpCode::Text, true, &packed[..])
+        );
+        let (f, compressed) = read_one(masked(RSV1 | OPCODE_BINARY, &[7; 300]), true)
+            .await
+            .unwrap();
+        assert!(compressed);
+        assert_eq!(
+            (f.opcode, f.fin, f.payload.len()),
+            (OpCode::Binary, false, 300)
+        );
+        // A plain frame on a compressing socket is just that.
+        let (f, compressed) = read_one(masked(0x80 | OPCODE_TEXT, b"hi"), true)
+            .await
+            .unwrap();
+        assert!(!compressed);
+        assert_eq!((f.opcode, &f.payload[..]), (OpCode::Text, &b"hi"[..]));
+        // Not negotiated, on a continuation or a control frame, or RSV2:
+        // refused as fastwebsockets refuses any reserved bit.
+        for (first, deflate) in [
+            (0x80 | RSV1 | OPCODE_TEXT, false),
+            (0x80 | RSV1, true),
+            (0x80 | RSV1 | 0x9, true),
+            (0x80 | 0x20 | OPCODE_BINARY, true),
+        ] {
+            let Err(err) = read_one(masked(first, b"x"), deflate).await else {
+                panic!("{first:#x} was read");
+            };
+            assert!(
+                matches!(err, WebSocketError::ReservedBitsNotZero),
+                "{first:#x}: {err:?}"
+            );
+        }
     }
 }

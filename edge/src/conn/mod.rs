@@ -81,7 +81,7 @@ async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Accepted) {
         };
         // Nothing was read yet, so fastwebsockets' buffer holds nothing.
         let (r, w) = tokio::io::split(ws.into_inner());
-        let mut rd = Inbound::new(r, state.config.max_frame_bytes);
+        let mut rd = Inbound::new(r, state.config.max_frame_bytes, accepted.deflate);
         let mut wr = BatchWriter::new(w);
         // Boxed: runs once, and its state must not stay in every socket's task.
         let Some((identity, connect_id, connect)) =
@@ -100,6 +100,7 @@ async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Accepted) {
             connect_id,
             connect,
             encoding: accepted.encoding,
+            deflate: accepted.deflate,
             permit: accepted.permit,
             handshake: accepted.handshake,
         };
@@ -122,6 +123,8 @@ struct Opened {
     connect_id: u32,
     connect: Box<switchboard_protocol::v1::Connect>,
     encoding: Encoding,
+    /// permessage-deflate was agreed.
+    deflate: bool,
     permit: Permit,
     handshake: tokio::sync::OwnedSemaphorePermit,
 }
@@ -139,6 +142,7 @@ async fn run(opened: Box<Opened>) {
         connect_id,
         connect,
         encoding,
+        deflate,
         permit: _permit,
         handshake,
     } = *opened;
@@ -169,6 +173,7 @@ async fn run(opened: Box<Opened>) {
                 heartbeat_interval: cfg.heartbeat_interval,
                 token_expiry_warning: cfg.token_expiry_warning,
             },
+            deflate.then_some(cfg.deflate_min_bytes),
             state.metrics.clone(),
         );
         let writer = writer.run();
@@ -233,7 +238,7 @@ const LINGER: Duration = Duration::from_secs(1);
 async fn linger(rd: &mut Reader) {
     let mut discard = |_: Frame<'static>| std::future::ready(Ok::<(), &'static str>(()));
     let _ = tokio::time::timeout(LINGER, async {
-        while let Ok(frame) = rd.read_frame(&mut discard).await {
+        while let Ok((frame, _)) = rd.read_frame(&mut discard).await {
             if frame.opcode == OpCode::Close {
                 break;
             }

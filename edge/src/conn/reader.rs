@@ -1,5 +1,6 @@
 //! Reading an open socket: fragments reassembled within `max_frame_bytes`,
-//! control frames answered, every frame charged to the socket's rate
+//! compressed messages (permessage-deflate) inflated within the same
+//! limit, control frames answered, every frame charged to the socket's rate
 //! buckets (a flood closes it), each message decoded once and handed to
 //! the session. Also the map from a read error to a close reason.
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -7,7 +8,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocketError};
 use switchboard_protocol::{
-    CloseReason, now_ms,
+    CloseReason,
+    deflate::{self, InflateError},
+    now_ms,
     v1::{ErrorCode, client_frame},
 };
 use tokio::io::AsyncRead;
@@ -65,7 +68,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
     let mut fragments = Fragments::new(settings.max_frame_bytes);
     let mut rates = Rates::new(settings);
     loop {
-        let frame = match rd.read_frame(&mut obligated).await {
+        let (frame, compressed) = match rd.read_frame(&mut obligated).await {
             Ok(f) => f,
             Err(e) => {
                 let max = session.context().settings.max_frame_bytes;
@@ -77,8 +80,13 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
         };
         last_seen.store(now_ms(), Ordering::Relaxed);
         metrics::frame_in(&session.context().metrics, frame.payload.len());
-        let (opcode, payload) = match fragments.push(&frame) {
-            Step::Message(opcode, payload) => (opcode, payload),
+        let (opcode, payload) = match fragments.push(&frame, compressed) {
+            Step::Message(opcode, payload) => {
+                if fragments.take_inflated() {
+                    session.context().metrics.deflate.inflated.increment(1);
+                }
+                (opcode, payload)
+            }
             Step::More => continue,
             Step::Closed => return ReaderExit::PeerGone,
             Step::Ping => {
@@ -156,6 +164,24 @@ fn flood() -> Violation {
     )
 }
 
+/// The close a compressed message that cannot be inflated asks for: too
+/// large (a decompression bomb) like any message over the limit, or
+/// malformed.
+pub(super) fn inflate_failure(e: InflateError) -> Violation {
+    match e {
+        InflateError::TooLarge(max) => Violation::new(
+            ErrorCode::TooLarge,
+            format!("message over {max} bytes once inflated"),
+            CloseReason::MessageTooLarge,
+        ),
+        InflateError::Malformed => Violation::new(
+            ErrorCode::BadRequest,
+            "invalid compressed data",
+            CloseReason::BadRequest,
+        ),
+    }
+}
+
 /// The one map from a read error, in the handshake or after it, to the
 /// close it asks for; `None` when the peer is just gone (or its mailbox
 /// refused a control frame we owed it).
@@ -193,10 +219,14 @@ enum Step {
     Refuse(Violation),
 }
 
-/// A message split over frames, bounded by the same size limit as a frame.
+/// A message split over frames, bounded by the same size limit as a frame;
+/// a compressed one is bounded once more when inflated.
 struct Fragments {
-    partial: Option<(OpCode, Vec<u8>)>,
+    /// The message's opcode, whether it is compressed, what came so far.
+    partial: Option<(OpCode, bool, Vec<u8>)>,
     max_bytes: usize,
+    /// The last message was inflated (for the metric).
+    inflated: bool,
 }
 
 impl Fragments {
@@ -204,23 +234,33 @@ impl Fragments {
         Fragments {
             partial: None,
             max_bytes,
+            inflated: false,
         }
     }
 
-    fn push(&mut self, frame: &Frame<'_>) -> Step {
+    /// Whether the message just returned was compressed.
+    fn take_inflated(&mut self) -> bool {
+        std::mem::take(&mut self.inflated)
+    }
+
+    /// `compressed`: the frame starts a compressed message (RSV1).
+    fn push(&mut self, frame: &Frame<'_>, compressed: bool) -> Step {
         match (frame.opcode, frame.fin) {
             (OpCode::Close, _) => Step::Closed,
             (OpCode::Ping, _) => Step::Ping,
             (OpCode::Pong, _) => Step::More,
             (OpCode::Text | OpCode::Binary, true) if self.partial.is_none() => {
+                if compressed {
+                    return self.inflate(frame.opcode, &frame.payload);
+                }
                 Step::Message(frame.opcode, Bytes::from(frame.payload.to_vec()))
             }
             (OpCode::Text | OpCode::Binary, false) if self.partial.is_none() => {
-                self.partial = Some((frame.opcode, frame.payload.to_vec()));
+                self.partial = Some((frame.opcode, compressed, frame.payload.to_vec()));
                 Step::More
             }
             (OpCode::Continuation, fin) => {
-                let Some((op, buf)) = self.partial.as_mut() else {
+                let Some((_, _, buf)) = self.partial.as_mut() else {
                     return invalid_fragmentation();
                 };
                 if buf.len() + frame.payload.len() > self.max_bytes {
@@ -234,22 +274,42 @@ impl Fragments {
                 if !fin {
                     return Step::More;
                 }
-                let op = *op;
-                let Some((_, buf)) = self.partial.take() else {
+                let Some((op, compressed, buf)) = self.partial.take() else {
                     return invalid_fragmentation();
                 };
+                if compressed {
+                    return self.inflate(op, &buf);
+                }
                 if op == OpCode::Text && std::str::from_utf8(&buf).is_err() {
-                    return Step::Refuse(Violation::new(
-                        ErrorCode::BadRequest,
-                        "invalid UTF-8 in text message",
-                        CloseReason::BadRequest,
-                    ));
+                    return invalid_utf8();
                 }
                 Step::Message(op, Bytes::from(buf))
             }
             _ => invalid_fragmentation(),
         }
     }
+
+    /// A whole compressed message: inflated within the size limit, a text
+    /// one checked for UTF-8 (fastwebsockets saw only compressed bytes).
+    fn inflate(&mut self, op: OpCode, payload: &[u8]) -> Step {
+        let plain = match deflate::inflate(payload, self.max_bytes) {
+            Ok(p) => p,
+            Err(e) => return Step::Refuse(inflate_failure(e)),
+        };
+        if op == OpCode::Text && std::str::from_utf8(&plain).is_err() {
+            return invalid_utf8();
+        }
+        self.inflated = true;
+        Step::Message(op, Bytes::from(plain))
+    }
+}
+
+fn invalid_utf8() -> Step {
+    Step::Refuse(Violation::new(
+        ErrorCode::BadRequest,
+        "invalid UTF-8 in text message",
+        CloseReason::BadRequest,
+    ))
 }
 
 fn invalid_fragmentation() -> Step {
@@ -355,13 +415,13 @@ mod tests {
             }
             ws
         });
-        let mut rd = Inbound::new(server, 1 << 20);
+        let mut rd = Inbound::new(server, 1 << 20, false);
         let mut fragments = Fragments::new(max);
         let mut ignore = |_: Frame<'static>| std::future::ready(Ok::<(), &'static str>(()));
         let mut out = Vec::new();
         for _ in 0..count {
-            let frame = rd.read_frame(&mut ignore).await.unwrap();
-            let step = fragments.push(&frame);
+            let (frame, compressed) = rd.read_frame(&mut ignore).await.unwrap();
+            let step = fragments.push(&frame, compressed);
             let stop = matches!(step, Step::Refuse(_) | Step::Closed);
             out.push(step);
             if stop {
@@ -494,6 +554,76 @@ mod tests {
         )
         .await;
         assert_eq!(got, vec![Step::More, invalid]);
+    }
+
+    /// A frame as `Inbound` returns it (unmasked, opcode restored).
+    fn frame(fin: bool, op: OpCode, payload: &[u8]) -> Frame<'static> {
+        Frame::new(fin, op, None, Payload::Owned(payload.to_vec()))
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_whole_or_in_fragments() {
+        let text = "héllo, a message that repeats itself, repeats itself, repeats itself";
+        let packed = deflate::compress(text.as_bytes());
+        let mut f = Fragments::new(1024);
+        assert_eq!(
+            f.push(&frame(true, OpCode::Text, &packed), true),
+            message(OpCode::Text, text.as_bytes())
+        );
+        assert!(f.take_inflated() && !f.take_inflated());
+        // RSV1 on the first frame only; continuations carry the rest.
+        let (a, b) = packed.split_at(packed.len() / 2);
+        assert_eq!(f.push(&frame(false, OpCode::Binary, a), true), Step::More);
+        assert_eq!(
+            f.push(&frame(false, OpCode::Continuation, b), false),
+            Step::More
+        );
+        assert_eq!(
+            f.push(&frame(true, OpCode::Continuation, b""), false),
+            message(OpCode::Binary, text.as_bytes())
+        );
+        assert!(f.take_inflated());
+        // A plain message between compressed ones stays plain.
+        assert_eq!(
+            f.push(&frame(true, OpCode::Binary, &packed), false),
+            message(OpCode::Binary, &packed)
+        );
+        assert!(!f.take_inflated());
+    }
+
+    #[test]
+    fn bombs_and_garbage_are_refused_with_their_codes() {
+        let mut f = Fragments::new(64 << 10);
+        // 1 MiB of zeros is a few kilobytes compressed.
+        let bomb = deflate::compress(&vec![0u8; 1 << 20]);
+        assert!(bomb.len() < 8192, "{} bytes", bomb.len());
+        assert_eq!(
+            f.push(&frame(true, OpCode::Binary, &bomb), true),
+            refused(
+                ErrorCode::TooLarge,
+                "message over 65536 bytes once inflated",
+                CloseReason::MessageTooLarge
+            )
+        );
+        let mut f = Fragments::new(64 << 10);
+        assert_eq!(
+            f.push(&frame(true, OpCode::Text, &[0xff, 0xff, 0xff]), true),
+            refused(
+                ErrorCode::BadRequest,
+                "invalid compressed data",
+                CloseReason::BadRequest
+            )
+        );
+        let mut f = Fragments::new(64 << 10);
+        let not_utf8 = deflate::compress(b"caf\xc3!");
+        assert_eq!(
+            f.push(&frame(true, OpCode::Text, &not_utf8), true),
+            refused(
+                ErrorCode::BadRequest,
+                "invalid UTF-8 in text message",
+                CloseReason::BadRequest
+            )
+        );
     }
 
     #[test]

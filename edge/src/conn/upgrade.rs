@@ -2,6 +2,8 @@
 //! first: a WebSocket request, not draining, an allowed origin, a
 //! subprotocol we speak, a valid bearer token if one is sent, then room
 //! under the connection cap, the accept rate and the handshake limit.
+//! The 101 names the subprotocol and, when an offer is acceptable,
+//! permessage-deflate.
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
@@ -119,6 +121,11 @@ pub(super) fn check(
         metrics::upgrade_rejected("handshakes");
         return Err(Refused::RetryLater("too many handshakes in progress"));
     };
+    let deflate = if state.config.deflate {
+        negotiate_deflate(req.headers())
+    } else {
+        None
+    };
     let (mut response, fut) = match fastwebsockets::upgrade::upgrade(req) {
         Ok(r) => r,
         Err(e) => {
@@ -128,6 +135,7 @@ pub(super) fn check(
     };
     let accepted = Accepted {
         encoding,
+        deflate: deflate.is_some(),
         header_identity,
         deadline: accepted_at + state.config.handshake_timeout,
         permit,
@@ -139,7 +147,30 @@ pub(super) fn check(
             header::HeaderValue::from_static(encoding.subprotocol()),
         );
     }
+    if let Some(answer) = deflate {
+        state.metrics.deflate.negotiated.increment(1);
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            header::HeaderValue::from_static(answer),
+        );
+    }
     Ok((response, fut, accepted))
+}
+
+/// The answer to the request's permessage-deflate offers, if one is
+/// acceptable (see `switchboard_protocol::deflate::accept`). The offers
+/// of every `Sec-WebSocket-Extensions` line count, in order.
+fn negotiate_deflate(headers: &header::HeaderMap) -> Option<&'static str> {
+    let mut offers = String::new();
+    for value in headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS) {
+        // A line that is not text offers nothing we could parse.
+        let Ok(v) = value.to_str() else { continue };
+        if !offers.is_empty() {
+            offers.push(',');
+        }
+        offers.push_str(v);
+    }
+    switchboard_protocol::deflate::accept(&offers)
 }
 
 /// Whether a browser at `origin` may open a socket. Only browsers send

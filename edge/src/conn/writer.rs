@@ -13,7 +13,7 @@ use std::{
 use bytes::Bytes;
 use fastwebsockets::OpCode;
 use switchboard_protocol::{
-    CloseReason, Encoding, SharedFrame, StreamKey, now_ms,
+    CloseReason, Encoding, SharedFrame, StreamKey, deflate, now_ms,
     v1::{ServerFrame, TokenExpiring, server_frame},
 };
 use tokio::{io::AsyncWrite, time::Instant};
@@ -73,6 +73,10 @@ pub(crate) struct Writer<W> {
     token_expires_at_ms: i64,
     warned: bool,
     deadline_dirty: bool,
+    /// permessage-deflate: frames from this many bytes go compressed; 0
+    /// when the socket did not negotiate it. (4 bytes, in the padding
+    /// after the flags: every idle socket holds a writer.)
+    deflate_min_bytes: u32,
     settings: WriterSettings,
     metrics: Arc<EdgeMetrics>,
 }
@@ -86,6 +90,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         last_seen_ms: Arc<AtomicI64>,
         token_expires_at_ms: i64,
         settings: WriterSettings,
+        deflate_min_bytes: Option<usize>,
         metrics: Arc<EdgeMetrics>,
     ) -> Self {
         Writer {
@@ -97,6 +102,10 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             token_expires_at_ms,
             warned: false,
             deadline_dirty: false,
+            // Compress frames from this many bytes on; `None`: this socket
+            // did not negotiate permessage-deflate.
+            deflate_min_bytes: deflate_min_bytes
+                .map_or(0, |n| n.clamp(1, u32::MAX as usize) as u32),
             settings,
             metrics,
         }
@@ -239,13 +248,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             reply,
             frames,
         } = r;
-        let enc = self.conn.encoding();
         self.conn.dequeued(reply.len());
         self.write(&reply);
         let (mut last, mut epoch) = (0, epoch_hash(""));
         for f in &frames {
             let seq = f.delivery_position().map(|(_, s)| s).unwrap_or(0);
-            self.write(f.encoded(enc));
+            self.write_shared(f);
             last = last.max(seq);
             epoch = epoch_hash(f.delivery_epoch().unwrap_or(""));
             if self.out.buffered() >= FLUSH_AT_BYTES {
@@ -294,7 +302,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 None => return,
             }
         }
-        self.write(frame.encoded(self.conn.encoding()));
+        self.write_shared(&frame);
     }
 
     /// Writes the batch, counting its frames and bytes once per batch (the
@@ -306,14 +314,49 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.out.flush().await
     }
 
-    /// Buffers one data frame; the loop flushes it with the rest of the batch.
-    fn write(&mut self, bytes: &Bytes) {
-        let opcode = if self.conn.encoding() == Encoding::Json {
+    fn data_opcode(&self) -> OpCode {
+        if self.conn.encoding() == Encoding::Json {
             OpCode::Text
         } else {
             OpCode::Binary
-        };
+        }
+    }
+
+    /// Buffers one data frame of this socket's own (a reply); the loop
+    /// flushes it with the rest of the batch. On a compressing socket a
+    /// long one is compressed here (per-thread state, nothing kept).
+    fn write(&mut self, bytes: &Bytes) {
+        let opcode = self.data_opcode();
+        let min = self.deflate_min_bytes as usize;
+        if min > 0 && bytes.len() >= min {
+            let packed = deflate::compress(bytes);
+            let smaller = packed.len() < bytes.len();
+            let sent = if smaller { packed.len() } else { bytes.len() };
+            let m = &self.metrics.deflate;
+            m.compressed(&m.replies, bytes.len(), sent);
+            if smaller {
+                self.out.push_frame(opcode, true, &packed);
+                return;
+            }
+        }
         self.out.push(opcode, bytes);
+    }
+
+    /// Buffers a frame shared with other sockets: on a compressing socket
+    /// its compressed form, made once by the first socket that needs it.
+    fn write_shared(&mut self, frame: &SharedFrame) {
+        let opcode = self.data_opcode();
+        let enc = self.conn.encoding();
+        if self.deflate_min_bytes == 0 {
+            self.out.push(opcode, frame.encoded(enc));
+            return;
+        }
+        let d = frame.deflated(enc, self.deflate_min_bytes as usize);
+        if d.compressed_now {
+            let m = &self.metrics.deflate;
+            m.compressed(&m.shared, frame.encoded(enc).len(), d.bytes.len());
+        }
+        self.out.push_frame(opcode, d.compressed, d.bytes);
     }
 
     /// Sends Disconnect + close with the reason's code, within a deadline

@@ -1,5 +1,6 @@
 //! The demo page in headless Chromium: two pages, one sends, the other
-//! shows the message. Needs node, `npm ci` in edge/system/tests/browser and
+//! shows the message; over permessage-deflate, which Chromium offers by
+//! default. Needs node, `npm ci` in edge/system/tests/browser and
 //! Debian's chromium; `scripts/test` installs all three.
 
 use std::{path::Path, process::Stdio};
@@ -33,5 +34,12 @@ async fn two_browser_tabs_chat_through_the_demo_page() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "browser test failed\n{log}");
+    // Both pages negotiated deflate; the long message went to them
+    // compressed, and Chromium compressed what it sent.
+    let addr = edge.addr();
+    let shared = r#"switchboard_edge_deflate_compressed_frames_total{kind="shared"}"#;
+    assert!(metric(addr, "switchboard_edge_deflate_negotiated_total").await >= 2.0);
+    assert!(metric(addr, shared).await >= 1.0, "{log}");
+    assert!(metric(addr, "switchboard_edge_deflate_inflated_frames_total").await >= 1.0);
     edge.shutdown().await;
 }

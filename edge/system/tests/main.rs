@@ -9,6 +9,7 @@ mod browser;
 mod chat;
 mod client;
 mod cluster;
+mod deflate;
 mod drain;
 mod failover;
 mod http;

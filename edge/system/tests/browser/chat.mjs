@@ -1,6 +1,8 @@
 // Two headless Chromium pages chat through the dev-mode demo page.
 // Usage: node chat.mjs http://127.0.0.1:PORT
-// Exit 0 when page 2 shows the message page 1 sent; 1 otherwise.
+// Exit 0 when both pages negotiated permessage-deflate (Chromium offers it
+// by default) and page 2 shows the messages page 1 sent, a short one and
+// one long enough to travel compressed; 1 otherwise.
 import { chromium } from "playwright-core";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -44,22 +46,33 @@ try {
   };
   const alice = await open("alice-" + tag);
   const bob = await open("bob-" + tag);
-  const text = "hello from alice ✓ " + tag;
-  await alice.fill("#text", text);
-  await alice.click("#send");
-  const shown = (page) => page.waitForFunction(
-    (t) => [...document.querySelectorAll("#messages li.message")].some((li) => li.textContent.includes(t)),
-    text,
-    { timeout: 10_000 },
-  );
-  await shown(bob);
-  await shown(alice);
-  // Exactly once on each page, despite at-least-once delivery.
   for (const page of [alice, bob]) {
-    const count = await page.$$eval("#messages li.message", (lis, t) => lis.filter((li) => li.textContent.includes(t)).length, text);
-    if (count !== 1) throw new Error(`message shown ${count} times`);
+    // The demo page's socket (a top-level `let` of its script).
+    const extensions = await page.evaluate(() => ws && ws.extensions);
+    if (!String(extensions).startsWith("permessage-deflate")) {
+      throw new Error(`permessage-deflate not negotiated: extensions ${JSON.stringify(extensions)}`);
+    }
   }
-  console.log("ok: bob's page shows alice's message");
+  const short = "hello from alice ✓ " + tag;
+  // Over the edge's 256-byte threshold once framed: sent compressed.
+  const long = "a longer one, ünïcödé included, " + tag + ": " + "the quick brown fox jumps over the lazy dog ".repeat(20);
+  for (const text of [short, long]) {
+    await alice.fill("#text", text);
+    await alice.click("#send");
+    const shown = (page) => page.waitForFunction(
+      (t) => [...document.querySelectorAll("#messages li.message")].some((li) => li.textContent.includes(t)),
+      text,
+      { timeout: 10_000 },
+    );
+    await shown(bob);
+    await shown(alice);
+    // Exactly once on each page, despite at-least-once delivery.
+    for (const page of [alice, bob]) {
+      const count = await page.$$eval("#messages li.message", (lis, t) => lis.filter((li) => li.textContent.includes(t)).length, text);
+      if (count !== 1) throw new Error(`message shown ${count} times`);
+    }
+  }
+  console.log("ok: permessage-deflate negotiated; bob's page shows alice's messages");
 } catch (e) {
   failed = true;
   console.error("browser test failed:", e.message);
