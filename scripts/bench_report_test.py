@@ -128,6 +128,33 @@ class CheckTest(unittest.TestCase):
         self.assertIn("fanout-latency-cdf.svg: missing", br.differences(self.repo.root)[0])
 
 
+class DeflateTest(unittest.TestCase):
+    def setUp(self):
+        self.repo = Repo()
+        self.addCleanup(shutil.rmtree, self.repo.root)
+
+    def variant(self, name, wire, per_cpu):
+        rec = fanout_record(per_cpu=per_cpu)
+        rec["benchmark"] = name
+        rec["report"]["wire_bytes_per_delivery"] = wire
+        rec["report"]["params"].update(payload="json-chat", payload_bytes=600, deflate=name.endswith("-on"))
+        return rec
+
+    def test_both_variants_are_tabulated_and_compared(self):
+        self.repo.add(self.variant("deflate-off", 700.0, 200_000.0))
+        self.repo.render()
+        text = self.repo.read("docs/benchmarks.md")
+        self.assertIn("| plain | json-chat, 600 B | 700 | 200,000 | 5.00 µs |", text)
+        self.assertIn("| permessage-deflate | not run yet (`scripts/bench deflate`)", text)
+        self.assertNotIn("of the plain wire bytes", text)
+        self.repo.add(self.variant("deflate-on", 350.0, 160_000.0))
+        self.repo.render()
+        text = self.repo.read("docs/benchmarks.md")
+        self.assertIn("read 50% of the plain wire bytes per delivery, and the edge spent 125% of the plain CPU", text)
+        self.assertIn("#### `deflate-on`", text)
+        self.assertEqual(br.differences(self.repo.root), [])
+
+
 class VerdictTest(unittest.TestCase):
     def row(self, rec):
         return br.judged({"fanout": rec}, "fanout", br.fanout_row)

@@ -70,10 +70,32 @@ pub(crate) struct Args {
     /// Payload size, bytes (at least 16: it carries the send time).
     #[arg(long, default_value_t = 64)]
     payload_bytes: usize,
+    /// What a post's payload holds after its 16-byte stamp: zeros, or a
+    /// realistic JSON chat message (what compression is measured on).
+    #[arg(long, value_enum, default_value_t = PayloadKind::Zeros)]
+    payload: PayloadKind,
     /// Longest wait for the subscribers to be ready, and for deliveries
     /// after the last post.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+}
+
+/// The content of a post's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum PayloadKind {
+    /// Zeros after the stamp.
+    Zeros,
+    /// A JSON chat message after the stamp (`conn::stamped_chat`).
+    JsonChat,
+}
+
+impl PayloadKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            PayloadKind::Zeros => "zeros",
+            PayloadKind::JsonChat => "json-chat",
+        }
+    }
 }
 
 impl Args {
@@ -85,6 +107,8 @@ impl Args {
             "messages": self.messages,
             "rate": self.rate,
             "payload_bytes": self.payload_bytes.max(16),
+            "payload": self.payload.as_str(),
+            "deflate": self.target.deflate,
             "no_publish": self.no_publish,
         })
     }
@@ -152,6 +176,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     // The per-delivery CPU figures count from here: the publisher's
     // connect is a connect, but small next to the subscribers'.
     let cpu_before = Probe::take_if(w.is_first(), &a.pids);
+    let wire_before = conn::wire_bytes_read();
     // Kept open until every subscriber is done: closing a socket with
     // unread acks sends a RST, which would discard the last publishes.
     let mut kept_publisher = None;
@@ -176,6 +201,9 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     // window ends here, before the sockets close.
     w.barrier("delivered", 0).await?;
     let cpu_after = Probe::take_if(w.is_first(), &a.pids);
+    // What this worker's sockets read in the delivery window: the
+    // deliveries, and the publisher's acks (a few bytes per post).
+    rec.add_counter("wire_bytes_read", conn::wire_bytes_read() - wire_before);
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
@@ -218,7 +246,10 @@ async fn publish(
         let p = Publish {
             target: Some(publish::Target::Chat(a.chat.clone())),
             client_msg_id: format!("{}-{n}", conn::run_tag()),
-            payload: conn::stamped(a.payload_bytes, sent_us, n),
+            payload: match a.payload {
+                PayloadKind::Zeros => conn::stamped(a.payload_bytes, sent_us, n),
+                PayloadKind::JsonChat => conn::stamped_chat(a.payload_bytes, sent_us, n),
+            },
         };
         ClientFrame {
             id: n as u32 + 10,
@@ -422,6 +453,10 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         json!(cpu.map(|c| d.received as f64 / c)),
     );
     m.insert(
+        "wire_bytes_per_delivery".into(),
+        json!((d.received > 0).then(|| r.counter("wire_bytes_read") as f64 / d.received as f64)),
+    );
+    m.insert(
         "posts_fully_delivered".into(),
         json!(times.iter().filter(|(_, _, n)| *n >= subscribed).count()),
     );
@@ -514,6 +549,7 @@ mod tests {
                 sources: 1,
                 retries: 0,
                 no_retry: false,
+                deflate: false,
             },
             pids: Pids::default(),
             publish_addr: None,
@@ -525,6 +561,7 @@ mod tests {
             messages,
             rate: 1,
             payload_bytes: 16,
+            payload: PayloadKind::Zeros,
             timeout_secs: 2,
         }
     }

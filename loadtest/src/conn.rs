@@ -1,22 +1,94 @@
 //! Opening sockets from many source addresses and speaking the binary
-//! protocol with as little per-socket state as possible.
-use std::{net::SocketAddr, sync::atomic::AtomicUsize, sync::atomic::Ordering, time::Duration};
+//! protocol with as little per-socket state as possible, with
+//! permessage-deflate when asked (`--deflate`).
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::atomic::{AtomicU64, AtomicUsize, Ordering},
+    task::{Context as TaskContext, Poll},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use futures_util::{SinkExt, StreamExt};
 use switchboard_protocol::{
     Encoding,
+    client::DeflateStream,
+    deflate,
     v1::{ClientFrame, Connect, ServerFrame, client_frame, server_frame},
 };
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpSocket, TcpStream},
+};
 use tokio_tungstenite::{
     WebSocketStream,
-    tungstenite::{Message, protocol::Role},
+    tungstenite::{
+        Message,
+        protocol::{
+            Role,
+            frame::{
+                Frame,
+                coding::{Data, OpCode},
+            },
+        },
+    },
 };
 
 use crate::recorder::Recorder;
 
-pub(crate) type Ws = WebSocketStream<TcpStream>;
+/// A socket: TCP, its bytes counted ([`wire_bytes_read`]), under the
+/// deflate stream (a pass-through unless `--deflate` was agreed).
+pub(crate) type Ws = WebSocketStream<DeflateStream<Metered>>;
+
+/// Largest message a socket accepts from the edge, inflated or not.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Bytes read from every socket of this process, as they came off the
+/// wire (WebSocket frames, compressed or not).
+static WIRE_BYTES_READ: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes all of this process's sockets have read so far.
+pub(crate) fn wire_bytes_read() -> u64 {
+    WIRE_BYTES_READ.load(Ordering::Relaxed)
+}
+
+/// A TCP socket whose reads are counted in [`WIRE_BYTES_READ`].
+pub(crate) struct Metered(TcpStream);
+
+impl AsyncRead for Metered {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.get_mut().0).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            WIRE_BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Metered {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
 
 /// Initial read buffer per socket.
 const READ_BUFFER_BYTES: usize = 512;
@@ -45,6 +117,12 @@ pub(crate) struct Target {
     /// retrying it after Retry-After as apps do (to measure admission).
     #[arg(long)]
     pub(crate) no_retry: bool,
+    /// Offer permessage-deflate on every socket (as browsers do): the edge
+    /// then compresses frames from its --deflate-min-bytes on, and the
+    /// sockets compress their own long requests. A socket the edge does
+    /// not agree with fails.
+    #[arg(long)]
+    pub(crate) deflate: bool,
 }
 
 impl Target {
@@ -58,18 +136,21 @@ impl Target {
     pub(crate) fn sources(&self, offset: u32, deadline: Duration) -> Sources {
         let mut s = Sources::new(self.sources, offset);
         s.retry_for = (!self.no_retry).then_some(deadline);
+        s.deflate = self.deflate;
         s
     }
 }
 
 /// Source addresses 127.0.0.1 ..= 127.0.0.N, used round-robin.
-/// Also says how long a refused upgrade is retried (every socket of a
-/// scenario is opened with them).
+/// Also says how long a refused upgrade is retried and whether sockets
+/// offer permessage-deflate (every socket of a scenario is opened with them).
 pub(crate) struct Sources {
     count: u8,
     next: AtomicUsize,
     /// Longest a socket keeps retrying refused upgrades; None: never.
     retry_for: Option<Duration>,
+    /// Offer permessage-deflate.
+    pub(crate) deflate: bool,
 }
 
 impl Sources {
@@ -81,6 +162,7 @@ impl Sources {
             count,
             next: AtomicUsize::new(offset as usize % count as usize),
             retry_for: None,
+            deflate: false,
         }
     }
 
@@ -102,9 +184,23 @@ pub(crate) fn token(secret: &str, user: &str) -> String {
     .expect("HS256 signing cannot fail")
 }
 
+/// Sends one request; with deflate agreed, compressed from
+/// `deflate::DEFAULT_MIN_BYTES` on (when that makes it smaller), as the
+/// Rust client does.
 pub(crate) async fn send(ws: &mut Ws, frame: ClientFrame) -> anyhow::Result<()> {
-    ws.send(Message::binary(Encoding::Protobuf.encode_client(&frame)))
-        .await?;
+    let bytes = Encoding::Protobuf.encode_client(&frame);
+    let packed = (ws.get_ref().is_agreed() && bytes.len() >= deflate::DEFAULT_MIN_BYTES)
+        .then(|| deflate::compress(&bytes))
+        .filter(|p| p.len() < bytes.len());
+    let message = match packed {
+        Some(p) => {
+            let mut f = Frame::message(p, OpCode::Data(Data::Binary), true);
+            f.header_mut().rsv1 = true;
+            Message::Frame(f)
+        }
+        None => Message::binary(bytes),
+    };
+    ws.send(message).await?;
     Ok(())
 }
 
@@ -235,15 +331,25 @@ const MAX_RESPONSE_BYTES: usize = 2048;
 /// handshake: that one leaves its 4 KiB response buffer inside every socket
 /// (collected in place into the frame codec), 4 GB at a million sockets.
 /// The edge sends nothing after its 101 until our Connect, so reading up to
-/// the blank line never takes a byte of the WebSocket stream.
-async fn upgrade(stream: &mut TcpStream, addr: SocketAddr) -> anyhow::Result<()> {
+/// the blank line never takes a byte of the WebSocket stream. Returns
+/// whether permessage-deflate was agreed (offered with `offer_deflate`).
+async fn upgrade(
+    stream: &mut TcpStream,
+    addr: SocketAddr,
+    offer_deflate: bool,
+) -> anyhow::Result<bool> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
     let key = generate_key();
+    let offer = if offer_deflate {
+        format!("Sec-WebSocket-Extensions: {}\r\n", deflate::CLIENT_OFFER)
+    } else {
+        String::new()
+    };
     let request = format!(
         "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: {}\r\n\r\n",
+         Sec-WebSocket-Protocol: {}\r\n{offer}\r\n",
         Encoding::PROTOBUF_SUBPROTOCOL
     );
     stream.write_all(request.as_bytes()).await?;
@@ -296,7 +402,14 @@ async fn upgrade(stream: &mut TcpStream, addr: SocketAddr) -> anyhow::Result<()>
     if end != len {
         bail!("bytes after the upgrade response, before Connect");
     }
-    Ok(())
+    let answer =
+        header("sec-websocket-extensions").map(|v| std::str::from_utf8(v).unwrap_or("\u{fffd}"));
+    let agreed = deflate::agreed(answer)?;
+    match (offer_deflate, agreed) {
+        (true, None) => bail!("the edge declined permessage-deflate (is its --deflate off?)"),
+        (false, Some(_)) => bail!("the edge agreed to permessage-deflate, which was not offered"),
+        (_, agreed) => Ok(agreed.is_some()),
+    }
 }
 
 /// Sends request `frame` and waits for the reply with its id; pushes
@@ -342,7 +455,12 @@ async fn open_now(addr: SocketAddr, sources: &Sources, token: String) -> anyhow:
     )?;
     socket.bind(SocketAddr::new(sources.pick().into(), 0))?;
     let mut stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr)).await??;
-    upgrade(&mut stream, addr).await?;
+    let agreed = upgrade(&mut stream, addr, sources.deflate).await?;
+    let stream = if agreed {
+        DeflateStream::agreed(Metered(stream), MAX_MESSAGE_BYTES)
+    } else {
+        DeflateStream::plain(Metered(stream))
+    };
     // tungstenite allocates its read buffer up front (128 KiB by default):
     // at a million sockets every KiB here is a GB. Frames here are small and
     // the buffer grows for a larger one.
@@ -381,6 +499,70 @@ pub(crate) fn stamped(len: usize, sent_us: u64, n: u64) -> bytes::Bytes {
     let mut p = vec![0u8; len.max(16)];
     p[..8].copy_from_slice(&sent_us.to_le_bytes());
     p[8..16].copy_from_slice(&n.to_le_bytes());
+    p.into()
+}
+
+/// Words of the chat text in [`stamped_chat`] payloads.
+const WORDS: &[&str] = &[
+    "the", "meeting", "moved", "to", "tomorrow", "at", "ten", "can", "you", "send", "me", "latest",
+    "draft", "please", "thanks", "sounds", "good", "I'll", "check", "with", "team", "and", "get",
+    "back", "later", "today", "deploy", "finished", "without", "errors", "lunch", "anyone",
+    "coffee", "review", "ticket", "merged", "release", "notes", "look", "great", "on", "my", "way",
+    "running", "late", "sorry", "traffic", "call", "in", "five", "minutes", "did", "we", "ship",
+    "fix", "for", "login", "bug", "yes", "no", "maybe", "tonight", "weekend", "plans", "photo",
+    "from", "trip", "is", "here", "who", "has", "the", "keys", "office", "closed", "Monday",
+    "budget", "approved", "customer", "asked", "about", "pricing", "invoice", "paid",
+];
+/// Display names of the authors of [`stamped_chat`] payloads.
+const NAMES: &[&str] = &[
+    "Alice Martin",
+    "Bob Chen",
+    "Carla Díaz",
+    "Dmitri Ivanov",
+    "Emeka Obi",
+];
+
+/// A realistic chat message of about `len` bytes: the 16-byte stamp of
+/// [`stamped`], then the JSON an app would put in a message's payload
+/// (ids, author, a text of random words, client info), different for every
+/// `n`, as compressible as real messages are and no more.
+pub(crate) fn stamped_chat(len: usize, sent_us: u64, n: u64) -> bytes::Bytes {
+    use std::fmt::Write;
+    // xorshift64, seeded by the post number: reproducible runs.
+    let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let author = next() % 5000;
+    let mut json = format!(
+        r#"{{"type":"text","id":"m-{:016x}","author":{{"id":"user-{author}","name":"{}"}},"text":""#,
+        next(),
+        NAMES[(author % NAMES.len() as u64) as usize]
+    );
+    let tail = format!(
+        r#"","mentions":[],"replyTo":{},"edited":false,"client":{{"platform":"web","version":"4.{}.{}"}}}}"#,
+        if next() % 4 == 0 {
+            format!("\"m-{:016x}\"", next())
+        } else {
+            "null".into()
+        },
+        next() % 20,
+        next() % 10
+    );
+    let mut first = true;
+    while 16 + json.len() + tail.len() < len {
+        let word = WORDS[(next() % WORDS.len() as u64) as usize];
+        let _ = write!(json, "{}{word}", if first { "" } else { " " });
+        first = false;
+    }
+    json.push_str(&tail);
+    let mut p = Vec::with_capacity(16 + json.len());
+    p.extend_from_slice(&sent_us.to_le_bytes());
+    p.extend_from_slice(&n.to_le_bytes());
+    p.extend_from_slice(json.as_bytes());
     p.into()
 }
 
@@ -427,7 +609,8 @@ mod tests {
 
     async fn try_upgrade(addr: SocketAddr) -> anyhow::Result<()> {
         let mut tcp = TcpStream::connect(addr).await?;
-        upgrade(&mut tcp, addr).await
+        assert!(!upgrade(&mut tcp, addr, false).await?);
+        Ok(())
     }
 
     fn accept(key: &str) -> String {
@@ -555,5 +738,42 @@ mod tests {
         let plain = |key: &str| accept(key).replace("Sec-WebSocket-Protocol", "X-Other");
         let err = try_upgrade(server(plain).await).await.unwrap_err();
         assert!(err.to_string().contains("did not choose"), "{err:#}");
+    }
+
+    #[test]
+    fn chat_payloads_are_stamped_json_of_about_the_size() {
+        let p = stamped_chat(600, 42, 7);
+        assert_eq!(stamp(&p), Some((42, 7)));
+        let json: serde_json::Value = serde_json::from_slice(&p[16..]).unwrap();
+        assert_eq!(json["type"], "text");
+        assert!((600..700).contains(&p.len()), "{} bytes", p.len());
+        assert_ne!(
+            stamped_chat(600, 42, 8)[16..],
+            p[16..],
+            "every post differs"
+        );
+        assert_eq!(stamped_chat(600, 42, 7), p, "and is reproducible");
+    }
+
+    #[tokio::test]
+    async fn deflate_is_offered_and_must_be_agreed() {
+        let agreeing = |key: &str| {
+            accept(key).replace(
+                "\r\n\r\n",
+                "\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n",
+            )
+        };
+        let addr = server(agreeing).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        assert!(upgrade(&mut tcp, addr, true).await.unwrap());
+        // Offered and declined: the run would measure something else.
+        let addr = server(accept).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let err = upgrade(&mut tcp, addr, true).await.unwrap_err();
+        assert!(err.to_string().contains("declined"), "{err:#}");
+        // Agreed without an offer.
+        let addr = server(agreeing).await;
+        let err = try_upgrade(addr).await.unwrap_err();
+        assert!(err.to_string().contains("not offered"), "{err:#}");
     }
 }
