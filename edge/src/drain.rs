@@ -1,7 +1,8 @@
 //! The drain on shutdown: readiness fails and accepts stop, sockets are
-//! closed in batches with jittered reconnect advice, and their tasks are
-//! awaited until the stop's work deadline. A handshake that finishes
-//! during the drain gets the same advice at once.
+//! closed in batches with jittered reconnect advice (spread over
+//! `--reconnect-jitter-max-ms`, see `CloseReason::reconnect_delay_range_ms`),
+//! and their tasks are awaited until the stop's work deadline. A handshake
+//! that finishes during the drain gets the same advice at once.
 use std::{sync::atomic::Ordering, time::Duration};
 
 use switchboard_node::Stop;
@@ -13,25 +14,12 @@ use crate::{mailbox::ConnHandle, state::EdgeState};
 /// The longest pause between two batches.
 const MAX_BATCH_PAUSE: Duration = Duration::from_millis(500);
 
-/// The reconnect delay a drained socket is advised: uniform below
-/// `jitter_max` (`--reconnect-jitter-max-ms`), so its clients come back
-/// spread out.
-pub(crate) fn reconnect_delay_ms(jitter_max: Duration) -> u32 {
-    match jitter_max.as_millis() as u32 {
-        0 => 0,
-        max => rand::random_range(0..max),
-    }
-}
-
 /// A handshake that finishes while the edge drains missed the drain's
 /// list of sockets: it gets the same advice at once, or the edge would
 /// wait out its whole grace for it.
 pub(crate) fn close_if_draining(state: &EdgeState, conn: &ConnHandle) {
     if state.draining.load(Ordering::SeqCst) {
-        conn.close(
-            CloseReason::Shutdown,
-            reconnect_delay_ms(state.config.reconnect_jitter_max),
-        );
+        conn.close(CloseReason::Shutdown);
     }
 }
 
@@ -58,10 +46,7 @@ pub(crate) async fn drain(state: &EdgeState, stop_accepting: CancellationToken, 
     tracing::info!(sockets = conns.len(), batches, "draining");
     for (i, chunk) in conns.chunks(batch).enumerate() {
         for conn in chunk {
-            conn.close(
-                CloseReason::Shutdown,
-                reconnect_delay_ms(state.config.reconnect_jitter_max),
-            );
+            conn.close(CloseReason::Shutdown);
         }
         if i + 1 < batches {
             tokio::time::sleep(pause).await;
@@ -103,20 +88,6 @@ pub(crate) async fn drain(state: &EdgeState, stop_accepting: CancellationToken, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reconnect_delay_stays_below_the_jitter_max() {
-        assert_eq!(reconnect_delay_ms(Duration::ZERO), 0);
-        // Below a millisecond there is no room for jitter.
-        assert_eq!(reconnect_delay_ms(Duration::from_micros(900)), 0);
-        assert_eq!(reconnect_delay_ms(Duration::from_millis(1)), 0);
-        let max = Duration::from_millis(1000);
-        let delays: Vec<u32> = (0..2000).map(|_| reconnect_delay_ms(max)).collect();
-        assert!(delays.iter().all(|&d| d < 1000), "{delays:?}");
-        // Spread out, not one value: both halves of the range are used.
-        assert!(delays.iter().any(|&d| d < 500));
-        assert!(delays.iter().any(|&d| d >= 500));
-    }
 
     #[test]
     fn batches_fill_half_the_grace_with_short_pauses() {

@@ -341,7 +341,7 @@ impl Hub {
         };
         for conn in e.subs.values() {
             if d.session.is_empty() || d.session == format!("{}-{}", self.node, conn.id()) {
-                conn.close(reason, 0);
+                conn.close(reason);
             }
         }
     }

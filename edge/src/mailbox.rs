@@ -53,13 +53,6 @@ pub(crate) struct Recovered {
     pub(crate) frames: Vec<SharedFrame>,
 }
 
-/// How and why a connection is being closed.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Closing {
-    pub(crate) reason: CloseReason,
-    pub(crate) reconnect_delay_ms: u32,
-}
-
 pub(crate) struct ConnShared {
     pub(crate) id: u64,
     pub(crate) encoding: Encoding,
@@ -67,15 +60,17 @@ pub(crate) struct ConnShared {
     max_frames: usize,
     queued_bytes: AtomicUsize,
     max_bytes: usize,
-    closing: OnceLock<Closing>,
+    /// Why the socket is being closed (its reconnect advice is drawn from
+    /// the reason when the Disconnect is written).
+    closing: OnceLock<CloseReason>,
     /// The writer's waker: a queued message or a close request wakes it.
     waker: AtomicWaker,
 }
 
 /// What the writer takes from its mailbox next.
 pub(crate) enum Next {
-    /// Close the socket (checked before queued messages).
-    Close(Closing),
+    /// Close the socket for this reason (checked before queued messages).
+    Close(CloseReason),
     Message(Outbound),
 }
 
@@ -83,26 +78,32 @@ pub(crate) enum Next {
 pub(crate) struct Inbox(Arc<ConnShared>);
 
 impl Inbox {
-    /// The next message, or the close request once one is made.
-    pub(crate) async fn recv(&mut self) -> Next {
-        poll_fn(|cx| self.poll_recv(cx)).await
+    /// The next message, or the close request once one is made. With
+    /// `messages` false only a close request is taken (the writer is
+    /// still handing its last batch to the socket; messages wait here,
+    /// in the bounded queue).
+    pub(crate) async fn recv(&mut self, messages: bool) -> Next {
+        poll_fn(|cx| self.poll_recv(cx, messages)).await
     }
 
-    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
-        if let Some(next) = self.ready() {
+    fn poll_recv(&mut self, cx: &mut Context<'_>, messages: bool) -> Poll<Next> {
+        if let Some(next) = self.ready(messages) {
             return Poll::Ready(next);
         }
         self.0.waker.register(cx.waker());
         // A push or close between the check and the registration.
-        match self.ready() {
+        match self.ready(messages) {
             Some(next) => Poll::Ready(next),
             None => Poll::Pending,
         }
     }
 
-    fn ready(&mut self) -> Option<Next> {
-        if let Some(closing) = self.0.closing.get() {
-            return Some(Next::Close(*closing));
+    fn ready(&mut self, messages: bool) -> Option<Next> {
+        if let Some(reason) = self.0.closing.get() {
+            return Some(Next::Close(*reason));
+        }
+        if !messages {
+            return None;
         }
         self.try_recv().map(Next::Message)
     }
@@ -188,7 +189,7 @@ impl ConnHandle {
         };
         if !pushed {
             self.0.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            self.close(CloseReason::SlowConsumer, 0);
+            self.close(CloseReason::SlowConsumer);
             return false;
         }
         self.0.waker.wake();
@@ -200,17 +201,10 @@ impl ConnHandle {
         self.0.queued_bytes.fetch_sub(len, Ordering::AcqRel);
     }
 
-    /// Asks the writer to send a Disconnect and close. The first reason wins.
-    pub(crate) fn close(&self, reason: CloseReason, reconnect_delay_ms: u32) {
-        if self
-            .0
-            .closing
-            .set(Closing {
-                reason,
-                reconnect_delay_ms,
-            })
-            .is_ok()
-        {
+    /// Asks the writer to send a Disconnect and close. The first reason
+    /// wins; the reconnect advice follows from it (`reconnect_delay_ms`).
+    pub(crate) fn close(&self, reason: CloseReason) {
+        if self.0.closing.set(reason).is_ok() {
             self.0.waker.wake();
         }
     }
@@ -233,11 +227,8 @@ mod tests {
         assert!(!conn.send(reply(1)), "a fourth frame does not fit");
         // Close comes before the queued frames, and nothing is taken after it.
         assert!(matches!(
-            inbox.recv().await,
-            Next::Close(Closing {
-                reason: CloseReason::SlowConsumer,
-                ..
-            })
+            inbox.recv(true).await,
+            Next::Close(CloseReason::SlowConsumer)
         ));
         assert!(!conn.send(reply(1)));
     }
@@ -252,7 +243,7 @@ mod tests {
         conn.dequeued(b.len());
         assert!(conn.send(reply(6)), "room again once dequeued");
         assert!(!conn.send(reply(6)), "12 bytes exceed the 10-byte limit");
-        assert!(matches!(inbox.recv().await, Next::Close(_)));
+        assert!(matches!(inbox.recv(true).await, Next::Close(_)));
     }
 
     #[tokio::test]
@@ -261,7 +252,7 @@ mod tests {
         let writer = tokio::spawn(async move {
             let mut lens = Vec::new();
             while lens.len() < 3 {
-                if let Next::Message(Outbound::Reply(b)) = inbox.recv().await {
+                if let Next::Message(Outbound::Reply(b)) = inbox.recv(true).await {
                     lens.push(b.len());
                 }
             }
@@ -276,14 +267,30 @@ mod tests {
             .expect("the writer was woken")
             .unwrap();
         assert_eq!(lens, vec![1, 2, 3]);
-        conn.close(CloseReason::Shutdown, 100);
+        conn.close(CloseReason::Shutdown);
         assert!(matches!(
-            inbox.recv().await,
-            Next::Close(Closing {
-                reason: CloseReason::Shutdown,
-                reconnect_delay_ms: 100
-            })
+            inbox.recv(true).await,
+            Next::Close(CloseReason::Shutdown)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_close_is_taken_while_messages_wait() {
+        let (conn, mut inbox) = ConnHandle::new(1, Encoding::Protobuf, 100, 1 << 20);
+        assert!(conn.send(reply(1)));
+        let closed = tokio::spawn(async move {
+            let next = inbox.recv(false).await;
+            (next, inbox)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!closed.is_finished(), "a queued message is not taken");
+        conn.close(CloseReason::SlowConsumer);
+        let (next, mut inbox) = tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the close woke the writer")
+            .unwrap();
+        assert!(matches!(next, Next::Close(CloseReason::SlowConsumer)));
+        assert!(matches!(inbox.try_recv(), Some(Outbound::Reply(_))));
     }
 
     #[tokio::test]

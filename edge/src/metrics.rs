@@ -83,6 +83,9 @@ impl EdgeMetrics {
             counter!("switchboard_edge_disconnects_total", "reason" => r.as_str()).absolute(0);
         }
         counter!("switchboard_edge_disconnects_total", "reason" => "client_closed").absolute(0);
+        for r in SOCKET_RESET_REASONS {
+            counter!("switchboard_edge_socket_resets_total", "reason" => *r).absolute(0);
+        }
         for r in AUTH_FAILURE_REASONS {
             counter!("switchboard_edge_auth_failures_total", "reason" => *r).increment(0);
         }
@@ -165,6 +168,8 @@ pub(crate) const ERROR_REPLY_CODES: &[&str] = &[
     "unavailable",
     "unspecified",
 ];
+/// Why a socket was reset instead of closed in order (`conn::Reset`).
+pub(crate) const SOCKET_RESET_REASONS: &[&str] = &["write_stalled", "close_unwritten"];
 pub(crate) const RATE_LIMIT_KINDS: &[&str] = &["request", "publish", "ping"];
 /// Registers the series only a cluster edge has at zero.
 pub(crate) fn register_cluster_series() {
@@ -177,6 +182,12 @@ pub(crate) fn register_cluster_series() {
 /// Counts a disconnect by reason.
 pub(crate) fn disconnect(reason: &'static str) {
     counter!("switchboard_edge_disconnects_total", "reason" => reason).increment(1);
+}
+
+/// Counts a socket reset (SO_LINGER 0) by reason.
+pub(crate) fn socket_reset(reason: &'static str) {
+    debug_assert!(SOCKET_RESET_REASONS.contains(&reason), "{reason}");
+    counter!("switchboard_edge_socket_resets_total", "reason" => reason).increment(1);
 }
 
 /// Counts a refused token by reason.

@@ -74,6 +74,9 @@ pub(crate) struct SessionSettings {
     pub(crate) max_presence_watches: usize,
     pub(crate) rate_requests: Rate,
     pub(crate) rate_publish: Rate,
+    pub(crate) token_expiry_warning: Duration,
+    /// The drain's reconnect spread (`--reconnect-jitter-max-ms`).
+    pub(crate) reconnect_jitter_max: Duration,
 }
 
 impl SessionSettings {
@@ -86,6 +89,8 @@ impl SessionSettings {
             max_presence_watches: config.max_presence_watches_per_connection,
             rate_requests: config.rate_requests,
             rate_publish: config.rate_publish,
+            token_expiry_warning: config.token_expiry_warning,
+            reconnect_jitter_max: config.reconnect_jitter_max,
         }
     }
 }

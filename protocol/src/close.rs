@@ -6,6 +6,17 @@
 //! a fixed client). The same reason, as [`CloseReason::as_str`], is the
 //! bounded `reason` label of the disconnect metrics.
 
+use std::ops::Range;
+
+/// Reconnect soon: the socket or its network failed, not the service.
+const SOON_MS: Range<u32> = 500..3_000;
+/// A backend failed: coming back at once would only fail again.
+const BACKEND_MS: Range<u32> = 2_000..10_000;
+/// The client flooded: it waits long enough for its bug not to hurt.
+const PENALTY_MS: Range<u32> = 15_000..45_000;
+/// The app only needs a new token first.
+const TOKEN_MS: Range<u32> = 100..1_000;
+
 /// Why the server closed a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CloseReason {
@@ -76,6 +87,27 @@ impl CloseReason {
         self.code() < 4500
     }
 
+    /// The reconnect delay advised with this reason, in ms: a close draws
+    /// `reconnectDelayMs` uniformly from this range, so clients closed
+    /// together come back spread out. Never 0 for 4000-4499 (a client told
+    /// 0 would come back at once); empty for 4500-4999. `Shutdown` spreads
+    /// over the drain's `drain_spread_ms` (`--reconnect-jitter-max-ms`).
+    pub fn reconnect_delay_range_ms(self, drain_spread_ms: u32) -> Range<u32> {
+        match self {
+            CloseReason::Shutdown => 1..drain_spread_ms.max(2),
+            CloseReason::SlowConsumer
+            | CloseReason::HeartbeatTimeout
+            | CloseReason::ConnectTimeout => SOON_MS,
+            CloseReason::Unavailable => BACKEND_MS,
+            CloseReason::RateLimited => PENALTY_MS,
+            CloseReason::TokenExpired => TOKEN_MS,
+            CloseReason::BadRequest
+            | CloseReason::Unauthorized
+            | CloseReason::MessageTooLarge
+            | CloseReason::Kicked => 0..0,
+        }
+    }
+
     /// The `Disconnect` frame sent just before closing with this reason.
     pub fn disconnect_frame(self, reconnect_delay_ms: u32) -> crate::v1::ServerFrame {
         crate::v1::ServerFrame {
@@ -128,5 +160,39 @@ mod tests {
         }
         assert!(CloseReason::SlowConsumer.reconnect());
         assert!(!CloseReason::Unauthorized.reconnect());
+    }
+
+    #[test]
+    fn every_reconnectable_close_advises_a_nonzero_jittered_delay() {
+        for spread in [1, 2, 1_000, 10_000] {
+            for r in CloseReason::ALL {
+                let range = r.reconnect_delay_range_ms(spread);
+                if r.reconnect() {
+                    assert!(range.start >= 1, "{r:?}: {range:?}");
+                    assert!(!range.is_empty(), "{r:?}: {range:?}");
+                } else {
+                    assert!(range.is_empty(), "{r:?} is terminal: {range:?}");
+                }
+            }
+        }
+        // Room to jitter in, except a drain spread set to 1 ms.
+        for r in CloseReason::ALL.into_iter().filter(|r| r.reconnect()) {
+            assert!(r.reconnect_delay_range_ms(10_000).len() >= 900, "{r:?}");
+        }
+        // A flood waits longer than any other reconnectable reason.
+        let flood = CloseReason::RateLimited.reconnect_delay_range_ms(10_000);
+        for r in CloseReason::ALL {
+            if r != CloseReason::RateLimited && r != CloseReason::Shutdown {
+                assert!(
+                    r.reconnect_delay_range_ms(10_000).end <= flood.start,
+                    "{r:?}"
+                );
+            }
+        }
+        assert_eq!(
+            CloseReason::Shutdown.reconnect_delay_range_ms(3_000),
+            1..3_000,
+            "a drain spreads below its maximum"
+        );
     }
 }

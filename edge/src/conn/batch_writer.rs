@@ -1,17 +1,25 @@
 //! A socket's outgoing frames, coalesced into one write per drained batch.
 //!
 //! Frames are appended synchronously (header from fastwebsockets'
-//! `Frame::fmt_head`, then the payload) and handed to the socket on
-//! `flush`, so a burst of deliveries costs one syscall and the writer's
-//! only await on the hot path is that flush: awaiting fastwebsockets'
+//! `Frame::fmt_head`, then the payload) and handed to the socket by
+//! `write_some`, so a burst of deliveries costs one syscall and the writer's
+//! only await on the hot path is that write: awaiting fastwebsockets'
 //! `write_frame` per frame made every socket's task carry its state
 //! (hundreds of bytes per idle socket). The buffer is allocated on first
-//! use and large buffers are released after each flush, so idle sockets
-//! pay nothing.
-use std::io;
+//! use and released once the batch is written, so idle sockets pay nothing.
+//!
+//! `write_some` is one step of a batch and may be dropped between steps
+//! (the writer races it against close requests and the heartbeat): what
+//! the socket took is remembered, so a batch never goes out twice or torn.
+use std::{
+    future::poll_fn,
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
 
 use fastwebsockets::{Frame, OpCode, Payload};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 
 /// Buffered bytes above which the writer should flush before buffering
 /// more (bounded memory).
@@ -24,9 +32,13 @@ const RSV1: u8 = 0x40;
 pub(crate) struct BatchWriter<W> {
     inner: W,
     buf: Vec<u8>,
-    /// Frames and bytes buffered since the last `take_counts`, for metrics.
-    frames: u64,
-    bytes: u64,
+    /// Bytes of `buf` the socket has taken.
+    sent: usize,
+    /// Frames buffered since the last `take_frames`, for metrics.
+    frames: u32,
+    /// The batch is written but the stream still owes a flush (TLS
+    /// records buffered in rustls).
+    unflushed: bool,
 }
 
 impl<W: AsyncWrite + Unpin> BatchWriter<W> {
@@ -34,12 +46,14 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         BatchWriter {
             inner,
             buf: Vec::new(),
+            sent: 0,
             frames: 0,
-            bytes: 0,
+            unflushed: false,
         }
     }
 
-    /// Appends one unmasked, unfragmented frame.
+    /// Appends one unmasked, unfragmented frame (behind a batch that is
+    /// still going out, if any).
     pub(crate) fn push(&mut self, opcode: OpCode, payload: &[u8]) {
         self.push_frame(opcode, false, payload);
     }
@@ -56,16 +70,12 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         self.buf.reserve(n + payload.len());
         self.buf.extend_from_slice(&head[..n]);
         self.buf.extend_from_slice(payload);
-        self.frames += 1;
-        self.bytes += (n + payload.len()) as u64;
+        self.frames = self.frames.saturating_add(1);
     }
 
-    /// Frames and bytes (headers included) buffered since the last call.
-    pub(crate) fn take_counts(&mut self) -> (u64, u64) {
-        (
-            std::mem::take(&mut self.frames),
-            std::mem::take(&mut self.bytes),
-        )
+    /// Frames buffered since the last call.
+    pub(crate) fn take_frames(&mut self) -> u32 {
+        std::mem::take(&mut self.frames)
     }
 
     /// A close frame with a code and a reason.
@@ -76,19 +86,63 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         self.push(OpCode::Close, &payload);
     }
 
+    /// Bytes buffered and not yet taken by the socket.
     pub(crate) fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.sent
     }
 
-    /// Writes what is buffered with as few syscalls as the socket allows.
-    pub(crate) async fn flush(&mut self) -> io::Result<()> {
-        if !self.buf.is_empty() {
-            self.inner.write_all(&self.buf).await?;
+    /// Whether anything is still owed to the socket.
+    pub(crate) fn pending(&self) -> bool {
+        self.buffered() > 0 || self.unflushed
+    }
+
+    /// One step of the batch: resolves with the bytes the socket took once
+    /// it took some (0: the stream's own flush finished). Cancel-safe.
+    pub(crate) async fn write_some(&mut self) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_write_some(cx)).await
+    }
+
+    fn poll_write_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut n = 0;
+        if self.sent < self.buf.len() {
+            n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+            if self.sent < self.buf.len() {
+                return Poll::Ready(Ok(n));
+            }
+            // Released after every batch: an idle socket owns no buffer,
+            // and a busy one pays one allocation per batch, not per frame.
+            (self.buf, self.sent, self.unflushed) = (Vec::new(), 0, true);
         }
-        // Released after every batch: an idle socket owns no buffer, and a
-        // busy one pays one allocation per batch, not per frame.
-        self.buf = Vec::new();
-        self.inner.flush().await
+        if self.unflushed {
+            match Pin::new(&mut self.inner).poll_flush(cx) {
+                Poll::Ready(r) => {
+                    self.unflushed = false;
+                    r?;
+                }
+                // The batch itself went out: that is progress.
+                Poll::Pending if n > 0 => return Poll::Ready(Ok(n)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes everything owed, however long the socket takes (the
+    /// handshake, which has its own deadline).
+    pub(crate) async fn flush(&mut self) -> io::Result<()> {
+        while self.pending() {
+            self.write_some().await?;
+        }
+        Ok(())
+    }
+
+    /// The stream, once the socket is done with.
+    pub(crate) fn into_inner(self) -> W {
+        self.inner
     }
 }
 
@@ -142,6 +196,43 @@ mod tests {
         assert_eq!(&w.buf[..4], &[0x80 | 0x40 | 0x1, 126, 1, 44]);
         assert_eq!(&w.buf[304..306], &[0x82, 5], "no RSV1 on a plain frame");
         assert_eq!(&w.buf[311..], &[0x89, 0]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_out_in_steps_that_may_be_dropped() {
+        // The socket takes 64 bytes, then nothing until the peer reads.
+        let (a, b) = tokio::io::duplex(64);
+        let mut w = BatchWriter::new(a);
+        w.push(OpCode::Binary, &[7; 1000]);
+        assert_eq!(w.write_some().await.unwrap(), 64);
+        let wait = std::time::Duration::from_millis(20);
+        assert!(
+            tokio::time::timeout(wait, w.write_some()).await.is_err(),
+            "no progress while the peer does not read"
+        );
+        assert!(w.pending());
+        // A frame pushed while the batch waits goes out behind it.
+        w.push(OpCode::Text, b"after");
+        let reader = tokio::spawn(async move {
+            let mut client = WebSocket::after_handshake(b, Role::Client);
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let f = client.read_frame().await.unwrap();
+                got.push((f.opcode, f.payload.to_vec()));
+            }
+            got
+        });
+        w.flush().await.unwrap();
+        assert!(!w.pending());
+        assert_eq!(w.buf.capacity(), 0, "the batch is given back");
+        let got = reader.await.unwrap();
+        assert_eq!(
+            got[0],
+            (OpCode::Binary, vec![7; 1000]),
+            "not torn, not twice"
+        );
+        assert_eq!(got[1], (OpCode::Text, b"after".to_vec()));
+        assert_eq!(w.take_frames(), 2);
     }
 
     #[tokio::test]

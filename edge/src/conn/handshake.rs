@@ -24,6 +24,7 @@ use crate::{
         batch_writer::BatchWriter,
         inbound::Inbound,
         reader::{inflate_failure, read_failure},
+        writer::reconnect_delay_ms,
     },
     metrics,
     state::SessionContext,
@@ -58,12 +59,12 @@ where
     let (frame, compressed) =
         match tokio::time::timeout_at(accepted.deadline, first_frame(rd, ws)).await {
             Err(_) => {
-                close_early(ws, enc, 0, None, CloseReason::ConnectTimeout).await;
+                close_early(ctx, ws, enc, 0, None, CloseReason::ConnectTimeout).await;
                 return None;
             }
             Ok(Err(e)) => {
                 let v = read_failure(&e, ctx.settings.max_frame_bytes)?;
-                close_early(ws, enc, 0, Some((v.code, v.message)), v.reason).await;
+                close_early(ctx, ws, enc, 0, Some((v.code, v.message)), v.reason).await;
                 return None;
             }
             Ok(Ok(f)) => f,
@@ -71,6 +72,7 @@ where
     metrics::frame_in(&ctx.metrics, frame.payload.len());
     if !matches!(frame.opcode, OpCode::Text | OpCode::Binary) || !frame.fin {
         close_early(
+            ctx,
             ws,
             enc,
             0,
@@ -87,7 +89,7 @@ where
             Ok(p) => p,
             Err(e) => {
                 let v = inflate_failure(e);
-                close_early(ws, enc, 0, Some((v.code, v.message)), v.reason).await;
+                close_early(ctx, ws, enc, 0, Some((v.code, v.message)), v.reason).await;
                 return None;
             }
         };
@@ -107,11 +109,12 @@ where
                 ErrorCode::BadRequest,
                 "the first frame must be connect".to_string(),
             );
-            close_early(ws, enc, id, Some(err), CloseReason::BadRequest).await;
+            close_early(ctx, ws, enc, id, Some(err), CloseReason::BadRequest).await;
             return None;
         }
         Err(e) => {
             close_early(
+                ctx,
                 ws,
                 enc,
                 0,
@@ -133,6 +136,7 @@ where
             metrics::auth_failure(e.label());
             tracing::debug!(error = %e, "token refused");
             close_early(
+                ctx,
                 ws,
                 enc,
                 id,
@@ -179,6 +183,7 @@ where
 }
 
 async fn close_early<W: AsyncWrite + Unpin>(
+    ctx: &SessionContext,
     ws: &mut BatchWriter<W>,
     enc: Encoding,
     id: u32,
@@ -197,7 +202,8 @@ async fn close_early<W: AsyncWrite + Unpin>(
             };
             write_encoded(ws, enc, &frame);
         }
-        write_encoded(ws, enc, &reason.disconnect_frame(0));
+        let delay = reconnect_delay_ms(reason, &ctx.settings);
+        write_encoded(ws, enc, &reason.disconnect_frame(delay));
         ws.push_close(reason.code(), reason.as_str().as_bytes());
         ws.flush().await
     })

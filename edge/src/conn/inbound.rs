@@ -53,6 +53,11 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
         }
     }
 
+    /// The stream, once the socket is done with.
+    pub(crate) fn into_inner(self) -> R {
+        self.io.inner
+    }
+
     /// The next frame, and whether it starts a compressed message (its
     /// payload as sent, still compressed); `obligated` receives what the
     /// protocol obliges us to send back (the echo of a close).

@@ -12,9 +12,11 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, upgrade::UpgradeFut};
 use http_body_util::Empty;
 use hyper::{Request, Response, body::Incoming};
+use hyper_util::rt::TokioIo;
 use switchboard_protocol::{CloseReason, Encoding, now_ms};
 use tokio::{
     io::{ReadHalf, WriteHalf},
+    net::TcpStream,
     time::Instant,
 };
 use tracing::Instrument;
@@ -42,11 +44,11 @@ use self::{
     inbound::Inbound,
     reader::ReaderExit,
     requests::Session,
-    writer::{Writer, WriterExit, WriterSettings},
+    writer::{Reset, Writer, WriterExit},
 };
 pub(crate) use upgrade::Refused;
 
-type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 /// The read side of a socket: one frame at a time, no idle buffer.
 type Reader = Inbound<ReadHalf<Upgraded>>;
 /// The write side: frames coalesced into one syscall per flush.
@@ -159,22 +161,21 @@ async fn run(opened: Box<Opened>) {
     drain::close_if_draining(&state, &conn);
     let expires_at_ms = identity.expires_at_ms;
     let mut session = Session::new(state.context.clone(), conn.clone(), identity);
+    // Outlives the steady state: the socket's write half goes back to the
+    // read half once both are done.
+    let mut writer;
     // The steady state, in its own scope so that what comes after it (the
     // linger, the cleanup) does not add to the size of every socket's task.
     let exit = {
         let last_seen = Arc::new(AtomicI64::new(now_ms()));
-        let mut writer = Writer::new(
+        writer = Writer::new(
             wr,
             conn.clone(),
             rx,
             last_seen.clone(),
             expires_at_ms,
-            WriterSettings {
-                heartbeat_interval: cfg.heartbeat_interval,
-                token_expiry_warning: cfg.token_expiry_warning,
-            },
             deflate.then_some(cfg.deflate_min_bytes),
-            state.metrics.clone(),
+            state.context.clone(),
         );
         let writer = writer.run();
         tokio::pin!(writer);
@@ -190,7 +191,7 @@ async fn run(opened: Box<Opened>) {
                 ready
             }) => {
                 if let Err(reason) = ready {
-                    conn.close(reason, 0);
+                    conn.close(reason);
                 }
                 None
             }
@@ -203,29 +204,87 @@ async fn run(opened: Box<Opened>) {
                 tokio::select! {
                     w = &mut writer => w,
                     r = &mut reader => {
-                        match r {
-                            ReaderExit::Close(reason) => conn.close(reason, 0),
-                            ReaderExit::PeerGone => { conn.send(Outbound::Stop); }
-                        }
+                        let closing = match r {
+                            ReaderExit::Close(reason) => {
+                                conn.close(reason);
+                                Some(reason)
+                            }
+                            ReaderExit::PeerGone => {
+                                conn.send(Outbound::Stop);
+                                None
+                            }
+                        };
                         // Boxed: a timer is 100 bytes, and this runs once.
-                    Box::pin(tokio::time::timeout(Duration::from_secs(3), &mut writer)).await.unwrap_or(WriterExit::Gone)
+                        // The writer bounds its last writes itself; this
+                        // is the backstop.
+                        Box::pin(tokio::time::timeout(Duration::from_secs(3), &mut writer))
+                            .await
+                            .unwrap_or(WriterExit::Stalled(closing, Reset::CloseUnwritten))
                     }
                 }
             }
         }
     };
+    let (reason, reset) = match exit {
+        WriterExit::Closed(reason) => (Some(reason), None),
+        WriterExit::Gone => (None, None),
+        WriterExit::Stalled(reason, reset) => (reason, Some(reset)),
+    };
     if matches!(exit, WriterExit::Closed(_)) {
         Box::pin(linger(&mut rd)).await;
     }
-    let reason = match exit {
-        WriterExit::Closed(r) => r.as_str(),
-        WriterExit::Gone => "client_closed",
-    };
+    // The socket goes before the cleanup, which may wait on backends.
+    release(
+        rd,
+        writer.into_out(),
+        reset,
+        state.config.heartbeat_interval,
+    );
+    let reason = reason.map_or("client_closed", CloseReason::as_str);
     metrics::disconnect(reason);
-    tracing::debug!(reason, "socket closed");
+    tracing::debug!(reason, reset = reset.map(Reset::as_str), "socket closed");
     Box::pin(session.cleanup()).await;
     state.hub.remove_conn(conn_id);
     state.metrics.connections.decrement(1.0);
+}
+
+/// Drops the socket. A stalled one is reset (SO_LINGER 0): the kernel
+/// frees its buffers at once, where an orderly close would leave an orphan
+/// holding the unsent bytes and probing a zero window for minutes. Any
+/// other is closed in order (its Disconnect may still be on its way to a
+/// slow reader) with TCP_USER_TIMEOUT at the stall limit, so the kernel
+/// gives up on its unsent bytes once none is taken for that long.
+fn release(rd: Reader, wr: Writing, reset: Option<Reset>, stall_limit: Duration) {
+    if let Some(reset) = reset {
+        metrics::socket_reset(reset.as_str());
+    }
+    let io = rd.into_inner().unsplit(wr.into_inner()).into_inner();
+    // The upgrade hides the stream hyper was given; it is one of these.
+    let set = match io.downcast::<TokioIo<TcpStream>>() {
+        Ok(plain) => before_close(plain.io.inner(), reset, stall_limit),
+        Err(io) => match io.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
+            Ok(tls) => before_close(tls.io.inner().get_ref().0, reset, stall_limit),
+            Err(_) => Err(std::io::ErrorKind::Unsupported.into()),
+        },
+    };
+    if let Err(e) = set {
+        tracing::debug!(error = %e, "socket options not set before close");
+    }
+}
+
+fn before_close(
+    tcp: &TcpStream,
+    reset: Option<Reset>,
+    stall_limit: Duration,
+) -> std::io::Result<()> {
+    if reset.is_some() {
+        return tcp.set_zero_linger();
+    }
+    #[cfg(target_os = "linux")]
+    socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(stall_limit))?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = stall_limit;
+    Ok(())
 }
 
 /// How long a socket we closed keeps reading for the peer's close frame.

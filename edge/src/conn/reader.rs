@@ -74,7 +74,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
                 let max = session.context().settings.max_frame_bytes;
                 return match read_failure(&e, max) {
                     None => ReaderExit::PeerGone,
-                    Some(v) => fatal(session, v),
+                    Some(v) => fatal(session, 0, v),
                 };
             }
         };
@@ -91,7 +91,8 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
             Step::Closed => return ReaderExit::PeerGone,
             Step::Ping => {
                 match rates.admit(None, &session.context().settings, ratelimit::clock_ms()) {
-                    Admit::Flood => return fatal(session, flood()),
+                    // A WebSocket ping has no request id.
+                    Admit::Flood => return fatal(session, 0, flood()),
                     Admit::Refused => continue, // over the limit: no pong
                     Admit::Yes => {}
                 }
@@ -102,7 +103,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 continue;
             }
-            Step::Refuse(v) => return fatal(session, v),
+            Step::Refuse(v) => return fatal(session, 0, v),
         };
         let decoded = session
             .conn()
@@ -116,7 +117,7 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
                     e.to_string(),
                     CloseReason::BadRequest,
                 );
-                return fatal(session, v);
+                return fatal(session, 0, v);
             }
         };
         match rates.admit(
@@ -124,7 +125,8 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
             &session.context().settings,
             ratelimit::clock_ms(),
         ) {
-            Admit::Flood => return fatal(session, flood()),
+            // The refusal that makes the flood answers its request too.
+            Admit::Flood => return fatal(session, request.id, flood()),
             Admit::Refused => {
                 let what = if is_publish(request.kind.as_ref()) {
                     "publish"
@@ -150,9 +152,10 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-/// Sends the violation's error and asks for the close.
-fn fatal(session: &Session, v: Violation) -> ReaderExit {
-    session.refuse(0, Refusal(v.code, v.message));
+/// Sends the violation's error (with the id of the request that caused
+/// it, if any) and asks for the close.
+fn fatal(session: &Session, id: u32, v: Violation) -> ReaderExit {
+    session.refuse(id, Refusal(v.code, v.message));
     ReaderExit::Close(v.reason)
 }
 
@@ -668,6 +671,8 @@ mod tests {
             max_presence_watches: 10,
             rate_requests: requests,
             rate_publish: publish,
+            token_expiry_warning: std::time::Duration::from_secs(60),
+            reconnect_jitter_max: std::time::Duration::from_secs(10),
         }
     }
 

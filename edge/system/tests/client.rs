@@ -102,7 +102,7 @@ async fn slow_consumer_reconnects_and_resumes_without_loss_or_duplicates() {
         assert_eq!(ack.seq, i + 1);
     }
     let mut next = 1;
-    let mut disconnected = None;
+    let mut disconnected: Option<Option<u16>> = None;
     let mut reconnected = false;
     while next <= total {
         let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
@@ -118,14 +118,20 @@ async fn slow_consumer_reconnects_and_resumes_without_loss_or_duplicates() {
                 code, reconnect, ..
             } => {
                 assert!(reconnect);
-                disconnected = code;
+                disconnected = Some(code);
             }
             Event::Reconnected { .. } => reconnected = true,
             Event::ResyncRequired { .. } => panic!("history still holds everything"),
             _ => {}
         }
     }
-    assert_eq!(disconnected, Some(4001), "closed as slow_consumer");
+    // The edge gave up on it as a slow consumer. The app had stopped reading
+    // for longer than the edge waits to write its close (2 s), so the
+    // client found its socket reset rather than reading the 4001.
+    let code = disconnected.expect("disconnected");
+    assert!(matches!(code, Some(4001) | None), "{code:?}");
+    let closes = r#"switchboard_edge_disconnects_total{reason="slow_consumer"}"#;
+    assert_eq!(metric(edge.addr(), closes).await, 1.0);
     assert!(reconnected);
     edge.shutdown().await;
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::{
     Message,
@@ -129,14 +129,17 @@ async fn slow_reader_is_disconnected_while_others_keep_receiving() {
     let mut cfg = config();
     cfg.send_queue_max_bytes = 512 * 1024;
     let edge = start(cfg).await;
-    let mut slow = Raw::connected(&edge, "slow").await;
+    // A small, fixed receive buffer: the kernel cannot absorb the burst.
+    let (mut slow, _) = Raw::with_rcvbuf(edge.addr(), "slow", 64 * 1024).await;
     slow.request(json!({"subscribe": {"chat": "flood"}})).await;
     let mut fast = Raw::connected(&edge, "fast").await;
     fast.request(json!({"subscribe": {"chat": "flood"}})).await;
     let mut publisher = Raw::connected(&edge, "pub").await;
 
-    // ~24 MB of deliveries: more than loopback socket buffers hold, so the
-    // slow socket's queue must overflow.
+    // ~18 MB of deliveries: more than the kernel buffers for the slow
+    // reader, which reads nothing until its queue overflowed. It reads
+    // again at once, so it is told why (4001) although its socket was full
+    // when the edge gave up on it.
     let body = b64(&"y".repeat(30_000));
     let total = 600u64;
     let fast_reader = tokio::spawn(async move {
@@ -154,6 +157,26 @@ async fn slow_reader_is_disconnected_while_others_keep_receiving() {
         }
         last
     });
+    let addr = edge.addr();
+    let slow_reader = tokio::spawn(async move {
+        let drops = r#"switchboard_edge_queue_drops_total{reason="slow_consumer"}"#;
+        while metric(addr, drops).await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut frames = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), slow.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    frames.push(serde_json::from_str::<serde_json::Value>(&t).unwrap())
+                }
+                Ok(Some(Ok(Message::Close(c)))) => {
+                    return (c.map(|c| close_code(c.code)), frames);
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    });
     for i in 0..total {
         let ack = publisher
             .request(json!({"publish": {"chat": "flood", "clientMsgId": format!("m{i}"), "payload": body}}))
@@ -165,14 +188,23 @@ async fn slow_reader_is_disconnected_while_others_keep_receiving() {
         total,
         "the fast reader got everything"
     );
-    let (close, frames) = slow.until_close().await;
+    let (close, frames) = slow_reader.await.unwrap();
     assert_eq!(close, Some(4001), "slow reader closed as slow_consumer");
+    let delivered = frames
+        .iter()
+        .filter(|f| f.get("delivery").is_some())
+        .count();
+    assert!((delivered as u64) < total, "it fell behind: {delivered}");
     let disconnect = frames
         .iter()
         .find_map(|f| f.get("disconnect"))
         .expect("disconnect frame");
     assert_eq!(disconnect["reason"], "slow_consumer");
     assert_eq!(disconnect["reconnect"], true);
+    assert!(
+        disconnect["reconnectDelayMs"].as_u64().unwrap_or(0) > 0,
+        "told to wait: {disconnect}"
+    );
     edge.shutdown().await;
 }
 
@@ -302,6 +334,52 @@ async fn a_publish_flood_is_refused_then_closed_while_others_publish() {
     }
     let (code, close) = error_and_close(&mut flooder).await;
     assert_eq!((code, close), (Some(429), Some(4003)));
+    edge.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_refused_request_gets_its_id_back_and_a_flood_is_told_to_wait() {
+    let mut cfg = config();
+    cfg.rate_requests = switchboard_edge::Rate {
+        per_sec: 0.01,
+        burst: 3.0,
+    };
+    let edge = start(cfg).await;
+    let mut raw = Raw::connected(&edge, "flooder").await;
+    // 3 within the burst, then 100 refusals in a row (the last one closes
+    // the socket), then more that are never read.
+    let sent = 3 + 100 + 20;
+    for id in 1..=sent {
+        raw.send(json!({"id": id, "ping": {}})).await;
+    }
+    let (close, frames) = raw.until_close().await;
+    assert_eq!(close, Some(4003), "{frames:?}");
+    let ids = |kind: &str| -> Vec<u64> {
+        frames
+            .iter()
+            .filter(|f| f.get(kind).is_some())
+            .map(|f| f["id"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    assert_eq!(ids("pong"), (1..=3).collect::<Vec<_>>());
+    // Every refusal answers its own request, the 100th (the flood) too.
+    assert_eq!(ids("error"), (4..=103).collect::<Vec<_>>());
+    assert!(
+        frames
+            .iter()
+            .filter_map(|f| f.get("error"))
+            .all(|e| e["code"] == 429),
+        "{frames:?}"
+    );
+    let d = frames
+        .iter()
+        .find_map(|f| f.get("disconnect"))
+        .expect("disconnect frame");
+    assert_eq!(d["reason"], "rate_limited");
+    assert_eq!(d["reconnect"], true);
+    // A flooding client is not told to come back at once.
+    let delay = d["reconnectDelayMs"].as_u64().unwrap_or(0);
+    assert!(delay >= 1000, "reconnectDelayMs {delay}");
     edge.shutdown().await;
 }
 

@@ -17,5 +17,6 @@ mod k6;
 mod limits;
 mod operate;
 mod redis_modes;
+mod stall;
 mod stop;
 mod tls;

@@ -72,6 +72,22 @@ async fn request(ws: &mut Wss, v: Value) -> Value {
     }
 }
 
+/// `GET path` over TLS: the response, headers and body.
+async fn https_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector("tls_ca_a.pem").connect(name, tcp).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    // The server closes without close_notify at times: keep what was read.
+    let _ = tls.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn edge_with_tls(dir: &Path, port: u16) -> Child {
     Command::new(EDGE_BIN)
         .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
@@ -161,6 +177,102 @@ async fn wss_serves_and_a_sighup_swaps_the_certificate_without_dropping_sockets(
     let pong = request(&mut first, json!({"id": 2, "ping": {}})).await;
     assert!(pong.get("pong").is_some(), "{pong}");
 
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The edge binary over WSS gives up on a reader that stopped: its TLS
+/// socket is reset like a plain one (the stream under TLS is found again
+/// after the upgrade), within two heartbeat intervals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wss_reader_that_stops_is_reset() {
+    let dir = std::env::temp_dir().join(format!("sb-tls-stall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    install(&dir, "a");
+    let port = free_port();
+    let mut child = Command::new(EDGE_BIN)
+        .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SWITCHBOARD_JWT_SECRET", SECRET)
+        .env("SWITCHBOARD_TLS_CERT_FILE", dir.join("cert.pem"))
+        .env("SWITCHBOARD_TLS_KEY_FILE", dir.join("key.pem"))
+        .env("SWITCHBOARD_HEARTBEAT_INTERVAL_MS", "1000")
+        // Only the stall check may close it, not its mailbox.
+        .env("SWITCHBOARD_SEND_QUEUE_MAX_BYTES", "67108864")
+        .env("SWITCHBOARD_SEND_QUEUE_MAX_FRAMES", "100000")
+        .env("SWITCHBOARD_RATE_PUBLISH_PER_SEC", "100000")
+        .env("SWITCHBOARD_RATE_PUBLISH_BURST", "100000")
+        .env("SWITCHBOARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut publisher = loop {
+        match wss(port, "tls_ca_a.pem").await {
+            Ok(ws) => break ws,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    request(
+        &mut publisher,
+        json!({"id": 1, "connect": {"token": token("pub")}}),
+    )
+    .await;
+
+    // A small receive buffer, so its window fills after a few frames.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let client_port = tcp.local_addr().unwrap().port();
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = connector("tls_ca_a.pem").connect(name, tcp).await.unwrap();
+    let url = format!("wss://localhost:{port}/ws");
+    let (mut stalled, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    let r = request(
+        &mut stalled,
+        json!({"id": 1, "connect": {"token": token("stalled")}}),
+    )
+    .await;
+    assert!(r.get("connectResult").is_some(), "{r}");
+    request(
+        &mut stalled,
+        json!({"id": 2, "subscribe": {"chat": "room"}}),
+    )
+    .await;
+    // From here it reads nothing, but keeps talking (no heartbeat timeout).
+    let talking = tokio::spawn(async move {
+        while stalled.send(Message::Pong(Vec::new().into())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        stalled
+    });
+    let watched = watch(port, client_port, Duration::from_secs(30));
+    // 9 MB: more than the kernel buffers for it, so the edge's write waits.
+    let body = b64(&"s".repeat(30_000));
+    for i in 0..300 {
+        let ack = request(
+            &mut publisher,
+            json!({"id": 10 + i, "publish": {"chat": "room", "clientMsgId": format!("m{i}"), "payload": body}}),
+        )
+        .await;
+        assert!(ack.get("publishAck").is_some(), "{ack}");
+    }
+    let w = watched.await.unwrap();
+    assert!(w.most > 0, "the edge held unsent bytes for it");
+    let stalled_for = w.gone - w.last_change;
+    assert!(
+        stalled_for <= Duration::from_millis(2500),
+        "reset {stalled_for:?} after its last progress (heartbeat 1 s)"
+    );
+    reset_by_the_edge(port, client_port, Duration::from_secs(2)).await;
+    drop(talking.await.unwrap());
+    let metrics = https_get(port, "/metrics").await;
+    for series in [
+        r#"switchboard_edge_disconnects_total{reason="slow_consumer"} 1"#,
+        r#"switchboard_edge_socket_resets_total{reason="write_stalled"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} not in /metrics");
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

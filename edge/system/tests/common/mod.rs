@@ -121,6 +121,35 @@ impl Raw {
         raw
     }
 
+    /// Opens a JSON socket over a TCP connection whose receive buffer is
+    /// `rcvbuf` bytes (which also stops the kernel growing it), and
+    /// completes Connect as `user`. Returns it with its local port.
+    pub async fn with_rcvbuf(addr: std::net::SocketAddr, user: &str, rcvbuf: u32) -> (Raw, u16) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        // Before connect, so the window scale is chosen for it.
+        socket.set_recv_buffer_size(rcvbuf).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static("switchboard.v1.json"),
+        );
+        let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+        let mut raw = Raw {
+            ws,
+            next_id: 1,
+            skipped: Default::default(),
+        };
+        let r = raw
+            .request(json!({"connect": {"token": token(user)}}))
+            .await;
+        assert!(r.get("connectResult").is_some(), "{r}");
+        (raw, port)
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.ws.send(Message::text(v.to_string())).await.unwrap();
     }
@@ -306,4 +335,82 @@ fn dechunk(mut rest: &str) -> String {
         rest = tail[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// One end of a loopback TCP connection in the kernel's table, in any
+/// state (TIME_WAIT and orphans included): `(state, send queue bytes)`.
+pub fn tcp_end(local_port: u16, peer_port: u16) -> Option<(u8, u64)> {
+    let hex_port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if hex_port(cols[1]) == local_port && hex_port(cols[2]) == peer_port {
+                let state = u8::from_str_radix(cols[3], 16).unwrap();
+                let queued = cols[4].split(':').next().unwrap();
+                return Some((state, u64::from_str_radix(queued, 16).unwrap()));
+            }
+        }
+    }
+    None
+}
+
+/// Waits (at most `within`) until both ends of the connection are gone
+/// from the kernel's table while the client still holds its socket: the
+/// edge reset it, and kept nothing. An orderly close would leave the
+/// edge's end queued in FIN_WAIT and the client's in CLOSE_WAIT.
+pub async fn reset_by_the_edge(edge_port: u16, client_port: u16, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let ends = (
+            tcp_end(edge_port, client_port),
+            tcp_end(client_port, edge_port),
+        );
+        if ends == (None, None) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "not reset: {ends:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What the kernel showed of the edge's end of a connection, polled every
+/// 10 ms until it left the table.
+pub struct Watched {
+    /// The most bytes it held unsent or unacknowledged.
+    pub most: u64,
+    /// When that count last changed: the last time the socket took bytes
+    /// (or the peer acknowledged some).
+    pub last_change: std::time::Instant,
+    /// When it left the table.
+    pub gone: std::time::Instant,
+}
+
+pub fn watch(
+    edge_port: u16,
+    client_port: u16,
+    within: Duration,
+) -> tokio::task::JoinHandle<Watched> {
+    tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + within;
+        let (mut most, mut last, mut last_change) = (0, 0, std::time::Instant::now());
+        while let Some((_, queued)) = tcp_end(edge_port, client_port) {
+            if queued != last {
+                (last, last_change) = (queued, std::time::Instant::now());
+            }
+            most = most.max(queued);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still held: {queued} bytes"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Watched {
+            most,
+            last_change,
+            gone: std::time::Instant::now(),
+        }
+    })
 }
