@@ -248,6 +248,53 @@ async fn receipts_typing_and_presence() {
 /// believing the user is offline. The race is narrow here; under load it
 /// was frequent (2% of presence changes in `scripts/bench mixed` before the
 /// transitions were serialized per user), and this checks the property.
+/// The next receipt or typing event on `raw` (within 2 s).
+async fn next_event(raw: &mut Raw) -> Option<Value> {
+    while let Some(v) = raw.next_within(Duration::from_secs(2)).await {
+        if v.get("receipt").is_some() || v.get("typing").is_some() {
+            return Some(v);
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn chat_receipts_and_typing_reach_the_sender_too_but_a_dm_receipt_only_its_user() {
+    let edge = start(config()).await;
+    let mut alice = Raw::connected(&edge, "alice").await;
+    let mut alice_laptop = Raw::connected(&edge, "alice").await;
+    let mut bob = Raw::connected(&edge, "bob").await;
+    for raw in [&mut alice, &mut alice_laptop, &mut bob] {
+        raw.request(json!({"subscribe": {"chat": "t"}})).await;
+    }
+    // Every subscriber of the chat, the sending socket and the sender's
+    // other devices included: one frame for all, told apart by `user`/`from`.
+    let ok = alice.request(json!({"typing": {"chat": "t"}})).await;
+    assert!(ok.get("ok").is_some(), "{ok}");
+    for raw in [&mut alice, &mut alice_laptop, &mut bob] {
+        let e = next_event(raw).await.expect("typing event");
+        assert_eq!(e["typing"]["user"], "alice", "{e}");
+    }
+    alice
+        .request(json!({"receipt": {"chat": "t", "seq": 1, "kind": "RECEIPT_KIND_READ"}}))
+        .await;
+    for raw in [&mut alice, &mut alice_laptop, &mut bob] {
+        let e = next_event(raw).await.expect("receipt event");
+        assert_eq!(e["receipt"]["from"], "alice", "{e}");
+        assert_eq!(e["receipt"]["chat"], "t", "{e}");
+    }
+    // A receipt to a user reaches that user's sockets only.
+    alice
+        .request(json!({"receipt": {"user": "bob", "seq": 1, "kind": "RECEIPT_KIND_DELIVERED"}}))
+        .await;
+    let e = next_event(&mut bob).await.expect("receipt to bob");
+    assert_eq!(e["receipt"]["from"], "alice", "{e}");
+    for raw in [&mut alice, &mut alice_laptop] {
+        assert_eq!(next_event(raw).await, None, "no copy for the sender");
+    }
+    edge.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn presence_stays_in_order_through_quick_reconnects() {
     let edge = start(config()).await;
