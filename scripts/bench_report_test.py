@@ -176,6 +176,21 @@ class VerdictTest(unittest.TestCase):
         self.assertEqual(br.judged({}, "fanout", br.fanout_row)[0], "not run yet (`scripts/bench fanout`)")
         self.assertIn("not measured yet", br.judged({}, None, None)[0])
 
+    def test_the_curve_sets_each_rate_beside_the_loopback_floor(self):
+        floor = fanout_record()
+        floor["benchmark"] = "floor"
+        floor["report"] = {"scenario": "floor", "params": {"sockets": 9000, "rate": 10, "payload_bytes": 200},
+                           "us_per_write": 4.0, "writes_per_cpu_second": 250_000.0}
+        r30 = fanout_record(per_cpu=125_000.0)
+        r30["benchmark"] = "fanout-curve-r30"
+        r30["report"]["params"]["rate"] = 30
+        lines = br.block_fanout_curve({"records": {"floor": floor, "fanout-curve-r30": r30}})
+        self.assertIn("4.00 µs", lines[0])
+        row = next(x for x in lines if x.startswith("| 30 |"))
+        # 125,000 per CPU-second is 8 µs per delivery, twice the 4 µs floor.
+        self.assertIn("| 8.00 µs | 50% |", row)
+        self.assertTrue(next(x for x in lines if x.startswith("| 60 |")).count("not run yet"))
+
 
 class RecordTest(unittest.TestCase):
     def test_records_stay_compact(self):

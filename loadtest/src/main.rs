@@ -14,6 +14,9 @@
 //!   latency and loss per kind.
 //! - `storm`: N clients drop at once, miss M messages, reconnect at once
 //!   and resume with `since`; time until all are back and resumed.
+//! - `floor`: no Switchboard at all: what one small `write()` to a
+//!   loopback TCP socket costs the writing thread, the floor under the
+//!   edge's CPU per delivery.
 //! - `roll`: N clients follow a chat while the edges restart one at a time
 //!   (`scripts/cluster roll`); reconnect rate, time away, loss and order.
 //!
@@ -33,6 +36,7 @@ mod chat;
 mod conn;
 mod coord;
 mod fleet;
+mod floor;
 mod idle;
 mod mixed;
 mod plot;
@@ -96,6 +100,9 @@ enum Scenario {
     /// N publishers into N chats through the routers' HTTP API, back to
     /// back: acked publishes per second and per router (and Redis) CPU-second.
     Sequence(sequence::Args),
+    /// No Switchboard: CPU of one small write() to a loopback socket, the
+    /// floor under a delivery's cost.
+    Floor(floor::Args),
 }
 
 async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> {
@@ -107,6 +114,7 @@ async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> 
         Scenario::Storm(a) => storm::run(a, w).await,
         Scenario::Roll(a) => roll::run(a, w).await,
         Scenario::Sequence(a) => sequence::run(a, w).await,
+        Scenario::Floor(a) => floor::run(a, w).await,
     }
 }
 
@@ -120,6 +128,7 @@ pub(crate) fn scenario_figures(r: &Report) -> Map<String, Value> {
         "storm" => storm::figures(r),
         "roll" => roll::figures(r),
         "sequence" => sequence::figures(r),
+        "floor" => floor::figures(r),
         _ => Map::new(),
     }
 }
