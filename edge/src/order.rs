@@ -159,6 +159,9 @@ pub(crate) struct StreamOrder {
     overflowed: bool,
     /// Failed reads in the current repair (the back-off's exponent).
     outages: u32,
+    /// A read was handed out (`due_read`) and its answer has not come
+    /// back: a loss reported now may be newer than that read.
+    reading: bool,
     /// The current repair reads even with nothing held (the sweep after a
     /// possible loss).
     force: bool,
@@ -255,11 +258,20 @@ impl StreamOrder {
         }
     }
 
-    /// The bus may have lost frames: read history since the last seq even
-    /// with nothing held. `Some`: read at that instant (`None`: a repair is
-    /// running already and will do).
+    /// The bus (or the hub's fan-out queue) may have lost frames: read
+    /// history since the last seq even with nothing held. `Some`: read at
+    /// that instant. `None`: a repair is running already and will do: its
+    /// next read is made even with nothing held, and a read already on its
+    /// way (which may predate the loss) is followed by one more.
     pub(crate) fn on_possible_loss(&mut self, now: Instant) -> Option<Instant> {
-        (!self.repairing).then(|| self.start_repair(true, now))
+        if self.repairing {
+            self.force = true;
+            if self.reading {
+                self.overflowed = true;
+            }
+            return None;
+        }
+        Some(self.start_repair(true, now))
     }
 
     fn start_repair(&mut self, force: bool, at: Instant) -> Instant {
@@ -280,6 +292,7 @@ impl StreamOrder {
             self.force = false;
             return None;
         }
+        self.reading = true;
         Some(HistoryRead {
             since: self.last_seq,
             epoch: self.epoch.clone(),
@@ -290,6 +303,7 @@ impl StreamOrder {
     /// the frames are still in history.
     pub(crate) fn on_history<E>(&mut self, answer: Result<Recovery, E>, now: Instant) -> Answered {
         self.force = false;
+        self.reading = false;
         let may_wait = self.outages < MAX_OUTAGE_RETRIES;
         // An outage is not a lost message: hold what arrived (bounded) and
         // read again later.

@@ -451,3 +451,29 @@ fn a_possible_loss_skips_a_stream_without_an_epoch() {
     // The repair is over: the next loss claims the stream again.
     assert_eq!(o.on_possible_loss(t0), Some(t0));
 }
+
+#[test]
+fn a_loss_during_a_repair_is_read_by_it_or_by_one_more_read() {
+    let t0 = Instant::now();
+    // Reported while the repair waits for its read: that read covers it,
+    // even once the hole filled itself and nothing is held.
+    let mut o = at(5);
+    assert_eq!(held(&mut o, 7, t0), Some(t0 + GAP_TIMEOUT));
+    assert_eq!(next(&mut o, 6, t0), [6, 7]);
+    assert_eq!(o.on_possible_loss(t0), None);
+    assert_eq!(o.due_read().unwrap().since, 7, "read with nothing held");
+    let a = o.on_history(answer([8], false), t0);
+    assert_eq!((seqs(&a.deliver), a.next_read), (vec![8], None));
+    // Reported while a read is on its way: the read may predate the loss,
+    // so one more follows.
+    let mut o = at(5);
+    assert_eq!(held(&mut o, 7, t0), Some(t0 + GAP_TIMEOUT));
+    assert_eq!(o.due_read().unwrap().since, 5);
+    assert_eq!(o.on_possible_loss(t0), None);
+    let a = o.on_history(answer([6, 7], false), t0);
+    assert_eq!(seqs(&a.deliver), [6, 7]);
+    assert_eq!(a.next_read, Some(t0 + GAP_TIMEOUT));
+    assert_eq!(o.due_read().unwrap().since, 7);
+    let a = o.on_history(answer([8, 9], false), t0);
+    assert_eq!((seqs(&a.deliver), a.next_read), (vec![8, 9], None));
+}
