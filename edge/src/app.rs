@@ -22,7 +22,7 @@ use crate::{
 
 /// The one place backends are chosen: memory standalone, NATS + Redis in a
 /// cluster. Everything else sees the traits.
-async fn backends(config: &Config) -> Result<Backends, String> {
+pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
     let ttl = config.presence_ttl.as_millis() as i64;
     let Some(cluster) = &config.cluster else {
         let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
@@ -77,11 +77,11 @@ async fn backends(config: &Config) -> Result<Backends, String> {
 
 /// The state on its backends. The recorder exists before any metric
 /// handle is registered, the backends' included.
-async fn start(config: Config) -> Result<Arc<EdgeState>, String> {
+async fn start(config: Config, control: tokio::runtime::Handle) -> Result<Arc<EdgeState>, String> {
     let prometheus = crate::metrics::prometheus();
     let metrics = Arc::new(EdgeMetrics::new());
     let backends = backends(&config).await?;
-    EdgeState::new(config, backends, prometheus, metrics).await
+    EdgeState::new(config, backends, prometheus, metrics, Some(control)).await
 }
 
 /// A running edge (for tests and embedding).
@@ -156,7 +156,9 @@ pub async fn run(
             switchboard_router::redact_url(&c.redis_url)
         )
     });
-    let state = match tokio::time::timeout(STARTUP_TIMEOUT, start(config)).await {
+    // Stopped when `run` returns, after the drain.
+    let control = crate::control::Control::start().map_err(|e| format!("control runtime: {e}"))?;
+    let state = match tokio::time::timeout(STARTUP_TIMEOUT, start(config, control.handle())).await {
         Ok(state) => state?,
         Err(_) => {
             return Err(format!(

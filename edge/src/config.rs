@@ -98,6 +98,14 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_queue_max_bytes: Option<usize>,
 
+    /// Frames waiting for fan-out on this edge, all streams together (one
+    /// stream may take a quarter): publishes are acked before their
+    /// fan-out. Beyond, a delivery is dropped, counted and read back from
+    /// history. Default 65536.
+    #[arg(long, env = "SWITCHBOARD_FANOUT_QUEUE_MAX_FRAMES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fanout_queue_max_frames: Option<usize>,
+
     /// WebSocket ping interval, ms; a socket silent for two intervals is
     /// closed. Default 25000.
     #[arg(long, env = "SWITCHBOARD_HEARTBEAT_INTERVAL_MS")]
@@ -262,6 +270,8 @@ pub struct Config {
     pub send_queue_max_frames: usize,
     /// Per-socket queue limit, bytes.
     pub send_queue_max_bytes: usize,
+    /// Frames waiting for fan-out, all streams together.
+    pub fanout_queue_max_frames: usize,
     /// WebSocket ping interval.
     pub heartbeat_interval: Duration,
     /// Accept-to-Connect deadline.
@@ -398,6 +408,11 @@ impl Settings {
                 "--send-queue-max-bytes",
                 self.send_queue_max_bytes,
                 1 << 20,
+            )?,
+            fanout_queue_max_frames: positive(
+                "--fanout-queue-max-frames",
+                self.fanout_queue_max_frames,
+                65_536,
             )?,
             heartbeat_interval: ms(
                 "--heartbeat-interval-ms",

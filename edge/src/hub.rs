@@ -7,9 +7,15 @@
 //! `StreamOrder` (`order.rs`, the reorder and gap-repair state machine)
 //! that the hub feeds with arrivals and history answers, fanning out what
 //! it releases and running the repair reads it asks for.
+//!
+//! Fan-out runs off the bus's receive path, which standalone is the
+//! publisher's own task (the memory bus hands frames over inline): a frame
+//! is queued in its stream's lane (`lanes.rs`) and a task per busy stream
+//! fans the lane out in order, so a publish is acked once stored whatever
+//! its audience (ADR 0027).
 use std::{
     collections::HashMap,
-    sync::{Arc, Weak},
+    sync::{Arc, Weak, atomic::AtomicUsize},
 };
 
 use dashmap::DashMap;
@@ -26,6 +32,11 @@ use crate::{
     metrics::EdgeMetrics,
     order::{Arrival, Gap, StreamOrder},
 };
+
+mod lanes;
+
+pub(crate) use lanes::FanoutLimits;
+use lanes::{Lane, Work};
 
 /// Interest changes are serialized per subject through one of these locks,
 /// so subscribe/unsubscribe on the bus never run out of order.
@@ -57,6 +68,17 @@ pub(crate) struct Hub {
     bus: Arc<dyn Bus>,
     history: Arc<dyn History>,
     metrics: Arc<EdgeMetrics>,
+    /// Frames waiting for their stream's fan-out, per stream with any.
+    lanes: DashMap<StreamKey, Lane>,
+    /// Frames in all lanes (bounded by `fanout.max_frames`).
+    queued: AtomicUsize,
+    fanout: FanoutLimits,
+    /// The runtime the fan-out and repairs run on: the sockets' own, also
+    /// when a frame is queued from the control runtime (an API publish).
+    runtime: tokio::runtime::Handle,
+    /// Tests hold the fan-out back to see what a publish waits for.
+    #[cfg(test)]
+    held: std::sync::atomic::AtomicBool,
 }
 
 /// Which of `stripes` locks guards `key` (interest here, presence order in `app`).
@@ -75,6 +97,7 @@ impl Hub {
         bus: Arc<dyn Bus>,
         history: Arc<dyn History>,
         metrics: Arc<EdgeMetrics>,
+        fanout: FanoutLimits,
     ) -> Arc<Hub> {
         let wildcard = edge_users_wildcard(node);
         let hub = Arc::new_cyclic(|me| Hub {
@@ -88,6 +111,12 @@ impl Hub {
             bus: bus.clone(),
             history,
             metrics,
+            lanes: DashMap::new(),
+            runtime: tokio::runtime::Handle::current(),
+            queued: AtomicUsize::new(0),
+            fanout,
+            #[cfg(test)]
+            held: std::sync::atomic::AtomicBool::new(false),
         });
         bus.set_handler(hub.clone());
         hub
@@ -216,7 +245,7 @@ impl Hub {
         }
     }
 
-    fn fan_out(&self, subs: &HashMap<u64, ConnHandle>, frame: &SharedFrame) {
+    fn fan_out(&self, subs: &HashMap<u64, ConnHandle>, frame: &SharedFrame) -> usize {
         // Counted once per fan-out: a shared counter touched per socket
         // costs a contended atomic per delivery.
         let mut delivered = 0;
@@ -227,16 +256,17 @@ impl Hub {
                 self.metrics.slow_consumer_drops.increment(1);
             }
         }
-        self.metrics.deliveries.increment(delivered);
+        self.metrics.deliveries.increment(delivered as u64);
+        subs.len()
     }
 
     /// Fans out one delivery the stream's order released.
-    fn accept(&self, subs: &HashMap<u64, ConnHandle>, frame: &SharedFrame) {
+    fn accept(&self, subs: &HashMap<u64, ConnHandle>, frame: &SharedFrame) -> usize {
         if let Some(server_frame::Kind::Delivery(d)) = frame.frame().kind.as_ref() {
             let lag_ms = (now_ms() - d.timestamp_ms).max(0);
             self.metrics.delivery_latency.record(lag_ms as f64 / 1000.0);
         }
-        self.fan_out(subs, frame);
+        self.fan_out(subs, frame)
     }
 
     /// A stream without sockets left: its frames held for a repair go
@@ -260,9 +290,11 @@ impl Hub {
         }
     }
 
-    fn on_delivery(&self, key: StreamKey, seq: u64, frame: SharedFrame) {
-        let Some(mut e) = self.streams.get_mut(&key) else {
-            return;
+    /// Feeds one delivery to its stream's order and fans out what that
+    /// releases; returns the sockets written to (for the lane's yield).
+    fn on_delivery(&self, key: &StreamKey, seq: u64, frame: SharedFrame) -> usize {
+        let Some(mut e) = self.streams.get_mut(key) else {
+            return 0;
         };
         let epoch = match frame.frame().kind.as_ref() {
             Some(server_frame::Kind::Delivery(d)) => d.epoch.as_str(),
@@ -270,24 +302,42 @@ impl Hub {
         };
         let StreamEntry { subs, order } = &mut *e;
         let held = order.held();
+        let mut pushed = 0;
         match order.on_frame(seq, epoch, &frame, Instant::now()) {
             Arrival::Next { released } => {
-                self.accept(subs, &frame);
+                pushed += self.accept(subs, &frame);
                 for f in &released {
-                    self.accept(subs, f);
+                    pushed += self.accept(subs, f);
                 }
             }
             Arrival::Duplicate => self.metrics.duplicates_dropped.increment(1),
             Arrival::Dropped => self.metrics.pending_dropped.increment(1),
             Arrival::Held { repair_at } => {
-                if let Some(at) = repair_at
-                    && let Some(hub) = self.me.upgrade()
-                {
-                    tokio::spawn(async move { hub.repair(key, at).await });
+                if let Some(at) = repair_at {
+                    self.spawn_repair(key.clone(), at);
                 }
             }
         }
         self.count_held(held, order.held());
+        pushed
+    }
+
+    /// Deliveries of a stream may have been lost (its lane was full): read
+    /// its history since the last seq fanned out.
+    fn on_stream_loss(&self, key: &StreamKey) {
+        let at = self
+            .streams
+            .get_mut(key)
+            .and_then(|mut e| e.order.on_possible_loss(Instant::now()));
+        if let Some(at) = at {
+            self.spawn_repair(key.clone(), at);
+        }
+    }
+
+    fn spawn_repair(&self, key: StreamKey, at: Instant) {
+        if let Some(hub) = self.me.upgrade() {
+            self.runtime.spawn(async move { hub.repair(key, at).await });
+        }
     }
 
     /// Runs one repair of a stream: sleeps until each read is due, reads
@@ -346,6 +396,9 @@ impl Hub {
         }
     }
 
+    /// An unsequenced frame (receipt, typing, presence, kick). Presence
+    /// events and kicks are handled here; a chat's or user's events join
+    /// that stream's lane, behind its deliveries.
     fn on_event(&self, subject: &str, frame: SharedFrame) {
         let key = match Subject::parse(subject) {
             Some(Subject::Presence(user)) => {
@@ -356,30 +409,42 @@ impl Hub {
                 }
                 return;
             }
-            Some(Subject::Chat(chat)) => Some(StreamKey::Chat(chat)),
-            Some(Subject::EdgeUser { edge, user }) if edge == self.node => {
-                Some(StreamKey::User(user))
-            }
-            _ => None,
+            Some(Subject::Chat(chat)) => StreamKey::Chat(chat),
+            Some(Subject::EdgeUser { edge, user }) if edge == self.node => StreamKey::User(user),
+            _ => return,
         };
-        if let (Some(key), Some(server_frame::Kind::Disconnect(d))) =
-            (&key, frame.frame().kind.as_ref())
-        {
-            self.kick(key, d);
+        // A kick closes sockets (the close goes before anything queued),
+        // so it does not wait behind the stream's deliveries.
+        if let Some(server_frame::Kind::Disconnect(d)) = frame.frame().kind.as_ref() {
+            self.kick(&key, d);
             return;
         }
-        if let Some(key) = key
-            && let Some(e) = self.streams.get(&key)
-        {
-            self.fan_out(&e.subs, &frame);
+        self.enqueue(key, Work::Event(frame));
+    }
+
+    /// Fans out an unsequenced frame to a stream's sockets.
+    fn on_stream_event(&self, key: &StreamKey, frame: &SharedFrame) -> usize {
+        match self.streams.get(key) {
+            Some(e) => self.fan_out(&e.subs, frame),
+            None => 0,
         }
     }
 }
 
 impl BusHandler for Hub {
+    /// Queues the frame for its stream's fan-out and returns: this runs on
+    /// the publisher's task standalone, and on a NATS subscription's task
+    /// in a cluster.
     fn on_frame(&self, subject: &str, frame: SharedFrame) {
         match frame.delivery_position() {
-            Some((key, seq)) => self.on_delivery(key, seq, frame),
+            Some((key, seq)) => self.enqueue(
+                key,
+                Work::Delivery {
+                    seq,
+                    frame,
+                    queued_at: Instant::now(),
+                },
+            ),
             None => self.on_event(subject, frame),
         }
     }
@@ -393,7 +458,7 @@ impl BusHandler for Hub {
             streams = keys.len(),
             "bus may have dropped frames; checking streams against history"
         );
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             for key in keys {
                 let at = hub
                     .streams

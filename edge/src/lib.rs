@@ -9,6 +9,9 @@
 //! - `server`: listener and HTTP routes (`/ws` entry, dev page; health,
 //!   metrics and the backend API from `switchboard-node`, shared with the
 //!   router).
+//! - `control`: a thread of its own on which `server` serves the backend
+//!   API and the probes, so a fan-out backlog on the sockets' runtime
+//!   does not delay an ack or a scrape.
 //! - `conn`: one socket by phase: `upgrade` (the `/ws` checks),
 //!   `handshake` (Connect under a deadline), `reader` (fragments, control
 //!   frames, rate admission, the read-error map), `requests` (the
@@ -18,7 +21,8 @@
 //! - `state`: `EdgeState`, and the narrow `SessionContext` sessions see.
 //! - `presence`: the node lease, heartbeats and restore, each socket's
 //!   presence session and the per-user ordering of its announcements.
-//! - `hub`: local index, reference-counted bus interest, ordered fan-out.
+//! - `hub`: local index, reference-counted bus interest, ordered fan-out
+//!   in per-stream lanes, off the publisher's task (`hub/lanes.rs`).
 //! - `order`: one stream's reorder and gap repair (a state machine without
 //!   I/O, driven by the hub) and the seq rule the writer shares; its doc
 //!   states the ordering contract end to end.
@@ -38,6 +42,7 @@ mod app;
 mod auth;
 mod config;
 mod conn;
+mod control;
 mod drain;
 mod hub;
 mod mailbox;

@@ -29,6 +29,9 @@ pub(crate) struct EdgeMetrics {
     pub(crate) gaps_retried: Counter,
     pub(crate) pending_frames: Gauge,
     pub(crate) pending_dropped: Counter,
+    pub(crate) fanout_dropped_deliveries: Counter,
+    pub(crate) fanout_dropped_events: Counter,
+    pub(crate) fanout_wait: Histogram,
     pub(crate) deflate: DeflateMetrics,
 }
 
@@ -120,6 +123,9 @@ impl EdgeMetrics {
             gaps_retried: counter!("switchboard_edge_gaps_total", "result" => "retried"),
             pending_frames: gauge!("switchboard_edge_reorder_pending_frames"),
             pending_dropped: counter!("switchboard_edge_reorder_dropped_total"),
+            fanout_dropped_deliveries: counter!("switchboard_edge_fanout_dropped_total", "kind" => "delivery"),
+            fanout_dropped_events: counter!("switchboard_edge_fanout_dropped_total", "kind" => "event"),
+            fanout_wait: histogram!("switchboard_edge_fanout_wait_seconds"),
             deflate: DeflateMetrics::new(),
         }
     }

@@ -13,7 +13,11 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use switchboard_node::http::{self, Body, api_error, json, text};
 use switchboard_protocol::UserId;
-use tokio::{net::TcpListener, time::Instant};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    runtime::Handle,
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -51,13 +55,18 @@ pub(crate) async fn accept_loop(
         let (state2, stop) = (state.clone(), stop.clone());
         state.tracker.spawn(async move {
             let Some(tls) = &state2.tls else {
-                return serve_http(state2, stream, accepted_at, stop).await;
+                return match state2.control.clone() {
+                    Some(control) => serve_plain(state2, stream, accepted_at, stop, control).await,
+                    None => serve_http(state2, stream, accepted_at, stop, false).await,
+                };
             };
             // The TLS handshake counts against the same deadline as the
             // WebSocket one (slowloris).
             let deadline = accepted_at + state2.config.handshake_timeout;
             match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
-                Ok(Ok(tls_stream)) => serve_http(state2, tls_stream, accepted_at, stop).await,
+                Ok(Ok(tls_stream)) => {
+                    serve_http(state2, tls_stream, accepted_at, stop, false).await
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "TLS handshake failed");
                     metrics::upgrade_rejected("tls_handshake");
@@ -68,17 +77,63 @@ pub(crate) async fn accept_loop(
     }
 }
 
+/// Serves a plain connection: on the control runtime if its first request
+/// is one of `control::CONTROL_REQUESTS`, else here.
+pub(crate) async fn serve_plain(
+    state: Arc<EdgeState>,
+    stream: TcpStream,
+    accepted_at: Instant,
+    stop: CancellationToken,
+    control: Handle,
+) {
+    let mut first = [0u8; 12];
+    let deadline = accepted_at + state.config.handshake_timeout;
+    let n = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(n)) => n,
+        // A peer that sends nothing in time, or a reset: as hyper would.
+        _ => return,
+    };
+    if !crate::control::is_control_request(&first[..n]) {
+        return serve_http(state, stream, accepted_at, stop, false).await;
+    }
+    // Moved between reactors as a std socket: deregistered here,
+    // registered with the control runtime's.
+    let std = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(error = %e, "handing a connection to the control runtime failed");
+            return;
+        }
+    };
+    let tracker = state.tracker.clone();
+    tracker.spawn_on(
+        async move {
+            match TcpStream::from_std(std) {
+                Ok(s) => serve_http(state, s, accepted_at, stop, true).await,
+                Err(e) => tracing::debug!(error = %e, "registering a control connection failed"),
+            }
+        },
+        &control,
+    );
+}
+
 /// HTTP/1.1 with upgrades over a plain or TLS stream. Once the drain
 /// begins (`stop`), an idle keep-alive connection closes and a busy one
-/// closes after its answer, so neither holds the drain.
-async fn serve_http<S>(state: Arc<EdgeState>, io: S, accepted_at: Instant, stop: CancellationToken)
-where
+/// closes after its answer, so neither holds the drain. `control`: served
+/// on the control runtime, where no socket may live (`control.rs`).
+pub(crate) async fn serve_http<S>(
+    state: Arc<EdgeState>,
+    io: S,
+    accepted_at: Instant,
+    stop: CancellationToken,
+    control: bool,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = state.config.handshake_timeout;
     let service = service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(route(state, req, accepted_at).await) }
+        async move { Ok::<_, Infallible>(route(state, req, accepted_at, control).await) }
     });
     let conn = http1::Builder::new()
         .header_read_timeout(Some(timeout))
@@ -102,8 +157,15 @@ async fn route(
     state: Arc<EdgeState>,
     req: Request<Incoming>,
     accepted_at: Instant,
+    control: bool,
 ) -> Response<Body> {
     match (req.method(), req.uri().path()) {
+        // A keep-alive API connection asking for a socket: the socket would
+        // live on the control runtime's one thread.
+        (&Method::GET, "/ws") if control => text(
+            StatusCode::BAD_REQUEST,
+            "open a WebSocket on a connection of its own\n",
+        ),
         (&Method::GET, "/ws") => match conn::upgrade(&state, req, accepted_at) {
             Ok(switching) => switching.map(|_| Full::new(Bytes::new())),
             Err(Refused::Status(status, why)) => text(status, why),

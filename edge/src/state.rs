@@ -19,7 +19,7 @@ use crate::{
     admission::Admission,
     auth::AuthConfig,
     config::Config,
-    hub::Hub,
+    hub::{FanoutLimits, Hub},
     metrics::EdgeMetrics,
     presence::Sessions,
     ratelimit::{Bucket, Rate},
@@ -42,6 +42,9 @@ pub(crate) struct EdgeState {
     pub(crate) draining: AtomicBool,
     /// WSS certificates, reloadable (`None`: plain WS).
     pub(crate) tls: Option<crate::tls::Tls>,
+    /// Where the API and probe requests of plain connections are served
+    /// (`control.rs`); `None`: on the main runtime.
+    pub(crate) control: Option<tokio::runtime::Handle>,
     pub(crate) prometheus: PrometheusHandle,
     pub(crate) tracker: TaskTracker,
     /// This node's presence lease and its sockets' presence sessions.
@@ -112,15 +115,21 @@ impl EdgeState {
         b: Backends,
         prometheus: PrometheusHandle,
         metrics: Arc<EdgeMetrics>,
+        control: Option<tokio::runtime::Handle>,
     ) -> Result<Arc<EdgeState>, String> {
         let hub = Hub::new(
             &config.node_id,
             b.bus.clone(),
             b.history.clone(),
             metrics.clone(),
+            FanoutLimits {
+                max_frames: config.fanout_queue_max_frames,
+            },
         );
         hub.start().await.map_err(|e| e.to_string())?;
         metrics.connections_max.set(config.max_connections as f64);
+        gauge!("switchboard_edge_fanout_queue_max_frames")
+            .set(config.fanout_queue_max_frames as f64);
         let tls = match &config.tls {
             Some(files) => Some(crate::tls::Tls::load(files.clone())?),
             None => None,
@@ -157,6 +166,7 @@ impl EdgeState {
             next_conn_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             tls,
+            control,
             prometheus,
             tracker: TaskTracker::new(),
             sessions,
@@ -173,5 +183,6 @@ impl EdgeState {
         gauge!("switchboard_edge_handshakes")
             .set(self.config.max_handshakes.saturating_sub(idle) as f64);
         gauge!("switchboard_history_streams").set(self.history.streams() as f64);
+        gauge!("switchboard_edge_fanout_queue_frames").set(self.hub.fanout_queued() as f64);
     }
 }

@@ -28,7 +28,8 @@ pub async fn publish_to_user(
 pub trait BusHandler: Send + Sync + 'static {
     /// One frame arrived on `subject`, the subject it was published on
     /// (under a `*` subscription, the full subject). Must not block: it
-    /// runs on the bus's receive path.
+    /// runs on the bus's receive path, which for the memory bus is the
+    /// publisher's task, before its ack.
     fn on_frame(&self, subject: &str, frame: SharedFrame);
 
     /// Frames may have been lost (bus reconnect, slow consumer): re-check

@@ -105,6 +105,7 @@ impl Edge {
             bus.clone(),
             history.clone(),
             Arc::new(EdgeMetrics::new()),
+            FanoutLimits { max_frames: 65_536 },
         );
         let (conn, inbox) = ConnHandle::new(1, Encoding::Protobuf, 100_000, 1 << 30);
         for key in streams {
@@ -144,12 +145,14 @@ impl Edge {
         frames
     }
 
+    /// Publishes on the bus and lets the stream's lane fan it out.
     async fn publish(&self, frame: &SharedFrame) {
         let (key, _) = frame.delivery_position().unwrap();
         self.bus
             .publish(&key.subject().unwrap(), frame.clone())
             .await
             .unwrap();
+        self.hub.settled().await;
     }
 
     /// (stream, seq) of every delivery the socket got since the last call.

@@ -293,3 +293,44 @@ async fn edge_and_router_answer_the_shared_endpoints_alike() {
         (&json!(false), &json!(false))
     );
 }
+
+#[tokio::test]
+async fn a_socket_is_refused_on_a_connection_the_probes_went_to() {
+    // The probes and the API are served on the control runtime's thread;
+    // a keep-alive connection that started there cannot become a socket.
+    let edge = start(config()).await;
+    let mut s = TcpStream::connect(edge.addr()).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Protocol: switchboard.v1.json\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    drop(s);
+    // A fresh connection upgrades as ever.
+    Raw::connected(&edge, "fresh").await;
+    edge.shutdown().await;
+}

@@ -7,7 +7,9 @@ use switchboard_protocol::SharedFrame;
 
 use super::{Bus, BusError, BusHandler};
 
-/// A bus inside one process. Delivery is synchronous and in order.
+/// A bus inside one process. The handler is called synchronously and in
+/// order, on the publisher's task (the edge's hub only queues the frame
+/// there; its fan-out runs after the ack, ADR 0027).
 /// Subscriptions match like NATS: `*` stands for one token.
 #[derive(Default)]
 pub struct MemoryBus {

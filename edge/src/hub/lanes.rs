@@ -1,0 +1,213 @@
+//! Fan-out lanes: what the bus hands the hub waits here, per stream, for
+//! a task that fans it out in arrival order.
+//!
+//! A publish must not wait for its fan-out (ADR 0027): standalone the
+//! memory bus hands each frame to the hub on the publisher's own task, and
+//! fanning a message out to 10,000 sockets there made every publish wait
+//! for 10,000 mailbox pushes. So `on_frame` only queues the frame in its
+//! stream's lane, and the first frame of an idle lane starts a task that
+//! drains it: one task per busy stream, so a large channel's backlog
+//! delays no other stream, and one at a time per stream, so each stream's
+//! frames reach its order machine in the order the bus gave them. A lane
+//! exists only while it holds frames; an idle stream costs nothing here.
+//!
+//! The lanes are bounded together (`--fanout-queue-max-frames`, a quarter
+//! of it per stream). A delivery that does not fit is dropped and counted,
+//! and its stream is re-read from history once the lane reaches that
+//! point, as for a frame the bus lost: acked messages are stored before
+//! they are published, so nothing acked is lost while the history window
+//! still holds it. An unsequenced frame (receipt, typing) that does not
+//! fit is dropped and counted, as the bus may drop one.
+use std::{collections::VecDeque, sync::Arc, sync::atomic::Ordering::Relaxed};
+
+use switchboard_protocol::{SharedFrame, StreamKey};
+use tokio::time::Instant;
+
+use super::Hub;
+
+/// Items a drain task takes in a row, when they reach no socket
+/// (duplicates, streams gone), before it lets other tasks run.
+const YIELD_AFTER_IDLE_ITEMS: usize = 64;
+
+/// Bounds of the fan-out lanes (`--fanout-queue-max-frames`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FanoutLimits {
+    /// Frames queued in all lanes together.
+    pub(crate) max_frames: usize,
+}
+
+impl FanoutLimits {
+    /// One stream may take a quarter of the whole, so a runaway channel
+    /// leaves room for the others.
+    fn per_stream(&self) -> usize {
+        (self.max_frames / 4).max(1)
+    }
+}
+
+/// One queued step of a stream's fan-out.
+pub(super) enum Work {
+    /// A sequenced delivery: through the stream's order, then to its sockets.
+    Delivery {
+        seq: u64,
+        frame: SharedFrame,
+        queued_at: Instant,
+    },
+    /// An unsequenced frame (receipt, typing) for the stream's sockets.
+    Event(SharedFrame),
+    /// Deliveries were dropped here at the limit: read the stream's
+    /// history since its last seq (not counted against the limit; at most
+    /// one waits per lane).
+    Lost,
+}
+
+/// One stream's queued frames.
+#[derive(Default)]
+pub(super) struct Lane {
+    queue: VecDeque<Work>,
+    /// A task is draining this lane (or will: it was spawned).
+    draining: bool,
+    /// A `Work::Lost` is queued.
+    lost: bool,
+}
+
+impl Hub {
+    /// Queues `work` on its stream's lane, starting the lane's task if it
+    /// has none. Never waits for a fan-out: the locks taken here guard the
+    /// lane map and the lane, never a stream's sockets.
+    pub(super) fn enqueue(&self, key: StreamKey, work: Work) {
+        let mut lane = self.lanes.entry(key.clone()).or_default();
+        let full = self.queued.load(Relaxed) >= self.fanout.max_frames
+            || lane.queue.len() >= self.fanout.per_stream();
+        if full {
+            match work {
+                Work::Delivery { .. } => {
+                    self.metrics.fanout_dropped_deliveries.increment(1);
+                    if lane.lost {
+                        return;
+                    }
+                    lane.lost = true;
+                    lane.queue.push_back(Work::Lost);
+                }
+                Work::Event(_) => {
+                    self.metrics.fanout_dropped_events.increment(1);
+                    return;
+                }
+                Work::Lost => {}
+            }
+        } else {
+            self.queued.fetch_add(1, Relaxed);
+            lane.queue.push_back(work);
+        }
+        if lane.draining {
+            return;
+        }
+        #[cfg(test)]
+        if self.held.load(Relaxed) {
+            return;
+        }
+        lane.draining = true;
+        drop(lane);
+        if let Some(hub) = self.me.upgrade() {
+            self.runtime.spawn(hub.drain(key));
+        }
+    }
+
+    /// Fans out one lane until it is empty, then removes it.
+    async fn drain(self: Arc<Self>, key: StreamKey) {
+        let mut idle = 0;
+        loop {
+            let next = {
+                let Some(mut lane) = self.lanes.get_mut(&key) else {
+                    return;
+                };
+                let next = lane.queue.pop_front();
+                if matches!(next, Some(Work::Lost)) {
+                    lane.lost = false;
+                }
+                next
+            };
+            let Some(work) = next else {
+                // Removed only while still empty: a frame queued since
+                // found `draining` set and is taken on the next turn; one
+                // queued after the removal makes a new lane and task.
+                if self
+                    .lanes
+                    .remove_if(&key, |_, lane| lane.queue.is_empty())
+                    .is_some()
+                {
+                    return;
+                }
+                continue;
+            };
+            let pushed = match work {
+                Work::Delivery {
+                    seq,
+                    frame,
+                    queued_at,
+                } => {
+                    self.queued.fetch_sub(1, Relaxed);
+                    self.metrics
+                        .fanout_wait
+                        .record(queued_at.elapsed().as_secs_f64());
+                    self.on_delivery(&key, seq, frame)
+                }
+                Work::Event(frame) => {
+                    self.queued.fetch_sub(1, Relaxed);
+                    self.on_stream_event(&key, &frame)
+                }
+                Work::Lost => {
+                    self.on_stream_loss(&key);
+                    0
+                }
+            };
+            // After each frame that reached sockets their writers get their
+            // turn before the next: a backlog goes into a mailbox no faster
+            // than its writer takes it out, so the mailbox limit still means
+            // a socket too slow for its traffic, not a burst from the lane.
+            idle += 1;
+            if pushed > 0 || idle >= YIELD_AFTER_IDLE_ITEMS {
+                idle = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// Frames waiting in the lanes (the `switchboard_edge_fanout_queue_frames` gauge).
+    pub(crate) fn fanout_queued(&self) -> usize {
+        self.queued.load(Relaxed)
+    }
+
+    /// Holds the fan-out back: frames queue up, no lane is drained.
+    #[cfg(test)]
+    pub(crate) fn hold(&self) {
+        self.held.store(true, Relaxed);
+    }
+
+    /// Starts draining what was held.
+    #[cfg(test)]
+    pub(crate) fn release(self: &Arc<Self>) {
+        self.held.store(false, Relaxed);
+        let keys: Vec<StreamKey> = self.lanes.iter().map(|l| l.key().clone()).collect();
+        for key in keys {
+            let start = self.lanes.get_mut(&key).is_some_and(|mut lane| {
+                let idle = !lane.draining && !lane.queue.is_empty();
+                lane.draining |= idle;
+                idle
+            });
+            if start {
+                self.runtime.spawn(self.clone().drain(key));
+            }
+        }
+    }
+
+    /// Waits until every lane has been fanned out.
+    #[cfg(test)]
+    pub(crate) async fn settled(&self) {
+        while !self.lanes.is_empty() {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
