@@ -3,7 +3,9 @@
 //! from the post to its last delivery.
 //!
 //! With workers, the subscribers are split among them and worker 0 alone
-//! publishes, once every worker's subscribers are in.
+//! publishes, once every worker's subscribers are in. The posts go over
+//! a WebSocket here, as a client publishes; `http-publish` runs the same
+//! scenario with a backend's posts through `POST /api/publish`.
 use std::{
     net::SocketAddr,
     sync::{
@@ -34,20 +36,20 @@ use crate::{
 };
 
 /// The only kind of traffic here.
-const CHANNEL: usize = 0;
+pub(crate) const CHANNEL: usize = 0;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     #[command(flatten)]
-    target: conn::Target,
+    pub(crate) target: conn::Target,
     #[command(flatten)]
     pids: Pids,
     /// Where the publisher connects (default: the first --addr).
     #[arg(long)]
-    publish_addr: Option<SocketAddr>,
+    pub(crate) publish_addr: Option<SocketAddr>,
     /// The chat (channel) to use.
     #[arg(long, default_value = "bench")]
-    chat: String,
+    pub(crate) chat: String,
     /// Prefix of subscriber user names (`PREFIX-N`, N unique over workers).
     #[arg(long, default_value = "fan")]
     user_prefix: String,
@@ -63,21 +65,26 @@ pub(crate) struct Args {
     subscribers: u32,
     /// Messages to post.
     #[arg(long, default_value_t = 100)]
-    messages: u32,
-    /// Posts per second.
+    pub(crate) messages: u32,
+    /// Posts per second (http-publish: 0 sends them back to back over its
+    /// connections).
     #[arg(long, default_value_t = 20)]
-    rate: u32,
+    pub(crate) rate: u32,
     /// Payload size, bytes (at least 16: it carries the send time).
     #[arg(long, default_value_t = 64)]
-    payload_bytes: usize,
+    pub(crate) payload_bytes: usize,
     /// What a post's payload holds after its 16-byte stamp: zeros, or a
     /// realistic JSON chat message (what compression is measured on).
     #[arg(long, value_enum, default_value_t = PayloadKind::Zeros)]
-    payload: PayloadKind,
+    pub(crate) payload: PayloadKind,
     /// Longest wait for the subscribers to be ready, and for deliveries
     /// after the last post.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// A delivery received later than this after its post is counted late
+    /// (and still received), ms.
+    #[arg(long, default_value_t = 10_000)]
+    window_ms: u64,
 }
 
 /// The content of a post's payload.
@@ -110,11 +117,30 @@ impl Args {
             "payload": self.payload.as_str(),
             "deflate": self.target.deflate,
             "no_publish": self.no_publish,
+            "window_ms": self.window_ms,
         })
     }
 }
 
+/// How the posts go out.
+pub(crate) enum Poster {
+    /// Over one WebSocket, as a client publishes.
+    Socket,
+    /// Through the backend API of the edge.
+    Http(crate::http_publish::Http),
+}
+
 pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
+    run_as("channel", a, Poster::Socket, w).await
+}
+
+/// The scenario, named `scenario` in its report, with posts sent by `poster`.
+pub(crate) async fn run_as(
+    scenario: &str,
+    a: Args,
+    poster: Poster,
+    w: &Worker,
+) -> anyhow::Result<Report> {
     let rec = Recorder::new(&["channel"], a.messages as usize);
     let mem_before = Probe::take_if(w.is_first(), &a.pids);
     w.barrier("start", 0).await?;
@@ -140,6 +166,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
             token: conn::token(&a.target.secret, &format!("{}-{i}", a.user_prefix)),
             chat: a.chat.clone(),
             messages: a.messages as u64,
+            late_after_us: a.window_ms * 1000,
             ready: ready.clone(),
             stop: stop.clone(),
         };
@@ -184,6 +211,9 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     if w.is_first() {
         if a.no_publish {
             posts = a.messages as u64;
+        } else if let Poster::Http(http) = &poster {
+            // Only acked posts are owed (a refused one was not stored).
+            posts = http.post_all(&a, &rec).await?;
         } else {
             let (ws, sent, refused) = publish(&a, &sources, &rec).await?;
             kept_publisher = Some(ws);
@@ -215,7 +245,11 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         (mem_before, mem_after),
         (cpu_before, cpu_after),
     );
-    Ok(rec.report("channel", a.params(), server))
+    let mut params = a.params();
+    if let (Poster::Http(http), Value::Object(m)) = (&poster, &mut params) {
+        m.extend(http.params());
+    }
+    Ok(rec.report(scenario, params, server))
 }
 
 /// Posts `messages` stamped posts at `rate`; returns the socket (to be
@@ -339,6 +373,8 @@ struct Subscriber {
     token: String,
     chat: String,
     messages: u64,
+    /// Latency beyond which a delivery is counted late, µs.
+    late_after_us: u64,
     ready: Arc<AtomicU64>,
     stop: watch::Receiver<bool>,
 }
@@ -408,6 +444,9 @@ impl Subscriber {
             if let Some((sent, post)) = conn::stamp(&d.payload) {
                 samples.latency(CHANNEL, sent, now);
                 self.rec.post_delivered(post, sent, now);
+                if now.saturating_sub(sent) > self.late_after_us {
+                    Counters::add(&counters.late, 1);
+                }
             }
         }
         // Held open until every subscriber is done: a million sockets
@@ -563,6 +602,7 @@ mod tests {
             payload_bytes: 16,
             payload: PayloadKind::Zeros,
             timeout_secs: 2,
+            window_ms: 10_000,
         }
     }
 

@@ -7,6 +7,8 @@
 //! - `channel` (alias `fanout`): N sockets subscribe to one channel; one
 //!   publisher posts M messages at rate R; report latency, deliveries/s and
 //!   each post's time to its last delivery.
+//! - `http-publish`: the same, the posts sent by a backend through the
+//!   edge's `POST /api/publish`; acked publishes/s apart from the fan-out.
 //! - `chat`: N users in chats of K members across several edges, R
 //!   messages/s; publish-to-receive latency, loss, order, router CPU.
 //! - `mixed`: one set of sockets carrying DMs, small groups, one big
@@ -37,6 +39,7 @@ mod conn;
 mod coord;
 mod fleet;
 mod floor;
+mod http_publish;
 mod idle;
 mod mixed;
 mod plot;
@@ -91,6 +94,10 @@ enum Scenario {
     Channel(channel::Args),
     /// N users in chats of K members, R messages/s: cross-edge latency.
     Chat(chat::Args),
+    /// One channel, N subscribers, M posts through the edge's HTTP API:
+    /// acked publishes per second while each fans out.
+    #[command(name = "http-publish")]
+    HttpPublish(http_publish::Args),
     /// DMs, groups, a channel, receipts, typing, presence on one set of sockets.
     Mixed(mixed::Args),
     /// N clients drop at once, miss M messages, reconnect and resume.
@@ -109,6 +116,7 @@ async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> 
     match scenario {
         Scenario::Idle(a) => idle::run(a, w).await,
         Scenario::Channel(a) => channel::run(a, w).await,
+        Scenario::HttpPublish(a) => http_publish::run(a, w).await,
         Scenario::Chat(a) => chat::run(a, w).await,
         Scenario::Mixed(a) => mixed::run(a, w).await,
         Scenario::Storm(a) => storm::run(a, w).await,
@@ -123,6 +131,7 @@ pub(crate) fn scenario_figures(r: &Report) -> Map<String, Value> {
     match r.scenario.as_str() {
         "idle" => idle::figures(r),
         "channel" => channel::figures(r),
+        "http-publish" => http_publish::figures(r),
         "chat" => chat::figures(r),
         "mixed" => mixed::figures(r),
         "storm" => storm::figures(r),
@@ -176,4 +185,15 @@ fn run() -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(&report.render())?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_scenario_parses() {
+        // What clap checks in debug builds when a subcommand is first used.
+        super::Cli::command().debug_assert();
+    }
 }

@@ -79,6 +79,7 @@ struct Extra {
     counters: BTreeMap<String, u64>,
     earliest_us: BTreeMap<String, u64>,
     latest_us: BTreeMap<String, u64>,
+    hists: BTreeMap<String, Hist>,
 }
 
 impl Recorder {
@@ -168,6 +169,14 @@ impl Recorder {
         *v = (*v).max(us);
     }
 
+    /// One sample of a scenario-specific distribution (not a delivery:
+    /// an ack's latency, say), µs. Takes a lock: for a few thousand a
+    /// second, not for every delivery.
+    pub(crate) fn sample(&self, name: &str, us: u64) {
+        let mut e = self.extra.lock().expect("extra lock");
+        e.hists.entry(name.into()).or_default().record(us);
+    }
+
     /// A sample buffer for one socket task.
     pub(crate) fn samples(self: &Arc<Self>) -> Batch {
         Batch {
@@ -252,6 +261,7 @@ impl Recorder {
             counters: extra.counters.clone(),
             earliest_us: extra.earliest_us.clone(),
             latest_us: extra.latest_us.clone(),
+            hists: extra.hists.clone(),
         }
     }
 }

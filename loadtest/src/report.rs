@@ -338,6 +338,9 @@ pub(crate) struct Report {
     pub(crate) earliest_us: BTreeMap<String, u64>,
     /// Scenario-specific unix µs, latest over workers.
     pub(crate) latest_us: BTreeMap<String, u64>,
+    /// Scenario-specific distributions (µs), merged over workers.
+    #[serde(default)]
+    pub(crate) hists: BTreeMap<String, Hist>,
 }
 
 /// Earliest of two timestamps where 0 means "none".
@@ -402,6 +405,9 @@ impl Report {
         for (k, v) in &o.latest_us {
             let mine = self.latest_us.entry(k.clone()).or_default();
             *mine = (*mine).max(*v);
+        }
+        for (k, h) in &o.hists {
+            self.hists.entry(k.clone()).or_default().merge(h);
         }
         Ok(())
     }

@@ -84,14 +84,15 @@ enum Outcome {
     Refused(u16),
 }
 
-/// One keep-alive connection to a router's API.
-struct Api {
+/// One keep-alive connection to a node's backend API (a router's, or an
+/// edge's for `http-publish`).
+pub(crate) struct Api {
     stream: TcpStream,
     buf: Vec<u8>,
 }
 
 impl Api {
-    async fn connect(addr: SocketAddr) -> anyhow::Result<Api> {
+    pub(crate) async fn connect(addr: SocketAddr) -> anyhow::Result<Api> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(Api {
@@ -102,6 +103,17 @@ impl Api {
 
     /// One request and its whole response on this connection.
     async fn publish(&mut self, head: &str, body: &str) -> anyhow::Result<Outcome> {
+        let (status, _) = self.post(head, body).await?;
+        Ok(if status == 200 {
+            Outcome::Acked
+        } else {
+            Outcome::Refused(status)
+        })
+    }
+
+    /// Sends `head` (request line and headers, each ending in CRLF) with
+    /// `body`; the response's status and body.
+    pub(crate) async fn post(&mut self, head: &str, body: &str) -> anyhow::Result<(u16, &[u8])> {
         let request = format!("{head}Content-Length: {}\r\n\r\n{body}", body.len());
         self.stream.write_all(request.as_bytes()).await?;
         self.buf.clear();
@@ -120,11 +132,7 @@ impl Api {
                 while self.buf.len() < at + len {
                     self.read_more().await?;
                 }
-                return Ok(if status == 200 {
-                    Outcome::Acked
-                } else {
-                    Outcome::Refused(status)
-                });
+                return Ok((status, &self.buf[at..at + len]));
             }
             self.read_more().await?;
         }
