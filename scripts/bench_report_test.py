@@ -51,6 +51,26 @@ def fanout_record(clean=True, scale="full", per_cpu=200_000.0):
     }
 
 
+def http_publish_record(acks=1500.0, lost=0, subscribers=10_000):
+    """An http-publish record: acks far ahead of a late fan-out."""
+    rec = fanout_record()
+    report = {
+        "scenario": "http-publish", "workers": 1,
+        "params": {"rate": 0, "http_connections": 8, "window_ms": 10_000, "addr": ["127.0.0.1:1"]},
+        "subscribers": subscribers, "messages": 2000, "posts_acked": 2000, "acked_publishes_per_second": acks,
+        "publish_window_seconds": 2000 / acks, "deliveries_expected": 2000 * subscribers,
+        "deliveries_received": 2000 * subscribers - lost, "lost": lost, "lost_after_ack": lost,
+        "late": 15_000_000, "window_ms": 10_000, "duplicated": 0, "out_of_order": 0, "unanswered": 0,
+        "refused": {}, "to_unconnected": 0,
+        "ack_latency_ms": {"samples": 2000, "p50": 3.0, "p95": 6.0, "p99": 9.0, "max": 20.0},
+        "latency_ms": {"samples": 2000 * subscribers, "p50": 20_000.0, "p99": 39_000.0, "max": 40_000.0},
+        "time_to_last_delivery_ms_worst_post": 40_000.0,
+    }
+    rec.update(benchmark="http-publish", command="scripts/bench http-publish", report=report, series=[],
+               cdf=br._cdf(report))
+    return rec
+
+
 class Repo:
     """A copy of the generated files (and no records) in a temp dir."""
 
@@ -190,6 +210,32 @@ class VerdictTest(unittest.TestCase):
         # 125,000 per CPU-second is 8 µs per delivery, twice the 4 µs floor.
         self.assertIn("| 8.00 µs | 50% |", row)
         self.assertTrue(next(x for x in lines if x.startswith("| 60 |")).count("not run yet"))
+
+
+class HttpPublishTest(unittest.TestCase):
+    def row(self, rec):
+        return br.judged({"http-publish": rec}, "http-publish", br.http_publish_row)
+
+    def test_acks_pass_while_nothing_acked_is_lost_and_late_ones_are_told(self):
+        measured, verdict = self.row(http_publish_record())
+        self.assertEqual(verdict, "**pass**")
+        self.assertIn("1,500 acked publishes/s", measured)
+        self.assertIn("back to back", measured)
+        self.assertIn("15,000,000 late (after 10,000 ms)", measured)
+        self.assertEqual(self.row(http_publish_record(acks=900.0))[1], "**miss**")
+        self.assertEqual(self.row(http_publish_record(lost=1))[1], "**miss**")
+        self.assertEqual(self.row(http_publish_record(subscribers=300))[1], "**miss** (ran 300 subscribers)")
+
+    def test_its_block_renders_from_the_record(self):
+        repo = Repo()
+        self.addCleanup(shutil.rmtree, repo.root)
+        repo.add(http_publish_record())
+        repo.render()
+        text = repo.read("docs/benchmarks.md")
+        block = text[text.index("<!-- bench:http-publish:begin -->"):text.index("<!-- bench:http-publish:end -->")]
+        self.assertIn("| acked publishes/s | 1,500 (2,000 acked in 1.3 s) |", block)
+        self.assertIn("| ack latency | p50 3 ms, p95 6 ms, p99 9 ms, max 20 ms |", block)
+        self.assertEqual(br.differences(repo.root), [])
 
 
 class RecordTest(unittest.TestCase):
