@@ -279,15 +279,7 @@ async fn unknown_subprotocol_is_refused_and_none_means_json() {
     let (ws, _) = tokio_tungstenite::connect_async(ws_url(&edge))
         .await
         .unwrap();
-    let mut raw = Raw {
-        ws,
-        next_id: 1,
-        skipped: Default::default(),
-    };
-    let r = raw
-        .request(json!({"connect": {"token": token("plain")}}))
-        .await;
-    assert!(r.get("connectResult").is_some(), "{r}");
+    Raw::new(ws).connect_as("plain").await;
     edge.shutdown().await;
 }
 

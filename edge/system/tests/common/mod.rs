@@ -96,11 +96,28 @@ impl Raw {
         let (ws, _) = tokio_tungstenite::connect_async(req)
             .await
             .expect("upgrade");
+        Raw::new(ws)
+    }
+
+    /// Wraps a socket that finished its upgrade.
+    pub fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Raw {
         Raw {
             ws,
             next_id: 1,
             skipped: Default::default(),
         }
+    }
+
+    /// Completes Connect as `user`.
+    pub async fn connect_as(mut self, user: &str) -> Raw {
+        let reply = self
+            .request(json!({"connect": {"token": token(user)}}))
+            .await;
+        assert!(
+            reply.get("connectResult").is_some(),
+            "connect failed: {reply}"
+        );
+        self
     }
 
     /// Opens a JSON socket and completes Connect as `user`.
@@ -110,15 +127,10 @@ impl Raw {
 
     /// Opens a JSON socket to `addr` and completes Connect as `user`.
     pub async fn connected_addr(addr: std::net::SocketAddr, user: &str) -> Raw {
-        let mut raw = Raw::open_addr(addr, "switchboard.v1.json").await;
-        let reply = raw
-            .request(json!({"connect": {"token": token(user)}}))
-            .await;
-        assert!(
-            reply.get("connectResult").is_some(),
-            "connect failed: {reply}"
-        );
-        raw
+        Raw::open_addr(addr, "switchboard.v1.json")
+            .await
+            .connect_as(user)
+            .await
     }
 
     /// Opens a JSON socket over a TCP connection whose receive buffer is
@@ -138,16 +150,7 @@ impl Raw {
         let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
             .await
             .unwrap();
-        let mut raw = Raw {
-            ws,
-            next_id: 1,
-            skipped: Default::default(),
-        };
-        let r = raw
-            .request(json!({"connect": {"token": token(user)}}))
-            .await;
-        assert!(r.get("connectResult").is_some(), "{r}");
-        (raw, port)
+        (Raw::new(ws).connect_as(user).await, port)
     }
 
     pub async fn send(&mut self, v: Value) {
