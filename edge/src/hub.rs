@@ -28,9 +28,10 @@ use switchboard_router::{Bus, BusError, BusHandler, History};
 use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
-    mailbox::ConnHandle,
+    mailbox::{ConnHandle, Offer},
     metrics::EdgeMetrics,
     order::{Arrival, Gap, StreamOrder},
+    wire::Live,
 };
 
 mod lanes;
@@ -245,19 +246,39 @@ impl Hub {
         }
     }
 
+    /// Offers a frame to every socket of a stream: written at once to the
+    /// idle ones by this task, queued for the others' writer tasks (ADR
+    /// 0028). Returns the sockets offered to (for the lane's yield).
     fn fan_out(&self, subs: &HashMap<u64, ConnHandle>, frame: &SharedFrame) -> usize {
-        // Counted once per fan-out: a shared counter touched per socket
-        // costs a contended atomic per delivery.
-        let mut delivered = 0;
-        for conn in subs.values() {
-            if conn.push(frame.clone()) {
-                delivered += 1;
-            } else {
-                self.metrics.slow_consumer_drops.increment(1);
+        let delivered = self.offer_all(subs, frame);
+        self.metrics.deliveries.increment(delivered);
+        subs.len()
+    }
+
+    /// Offers a frame to each of `conns`; returns how many took it.
+    /// Counted once per call: a shared counter touched per socket costs a
+    /// contended atomic per delivery.
+    fn offer_all(&self, conns: &HashMap<u64, ConnHandle>, frame: &SharedFrame) -> u64 {
+        let (mut taken, mut refused, mut frames, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+        for conn in conns.values() {
+            match conn.offer(frame, &self.metrics) {
+                Offer::Direct(d) => {
+                    taken += u64::from(matches!(d.live, Live::Buffered | Live::Held));
+                    frames += u64::from(d.frames);
+                    bytes += d.bytes as u64;
+                }
+                Offer::Queued => taken += 1,
+                Offer::Refused => refused += 1,
             }
         }
-        self.metrics.deliveries.increment(delivered as u64);
-        subs.len()
+        if refused > 0 {
+            self.metrics.slow_consumer_drops.increment(refused);
+        }
+        if frames > 0 {
+            self.metrics.frames_out.increment(frames);
+            self.metrics.bytes_out.increment(bytes);
+        }
+        taken
     }
 
     /// Fans out one delivery the stream's order released.
@@ -403,9 +424,7 @@ impl Hub {
         let key = match Subject::parse(subject) {
             Some(Subject::Presence(user)) => {
                 if let Some(w) = self.watchers.get(&user) {
-                    for conn in w.values() {
-                        conn.push(frame.clone());
-                    }
+                    self.offer_all(&w, &frame);
                 }
                 return;
             }

@@ -15,8 +15,11 @@
 //! - `conn`: one socket by phase: `upgrade` (the `/ws` checks),
 //!   `handshake` (Connect under a deadline), `reader` (fragments, control
 //!   frames, rate admission, the read-error map), `requests` (the
-//!   session's handlers), `writer` and `batch_writer`, `inbound` (frames
-//!   read one at a time, no read buffer while idle).
+//!   session's handlers), `writer` (the socket's task's writes),
+//!   `inbound` (frames read one at a time, no read buffer while idle).
+//! - `wire`: a socket's write side (the batch, the per-stream order filter,
+//!   deflate), kept in its `mailbox` so the fan-out writes to an idle
+//!   socket directly, without waking its task.
 //! - `drain`: batched close with jittered advice on shutdown.
 //! - `state`: `EdgeState`, and the narrow `SessionContext` sessions see.
 //! - `presence`: the node lease, heartbeats and restore, each socket's
@@ -54,6 +57,7 @@ mod ratelimit;
 mod server;
 mod state;
 mod tls;
+mod wire;
 
 pub use admission::raise_file_limit;
 pub use app::{Edge, run};

@@ -21,13 +21,13 @@ use crate::{
     admission::Permit,
     auth::{AuthError, Identity},
     conn::{
-        batch_writer::BatchWriter,
         inbound::Inbound,
         reader::{inflate_failure, read_failure},
         writer::reconnect_delay_ms,
     },
     metrics,
     state::SessionContext,
+    wire::BatchWriter,
 };
 
 /// Everything known about a socket before its Connect frame.

@@ -28,9 +28,9 @@ use crate::{
     mailbox::{ConnHandle, Outbound},
     metrics,
     state::EdgeState,
+    wire::BatchWriter,
 };
 
-mod batch_writer;
 mod handshake;
 pub(crate) mod inbound;
 mod reader;
@@ -39,7 +39,6 @@ mod upgrade;
 mod writer;
 
 use self::{
-    batch_writer::BatchWriter,
     handshake::{Accepted, handshake},
     inbound::Inbound,
     reader::ReaderExit,
@@ -254,10 +253,13 @@ async fn run(opened: Box<Opened>) {
 /// other is closed in order (its Disconnect may still be on its way to a
 /// slow reader) with TCP_USER_TIMEOUT at the stall limit, so the kernel
 /// gives up on its unsent bytes once none is taken for that long.
-fn release(rd: Reader, wr: Writing, reset: Option<Reset>, stall_limit: Duration) {
+fn release(rd: Reader, wr: Option<Writing>, reset: Option<Reset>, stall_limit: Duration) {
     if let Some(reset) = reset {
         metrics::socket_reset(reset.as_str());
     }
+    // The writer keeps its write side to the end; without it the socket
+    // is simply dropped.
+    let Some(wr) = wr else { return };
     let io = rd.into_inner().unsplit(wr.into_inner()).into_inner();
     // The upgrade hides the stream hyper was given; it is one of these.
     let set = match io.downcast::<TokioIo<TcpStream>>() {

@@ -1,9 +1,10 @@
-//! The writer half of a connection: drains the mailbox into the socket,
-//! sends heartbeats, enforces token expiry, merges recovered history with
-//! live deliveries so each stream reaches the socket in seq order, and
-//! gives up on a socket whose writes stop making progress.
+//! The writer task of a connection: takes the mailbox into the socket's
+//! write side (`Wire`), finishes what a direct write from the fan-out left
+//! (ADR 0028), sends heartbeats, enforces token expiry, writes a
+//! subscription's recovered history before its held live deliveries so
+//! each stream reaches the socket in seq order, and gives up on a socket
+//! whose writes stop making progress.
 use std::{
-    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -11,24 +12,21 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use fastwebsockets::OpCode;
 use switchboard_protocol::{
-    CloseReason, Encoding, SharedFrame, StreamKey, deflate, now_ms,
+    CloseReason, now_ms,
     v1::{ServerFrame, TokenExpiring, server_frame},
 };
 use tokio::{io::AsyncWrite, time::Instant};
 
 use crate::{
-    conn::batch_writer::{BatchWriter, FLUSH_AT_BYTES},
-    mailbox::{ConnHandle, Inbox, Next, Outbound, Recovered},
-    order,
+    mailbox::{ConnHandle, Inbox, Next, Outbound, Recovered, State},
     state::{SessionContext, SessionSettings},
+    wire::{BatchWriter, FLUSH_AT_BYTES, Live, Wire, epoch_hash},
 };
 
-/// Live deliveries held per stream while its recovery is read; beyond
-/// this the socket is closed as a slow consumer and resumes later.
-const MAX_HELD_PER_STREAM: usize = 4096;
+/// Messages taken from the mailbox in one turn before writing.
+const TAKE_PER_TURN: usize = 64;
 /// Time allowed for the last frames: what is left of the batch, the
 /// Disconnect and the close frame (or the echo of the peer's close).
 pub(super) const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -67,25 +65,6 @@ impl Reset {
     }
 }
 
-enum StreamState {
-    Recovering(Vec<SharedFrame>),
-    /// The last seq written, and a hash of its epoch: a new epoch restarts
-    /// the stream (after a state-tier failover or reset its seqs may be at
-    /// or below the old epoch's), so it is never a duplicate.
-    Live {
-        seq: u64,
-        epoch: u64,
-    },
-}
-
-/// A stable hash of an epoch (FNV-1a): a socket keeps 8 bytes per
-/// stream, not the string.
-fn epoch_hash(epoch: &str) -> u64 {
-    epoch.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// Why the writer stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WriterExit {
@@ -108,11 +87,15 @@ enum Stop {
     Close(CloseReason),
 }
 
+/// A message that takes the writer more than one step.
+enum Slow {
+    Recovered(Box<Recovered>),
+    Stop,
+}
+
 pub(crate) struct Writer<W> {
-    out: BatchWriter<W>,
-    conn: ConnHandle,
-    rx: Inbox,
-    streams: HashMap<StreamKey, StreamState>,
+    conn: ConnHandle<W>,
+    rx: Inbox<W>,
     /// Unix ms of the last frame from the client (written by the reader).
     last_seen_ms: Arc<AtomicI64>,
     token_expires_at_ms: i64,
@@ -120,48 +103,48 @@ pub(crate) struct Writer<W> {
     ctx: Arc<SessionContext>,
     warned: bool,
     deadline_dirty: bool,
-    /// permessage-deflate: frames from this many bytes go compressed; 0
-    /// when the socket did not negotiate it. (4 bytes, in the padding
-    /// after the flags: every idle socket holds a writer.)
-    deflate_min_bytes: u32,
-    /// Bytes went out since the last heartbeat tick.
-    progressed: bool,
     /// A batch was waiting at the last heartbeat tick.
     waited_at_tick: bool,
 }
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
+    /// A writer for `conn`, whose mailbox takes `out` as the socket's
+    /// write side.
     pub(crate) fn new(
         out: BatchWriter<W>,
-        conn: ConnHandle,
-        rx: Inbox,
+        conn: ConnHandle<W>,
+        rx: Inbox<W>,
         last_seen_ms: Arc<AtomicI64>,
         token_expires_at_ms: i64,
         deflate_min_bytes: Option<usize>,
         ctx: Arc<SessionContext>,
     ) -> Self {
+        conn.attach(Wire::new(out, conn.encoding(), deflate_min_bytes));
         Writer {
-            out,
             conn,
             rx,
-            streams: HashMap::new(),
             last_seen_ms,
             token_expires_at_ms,
             ctx,
             warned: false,
             deadline_dirty: false,
-            // Compress frames from this many bytes on; `None`: this socket
-            // did not negotiate permessage-deflate.
-            deflate_min_bytes: deflate_min_bytes
-                .map_or(0, |n| n.clamp(1, u32::MAX as usize) as u32),
-            progressed: false,
             waited_at_tick: false,
         }
     }
 
-    /// The socket's write side, once the writer is done with it.
-    pub(crate) fn into_out(self) -> BatchWriter<W> {
-        self.out
+    /// The socket's write side, once the writer is done with it (taken
+    /// from the mailbox: no frame is written to it from here on).
+    pub(crate) fn into_out(self) -> Option<BatchWriter<W>> {
+        self.rx.lock().wire.take().map(|w| w.out)
+    }
+
+    /// Runs `f` on the mailbox and the write side, under their lock.
+    fn with<R>(&self, f: impl FnOnce(&mut State<W>, &mut Wire<W>) -> R) -> Option<R> {
+        let mut st = self.rx.lock();
+        let mut wire = st.wire.take()?;
+        let r = f(&mut st, &mut wire);
+        st.wire = Some(wire);
+        Some(r)
     }
 
     /// Runs until the socket closes. Takes `&mut self` so that the writer
@@ -184,37 +167,35 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 self.deadline_dirty = false;
                 token_timer.as_mut().reset(self.token_deadline());
             }
-            let waiting = self.out.pending();
-            if waiting {
-                self.count_frames();
-            }
             tokio::select! {
                 biased;
-                sent = self.out.write_some(), if waiting => match sent {
-                    Ok(n) => self.sent(n),
-                    Err(_) => return WriterExit::Gone,
-                },
-                next = self.rx.recv(!waiting) => {
-                    let msg = match next {
-                        Next::Close(reason) => return Box::pin(self.finish(reason)).await,
-                        Next::Message(msg) => msg,
-                    };
-                    if let Err(exit) = self.handle(msg).await {
-                        return exit;
-                    }
-                    // Drain what is already queued before writing.
-                    for _ in 0..64 {
-                        if self.out.buffered() >= FLUSH_AT_BYTES {
-                            break;
-                        }
-                        let Some(msg) = self.rx.try_recv() else { break };
-                        if let Err(exit) = self.handle(msg).await {
+                next = self.rx.next(true, true) => match next {
+                    Next::Close(reason) => return Box::pin(self.finish(reason)).await,
+                    Next::Wrote(Ok(n)) => self.sent(n),
+                    Next::Wrote(Err(_)) => return WriterExit::Gone,
+                    Next::Messages => {
+                        let slow = match self.take_messages() {
+                            Ok(slow) => slow,
+                            Err(exit) => return exit,
+                        };
+                        let done = match slow {
+                            None => Ok(()),
+                            // Boxed: rare, and their await state would
+                            // otherwise be part of every socket's task.
+                            Some(Slow::Recovered(r)) => Box::pin(self.recovered(*r)).await,
+                            Some(Slow::Stop) => Err(Box::pin(self.stop()).await),
+                        };
+                        if let Err(exit) = done {
                             return exit;
                         }
                     }
-                }
+                },
                 _ = heartbeat.tick() => {
-                    if self.stalled_at_tick() {
+                    let Some((stalled, waiting)) = self.with(|_, wire| self.at_tick(wire)) else {
+                        return WriterExit::Gone;
+                    };
+                    self.waited_at_tick = waiting;
+                    if stalled {
                         return WriterExit::Stalled(Some(CloseReason::SlowConsumer), Reset::WriteStalled);
                     }
                     let silent_ms = now_ms() - self.last_seen_ms.load(Ordering::Relaxed);
@@ -225,7 +206,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                     // Behind a waiting batch a ping cannot go out, and TLS
                     // would take it into its own buffer: false progress.
                     if !waiting {
-                        self.out.push(OpCode::Ping, &[]);
+                        self.with(|_, wire| wire.out.push(OpCode::Ping, &[]));
                     }
                 }
                 _ = &mut token_timer, if self.token_expires_at_ms > 0 => {
@@ -241,36 +222,89 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                             })),
                         };
                         let bytes = self.conn.encoding().encode_server(&frame);
-                        self.write(&bytes);
+                        let metrics = &self.ctx.metrics;
+                        self.with(|_, wire| wire.write(&bytes, metrics));
                     }
                 }
             }
+            self.count_frames();
         }
+    }
+
+    /// Takes what the mailbox holds into the batch, under one lock, so no
+    /// direct write from the fan-out lands between a message taken and its
+    /// bytes buffered. Stops at a message of several steps (returned, the
+    /// write side marked busy meanwhile) or a full batch.
+    fn take_messages(&mut self) -> Result<Option<Slow>, WriterExit> {
+        let conn = &self.conn;
+        let metrics = &self.ctx.metrics;
+        let mut overflow = false;
+        let mut token = None;
+        let slow = self.with(|st, wire| {
+            for _ in 0..TAKE_PER_TURN {
+                if wire.out.buffered() >= FLUSH_AT_BYTES {
+                    break;
+                }
+                let Some(msg) = st.pop() else { break };
+                conn.dequeued(&msg);
+                match msg {
+                    Outbound::Reply(bytes) => wire.write(&bytes, metrics),
+                    Outbound::Shared(frame) => {
+                        overflow |= wire.live(frame, metrics) == Live::Overflow
+                    }
+                    Outbound::BeginRecovery(key) => wire.begin_recovery(key),
+                    Outbound::Forget(key) => wire.forget(&key),
+                    Outbound::Control(control) => {
+                        let (opcode, payload) = *control;
+                        wire.out.push(opcode, &payload);
+                    }
+                    Outbound::TokenExpiry(ms) => token = Some(ms),
+                    Outbound::Recovered(r) => {
+                        wire.busy = true;
+                        return Some(Slow::Recovered(r));
+                    }
+                    Outbound::Stop => {
+                        wire.busy = true;
+                        return Some(Slow::Stop);
+                    }
+                }
+            }
+            None
+        });
+        if overflow {
+            self.conn.close(CloseReason::SlowConsumer);
+        }
+        if let Some(ms) = token {
+            self.token_expires_at_ms = ms;
+            self.warned = false;
+            self.deadline_dirty = true;
+        }
+        slow.ok_or(WriterExit::Gone)
     }
 
     /// At a heartbeat tick: whether a batch has waited since the previous
     /// tick without a byte going out, i.e. no progress for at least one
     /// interval (found at most two intervals after the last progress). A
     /// slow reader's socket takes bytes now and then, which restarts this.
-    fn stalled_at_tick(&mut self) -> bool {
-        let waiting = self.out.pending();
-        let stalled = waiting && self.waited_at_tick && !self.progressed;
-        (self.waited_at_tick, self.progressed) = (waiting, false);
-        stalled
+    /// Also whether a batch is waiting now.
+    fn at_tick(&self, wire: &mut Wire<W>) -> (bool, bool) {
+        let waiting = wire.out.pending();
+        let stalled = waiting && self.waited_at_tick && !wire.progressed;
+        wire.progressed = false;
+        (stalled, waiting)
     }
 
     /// Counts bytes the socket took (per write, not per frame: the
     /// counters are atomics shared by every writer).
     fn sent(&mut self, bytes: usize) {
-        self.progressed = true;
         if bytes > 0 {
             self.ctx.metrics.bytes_out.increment(bytes as u64);
         }
     }
 
-    /// Counts the frames of a batch about to be written, once per batch.
+    /// Counts the frames buffered since the last count, once per turn.
     fn count_frames(&mut self) {
-        let frames = self.out.take_frames();
+        let frames = self.with(|_, wire| wire.out.take_frames()).unwrap_or(0);
         if frames > 0 {
             self.ctx.metrics.frames_out.increment(u64::from(frames));
         }
@@ -289,48 +323,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         Instant::now() + Duration::from_millis(wait_ms)
     }
 
-    async fn handle(&mut self, msg: Outbound) -> Result<(), WriterExit> {
-        let enc = self.conn.encoding();
-        match msg {
-            Outbound::Reply(bytes) => {
-                self.conn.dequeued(bytes.len());
-                self.write(&bytes);
-                Ok(())
-            }
-            Outbound::Shared(frame) => {
-                let len = frame.encoded(enc).len();
-                self.conn.dequeued(len);
-                self.live(frame);
-                Ok(())
-            }
-            Outbound::BeginRecovery(key) => {
-                self.streams
-                    .insert(key, StreamState::Recovering(Vec::new()));
-                Ok(())
-            }
-            // Boxed, like `finish`: rare, and its await state would
-            // otherwise be part of every socket's task.
-            Outbound::Recovered(r) => Box::pin(self.recovered(*r)).await,
-            Outbound::Forget(key) => {
-                self.streams.remove(&key);
-                Ok(())
-            }
-            Outbound::Control(control) => {
-                let (opcode, payload) = *control;
-                self.out.push(opcode, &payload);
-                Ok(())
-            }
-            // Boxed, like `finish`.
-            Outbound::Stop => Err(Box::pin(self.stop()).await),
-            Outbound::TokenExpiry(ms) => {
-                self.token_expires_at_ms = ms;
-                self.warned = false;
-                self.deadline_dirty = true;
-                Ok(())
-            }
-        }
-    }
-
     /// The peer closed: its close echo may still be in the batch.
     async fn stop(&mut self) -> WriterExit {
         match self.flush_within(CLOSE_WRITE_TIMEOUT, false).await {
@@ -339,38 +331,47 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         }
     }
 
-    /// The subscription's reply, the missed frames, then the held live ones.
+    /// The subscription's reply, the missed frames, then the held live
+    /// ones. The write side is busy meanwhile: the fan-out queues.
     async fn recovered(&mut self, r: Recovered) -> Result<(), WriterExit> {
         let Recovered {
             stream,
             reply,
             frames,
         } = r;
-        self.conn.dequeued(reply.len());
-        self.write(&reply);
+        let metrics = self.ctx.metrics.clone();
+        self.with(|_, wire| wire.write(&reply, &metrics));
         let (mut last, mut epoch) = (0, epoch_hash(""));
         for f in &frames {
             let seq = f.delivery_position().map(|(_, s)| s).unwrap_or(0);
-            self.write_shared(f);
             last = last.max(seq);
             epoch = epoch_hash(f.delivery_epoch().unwrap_or(""));
-            if self.out.buffered() >= FLUSH_AT_BYTES {
+            let full = self.with(|_, wire| {
+                wire.write_shared(f, &metrics);
+                wire.out.buffered() >= FLUSH_AT_BYTES
+            });
+            if full.ok_or(WriterExit::Gone)? {
                 self.flush_recovery().await?;
             }
         }
-        let held = match self
-            .streams
-            .insert(stream, StreamState::Live { seq: last, epoch })
-        {
-            Some(StreamState::Recovering(held)) => held,
-            _ => Vec::new(),
-        };
+        let held = self
+            .with(|_, wire| wire.recovered(stream, last, epoch))
+            .ok_or(WriterExit::Gone)?;
         for f in held {
-            self.live(f);
-            if self.out.buffered() >= FLUSH_AT_BYTES {
+            let (live, full) = self
+                .with(|_, wire| {
+                    let live = wire.live(f, &metrics);
+                    (live, wire.out.buffered() >= FLUSH_AT_BYTES)
+                })
+                .ok_or(WriterExit::Gone)?;
+            if live == Live::Overflow {
+                self.conn.close(CloseReason::SlowConsumer);
+            }
+            if full {
                 self.flush_recovery().await?;
             }
         }
+        self.with(|_, wire| wire.busy = false);
         Ok(())
     }
 
@@ -393,97 +394,20 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// every socket's task), giving up once no byte went out for `limit`:
     /// each write that makes progress restarts the clock.
     async fn flush_within(&mut self, limit: Duration, on_close: bool) -> Result<(), Stop> {
-        while self.out.pending() {
+        loop {
             self.count_frames();
-            let sent = tokio::select! {
-                biased;
-                next = self.rx.recv(false), if on_close => match next {
-                    Next::Close(reason) => return Err(Stop::Close(reason)),
-                    Next::Message(_) => unreachable!("recv(false) takes no message"),
-                },
-                sent = tokio::time::timeout(limit, self.out.write_some()) => sent,
-            };
-            match sent {
-                Ok(Ok(n)) => self.sent(n),
-                Ok(Err(_)) => return Err(Stop::Gone),
+            let pending = self.with(|_, wire| wire.out.pending()).ok_or(Stop::Gone)?;
+            if !pending {
+                return Ok(());
+            }
+            match tokio::time::timeout(limit, self.rx.next(on_close, false)).await {
+                Ok(Next::Close(reason)) => return Err(Stop::Close(reason)),
+                Ok(Next::Wrote(Ok(n))) => self.sent(n),
+                Ok(Next::Wrote(Err(_))) => return Err(Stop::Gone),
+                Ok(Next::Messages) => unreachable!("next(_, false) takes no message"),
                 Err(_) => return Err(Stop::Stalled),
             }
         }
-        Ok(())
-    }
-
-    /// A live frame: deliveries pass the per-stream order filter.
-    fn live(&mut self, frame: SharedFrame) {
-        if let Some((key, seq)) = frame.delivery_position() {
-            match self.streams.get_mut(&key) {
-                Some(StreamState::Recovering(held)) => {
-                    if held.len() >= MAX_HELD_PER_STREAM {
-                        self.conn.close(CloseReason::SlowConsumer);
-                    } else {
-                        held.push(frame);
-                    }
-                    return;
-                }
-                Some(StreamState::Live { seq: last, epoch }) => {
-                    let this = epoch_hash(frame.delivery_epoch().unwrap_or(""));
-                    // The hub's rule: this merge and the reorder agree,
-                    // within an epoch.
-                    if this == *epoch && order::classify(*last, seq) == order::Seq::Duplicate {
-                        self.ctx.metrics.duplicates_dropped.increment(1);
-                        return;
-                    }
-                    (*last, *epoch) = (seq, this);
-                }
-                // Not (or no longer) subscribed on this socket.
-                None => return,
-            }
-        }
-        self.write_shared(&frame);
-    }
-
-    fn data_opcode(&self) -> OpCode {
-        if self.conn.encoding() == Encoding::Json {
-            OpCode::Text
-        } else {
-            OpCode::Binary
-        }
-    }
-
-    /// Buffers one data frame of this socket's own (a reply); the loop
-    /// flushes it with the rest of the batch. On a compressing socket a
-    /// long one is compressed here (per-thread state, nothing kept).
-    fn write(&mut self, bytes: &Bytes) {
-        let opcode = self.data_opcode();
-        let min = self.deflate_min_bytes as usize;
-        if min > 0 && bytes.len() >= min {
-            let packed = deflate::compress(bytes);
-            let smaller = packed.len() < bytes.len();
-            let sent = if smaller { packed.len() } else { bytes.len() };
-            let m = &self.ctx.metrics.deflate;
-            m.compressed(&m.replies, bytes.len(), sent);
-            if smaller {
-                self.out.push_frame(opcode, true, &packed);
-                return;
-            }
-        }
-        self.out.push(opcode, bytes);
-    }
-
-    /// Buffers a frame shared with other sockets: on a compressing socket
-    /// its compressed form, made once by the first socket that needs it.
-    fn write_shared(&mut self, frame: &SharedFrame) {
-        let opcode = self.data_opcode();
-        let enc = self.conn.encoding();
-        if self.deflate_min_bytes == 0 {
-            self.out.push(opcode, frame.encoded(enc));
-            return;
-        }
-        let d = frame.deflated(enc, self.deflate_min_bytes as usize);
-        if d.compressed_now {
-            let m = &self.ctx.metrics.deflate;
-            m.compressed(&m.shared, frame.encoded(enc).len(), d.bytes.len());
-        }
-        self.out.push_frame(opcode, d.compressed, d.bytes);
     }
 
     /// Sends Disconnect + close with the reason's code and advice, after
@@ -495,16 +419,26 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             .conn
             .encoding()
             .encode_server(&reason.disconnect_frame(delay));
+        let conn = &self.conn;
+        let metrics = &self.ctx.metrics;
         // Replies already queued (say, the error that caused this close)
         // go first; queued deliveries are dropped, the client resumes.
-        while let Some(msg) = self.rx.try_recv() {
-            if let Outbound::Reply(b) = msg {
-                self.write(&b);
+        // Nothing is written after the close frame: the write side stays busy.
+        let closed = self.with(|st, wire| {
+            wire.busy = true;
+            while let Some(msg) = st.pop() {
+                conn.dequeued(&msg);
+                if let Outbound::Reply(b) = msg {
+                    wire.write(&b, metrics);
+                }
             }
+            wire.write(&bytes, metrics);
+            wire.out
+                .push_close(reason.code(), reason.as_str().as_bytes());
+        });
+        if closed.is_none() {
+            return WriterExit::Gone;
         }
-        self.write(&bytes);
-        self.out
-            .push_close(reason.code(), reason.as_str().as_bytes());
         let written = tokio::time::timeout(
             CLOSE_WRITE_TIMEOUT,
             self.flush_within(CLOSE_WRITE_TIMEOUT, false),

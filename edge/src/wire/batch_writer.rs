@@ -102,7 +102,7 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         poll_fn(|cx| self.poll_write_some(cx)).await
     }
 
-    fn poll_write_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_write_some(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let mut n = 0;
         if self.sent < self.buf.len() {
             n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.sent..]))?;

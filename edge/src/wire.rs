@@ -1,0 +1,234 @@
+//! A socket's write side and what decides what goes on it: the batch of
+//! outgoing frames, the per-stream order filter (live deliveries after a
+//! recovery, duplicates) and permessage-deflate.
+//!
+//! It lives in the connection's mailbox, under the mailbox's lock, so
+//! that either end may write: the socket's writer task, and the fan-out
+//! task, which writes a delivery straight to a socket whose mailbox is
+//! empty and whose last batch went out (ADR 0028). A delivery then costs
+//! one `write()` on the fan-out's thread, without waking the socket's
+//! task; the mailbox and the writer task stay the path for everything
+//! else (replies, recoveries, a socket the kernel is not taking bytes
+//! from).
+use std::{
+    collections::HashMap,
+    task::{Context, Poll, Waker},
+};
+
+use bytes::Bytes;
+use fastwebsockets::OpCode;
+use switchboard_protocol::{Encoding, SharedFrame, StreamKey, deflate};
+use tokio::io::AsyncWrite;
+
+use crate::{metrics::EdgeMetrics, order};
+
+pub(crate) mod batch_writer;
+
+pub(crate) use batch_writer::{BatchWriter, FLUSH_AT_BYTES};
+
+/// Live deliveries held per stream while its recovery is read; beyond
+/// this the socket is closed as a slow consumer and resumes later.
+const MAX_HELD_PER_STREAM: usize = 4096;
+
+enum StreamState {
+    Recovering(Vec<SharedFrame>),
+    /// The last seq written, and a hash of its epoch: a new epoch restarts
+    /// the stream (after a state-tier failover or reset its seqs may be at
+    /// or below the old epoch's), so it is never a duplicate.
+    Live {
+        seq: u64,
+        epoch: u64,
+    },
+}
+
+/// A stable hash of an epoch (FNV-1a): a socket keeps 8 bytes per
+/// stream, not the string.
+pub(crate) fn epoch_hash(epoch: &str) -> u64 {
+    epoch.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// What became of a live frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Live {
+    /// Buffered for the socket.
+    Buffered,
+    /// Held until its stream's recovery is written.
+    Held,
+    /// Not for this socket: a duplicate, or a stream it left.
+    Skipped,
+    /// Its stream's recovery holds too many: close as a slow consumer.
+    Overflow,
+}
+
+/// What a write straight from the fan-out did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Direct {
+    pub(crate) live: Live,
+    /// Bytes the socket took.
+    pub(crate) bytes: usize,
+    /// Frames handed to the socket (counted by the caller, once per fan-out).
+    pub(crate) frames: u32,
+    /// Some of it is left in the batch: the writer task must finish it.
+    pub(crate) rest: bool,
+}
+
+pub(crate) struct Wire<W> {
+    pub(crate) out: BatchWriter<W>,
+    streams: HashMap<StreamKey, StreamState>,
+    encoding: Encoding,
+    /// permessage-deflate: frames from this many bytes go compressed; 0
+    /// when the socket did not negotiate it.
+    deflate_min_bytes: u32,
+    /// Bytes went out since the writer's last heartbeat tick.
+    pub(crate) progressed: bool,
+    /// The writer is in a step of several writes (a recovery, the close):
+    /// nothing may be written around it.
+    pub(crate) busy: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Wire<W> {
+    pub(crate) fn new(out: BatchWriter<W>, encoding: Encoding, deflate_min: Option<usize>) -> Self {
+        Wire {
+            out,
+            streams: HashMap::new(),
+            encoding,
+            deflate_min_bytes: deflate_min.map_or(0, |n| n.clamp(1, u32::MAX as usize) as u32),
+            progressed: false,
+            busy: false,
+        }
+    }
+
+    /// Whether a frame may be written now, from outside the writer task:
+    /// nothing of an earlier batch or step is still owed.
+    pub(crate) fn idle(&self) -> bool {
+        !self.busy && !self.out.pending()
+    }
+
+    /// Buffers a live frame and hands it to the socket at once, without
+    /// waiting: a socket that does not take all of it keeps the rest in its
+    /// batch (the caller wakes the writer task to finish it).
+    pub(crate) fn write_now(&mut self, frame: SharedFrame, metrics: &EdgeMetrics) -> Direct {
+        let live = self.live(frame, metrics);
+        let mut direct = Direct {
+            live,
+            bytes: 0,
+            frames: 0,
+            rest: false,
+        };
+        if live != Live::Buffered {
+            return direct;
+        }
+        direct.frames = self.out.take_frames();
+        // No task waits on this write: a socket that is not writable keeps
+        // the rest for the writer task, whose own poll registers its waker.
+        let mut cx = Context::from_waker(Waker::noop());
+        while self.out.pending() {
+            match self.out.poll_write_some(&mut cx) {
+                Poll::Ready(Ok(n)) => {
+                    direct.bytes += n;
+                    self.progressed = true;
+                }
+                // The writer task meets the same error on its next write.
+                Poll::Ready(Err(_)) | Poll::Pending => break,
+            }
+        }
+        direct.rest = self.out.pending();
+        direct
+    }
+
+    /// A live frame: deliveries pass the per-stream order filter.
+    pub(crate) fn live(&mut self, frame: SharedFrame, metrics: &EdgeMetrics) -> Live {
+        if let Some((key, seq)) = frame.delivery_position() {
+            match self.streams.get_mut(&key) {
+                Some(StreamState::Recovering(held)) => {
+                    if held.len() >= MAX_HELD_PER_STREAM {
+                        return Live::Overflow;
+                    }
+                    held.push(frame);
+                    return Live::Held;
+                }
+                Some(StreamState::Live { seq: last, epoch }) => {
+                    let this = epoch_hash(frame.delivery_epoch().unwrap_or(""));
+                    // The hub's rule: this merge and the reorder agree,
+                    // within an epoch.
+                    if this == *epoch && order::classify(*last, seq) == order::Seq::Duplicate {
+                        metrics.duplicates_dropped.increment(1);
+                        return Live::Skipped;
+                    }
+                    (*last, *epoch) = (seq, this);
+                }
+                // Not (or no longer) subscribed on this socket.
+                None => return Live::Skipped,
+            }
+        }
+        self.write_shared(&frame, metrics);
+        Live::Buffered
+    }
+
+    /// Holds this stream's live deliveries until `recovered`.
+    pub(crate) fn begin_recovery(&mut self, key: StreamKey) {
+        self.streams
+            .insert(key, StreamState::Recovering(Vec::new()));
+    }
+
+    /// The stream's recovery is written up to `seq` of `epoch`: live from
+    /// here; returns what was held meanwhile.
+    pub(crate) fn recovered(&mut self, key: StreamKey, seq: u64, epoch: u64) -> Vec<SharedFrame> {
+        match self.streams.insert(key, StreamState::Live { seq, epoch }) {
+            Some(StreamState::Recovering(held)) => held,
+            _ => Vec::new(),
+        }
+    }
+
+    /// Unsubscribed: forget the stream.
+    pub(crate) fn forget(&mut self, key: &StreamKey) {
+        self.streams.remove(key);
+    }
+
+    fn data_opcode(&self) -> OpCode {
+        if self.encoding == Encoding::Json {
+            OpCode::Text
+        } else {
+            OpCode::Binary
+        }
+    }
+
+    /// Buffers one data frame of this socket's own (a reply). On a
+    /// compressing socket a long one is compressed here (per-thread state,
+    /// nothing kept).
+    pub(crate) fn write(&mut self, bytes: &Bytes, metrics: &EdgeMetrics) {
+        let opcode = self.data_opcode();
+        let min = self.deflate_min_bytes as usize;
+        if min > 0 && bytes.len() >= min {
+            let packed = deflate::compress(bytes);
+            let smaller = packed.len() < bytes.len();
+            let sent = if smaller { packed.len() } else { bytes.len() };
+            let m = &metrics.deflate;
+            m.compressed(&m.replies, bytes.len(), sent);
+            if smaller {
+                self.out.push_frame(opcode, true, &packed);
+                return;
+            }
+        }
+        self.out.push(opcode, bytes);
+    }
+
+    /// Buffers a frame shared with other sockets: on a compressing socket
+    /// its compressed form, made once by the first socket that needs it.
+    pub(crate) fn write_shared(&mut self, frame: &SharedFrame, metrics: &EdgeMetrics) {
+        let opcode = self.data_opcode();
+        let enc = self.encoding;
+        if self.deflate_min_bytes == 0 {
+            self.out.push(opcode, frame.encoded(enc));
+            return;
+        }
+        let d = frame.deflated(enc, self.deflate_min_bytes as usize);
+        if d.compressed_now {
+            let m = &metrics.deflate;
+            m.compressed(&m.shared, frame.encoded(enc).len(), d.bytes.len());
+        }
+        self.out.push_frame(opcode, d.compressed, d.bytes);
+    }
+}
