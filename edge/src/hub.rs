@@ -260,17 +260,24 @@ impl Hub {
     /// contended atomic per delivery.
     fn offer_all(&self, conns: &HashMap<u64, ConnHandle>, frame: &SharedFrame) -> u64 {
         let (mut taken, mut refused, mut frames, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+        let (mut direct, mut queued) = (0u64, 0u64);
         for conn in conns.values() {
             match conn.offer(frame, &self.metrics) {
                 Offer::Direct(d) => {
                     taken += u64::from(matches!(d.live, Live::Buffered | Live::Held));
+                    direct += 1;
                     frames += u64::from(d.frames);
                     bytes += d.bytes as u64;
                 }
-                Offer::Queued => taken += 1,
+                Offer::Queued => {
+                    taken += 1;
+                    queued += 1;
+                }
                 Offer::Refused => refused += 1,
             }
         }
+        self.metrics.offers_direct.increment(direct);
+        self.metrics.offers_queued.increment(queued);
         if refused > 0 {
             self.metrics.slow_consumer_drops.increment(refused);
         }
@@ -357,7 +364,10 @@ impl Hub {
 
     fn spawn_repair(&self, key: StreamKey, at: Instant) {
         if let Some(hub) = self.me.upgrade() {
-            self.runtime.spawn(async move { hub.repair(key, at).await });
+            // Unconstrained, like a lane's drain: its fan-outs write sockets.
+            self.runtime.spawn(tokio::task::unconstrained(async move {
+                hub.repair(key, at).await
+            }));
         }
     }
 
@@ -477,7 +487,7 @@ impl BusHandler for Hub {
             streams = keys.len(),
             "bus may have dropped frames; checking streams against history"
         );
-        self.runtime.spawn(async move {
+        self.runtime.spawn(tokio::task::unconstrained(async move {
             for key in keys {
                 let at = hub
                     .streams
@@ -487,7 +497,7 @@ impl BusHandler for Hub {
                     hub.clone().repair(key, at).await;
                 }
             }
-        });
+        }));
     }
 }
 

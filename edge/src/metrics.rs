@@ -21,6 +21,9 @@ pub(crate) struct EdgeMetrics {
     pub(crate) bytes_out: Counter,
     pub(crate) deliveries: Counter,
     pub(crate) slow_consumer_drops: Counter,
+    /// Frames the fan-out wrote to a socket itself / queued for its writer.
+    pub(crate) offers_direct: Counter,
+    pub(crate) offers_queued: Counter,
     pub(crate) delivery_latency: Histogram,
     pub(crate) subscriptions: Gauge,
     pub(crate) duplicates_dropped: Counter,
@@ -115,6 +118,8 @@ impl EdgeMetrics {
             bytes_out: counter!("switchboard_edge_sent_bytes_total"),
             deliveries: counter!("switchboard_edge_deliveries_total"),
             slow_consumer_drops: counter!("switchboard_edge_queue_drops_total", "reason" => "slow_consumer"),
+            offers_direct: counter!("switchboard_edge_fanout_offers_total", "path" => "direct"),
+            offers_queued: counter!("switchboard_edge_fanout_offers_total", "path" => "queued"),
             delivery_latency: histogram!("switchboard_edge_delivery_latency_seconds"),
             subscriptions: gauge!("switchboard_edge_subscriptions"),
             duplicates_dropped: counter!("switchboard_edge_duplicate_deliveries_total"),

@@ -108,7 +108,12 @@ impl Hub {
         lane.draining = true;
         drop(lane);
         if let Some(hub) = self.me.upgrade() {
-            self.runtime.spawn(hub.drain(key));
+            // Outside tokio's cooperative budget: each socket write counts
+            // against it, and a fan-out past the budget (128 writes) would
+            // find every further socket "not ready" and hand it to its
+            // writer task. The drain yields after each frame instead.
+            self.runtime
+                .spawn(tokio::task::unconstrained(hub.drain(key)));
         }
     }
 
@@ -195,7 +200,8 @@ impl Hub {
                 idle
             });
             if start {
-                self.runtime.spawn(self.clone().drain(key));
+                self.runtime
+                    .spawn(tokio::task::unconstrained(self.clone().drain(key)));
             }
         }
     }
