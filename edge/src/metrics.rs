@@ -4,6 +4,7 @@
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_protocol::CloseReason;
+use switchboard_router::Hop;
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub(crate) fn prometheus() -> PrometheusHandle {
@@ -34,8 +35,33 @@ pub(crate) struct EdgeMetrics {
     pub(crate) pending_dropped: Counter,
     pub(crate) fanout_dropped_deliveries: Counter,
     pub(crate) fanout_dropped_events: Counter,
-    pub(crate) fanout_wait: Histogram,
+    pub(crate) hops: HopMetrics,
     pub(crate) deflate: DeflateMetrics,
+}
+
+/// The hops of a message's path an edge records
+/// (`switchboard_hop_seconds{hop}`, see `switchboard_router::Hop`); the
+/// `sequence` hop is the router's (in-process standalone).
+pub(crate) struct HopMetrics {
+    /// A client's publish received → acked.
+    pub(crate) ack: Histogram,
+    /// The message's timestamp → reached this edge's hub from the bus.
+    pub(crate) bus: Histogram,
+    /// Reached the hub → taken from its lane by the fan-out.
+    pub(crate) queue: Histogram,
+    /// Taken by the fan-out → pushed to every local socket's mailbox.
+    pub(crate) fanout: Histogram,
+}
+
+impl HopMetrics {
+    fn new() -> Self {
+        HopMetrics {
+            ack: Hop::Ack.histogram(),
+            bus: Hop::Bus.histogram(),
+            queue: Hop::Queue.histogram(),
+            fanout: Hop::Fanout.histogram(),
+        }
+    }
 }
 
 /// permessage-deflate: how often the compressor ran (once per shared frame
@@ -130,7 +156,7 @@ impl EdgeMetrics {
             pending_dropped: counter!("switchboard_edge_reorder_dropped_total"),
             fanout_dropped_deliveries: counter!("switchboard_edge_fanout_dropped_total", "kind" => "delivery"),
             fanout_dropped_events: counter!("switchboard_edge_fanout_dropped_total", "kind" => "event"),
-            fanout_wait: histogram!("switchboard_edge_fanout_wait_seconds"),
+            hops: HopMetrics::new(),
             deflate: DeflateMetrics::new(),
         }
     }

@@ -13,6 +13,7 @@
 //!   ([`Router`]) or over NATS ([`RemoteRouter`]).
 //! - [`Members`]: channel members and their work (unread counters, push
 //!   jobs), run by the router replicas.
+//! - [`Hop`]: the per-hop latency breakdown (`switchboard_hop_seconds`).
 //! - [`redact_url`]: backend URLs as logs and errors may show them.
 //!
 //! The processes around it (HTTP, configuration, telemetry) live in
@@ -22,6 +23,7 @@
 
 mod bus;
 mod history;
+mod hops;
 mod members;
 mod publisher;
 mod router;
@@ -38,6 +40,7 @@ pub use history::{
     memory::MemoryHistory,
     redis::{RedisHistory, connect_redis},
 };
+pub use hops::{HOP_SECONDS, Hop};
 pub use members::{
     MEMBER_RETRY_WINDOW, Members, MembersError, MembersSettings, PUSH_STREAM, SHARD_ACK_WAIT_MAX,
     SHARD_CONSUMER, SHARD_MAX_ACK_PENDING, SHARD_MAX_DELIVER, SHARD_STREAM, ShardConsumer,

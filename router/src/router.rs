@@ -163,6 +163,8 @@ pub struct Router {
     presence: Arc<dyn PresenceStore>,
     limits: RouterLimits,
     members: Option<Arc<crate::Members>>,
+    /// `switchboard_hop_seconds{hop="sequence"}`.
+    sequenced: metrics::Histogram,
 }
 
 impl Router {
@@ -179,6 +181,7 @@ impl Router {
             presence,
             limits,
             members: None,
+            sequenced: crate::Hop::Sequence.histogram(),
         }
     }
 
@@ -209,6 +212,7 @@ impl Router {
             });
         }
         let timestamp_ms = switchboard_protocol::now_ms();
+        let started = std::time::Instant::now();
         let draft = Draft {
             sender: req.sender,
             client_msg_id: req.client_msg_id,
@@ -216,6 +220,7 @@ impl Router {
             timestamp_ms,
         };
         let appended = self.history.append(&req.target, draft).await?;
+        self.sequenced.record(started.elapsed().as_secs_f64());
         // A retry soon after the original may follow a router that died
         // between append and member work: schedule it again (JetStream
         // de-duplicates the jobs when the first attempt got through).

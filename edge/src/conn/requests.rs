@@ -286,6 +286,7 @@ impl Session {
     }
 
     async fn publish(&mut self, id: u32, p: v1::Publish) -> Result<(), Refusal> {
+        let received = std::time::Instant::now();
         let target = match p.target {
             Some(publish::Target::Chat(c)) => StreamKey::Chat(self.allowed_chat(&c)?),
             Some(publish::Target::User(u)) => StreamKey::User(UserId::parse(&u)?),
@@ -308,6 +309,11 @@ impl Session {
             .publish(req)
             .await
             .map_err(|e| Refusal(e.code(), e.to_string()))?;
+        self.ctx
+            .metrics
+            .hops
+            .ack
+            .record(received.elapsed().as_secs_f64());
         let (chat, user) = match target {
             StreamKey::Chat(c) => (c.to_string(), String::new()),
             StreamKey::User(u) => (String::new(), u.to_string()),

@@ -20,7 +20,7 @@
 //! fit is dropped and counted, as the bus may drop one.
 use std::{collections::VecDeque, sync::Arc, sync::atomic::Ordering::Relaxed};
 
-use switchboard_protocol::{SharedFrame, StreamKey};
+use switchboard_protocol::{SharedFrame, StreamKey, now_ms, v1::server_frame};
 use tokio::time::Instant;
 
 use super::Hub;
@@ -75,6 +75,9 @@ impl Hub {
     /// has none. Never waits for a fan-out: the locks taken here guard the
     /// lane map and the lane, never a stream's sockets.
     pub(super) fn enqueue(&self, key: StreamKey, work: Work) {
+        if let Work::Delivery { frame, .. } = &work {
+            self.arrived(frame);
+        }
         let mut lane = self.lanes.entry(key.clone()).or_default();
         let full = self.queued.load(Relaxed) >= self.fanout.max_frames
             || lane.queue.len() >= self.fanout.per_stream();
@@ -151,10 +154,16 @@ impl Hub {
                     queued_at,
                 } => {
                     self.queued.fetch_sub(1, Relaxed);
-                    self.metrics
-                        .fanout_wait
-                        .record(queued_at.elapsed().as_secs_f64());
-                    self.on_delivery(&key, seq, frame)
+                    let taken = Instant::now();
+                    let hops = &self.metrics.hops;
+                    hops.queue
+                        .record(taken.duration_since(queued_at).as_secs_f64());
+                    let pushed = self.on_delivery(&key, seq, frame);
+                    // Once per fan-out; one held for a gap reached no socket.
+                    if pushed > 0 {
+                        hops.fanout.record(taken.elapsed().as_secs_f64());
+                    }
+                    pushed
                 }
                 Work::Event(frame) => {
                     self.queued.fetch_sub(1, Relaxed);
@@ -174,6 +183,16 @@ impl Hub {
                 idle = 0;
                 tokio::task::yield_now().await;
             }
+        }
+    }
+
+    /// Records the `bus` hop of a delivery that reached the hub: from its
+    /// timestamp (taken by the router as it sequenced it) to now, on wall
+    /// clocks at millisecond resolution (two hosts' clocks in a cluster).
+    fn arrived(&self, frame: &SharedFrame) {
+        if let Some(server_frame::Kind::Delivery(d)) = frame.frame().kind.as_ref() {
+            let ms = (now_ms() - d.timestamp_ms).max(0);
+            self.metrics.hops.bus.record(ms as f64 / 1000.0);
         }
     }
 

@@ -73,6 +73,33 @@ async fn health_ready_and_metrics() {
     edge.shutdown().await;
 }
 
+/// Every hop of a message's path (`switchboard_hop_seconds{hop}`) is
+/// counted once per message on a standalone edge, which runs them all.
+#[tokio::test]
+async fn every_hop_of_a_publish_is_timed_once_per_message() {
+    const MESSAGES: usize = 5;
+    let edge = start(config()).await;
+    let (_, before) = http(edge.addr(), "GET", "/metrics", &[], "").await;
+    for hop in HOPS {
+        // Registered at zero: the dashboard shows 0, not "no data".
+        assert!(
+            hop_count(&before, hop).is_some(),
+            "no {hop} hop before traffic"
+        );
+    }
+    let mut raw = Raw::connected(&edge, "hopper").await;
+    raw.request(json!({"subscribe": {"chat": "hops"}})).await;
+    for i in 0..MESSAGES {
+        let ack = raw
+            .request(json!({"publish": {"chat": "hops", "clientMsgId": i.to_string(), "payload": b64("x")}}))
+            .await;
+        assert!(ack.get("publishAck").is_some(), "{ack}");
+    }
+    assert_eq!(raw.deliveries(MESSAGES).await.len(), MESSAGES);
+    wait_for_hops(edge.addr(), &HOPS, MESSAGES).await;
+    edge.shutdown().await;
+}
+
 #[tokio::test]
 async fn backend_publish_api() {
     let mut cfg = config();

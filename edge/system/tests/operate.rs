@@ -153,6 +153,45 @@ async fn every_metric_in_the_alerts_and_the_dashboard_is_on_a_live_node() {
     assert!(router.contains("switchboard_router_publish_duration_seconds_bucket"));
 }
 
+/// In a cluster each hop of a message's path is counted once per message
+/// on the process where it happens: the ack and the edge's hops on the
+/// edge, sequencing on the router (and the ack of a backend publish there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hop_is_timed_on_the_node_where_it_happens() {
+    const MESSAGES: usize = 5;
+    let nodes = start_nodes().await;
+    let mut raw = Raw::connected_addr(nodes.edge, "hopper").await;
+    let r = raw.request(json!({"subscribe": {"chat": "hops"}})).await;
+    assert!(r.get("subscribeResult").is_some(), "{r}");
+    for i in 0..MESSAGES {
+        let ack = raw
+            .request(json!({"publish": {"chat": "hops", "clientMsgId": i.to_string(), "payload": b64("x")}}))
+            .await;
+        assert!(ack.get("publishAck").is_some(), "{ack}");
+    }
+    assert_eq!(raw.deliveries(MESSAGES).await.len(), MESSAGES);
+    wait_for_hops(nodes.edge, &["ack", "bus", "queue", "fanout"], MESSAGES).await;
+    wait_for_hops(nodes.router, &["sequence"], MESSAGES).await;
+    let (_, edge) = http_get(nodes.edge, "/metrics").await;
+    assert_eq!(
+        hop_count(&edge, "sequence"),
+        None,
+        "a cluster edge does not sequence"
+    );
+
+    let (status, body) = post(
+        nodes.router,
+        "/api/publish",
+        &json!({"chat": "hops", "sender": "backend", "client_msg_id": "api", "text": "hi"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(raw.deliveries(1).await.len(), 1);
+    wait_for_hops(nodes.router, &["ack"], 1).await;
+    wait_for_hops(nodes.router, &["sequence"], MESSAGES + 1).await;
+    wait_for_hops(nodes.edge, &["bus", "queue", "fanout"], MESSAGES + 1).await;
+}
+
 #[test]
 fn referenced_names_finds_metric_words_only() {
     let text = r#"expr: sum(rate(switchboard_edge_deliveries_total{job="x"}[5m])) / process_resident_memory_bytes

@@ -141,8 +141,12 @@ pub async fn publish(
         }
     };
     let target = request.target.clone();
+    let received = std::time::Instant::now();
     match publisher.publish(request).await {
         Ok(p) => {
+            switchboard_router::Hop::Ack
+                .histogram()
+                .record(received.elapsed().as_secs_f64());
             api_publish(if p.duplicate { "duplicate" } else { "ok" });
             json(
                 StatusCode::OK,

@@ -6,10 +6,19 @@ use std::sync::OnceLock;
 
 use metrics::counter;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use switchboard_router::{HOP_SECONDS, Hop};
 
 /// Buckets of every `*_seconds` histogram: 0.5 ms to 5 s.
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+/// Buckets of `switchboard_hop_seconds`: 50 µs to 5 s. A hop inside one
+/// process (a lane's wait, a fan-out) often takes well under the 0.5 ms
+/// where `SECONDS_BUCKETS` start.
+pub const HOP_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+    2.0, 5.0,
 ];
 
 /// Buckets of `switchboard_router_sequence_batch_size` (appends per Redis
@@ -25,6 +34,9 @@ pub fn prometheus() -> PrometheusHandle {
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .expect("static bucket list is non-empty")
+                // A full name wins over the suffix above.
+                .set_buckets_for_metric(Matcher::Full(HOP_SECONDS.into()), HOP_BUCKETS)
                 .expect("static bucket list is non-empty")
                 .set_buckets_for_metric(
                     Matcher::Full("switchboard_router_sequence_batch_size".into()),
@@ -67,6 +79,15 @@ pub fn register_cluster_series() {
     metrics::gauge!("switchboard_router_sequence_queue_messages").increment(0.0);
     for reason in switchboard_router::PUBLISH_ERROR_REASONS {
         counter!("switchboard_publish_errors_total", "reason" => *reason).increment(0);
+    }
+}
+
+/// Registers the hops recorded on this process
+/// (`switchboard_hop_seconds{hop}`), so their buckets render at 0 before
+/// the first message.
+pub fn register_hop_series(hops: &[Hop]) {
+    for hop in hops {
+        let _ = hop.histogram();
     }
 }
 

@@ -7,7 +7,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_node::{Stop, Stopped};
 use switchboard_presence::{PresenceStore, RedisPresence};
 use switchboard_router::{
-    Bus, Members, MembersSettings, NatsBus, NatsSettings, RedisHistory, Router, RouterLimits,
+    Bus, Hop, Members, MembersSettings, NatsBus, NatsSettings, RedisHistory, Router, RouterLimits,
     connect_redis, redact_url,
 };
 use tokio::net::TcpListener;
@@ -149,4 +149,7 @@ fn register_series() {
     }
     // A registered histogram renders its buckets at 0 before the first publish.
     let _ = metrics::histogram!("switchboard_router_publish_duration_seconds");
+    // A router acks backend publishes (`POST /api/publish`) and sequences
+    // every publish; the later hops happen on the edges.
+    switchboard_node::telemetry::register_hop_series(&[Hop::Ack, Hop::Sequence]);
 }

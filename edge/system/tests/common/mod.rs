@@ -326,6 +326,39 @@ pub async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} not on {addr}/metrics"))
 }
 
+/// The hops a node records (`switchboard_hop_seconds{hop}`), in path order.
+pub const HOPS: [&str; 5] = ["ack", "sequence", "bus", "queue", "fanout"];
+
+/// How many times a node's `/metrics` counted `hop`
+/// (`switchboard_hop_seconds_count{hop="..."}`); `None` when the series is
+/// not there.
+pub fn hop_count(metrics: &str, hop: &str) -> Option<f64> {
+    let series = format!("switchboard_hop_seconds_count{{hop=\"{hop}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits (up to 5 s) until each of `hops` was counted at least `n` times on
+/// `addr`'s `/metrics`: a fan-out is recorded after its last push, so the
+/// scrape may come just before it. Panics with the counts seen otherwise.
+pub async fn wait_for_hops(addr: std::net::SocketAddr, hops: &[&str], n: usize) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, text) = http_get(addr, "/metrics").await;
+        let counts: Vec<_> = hops.iter().map(|h| (*h, hop_count(&text, h))).collect();
+        if counts.iter().all(|(_, c)| c.is_some_and(|c| c >= n as f64)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr}: expected each hop counted >= {n} times, got {counts:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Joins the chunks of a `Transfer-Encoding: chunked` body.
 fn dechunk(mut rest: &str) -> String {
     let mut out = String::new();
