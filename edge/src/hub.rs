@@ -15,7 +15,10 @@
 //! its audience (ADR 0027).
 use std::{
     collections::HashMap,
-    sync::{Arc, Weak, atomic::AtomicUsize},
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
 };
 
 use dashmap::DashMap;
@@ -31,7 +34,6 @@ use crate::{
     mailbox::{ConnHandle, Offer},
     metrics::EdgeMetrics,
     order::{Arrival, Gap, StreamOrder},
-    wire::Live,
 };
 
 mod lanes;
@@ -246,32 +248,36 @@ impl Hub {
         }
     }
 
-    /// Offers a frame to every socket of a stream: written at once to the
-    /// idle ones by this task, queued for the others' writer tasks (ADR
-    /// 0028). Returns the sockets offered to (for the lane's yield).
-    fn fan_out(&self, subs: &HashMap<u64, ConnHandle>, frame: &SharedFrame) -> usize {
-        let delivered = self.offer_all(subs, frame);
+    /// Offers frames (in order) to every socket of a stream: written at
+    /// once, in one write per socket, to the idle ones by this task, queued
+    /// for the others' writer tasks (ADR 0028). Returns the sockets offered
+    /// to (for the lane's yield).
+    fn fan_out(&self, subs: &HashMap<u64, ConnHandle>, frames: &[SharedFrame]) -> usize {
+        if frames.is_empty() {
+            return 0;
+        }
+        let delivered = self.offer_all(subs, frames);
         self.metrics.deliveries.increment(delivered);
         subs.len()
     }
 
-    /// Offers a frame to each of `conns`; returns how many took it.
+    /// Offers frames to each of `conns`; returns the frames they took.
     /// Counted once per call: a shared counter touched per socket costs a
     /// contended atomic per delivery.
-    fn offer_all(&self, conns: &HashMap<u64, ConnHandle>, frame: &SharedFrame) -> u64 {
-        let (mut taken, mut refused, mut frames, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+    fn offer_all(&self, conns: &HashMap<u64, ConnHandle>, frames: &[SharedFrame]) -> u64 {
+        let (mut taken, mut refused, mut written, mut bytes) = (0u64, 0u64, 0u64, 0u64);
         let (mut direct, mut queued) = (0u64, 0u64);
         for conn in conns.values() {
-            match conn.offer(frame, &self.metrics) {
+            match conn.offer(frames, &self.metrics) {
                 Offer::Direct(d) => {
-                    taken += u64::from(matches!(d.live, Live::Buffered | Live::Held));
-                    direct += 1;
-                    frames += u64::from(d.frames);
+                    taken += u64::from(d.taken);
+                    direct += u64::from(d.taken);
+                    written += u64::from(d.frames);
                     bytes += d.bytes as u64;
                 }
                 Offer::Queued => {
-                    taken += 1;
-                    queued += 1;
+                    taken += frames.len() as u64;
+                    queued += frames.len() as u64;
                 }
                 Offer::Refused => refused += 1,
             }
@@ -281,20 +287,19 @@ impl Hub {
         if refused > 0 {
             self.metrics.slow_consumer_drops.increment(refused);
         }
-        if frames > 0 {
-            self.metrics.frames_out.increment(frames);
+        if written > 0 {
+            self.metrics.frames_out.increment(written);
             self.metrics.bytes_out.increment(bytes);
         }
         taken
     }
 
-    /// Fans out one delivery the stream's order released.
-    fn accept(&self, subs: &HashMap<u64, ConnHandle>, frame: &SharedFrame) -> usize {
+    /// A delivery the stream's order released: its latency, before the fan-out.
+    fn released(&self, frame: &SharedFrame) {
         if let Some(server_frame::Kind::Delivery(d)) = frame.frame().kind.as_ref() {
             let lag_ms = (now_ms() - d.timestamp_ms).max(0);
             self.metrics.delivery_latency.record(lag_ms as f64 / 1000.0);
         }
-        self.fan_out(subs, frame)
     }
 
     /// A stream without sockets left: its frames held for a repair go
@@ -318,48 +323,68 @@ impl Hub {
         }
     }
 
-    /// Feeds one delivery to its stream's order and fans out what that
-    /// releases; returns the sockets written to (for the lane's yield).
-    fn on_delivery(&self, key: &StreamKey, seq: u64, frame: SharedFrame) -> usize {
-        let Some(mut e) = self.streams.get_mut(key) else {
-            return 0;
-        };
-        let epoch = match frame.frame().kind.as_ref() {
-            Some(server_frame::Kind::Delivery(d)) => d.epoch.as_str(),
-            _ => "",
-        };
-        let StreamEntry { subs, order } = &mut *e;
-        let held = order.held();
-        let mut pushed = 0;
-        match order.on_frame(seq, epoch, &frame, Instant::now()) {
-            Arrival::Next { released } => {
-                pushed += self.accept(subs, &frame);
-                for f in &released {
-                    pushed += self.accept(subs, f);
+    /// Feeds a lane's batch to its stream's order and fans out what that
+    /// releases, in order, each socket's share in one write; returns the
+    /// sockets written to (for the lane's yield). The stream's entry stays
+    /// locked from the order step to the end of the fan-out, so a repair
+    /// releasing later seqs cannot reach a socket first.
+    fn on_batch(&self, key: &StreamKey, batch: &mut Vec<Work>, taken: Instant) -> usize {
+        let mut repairs = Vec::new();
+        let pushed = match self.streams.get_mut(key) {
+            None => {
+                for work in batch.drain(..) {
+                    if !matches!(work, Work::Lost) {
+                        self.queued.fetch_sub(1, Relaxed);
+                    }
                 }
+                0
             }
-            Arrival::Duplicate => self.metrics.duplicates_dropped.increment(1),
-            Arrival::Dropped => self.metrics.pending_dropped.increment(1),
-            Arrival::Held { repair_at } => {
-                if let Some(at) = repair_at {
-                    self.spawn_repair(key.clone(), at);
+            Some(mut e) => {
+                let StreamEntry { subs, order } = &mut *e;
+                let held = order.held();
+                let mut out = Vec::with_capacity(batch.len());
+                for work in batch.drain(..) {
+                    match work {
+                        Work::Delivery {
+                            seq,
+                            frame,
+                            queued_at,
+                        } => {
+                            self.queued.fetch_sub(1, Relaxed);
+                            self.metrics
+                                .hops
+                                .queue
+                                .record(taken.duration_since(queued_at).as_secs_f64());
+                            let epoch = frame.delivery_epoch().unwrap_or("");
+                            match order.on_frame(seq, epoch, &frame, Instant::now()) {
+                                Arrival::Next { released } => {
+                                    self.released(&frame);
+                                    out.push(frame);
+                                    for f in released {
+                                        self.released(&f);
+                                        out.push(f);
+                                    }
+                                }
+                                Arrival::Duplicate => self.metrics.duplicates_dropped.increment(1),
+                                Arrival::Dropped => self.metrics.pending_dropped.increment(1),
+                                Arrival::Held { repair_at } => repairs.extend(repair_at),
+                            }
+                        }
+                        Work::Event(frame) => {
+                            self.queued.fetch_sub(1, Relaxed);
+                            out.push(frame);
+                        }
+                        Work::Lost => repairs.extend(order.on_possible_loss(Instant::now())),
+                    }
                 }
+                self.count_held(held, order.held());
+                self.fan_out(subs, &out)
             }
-        }
-        self.count_held(held, order.held());
-        pushed
-    }
-
-    /// Deliveries of a stream may have been lost (its lane was full): read
-    /// its history since the last seq fanned out.
-    fn on_stream_loss(&self, key: &StreamKey) {
-        let at = self
-            .streams
-            .get_mut(key)
-            .and_then(|mut e| e.order.on_possible_loss(Instant::now()));
-        if let Some(at) = at {
+        };
+        for at in repairs {
             self.spawn_repair(key.clone(), at);
         }
+        pushed
     }
 
     fn spawn_repair(&self, key: StreamKey, at: Instant) {
@@ -401,8 +426,9 @@ impl Hub {
                 None => {}
             }
             for f in &answered.deliver {
-                self.accept(subs, f);
+                self.released(f);
             }
+            self.fan_out(subs, &answered.deliver);
             self.count_held(held, order.held());
             match answered.next_read {
                 Some(next) => at = next,
@@ -434,7 +460,7 @@ impl Hub {
         let key = match Subject::parse(subject) {
             Some(Subject::Presence(user)) => {
                 if let Some(w) = self.watchers.get(&user) {
-                    self.offer_all(&w, &frame);
+                    self.offer_all(&w, std::slice::from_ref(&frame));
                 }
                 return;
             }
@@ -449,14 +475,6 @@ impl Hub {
             return;
         }
         self.enqueue(key, Work::Event(frame));
-    }
-
-    /// Fans out an unsequenced frame to a stream's sockets.
-    fn on_stream_event(&self, key: &StreamKey, frame: &SharedFrame) -> usize {
-        match self.streams.get(key) {
-            Some(e) => self.fan_out(&e.subs, frame),
-            None => 0,
-        }
     }
 }
 

@@ -34,7 +34,7 @@ use tokio::io::{AsyncWrite, WriteHalf};
 
 use crate::{
     metrics::EdgeMetrics,
-    wire::{Direct, Live, Wire},
+    wire::{Direct, Wire},
 };
 
 /// A served socket's write half.
@@ -229,11 +229,12 @@ impl<W: AsyncWrite + Unpin> ConnHandle<W> {
         self.0.encoding
     }
 
-    /// Offers a shared frame (delivery, event) without waiting: written to
-    /// the socket at once when nothing is ahead of it (empty mailbox, last
-    /// batch gone out), else queued for the writer task. What the socket
-    /// did not take at once stays in its batch and the writer finishes it.
-    pub(crate) fn offer(&self, frame: &SharedFrame, metrics: &EdgeMetrics) -> Offer {
+    /// Offers shared frames (deliveries, events of one stream, in order)
+    /// without waiting: written to the socket at once, in one write, when
+    /// nothing is ahead of them (empty mailbox, last batch gone out), else
+    /// queued for the writer task. What the socket did not take at once
+    /// stays in its batch and the writer finishes it.
+    pub(crate) fn offer(&self, frames: &[SharedFrame], metrics: &EdgeMetrics) -> Offer {
         if self.0.closing.get().is_some() {
             return Offer::Refused;
         }
@@ -242,9 +243,9 @@ impl<W: AsyncWrite + Unpin> ConnHandle<W> {
             && let Some(wire) = st.wire.as_mut()
             && wire.idle()
         {
-            let direct = wire.write_now(frame.clone(), metrics);
+            let direct = wire.write_now(frames, metrics);
             drop(st);
-            if direct.live == Live::Overflow {
+            if direct.overflow {
                 self.close(CloseReason::SlowConsumer);
                 return Offer::Refused;
             }
@@ -253,12 +254,12 @@ impl<W: AsyncWrite + Unpin> ConnHandle<W> {
             }
             return Offer::Direct(direct);
         }
-        let msg = Outbound::Shared(frame.clone());
-        if self.enqueue_locked(&mut st, msg) {
-            Offer::Queued
-        } else {
-            Offer::Refused
+        for frame in frames {
+            if !self.enqueue_locked(&mut st, Outbound::Shared(frame.clone())) {
+                return Offer::Refused;
+            }
         }
+        Offer::Queued
     }
 
     /// Queues a message for the writer task, without waiting.
@@ -331,7 +332,7 @@ mod tests {
     use tokio::io::DuplexStream;
 
     use super::*;
-    use crate::wire::BatchWriter;
+    use crate::wire::{BatchWriter, Live};
 
     type Conn = ConnHandle<DuplexStream>;
 
@@ -466,17 +467,17 @@ mod tests {
         let (conn, inbox, mut client) = attached(1 << 16);
         let metrics = EdgeMetrics::new();
         for seq in 1..=3 {
-            match conn.offer(&delivery(seq, 10), &metrics) {
+            match conn.offer(&[delivery(seq, 10)], &metrics) {
                 Offer::Direct(d) => {
-                    assert_eq!((d.live, d.frames, d.rest), (Live::Buffered, 1, false));
+                    assert_eq!((d.taken, d.frames, d.rest), (1, 1, false));
                     assert!(d.bytes > 10);
                 }
                 other => panic!("not written directly: {other:?}"),
             }
         }
         // A duplicate is filtered there too, and nothing was queued.
-        let dup = conn.offer(&delivery(2, 10), &metrics);
-        assert!(matches!(dup, Offer::Direct(d) if d.live == Live::Skipped));
+        let dup = conn.offer(&[delivery(2, 10)], &metrics);
+        assert!(matches!(dup, Offer::Direct(d) if d.taken == 0 && d.frames == 0));
         assert!(inbox.lock().queue.is_empty());
         for seq in 1..=3 {
             let f = client.read_frame().await.unwrap();
@@ -485,11 +486,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_goes_to_an_idle_socket_in_one_write() {
+        let (conn, _inbox, mut client) = attached(1 << 16);
+        let metrics = EdgeMetrics::new();
+        let batch: Vec<_> = (1..=3).map(|seq| delivery(seq, 10)).collect();
+        let Offer::Direct(d) = conn.offer(&batch, &metrics) else {
+            panic!("an idle socket is written directly");
+        };
+        assert_eq!((d.taken, d.frames, d.rest), (3, 3, false));
+        for seq in 1..=3 {
+            assert_eq!(seq_of(&client.read_frame().await.unwrap().payload), seq);
+        }
+    }
+
+    #[tokio::test]
     async fn behind_a_queued_message_a_delivery_queues_too() {
         let (conn, mut inbox, _client) = attached(1 << 16);
         let metrics = EdgeMetrics::new();
         assert!(conn.send(reply(5)));
-        assert_eq!(conn.offer(&delivery(1, 10), &metrics), Offer::Queued);
+        assert_eq!(conn.offer(&[delivery(1, 10)], &metrics), Offer::Queued);
         assert!(matches!(inbox.try_recv(), Some(Outbound::Reply(_))));
         assert!(matches!(inbox.try_recv(), Some(Outbound::Shared(_))));
         assert!(inbox.try_recv().is_none());
@@ -500,12 +515,12 @@ mod tests {
         // The pipe takes 64 bytes: the first delivery goes out in part.
         let (conn, inbox, mut client) = attached(64);
         let metrics = EdgeMetrics::new();
-        let Offer::Direct(first) = conn.offer(&delivery(1, 200), &metrics) else {
+        let Offer::Direct(first) = conn.offer(&[delivery(1, 200)], &metrics) else {
             panic!("an idle socket is written directly");
         };
         assert!(first.rest && first.bytes == 64, "{first:?}");
         // The rest waits in the batch: the next one queues behind it.
-        assert_eq!(conn.offer(&delivery(2, 200), &metrics), Offer::Queued);
+        assert_eq!(conn.offer(&[delivery(2, 200)], &metrics), Offer::Queued);
         let reader = tokio::spawn(async move {
             let mut seqs = Vec::new();
             for _ in 0..2 {
@@ -547,7 +562,7 @@ mod tests {
         let (conn, _inbox, _client) = attached(1 << 16);
         conn.close(CloseReason::Shutdown);
         assert_eq!(
-            conn.offer(&delivery(1, 10), &EdgeMetrics::new()),
+            conn.offer(&[delivery(1, 10)], &EdgeMetrics::new()),
             Offer::Refused
         );
     }

@@ -65,18 +65,26 @@ pub(crate) enum Live {
 /// What a write straight from the fan-out did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Direct {
-    pub(crate) live: Live,
+    /// Frames the socket is owed: buffered, or held behind its recovery
+    /// (duplicates and streams it left are not).
+    pub(crate) taken: u32,
     /// Bytes the socket took.
     pub(crate) bytes: usize,
     /// Frames handed to the socket (counted by the caller, once per fan-out).
     pub(crate) frames: u32,
     /// Some of it is left in the batch: the writer task must finish it.
     pub(crate) rest: bool,
+    /// A stream's recovery holds too many: close as a slow consumer.
+    pub(crate) overflow: bool,
 }
+
+/// A socket's streams, looked up per delivery: foldhash, seeded per
+/// process, is several times cheaper than SipHash on short keys.
+type Streams = HashMap<StreamKey, StreamState, foldhash::fast::RandomState>;
 
 pub(crate) struct Wire<W> {
     pub(crate) out: BatchWriter<W>,
-    streams: HashMap<StreamKey, StreamState>,
+    streams: Streams,
     encoding: Encoding,
     /// permessage-deflate: frames from this many bytes go compressed; 0
     /// when the socket did not negotiate it.
@@ -92,7 +100,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     pub(crate) fn new(out: BatchWriter<W>, encoding: Encoding, deflate_min: Option<usize>) -> Self {
         Wire {
             out,
-            streams: HashMap::new(),
+            streams: Streams::default(),
             encoding,
             deflate_min_bytes: deflate_min.map_or(0, |n| n.clamp(1, u32::MAX as usize) as u32),
             progressed: false,
@@ -106,19 +114,23 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
         !self.busy && !self.out.pending()
     }
 
-    /// Buffers a live frame and hands it to the socket at once, without
-    /// waiting: a socket that does not take all of it keeps the rest in its
-    /// batch (the caller wakes the writer task to finish it).
-    pub(crate) fn write_now(&mut self, frame: SharedFrame, metrics: &EdgeMetrics) -> Direct {
-        let live = self.live(frame, metrics);
+    /// Buffers live frames and hands them to the socket at once, in one
+    /// write, without waiting: a socket that does not take all of it keeps
+    /// the rest in its batch (the caller wakes the writer task to finish it).
+    pub(crate) fn write_now(&mut self, frames: &[SharedFrame], metrics: &EdgeMetrics) -> Direct {
         let mut direct = Direct {
-            live,
+            taken: 0,
             bytes: 0,
             frames: 0,
             rest: false,
+            overflow: false,
         };
-        if live != Live::Buffered {
-            return direct;
+        for frame in frames {
+            match self.live(frame.clone(), metrics) {
+                Live::Buffered | Live::Held => direct.taken += 1,
+                Live::Skipped => {}
+                Live::Overflow => direct.overflow = true,
+            }
         }
         direct.frames = self.out.take_frames();
         // No task waits on this write: a socket that is not writable keeps

@@ -20,14 +20,20 @@
 //! fit is dropped and counted, as the bus may drop one.
 use std::{collections::VecDeque, sync::Arc, sync::atomic::Ordering::Relaxed};
 
-use switchboard_protocol::{SharedFrame, StreamKey, now_ms, v1::server_frame};
+use switchboard_protocol::{Encoding, SharedFrame, StreamKey, now_ms, v1::server_frame};
 use tokio::time::Instant;
 
 use super::Hub;
 
-/// Items a drain task takes in a row, when they reach no socket
+/// Batches a drain task takes in a row, when they reach no socket
 /// (duplicates, streams gone), before it lets other tasks run.
 const YIELD_AFTER_IDLE_ITEMS: usize = 64;
+/// Frames of a lane fanned out together, each socket's share in one
+/// write: at moderate rates a batch is one frame; a backlog (a saturated
+/// edge) goes out in as few syscalls as this allows.
+const BATCH_FRAMES: usize = 64;
+/// Bytes of a batch (protobuf encoding), so a socket's share stays small.
+const BATCH_BYTES: usize = 64 * 1024;
 
 /// Bounds of the fan-out lanes (`--fanout-queue-max-frames`).
 #[derive(Debug, Clone, Copy)]
@@ -120,21 +126,32 @@ impl Hub {
         }
     }
 
-    /// Fans out one lane until it is empty, then removes it.
+    /// Fans out one lane until it is empty, then removes it. Takes what the
+    /// lane holds in batches (`BATCH_FRAMES`, `BATCH_BYTES`), so a backlog
+    /// reaches each socket in one write per batch, not one per frame.
     async fn drain(self: Arc<Self>, key: StreamKey) {
         let mut idle = 0;
+        let mut batch = Vec::new();
         loop {
-            let next = {
+            {
                 let Some(mut lane) = self.lanes.get_mut(&key) else {
                     return;
                 };
-                let next = lane.queue.pop_front();
-                if matches!(next, Some(Work::Lost)) {
-                    lane.lost = false;
+                let mut bytes = 0;
+                while batch.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
+                    let Some(work) = lane.queue.pop_front() else {
+                        break;
+                    };
+                    match &work {
+                        Work::Lost => lane.lost = false,
+                        Work::Delivery { frame, .. } | Work::Event(frame) => {
+                            bytes += frame.encoded(Encoding::Protobuf).len();
+                        }
+                    }
+                    batch.push(work);
                 }
-                next
-            };
-            let Some(work) = next else {
+            }
+            if batch.is_empty() {
                 // Removed only while still empty: a frame queued since
                 // found `draining` set and is taken on the next turn; one
                 // queued after the removal makes a new lane and task.
@@ -146,37 +163,19 @@ impl Hub {
                     return;
                 }
                 continue;
-            };
-            let pushed = match work {
-                Work::Delivery {
-                    seq,
-                    frame,
-                    queued_at,
-                } => {
-                    self.queued.fetch_sub(1, Relaxed);
-                    let taken = Instant::now();
-                    let hops = &self.metrics.hops;
-                    hops.queue
-                        .record(taken.duration_since(queued_at).as_secs_f64());
-                    let pushed = self.on_delivery(&key, seq, frame);
-                    // Once per fan-out; one held for a gap reached no socket.
-                    if pushed > 0 {
-                        hops.fanout.record(taken.elapsed().as_secs_f64());
-                    }
-                    pushed
-                }
-                Work::Event(frame) => {
-                    self.queued.fetch_sub(1, Relaxed);
-                    self.on_stream_event(&key, &frame)
-                }
-                Work::Lost => {
-                    self.on_stream_loss(&key);
-                    0
-                }
-            };
-            // After each frame that reached sockets their writers get their
-            // turn before the next: a backlog goes into a mailbox no faster
-            // than its writer takes it out, so the mailbox limit still means
+            }
+            let taken = Instant::now();
+            let pushed = self.on_batch(&key, &mut batch, taken);
+            // Once per fan-out; a batch held for a gap reached no socket.
+            if pushed > 0 {
+                self.metrics
+                    .hops
+                    .fanout
+                    .record(taken.elapsed().as_secs_f64());
+            }
+            // After each batch that reached sockets their writers get their
+            // turn before the next: what a socket did not take goes out
+            // before more is offered to it, so the mailbox limit still means
             // a socket too slow for its traffic, not a burst from the lane.
             idle += 1;
             if pushed > 0 || idle >= YIELD_AFTER_IDLE_ITEMS {
