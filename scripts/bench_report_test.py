@@ -238,6 +238,55 @@ class HttpPublishTest(unittest.TestCase):
         self.assertEqual(br.differences(repo.root), [])
 
 
+def fleet_curve_record(sockets=19_000, edges=4, cpu=2.0, idle_cpu=0.5, posts=5):
+    """A fleet-curve record: a channel run over `edges` edges with an idle window."""
+    rec = fanout_record()
+    name = f"fleet-curve-{sockets}x{edges}"
+    report = dict(rec["report"], subscribers=sockets, messages=posts, posts_acked=posts,
+                  deliveries_received=posts * sockets, deliveries_expected=posts * sockets,
+                  deliveries_per_edge_cpu_second=posts * sockets / cpu,
+                  params={"rate": 1, "addr": [f"127.0.0.1:{i}" for i in range(edges)], "publish_after_secs": 5},
+                  server={"edge_cpu_seconds": cpu, "cpu_window_seconds": 5.0, "edge_cpu_idle_seconds": idle_cpu,
+                          "idle_window_seconds": 5.0},
+                  posts={"count": posts, "each": [], "time_to_last_delivery_ms": {"p50": 120.0, "max": 300.0}})
+    rec.update(benchmark=name, command="scripts/bench fleet-curve", report=report)
+    return rec
+
+
+class FleetCurveTest(unittest.TestCase):
+    def test_each_point_nets_out_the_idle_edges_and_projects_dedicated_cores(self):
+        # 95,000 deliveries for 2.0 edge CPU-seconds over a 5 s window; idle,
+        # the edges took 0.5 CPU-seconds in 5 s (0.1 cores): 1.5 are the
+        # posts', 0.3 per post, 75 ms per post on each of 4 dedicated cores.
+        lines = br.block_fleet_curve({"records": {"fleet-curve-19000x4": fleet_curve_record()}})
+        row = next(x for x in lines if x.startswith("| 19,000 | 4 |"))
+        self.assertEqual(row.split(" | ")[2:11], ["95,000", "2.00 (5.0 s)", "0.100", "47,500", "63,333",
+                                                  "120 ms / 300 ms", "0.300", "75 ms",
+                                                  "0 lost; 0 duplicated; 0 out of order"])
+        self.assertIn("not run yet (`scripts/bench fleet-curve`)",
+                      next(x for x in lines if x.startswith("| 19,000 | 1 |")))
+        self.assertIn("not run yet (`scripts/bench fleet`)", lines[-1])
+
+    def test_the_fleet_record_is_its_last_row_with_idle_not_apart(self):
+        fleet = fleet_curve_record(sockets=1_000_000, edges=55, cpu=20.0, posts=3)
+        fleet["benchmark"] = "fleet"
+        del fleet["report"]["server"]["edge_cpu_idle_seconds"]
+        row = br.block_fleet_curve({"records": {"fleet": fleet}})[-1]
+        self.assertTrue(row.startswith("| 1,000,000 | 55 | 3,000,000 | 20.00 (5.0 s) | — | 150,000 | — |"), row)
+        self.assertIn("| 6.667 (idle not apart) | 121 ms |", row)
+
+    def test_its_block_and_runs_render_and_pass_the_check(self):
+        repo = Repo()
+        self.addCleanup(shutil.rmtree, repo.root)
+        repo.add(fleet_curve_record())
+        repo.render()
+        text = repo.read("docs/benchmarks.md")
+        block = text[text.index("<!-- bench:fleet-curve:begin -->"):text.index("<!-- bench:fleet-curve:end -->")]
+        self.assertIn("[fleet-curve-19000x4](bench/fleet-curve-19000x4.json) |", block)
+        self.assertIn("#### `fleet-curve-19000x4`", text)
+        self.assertEqual(br.differences(repo.root), [])
+
+
 class RecordTest(unittest.TestCase):
     def test_records_stay_compact(self):
         rec = fanout_record()

@@ -57,7 +57,8 @@ pub(crate) struct Args {
     #[arg(long)]
     no_publish: bool,
     /// Extra seconds to wait, once every worker's subscribers are ready,
-    /// before publishing.
+    /// before publishing. The edges' CPU over this pause is reported apart
+    /// (`edge_cpu_idle_seconds`): what the held sockets cost with no post.
     #[arg(long, default_value_t = 0)]
     publish_after_secs: u64,
     /// Subscribers of the chat (over all workers).
@@ -118,6 +119,7 @@ impl Args {
             "deflate": self.target.deflate,
             "no_publish": self.no_publish,
             "window_ms": self.window_ms,
+            "publish_after_secs": self.publish_after_secs,
         })
     }
 }
@@ -245,6 +247,11 @@ pub(crate) async fn run_as(
         (mem_before, mem_after),
         (cpu_before, cpu_after),
     );
+    let server = if a.publish_after_secs > 0 {
+        Probe::with_idle(server, (mem_after, cpu_before))
+    } else {
+        server
+    };
     let mut params = a.params();
     if let (Poster::Http(http), Value::Object(m)) = (&poster, &mut params) {
         m.extend(http.params());

@@ -258,6 +258,13 @@ pub(crate) struct Server {
     pub(crate) edge_cpu_connect_seconds: Option<f64>,
     #[serde(default)]
     pub(crate) router_cpu_connect_seconds: Option<f64>,
+    /// CPU of the edges while every socket was held and nothing was
+    /// posted (heartbeats, timers), and the length of that window: the
+    /// held sockets' own cost, apart from a post's.
+    #[serde(default)]
+    pub(crate) edge_cpu_idle_seconds: Option<f64>,
+    #[serde(default)]
+    pub(crate) idle_window_seconds: Option<f64>,
 }
 
 impl Server {
@@ -274,6 +281,8 @@ impl Server {
             cpu_window_seconds,
             edge_cpu_connect_seconds,
             router_cpu_connect_seconds,
+            edge_cpu_idle_seconds,
+            idle_window_seconds,
         } = o;
         // Only one worker measures; keep whichever reading exists.
         self.edge_rss_before_bytes = self.edge_rss_before_bytes.or(*edge_rss_before_bytes);
@@ -289,6 +298,8 @@ impl Server {
         self.router_cpu_connect_seconds = self
             .router_cpu_connect_seconds
             .or(*router_cpu_connect_seconds);
+        self.edge_cpu_idle_seconds = self.edge_cpu_idle_seconds.or(*edge_cpu_idle_seconds);
+        self.idle_window_seconds = self.idle_window_seconds.or(*idle_window_seconds);
     }
 
     fn render(&self, connections: u64) -> Value {
@@ -309,6 +320,8 @@ impl Server {
             "cpu_window_seconds": self.cpu_window_seconds,
             "edge_cpu_connect_seconds": self.edge_cpu_connect_seconds,
             "router_cpu_connect_seconds": self.router_cpu_connect_seconds,
+            "edge_cpu_idle_seconds": self.edge_cpu_idle_seconds,
+            "idle_window_seconds": self.idle_window_seconds,
         })
     }
 }
@@ -774,6 +787,8 @@ mod tests {
         a.server.edge_rss_before_bytes = Some(1_000_000);
         a.server.edge_rss_after_bytes = Some(3_000_000);
         a.server.edge_cpu_seconds = Some(1.5);
+        a.server.edge_cpu_idle_seconds = Some(0.25);
+        a.server.idle_window_seconds = Some(5.0);
         let mut b = Report::default();
         b.connections.established = 100;
         let mut m = Report::default();
@@ -781,6 +796,8 @@ mod tests {
         m.merge(&a).unwrap();
         let v = m.render();
         assert_eq!(v["server"]["edge_cpu_seconds"], 1.5);
+        assert_eq!(v["server"]["edge_cpu_idle_seconds"], 0.25);
+        assert_eq!(v["server"]["idle_window_seconds"], 5.0);
         // Per connection over both workers' sockets.
         assert_eq!(v["server"]["edge_rss_per_connection_bytes"], 10_000.0);
     }

@@ -142,6 +142,49 @@ impl Probe {
             kernel_tcp_after_bytes: ma.tcp,
             edge_cpu_seconds: delta(cb.edge_cpu, ca.edge_cpu),
             router_cpu_seconds: delta(cb.router_cpu, ca.router_cpu),
+            edge_cpu_idle_seconds: None,
+            idle_window_seconds: None,
         }
+    }
+
+    /// The edges' CPU over `idle` (every socket held, nothing posted),
+    /// added to `server`; nothing where the window is empty.
+    pub(crate) fn with_idle(
+        mut server: crate::report::Server,
+        idle: (Option<Probe>, Option<Probe>),
+    ) -> crate::report::Server {
+        if let (Some(b), Some(a)) = idle
+            && a.at_us > b.at_us
+        {
+            server.idle_window_seconds = crate::report::Report::span_secs(b.at_us, a.at_us);
+            server.edge_cpu_idle_seconds = b.edge_cpu.zip(a.edge_cpu).map(|(b, a)| a - b);
+        }
+        server
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(us: u64, edge_cpu: f64) -> Option<Probe> {
+        Some(Probe {
+            at_us: us,
+            edge_cpu: Some(edge_cpu),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn the_idle_window_is_reported_apart_and_only_when_it_was_taken() {
+        let s = Probe::with_idle(Default::default(), (at(1_000_000, 2.0), at(6_000_000, 2.5)));
+        assert_eq!(s.idle_window_seconds, Some(5.0));
+        assert_eq!(s.edge_cpu_idle_seconds, Some(0.5));
+        assert_eq!(s.edge_cpu_seconds, None, "the post's window is apart");
+        let s = Probe::with_idle(Default::default(), (None, at(6_000_000, 2.5)));
+        assert_eq!(
+            (s.idle_window_seconds, s.edge_cpu_idle_seconds),
+            (None, None)
+        );
     }
 }
