@@ -371,7 +371,7 @@ mod tests {
         wire.recovered(
             StreamKey::Chat("room".parse().unwrap()),
             0,
-            crate::wire::epoch_hash("e"),
+            switchboard_protocol::epoch_hash("e"),
         );
         conn.attach(wire);
         let mut ws = WebSocket::after_handshake(client, Role::Client);

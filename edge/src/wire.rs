@@ -41,14 +41,6 @@ enum StreamState {
     },
 }
 
-/// A stable hash of an epoch (FNV-1a): a socket keeps 8 bytes per
-/// stream, not the string.
-pub(crate) fn epoch_hash(epoch: &str) -> u64 {
-    epoch.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// What became of a live frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Live {
@@ -152,8 +144,8 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
 
     /// A live frame: deliveries pass the per-stream order filter.
     pub(crate) fn live(&mut self, frame: SharedFrame, metrics: &EdgeMetrics) -> Live {
-        if let Some((key, seq)) = frame.delivery_position() {
-            match self.streams.get_mut(&key) {
+        if let Some((key, seq, this)) = frame.delivery_stream() {
+            match self.streams.get_mut(key) {
                 Some(StreamState::Recovering(held)) => {
                     if held.len() >= MAX_HELD_PER_STREAM {
                         return Live::Overflow;
@@ -162,7 +154,6 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
                     return Live::Held;
                 }
                 Some(StreamState::Live { seq: last, epoch }) => {
-                    let this = epoch_hash(frame.delivery_epoch().unwrap_or(""));
                     // The hub's rule: this merge and the reorder agree,
                     // within an epoch.
                     if this == *epoch && order::classify(*last, seq) == order::Seq::Duplicate {

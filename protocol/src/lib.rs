@@ -27,7 +27,7 @@ pub mod client;
 pub use close::CloseReason;
 pub use codec::{DecodeError, Encoding};
 pub use ids::{ChatId, IdError, MAX_CLIENT_MSG_ID_LEN, MAX_ID_LEN, UserId, validate_client_msg_id};
-pub use stream::{Deflated, SharedFrame, StreamKey};
+pub use stream::{Deflated, SharedFrame, StreamKey, epoch_hash};
 
 /// Generated protocol types (version 1). See the `.proto` file for field docs.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -53,8 +53,9 @@ struct Inner {
     /// compressing did not make it smaller.
     deflated_protobuf: OnceLock<Option<Bytes>>,
     deflated_json: OnceLock<Option<Bytes>>,
-    /// A delivery's stream and seq, parsed once: every socket's writer asks.
-    position: OnceLock<Option<(StreamKey, u64)>>,
+    /// A delivery's stream, seq and epoch hash, parsed once: every
+    /// socket's order filter asks.
+    position: OnceLock<Option<(StreamKey, u64, u64)>>,
 }
 
 /// A frame's bytes for a socket that negotiated permessage-deflate.
@@ -153,6 +154,13 @@ impl SharedFrame {
     /// For a delivery: its stream key and seq.
     pub fn delivery_position(&self) -> Option<(StreamKey, u64)> {
         // Parsed on first use and shared: a clone is a reference count.
+        self.delivery_stream()
+            .map(|(key, seq, _)| (key.clone(), seq))
+    }
+
+    /// For a delivery: its stream key, seq and [`epoch_hash`], borrowed
+    /// (asked once per socket it goes to: no reference count touched).
+    pub fn delivery_stream(&self) -> Option<(&StreamKey, u64, u64)> {
         self.0
             .position
             .get_or_init(|| {
@@ -164,10 +172,19 @@ impl SharedFrame {
                 } else {
                     StreamKey::User(UserId::parse(&d.user).ok()?)
                 };
-                Some((key, d.seq))
+                Some((key, d.seq, epoch_hash(&d.epoch)))
             })
-            .clone()
+            .as_ref()
+            .map(|(key, seq, epoch)| (key, *seq, *epoch))
     }
+}
+
+/// A stable hash of an epoch (FNV-1a): a socket keeps 8 bytes per
+/// stream, not the string.
+pub fn epoch_hash(epoch: &str) -> u64 {
+    epoch.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl fmt::Debug for SharedFrame {

@@ -14,7 +14,7 @@ use std::{
 
 use fastwebsockets::OpCode;
 use switchboard_protocol::{
-    CloseReason, now_ms,
+    CloseReason, epoch_hash, now_ms,
     v1::{ServerFrame, TokenExpiring, server_frame},
 };
 use tokio::{io::AsyncWrite, time::Instant};
@@ -22,7 +22,7 @@ use tokio::{io::AsyncWrite, time::Instant};
 use crate::{
     mailbox::{ConnHandle, Inbox, Next, Outbound, Recovered, State},
     state::{SessionContext, SessionSettings},
-    wire::{BatchWriter, FLUSH_AT_BYTES, Live, Wire, epoch_hash},
+    wire::{BatchWriter, FLUSH_AT_BYTES, Live, Wire},
 };
 
 /// Messages taken from the mailbox in one turn before writing.
