@@ -170,6 +170,16 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
             }
         }));
     }
+    // Connected, not just started: a user that watched an away user
+    // before its Connect would see it offline, then get its online, a
+    // change nobody sent (counted as duplicated).
+    crate::coord::wait_settled(
+        &mut ready_rx,
+        plan.away_local(),
+        a.timeout_secs,
+        "away users",
+    )
+    .await?;
     let mut users = Vec::new();
     for u in 0..plan.local() {
         let permit = gate.clone().acquire_owned().await?;
@@ -212,8 +222,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         }));
     }
     drop(ready_tx);
-    let sockets = plan.local() + plan.away_local();
-    crate::coord::wait_settled(&mut ready_rx, sockets, a.timeout_secs, "sockets").await?;
+    crate::coord::wait_settled(&mut ready_rx, plan.local(), a.timeout_secs, "users").await?;
     rec.add_counter("users_ready", live.channel.load(Relaxed));
     w.barrier("ready", 0).await?;
     let mem_after = Probe::take_if(w.is_first(), &a.pids);

@@ -188,6 +188,46 @@ async fn mixed_over_two_workers_accounts_for_every_kind() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_watchers_start_once_away_users_are_online() {
+    // Away users slow to get in: a user that watched them before then
+    // would see them offline, and their coming online would be a change
+    // nobody sent (counted as duplicated).
+    let fake = common::start(common::Faults {
+        slow_first_connect: Some(("mix-p".into(), Duration::from_millis(500))),
+        ..Default::default()
+    })
+    .await;
+    let addr = fake.addr.to_string();
+    let run = loadtest(&[
+        "mixed",
+        "--workers",
+        "2",
+        "--addr",
+        &addr,
+        "--sources",
+        "1",
+        "--users",
+        "8",
+        "--presence-users",
+        "4",
+        "--rate",
+        "16",
+        "--duration-secs",
+        "1",
+        "--mix",
+        "presence=1",
+        "--drain-secs",
+        "5",
+    ])
+    .await;
+    assert!(run.ok, "stderr:\n{}", run.stderr);
+    let p = &run.report["kinds"]["presence"];
+    assert!(u(&p["deliveries_expected"]) > 0, "{p}");
+    assert_eq!(u(&p["duplicated"]), 0, "{p}");
+    assert_eq!(p["deliveries_received"], p["deliveries_expected"], "{p}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_idle_and_storm_run_over_two_workers() {
     let fake = common::start(common::Faults::default()).await;
     let addr = fake.addr.to_string();

@@ -36,6 +36,9 @@ pub(crate) struct Faults {
     pub(crate) drop_delivery: Option<(String, u64)>,
     /// Close the socket of this user instead of answering Connect.
     pub(crate) refuse_user: Option<String>,
+    /// Hold the first Connect of users whose name starts with this for
+    /// this long before taking it (a slow edge or network).
+    pub(crate) slow_first_connect: Option<(String, std::time::Duration)>,
 }
 
 type Tx = mpsc::UnboundedSender<ServerFrame>;
@@ -162,6 +165,12 @@ async fn serve(
     if faults.refuse_user.as_deref() == Some(me.as_str()) {
         writer.abort();
         return Ok(());
+    }
+    if let Some((prefix, wait)) = &faults.slow_first_connect
+        && me.starts_with(prefix.as_str())
+        && !seen.lock().unwrap().contains(&me)
+    {
+        tokio::time::sleep(*wait).await;
     }
     seen.lock().unwrap().insert(me.clone());
     open.fetch_add(1, Ordering::Relaxed);
