@@ -39,7 +39,11 @@ use crate::{
 mod lanes;
 
 pub(crate) use lanes::FanoutLimits;
-use lanes::{Lane, Work};
+use lanes::{HistoryAnswer, Lane, Work};
+
+/// Sockets a fan-out writes before it lets other tasks run: about a
+/// millisecond of writes, so a channel's post delays nothing else by more.
+const FANOUT_TURN: usize = 128;
 
 /// Interest changes are serialized per subject through one of these locks,
 /// so subscribe/unsubscribe on the bus never run out of order.
@@ -248,26 +252,38 @@ impl Hub {
         }
     }
 
-    /// Offers frames (in order) to every socket of a stream: written at
-    /// once, in one write per socket, to the idle ones by this task, queued
-    /// for the others' writer tasks (ADR 0028). Returns the sockets offered
-    /// to (for the lane's yield).
-    fn fan_out(&self, subs: &HashMap<u64, ConnHandle>, frames: &[SharedFrame]) -> usize {
+    /// Offers frames (in order) to a stream's sockets, from a snapshot taken
+    /// with them: written at once, in one write per socket, to the idle ones
+    /// by this task, queued for the others' writer tasks (ADR 0028). Yields
+    /// after every `FANOUT_TURN` sockets, so a large audience neither holds
+    /// a worker thread nor any lock for the whole of it. Returns the
+    /// sockets offered to.
+    async fn fan_out(&self, conns: &[ConnHandle], frames: &[SharedFrame]) -> usize {
         if frames.is_empty() {
             return 0;
         }
-        let delivered = self.offer_all(subs, frames);
+        let mut delivered = 0;
+        for (turn, chunk) in conns.chunks(FANOUT_TURN).enumerate() {
+            if turn > 0 {
+                tokio::task::yield_now().await;
+            }
+            delivered += self.offer_all(chunk, frames);
+        }
         self.metrics.deliveries.increment(delivered);
-        subs.len()
+        conns.len()
     }
 
     /// Offers frames to each of `conns`; returns the frames they took.
     /// Counted once per call: a shared counter touched per socket costs a
     /// contended atomic per delivery.
-    fn offer_all(&self, conns: &HashMap<u64, ConnHandle>, frames: &[SharedFrame]) -> u64 {
+    fn offer_all<'a>(
+        &self,
+        conns: impl IntoIterator<Item = &'a ConnHandle>,
+        frames: &[SharedFrame],
+    ) -> u64 {
         let (mut taken, mut refused, mut written, mut bytes) = (0u64, 0u64, 0u64, 0u64);
         let (mut direct, mut queued) = (0u64, 0u64);
-        for conn in conns.values() {
+        for conn in conns {
             match conn.offer(frames, &self.metrics) {
                 Offer::Direct(d) => {
                     taken += u64::from(d.taken);
@@ -323,68 +339,87 @@ impl Hub {
         }
     }
 
-    /// Feeds a lane's batch to its stream's order and fans out what that
-    /// releases, in order, each socket's share in one write; returns the
-    /// sockets written to (for the lane's yield). The stream's entry stays
-    /// locked from the order step to the end of the fan-out, so a repair
-    /// releasing later seqs cannot reach a socket first.
-    fn on_batch(&self, key: &StreamKey, batch: &mut Vec<Work>, taken: Instant) -> usize {
+    /// Feeds a lane's batch (arrivals, loss markers, history answers) to
+    /// its stream's order, under the stream's entry lock; returns what the
+    /// order released, in order, and a snapshot of the stream's sockets to
+    /// fan it out to after the lock is let go. Every fan-out of a stream
+    /// runs on its lane's task, one batch after the other, so a repair's
+    /// frames cannot overtake the ones released before them.
+    fn order_batch(
+        &self,
+        key: &StreamKey,
+        batch: &mut Vec<Work>,
+        taken: Instant,
+    ) -> (Vec<SharedFrame>, Vec<ConnHandle>) {
         let mut repairs = Vec::new();
-        let pushed = match self.streams.get_mut(key) {
-            None => {
-                for work in batch.drain(..) {
-                    if !matches!(work, Work::Lost) {
-                        self.queued.fetch_sub(1, Relaxed);
-                    }
-                }
-                0
+        let mut out = Vec::with_capacity(batch.len());
+        let mut conns = Vec::new();
+        let mut entry = self.streams.get_mut(key);
+        let held = entry.as_ref().map_or(0, |e| e.order.held());
+        for work in batch.drain(..) {
+            if matches!(work, Work::Delivery { .. } | Work::Event(_)) {
+                self.queued.fetch_sub(1, Relaxed);
             }
-            Some(mut e) => {
-                let StreamEntry { subs, order } = &mut *e;
-                let held = order.held();
-                let mut out = Vec::with_capacity(batch.len());
-                for work in batch.drain(..) {
-                    match work {
-                        Work::Delivery {
-                            seq,
-                            frame,
-                            queued_at,
-                        } => {
-                            self.queued.fetch_sub(1, Relaxed);
-                            self.metrics
-                                .hops
-                                .queue
-                                .record(taken.duration_since(queued_at).as_secs_f64());
-                            let epoch = frame.delivery_epoch().unwrap_or("");
-                            match order.on_frame(seq, epoch, &frame, Instant::now()) {
-                                Arrival::Next { released } => {
-                                    self.released(&frame);
-                                    out.push(frame);
-                                    for f in released {
-                                        self.released(&f);
-                                        out.push(f);
-                                    }
-                                }
-                                Arrival::Duplicate => self.metrics.duplicates_dropped.increment(1),
-                                Arrival::Dropped => self.metrics.pending_dropped.increment(1),
-                                Arrival::Held { repair_at } => repairs.extend(repair_at),
+            // A stream without sockets: its history answers end their
+            // repairs (the sender is dropped), the rest goes nowhere.
+            let Some(e) = entry.as_mut() else { continue };
+            let order = &mut e.order;
+            match work {
+                Work::Delivery {
+                    seq,
+                    frame,
+                    queued_at,
+                } => {
+                    self.metrics
+                        .hops
+                        .queue
+                        .record(taken.duration_since(queued_at).as_secs_f64());
+                    let epoch = frame.delivery_epoch().unwrap_or("");
+                    match order.on_frame(seq, epoch, &frame, Instant::now()) {
+                        Arrival::Next { released } => {
+                            self.released(&frame);
+                            out.push(frame);
+                            for f in released {
+                                self.released(&f);
+                                out.push(f);
                             }
                         }
-                        Work::Event(frame) => {
-                            self.queued.fetch_sub(1, Relaxed);
-                            out.push(frame);
-                        }
-                        Work::Lost => repairs.extend(order.on_possible_loss(Instant::now())),
+                        Arrival::Duplicate => self.metrics.duplicates_dropped.increment(1),
+                        Arrival::Dropped => self.metrics.pending_dropped.increment(1),
+                        Arrival::Held { repair_at } => repairs.extend(repair_at),
                     }
                 }
-                self.count_held(held, order.held());
-                self.fan_out(subs, &out)
+                Work::Event(frame) => out.push(frame),
+                Work::Lost => repairs.extend(order.on_possible_loss(Instant::now())),
+                Work::History(h) => {
+                    let HistoryAnswer { answer, next } = *h;
+                    let answered = order.on_history(answer, Instant::now());
+                    match answered.gap {
+                        Some(Gap::Repaired) => self.metrics.gaps_repaired.increment(1),
+                        Some(Gap::Retried) => self.metrics.gaps_retried.increment(1),
+                        Some(Gap::Unrecoverable) => self.metrics.gaps_unrecoverable.increment(1),
+                        None => {}
+                    }
+                    for f in answered.deliver {
+                        self.released(&f);
+                        out.push(f);
+                    }
+                    // The repair task may be gone (its stream left and came back).
+                    let _ = next.send(answered.next_read);
+                }
             }
-        };
+        }
+        if let Some(e) = entry.as_mut() {
+            self.count_held(held, e.order.held());
+            if !out.is_empty() {
+                conns.extend(e.subs.values().cloned());
+            }
+        }
+        drop(entry);
         for at in repairs {
             self.spawn_repair(key.clone(), at);
         }
-        pushed
+        (out, conns)
     }
 
     fn spawn_repair(&self, key: StreamKey, at: Instant) {
@@ -397,8 +432,10 @@ impl Hub {
     }
 
     /// Runs one repair of a stream: sleeps until each read is due, reads
-    /// history and feeds the answer to the stream's order, until the order
-    /// says the repair is over (filled, or the hole skipped).
+    /// history and hands the answer to the stream's lane, whose task feeds
+    /// it to the stream's order and fans out what it releases in turn with
+    /// the stream's other frames; until the order says the repair is over
+    /// (filled, or the hole skipped).
     async fn repair(self: Arc<Self>, key: StreamKey, at: Instant) {
         let mut at = at;
         loop {
@@ -413,26 +450,14 @@ impl Hub {
                 .history
                 .recover(&key, Some(read.since), &read.epoch)
                 .await;
-            let Some(mut e) = self.streams.get_mut(&key) else {
-                return;
-            };
-            let StreamEntry { subs, order } = &mut *e;
-            let held = order.held();
-            let answered = order.on_history(answer, Instant::now());
-            match answered.gap {
-                Some(Gap::Repaired) => self.metrics.gaps_repaired.increment(1),
-                Some(Gap::Retried) => self.metrics.gaps_retried.increment(1),
-                Some(Gap::Unrecoverable) => self.metrics.gaps_unrecoverable.increment(1),
-                None => {}
-            }
-            for f in &answered.deliver {
-                self.released(f);
-            }
-            self.fan_out(subs, &answered.deliver);
-            self.count_held(held, order.held());
-            match answered.next_read {
-                Some(next) => at = next,
-                None => return,
+            let (next, answered) = tokio::sync::oneshot::channel();
+            self.enqueue(
+                key.clone(),
+                Work::History(Box::new(HistoryAnswer { answer, next })),
+            );
+            match answered.await {
+                Ok(Some(next)) => at = next,
+                Ok(None) | Err(_) => return,
             }
         }
     }
@@ -460,7 +485,7 @@ impl Hub {
         let key = match Subject::parse(subject) {
             Some(Subject::Presence(user)) => {
                 if let Some(w) = self.watchers.get(&user) {
-                    self.offer_all(&w, std::slice::from_ref(&frame));
+                    self.offer_all(w.values(), std::slice::from_ref(&frame));
                 }
                 return;
             }

@@ -21,7 +21,8 @@
 use std::{collections::VecDeque, sync::Arc, sync::atomic::Ordering::Relaxed};
 
 use switchboard_protocol::{Encoding, SharedFrame, StreamKey, now_ms, v1::server_frame};
-use tokio::time::Instant;
+use switchboard_router::{HistoryError, Recovery};
+use tokio::{sync::oneshot, time::Instant};
 
 use super::Hub;
 
@@ -64,6 +65,15 @@ pub(super) enum Work {
     /// history since its last seq (not counted against the limit; at most
     /// one waits per lane).
     Lost,
+    /// A repair's history read, for the stream's order (not counted
+    /// against the limit; at most one per running repair).
+    History(Box<HistoryAnswer>),
+}
+
+/// A repair's read and where to tell the repair when to read again.
+pub(crate) struct HistoryAnswer {
+    pub(super) answer: Result<Recovery, HistoryError>,
+    pub(super) next: oneshot::Sender<Option<Instant>>,
 }
 
 /// One stream's queued frames.
@@ -87,7 +97,9 @@ impl Hub {
         let mut lane = self.lanes.entry(key.clone()).or_default();
         let full = self.queued.load(Relaxed) >= self.fanout.max_frames
             || lane.queue.len() >= self.fanout.per_stream();
-        if full {
+        if let Work::History(_) = work {
+            lane.queue.push_back(work);
+        } else if full {
             match work {
                 Work::Delivery { .. } => {
                     self.metrics.fanout_dropped_deliveries.increment(1);
@@ -101,7 +113,7 @@ impl Hub {
                     self.metrics.fanout_dropped_events.increment(1);
                     return;
                 }
-                Work::Lost => {}
+                Work::Lost | Work::History(_) => {}
             }
         } else {
             self.queued.fetch_add(1, Relaxed);
@@ -144,6 +156,7 @@ impl Hub {
                     };
                     match &work {
                         Work::Lost => lane.lost = false,
+                        Work::History(_) => {}
                         Work::Delivery { frame, .. } | Work::Event(frame) => {
                             bytes += frame.encoded(Encoding::Protobuf).len();
                         }
@@ -165,7 +178,8 @@ impl Hub {
                 continue;
             }
             let taken = Instant::now();
-            let pushed = self.on_batch(&key, &mut batch, taken);
+            let (frames, conns) = self.order_batch(&key, &mut batch, taken);
+            let pushed = self.fan_out(&conns, &frames).await;
             // Once per fan-out; a batch held for a gap reached no socket.
             if pushed > 0 {
                 self.metrics
