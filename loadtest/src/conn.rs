@@ -53,8 +53,70 @@ pub(crate) fn wire_bytes_read() -> u64 {
     WIRE_BYTES_READ.load(Ordering::Relaxed)
 }
 
-/// A TCP socket whose reads are counted in [`WIRE_BYTES_READ`].
-pub(crate) struct Metered(TcpStream);
+/// A TCP socket whose reads are counted in [`WIRE_BYTES_READ`] and,
+/// where asked ([`Sources::kernel_stamps`]), stamped with the time the
+/// kernel received their bytes.
+pub(crate) struct Metered {
+    stream: TcpStream,
+    stamps: bool,
+    /// Unix µs the kernel received the last bytes read (0: none yet).
+    received_us: u64,
+}
+
+impl Metered {
+    /// When the kernel received the bytes of the last read: with
+    /// thousands of sockets on a few threads a frame may wait in its
+    /// socket long after it arrived, and this leaves that wait out. A
+    /// frame read across several reads gets the last one's time (never
+    /// earlier than it arrived). `None` unless stamps were asked for.
+    pub(crate) fn received_us(&self) -> Option<u64> {
+        (self.received_us > 0).then_some(self.received_us)
+    }
+
+    fn poll_read_stamped(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        use std::os::fd::AsRawFd;
+        loop {
+            std::task::ready!(self.stream.poll_read_ready(cx))?;
+            let fd = self.stream.as_raw_fd();
+            let unfilled = buf.initialize_unfilled();
+            match self
+                .stream
+                .try_io(tokio::io::Interest::READABLE, || recv_stamped(fd, unfilled))
+            {
+                Ok((n, stamp)) => {
+                    buf.advance(n);
+                    if let Some(us) = stamp {
+                        self.received_us = us;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+/// One `recvmsg` and the kernel's receive time of what it read (unix µs;
+/// SO_TIMESTAMPNS gives the time of the last segment read).
+fn recv_stamped(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<u64>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use nix::sys::time::TimeValLike;
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!(nix::sys::time::TimeSpec);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::empty())?;
+    let mut stamp = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmTimestampns(ts) = c {
+            stamp = u64::try_from(ts.num_microseconds()).ok();
+        }
+    }
+    Ok((msg.bytes, stamp))
+}
 
 impl AsyncRead for Metered {
     fn poll_read(
@@ -62,8 +124,13 @@ impl AsyncRead for Metered {
         cx: &mut TaskContext<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.get_mut().0).poll_read(cx, buf);
+        let polled = if me.stamps {
+            me.poll_read_stamped(cx, buf)
+        } else {
+            Pin::new(&mut me.stream).poll_read(cx, buf)
+        };
         let n = buf.filled().len() - before;
         if n > 0 {
             WIRE_BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
@@ -78,15 +145,15 @@ impl AsyncWrite for Metered {
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -151,6 +218,8 @@ pub(crate) struct Sources {
     retry_for: Option<Duration>,
     /// Offer permessage-deflate.
     pub(crate) deflate: bool,
+    /// Stamp every read with the kernel's receive time ([`received_us`]).
+    pub(crate) kernel_stamps: bool,
 }
 
 impl Sources {
@@ -163,6 +232,7 @@ impl Sources {
             next: AtomicUsize::new(offset as usize % count as usize),
             retry_for: None,
             deflate: false,
+            kernel_stamps: false,
         }
     }
 
@@ -213,6 +283,12 @@ pub(crate) async fn recv(ws: &mut Ws) -> anyhow::Result<ServerFrame> {
             _ => continue,
         }
     }
+}
+
+/// When the kernel received the bytes of the frame [`recv`] returned last
+/// (unix µs), if the socket was opened with [`Sources::kernel_stamps`].
+pub(crate) fn received_us(ws: &Ws) -> Option<u64> {
+    ws.get_ref().get_ref().received_us()
 }
 
 /// Longest a socket may take from TCP connect to ConnectResult.
@@ -456,10 +532,22 @@ async fn open_now(addr: SocketAddr, sources: &Sources, token: String) -> anyhow:
     socket.bind(SocketAddr::new(sources.pick().into(), 0))?;
     let mut stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr)).await??;
     let agreed = upgrade(&mut stream, addr, sources.deflate).await?;
+    if sources.kernel_stamps {
+        nix::sys::socket::setsockopt(
+            &stream,
+            nix::sys::socket::sockopt::ReceiveTimestampns,
+            &true,
+        )?;
+    }
+    let stream = Metered {
+        stream,
+        stamps: sources.kernel_stamps,
+        received_us: 0,
+    };
     let stream = if agreed {
-        DeflateStream::agreed(Metered(stream), MAX_MESSAGE_BYTES)
+        DeflateStream::agreed(stream, MAX_MESSAGE_BYTES)
     } else {
-        DeflateStream::plain(Metered(stream))
+        DeflateStream::plain(stream)
     };
     // tungstenite allocates its read buffer up front (128 KiB by default):
     // at a million sockets every KiB here is a GB. Frames here are small and
@@ -738,6 +826,38 @@ mod tests {
         let plain = |key: &str| accept(key).replace("Sec-WebSocket-Protocol", "X-Other");
         let err = try_upgrade(server(plain).await).await.unwrap_err();
         assert!(err.to_string().contains("did not choose"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn reads_carry_the_kernel_receive_time_when_asked() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        nix::sys::socket::setsockopt(
+            &accepted,
+            nix::sys::socket::sockopt::ReceiveTimestampns,
+            &true,
+        )
+        .unwrap();
+        let mut stamped = Metered {
+            stream: accepted,
+            stamps: true,
+            received_us: 0,
+        };
+        assert_eq!(stamped.received_us(), None);
+        let before = crate::report::now_us();
+        client.write_all(b"hello").await.unwrap();
+        // Read well after the bytes arrived: the stamp is their arrival.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut buf = [0u8; 16];
+        let n = stamped.read(&mut buf).await.unwrap();
+        let after = crate::report::now_us();
+        assert_eq!(&buf[..n], b"hello");
+        let at = stamped.received_us().expect("a stamp");
+        assert!(at >= before, "{at} < {before}");
+        assert!(at + 40_000 < after, "stamped at the read, not the arrival");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use tokio::{
 use crate::{
     conn,
     coord::Worker,
-    recorder::{Counters, Recorder},
+    recorder::{Counters, KERNEL_PREFIX, Recorder, SEQUENCED_PREFIX},
     report::{Report, now_us},
     sys::{Pids, Probe},
 };
@@ -48,6 +48,10 @@ const RECEIPT: usize = 3;
 const TYPING: usize = 4;
 const PRESENCE: usize = 5;
 const KINDS: [&str; 6] = ["dm", "group", "channel", "receipt", "typing", "presence"];
+
+/// The report's `hists` name of how late socket tasks took their
+/// operations (due → taken): the load generator's own backlog.
+const GENERATOR_LAG: &str = "generator_lag";
 
 /// Channel posts whose fan-out time is tracked one by one.
 const MAX_TRACKED_POSTS: usize = 100_000;
@@ -131,10 +135,11 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         unanswered: AtomicU64::new(0),
         pending: Pending::default(),
     });
-    let sources = Arc::new(
-        a.target
-            .sources(w.index, Duration::from_secs(a.timeout_secs)),
-    );
+    let mut sources = a
+        .target
+        .sources(w.index, Duration::from_secs(a.timeout_secs));
+    sources.kernel_stamps = true;
+    let sources = Arc::new(sources);
     let gate = Arc::new(Semaphore::new(a.target.concurrency));
     let (stop_tx, stop) = watch::channel(false);
     // Away users stop after the users, so that their going offline at
@@ -148,7 +153,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let mut away = Vec::new();
     for p in 0..plan.away_local() {
         let permit = gate.clone().acquire_owned().await?;
-        let (tx, rx) = mpsc::channel::<()>(4);
+        let (tx, rx) = mpsc::channel::<Instant>(4);
         away.push(tx);
         let name = plan.away_name(p);
         let task = Away {
@@ -183,7 +188,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let mut users = Vec::new();
     for u in 0..plan.local() {
         let permit = gate.clone().acquire_owned().await?;
-        let (tx, rx) = mpsc::channel::<Cmd>(16);
+        let (tx, rx) = mpsc::channel::<(Cmd, Instant)>(16);
         users.push(tx);
         let me = plan.name(u);
         let g = plan.group_of(u);
@@ -274,7 +279,9 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         let mut credit = [0.0; 6];
         let mut next_away = 0usize;
         for _ in 0..ops {
-            tick.tick().await;
+            // When the operation is due: a socket task that takes it
+            // later says how far behind the load generator runs.
+            let due = tick.tick().await;
             for (c, r) in credit.iter_mut().zip(rates) {
                 *c += r;
             }
@@ -285,7 +292,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
             let sent = if kind == PRESENCE {
                 next_away = (next_away + 1) % away.len().max(1);
                 away.get(next_away)
-                    .is_some_and(|tx| tx.try_send(()).is_ok())
+                    .is_some_and(|tx| tx.try_send(due).is_ok())
             } else {
                 let cmd = match kind {
                     DM => Cmd::Dm(next()),
@@ -294,7 +301,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
                     _ => Cmd::Typing,
                 };
                 users[(next() % plan.local()) as usize]
-                    .try_send(cmd)
+                    .try_send((cmd, due))
                     .is_ok()
             };
             if sent {
@@ -445,6 +452,38 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         "typing_skipped",
     ] {
         m.insert(k.into(), json!(r.counter(k)));
+    }
+    // Two views of the same deliveries: `latency_ms` ends when a socket
+    // task reads the frame, `kernel_latency_ms` when the kernel received
+    // it; the difference is the frame's wait in the load generator.
+    let kernel: Map<String, Value> = r
+        .hists
+        .iter()
+        .filter_map(|(k, h)| Some((k.strip_prefix(KERNEL_PREFIX)?.to_owned(), h.summary())))
+        .collect();
+    let mut all = crate::report::Hist::fine();
+    for (k, h) in &r.hists {
+        if k.starts_with(KERNEL_PREFIX) {
+            all.merge(h);
+        }
+    }
+    if all.len() > 0 {
+        m.insert("kernel_latency_ms".into(), all.summary());
+        m.insert("kernel_latency_ms_by_kind".into(), Value::Object(kernel));
+    }
+    let sequenced: Map<String, Value> = r
+        .hists
+        .iter()
+        .filter_map(|(k, h)| Some((k.strip_prefix(SEQUENCED_PREFIX)?.to_owned(), h.summary())))
+        .collect();
+    if !sequenced.is_empty() {
+        m.insert(
+            "sequenced_latency_ms_by_kind".into(),
+            Value::Object(sequenced),
+        );
+    }
+    if let Some(h) = r.hists.get(GENERATOR_LAG) {
+        m.insert("generator_lag_ms".into(), h.summary());
     }
     let total = r.total();
     m.insert(

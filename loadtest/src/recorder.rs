@@ -55,6 +55,11 @@ struct PostSlot {
 #[derive(Default)]
 struct Samples {
     kinds: Vec<Hist>,
+    /// Per kind: latency to the kernel's receipt of the frame (where
+    /// sockets stamp their reads), not to the socket task reading it.
+    kernel: Vec<Hist>,
+    /// Per kind: sent → sequenced by the router (the publish's half).
+    sequenced: Vec<Hist>,
     series: BTreeMap<u64, Second>,
 }
 
@@ -91,6 +96,8 @@ impl Recorder {
             kinds: kinds.iter().map(|_| Counters::default()).collect(),
             samples: Mutex::new(Samples {
                 kinds: kinds.iter().map(|_| Hist::fine()).collect(),
+                kernel: kinds.iter().map(|_| Hist::fine()).collect(),
+                sequenced: kinds.iter().map(|_| Hist::fine()).collect(),
                 series: BTreeMap::new(),
             }),
             posts: (0..posts).map(|_| PostSlot::default()).collect(),
@@ -185,18 +192,24 @@ impl Recorder {
         }
     }
 
-    fn flush(&self, buf: &mut Vec<(usize, u64, u64)>) {
+    fn flush(&self, buf: &mut Vec<Sample>) {
         if buf.is_empty() {
             return;
         }
         let mut s = self.samples.lock().expect("samples lock");
-        for (kind, at_us, latency_us) in buf.drain(..) {
-            s.kinds[kind].record(latency_us);
+        for x in buf.drain(..) {
+            s.kinds[x.kind].record(x.latency_us);
+            if let Some(k) = x.kernel_us {
+                s.kernel[x.kind].record(k);
+            }
+            if let Some(q) = x.sequenced_us {
+                s.sequenced[x.kind].record(q);
+            }
             s.series
-                .entry(at_us / 1_000_000)
+                .entry(x.at_us / 1_000_000)
                 .or_default()
                 .latency
-                .record(latency_us);
+                .record(x.latency_us);
         }
     }
 
@@ -237,6 +250,17 @@ impl Recorder {
             })
             .collect();
         let first = self.first_attempt_us.load(Relaxed);
+        let mut hists = extra.hists.clone();
+        for (name, h) in self.names.iter().zip(&samples.kernel) {
+            if h.len() > 0 {
+                hists.insert(format!("{KERNEL_PREFIX}{name}"), h.clone());
+            }
+        }
+        for (name, h) in self.names.iter().zip(&samples.sequenced) {
+            if h.len() > 0 {
+                hists.insert(format!("{SEQUENCED_PREFIX}{name}"), h.clone());
+            }
+        }
         Report {
             scenario: scenario.into(),
             workers: 1,
@@ -261,24 +285,70 @@ impl Recorder {
             counters: extra.counters.clone(),
             earliest_us: extra.earliest_us.clone(),
             latest_us: extra.latest_us.clone(),
-            hists: extra.hists.clone(),
+            hists,
         }
     }
+}
+
+/// The report's `hists` name of a kind's latency to the kernel's receipt.
+pub(crate) const KERNEL_PREFIX: &str = "kernel_";
+/// The report's `hists` name of a kind's time from send to sequencing.
+pub(crate) const SEQUENCED_PREFIX: &str = "sequenced_";
+
+/// One delivery's latency.
+struct Sample {
+    kind: usize,
+    /// Unix µs its socket task read it.
+    at_us: u64,
+    /// Sent → read by its socket task.
+    latency_us: u64,
+    /// Sent → received by the kernel, where sockets stamp their reads.
+    kernel_us: Option<u64>,
+    /// Sent → sequenced by the router (its timestamp, ms).
+    sequenced_us: Option<u64>,
 }
 
 /// Latency samples of one socket task, flushed to the recorder in
 /// batches and when dropped.
 pub(crate) struct Batch {
     rec: Arc<Recorder>,
-    /// (kind, unix µs received, latency µs)
-    buf: Vec<(usize, u64, u64)>,
+    buf: Vec<Sample>,
 }
 
 impl Batch {
     /// A delivery of `kind` sent at `sent_us` arrived at `now_us`.
     pub(crate) fn latency(&mut self, kind: usize, sent_us: u64, now_us: u64) {
-        self.buf
-            .push((kind, now_us, now_us.saturating_sub(sent_us)));
+        self.latency_stamped(kind, sent_us, now_us, None);
+    }
+
+    /// Splits the last sample at its sequencing (`sequenced_ms`, the
+    /// router's timestamp): how much of it was the publish's way in.
+    pub(crate) fn sequenced_at(&mut self, sequenced_ms: i64) {
+        if let Some(last) = self.buf.last_mut() {
+            let at = u64::try_from(sequenced_ms).unwrap_or(0) * 1000;
+            let sent = last.at_us - last.latency_us;
+            last.sequenced_us = Some(at.saturating_sub(sent));
+        }
+    }
+
+    /// As [`Batch::latency`], with the time the kernel received it, which
+    /// leaves out how long the frame waited for its socket task (with
+    /// thousands of sockets per load-generator thread, that wait is the
+    /// load generator's, not the server's).
+    pub(crate) fn latency_stamped(
+        &mut self,
+        kind: usize,
+        sent_us: u64,
+        now_us: u64,
+        kernel_at_us: Option<u64>,
+    ) {
+        self.buf.push(Sample {
+            kind,
+            at_us: now_us,
+            latency_us: now_us.saturating_sub(sent_us),
+            kernel_us: kernel_at_us.map(|k| k.min(now_us).saturating_sub(sent_us)),
+            sequenced_us: None,
+        });
         if self.buf.len() >= BATCH {
             self.rec.flush(&mut self.buf);
         }

@@ -20,7 +20,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{CHANNEL, DM, GROUP, Live, PRESENCE, RECEIPT, TYPING, note_reply};
+use super::{CHANNEL, DM, GENERATOR_LAG, GROUP, Live, PRESENCE, RECEIPT, TYPING, note_reply};
 use crate::{
     accounting::{Seen, Tracker},
     conn,
@@ -130,7 +130,7 @@ impl User {
 
     pub(super) async fn run(
         self,
-        mut rx: mpsc::Receiver<Cmd>,
+        mut rx: mpsc::Receiver<(Cmd, Instant)>,
         mut stop: watch::Receiver<bool>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) -> anyhow::Result<()> {
@@ -173,7 +173,8 @@ impl User {
                     }
                 }
                 cmd = rx.recv() => {
-                    let Some(cmd) = cmd else { break };
+                    let Some((cmd, due)) = cmd else { break };
+                    self.rec.sample(GENERATOR_LAG, due.elapsed().as_micros() as u64);
                     next_id = next_id.wrapping_add(1).max(10);
                     n += 1;
                     let frame = self.command(cmd, next_id, n, &mut dm_unread, &mut group_unread, &mut last_typing);
@@ -190,6 +191,7 @@ impl User {
                 f = conn::recv(&mut ws) => {
                     let Ok(f) = f else { break };
                     let now = now_us();
+                    let kernel = conn::received_us(&ws);
                     let kind = f.kind.as_ref();
                     match kind {
                         Some(server_frame::Kind::Delivery(d)) => {
@@ -222,7 +224,8 @@ impl User {
                             if now.saturating_sub(sent) > self.window_us {
                                 Counters::add(&c.late, 1);
                             }
-                            samples.latency(k, sent, now);
+                            samples.latency_stamped(k, sent, now, kernel);
+                            samples.sequenced_at(d.timestamp_ms);
                             match k {
                                 DM => {
                                     let u = dm_unread.entry(d.sender.clone()).or_default();
@@ -241,17 +244,17 @@ impl User {
                             } else {
                                 format!("{}|{}|{}", r.chat, r.from, r.seq)
                             };
-                            self.ephemeral(RECEIPT, &key, now, &mut samples);
+                            self.ephemeral(RECEIPT, &key, (now, kernel), &mut samples);
                         }
                         Some(server_frame::Kind::Typing(t)) => {
                             if t.user == self.me {
                                 continue;
                             }
-                            self.ephemeral(TYPING, &format!("{}|{}", t.chat, t.user), now, &mut samples);
+                            self.ephemeral(TYPING, &format!("{}|{}", t.chat, t.user), (now, kernel), &mut samples);
                         }
                         Some(server_frame::Kind::Presence(p)) => {
                             let key = format!("{}|{}", p.user, p.online);
-                            self.ephemeral(PRESENCE, &key, now, &mut samples);
+                            self.ephemeral(PRESENCE, &key, (now, kernel), &mut samples);
                         }
                         Some(server_frame::Kind::PublishAck(_)) => {
                             // Owed from the ack on: a refused one owes nothing.
@@ -288,13 +291,20 @@ impl User {
         Ok(())
     }
 
-    /// An unsequenced event arrived: find when it was sent.
-    fn ephemeral(&self, kind: usize, key: &str, now: u64, samples: &mut crate::recorder::Batch) {
+    /// An unsequenced event arrived (read at `now`, received by the
+    /// kernel at `kernel`): find when it was sent.
+    fn ephemeral(
+        &self,
+        kind: usize,
+        key: &str,
+        (now, kernel): (u64, Option<u64>),
+        samples: &mut crate::recorder::Batch,
+    ) {
         let c = self.rec.kind(kind);
         match self.live.pending.arrive(key) {
             Some(sent) => {
                 Counters::add(&c.received, 1);
-                samples.latency(kind, sent, now);
+                samples.latency_stamped(kind, sent, now, kernel);
             }
             // Seen already by everyone due, or never sent.
             None => Counters::add(&c.duplicated, 1),
@@ -422,7 +432,8 @@ pub(super) struct Away {
     pub(super) name: String,
     pub(super) index: usize,
     pub(super) live: Arc<Live>,
-    pub(super) rx: mpsc::Receiver<()>,
+    /// When each change is due.
+    pub(super) rx: mpsc::Receiver<Instant>,
     pub(super) stop: watch::Receiver<bool>,
     pub(super) ready: mpsc::Sender<bool>,
     pub(super) executed: Arc<AtomicU64>,
@@ -447,10 +458,9 @@ impl Away {
             };
             tokio::select! {
                 _ = crate::coord::stopped(&mut self.stop) => break,
-                cmd = self.rx.recv() => {
-                    if cmd.is_none() {
-                        break;
-                    }
+                due = self.rx.recv() => {
+                    let Some(due) = due else { break };
+                    self.rec.sample(GENERATOR_LAG, due.elapsed().as_micros() as u64);
                     let watchers = self.live.watchers[self.index].load(Relaxed);
                     let online = ws.is_none();
                     self.live.pending.expect(format!("{}|{online}", self.name), now_us(), watchers);
