@@ -40,9 +40,11 @@ pub(crate) struct Sessions {
     /// Where routers reach this node, renewed with the lease.
     addr: String,
     ttl: Duration,
-    /// Presence sessions of this node's sockets (heartbeated together,
-    /// registered again when the lease was lost), by connection id.
-    live: DashMap<u64, Session>,
+    /// The users of this node's sockets, by connection id: their presence
+    /// sessions (heartbeated together, registered again when the lease
+    /// was lost) follow from these (`session_of`), so the strings of a
+    /// session are not kept for every idle socket.
+    live: DashMap<u64, UserId>,
     /// Serializes each user's presence transition with its announcement,
     /// so a socket's offline cannot overtake the online of the socket that
     /// replaced it (watchers would be left with the wrong state).
@@ -161,7 +163,11 @@ impl Sessions {
                     continue;
                 }
             };
-            let sessions: Vec<Session> = self.live.iter().map(|e| e.value().clone()).collect();
+            let sessions: Vec<Session> = self
+                .live
+                .iter()
+                .map(|e| self.session_of(e.value(), *e.key()))
+                .collect();
             if !fresh || sessions.is_empty() {
                 continue;
             }
@@ -201,7 +207,7 @@ impl Sessions {
         conn_id: u64,
         session: &Session,
     ) -> Result<(), PresenceError> {
-        self.live.insert(conn_id, session.clone());
+        self.live.insert(conn_id, session.user.clone());
         let _order = self.ordered(&session.user).await;
         let transition = self
             .store

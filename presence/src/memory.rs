@@ -22,9 +22,84 @@ pub struct MemoryPresence {
 
 #[derive(Default)]
 struct Entry {
-    /// session id -> node
-    sessions: HashMap<String, String>,
+    sessions: Devices,
     last_seen_ms: i64,
+}
+
+/// A user's sessions, session id -> node. Most users have one socket, and
+/// a map allocates room for several (224 bytes for one session), so one
+/// session is kept inline and a map made for the second (boxed: the entry
+/// stays the size of one session).
+#[derive(Default)]
+enum Devices {
+    #[default]
+    None,
+    One(String, String),
+    #[allow(clippy::box_collection)]
+    Many(Box<HashMap<String, String>>),
+}
+
+impl Devices {
+    fn is_empty(&self) -> bool {
+        match self {
+            Devices::None => true,
+            Devices::One(..) => false,
+            Devices::Many(m) => m.is_empty(),
+        }
+    }
+
+    fn insert(&mut self, id: String, node: String) {
+        match self {
+            Devices::None => *self = Devices::One(id, node),
+            Devices::One(one, at) if *one == id => *at = node,
+            Devices::One(..) => {
+                let Devices::One(one, at) = std::mem::take(self) else {
+                    unreachable!("matched One above")
+                };
+                *self = Devices::Many(Box::new(HashMap::from([(one, at), (id, node)])));
+            }
+            Devices::Many(m) => {
+                m.insert(id, node);
+            }
+        }
+    }
+
+    /// Whether the session was there.
+    fn remove(&mut self, id: &str) -> bool {
+        let removed = match self {
+            Devices::One(one, _) => *one == id,
+            Devices::Many(m) => m.remove(id).is_some(),
+            Devices::None => false,
+        };
+        if removed && (matches!(self, Devices::One(..)) || self.is_empty()) {
+            *self = Devices::None;
+        }
+        removed
+    }
+
+    /// Keeps the sessions whose node passes `keep`.
+    fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        match self {
+            Devices::One(_, node) if !keep(node) => *self = Devices::None,
+            Devices::Many(m) => {
+                m.retain(|_, node| keep(node));
+                if m.is_empty() {
+                    *self = Devices::None;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The node of each session.
+    fn nodes(&self) -> impl Iterator<Item = &String> {
+        let (one, many) = match self {
+            Devices::None => (None, None),
+            Devices::One(_, node) => (Some(node), None),
+            Devices::Many(m) => (None, Some(m.values())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
 }
 
 impl MemoryPresence {
@@ -52,7 +127,7 @@ impl MemoryPresence {
         let mut gone = Vec::new();
         for mut e in self.users.iter_mut() {
             let had = !e.sessions.is_empty();
-            e.sessions.retain(|_, node| !dead(node));
+            e.sessions.retain(|node| !dead(node));
             if had && e.sessions.is_empty() {
                 e.last_seen_ms = now_ms;
                 gone.push((e.key().clone(), now_ms));
@@ -98,7 +173,7 @@ impl PresenceStore for MemoryPresence {
             let Some(mut e) = self.users.get_mut(&s.user) else {
                 return Ok(Transition::Unchanged);
             };
-            let removed = e.sessions.remove(&s.session_id).is_some();
+            let removed = e.sessions.remove(&s.session_id);
             if removed && e.sessions.is_empty() {
                 e.last_seen_ms = now_ms;
                 Transition::BecameOffline {
@@ -143,7 +218,7 @@ impl PresenceStore for MemoryPresence {
                     .get(u)
                     .map(|e| {
                         (
-                            e.sessions.values().filter(|n| self.live(n, now_ms)).count(),
+                            e.sessions.nodes().filter(|n| self.live(n, now_ms)).count(),
                             e.last_seen_ms,
                         )
                     })
@@ -162,7 +237,7 @@ impl PresenceStore for MemoryPresence {
         let mut nodes: Vec<String> = self
             .users
             .get(user)
-            .map(|e| e.sessions.values().cloned().collect())
+            .map(|e| e.sessions.nodes().cloned().collect())
             .unwrap_or_default();
         nodes.sort();
         nodes.dedup();
@@ -226,6 +301,30 @@ mod tests {
             session_id: id.into(),
             node: "n1".into(),
         }
+    }
+
+    #[test]
+    fn devices_keep_one_session_inline_and_more_in_a_map() {
+        let mut d = Devices::default();
+        assert!(d.is_empty());
+        d.insert("s1".into(), "n1".into());
+        d.insert("s1".into(), "n2".into());
+        assert!(matches!(&d, Devices::One(id, node) if id == "s1" && node == "n2"));
+        assert!(!d.remove("s2"));
+        d.insert("s2".into(), "n1".into());
+        let mut nodes: Vec<&String> = d.nodes().collect();
+        nodes.sort();
+        assert_eq!(nodes, ["n1", "n2"]);
+        d.retain(|node| node != "n1");
+        assert_eq!(d.nodes().collect::<Vec<_>>(), ["n2"]);
+        assert!(d.remove("s1"));
+        assert!(
+            matches!(d, Devices::None),
+            "the map goes with its last session"
+        );
+        d.insert("s3".into(), "n1".into());
+        d.retain(|node| node != "n1");
+        assert!(d.is_empty());
     }
 
     #[tokio::test]

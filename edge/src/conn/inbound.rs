@@ -114,10 +114,11 @@ impl<R: AsyncRead + Unpin> Inbound<R> {
 pub(crate) struct FrameBounded<R> {
     inner: R,
     header: [u8; MAX_HEADER],
-    /// Header bytes read so far / needed / already handed to the reader.
-    have: usize,
-    need: usize,
-    given: usize,
+    /// Header bytes read so far / needed / already handed to the reader
+    /// (at most `MAX_HEADER`; bytes, as every idle socket holds these).
+    have: u8,
+    need: u8,
+    given: u8,
     /// Payload bytes the reader may still take; `None` until the header is whole.
     payload_left: Option<u64>,
     /// permessage-deflate was negotiated: RSV1 may mark a compressed message.
@@ -153,24 +154,27 @@ impl<R: AsyncRead + Unpin> FrameBounded<R> {
             (self.have, self.need, self.given, self.payload_left) = (0, 2, 0, None);
         }
         while self.payload_left.is_none() {
-            let mut buf = ReadBuf::new(&mut self.header[self.have..self.need]);
+            let (have, need) = (usize::from(self.have), usize::from(self.need));
+            let mut buf = ReadBuf::new(&mut self.header[have..need]);
             ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf))?;
             let n = buf.filled().len();
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
             }
-            self.have += n;
+            // At most `need - have`, so within a header.
+            self.have += n as u8;
             if self.have < self.need {
                 continue;
             }
             let code = self.header[1] & 0x7f;
-            let extended = match code {
+            let extended: usize = match code {
                 126 => 2,
                 127 => 8,
                 _ => 0,
             };
             let mask = if self.header[1] & 0x80 != 0 { 4 } else { 0 };
-            self.need = 2 + extended + mask;
+            // At most `MAX_HEADER`.
+            self.need = (2 + extended + mask) as u8;
             if self.have < self.need {
                 continue;
             }
@@ -201,9 +205,10 @@ impl<R: AsyncRead + Unpin> AsyncRead for FrameBounded<R> {
         let this = self.get_mut();
         ready!(this.poll_header(cx))?;
         if this.given < this.have {
-            let n = (this.have - this.given).min(buf.remaining());
-            buf.put_slice(&this.header[this.given..this.given + n]);
-            this.given += n;
+            let given = usize::from(this.given);
+            let n = usize::from(this.have - this.given).min(buf.remaining());
+            buf.put_slice(&this.header[given..given + n]);
+            this.given += n as u8;
             return Poll::Ready(Ok(()));
         }
         let left = this.payload_left.unwrap_or(0);

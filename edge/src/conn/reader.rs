@@ -11,7 +11,7 @@ use switchboard_protocol::{
     CloseReason,
     deflate::{self, InflateError},
     now_ms,
-    v1::{ErrorCode, client_frame},
+    v1::{ClientFrame, ErrorCode, client_frame},
 };
 use tokio::io::AsyncRead;
 
@@ -68,87 +68,108 @@ pub(super) async fn read_loop<R: AsyncRead + Unpin>(
     let mut fragments = Fragments::new(settings.max_frame_bytes);
     let mut rates = Rates::new(settings);
     loop {
-        let (frame, compressed) = match rd.read_frame(&mut obligated).await {
-            Ok(f) => f,
-            Err(e) => {
-                let max = session.context().settings.max_frame_bytes;
-                return match read_failure(&e, max) {
-                    None => ReaderExit::PeerGone,
-                    Some(v) => fatal(session, 0, v),
-                };
-            }
+        let read = rd.read_frame(&mut obligated).await;
+        // Worked out without an await: whatever is borrowed across the
+        // await below (the frame, the decoded request) stays in every
+        // socket's task for its whole life.
+        let request = match take_request(session, &mut fragments, &mut rates, last_seen, read) {
+            Ok(Some(request)) => request,
+            Ok(None) => continue,
+            Err(exit) => return exit,
         };
-        last_seen.store(now_ms(), Ordering::Relaxed);
-        metrics::frame_in(&session.context().metrics, frame.payload.len());
-        let (opcode, payload) = match fragments.push(&frame, compressed) {
-            Step::Message(opcode, payload) => {
-                if fragments.take_inflated() {
-                    session.context().metrics.deflate.inflated.increment(1);
-                }
-                (opcode, payload)
-            }
-            Step::More => continue,
-            Step::Closed => return ReaderExit::PeerGone,
-            Step::Ping => {
-                match rates.admit(None, &session.context().settings, ratelimit::clock_ms()) {
-                    // A WebSocket ping has no request id.
-                    Admit::Flood => return fatal(session, 0, flood()),
-                    Admit::Refused => continue, // over the limit: no pong
-                    Admit::Yes => {}
-                }
-                // Auto-pong is off (see `inbound`): answer here.
-                let pong = Box::new((OpCode::Pong, frame.payload.to_vec()));
-                if !session.conn().send(Outbound::Control(pong)) {
-                    return ReaderExit::PeerGone;
-                }
-                continue;
-            }
-            Step::Refuse(v) => return fatal(session, 0, v),
-        };
-        let decoded = session
-            .conn()
-            .encoding()
-            .decode_client(&payload, opcode == OpCode::Text);
-        let request = match decoded {
-            Ok(r) => r,
-            Err(e) => {
-                let v = Violation::new(
-                    ErrorCode::BadRequest,
-                    e.to_string(),
-                    CloseReason::BadRequest,
-                );
-                return fatal(session, 0, v);
-            }
-        };
-        match rates.admit(
-            request.kind.as_ref(),
-            &session.context().settings,
-            ratelimit::clock_ms(),
-        ) {
-            // The refusal that makes the flood answers its request too.
-            Admit::Flood => return fatal(session, request.id, flood()),
-            Admit::Refused => {
-                let what = if is_publish(request.kind.as_ref()) {
-                    "publish"
-                } else {
-                    "request"
-                };
-                session.refuse(
-                    request.id,
-                    Refusal(
-                        ErrorCode::LimitExceeded,
-                        format!("{what} rate limit exceeded"),
-                    ),
-                );
-                continue;
-            }
-            Admit::Yes => {}
-        }
         // Boxed: a request's await state (bus, history, presence) must
         // not stay in every idle socket's task.
         if let Err(reason) = Box::pin(session.handle(request)).await {
             return ReaderExit::Close(reason);
         }
+    }
+}
+
+/// What one read frame asks for: a request for the session (`Some`),
+/// nothing yet (`None`: a fragment, a pong, an answered ping, a refused
+/// request), or the end of the socket.
+fn take_request(
+    session: &Session,
+    fragments: &mut Fragments,
+    rates: &mut Rates,
+    last_seen: &AtomicI64,
+    read: Result<(Frame<'static>, bool), WebSocketError>,
+) -> Result<Option<ClientFrame>, ReaderExit> {
+    let (frame, compressed) = match read {
+        Ok(f) => f,
+        Err(e) => {
+            let max = session.context().settings.max_frame_bytes;
+            return Err(match read_failure(&e, max) {
+                None => ReaderExit::PeerGone,
+                Some(v) => fatal(session, 0, v),
+            });
+        }
+    };
+    last_seen.store(now_ms(), Ordering::Relaxed);
+    metrics::frame_in(&session.context().metrics, frame.payload.len());
+    let (opcode, payload) = match fragments.push(&frame, compressed) {
+        Step::Message(opcode, payload) => {
+            if fragments.take_inflated() {
+                session.context().metrics.deflate.inflated.increment(1);
+            }
+            (opcode, payload)
+        }
+        Step::More => return Ok(None),
+        Step::Closed => return Err(ReaderExit::PeerGone),
+        Step::Ping => {
+            match rates.admit(None, &session.context().settings, ratelimit::clock_ms()) {
+                // A WebSocket ping has no request id.
+                Admit::Flood => return Err(fatal(session, 0, flood())),
+                Admit::Refused => return Ok(None), // over the limit: no pong
+                Admit::Yes => {}
+            }
+            // Auto-pong is off (see `inbound`): answer here.
+            let pong = Box::new((OpCode::Pong, frame.payload.to_vec()));
+            if !session.conn().send(Outbound::Control(pong)) {
+                return Err(ReaderExit::PeerGone);
+            }
+            return Ok(None);
+        }
+        Step::Refuse(v) => return Err(fatal(session, 0, v)),
+    };
+    let decoded = session
+        .conn()
+        .encoding()
+        .decode_client(&payload, opcode == OpCode::Text);
+    let request = match decoded {
+        Ok(r) => r,
+        Err(e) => {
+            let v = Violation::new(
+                ErrorCode::BadRequest,
+                e.to_string(),
+                CloseReason::BadRequest,
+            );
+            return Err(fatal(session, 0, v));
+        }
+    };
+    match rates.admit(
+        request.kind.as_ref(),
+        &session.context().settings,
+        ratelimit::clock_ms(),
+    ) {
+        // The refusal that makes the flood answers its request too.
+        Admit::Flood => Err(fatal(session, request.id, flood())),
+        Admit::Refused => {
+            let what = if is_publish(request.kind.as_ref()) {
+                "publish"
+            } else {
+                "request"
+            };
+            session.refuse(
+                request.id,
+                Refusal(
+                    ErrorCode::LimitExceeded,
+                    format!("{what} rate limit exceeded"),
+                ),
+            );
+            Ok(None)
+        }
+        Admit::Yes => Ok(Some(request)),
     }
 }
 

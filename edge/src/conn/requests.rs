@@ -2,10 +2,9 @@
 //! recovery, subscribe and unsubscribe, publish, receipts, typing, ping,
 //! token refresh and presence watches. A session reaches the rest of the
 //! edge only through its [`SessionContext`].
-use std::{collections::HashSet, sync::Arc};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use switchboard_presence::Session as PresenceSession;
 use switchboard_protocol::{
     ChatId, CloseReason, IdError, SharedFrame, StreamKey, UserId, now_ms,
     subject::chat_subject,
@@ -57,30 +56,87 @@ fn code_label(code: ErrorCode) -> &'static str {
 }
 
 /// One authenticated socket's requests and what they hold: its chats,
-/// its presence watches, its personal stream and presence session.
+/// its presence watches, its personal stream. Every idle socket holds
+/// one, so its presence session (three strings) is made when needed, and
+/// its sets are sorted vectors (no hasher, nothing allocated while empty).
 pub(crate) struct Session {
     /// One pointer to what every session shares: idle sockets pay for it.
     ctx: Arc<SessionContext>,
     conn: ConnHandle,
     identity: Identity,
-    presence: PresenceSession,
-    chats: HashSet<ChatId>,
-    watching: HashSet<UserId>,
+    chats: SortedSet<ChatId>,
+    watching: SortedSet<UserId>,
     joined_user_stream: bool,
+}
+
+/// A small set: a sorted vector, bounded by the session's limits
+/// (`max_subscriptions`, `max_presence_watches`).
+struct SortedSet<T>(Vec<T>);
+
+impl<T> Default for SortedSet<T> {
+    fn default() -> Self {
+        SortedSet(Vec::new())
+    }
+}
+
+impl<T: Ord> SortedSet<T> {
+    fn contains(&self, v: &T) -> bool {
+        self.0.binary_search(v).is_ok()
+    }
+
+    /// False if it was already there.
+    fn insert(&mut self, v: T) -> bool {
+        match self.0.binary_search(&v) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, v);
+                true
+            }
+        }
+    }
+
+    /// False if it was not there.
+    fn remove(&mut self, v: &T) -> bool {
+        match self.0.binary_search(v) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl<T> IntoIterator for SortedSet<T> {
+    type Item = T;
+    type IntoIter = std::vec::IntoIter<T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
 }
 
 impl Session {
     pub(crate) fn new(ctx: Arc<SessionContext>, conn: ConnHandle, identity: Identity) -> Self {
-        let presence = ctx.sessions.session_of(&identity.user, conn.id());
         Session {
             ctx,
             conn,
             identity,
-            presence,
-            chats: HashSet::new(),
-            watching: HashSet::new(),
+            chats: SortedSet::default(),
+            watching: SortedSet::default(),
             joined_user_stream: false,
         }
+    }
+
+    /// This socket's presence session.
+    fn presence(&self) -> switchboard_presence::Session {
+        self.ctx
+            .sessions
+            .session_of(&self.identity.user, self.conn.id())
     }
 
     pub(super) fn context(&self) -> &SessionContext {
@@ -131,11 +187,8 @@ impl Session {
         // so it is registered before history is read: a message stored
         // before the router's lookup is in the read below, one stored after
         // it is routed here.
-        let registered = self
-            .ctx
-            .sessions
-            .register(self.conn.id(), &self.presence)
-            .await;
+        let presence = self.presence();
+        let registered = self.ctx.sessions.register(self.conn.id(), &presence).await;
         if let Err(e) = registered {
             self.refuse(id, Refusal(ErrorCode::Unavailable, e.to_string()));
             return Err(CloseReason::Unavailable);
@@ -154,7 +207,7 @@ impl Session {
         };
         self.ctx.hub.note_position(&key, &recovery.position);
         let result = ConnectResult {
-            session_id: self.presence.session_id.clone(),
+            session_id: presence.session_id,
             user: self.identity.user.to_string(),
             server_time_ms: now_ms(),
             heartbeat_interval_ms: self.ctx.settings.heartbeat_interval.as_millis() as u32,
@@ -484,7 +537,7 @@ impl Session {
                 .hub
                 .leave(&StreamKey::User(self.identity.user.clone()), self.conn.id())
                 .await;
-            self.ctx.sessions.unregister(&self.presence).await;
+            self.ctx.sessions.unregister(&self.presence()).await;
         }
     }
 }
