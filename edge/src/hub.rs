@@ -49,15 +49,83 @@ const FANOUT_TURN: usize = 128;
 /// so subscribe/unsubscribe on the bus never run out of order.
 const INTEREST_STRIPES: usize = 64;
 
+/// The sockets of one stream (or one user's presence watchers). Most
+/// streams on an edge are personal streams with one socket: it is kept
+/// inline, and a table is made only for a second (ADR 0030).
+#[derive(Default)]
+enum Subs {
+    #[default]
+    Empty,
+    One(u64, ConnHandle),
+    Many(HashMap<u64, ConnHandle>),
+}
+
+impl Subs {
+    fn insert(&mut self, id: u64, conn: ConnHandle) {
+        match self {
+            Subs::Empty => *self = Subs::One(id, conn),
+            Subs::One(one, c) if *one == id => *c = conn,
+            Subs::One(..) => {
+                let Subs::One(one, c) = std::mem::take(self) else {
+                    unreachable!("matched One above")
+                };
+                *self = Subs::Many(HashMap::from([(one, c), (id, conn)]));
+            }
+            Subs::Many(map) => {
+                map.insert(id, conn);
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        match self {
+            Subs::One(one, _) if *one == id => *self = Subs::Empty,
+            Subs::Many(map) => {
+                map.remove(&id);
+            }
+            _ => {}
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Subs::Empty => 0,
+            Subs::One(..) => 1,
+            Subs::Many(map) => map.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn contains_key(&self, id: u64) -> bool {
+        match self {
+            Subs::Empty => false,
+            Subs::One(one, _) => *one == id,
+            Subs::Many(map) => map.contains_key(&id),
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &ConnHandle> {
+        let (one, many) = match self {
+            Subs::Empty => (None, None),
+            Subs::One(_, c) => (Some(c), None),
+            Subs::Many(map) => (None, Some(map.values())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
 struct StreamEntry {
-    subs: HashMap<u64, ConnHandle>,
+    subs: Subs,
     order: StreamOrder,
 }
 
 impl StreamEntry {
     fn new() -> Self {
         StreamEntry {
-            subs: HashMap::new(),
+            subs: Subs::Empty,
             order: StreamOrder::new(),
         }
     }
@@ -69,7 +137,7 @@ pub(crate) struct Hub {
     /// `sb.edge.<node>.user.`: the prefix of this edge's personal streams.
     user_prefix: String,
     streams: DashMap<StreamKey, StreamEntry>,
-    watchers: DashMap<UserId, HashMap<u64, ConnHandle>>,
+    watchers: DashMap<UserId, Subs>,
     conns: DashMap<u64, ConnHandle>,
     stripes: Vec<Mutex<()>>,
     bus: Arc<dyn Bus>,
@@ -179,7 +247,7 @@ impl Hub {
         if first {
             if let Err(e) = self.bus.subscribe(&subject).await {
                 self.streams.remove_if(key, |_, e| {
-                    e.subs.len() == 1 && e.subs.contains_key(&conn.id())
+                    e.subs.len() == 1 && e.subs.contains_key(conn.id())
                 });
                 return Err(e);
             }
@@ -192,7 +260,7 @@ impl Hub {
     pub(crate) async fn leave(&self, key: &StreamKey, conn_id: u64) {
         let Some(subject) = key.subject() else {
             if let Some(mut e) = self.streams.get_mut(key) {
-                e.subs.remove(&conn_id);
+                e.subs.remove(conn_id);
             }
             if let Some((_, gone)) = self.streams.remove_if(key, |_, e| e.subs.is_empty()) {
                 self.forget(&gone);
@@ -204,7 +272,7 @@ impl Hub {
             let Some(mut e) = self.streams.get_mut(key) else {
                 return;
             };
-            e.subs.remove(&conn_id);
+            e.subs.remove(conn_id);
             e.subs.is_empty()
         };
         if last && let Some((_, gone)) = self.streams.remove_if(key, |_, e| e.subs.is_empty()) {
@@ -235,7 +303,7 @@ impl Hub {
         let subject = presence_subject(user);
         let _guard = self.stripes[stripe_of(&subject)].lock().await;
         if let Some(mut w) = self.watchers.get_mut(user) {
-            w.remove(&conn_id);
+            w.remove(conn_id);
         }
         if self.watchers.remove_if(user, |_, w| w.is_empty()).is_some()
             && let Err(e) = self.bus.unsubscribe(&subject).await

@@ -21,7 +21,7 @@ use std::{
     io,
     sync::{
         Arc, Mutex, MutexGuard, OnceLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicI64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
 };
@@ -96,6 +96,9 @@ pub(crate) struct ConnShared<W> {
     /// The writer's waker: a queued message, a close request or a direct
     /// write the socket did not take whole wakes it.
     waker: AtomicWaker,
+    /// Unix ms of the last frame from the client: the reader writes it, the
+    /// writer's heartbeat reads it.
+    last_seen_ms: AtomicI64,
 }
 
 /// What the mailbox's lock guards.
@@ -207,6 +210,7 @@ impl<W: AsyncWrite + Unpin> ConnHandle<W> {
             max_bytes,
             closing: OnceLock::new(),
             waker: AtomicWaker::new(),
+            last_seen_ms: AtomicI64::new(switchboard_protocol::now_ms()),
         });
         (ConnHandle(shared.clone()), Inbox(shared))
     }
@@ -223,6 +227,11 @@ impl<W: AsyncWrite + Unpin> ConnHandle<W> {
 
     pub(crate) fn id(&self) -> u64 {
         self.0.id
+    }
+
+    /// Unix ms of the last frame from the client.
+    pub(crate) fn last_seen(&self) -> &AtomicI64 {
+        &self.0.last_seen_ms
     }
 
     pub(crate) fn encoding(&self) -> Encoding {

@@ -70,9 +70,59 @@ pub(crate) struct Direct {
     pub(crate) overflow: bool,
 }
 
-/// A socket's streams, looked up per delivery: foldhash, seeded per
-/// process, is several times cheaper than SipHash on short keys.
-type Streams = HashMap<StreamKey, StreamState, foldhash::fast::RandomState>;
+/// A socket's streams, looked up per delivery. Most sockets hold one (the
+/// user's personal stream) for most of their life: it is kept inline, and
+/// a table is made only for a second (ADR 0030). The table hashes with
+/// foldhash, seeded per process: several times cheaper than SipHash on
+/// short keys.
+#[derive(Default)]
+enum Streams {
+    #[default]
+    None,
+    One(StreamKey, StreamState),
+    Many(HashMap<StreamKey, StreamState, foldhash::fast::RandomState>),
+}
+
+impl Streams {
+    fn get_mut(&mut self, key: &StreamKey) -> Option<&mut StreamState> {
+        match self {
+            Streams::None => None,
+            Streams::One(k, state) => (k == key).then_some(state),
+            Streams::Many(map) => map.get_mut(key),
+        }
+    }
+
+    fn insert(&mut self, key: StreamKey, state: StreamState) -> Option<StreamState> {
+        match self {
+            Streams::None => {
+                *self = Streams::One(key, state);
+                None
+            }
+            Streams::One(k, old) if *k == key => Some(std::mem::replace(old, state)),
+            Streams::One(..) => {
+                let Streams::One(k, old) = std::mem::take(self) else {
+                    unreachable!("matched One above")
+                };
+                let mut map = HashMap::with_hasher(foldhash::fast::RandomState::default());
+                map.insert(k, old);
+                map.insert(key, state);
+                *self = Streams::Many(map);
+                None
+            }
+            Streams::Many(map) => map.insert(key, state),
+        }
+    }
+
+    fn remove(&mut self, key: &StreamKey) {
+        match self {
+            Streams::One(k, _) if k == key => *self = Streams::None,
+            Streams::Many(map) => {
+                map.remove(key);
+            }
+            _ => {}
+        }
+    }
+}
 
 pub(crate) struct Wire<W> {
     pub(crate) out: BatchWriter<W>,

@@ -4,7 +4,7 @@
 //! requests to the session of `requests`) and the writer (`writer`), which
 //! live and die together; then the linger and the cleanup.
 use std::{
-    sync::{Arc, atomic::AtomicI64, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -13,7 +13,7 @@ use fastwebsockets::{Frame, OpCode, upgrade::UpgradeFut};
 use http_body_util::Empty;
 use hyper::{Request, Response, body::Incoming};
 use hyper_util::rt::TokioIo;
-use switchboard_protocol::{CloseReason, Encoding, now_ms};
+use switchboard_protocol::{CloseReason, Encoding};
 use tokio::{
     io::{ReadHalf, WriteHalf},
     net::TcpStream,
@@ -177,12 +177,10 @@ async fn run(opened: Box<Opened>) {
     // The steady state, in its own scope so that what comes after it (the
     // linger, the cleanup) does not add to the size of every socket's task.
     let exit = {
-        let last_seen = Arc::new(AtomicI64::new(now_ms()));
         writer = Writer::new(
             wr,
             conn.clone(),
             rx,
-            last_seen.clone(),
             expires_at_ms,
             deflate.then_some(cfg.deflate_min_bytes),
             state.context.clone(),
@@ -209,7 +207,7 @@ async fn run(opened: Box<Opened>) {
         match exit {
             Some(w) => w,
             None => {
-                let reader = reader::read_loop(&mut session, &mut rd, &last_seen);
+                let reader = reader::read_loop(&mut session, &mut rd, conn.last_seen());
                 tokio::pin!(reader);
                 tokio::select! {
                     w = &mut writer => w,

@@ -5,10 +5,7 @@
 //! each stream reaches the socket in seq order, and gives up on a socket
 //! whose writes stop making progress.
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicI64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -96,8 +93,6 @@ enum Slow {
 pub(crate) struct Writer<W> {
     conn: ConnHandle<W>,
     rx: Inbox<W>,
-    /// Unix ms of the last frame from the client (written by the reader).
-    last_seen_ms: Arc<AtomicI64>,
     token_expires_at_ms: i64,
     /// Settings and metrics, shared by every socket.
     ctx: Arc<SessionContext>,
@@ -114,7 +109,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         out: BatchWriter<W>,
         conn: ConnHandle<W>,
         rx: Inbox<W>,
-        last_seen_ms: Arc<AtomicI64>,
         token_expires_at_ms: i64,
         deflate_min_bytes: Option<usize>,
         ctx: Arc<SessionContext>,
@@ -123,7 +117,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         Writer {
             conn,
             rx,
-            last_seen_ms,
             token_expires_at_ms,
             ctx,
             warned: false,
@@ -157,15 +150,18 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// stall check, whichever comes first.
     pub(crate) async fn run(&mut self) -> WriterExit {
         let interval = self.ctx.settings.heartbeat_interval;
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let silence_limit_ms = 2 * interval.as_millis() as i64;
-        let token_timer = tokio::time::sleep_until(self.token_deadline());
-        tokio::pin!(token_timer);
+        // One timer for the heartbeat and the token's deadline, whichever
+        // comes first: every idle socket carries it (ADR 0030).
+        let mut beat_at = Instant::now() + interval;
+        let mut token_at = self.token_deadline();
+        let timer = tokio::time::sleep_until(beat_at.min(token_at));
+        tokio::pin!(timer);
         loop {
             if self.deadline_dirty {
                 self.deadline_dirty = false;
-                token_timer.as_mut().reset(self.token_deadline());
+                token_at = self.token_deadline();
+                timer.as_mut().reset(beat_at.min(token_at));
             }
             tokio::select! {
                 biased;
@@ -190,44 +186,66 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                         }
                     }
                 },
-                _ = heartbeat.tick() => {
-                    let Some((stalled, waiting)) = self.with(|_, wire| self.at_tick(wire)) else {
-                        return WriterExit::Gone;
-                    };
-                    self.waited_at_tick = waiting;
-                    if stalled {
-                        return WriterExit::Stalled(Some(CloseReason::SlowConsumer), Reset::WriteStalled);
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if now >= beat_at {
+                        // Missed beats are not made up: the next is an interval on.
+                        beat_at = now + interval;
+                        if let Some(exit) = self.beat(silence_limit_ms) {
+                            return exit;
+                        }
                     }
-                    let silent_ms = now_ms() - self.last_seen_ms.load(Ordering::Relaxed);
-                    if silent_ms > silence_limit_ms {
-                        self.conn.close(CloseReason::HeartbeatTimeout);
-                        continue;
+                    if self.token_expires_at_ms > 0 && now >= token_at {
+                        self.token_due();
                     }
-                    // Behind a waiting batch a ping cannot go out, and TLS
-                    // would take it into its own buffer: false progress.
-                    if !waiting {
-                        self.with(|_, wire| wire.out.push(OpCode::Ping, &[]));
-                    }
-                }
-                _ = &mut token_timer, if self.token_expires_at_ms > 0 => {
-                    self.deadline_dirty = true;
-                    if now_ms() >= self.token_expires_at_ms {
-                        self.conn.close(CloseReason::TokenExpired);
-                    } else if !self.warned {
-                        self.warned = true;
-                        let frame = ServerFrame {
-                            id: 0,
-                            kind: Some(server_frame::Kind::TokenExpiring(TokenExpiring {
-                                token_expires_at_ms: self.token_expires_at_ms,
-                            })),
-                        };
-                        let bytes = self.conn.encoding().encode_server(&frame);
-                        let metrics = &self.ctx.metrics;
-                        self.with(|_, wire| wire.write(&bytes, metrics));
-                    }
+                    timer.as_mut().reset(beat_at.min(token_at));
                 }
             }
             self.count_frames();
+        }
+    }
+
+    /// A heartbeat: the stall check, the silence check, then a ping.
+    fn beat(&mut self, silence_limit_ms: i64) -> Option<WriterExit> {
+        let Some((stalled, waiting)) = self.with(|_, wire| self.at_tick(wire)) else {
+            return Some(WriterExit::Gone);
+        };
+        self.waited_at_tick = waiting;
+        if stalled {
+            return Some(WriterExit::Stalled(
+                Some(CloseReason::SlowConsumer),
+                Reset::WriteStalled,
+            ));
+        }
+        let silent_ms = now_ms() - self.conn.last_seen().load(Ordering::Relaxed);
+        if silent_ms > silence_limit_ms {
+            self.conn.close(CloseReason::HeartbeatTimeout);
+            return None;
+        }
+        // Behind a waiting batch a ping cannot go out, and TLS would take
+        // it into its own buffer: false progress.
+        if !waiting {
+            self.with(|_, wire| wire.out.push(OpCode::Ping, &[]));
+        }
+        None
+    }
+
+    /// The token's warning or expiry is due.
+    fn token_due(&mut self) {
+        self.deadline_dirty = true;
+        if now_ms() >= self.token_expires_at_ms {
+            self.conn.close(CloseReason::TokenExpired);
+        } else if !self.warned {
+            self.warned = true;
+            let frame = ServerFrame {
+                id: 0,
+                kind: Some(server_frame::Kind::TokenExpiring(TokenExpiring {
+                    token_expires_at_ms: self.token_expires_at_ms,
+                })),
+            };
+            let bytes = self.conn.encoding().encode_server(&frame);
+            let metrics = &self.ctx.metrics;
+            self.with(|_, wire| wire.write(&bytes, metrics));
         }
     }
 
