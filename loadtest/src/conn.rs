@@ -847,6 +847,13 @@ mod tests {
             received_us: 0,
         };
         assert_eq!(stamped.received_us(), None);
+        // The kernel turns receive timestamps on for the whole stack in
+        // deferred work after the first socket asks: a segment that
+        // arrives before that carries none. Let it happen first.
+        client.write_all(b"warm").await.unwrap();
+        let mut warm = [0u8; 4];
+        stamped.read_exact(&mut warm).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let before = crate::report::now_us();
         client.write_all(b"hello").await.unwrap();
         // Read well after the bytes arrived: the stamp is their arrival.
