@@ -221,8 +221,14 @@ impl Hub {
     }
 
     /// Adds a socket to a stream; subscribes the bus on first interest.
-    /// Returns once the subscription is active.
-    pub(crate) async fn join(&self, key: &StreamKey, conn: &ConnHandle) -> Result<(), BusError> {
+    /// Returns once the subscription is active, with the hub's own copy of
+    /// the key: sockets that keep it share one allocation with the
+    /// fan-out, whose lookups then compare keys by address.
+    pub(crate) async fn join(
+        &self,
+        key: &StreamKey,
+        conn: &ConnHandle,
+    ) -> Result<StreamKey, BusError> {
         let Some(subject) = key.subject() else {
             // A personal stream arrives on this edge's one subscription.
             let mut e = self
@@ -233,16 +239,16 @@ impl Hub {
             if e.subs.len() == 1 {
                 self.metrics.subscriptions.increment(1.0);
             }
-            return Ok(());
+            return Ok(e.key().clone());
         };
         let _guard = self.stripes[stripe_of(&subject)].lock().await;
-        let first = {
+        let (first, canonical) = {
             let mut e = self
                 .streams
                 .entry(key.clone())
                 .or_insert_with(StreamEntry::new);
             e.subs.insert(conn.id(), conn.clone());
-            e.subs.len() == 1
+            (e.subs.len() == 1, e.key().clone())
         };
         if first {
             if let Err(e) = self.bus.subscribe(&subject).await {
@@ -253,7 +259,7 @@ impl Hub {
             }
             self.metrics.subscriptions.increment(1.0);
         }
-        Ok(())
+        Ok(canonical)
     }
 
     /// Removes a socket from a stream; unsubscribes after the last one.
@@ -326,7 +332,12 @@ impl Hub {
     /// after every `FANOUT_TURN` sockets, so a large audience neither holds
     /// a worker thread nor any lock for the whole of it. Returns the
     /// sockets offered to.
-    async fn fan_out(&self, conns: &[ConnHandle], frames: &[SharedFrame]) -> usize {
+    async fn fan_out(
+        &self,
+        stream: &StreamKey,
+        conns: &[ConnHandle],
+        frames: &[SharedFrame],
+    ) -> usize {
         if frames.is_empty() {
             return 0;
         }
@@ -335,7 +346,7 @@ impl Hub {
             if turn > 0 {
                 tokio::task::yield_now().await;
             }
-            delivered += self.offer_all(chunk, frames);
+            delivered += self.offer_all(stream, chunk, frames);
         }
         self.metrics.deliveries.increment(delivered);
         conns.len()
@@ -346,13 +357,14 @@ impl Hub {
     /// contended atomic per delivery.
     fn offer_all<'a>(
         &self,
+        stream: &StreamKey,
         conns: impl IntoIterator<Item = &'a ConnHandle>,
         frames: &[SharedFrame],
     ) -> u64 {
         let (mut taken, mut refused, mut written, mut bytes) = (0u64, 0u64, 0u64, 0u64);
         let (mut direct, mut queued) = (0u64, 0u64);
         for conn in conns {
-            match conn.offer(frames, &self.metrics) {
+            match conn.offer(stream, frames, &self.metrics) {
                 Offer::Direct(d) => {
                     taken += u64::from(d.taken);
                     direct += u64::from(d.taken);
@@ -418,10 +430,11 @@ impl Hub {
         key: &StreamKey,
         batch: &mut Vec<Work>,
         taken: Instant,
-    ) -> (Vec<SharedFrame>, Vec<ConnHandle>) {
+    ) -> (StreamKey, Vec<SharedFrame>, Vec<ConnHandle>) {
         let mut repairs = Vec::new();
         let mut out = Vec::with_capacity(batch.len());
         let mut conns = Vec::new();
+        let mut stream = key.clone();
         let mut entry = self.streams.get_mut(key);
         let held = entry.as_ref().map_or(0, |e| e.order.held());
         for work in batch.drain(..) {
@@ -481,13 +494,14 @@ impl Hub {
             self.count_held(held, e.order.held());
             if !out.is_empty() {
                 conns.extend(e.subs.values().cloned());
+                stream = e.key().clone();
             }
         }
         drop(entry);
         for at in repairs {
             self.spawn_repair(key.clone(), at);
         }
-        (out, conns)
+        (stream, out, conns)
     }
 
     fn spawn_repair(&self, key: StreamKey, at: Instant) {
@@ -553,7 +567,9 @@ impl Hub {
         let key = match Subject::parse(subject) {
             Some(Subject::Presence(user)) => {
                 if let Some(w) = self.watchers.get(&user) {
-                    self.offer_all(w.values(), std::slice::from_ref(&frame));
+                    // Presence events are no deliveries: the key is unused.
+                    let key = StreamKey::User(user.clone());
+                    self.offer_all(&key, w.values(), std::slice::from_ref(&frame));
                 }
                 return;
             }

@@ -243,7 +243,13 @@ impl<W: AsyncWrite + Unpin> ConnHandle<W> {
     /// nothing is ahead of them (empty mailbox, last batch gone out), else
     /// queued for the writer task. What the socket did not take at once
     /// stays in its batch and the writer finishes it.
-    pub(crate) fn offer(&self, frames: &[SharedFrame], metrics: &EdgeMetrics) -> Offer {
+    /// `stream` is the hub's copy of the frames' stream key.
+    pub(crate) fn offer(
+        &self,
+        stream: &StreamKey,
+        frames: &[SharedFrame],
+        metrics: &EdgeMetrics,
+    ) -> Offer {
         if self.0.closing.get().is_some() {
             return Offer::Refused;
         }
@@ -252,7 +258,7 @@ impl<W: AsyncWrite + Unpin> ConnHandle<W> {
             && let Some(wire) = st.wire.as_mut()
             && wire.idle()
         {
-            let direct = wire.write_now(frames, metrics);
+            let direct = wire.write_now(stream, frames, metrics);
             drop(st);
             if direct.overflow {
                 self.close(CloseReason::SlowConsumer);
@@ -344,6 +350,10 @@ mod tests {
     use crate::wire::{BatchWriter, Live};
 
     type Conn = ConnHandle<DuplexStream>;
+
+    fn room() -> StreamKey {
+        StreamKey::Chat("room".parse().unwrap())
+    }
 
     fn reply(n: usize) -> Outbound {
         Outbound::Reply(Bytes::from(vec![0u8; n]))
@@ -476,7 +486,7 @@ mod tests {
         let (conn, inbox, mut client) = attached(1 << 16);
         let metrics = EdgeMetrics::new();
         for seq in 1..=3 {
-            match conn.offer(&[delivery(seq, 10)], &metrics) {
+            match conn.offer(&room(), &[delivery(seq, 10)], &metrics) {
                 Offer::Direct(d) => {
                     assert_eq!((d.taken, d.frames, d.rest), (1, 1, false));
                     assert!(d.bytes > 10);
@@ -485,7 +495,7 @@ mod tests {
             }
         }
         // A duplicate is filtered there too, and nothing was queued.
-        let dup = conn.offer(&[delivery(2, 10)], &metrics);
+        let dup = conn.offer(&room(), &[delivery(2, 10)], &metrics);
         assert!(matches!(dup, Offer::Direct(d) if d.taken == 0 && d.frames == 0));
         assert!(inbox.lock().queue.is_empty());
         for seq in 1..=3 {
@@ -499,7 +509,7 @@ mod tests {
         let (conn, _inbox, mut client) = attached(1 << 16);
         let metrics = EdgeMetrics::new();
         let batch: Vec<_> = (1..=3).map(|seq| delivery(seq, 10)).collect();
-        let Offer::Direct(d) = conn.offer(&batch, &metrics) else {
+        let Offer::Direct(d) = conn.offer(&room(), &batch, &metrics) else {
             panic!("an idle socket is written directly");
         };
         assert_eq!((d.taken, d.frames, d.rest), (3, 3, false));
@@ -513,7 +523,10 @@ mod tests {
         let (conn, mut inbox, _client) = attached(1 << 16);
         let metrics = EdgeMetrics::new();
         assert!(conn.send(reply(5)));
-        assert_eq!(conn.offer(&[delivery(1, 10)], &metrics), Offer::Queued);
+        assert_eq!(
+            conn.offer(&room(), &[delivery(1, 10)], &metrics),
+            Offer::Queued
+        );
         assert!(matches!(inbox.try_recv(), Some(Outbound::Reply(_))));
         assert!(matches!(inbox.try_recv(), Some(Outbound::Shared(_))));
         assert!(inbox.try_recv().is_none());
@@ -524,12 +537,15 @@ mod tests {
         // The pipe takes 64 bytes: the first delivery goes out in part.
         let (conn, inbox, mut client) = attached(64);
         let metrics = EdgeMetrics::new();
-        let Offer::Direct(first) = conn.offer(&[delivery(1, 200)], &metrics) else {
+        let Offer::Direct(first) = conn.offer(&room(), &[delivery(1, 200)], &metrics) else {
             panic!("an idle socket is written directly");
         };
         assert!(first.rest && first.bytes == 64, "{first:?}");
         // The rest waits in the batch: the next one queues behind it.
-        assert_eq!(conn.offer(&[delivery(2, 200)], &metrics), Offer::Queued);
+        assert_eq!(
+            conn.offer(&room(), &[delivery(2, 200)], &metrics),
+            Offer::Queued
+        );
         let reader = tokio::spawn(async move {
             let mut seqs = Vec::new();
             for _ in 0..2 {
@@ -571,7 +587,7 @@ mod tests {
         let (conn, _inbox, _client) = attached(1 << 16);
         conn.close(CloseReason::Shutdown);
         assert_eq!(
-            conn.offer(&[delivery(1, 10)], &EdgeMetrics::new()),
+            conn.offer(&room(), &[delivery(1, 10)], &EdgeMetrics::new()),
             Offer::Refused
         );
     }

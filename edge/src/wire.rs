@@ -113,6 +113,24 @@ impl Streams {
         }
     }
 
+    /// Inserts, keeping `key` itself (not an equal key already stored).
+    fn replace(&mut self, key: StreamKey, state: StreamState) -> Option<StreamState> {
+        match self {
+            Streams::One(k, _) if *k == key => {
+                let Streams::One(_, old) = std::mem::replace(self, Streams::One(key, state)) else {
+                    unreachable!("matched One above")
+                };
+                Some(old)
+            }
+            Streams::Many(map) => {
+                let old = map.remove(&key);
+                map.insert(key, state);
+                old
+            }
+            _ => self.insert(key, state),
+        }
+    }
+
     fn remove(&mut self, key: &StreamKey) {
         match self {
             Streams::One(k, _) if k == key => *self = Streams::None,
@@ -159,7 +177,13 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     /// Buffers live frames and hands them to the socket at once, in one
     /// write, without waiting: a socket that does not take all of it keeps
     /// the rest in its batch (the caller wakes the writer task to finish it).
-    pub(crate) fn write_now(&mut self, frames: &[SharedFrame], metrics: &EdgeMetrics) -> Direct {
+    /// `stream` is the hub's copy of the frames' stream key.
+    pub(crate) fn write_now(
+        &mut self,
+        stream: &StreamKey,
+        frames: &[SharedFrame],
+        metrics: &EdgeMetrics,
+    ) -> Direct {
         let mut direct = Direct {
             taken: 0,
             bytes: 0,
@@ -168,7 +192,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
             overflow: false,
         };
         for frame in frames {
-            match self.live(frame.clone(), metrics) {
+            match self.live_in(Some(stream), frame.clone(), metrics) {
                 Live::Buffered | Live::Held => direct.taken += 1,
                 Live::Skipped => {}
                 Live::Overflow => direct.overflow = true,
@@ -194,8 +218,20 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
 
     /// A live frame: deliveries pass the per-stream order filter.
     pub(crate) fn live(&mut self, frame: SharedFrame, metrics: &EdgeMetrics) -> Live {
+        self.live_in(None, frame, metrics)
+    }
+
+    /// `live`, looking the stream up by `stream` when given: the hub's copy
+    /// of the frame's key, which the socket's own entry shares, so the
+    /// lookup compares addresses instead of reading another copy's bytes.
+    fn live_in(
+        &mut self,
+        stream: Option<&StreamKey>,
+        frame: SharedFrame,
+        metrics: &EdgeMetrics,
+    ) -> Live {
         if let Some((key, seq, this)) = frame.delivery_stream() {
-            match self.streams.get_mut(key) {
+            match self.streams.get_mut(stream.unwrap_or(key)) {
                 Some(StreamState::Recovering(held)) => {
                     if held.len() >= MAX_HELD_PER_STREAM {
                         return Live::Overflow;
@@ -229,7 +265,9 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     /// The stream's recovery is written up to `seq` of `epoch`: live from
     /// here; returns what was held meanwhile.
     pub(crate) fn recovered(&mut self, key: StreamKey, seq: u64, epoch: u64) -> Vec<SharedFrame> {
-        match self.streams.insert(key, StreamState::Live { seq, epoch }) {
+        // The key given is the hub's copy (see `Hub::join`): kept in place
+        // of the one recovery began with.
+        match self.streams.replace(key, StreamState::Live { seq, epoch }) {
             Some(StreamState::Recovering(held)) => held,
             _ => Vec::new(),
         }

@@ -175,13 +175,15 @@ impl Session {
     pub(crate) async fn start(&mut self, id: u32, connect: v1::Connect) -> Result<(), CloseReason> {
         let key = StreamKey::User(self.identity.user.clone());
         self.conn.send(Outbound::BeginRecovery(key.clone()));
-        if self.ctx.hub.join(&key, &self.conn).await.is_err() {
+        // From here the hub's copy of the key: the write side keeps it, so
+        // the fan-out's lookups compare one shared key by address.
+        let Ok(key) = self.ctx.hub.join(&key, &self.conn).await else {
             self.refuse(
                 id,
                 Refusal(ErrorCode::Unavailable, "bus unavailable".into()),
             );
             return Err(CloseReason::Unavailable);
-        }
+        };
         self.joined_user_stream = true;
         // Presence is how routers find this edge for the personal stream,
         // so it is registered before history is read: a message stored
@@ -292,10 +294,14 @@ impl Session {
         }
         let key = StreamKey::Chat(chat.clone());
         self.conn.send(Outbound::BeginRecovery(key.clone()));
-        if let Err(e) = self.ctx.hub.join(&key, &self.conn).await {
-            self.conn.send(Outbound::Forget(key));
-            return Err(Refusal(ErrorCode::Unavailable, e.to_string()));
-        }
+        // The hub's copy of the key from here (see `start`).
+        let key = match self.ctx.hub.join(&key, &self.conn).await {
+            Ok(canonical) => canonical,
+            Err(e) => {
+                self.conn.send(Outbound::Forget(key));
+                return Err(Refusal(ErrorCode::Unavailable, e.to_string()));
+            }
+        };
         self.chats.insert(chat.clone());
         let recovery = match self.ctx.history.recover(&key, s.since, &s.epoch).await {
             Ok(r) => r,

@@ -178,8 +178,8 @@ impl Hub {
                 continue;
             }
             let taken = Instant::now();
-            let (frames, conns) = self.order_batch(&key, &mut batch, taken);
-            let pushed = self.fan_out(&conns, &frames).await;
+            let (stream, frames, conns) = self.order_batch(&key, &mut batch, taken);
+            let pushed = self.fan_out(&stream, &conns, &frames).await;
             // Once per fan-out; a batch held for a gap reached no socket.
             if pushed > 0 {
                 self.metrics
