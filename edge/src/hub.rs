@@ -13,12 +13,9 @@
 //! is queued in its stream's lane (`lanes.rs`) and a task per busy stream
 //! fans the lane out in order, so a publish is acked once stored whatever
 //! its audience (ADR 0027).
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc, Weak,
-        atomic::{AtomicUsize, Ordering::Relaxed},
-    },
+use std::sync::{
+    Arc, Weak,
+    atomic::{AtomicUsize, Ordering::Relaxed},
 };
 
 use dashmap::DashMap;
@@ -31,6 +28,7 @@ use switchboard_router::{Bus, BusError, BusHandler, History};
 use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
+    inline_map::InlineMap,
     mailbox::{ConnHandle, Offer},
     metrics::EdgeMetrics,
     order::{Arrival, Gap, StreamOrder},
@@ -50,72 +48,8 @@ const FANOUT_TURN: usize = 128;
 const INTEREST_STRIPES: usize = 64;
 
 /// The sockets of one stream (or one user's presence watchers). Most
-/// streams on an edge are personal streams with one socket: it is kept
-/// inline, and a table is made only for a second (ADR 0030).
-#[derive(Default)]
-enum Subs {
-    #[default]
-    Empty,
-    One(u64, ConnHandle),
-    Many(HashMap<u64, ConnHandle>),
-}
-
-impl Subs {
-    fn insert(&mut self, id: u64, conn: ConnHandle) {
-        match self {
-            Subs::Empty => *self = Subs::One(id, conn),
-            Subs::One(one, c) if *one == id => *c = conn,
-            Subs::One(..) => {
-                let Subs::One(one, c) = std::mem::take(self) else {
-                    unreachable!("matched One above")
-                };
-                *self = Subs::Many(HashMap::from([(one, c), (id, conn)]));
-            }
-            Subs::Many(map) => {
-                map.insert(id, conn);
-            }
-        }
-    }
-
-    fn remove(&mut self, id: u64) {
-        match self {
-            Subs::One(one, _) if *one == id => *self = Subs::Empty,
-            Subs::Many(map) => {
-                map.remove(&id);
-            }
-            _ => {}
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Subs::Empty => 0,
-            Subs::One(..) => 1,
-            Subs::Many(map) => map.len(),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn contains_key(&self, id: u64) -> bool {
-        match self {
-            Subs::Empty => false,
-            Subs::One(one, _) => *one == id,
-            Subs::Many(map) => map.contains_key(&id),
-        }
-    }
-
-    fn values(&self) -> impl Iterator<Item = &ConnHandle> {
-        let (one, many) = match self {
-            Subs::Empty => (None, None),
-            Subs::One(_, c) => (Some(c), None),
-            Subs::Many(map) => (None, Some(map.values())),
-        };
-        one.into_iter().chain(many.into_iter().flatten())
-    }
-}
+/// streams on an edge are personal streams with one socket, kept inline.
+type Subs = InlineMap<u64, ConnHandle, std::hash::RandomState>;
 
 struct StreamEntry {
     subs: Subs,
@@ -125,7 +59,7 @@ struct StreamEntry {
 impl StreamEntry {
     fn new() -> Self {
         StreamEntry {
-            subs: Subs::Empty,
+            subs: Subs::default(),
             order: StreamOrder::new(),
         }
     }
@@ -253,7 +187,7 @@ impl Hub {
         if first {
             if let Err(e) = self.bus.subscribe(&subject).await {
                 self.streams.remove_if(key, |_, e| {
-                    e.subs.len() == 1 && e.subs.contains_key(conn.id())
+                    e.subs.len() == 1 && e.subs.contains_key(&conn.id())
                 });
                 return Err(e);
             }
@@ -266,7 +200,7 @@ impl Hub {
     pub(crate) async fn leave(&self, key: &StreamKey, conn_id: u64) {
         let Some(subject) = key.subject() else {
             if let Some(mut e) = self.streams.get_mut(key) {
-                e.subs.remove(conn_id);
+                e.subs.remove(&conn_id);
             }
             if let Some((_, gone)) = self.streams.remove_if(key, |_, e| e.subs.is_empty()) {
                 self.forget(&gone);
@@ -278,7 +212,7 @@ impl Hub {
             let Some(mut e) = self.streams.get_mut(key) else {
                 return;
             };
-            e.subs.remove(conn_id);
+            e.subs.remove(&conn_id);
             e.subs.is_empty()
         };
         if last && let Some((_, gone)) = self.streams.remove_if(key, |_, e| e.subs.is_empty()) {
@@ -309,7 +243,7 @@ impl Hub {
         let subject = presence_subject(user);
         let _guard = self.stripes[stripe_of(&subject)].lock().await;
         if let Some(mut w) = self.watchers.get_mut(user) {
-            w.remove(conn_id);
+            w.remove(&conn_id);
         }
         if self.watchers.remove_if(user, |_, w| w.is_empty()).is_some()
             && let Err(e) = self.bus.unsubscribe(&subject).await

@@ -48,6 +48,7 @@ mod conn;
 mod control;
 mod drain;
 mod hub;
+mod inline_map;
 mod mailbox;
 mod metrics;
 mod order;

@@ -570,7 +570,7 @@ mod tests {
                         panic!("the queued delivery")
                     };
                     let wire = st.wire.as_mut().unwrap();
-                    assert_eq!(wire.live(f, &metrics), Live::Buffered);
+                    assert_eq!(wire.live(&f, &metrics), Live::Buffered);
                 }
                 Next::Close(r) => panic!("closed: {r:?}"),
             }

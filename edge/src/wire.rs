@@ -10,17 +10,14 @@
 //! task; the mailbox and the writer task stay the path for everything
 //! else (replies, recoveries, a socket the kernel is not taking bytes
 //! from).
-use std::{
-    collections::HashMap,
-    task::{Context, Poll, Waker},
-};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use fastwebsockets::OpCode;
 use switchboard_protocol::{Encoding, SharedFrame, StreamKey, deflate};
 use tokio::io::AsyncWrite;
 
-use crate::{metrics::EdgeMetrics, order};
+use crate::{inline_map::InlineMap, metrics::EdgeMetrics, order};
 
 pub(crate) mod batch_writer;
 
@@ -70,77 +67,10 @@ pub(crate) struct Direct {
     pub(crate) overflow: bool,
 }
 
-/// A socket's streams, looked up per delivery. Most sockets hold one (the
-/// user's personal stream) for most of their life: it is kept inline, and
-/// a table is made only for a second (ADR 0030). The table hashes with
-/// foldhash, seeded per process: several times cheaper than SipHash on
-/// short keys.
-#[derive(Default)]
-enum Streams {
-    #[default]
-    None,
-    One(StreamKey, StreamState),
-    Many(HashMap<StreamKey, StreamState, foldhash::fast::RandomState>),
-}
-
-impl Streams {
-    fn get_mut(&mut self, key: &StreamKey) -> Option<&mut StreamState> {
-        match self {
-            Streams::None => None,
-            Streams::One(k, state) => (k == key).then_some(state),
-            Streams::Many(map) => map.get_mut(key),
-        }
-    }
-
-    fn insert(&mut self, key: StreamKey, state: StreamState) -> Option<StreamState> {
-        match self {
-            Streams::None => {
-                *self = Streams::One(key, state);
-                None
-            }
-            Streams::One(k, old) if *k == key => Some(std::mem::replace(old, state)),
-            Streams::One(..) => {
-                let Streams::One(k, old) = std::mem::take(self) else {
-                    unreachable!("matched One above")
-                };
-                let mut map = HashMap::with_hasher(foldhash::fast::RandomState::default());
-                map.insert(k, old);
-                map.insert(key, state);
-                *self = Streams::Many(map);
-                None
-            }
-            Streams::Many(map) => map.insert(key, state),
-        }
-    }
-
-    /// Inserts, keeping `key` itself (not an equal key already stored).
-    fn replace(&mut self, key: StreamKey, state: StreamState) -> Option<StreamState> {
-        match self {
-            Streams::One(k, _) if *k == key => {
-                let Streams::One(_, old) = std::mem::replace(self, Streams::One(key, state)) else {
-                    unreachable!("matched One above")
-                };
-                Some(old)
-            }
-            Streams::Many(map) => {
-                let old = map.remove(&key);
-                map.insert(key, state);
-                old
-            }
-            _ => self.insert(key, state),
-        }
-    }
-
-    fn remove(&mut self, key: &StreamKey) {
-        match self {
-            Streams::One(k, _) if k == key => *self = Streams::None,
-            Streams::Many(map) => {
-                map.remove(key);
-            }
-            _ => {}
-        }
-    }
-}
+/// A socket's streams, looked up per delivery: most sockets hold one (the
+/// user's personal stream), kept inline. The table hashes with foldhash,
+/// seeded per process: several times cheaper than SipHash on short keys.
+type Streams = InlineMap<StreamKey, StreamState, foldhash::fast::RandomState>;
 
 pub(crate) struct Wire<W> {
     pub(crate) out: BatchWriter<W>,
@@ -192,7 +122,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
             overflow: false,
         };
         for frame in frames {
-            match self.live_in(Some(stream), frame.clone(), metrics) {
+            match self.live_in(Some(stream), frame, metrics) {
                 Live::Buffered | Live::Held => direct.taken += 1,
                 Live::Skipped => {}
                 Live::Overflow => direct.overflow = true,
@@ -217,7 +147,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     }
 
     /// A live frame: deliveries pass the per-stream order filter.
-    pub(crate) fn live(&mut self, frame: SharedFrame, metrics: &EdgeMetrics) -> Live {
+    pub(crate) fn live(&mut self, frame: &SharedFrame, metrics: &EdgeMetrics) -> Live {
         self.live_in(None, frame, metrics)
     }
 
@@ -227,7 +157,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     fn live_in(
         &mut self,
         stream: Option<&StreamKey>,
-        frame: SharedFrame,
+        frame: &SharedFrame,
         metrics: &EdgeMetrics,
     ) -> Live {
         if let Some((key, seq, this)) = frame.delivery_stream() {
@@ -236,7 +166,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
                     if held.len() >= MAX_HELD_PER_STREAM {
                         return Live::Overflow;
                     }
-                    held.push(frame);
+                    held.push(frame.clone());
                     return Live::Held;
                 }
                 Some(StreamState::Live { seq: last, epoch }) => {
@@ -252,7 +182,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
                 None => return Live::Skipped,
             }
         }
-        self.write_shared(&frame, metrics);
+        self.write_shared(frame, metrics);
         Live::Buffered
     }
 
@@ -267,7 +197,7 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     pub(crate) fn recovered(&mut self, key: StreamKey, seq: u64, epoch: u64) -> Vec<SharedFrame> {
         // The key given is the hub's copy (see `Hub::join`): kept in place
         // of the one recovery began with.
-        match self.streams.replace(key, StreamState::Live { seq, epoch }) {
+        match self.streams.insert(key, StreamState::Live { seq, epoch }) {
             Some(StreamState::Recovering(held)) => held,
             _ => Vec::new(),
         }

@@ -268,7 +268,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 match msg {
                     Outbound::Reply(bytes) => wire.write(&bytes, metrics),
                     Outbound::Shared(frame) => {
-                        overflow |= wire.live(frame, metrics) == Live::Overflow
+                        overflow |= wire.live(&frame, metrics) == Live::Overflow
                     }
                     Outbound::BeginRecovery(key) => wire.begin_recovery(key),
                     Outbound::Forget(key) => wire.forget(&key),
@@ -378,7 +378,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         for f in held {
             let (live, full) = self
                 .with(|_, wire| {
-                    let live = wire.live(f, &metrics);
+                    let live = wire.live(&f, &metrics);
                     (live, wire.out.buffered() >= FLUSH_AT_BYTES)
                 })
                 .ok_or(WriterExit::Gone)?;
