@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [
             "switchboard/v1/switchboard.proto",
             "switchboard/internal/v1/internal.proto",
+            "switchboard/events/v1/events.proto",
         ],
         ["proto"],
     )?;

@@ -6,6 +6,8 @@
 //! - [`CloseReason`]: the one table of close codes and reconnect advice.
 //! - [`ChatId`] / [`UserId`]: ids that are safe to put into NATS subjects.
 //! - [`subject`]: the cluster's NATS subjects, built and parsed.
+//! - [`events`]: the records of the event tap (ADR 0032), generated from
+//!   `proto/switchboard/events/v1/events.proto`.
 //! - [`deflate`]: permessage-deflate (RFC 7692) without context takeover:
 //!   the extension's negotiation and the codec.
 //! - `client` (feature `client`, off by default): an async Rust client with
@@ -42,6 +44,16 @@ pub mod internal {
     /// Version 1.
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/switchboard.internal.v1.rs"));
+    }
+}
+
+/// Records of the event tap (JetStream stream `SB_EVENTS`), for the
+/// backends that consume it.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod events {
+    /// Version 1.
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/switchboard.events.v1.rs"));
     }
 }
 

@@ -10,10 +10,13 @@
 //! - `sb.shard.jobs`: shard jobs (JetStream stream `SB_SHARD`, pulled by
 //!   the routers).
 //! - `sb.push.<user>`: push jobs (JetStream stream `SB_PUSH`).
+//! - `sb.events.msg.chat.<chat>`, `sb.events.msg.user.<user>`,
+//!   `sb.events.conn.<user>`, `sb.events.presence.<user>`: the event tap
+//!   (JetStream stream `SB_EVENTS`, ADR 0032).
 //!
 //! Every id on a subject is a [`ChatId`] or [`UserId`], which cannot hold
 //! `.`, `*` or `>`: one id is always exactly one subject token.
-use crate::{ChatId, UserId};
+use crate::{ChatId, StreamKey, UserId};
 
 /// Publish requests to the routers.
 pub const ROUTER_PUBLISH: &str = "sb.router.publish";
@@ -24,6 +27,34 @@ pub const SHARD_JOBS: &str = "sb.shard.jobs";
 pub const ROUTER_QUEUE: &str = "sb-routers";
 /// Every push job (the subjects of the JetStream stream `SB_PUSH`).
 pub const PUSH_ALL: &str = "sb.push.>";
+
+/// Every event of the tap: the subjects of its JetStream stream.
+pub const EVENTS_ALL: &str = "sb.events.>";
+/// Every message event of the tap (a consumer's filter).
+pub const EVENT_MESSAGES: &str = "sb.events.msg.>";
+/// Every connection event of the tap.
+pub const EVENT_CONNECTIONS: &str = "sb.events.conn.*";
+/// Every presence event of the tap.
+pub const EVENT_PRESENCE: &str = "sb.events.presence.*";
+
+/// Tap subject of a stream's sequenced messages: one subject per stream,
+/// so the stream's last event is one lookup and its order one chain.
+pub fn event_message_subject(stream: &StreamKey) -> String {
+    match stream {
+        StreamKey::Chat(c) => format!("sb.events.msg.chat.{c}"),
+        StreamKey::User(u) => format!("sb.events.msg.user.{u}"),
+    }
+}
+
+/// Tap subject of a user's sockets connecting and closing.
+pub fn event_connection_subject(user: &UserId) -> String {
+    format!("sb.events.conn.{user}")
+}
+
+/// Tap subject of a user's online/offline transitions.
+pub fn event_presence_subject(user: &UserId) -> String {
+    format!("sb.events.presence.{user}")
+}
 
 /// Subject of a chat's deliveries and ephemeral events.
 pub fn chat_subject(chat: &ChatId) -> String {
@@ -100,6 +131,16 @@ mod tests {
         assert_eq!(presence_subject(&bob), "sb.presence.bob");
         assert_eq!(push_subject(&bob), "sb.push.bob");
         assert_eq!(
+            event_message_subject(&StreamKey::Chat(chat.clone())),
+            "sb.events.msg.chat.c1"
+        );
+        assert_eq!(
+            event_message_subject(&StreamKey::User(bob.clone())),
+            "sb.events.msg.user.bob"
+        );
+        assert_eq!(event_connection_subject(&bob), "sb.events.conn.bob");
+        assert_eq!(event_presence_subject(&bob), "sb.events.presence.bob");
+        assert_eq!(
             Subject::parse(&chat_subject(&chat)),
             Some(Subject::Chat(chat))
         );
@@ -128,6 +169,7 @@ mod tests {
             "sb.edge.e1.user.bob.x",
             "sb.router.publish",
             "sb.push.bob",
+            "sb.events.msg.chat.c1",
             "other",
         ] {
             assert_eq!(Subject::parse(s), None, "{s}");
