@@ -13,6 +13,8 @@
 //!   ([`Router`]) or over NATS ([`RemoteRouter`]).
 //! - [`Members`]: channel members and their work (unread counters, push
 //!   jobs), run by the router replicas.
+//! - [`EventTap`]: every sequenced message, connection and presence
+//!   change appended to a JetStream stream for backends (ADR 0032).
 //! - [`Hop`]: the per-hop latency breakdown (`switchboard_hop_seconds`).
 //! - [`redact_url`]: backend URLs as logs and errors may show them.
 //!
@@ -27,6 +29,7 @@ mod hops;
 mod members;
 mod publisher;
 mod router;
+mod tap;
 mod urls;
 
 pub use bus::{
@@ -48,5 +51,9 @@ pub use members::{
 pub use publisher::{Publisher, RemoteRouter, encode_request};
 pub use router::{
     PUBLISH_ERROR_REASONS, PublishError, PublishRequest, Published, Router, RouterLimits,
+};
+pub use tap::{
+    EVENT_STREAM, EventTap, StreamRole, TAP_DROP_REASONS, TAP_KINDS, TAP_RESULTS, TapError,
+    TapSettings,
 };
 pub use urls::redact_url;

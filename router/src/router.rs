@@ -163,6 +163,8 @@ pub struct Router {
     presence: Arc<dyn PresenceStore>,
     limits: RouterLimits,
     members: Option<Arc<crate::Members>>,
+    /// Where every sequenced message is also appended (ADR 0032).
+    tap: Option<Arc<crate::EventTap>>,
     /// `switchboard_hop_seconds{hop="sequence"}`.
     sequenced: metrics::Histogram,
 }
@@ -181,8 +183,15 @@ impl Router {
             presence,
             limits,
             members: None,
+            tap: None,
             sequenced: crate::Hop::Sequence.histogram(),
         }
+    }
+
+    /// Appends every sequenced message to the event tap: cluster mode.
+    pub fn with_tap(mut self, tap: Arc<crate::EventTap>) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// Adds member-wide work (channel shards, push hand-off): cluster mode.
@@ -233,6 +242,13 @@ impl Router {
         } else {
             metrics::counter!("switchboard_router_publishes_total", "result" => "ok").increment(1);
             self.deliver(&req.target, appended.frame.clone()).await;
+        }
+        // Queued, never awaited; a retry's second queueing appends nothing
+        // when the first got through.
+        if (!appended.duplicate || recent_retry)
+            && let Some(tap) = &self.tap
+        {
+            tap.message(&req.target, &appended.frame);
         }
         if (!appended.duplicate || recent_retry)
             && let Some(m) = &self.members
