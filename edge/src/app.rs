@@ -6,8 +6,8 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use switchboard_node::{Stop, Stopped};
 use switchboard_presence::{MemoryPresence, PresenceStore, RedisPresence};
 use switchboard_router::{
-    Bus, History, MemoryBus, MemoryHistory, NatsBus, NatsSettings, RedisHistory, RemoteRouter,
-    Router, RouterLimits, connect_redis,
+    Bus, EventTap, History, MemoryBus, MemoryHistory, NatsBus, NatsSettings, RedisHistory,
+    RemoteRouter, Router, RouterLimits, StreamRole, connect_redis,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -36,11 +36,14 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
                 max_payload_bytes: config.max_payload_bytes,
             },
         ));
+        // Refused by the configuration, which names the flag.
+        debug_assert!(config.event_tap.is_none(), "the tap needs a cluster");
         return Ok(Backends {
             bus,
             history,
             presence,
             router,
+            tap: None,
         });
     };
     crate::metrics::register_cluster_series();
@@ -54,6 +57,21 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
         .map_err(|e| e.to_string())?;
     let client = nats.client().clone();
     let bus: Arc<dyn Bus> = Arc::new(nats);
+    // Connects, closes and presence changes only: routers append messages.
+    let tap = match &config.event_tap {
+        Some(settings) => Some(Arc::new(
+            EventTap::start(
+                client.clone(),
+                settings,
+                StreamRole::Guest,
+                None,
+                &config.node_id,
+            )
+            .await
+            .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
     let redis = connect_redis(&cluster.redis_url).await.map_err(|e| {
         format!(
             "redis {}: {e}",
@@ -72,6 +90,7 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
         history,
         presence,
         router,
+        tap,
     })
 }
 
@@ -190,6 +209,7 @@ pub async fn run(
     let sweeper = tokio::spawn(switchboard_node::sweep_presence(
         state.presence.clone(),
         state.bus.clone(),
+        state.tap.clone(),
         state.config.presence_ttl / 3,
         background.clone(),
     ));
@@ -202,6 +222,10 @@ pub async fn run(
     background.cancel();
     reloads.abort();
     let deadline = stop.deadline();
+    // The drained sockets' closes are queued: appended before the flush.
+    if let Some(tap) = &state.tap {
+        stop.bounded("event tap", deadline, tap.close()).await;
+    }
     tokio::join!(
         stop.join("accept loop", deadline, accept),
         stop.join("presence lease renewal", deadline, heartbeats),

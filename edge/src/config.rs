@@ -313,6 +313,9 @@ pub struct Config {
     pub presence_ttl: Duration,
     /// Log filter.
     pub log: String,
+    /// The event tap (cluster only): connects, closes and presence
+    /// changes of this edge's sockets; `None`: off.
+    pub event_tap: Option<switchboard_router::TapSettings>,
 }
 
 /// Where the cluster's shared services are.
@@ -505,6 +508,7 @@ impl Settings {
             },
             presence_ttl: node.presence_ttl,
             log: node.log,
+            event_tap: node.event_tap,
         })
     }
 }
@@ -570,6 +574,19 @@ mod tests {
                 .over_toml("no_such_setting = 1")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_standalone_edge_refuses_the_event_tap() {
+        let err = Settings {
+            dev: Some(true),
+            ..Default::default()
+        }
+        .over_toml("event_tap = true")
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("--event-tap"), "{err}");
     }
 
     #[test]

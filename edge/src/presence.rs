@@ -18,7 +18,7 @@ use switchboard_protocol::{
     subject::presence_subject,
     v1::{PresenceEvent, ServerFrame, server_frame},
 };
-use switchboard_router::{Bus, BusHandler, Publisher};
+use switchboard_router::{Bus, BusHandler, EventTap, Publisher};
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,9 @@ pub(crate) struct Sessions {
     /// Announces a socket's transitions (as the router broadcasts).
     router: Arc<dyn Publisher>,
     hub: Arc<Hub>,
+    /// Gets each socket's connect and close and each transition (cluster,
+    /// `--event-tap`).
+    tap: Option<Arc<EventTap>>,
     node: String,
     /// Where routers reach this node, renewed with the lease.
     addr: String,
@@ -64,12 +67,14 @@ impl Sessions {
         bus: Arc<dyn Bus>,
         router: Arc<dyn Publisher>,
         hub: Arc<Hub>,
+        tap: Option<Arc<EventTap>>,
     ) -> Self {
         Sessions {
             store,
             bus,
             router,
             hub,
+            tap,
             node: config.node_id.clone(),
             addr: config.listen.to_string(),
             ttl: config.presence_ttl,
@@ -112,7 +117,8 @@ impl Sessions {
         match self.store.drop_node(&self.node, now_ms()).await {
             Ok(gone) => {
                 for (user, at) in gone {
-                    switchboard_node::announce(self.bus.as_ref(), &user, false, at, 0).await;
+                    let tap = self.tap.as_deref();
+                    switchboard_node::announce(self.bus.as_ref(), tap, &user, false, at, 0).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "presence: previous sessions not dropped"),
@@ -179,8 +185,16 @@ impl Sessions {
             match self.store.restore(&sessions, now_ms()).await {
                 Ok(back) => {
                     for user in back {
-                        switchboard_node::announce(self.bus.as_ref(), &user, true, now_ms(), 1)
-                            .await;
+                        let tap = self.tap.as_deref();
+                        switchboard_node::announce(
+                            self.bus.as_ref(),
+                            tap,
+                            &user,
+                            true,
+                            now_ms(),
+                            1,
+                        )
+                        .await;
                     }
                     // Routers could not find us meanwhile: re-read every stream.
                     self.hub.on_possible_loss();
@@ -209,6 +223,11 @@ impl Sessions {
     ) -> Result<(), PresenceError> {
         self.live.insert(conn_id, session.user.clone());
         let _order = self.ordered(&session.user).await;
+        // Under the user's order, so the tap has the connect before the
+        // online it causes (and every register has its unregister).
+        if let Some(tap) = &self.tap {
+            tap.connection(&session.user, &session.session_id, true);
+        }
         let transition = self
             .store
             .register(session, now_ms())
@@ -236,6 +255,9 @@ impl Sessions {
             // drops it); the lock waits on other users' round trips.
             let _waiting = Waiting::new(&self.unregistering);
             _order = self.ordered(&session.user).await;
+            if let Some(tap) = &self.tap {
+                tap.connection(&session.user, &session.session_id, false);
+            }
             self.store.unregister(session, now_ms()).await
         };
         match unregistered {
@@ -251,6 +273,9 @@ impl Sessions {
     }
 
     async fn announce(&self, user: &UserId, online: bool, at_ms: i64, devices: u32) {
+        if let Some(tap) = &self.tap {
+            tap.presence(user, online, at_ms, devices);
+        }
         let frame = SharedFrame::new(ServerFrame {
             id: 0,
             kind: Some(server_frame::Kind::Presence(PresenceEvent {

@@ -12,7 +12,7 @@ use std::{
 use metrics::gauge;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_presence::PresenceStore;
-use switchboard_router::{Bus, History, Publisher};
+use switchboard_router::{Bus, EventTap, History, Publisher};
 use tokio_util::task::TaskTracker;
 
 use crate::{
@@ -49,6 +49,8 @@ pub(crate) struct EdgeState {
     pub(crate) tracker: TaskTracker,
     /// This node's presence lease and its sockets' presence sessions.
     pub(crate) sessions: Arc<Sessions>,
+    /// The event tap, closed after the drain.
+    pub(crate) tap: Option<Arc<EventTap>>,
     /// What each socket's session reaches (clones of the handles above).
     pub(crate) context: Arc<SessionContext>,
 }
@@ -104,6 +106,8 @@ pub(crate) struct Backends {
     pub(crate) history: Arc<dyn History>,
     pub(crate) presence: Arc<dyn PresenceStore>,
     pub(crate) router: Arc<dyn Publisher>,
+    /// The event tap (cluster, `--event-tap`).
+    pub(crate) tap: Option<Arc<EventTap>>,
 }
 
 impl EdgeState {
@@ -140,6 +144,7 @@ impl EdgeState {
             b.bus.clone(),
             b.router.clone(),
             hub.clone(),
+            b.tap.clone(),
         ));
         let context = Arc::new(SessionContext {
             hub: hub.clone(),
@@ -170,6 +175,7 @@ impl EdgeState {
             prometheus,
             tracker: TaskTracker::new(),
             sessions,
+            tap: b.tap,
             context,
         }))
     }

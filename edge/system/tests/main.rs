@@ -19,4 +19,5 @@ mod operate;
 mod redis_modes;
 mod stall;
 mod stop;
+mod tap;
 mod tls;

@@ -162,6 +162,45 @@ pub struct ClusterSettings {
     #[arg(long, env = "SWITCHBOARD_LOG")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+
+    /// Append every sequenced message, every socket's connect and close
+    /// and every online/offline change to a JetStream stream for backends
+    /// to consume (docs/operations.md, "Event tap"). Cluster mode only.
+    /// Default false.
+    #[arg(long = "event-tap", env = "SWITCHBOARD_EVENT_TAP", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_tap: Option<bool>,
+
+    /// Name of the event tap's JetStream stream (letters, digits, `-`,
+    /// `_`; at most 64). Default SB_EVENTS.
+    #[arg(long, env = "SWITCHBOARD_EVENT_TAP_STREAM")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_tap_stream: Option<String>,
+
+    /// Age after which the tap's stream drops an event, seconds: how long
+    /// a consumer may stay away and still catch up. Default 86400.
+    #[arg(long, env = "SWITCHBOARD_EVENT_TAP_MAX_AGE_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_tap_max_age_secs: Option<u64>,
+
+    /// Bytes the tap's stream holds at most; beyond, it drops its oldest
+    /// events. Default 1073741824 (1 GiB).
+    #[arg(long, env = "SWITCHBOARD_EVENT_TAP_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_tap_max_bytes: Option<u64>,
+
+    /// Replicas of the tap's stream (1-5; 3 on a NATS cluster). Routers
+    /// create it or update it to this at startup. Default 1.
+    #[arg(long, env = "SWITCHBOARD_EVENT_TAP_REPLICAS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_tap_replicas: Option<u8>,
+
+    /// Tap events waiting in this process for JetStream; beyond, new ones
+    /// are dropped and counted (delivery never waits for the tap).
+    /// Default 65536.
+    #[arg(long, env = "SWITCHBOARD_EVENT_TAP_QUEUE_MAX_EVENTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_tap_queue_max_events: Option<usize>,
 }
 
 /// The validated [`ClusterSettings`].
@@ -181,6 +220,8 @@ pub struct NodeConfig {
     pub backends: Option<BackendUrls>,
     /// Log filter.
     pub log: String,
+    /// The event tap; `None`: off.
+    pub event_tap: Option<switchboard_router::TapSettings>,
 }
 
 /// Where a cluster's NATS and Redis are.
@@ -199,6 +240,7 @@ impl ClusterSettings {
         self,
         default_node_id: impl FnOnce() -> String,
     ) -> Result<NodeConfig, ConfigError> {
+        let event_tap = crate::tap::resolve(&self)?;
         let node_id = self.node_id.unwrap_or_else(default_node_id);
         switchboard_protocol::UserId::parse(&node_id)
             .map_err(|e| ConfigError::invalid("--node-id", e.to_string()))?;
@@ -215,6 +257,12 @@ impl ClusterSettings {
                 ));
             }
         };
+        if event_tap.is_some() && backends.is_none() {
+            return Err(ConfigError::invalid(
+                "--event-tap",
+                "the event tap needs cluster mode (--nats and --redis): it appends to a JetStream stream, and a standalone edge has no NATS",
+            ));
+        }
         Ok(NodeConfig {
             node_id,
             api_key: self.api_key.filter(|k| !k.is_empty()),
@@ -228,6 +276,7 @@ impl ClusterSettings {
             presence_ttl: millis("--presence-ttl-ms", self.presence_ttl_ms, 30_000)?,
             backends,
             log: self.log.unwrap_or_else(|| "info".into()),
+            event_tap,
         })
     }
 }
@@ -260,6 +309,36 @@ mod tests {
         assert_eq!(merged.shared.node_id.as_deref(), Some("flag"));
         assert_eq!(merged.shared.log.as_deref(), Some("debug"));
         assert!(over_toml(Outer::default(), "no_such_setting = 1").is_err());
+        let file = "event_tap = true\nevent_tap_max_bytes = 4096\nnats = \"n\"\nredis = \"r\"";
+        let tap = over_toml(Outer::default(), file)
+            .unwrap()
+            .shared
+            .resolve(|| "n".into())
+            .unwrap()
+            .event_tap
+            .expect("the tap is on");
+        assert_eq!(tap.max_bytes, 4096);
+    }
+
+    #[test]
+    fn the_tap_needs_a_cluster() {
+        let err = ClusterSettings {
+            event_tap: Some(true),
+            ..Default::default()
+        }
+        .resolve(|| "n".into())
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("--event-tap") && err.to_string().contains("standalone"),
+            "{err}"
+        );
+        let cluster = ClusterSettings {
+            nats: Some("nats://h".into()),
+            redis: Some("redis://h".into()),
+            event_tap: Some(true),
+            ..Default::default()
+        };
+        assert!(cluster.resolve(|| "n".into()).unwrap().event_tap.is_some());
     }
 
     #[test]

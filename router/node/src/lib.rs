@@ -13,6 +13,7 @@
 //! - `presence`: presence events and the sweep of crashed nodes' sessions.
 //! - `process`: logging, runtime, listener, the shutdown signal and the
 //!   exit code of a process's `main`.
+//! - `tap`: the validation of the event tap's settings.
 //! - `stop`: the deadlines of a stop, derived from the shutdown grace,
 //!   what it gave up on, and the watchdog behind them.
 //!
@@ -25,6 +26,7 @@ pub mod http;
 mod presence;
 mod process;
 mod stop;
+mod tap;
 pub mod telemetry;
 
 pub use api::{has_api_key, kick, parse_api_kick, parse_api_publish, publish_error_status};

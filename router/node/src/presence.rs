@@ -1,6 +1,6 @@
-//! Presence events on the bus, and the sweep every node runs: both edges
-//! and routers expire the sessions of crashed nodes and announce the users
-//! that went offline.
+//! Presence events on the bus (and in the event tap, when it is on), and
+//! the sweep every node runs: both edges and routers expire the sessions
+//! of crashed nodes and announce the users that went offline.
 use std::{sync::Arc, time::Duration};
 
 use switchboard_presence::PresenceStore;
@@ -9,11 +9,21 @@ use switchboard_protocol::{
     subject::presence_subject,
     v1::{PresenceEvent, ServerFrame, server_frame},
 };
-use switchboard_router::Bus;
+use switchboard_router::{Bus, EventTap};
 use tokio_util::sync::CancellationToken;
 
-/// Publishes a presence event.
-pub async fn announce(bus: &dyn Bus, user: &UserId, online: bool, at_ms: i64, devices: u32) {
+/// Publishes a presence event, and queues it for the event tap.
+pub async fn announce(
+    bus: &dyn Bus,
+    tap: Option<&EventTap>,
+    user: &UserId,
+    online: bool,
+    at_ms: i64,
+    devices: u32,
+) {
+    if let Some(tap) = tap {
+        tap.presence(user, online, at_ms, devices);
+    }
     let frame = SharedFrame::new(ServerFrame {
         id: 0,
         kind: Some(server_frame::Kind::Presence(PresenceEvent {
@@ -34,6 +44,7 @@ pub async fn announce(bus: &dyn Bus, user: &UserId, online: bool, at_ms: i64, de
 pub async fn sweep_presence(
     presence: Arc<dyn PresenceStore>,
     bus: Arc<dyn Bus>,
+    tap: Option<Arc<EventTap>>,
     every: Duration,
     stop: CancellationToken,
 ) {
@@ -48,7 +59,7 @@ pub async fn sweep_presence(
             Ok(gone) => {
                 for (user, at) in gone {
                     metrics::counter!("switchboard_presence_expired_total").increment(1);
-                    announce(bus.as_ref(), &user, false, at, 0).await;
+                    announce(bus.as_ref(), tap.as_deref(), &user, false, at, 0).await;
                 }
             }
             Err(e) => tracing::debug!(error = %e, "presence sweep failed"),

@@ -7,8 +7,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_node::{Stop, Stopped};
 use switchboard_presence::{PresenceStore, RedisPresence};
 use switchboard_router::{
-    Bus, Hop, Members, MembersSettings, NatsBus, NatsSettings, RedisHistory, Router, RouterLimits,
-    connect_redis, redact_url,
+    Bus, EventTap, History, Hop, Members, MembersSettings, NatsBus, NatsSettings, RedisHistory,
+    Router, RouterLimits, StreamRole, connect_redis, redact_url,
 };
 use tokio::net::TcpListener;
 
@@ -33,7 +33,7 @@ pub async fn run(
     let redis = connect_redis(&config.redis_url)
         .await
         .map_err(|e| format!("redis {}: {e}", redact_url(&config.redis_url)))?;
-    let history = Arc::new(RedisHistory::with_append_batch(
+    let history: Arc<dyn History> = Arc::new(RedisHistory::with_append_batch(
         redis.clone(),
         config.history,
         config.redis_append_batch,
@@ -54,17 +54,33 @@ pub async fn run(
         .await
         .map_err(|e| e.to_string())?,
     );
-    let router = Arc::new(
-        Router::new(
-            history,
-            bus.clone(),
-            presence.clone(),
-            RouterLimits {
-                max_payload_bytes: config.max_payload_bytes,
-            },
-        )
-        .with_members(members.clone()),
-    );
+    let tap = match &config.event_tap {
+        Some(settings) => Some(Arc::new(
+            EventTap::start(
+                bus.client().clone(),
+                settings,
+                StreamRole::Owner,
+                Some(history.clone()),
+                &config.node_id,
+            )
+            .await
+            .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    let mut router = Router::new(
+        history,
+        bus.clone(),
+        presence.clone(),
+        RouterLimits {
+            max_payload_bytes: config.max_payload_bytes,
+        },
+    )
+    .with_members(members.clone());
+    if let Some(tap) = &tap {
+        router = router.with_tap(tap.clone());
+    }
+    let router = Arc::new(router);
     let stop = Stop::new(config.shutdown_grace);
     // Subscribed before the HTTP listener answers /readyz: ready means
     // reachable by the edges' publish requests.
@@ -79,6 +95,7 @@ pub async fn run(
     let sweep = tokio::spawn(switchboard_node::sweep_presence(
         presence.clone(),
         bus.clone() as Arc<dyn Bus>,
+        tap.clone(),
         (config.presence_ttl / 3).max(Duration::from_millis(100)),
         stop.token(),
     ));
@@ -106,6 +123,11 @@ pub async fn run(
         stop.join("publish requests and shard jobs", deadline, nats_task),
         http.stop(&stop),
     );
+    // The events of the publishes just finished are queued: appended
+    // before the last flush, within the grace.
+    if let Some(tap) = &tap {
+        stop.bounded("event tap", deadline, tap.close()).await;
+    }
     tokio::join!(
         stop.join("presence sweep", deadline, sweep),
         stop.step("NATS flush", deadline, state.bus.flush()),

@@ -106,6 +106,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log filter.
     pub log: String,
+    /// The event tap (`--event-tap*`); `None`: off.
+    pub event_tap: Option<switchboard_router::TapSettings>,
 }
 
 impl Settings {
@@ -178,6 +180,7 @@ impl Settings {
             redis_append_batch,
             shutdown_grace: millis("--shutdown-grace-ms", self.shutdown_grace_ms, 10_000)?,
             log: node.log,
+            event_tap: node.event_tap,
         })
     }
 }
@@ -215,6 +218,7 @@ mod tests {
         assert_eq!(cfg.redis_append_batch, 256);
         assert_eq!(cfg.presence_ttl, Duration::from_secs(30));
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(cfg.event_tap, None);
     }
 
     #[test]
@@ -269,6 +273,19 @@ mod tests {
                     ..cluster()
                 },
                 "--channel-buckets",
+            ),
+            (
+                Settings::parse_from([
+                    "switchboard-router",
+                    "--nats",
+                    "nats://h",
+                    "--redis",
+                    "redis://h",
+                    "--event-tap",
+                    "--event-tap-max-bytes",
+                    "0",
+                ]),
+                "--event-tap-max-bytes",
             ),
         ] {
             let err = settings.resolve().unwrap_err();

@@ -77,12 +77,23 @@ pub fn edge_config(nats: &Server, redis: &impl RedisUrl, node: &str) -> Config {
 }
 
 pub async fn start_router(nats: &Server, redis: &impl RedisUrl, node: &str) -> RouterNode {
-    let config = RouterSettings::parse_from([
+    start_router_with(nats, redis, node, &[]).await
+}
+
+/// A router with these flags besides the usual ones.
+pub async fn start_router_with(
+    nats: &Server,
+    redis: &impl RedisUrl,
+    node: &str,
+    extra: &[&str],
+) -> RouterNode {
+    let (nats_url, redis_url) = (nats.url(), redis.redis_url());
+    let mut args = vec![
         "switchboard-router",
         "--nats",
-        &nats.url(),
+        &nats_url,
         "--redis",
-        &redis.redis_url(),
+        &redis_url,
         "--api-key",
         API_KEY,
         "--node-id",
@@ -91,9 +102,9 @@ pub async fn start_router(nats: &Server, redis: &impl RedisUrl, node: &str) -> R
         "1500",
         "--channel-buckets",
         "16",
-    ])
-    .resolve()
-    .unwrap();
+    ];
+    args.extend(extra);
+    let config = RouterSettings::parse_from(args).resolve().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
