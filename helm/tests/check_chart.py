@@ -176,6 +176,8 @@ VARIANTS: dict[str, dict] = {
         DEFAULTS,
         {"externalRedis": {"mode": "cluster", "hosts": ["r0:6379", "r1:6379", "r2:6379"], "existingSecret": "redis-pw"}},
     ),
+    # The event tap (ADR 0032): edge TOML keys and router env the binaries know.
+    "event-tap": merge(DEFAULTS, {"cluster": {"eventTap": {"enabled": True, "replicas": 3}}}),
 }
 # The Redis URL each variant must give edges and routers alike ($(REDIS_PASSWORD) is expanded by Kubernetes).
 REDIS_URLS = {

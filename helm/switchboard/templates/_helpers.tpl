@@ -168,7 +168,7 @@ for integer settings. */}}
 
 {{/* Edge settings the chart writes itself; edge.settings may not repeat them. */}}
 {{- define "switchboard.chartOwnedEdgeKeys" -}}
-listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitter_max_ms jwt_secret jwt_public_key_file api_key tls_cert_file tls_key_file nats redis presence_ttl_ms history_max_messages history_max_age_ms max_payload_bytes log dev
+listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitter_max_ms jwt_secret jwt_public_key_file api_key tls_cert_file tls_key_file nats redis presence_ttl_ms history_max_messages history_max_age_ms max_payload_bytes log dev event_tap event_tap_stream event_tap_max_age_secs event_tap_max_bytes event_tap_replicas
 {{- end }}
 
 {{/* The edge's TOML file: chart-derived settings, then edge.settings. */}}
@@ -180,6 +180,15 @@ listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitt
   "history_max_age_ms" .Values.cluster.historyMaxAgeMs
   "max_payload_bytes" .Values.cluster.maxPayloadBytes
   "log" .Values.edge.log }}
+{{- with .Values.cluster.eventTap }}
+{{- if .enabled }}
+{{- $_ := set $owned "event_tap" true }}
+{{- $_ := set $owned "event_tap_stream" .stream }}
+{{- $_ := set $owned "event_tap_max_age_secs" .maxAgeSecs }}
+{{- $_ := set $owned "event_tap_max_bytes" .maxBytes }}
+{{- $_ := set $owned "event_tap_replicas" .replicas }}
+{{- end }}
+{{- end }}
 # Set by the chart from its values.
 {{- include "switchboard.toml" $owned }}
 {{- with .Values.edge.settings }}
