@@ -6,7 +6,8 @@
 //! payloads are copied as the publisher sent them, never read.
 //!
 //! Nothing on the publish or socket path waits for it: an event is queued
-//! (bounded, [`TapSettings::queue_max_events`]) and appended by one of a
+//! (bounded by [`TapSettings::queue_max_events`] and
+//! [`TapSettings::queue_max_bytes`]) and appended by one of a
 //! few lane tasks. What does not fit is dropped and counted
 //! (`switchboard_event_tap_dropped_total{kind,reason}`), and so is what
 //! JetStream refuses after a few tries; a message event lost that way is
@@ -29,7 +30,7 @@ mod lane;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -80,6 +81,8 @@ pub struct TapSettings {
     /// Events queued in this process, not yet appended; beyond, new ones
     /// are dropped and counted.
     pub queue_max_events: usize,
+    /// Bytes of those events (payloads mostly) at most; beyond, the same.
+    pub queue_max_bytes: usize,
 }
 
 impl Default for TapSettings {
@@ -90,6 +93,7 @@ impl Default for TapSettings {
             max_bytes: 1 << 30,
             replicas: 1,
             queue_max_events: 65_536,
+            queue_max_bytes: 64 << 20,
         }
     }
 }
@@ -136,7 +140,37 @@ pub struct EventTap {
     closing: CancellationToken,
     closed: AtomicBool,
     tasks: TaskTracker,
-    queued: metrics::Gauge,
+    backlog: Arc<Backlog>,
+}
+
+/// What waits in the lanes, against the queue's byte bound (the count
+/// bound is the lanes' capacity).
+pub(crate) struct Backlog {
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    events_gauge: metrics::Gauge,
+    bytes_gauge: metrics::Gauge,
+}
+
+impl Backlog {
+    /// Counts an event of `size` bytes in, if it fits.
+    fn take(&self, size: usize) -> bool {
+        let before = self.bytes.fetch_add(size, Ordering::Relaxed);
+        if before + size > self.max_bytes {
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        self.events_gauge.increment(1.0);
+        self.bytes_gauge.increment(size as f64);
+        true
+    }
+
+    /// Counts `events` of `size` bytes together out.
+    pub(crate) fn release(&self, events: usize, size: usize) {
+        self.bytes.fetch_sub(size, Ordering::Relaxed);
+        self.events_gauge.decrement(events as f64);
+        self.bytes_gauge.decrement(size as f64);
+    }
 }
 
 impl EventTap {
@@ -168,11 +202,16 @@ impl EventTap {
         let closing = CancellationToken::new();
         let tasks = TaskTracker::new();
         let per_lane = (settings.queue_max_events / LANES).max(1);
-        let queued = metrics::gauge!("switchboard_event_tap_queue_events");
+        let backlog = Arc::new(Backlog {
+            bytes: AtomicUsize::new(0),
+            max_bytes: settings.queue_max_bytes,
+            events_gauge: metrics::gauge!("switchboard_event_tap_queue_events"),
+            bytes_gauge: metrics::gauge!("switchboard_event_tap_queue_bytes"),
+        });
         let lanes = (0..LANES)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(per_lane);
-                let lane = Lane::new(writer.clone(), rx, closing.clone(), queued.clone());
+                let lane = Lane::new(writer.clone(), rx, closing.clone(), backlog.clone());
                 tasks.spawn(lane.run());
                 tx
             })
@@ -191,7 +230,7 @@ impl EventTap {
             closing,
             closed: AtomicBool::new(false),
             tasks,
-            queued,
+            backlog,
         })
     }
 
@@ -260,9 +299,13 @@ impl EventTap {
         }
         let lane = &self.lanes[lane_of(job.key()) % self.lanes.len()];
         // Counted before the send: the lane may take it at once.
-        self.queued.increment(1.0);
+        let size = job.size();
+        if !self.backlog.take(size) {
+            dropped(kind, "queue_full");
+            return;
+        }
         if let Err(e) = lane.try_send(job) {
-            self.queued.decrement(1.0);
+            self.backlog.release(1, size);
             let reason = match e {
                 mpsc::error::TrySendError::Full(_) => "queue_full",
                 mpsc::error::TrySendError::Closed(_) => "stopped",
@@ -393,5 +436,37 @@ fn register_series() {
     }
     metrics::counter!("switchboard_event_tap_gaps_total").increment(0);
     metrics::gauge!("switchboard_event_tap_queue_events").set(0.0);
+    metrics::gauge!("switchboard_event_tap_queue_bytes").set(0.0);
     metrics::gauge!("switchboard_event_tap_heads").set(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_refuses_what_would_pass_its_byte_bound() {
+        let backlog = Backlog {
+            bytes: AtomicUsize::new(0),
+            max_bytes: 100,
+            events_gauge: metrics::gauge!("test_events"),
+            bytes_gauge: metrics::gauge!("test_bytes"),
+        };
+        assert!(backlog.take(60));
+        assert!(!backlog.take(41), "161 bytes would pass 100");
+        assert!(backlog.take(40));
+        assert!(!backlog.take(1));
+        backlog.release(2, 100);
+        assert!(backlog.take(100));
+    }
+
+    #[test]
+    fn one_stream_or_user_always_gets_the_same_lane() {
+        let a = lane_of("sb.events.msg.chat.team-42");
+        assert_eq!(a, lane_of("sb.events.msg.chat.team-42"));
+        let spread: std::collections::HashSet<usize> = (0..200)
+            .map(|i| lane_of(&format!("sb.events.msg.chat.c{i}")) % LANES)
+            .collect();
+        assert_eq!(spread.len(), LANES, "200 chats reach every lane");
+    }
 }

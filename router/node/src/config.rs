@@ -201,6 +201,12 @@ pub struct ClusterSettings {
     #[arg(long, env = "SWITCHBOARD_EVENT_TAP_QUEUE_MAX_EVENTS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_tap_queue_max_events: Option<usize>,
+
+    /// Bytes of the tap events waiting in this process (payloads mostly);
+    /// beyond, new ones are dropped and counted. Default 67108864 (64 MiB).
+    #[arg(long, env = "SWITCHBOARD_EVENT_TAP_QUEUE_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_tap_queue_max_bytes: Option<usize>,
 }
 
 /// The validated [`ClusterSettings`].

@@ -67,12 +67,18 @@ pub(crate) fn resolve(s: &ClusterSettings) -> Result<Option<TapSettings>, Config
         s.event_tap_queue_max_events,
         defaults.queue_max_events,
     )?;
+    let queue_max_bytes = positive(
+        "--event-tap-queue-max-bytes",
+        s.event_tap_queue_max_bytes,
+        defaults.queue_max_bytes,
+    )?;
     Ok(s.event_tap.unwrap_or(false).then_some(TapSettings {
         stream,
         max_age,
         max_bytes,
         replicas,
         queue_max_events,
+        queue_max_bytes,
     }))
 }
 
@@ -151,6 +157,13 @@ mod tests {
                     ..on()
                 },
                 "--event-tap-queue-max-events",
+            ),
+            (
+                ClusterSettings {
+                    event_tap_queue_max_bytes: Some(0),
+                    ..on()
+                },
+                "--event-tap-queue-max-bytes",
             ),
         ] {
             let err = resolve(&flags).unwrap_err().to_string();

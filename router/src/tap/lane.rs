@@ -7,7 +7,10 @@ use switchboard_protocol::{StreamKey, events::v1::Event, v1::Delivery};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::chain::{Head, Writer};
+use super::{
+    Backlog,
+    chain::{Head, Writer},
+};
 
 /// Events taken from the queue at once.
 const BATCH: usize = 256;
@@ -44,6 +47,23 @@ impl Job {
         }
     }
 
+    /// Bytes it holds, about (what the queue's byte bound counts).
+    pub(super) fn size(&self) -> usize {
+        use prost::Message;
+        match self {
+            Job::Message {
+                subject, delivery, ..
+            } => subject.len() + delivery.encoded_len(),
+            Job::Plain {
+                key,
+                subject,
+                msg_id,
+                event,
+                ..
+            } => key.len() + subject.len() + msg_id.len() + event.encoded_len(),
+        }
+    }
+
     /// The `kind` label.
     pub(super) fn kind(&self) -> &'static str {
         match self {
@@ -57,7 +77,7 @@ pub(super) struct Lane {
     writer: Arc<Writer>,
     rx: mpsc::Receiver<Job>,
     closing: CancellationToken,
-    queued: metrics::Gauge,
+    backlog: Arc<Backlog>,
     /// Where each stream's subject ended when this lane last appended to
     /// or looked at it.
     heads: HashMap<String, Head>,
@@ -70,13 +90,13 @@ impl Lane {
         writer: Arc<Writer>,
         rx: mpsc::Receiver<Job>,
         closing: CancellationToken,
-        queued: metrics::Gauge,
+        backlog: Arc<Backlog>,
     ) -> Self {
         Lane {
             writer,
             rx,
             closing,
-            queued,
+            backlog,
             heads: HashMap::new(),
             reported_heads: 0,
         }
@@ -101,9 +121,9 @@ impl Lane {
                     }
                 }
             }
-            let n = batch.len();
+            let (n, size) = (batch.len(), batch.iter().map(Job::size).sum());
             self.append(std::mem::take(&mut batch)).await;
-            self.queued.decrement(n as f64);
+            self.backlog.release(n, size);
         }
     }
 
