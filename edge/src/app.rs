@@ -4,7 +4,9 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use switchboard_node::{Stop, Stopped};
-use switchboard_presence::{MemoryPresence, PresenceStore, RedisPresence};
+use switchboard_presence::{
+    MemberStore, MemoryMembers, MemoryPresence, PresenceStore, RedisMembers, RedisPresence,
+};
 use switchboard_router::{
     Bus, EventTap, History, MemoryBus, MemoryHistory, NatsBus, NatsSettings, RedisHistory,
     RemoteRouter, Router, RouterLimits, StreamRole, connect_redis,
@@ -38,12 +40,15 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
         ));
         // Refused by the configuration, which names the flag.
         debug_assert!(config.event_tap.is_none(), "the tap needs a cluster");
+        let members: Arc<dyn MemberStore> = Arc::new(MemoryMembers::new());
         return Ok(Backends {
             bus,
             history,
             presence,
             router,
             tap: None,
+            members,
+            hook: crate::hooks::authorizer(config.authorize_hook.as_ref()),
         });
     };
     crate::metrics::register_cluster_series();
@@ -79,6 +84,12 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
         )
     })?;
     let history: Arc<dyn History> = Arc::new(RedisHistory::new(redis.clone(), config.history));
+    // The bucket count the routers recorded (ADR 0031).
+    let members: Arc<dyn MemberStore> = Arc::new(
+        RedisMembers::open(redis.clone(), None)
+            .await
+            .map_err(|e| format!("member store: {e}"))?,
+    );
     let presence: Arc<dyn PresenceStore> = Arc::new(RedisPresence::new(redis, ttl));
     let router = Arc::new(RemoteRouter::new(
         client,
@@ -91,6 +102,8 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
         presence,
         router,
         tap,
+        members,
+        hook: crate::hooks::authorizer(config.authorize_hook.as_ref()),
     })
 }
 

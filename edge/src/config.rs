@@ -74,6 +74,63 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dev: Option<bool>,
 
+    /// How chats no token grants are authorized: `token` (refused),
+    /// `members` (the member store the backend keeps through the API),
+    /// `proxy` (the backend's hook, `--authorize-url`), `open` (allowed;
+    /// development only). Default `token`; `--dev` defaults to `open`.
+    #[arg(long, env = "SWITCHBOARD_CHAT_AUTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_auth: Option<String>,
+
+    /// Who may message a user directly: `anyone`, or `contacts` (users the
+    /// backend made contacts of the recipient). Default `anyone`.
+    #[arg(long, env = "SWITCHBOARD_DM_POLICY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dm_policy: Option<String>,
+
+    /// How long a membership or hook allow is cached per (user, chat), ms.
+    /// Removals through the API reach every edge at once; this bounds a
+    /// removal the bus lost. Default 60000.
+    #[arg(long, env = "SWITCHBOARD_CHAT_AUTH_CACHE_TTL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_auth_cache_ttl_ms: Option<u64>,
+
+    /// Most cached allows. Default 100000.
+    #[arg(long, env = "SWITCHBOARD_CHAT_AUTH_CACHE_ENTRIES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_auth_cache_entries: Option<usize>,
+
+    /// The backend's authorization hook of `--chat-auth proxy`:
+    /// `http://host[:port]/path` (a JSON POST) or `grpc://host:port` (the
+    /// `switchboard.hooks.v1.Hooks/Authorize` RPC). See docs/operations.md.
+    #[arg(long, env = "SWITCHBOARD_AUTHORIZE_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorize_url: Option<String>,
+
+    /// Deadline of one authorization hook call, ms; past it the request is
+    /// refused (`Unavailable`, fail closed). Default 500.
+    #[arg(long, env = "SWITCHBOARD_AUTHORIZE_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorize_timeout_ms: Option<u64>,
+
+    /// The backend's moderation hook, asked before each client publish is
+    /// sequenced: `http://host[:port]/path` or `grpc://host:port`
+    /// (`Hooks/Moderate`). Unset: no moderation.
+    #[arg(long, env = "SWITCHBOARD_MODERATION_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moderation_url: Option<String>,
+
+    /// Deadline of one moderation call, ms. Default 500.
+    #[arg(long, env = "SWITCHBOARD_MODERATION_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moderation_timeout_ms: Option<u64>,
+
+    /// A moderation call that fails or times out accepts the message as
+    /// sent (true) instead of refusing it with `Unavailable`. Default false.
+    #[arg(long, env = "SWITCHBOARD_MODERATION_FAIL_OPEN", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moderation_fail_open: Option<bool>,
+
     /// Most open sockets. Default: 90% of the process file limit minus 64
     /// (the limit is raised to its hard maximum first). Upgrades beyond get
     /// HTTP 503 with Retry-After.
@@ -260,6 +317,12 @@ pub struct Config {
     pub api_key: Option<String>,
     /// Demo page and dev token endpoint.
     pub dev: bool,
+    /// Chat authorization (`--chat-auth`, `--dm-policy`, the cache).
+    pub authz: crate::authz::AuthzSettings,
+    /// The authorization hook (`--authorize-url`), for `proxy` mode.
+    pub authorize_hook: Option<crate::hooks::HookSettings>,
+    /// The moderation hook (`--moderation-*`); `None`: none.
+    pub moderation: Option<crate::hooks::ModerationSettings>,
     /// Most open sockets.
     pub max_connections: usize,
     /// Largest client WebSocket message, bytes.
@@ -379,6 +442,51 @@ impl Settings {
             self.jwt_issuer,
             self.jwt_leeway_secs.unwrap_or(5),
         )?;
+        let authz = crate::authz::AuthzSettings {
+            mode: match self.chat_auth.as_deref() {
+                Some(m) => m.parse().map_err(|e| invalid("--chat-auth", e))?,
+                None if dev => crate::authz::ChatAuthMode::Open,
+                None => crate::authz::ChatAuthMode::Token,
+            },
+            dm: match self.dm_policy.as_deref() {
+                Some(p) => p.parse().map_err(|e| invalid("--dm-policy", e))?,
+                None => crate::authz::DmPolicy::Anyone,
+            },
+            cache_ttl: ms(
+                "--chat-auth-cache-ttl-ms",
+                self.chat_auth_cache_ttl_ms,
+                60_000,
+            )?,
+            cache_entries: positive(
+                "--chat-auth-cache-entries",
+                self.chat_auth_cache_entries,
+                100_000,
+            )?,
+        };
+        let authorize_hook = match &self.authorize_url {
+            Some(url) => Some(crate::hooks::HookSettings {
+                url: url.parse().map_err(|e| invalid("--authorize-url", e))?,
+                timeout: ms("--authorize-timeout-ms", self.authorize_timeout_ms, 500)?,
+            }),
+            None => None,
+        };
+        if authz.mode == crate::authz::ChatAuthMode::Proxy && authorize_hook.is_none() {
+            return Err(invalid(
+                "--chat-auth",
+                "proxy needs the backend's hook: set --authorize-url",
+            )
+            .into());
+        }
+        let moderation = match &self.moderation_url {
+            Some(url) => Some(crate::hooks::ModerationSettings {
+                hook: crate::hooks::HookSettings {
+                    url: url.parse().map_err(|e| invalid("--moderation-url", e))?,
+                    timeout: ms("--moderation-timeout-ms", self.moderation_timeout_ms, 500)?,
+                },
+                fail_open: self.moderation_fail_open.unwrap_or(false),
+            }),
+            None => None,
+        };
         let max_connections = match self.max_connections {
             Some(0) => return Err(invalid("--max-connections", "must be greater than 0").into()),
             Some(n) => n,
@@ -399,6 +507,9 @@ impl Settings {
             auth,
             api_key: node.api_key,
             dev,
+            authz,
+            authorize_hook,
+            moderation,
             max_connections,
             max_frame_bytes,
             max_payload_bytes,

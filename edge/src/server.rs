@@ -199,6 +199,11 @@ async fn route(
             let key = state.config.api_key.as_deref();
             http::kick(req, key, state.bus.as_ref(), state.presence.as_ref()).await
         }
+        (_, path) if switchboard_node::members::is_members_route(path) => {
+            let key = state.config.api_key.as_deref();
+            let (store, bus) = (state.members.as_ref(), state.bus.as_ref());
+            switchboard_node::members::route(req, key, store, bus).await
+        }
         (&Method::GET, "/") if state.config.dev => {
             let mut r = text(StatusCode::OK, DEMO_PAGE);
             r.headers_mut().insert(
@@ -241,6 +246,7 @@ fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
         aud: None,
         iss: None,
         chats: None,
+        chat: None,
     };
     match state.config.auth.mint_hs256(&claims) {
         Some(token) => json(

@@ -12,6 +12,10 @@
 //!   the extension's negotiation and the codec.
 //! - `client` (feature `client`, off by default): an async Rust client with
 //!   reconnect and resume, used by tests, examples and the load generator.
+//! - [`api`]: the backend API over gRPC (`proto/switchboard/api/v1`), and
+//!   [`hooks`]: the service a backend implements for Switchboard to call
+//!   (`proto/switchboard/hooks/v1`). Their tonic clients and servers come
+//!   with the `grpc` feature (off by default); the messages always exist.
 //!
 //! `docs/protocol.md` is the reference for app developers.
 #![warn(missing_docs)]
@@ -54,6 +58,24 @@ pub mod events {
     /// Version 1.
     pub mod v1 {
         include!(concat!(env!("OUT_DIR"), "/switchboard.events.v1.rs"));
+    }
+}
+
+/// The backend API over gRPC (ADR 0033).
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod api {
+    /// Version 1.
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/switchboard.api.v1.rs"));
+    }
+}
+
+/// Backend hooks: implemented by a backend, called by Switchboard.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod hooks {
+    /// Version 1.
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/switchboard.hooks.v1.rs"));
     }
 }
 

@@ -13,6 +13,7 @@
 //! - `sb.events.msg.chat.<chat>`, `sb.events.msg.user.<user>`,
 //!   `sb.events.conn.<user>`, `sb.events.presence.<user>`: the event tap
 //!   (JetStream stream `SB_EVENTS`, ADR 0032).
+//! - `sb.members`: members removed from chats, to every edge (ADR 0031).
 //!
 //! Every id on a subject is a [`ChatId`] or [`UserId`], which cannot hold
 //! `.`, `*` or `>`: one id is always exactly one subject token.
@@ -55,6 +56,10 @@ pub fn event_connection_subject(user: &UserId) -> String {
 pub fn event_presence_subject(user: &UserId) -> String {
     format!("sb.events.presence.{user}")
 }
+/// Members removed from chats ([`crate::v1::Unsubscribed`] frames naming
+/// them): every edge subscribes, drops its cached allows and ends their
+/// live subscriptions.
+pub const MEMBERS: &str = "sb.members";
 
 /// Subject of a chat's deliveries and ephemeral events.
 pub fn chat_subject(chat: &ChatId) -> String {
@@ -97,12 +102,17 @@ pub enum Subject<'a> {
     },
     /// `sb.presence.<user>`.
     Presence(UserId),
+    /// `sb.members`.
+    Members,
 }
 
 impl<'a> Subject<'a> {
     /// Parses a delivery subject; `None` for anything else, or an id that
     /// is not valid.
     pub fn parse(subject: &'a str) -> Option<Subject<'a>> {
+        if subject == MEMBERS {
+            return Some(Subject::Members);
+        }
         if let Some(chat) = subject.strip_prefix("sb.chat.") {
             return ChatId::parse(chat).ok().map(Subject::Chat);
         }
@@ -155,6 +165,7 @@ mod tests {
             Subject::parse(&presence_subject(&bob)),
             Some(Subject::Presence(bob))
         );
+        assert_eq!(Subject::parse(MEMBERS), Some(Subject::Members));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod authorization;
 mod browser;
 mod chat;
 mod client;
@@ -12,6 +13,7 @@ mod cluster;
 mod deflate;
 mod drain;
 mod failover;
+mod hooks;
 mod http;
 mod k6;
 mod limits;

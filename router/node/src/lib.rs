@@ -23,6 +23,7 @@
 mod api;
 pub mod config;
 pub mod http;
+pub mod members;
 mod presence;
 mod process;
 mod stop;

@@ -100,8 +100,11 @@ pub async fn run(
         stop.token(),
     ));
     tracing::info!(addr = %config.listen, node = %config.node_id, "switchboard router serving");
+    let member_store: Arc<dyn switchboard_presence::MemberStore> =
+        Arc::new(members.store().clone());
     let state = Arc::new(RouterState {
         router,
+        member_store,
         members,
         bus,
         presence,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use switchboard_presence::PresenceStore;
+use switchboard_presence::{MemberStore, PresenceStore};
 use switchboard_router::{Members, NatsBus, Router};
 
 use crate::Config;
@@ -12,6 +12,8 @@ use crate::Config;
 pub(crate) struct RouterState {
     pub(crate) router: Arc<Router>,
     pub(crate) members: Arc<Members>,
+    /// The same member sets, for the membership API (ADR 0031).
+    pub(crate) member_store: Arc<dyn MemberStore>,
     pub(crate) bus: Arc<NatsBus>,
     pub(crate) presence: Arc<dyn PresenceStore>,
     pub(crate) config: Config,
