@@ -12,6 +12,7 @@ mod cluster;
 mod deflate;
 mod drain;
 mod failover;
+mod grpc;
 mod http;
 mod k6;
 mod limits;

@@ -4,11 +4,14 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
-use switchboard_node::{Stop, Stopped};
+use switchboard_node::{
+    Api, ApiBackends, Stop, Stopped,
+    grpc::{GrpcServer, Readiness},
+};
 use switchboard_presence::{PresenceStore, RedisPresence};
 use switchboard_router::{
-    Bus, Hop, Members, MembersSettings, NatsBus, NatsSettings, RedisHistory, Router, RouterLimits,
-    connect_redis, redact_url,
+    Bus, History, Hop, Members, MembersSettings, NatsBus, NatsSettings, RedisHistory, Router,
+    RouterLimits, connect_redis, redact_url,
 };
 use tokio::net::TcpListener;
 
@@ -24,6 +27,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Stopped, String> {
     register_series();
+    // Bound first: a port in use fails the start before any backend is
+    // touched.
+    let grpc_listener = match config.grpc_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr).map_err(|e| format!("--grpc-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let nats = NatsSettings {
         url: config.nats_url.clone(),
         name: config.node_id.clone(),
@@ -33,7 +44,7 @@ pub async fn run(
     let redis = connect_redis(&config.redis_url)
         .await
         .map_err(|e| format!("redis {}: {e}", redact_url(&config.redis_url)))?;
-    let history = Arc::new(RedisHistory::with_append_batch(
+    let history: Arc<dyn History> = Arc::new(RedisHistory::with_append_batch(
         redis.clone(),
         config.history,
         config.redis_append_batch,
@@ -56,7 +67,7 @@ pub async fn run(
     );
     let router = Arc::new(
         Router::new(
-            history,
+            history.clone(),
             bus.clone(),
             presence.clone(),
             RouterLimits {
@@ -83,15 +94,40 @@ pub async fn run(
         stop.token(),
     ));
     tracing::info!(addr = %config.listen, node = %config.node_id, "switchboard router serving");
+    let api = Arc::new(Api::new(
+        config.api_key.clone(),
+        config.max_payload_bytes,
+        ApiBackends {
+            publisher: router.clone(),
+            bus: bus.clone(),
+            presence: presence.clone(),
+            history,
+        },
+    ));
     let state = Arc::new(RouterState {
-        router,
         members,
         bus,
-        presence,
         config,
         prometheus,
+        api,
     });
     let http = Http::start(listener, state.clone(), stop.clone());
+    let grpc = match grpc_listener {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let ready_state = state.clone();
+            let ready: Readiness = Arc::new(move || ready_state.unready());
+            let runtime = tokio::runtime::Handle::current();
+            let server = GrpcServer::start(listener, state.api.clone(), ready, &runtime)
+                .map_err(|e| format!("--grpc-listen {addr}: {e}"))?;
+            tracing::info!(addr = %addr, "gRPC API listening");
+            Some(server)
+        }
+        None => None,
+    };
     shutdown.await;
     tracing::info!(
         grace_ms = stop.grace().as_millis() as u64,
@@ -105,6 +141,11 @@ pub async fn run(
     tokio::join!(
         stop.join("publish requests and shard jobs", deadline, nats_task),
         http.stop(&stop),
+        async {
+            if let Some(grpc) = grpc {
+                grpc.stop(&stop).await;
+            }
+        },
     );
     tokio::join!(
         stop.join("presence sweep", deadline, sweep),
