@@ -4,7 +4,9 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use switchboard_node::{Stop, Stopped};
-use switchboard_presence::{MemoryPresence, PresenceStore, RedisPresence};
+use switchboard_presence::{
+    MemberStore, MemoryMembers, MemoryPresence, PresenceStore, RedisMembers, RedisPresence,
+};
 use switchboard_router::{
     Bus, History, MemoryBus, MemoryHistory, NatsBus, NatsSettings, RedisHistory, RemoteRouter,
     Router, RouterLimits, connect_redis,
@@ -36,11 +38,14 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
                 max_payload_bytes: config.max_payload_bytes,
             },
         ));
+        let members: Arc<dyn MemberStore> = Arc::new(MemoryMembers::new());
         return Ok(Backends {
             bus,
             history,
             presence,
             router,
+            members,
+            hook: None,
         });
     };
     crate::metrics::register_cluster_series();
@@ -61,6 +66,12 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
         )
     })?;
     let history: Arc<dyn History> = Arc::new(RedisHistory::new(redis.clone(), config.history));
+    // The bucket count the routers recorded (ADR 0031).
+    let members: Arc<dyn MemberStore> = Arc::new(
+        RedisMembers::open(redis.clone(), None)
+            .await
+            .map_err(|e| format!("member store: {e}"))?,
+    );
     let presence: Arc<dyn PresenceStore> = Arc::new(RedisPresence::new(redis, ttl));
     let router = Arc::new(RemoteRouter::new(
         client,
@@ -72,6 +83,8 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
         history,
         presence,
         router,
+        members,
+        hook: None,
     })
 }
 

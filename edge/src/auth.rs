@@ -24,10 +24,49 @@ pub struct Claims {
     /// Issuer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
-    /// Chat allowlist: when present, only these chats may be subscribed to
-    /// and published in. Absent: every chat (authorization is upstream).
+    /// Chats this token grants outright (subscribe, publish, receipts,
+    /// typing). Other chats are decided by `--chat-auth` (ADR 0031).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chats: Option<Vec<String>>,
+    /// Set only in subscription tokens: a connection token carrying it is
+    /// refused, so one kind cannot stand in for the other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<String>,
+}
+
+/// The claims of a subscription token: one user, one chat (ADR 0031).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubscriptionClaims {
+    /// User id: must be the socket's user.
+    pub sub: String,
+    /// The chat it grants.
+    pub chat: String,
+    /// Expiry, unix seconds (required).
+    pub exp: u64,
+    /// Not before, unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Audience.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Also lets the user publish and send typing in the chat; without it
+    /// the token grants reading (subscribe) and receipts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish: bool,
+}
+
+/// A verified subscription token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatGrant {
+    /// The user it was issued to.
+    pub user: UserId,
+    /// The chat it grants.
+    pub chat: ChatId,
+    /// Whether it grants publishing and typing too.
+    pub publish: bool,
 }
 
 /// A verified token.
@@ -37,14 +76,15 @@ pub struct Identity {
     pub user: UserId,
     /// Expiry, unix ms.
     pub expires_at_ms: i64,
-    /// Allowed chats; `None` means all.
+    /// Chats the token grants outright (`chats` claim); `None`: none, the
+    /// chat authorization mode decides every chat.
     pub chats: Option<Arc<[ChatId]>>,
 }
 
 impl Identity {
-    /// Whether the token lets this user use `chat`.
-    pub fn may_use(&self, chat: &ChatId) -> bool {
-        self.chats.as_ref().is_none_or(|list| list.contains(chat))
+    /// Whether the token's `chats` claim grants `chat`.
+    pub fn grants(&self, chat: &ChatId) -> bool {
+        self.chats.as_ref().is_some_and(|list| list.contains(chat))
     }
 }
 
@@ -168,8 +208,48 @@ impl AuthConfig {
         })
     }
 
-    /// Verifies a token.
+    /// Verifies a connection token.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let claims: Claims = self.decode(token)?;
+        if claims.chat.is_some() {
+            return Err(AuthError::Malformed(
+                "a subscription token (chat claim) is not a connection token".into(),
+            ));
+        }
+        let user = UserId::parse(&claims.sub).map_err(|e| AuthError::Subject(e.to_string()))?;
+        let chats = match claims.chats {
+            None => None,
+            Some(list) => Some(
+                list.iter()
+                    .map(|c| ChatId::parse(c))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| AuthError::Malformed(format!("chats claim: {e}")))?
+                    .into(),
+            ),
+        };
+        Ok(Identity {
+            user,
+            expires_at_ms: expires_ms(claims.exp)?,
+            chats,
+        })
+    }
+
+    /// Verifies a subscription token (same keys and checks as a connection
+    /// token, plus a `chat` claim).
+    pub fn verify_subscription(&self, token: &str) -> Result<ChatGrant, AuthError> {
+        let claims: SubscriptionClaims = self.decode(token)?;
+        expires_ms(claims.exp)?;
+        let user = UserId::parse(&claims.sub).map_err(|e| AuthError::Subject(e.to_string()))?;
+        let chat = ChatId::parse(&claims.chat)
+            .map_err(|e| AuthError::Malformed(format!("chat claim: {e}")))?;
+        Ok(ChatGrant {
+            user,
+            chat,
+            publish: claims.publish,
+        })
+    }
+
+    fn decode<C: serde::de::DeserializeOwned>(&self, token: &str) -> Result<C, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -205,52 +285,39 @@ impl AuthConfig {
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
-            .kind()
-        {
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-            ErrorKind::InvalidSignature => AuthError::Signature,
-            ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
-            ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
-                AuthError::WrongAudienceOrIssuer
-            }
-            ErrorKind::MissingRequiredClaim(c) if c == "aud" || c == "iss" => {
-                AuthError::WrongAudienceOrIssuer
-            }
-            _ => AuthError::Malformed(e.to_string()),
-        })?;
-        let claims = data.claims;
-        let user = UserId::parse(&claims.sub).map_err(|e| AuthError::Subject(e.to_string()))?;
-        let chats = match claims.chats {
-            None => None,
-            Some(list) => Some(
-                list.iter()
-                    .map(|c| ChatId::parse(c))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| AuthError::Malformed(format!("chats claim: {e}")))?
-                    .into(),
-            ),
-        };
-        let expires_at_ms = (claims.exp as i64).saturating_mul(1000);
-        // The leeway absorbs clock skew on nbf; a token already past exp
-        // would only open a socket that closes at once with token_expired,
-        // so it is refused here with 440.
-        if expires_at_ms <= switchboard_protocol::now_ms() {
-            return Err(AuthError::Expired);
-        }
-        Ok(Identity {
-            user,
-            expires_at_ms,
-            chats,
-        })
+        let data =
+            jsonwebtoken::decode::<C>(token, key, &validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidSignature => AuthError::Signature,
+                ErrorKind::InvalidAlgorithm => AuthError::Algorithm,
+                ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
+                    AuthError::WrongAudienceOrIssuer
+                }
+                ErrorKind::MissingRequiredClaim(c) if c == "aud" || c == "iss" => {
+                    AuthError::WrongAudienceOrIssuer
+                }
+                _ => AuthError::Malformed(e.to_string()),
+            })?;
+        Ok(data.claims)
     }
 
     /// Mints an HS256 token (dev mode and tests). `None` without a secret.
-    pub fn mint_hs256(&self, claims: &Claims) -> Option<String> {
+    pub fn mint_hs256(&self, claims: &impl Serialize) -> Option<String> {
         let (_, key) = self.hs256.as_ref()?;
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, key).ok()
     }
+}
+
+/// Unix ms of `exp`; a token already past it is refused here with 440
+/// (the leeway absorbs clock skew on nbf; a socket opened with an expired
+/// token would only close at once with token_expired).
+fn expires_ms(exp: u64) -> Result<i64, AuthError> {
+    let at = (exp as i64).saturating_mul(1000);
+    if at <= switchboard_protocol::now_ms() {
+        return Err(AuthError::Expired);
+    }
+    Ok(at)
 }
 
 fn header_says_none(segment: &str) -> bool {
@@ -288,6 +355,7 @@ mod tests {
             aud: None,
             iss: None,
             chats: None,
+            chat: None,
         }
     }
 
@@ -370,7 +438,50 @@ mod tests {
         let mut cl = claims("a", now() + 60);
         cl.chats = Some(vec!["room1".into()]);
         let id = c.verify(&c.mint_hs256(&cl).unwrap()).unwrap();
-        assert!(id.may_use(&ChatId::parse("room1").unwrap()));
-        assert!(!id.may_use(&ChatId::parse("room2").unwrap()));
+        assert!(id.grants(&ChatId::parse("room1").unwrap()));
+        assert!(!id.grants(&ChatId::parse("room2").unwrap()));
+        // No claim grants nothing: the mode decides (ADR 0031).
+        let id = c
+            .verify(&c.mint_hs256(&claims("a", now() + 60)).unwrap())
+            .unwrap();
+        assert!(!id.grants(&ChatId::parse("room1").unwrap()));
+    }
+
+    fn sub_claims(sub: &str, chat: &str, exp: u64) -> SubscriptionClaims {
+        SubscriptionClaims {
+            sub: sub.into(),
+            chat: chat.into(),
+            exp,
+            nbf: None,
+            aud: None,
+            iss: None,
+            publish: false,
+        }
+    }
+
+    #[test]
+    fn subscription_tokens_name_a_user_and_a_chat_and_stay_apart_from_connection_tokens() {
+        let c = cfg();
+        let sub = c.mint_hs256(&sub_claims("a", "room1", now() + 60)).unwrap();
+        let grant = c.verify_subscription(&sub).unwrap();
+        assert_eq!(grant.user.as_str(), "a");
+        assert_eq!(grant.chat.as_str(), "room1");
+        assert!(!grant.publish);
+        // One kind does not stand in for the other.
+        assert!(matches!(c.verify(&sub), Err(AuthError::Malformed(_))));
+        let conn = c.mint_hs256(&claims("a", now() + 60)).unwrap();
+        assert!(matches!(
+            c.verify_subscription(&conn),
+            Err(AuthError::Malformed(_))
+        ));
+        let old = c.mint_hs256(&sub_claims("a", "room1", now() - 60)).unwrap();
+        assert_eq!(c.verify_subscription(&old).unwrap_err(), AuthError::Expired);
+        let bad = c
+            .mint_hs256(&sub_claims("a", "bad.chat", now() + 60))
+            .unwrap();
+        assert!(matches!(
+            c.verify_subscription(&bad),
+            Err(AuthError::Malformed(_))
+        ));
     }
 }

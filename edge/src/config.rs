@@ -81,6 +81,32 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dev: Option<bool>,
 
+    /// How chats no token grants are authorized: `token` (refused),
+    /// `members` (the member store the backend keeps through the API),
+    /// `proxy` (the backend's hook, `--authorize-url`), `open` (allowed;
+    /// development only). Default `token`; `--dev` defaults to `open`.
+    #[arg(long, env = "SWITCHBOARD_CHAT_AUTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_auth: Option<String>,
+
+    /// Who may message a user directly: `anyone`, or `contacts` (users the
+    /// backend made contacts of the recipient). Default `anyone`.
+    #[arg(long, env = "SWITCHBOARD_DM_POLICY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dm_policy: Option<String>,
+
+    /// How long a membership or hook allow is cached per (user, chat), ms.
+    /// Removals through the API reach every edge at once; this bounds a
+    /// removal the bus lost. Default 60000.
+    #[arg(long, env = "SWITCHBOARD_CHAT_AUTH_CACHE_TTL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_auth_cache_ttl_ms: Option<u64>,
+
+    /// Most cached allows. Default 100000.
+    #[arg(long, env = "SWITCHBOARD_CHAT_AUTH_CACHE_ENTRIES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat_auth_cache_entries: Option<usize>,
+
     /// Most open sockets. Default: 90% of the process file limit minus 64
     /// (the limit is raised to its hard maximum first). Upgrades beyond get
     /// HTTP 503 with Retry-After.
@@ -270,6 +296,8 @@ pub struct Config {
     pub grpc_listen: Option<SocketAddr>,
     /// Demo page and dev token endpoint.
     pub dev: bool,
+    /// Chat authorization (`--chat-auth`, `--dm-policy`, the cache).
+    pub authz: crate::authz::AuthzSettings,
     /// Most open sockets.
     pub max_connections: usize,
     /// Largest client WebSocket message, bytes.
@@ -386,6 +414,27 @@ impl Settings {
             self.jwt_issuer,
             self.jwt_leeway_secs.unwrap_or(5),
         )?;
+        let authz = crate::authz::AuthzSettings {
+            mode: match self.chat_auth.as_deref() {
+                Some(m) => m.parse().map_err(|e| invalid("--chat-auth", e))?,
+                None if dev => crate::authz::ChatAuthMode::Open,
+                None => crate::authz::ChatAuthMode::Token,
+            },
+            dm: match self.dm_policy.as_deref() {
+                Some(p) => p.parse().map_err(|e| invalid("--dm-policy", e))?,
+                None => crate::authz::DmPolicy::Anyone,
+            },
+            cache_ttl: ms(
+                "--chat-auth-cache-ttl-ms",
+                self.chat_auth_cache_ttl_ms,
+                60_000,
+            )?,
+            cache_entries: positive(
+                "--chat-auth-cache-entries",
+                self.chat_auth_cache_entries,
+                100_000,
+            )?,
+        };
         let max_connections = match self.max_connections {
             Some(0) => return Err(invalid("--max-connections", "must be greater than 0").into()),
             Some(n) => n,
@@ -410,6 +459,7 @@ impl Settings {
                 self.grpc_listen.as_deref(),
             )?,
             dev,
+            authz,
             max_connections,
             max_frame_bytes,
             max_payload_bytes,

@@ -20,16 +20,17 @@ use std::sync::{
 
 use dashmap::DashMap;
 use switchboard_protocol::{
-    CloseReason, SharedFrame, StreamKey, UserId, now_ms,
-    subject::{Subject, edge_users_wildcard, presence_subject},
-    v1::{Disconnect, StreamPosition, server_frame},
+    ChatId, CloseReason, SharedFrame, StreamKey, UserId, now_ms,
+    subject::{MEMBERS, Subject, edge_users_wildcard, presence_subject},
+    v1::{Disconnect, ServerFrame, StreamPosition, Unsubscribed, server_frame},
 };
 use switchboard_router::{Bus, BusError, BusHandler, History};
 use tokio::{sync::Mutex, time::Instant};
 
 use crate::{
+    authz::ChatAuth,
     inline_map::InlineMap,
-    mailbox::{ConnHandle, Offer},
+    mailbox::{ConnHandle, Offer, Outbound},
     metrics::EdgeMetrics,
     order::{Arrival, Gap, StreamOrder},
 };
@@ -82,6 +83,8 @@ pub(crate) struct Hub {
     /// Frames in all lanes (bounded by `fanout.max_frames`).
     queued: AtomicUsize,
     fanout: FanoutLimits,
+    /// Told of members removed from chats (`sb.members`).
+    authz: Arc<ChatAuth>,
     /// The runtime the fan-out and repairs run on: the sockets' own, also
     /// when a frame is queued from the control runtime (an API publish).
     runtime: tokio::runtime::Handle,
@@ -107,6 +110,7 @@ impl Hub {
         history: Arc<dyn History>,
         metrics: Arc<EdgeMetrics>,
         fanout: FanoutLimits,
+        authz: Arc<ChatAuth>,
     ) -> Arc<Hub> {
         let wildcard = edge_users_wildcard(node);
         let hub = Arc::new_cyclic(|me| Hub {
@@ -124,6 +128,7 @@ impl Hub {
             runtime: tokio::runtime::Handle::current(),
             queued: AtomicUsize::new(0),
             fanout,
+            authz,
             #[cfg(test)]
             held: std::sync::atomic::AtomicBool::new(false),
         });
@@ -133,8 +138,72 @@ impl Hub {
 
     /// Subscribes this edge's personal streams: one subscription for all
     /// its users, whatever their number.
+    /// And the members removed from chats, on every edge.
     pub(crate) async fn start(&self) -> Result<(), BusError> {
-        self.bus.subscribe(&format!("{}*", self.user_prefix)).await
+        self.bus
+            .subscribe(&format!("{}*", self.user_prefix))
+            .await?;
+        self.bus.subscribe(MEMBERS).await
+    }
+
+    /// Whether the socket is (still) in the stream: the hub ends a
+    /// subscription by itself when its user is removed from the chat.
+    pub(crate) fn holds(&self, key: &StreamKey, conn_id: u64) -> bool {
+        self.streams
+            .get(key)
+            .is_some_and(|e| e.subs.contains_key(&conn_id))
+    }
+
+    /// Members removed from a chat (`sb.members`): their cached allows go,
+    /// and each of their sockets here leaves the chat, is told so with an
+    /// `unsubscribed` push, and gets nothing more of it (the socket's
+    /// write side forgets the stream right before the push).
+    fn on_members_removed(&self, frame: &SharedFrame) {
+        let Some(server_frame::Kind::Unsubscribed(u)) = frame.frame().kind.as_ref() else {
+            return;
+        };
+        let Ok(chat) = ChatId::parse(&u.chat) else {
+            return;
+        };
+        let users: Vec<UserId> = u
+            .users
+            .iter()
+            .filter_map(|x| UserId::parse(x).ok())
+            .collect();
+        self.authz.on_removed(&chat, &users);
+        let key = StreamKey::Chat(chat.clone());
+        let mut ended = Vec::new();
+        for user in &users {
+            let ids: Vec<u64> = match self.streams.get(&StreamKey::User(user.clone())) {
+                Some(mine) => mine.subs.values().map(|c| c.id()).collect(),
+                None => continue,
+            };
+            if let Some(mut e) = self.streams.get_mut(&key) {
+                ended.extend(ids.iter().filter_map(|id| e.subs.remove(id)));
+            }
+        }
+        let Some(last) = ended.last().map(|c| c.id()) else {
+            return;
+        };
+        let push = ServerFrame {
+            id: 0,
+            kind: Some(server_frame::Kind::Unsubscribed(Unsubscribed {
+                chat: chat.to_string(),
+                reason: "removed".into(),
+                users: Vec::new(),
+            })),
+        };
+        for conn in &ended {
+            conn.send(Outbound::Forget(key.clone()));
+            conn.send(Outbound::Reply(conn.encoding().encode_server(&push)));
+        }
+        tracing::debug!(%chat, sockets = ended.len(), "removed members' subscriptions ended");
+        // The stream may have no socket left: `leave` unsubscribes the bus
+        // under the stream's interest lock.
+        if let Some(hub) = self.me.upgrade() {
+            self.runtime
+                .spawn(async move { hub.leave(&key, last).await });
+        }
     }
 
     pub(crate) fn add_conn(&self, conn: &ConnHandle) {
@@ -507,6 +576,10 @@ impl Hub {
                 }
                 return;
             }
+            Some(Subject::Members) => {
+                self.on_members_removed(&frame);
+                return;
+            }
             Some(Subject::Chat(chat)) => StreamKey::Chat(chat),
             Some(Subject::EdgeUser { edge, user }) if edge == self.node => StreamKey::User(user),
             _ => return,
@@ -542,6 +615,8 @@ impl BusHandler for Hub {
     /// After a bus reconnect or a slow-consumer drop, every stream with
     /// local sockets is checked against history for what went missing.
     fn on_possible_loss(&self) {
+        // A removal may be among what was lost.
+        self.authz.on_possible_loss();
         let Some(hub) = self.me.upgrade() else { return };
         let keys: Vec<StreamKey> = self.streams.iter().map(|e| e.key().clone()).collect();
         tracing::info!(

@@ -31,6 +31,8 @@
 //!   states the ordering contract end to end.
 //! - `mailbox`: a socket's bounded mailbox, the only way others reach it.
 //! - `config`: flags, environment, TOML file → [`Config`].
+//! - `authz`: chat authorization by mode (token grants, members, the
+//!   backend's hook, open) and its bounded cache.
 //! - `auth`: JWT verification; `admission`: the connection cap under the
 //!   file limit; `ratelimit`: token buckets; `metrics`; `tls`.
 //!
@@ -43,6 +45,7 @@
 mod admission;
 mod app;
 mod auth;
+mod authz;
 mod config;
 mod conn;
 mod control;
@@ -62,7 +65,10 @@ mod wire;
 
 pub use admission::raise_file_limit;
 pub use app::{Edge, run};
-pub use auth::{AuthConfig, AuthError, Claims, Identity};
+pub use auth::{AuthConfig, AuthError, ChatGrant, Claims, Identity, SubscriptionClaims};
+pub use authz::{
+    Action, AuthorizeHook, AuthzSettings, ChatAuthMode, DmPolicy, HookDecision, HookError,
+};
 pub use config::{ClusterConfig, Config, ConfigError, Settings};
 pub use process::main;
 pub use ratelimit::Rate;

@@ -181,6 +181,11 @@ async fn route(
         (&Method::POST, "/api/kick") => http::kick(req, &state.api).await,
         (&Method::POST, "/api/presence") => http::presence(req, &state.api).await,
         (&Method::POST, "/api/history") => http::history(req, &state.api).await,
+        (_, path) if switchboard_node::members::is_members_route(path) => {
+            let key = state.config.api_key.as_deref();
+            let (store, bus) = (state.members.as_ref(), state.bus.as_ref());
+            switchboard_node::members::route(req, key, store, bus).await
+        }
         (&Method::GET, "/") if state.config.dev => {
             let mut r = text(StatusCode::OK, DEMO_PAGE);
             r.headers_mut().insert(
@@ -223,6 +228,7 @@ fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
         aud: None,
         iss: None,
         chats: None,
+        chat: None,
     };
     match state.config.auth.mint_hs256(&claims) {
         Some(token) => json(

@@ -12,13 +12,14 @@ use std::{
 use metrics::gauge;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_node::{Api, ApiBackends};
-use switchboard_presence::PresenceStore;
+use switchboard_presence::{MemberStore, PresenceStore};
 use switchboard_router::{Bus, History, Publisher};
 use tokio_util::task::TaskTracker;
 
 use crate::{
     admission::Admission,
     auth::AuthConfig,
+    authz::ChatAuth,
     config::Config,
     hub::{FanoutLimits, Hub},
     metrics::EdgeMetrics,
@@ -32,6 +33,8 @@ pub(crate) struct EdgeState {
     pub(crate) history: Arc<dyn History>,
     pub(crate) presence: Arc<dyn PresenceStore>,
     pub(crate) bus: Arc<dyn Bus>,
+    /// Chat membership and contacts (the members API; `members` mode).
+    pub(crate) members: Arc<dyn MemberStore>,
     pub(crate) metrics: Arc<EdgeMetrics>,
     pub(crate) admission: Arc<Admission>,
     /// Handshakes in progress (`--max-handshakes`).
@@ -67,6 +70,8 @@ pub(crate) struct SessionContext {
     pub(crate) sessions: Arc<Sessions>,
     pub(crate) metrics: Arc<EdgeMetrics>,
     pub(crate) auth: AuthConfig,
+    /// Chat authorization (`--chat-auth`, `--dm-policy`).
+    pub(crate) authz: Arc<ChatAuth>,
     pub(crate) settings: SessionSettings,
 }
 
@@ -106,6 +111,9 @@ pub(crate) struct Backends {
     pub(crate) history: Arc<dyn History>,
     pub(crate) presence: Arc<dyn PresenceStore>,
     pub(crate) router: Arc<dyn Publisher>,
+    pub(crate) members: Arc<dyn MemberStore>,
+    /// The backend's authorization hook (`proxy` mode).
+    pub(crate) hook: Option<Arc<dyn crate::authz::AuthorizeHook>>,
 }
 
 impl EdgeState {
@@ -119,6 +127,10 @@ impl EdgeState {
         metrics: Arc<EdgeMetrics>,
         control: Option<tokio::runtime::Handle>,
     ) -> Result<Arc<EdgeState>, String> {
+        if config.authz.mode == crate::authz::ChatAuthMode::Proxy && b.hook.is_none() {
+            return Err("--chat-auth proxy needs an authorization hook (--authorize-url)".into());
+        }
+        let authz = Arc::new(ChatAuth::new(config.authz, b.members.clone(), b.hook));
         let hub = Hub::new(
             &config.node_id,
             b.bus.clone(),
@@ -127,6 +139,7 @@ impl EdgeState {
             FanoutLimits {
                 max_frames: config.fanout_queue_max_frames,
             },
+            authz.clone(),
         );
         hub.start().await.map_err(|e| e.to_string())?;
         metrics.connections_max.set(config.max_connections as f64);
@@ -152,6 +165,7 @@ impl EdgeState {
             sessions: sessions.clone(),
             metrics: metrics.clone(),
             auth: config.auth.clone(),
+            authz,
             settings: SessionSettings::new(&config),
         });
         let api = Arc::new(Api::new(
@@ -173,6 +187,7 @@ impl EdgeState {
             history: b.history,
             presence: b.presence,
             bus: b.bus,
+            members: b.members,
             metrics,
             next_conn_id: AtomicU64::new(1),
             draining: AtomicBool::new(false),

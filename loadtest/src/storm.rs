@@ -55,6 +55,7 @@ pub(crate) async fn subscribe(
         chat: chat.into(),
         since,
         epoch: epoch.into(),
+        token: String::new(),
     };
     let frame = ClientFrame {
         id: 2,

@@ -9,11 +9,15 @@
 #![warn(missing_docs)]
 
 mod conn;
+mod members;
 mod memory;
 mod redis;
 mod store;
 
 pub use conn::{RedisConn, connect_redis};
+pub use members::{
+    BucketsError, DEFAULT_BUCKETS, MemberStore, MemoryMembers, RedisMembers, bucket_key, bucket_of,
+};
 pub use memory::MemoryPresence;
 pub use redis::RedisPresence;
 pub use store::{PresenceError, PresenceStore, Session, Transition, UserStatus};

@@ -167,6 +167,26 @@ impl Client {
         self.subscribe_with(chat, Some(since), epoch).await
     }
 
+    /// Subscribes with a subscription token from the app's backend (a
+    /// JWT naming this user and `chat`); the client keeps it to
+    /// re-subscribe after reconnects.
+    pub async fn subscribe_with_token(
+        &self,
+        chat: &str,
+        token: &str,
+    ) -> Result<SubscribeResult, ClientError> {
+        let kind = client_frame::Kind::Subscribe(v1::Subscribe {
+            chat: chat.into(),
+            since: None,
+            epoch: String::new(),
+            token: token.into(),
+        });
+        match self.request(kind).await? {
+            server_frame::Kind::SubscribeResult(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn subscribe_with(
         &self,
         chat: &str,
@@ -177,6 +197,7 @@ impl Client {
             chat: chat.into(),
             since,
             epoch: epoch.into(),
+            token: String::new(),
         });
         match self.request(kind).await? {
             server_frame::Kind::SubscribeResult(r) => Ok(r),

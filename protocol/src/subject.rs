@@ -10,6 +10,7 @@
 //! - `sb.shard.jobs`: shard jobs (JetStream stream `SB_SHARD`, pulled by
 //!   the routers).
 //! - `sb.push.<user>`: push jobs (JetStream stream `SB_PUSH`).
+//! - `sb.members`: members removed from chats, to every edge (ADR 0031).
 //!
 //! Every id on a subject is a [`ChatId`] or [`UserId`], which cannot hold
 //! `.`, `*` or `>`: one id is always exactly one subject token.
@@ -24,6 +25,11 @@ pub const SHARD_JOBS: &str = "sb.shard.jobs";
 pub const ROUTER_QUEUE: &str = "sb-routers";
 /// Every push job (the subjects of the JetStream stream `SB_PUSH`).
 pub const PUSH_ALL: &str = "sb.push.>";
+
+/// Members removed from chats ([`crate::v1::Unsubscribed`] frames naming
+/// them): every edge subscribes, drops its cached allows and ends their
+/// live subscriptions.
+pub const MEMBERS: &str = "sb.members";
 
 /// Subject of a chat's deliveries and ephemeral events.
 pub fn chat_subject(chat: &ChatId) -> String {
@@ -66,12 +72,17 @@ pub enum Subject<'a> {
     },
     /// `sb.presence.<user>`.
     Presence(UserId),
+    /// `sb.members`.
+    Members,
 }
 
 impl<'a> Subject<'a> {
     /// Parses a delivery subject; `None` for anything else, or an id that
     /// is not valid.
     pub fn parse(subject: &'a str) -> Option<Subject<'a>> {
+        if subject == MEMBERS {
+            return Some(Subject::Members);
+        }
         if let Some(chat) = subject.strip_prefix("sb.chat.") {
             return ChatId::parse(chat).ok().map(Subject::Chat);
         }
@@ -114,6 +125,7 @@ mod tests {
             Subject::parse(&presence_subject(&bob)),
             Some(Subject::Presence(bob))
         );
+        assert_eq!(Subject::parse(MEMBERS), Some(Subject::Members));
     }
 
     #[test]

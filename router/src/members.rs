@@ -25,7 +25,9 @@
 use std::{sync::Arc, time::Duration};
 
 use prost::Message;
-use switchboard_presence::{PresenceError, PresenceStore, RedisConn};
+use switchboard_presence::{
+    BucketsError, MemberStore, PresenceError, PresenceStore, RedisConn, RedisMembers, bucket_key,
+};
 use switchboard_protocol::{
     ChatId, SharedFrame, StreamKey, UserId,
     internal::v1::{PushJob, ShardJob},
@@ -117,9 +119,12 @@ pub enum MembersError {
     /// Redis failed (member sets, counts, unread counters).
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    /// Presence could not say who is online.
+    /// Presence could not say who is online, or the member sets failed.
     #[error(transparent)]
     Presence(#[from] PresenceError),
+    /// The member bucket count disagrees with the data's.
+    #[error(transparent)]
+    Buckets(BucketsError),
     /// The push stream could not be created or found at startup.
     #[error(
         "creating stream {PUSH_STREAM} with {replicas} replicas (--push-stream-replicas): {source}"
@@ -158,6 +163,8 @@ pub enum MembersError {
 /// Channel membership, shard jobs and push hand-off.
 pub struct Members {
     conn: RedisConn,
+    /// The member sets, shared with the edges' `members` authorization.
+    store: RedisMembers,
     presence: Arc<dyn PresenceStore>,
     js: async_nats::jetstream::Context,
     shard_jobs: ShardConsumer,
@@ -168,24 +175,6 @@ pub struct Members {
 /// The routers' durable pull consumer on `SB_SHARD`.
 pub type ShardConsumer =
     async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>;
-
-/// FNV-1a: a stable hash, so every process puts a member in the same bucket.
-fn bucket_of(user: &str, buckets: u32) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in user.bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h % buckets
-}
-
-fn bucket_key(channel: &ChatId, bucket: u32) -> String {
-    format!("sb:{{channel:{channel}}}:m:{bucket}")
-}
-
-fn count_key(channel: &ChatId) -> String {
-    format!("sb:{{channel:{channel}}}:n")
-}
 
 impl Members {
     /// Creates (or finds) `SB_PUSH`, creates or updates `SB_SHARD` and the
@@ -264,13 +253,17 @@ impl Members {
             .create_consumer_on_stream(consumer_config, SHARD_STREAM)
             .await
             .map_err(MembersError::ShardConsumer)?;
+        let store = RedisMembers::open(conn.clone(), Some(settings.buckets.max(1)))
+            .await
+            .map_err(MembersError::Buckets)?;
         Ok(Members {
+            buckets: store.buckets(),
+            store,
             conn,
             presence,
             js,
             shard_jobs,
             shard_ack_wait: settings.shard_ack_wait,
-            buckets: settings.buckets.max(1),
         })
     }
 
@@ -297,57 +290,22 @@ impl Members {
 
     /// Adds members; returns how many were new.
     pub async fn add(&self, channel: &ChatId, users: &[UserId]) -> Result<u64, MembersError> {
-        self.change(channel, users, "SADD").await
+        Ok(self.store.add(channel, users).await?)
     }
 
     /// Removes members; returns how many were removed.
     pub async fn remove(&self, channel: &ChatId, users: &[UserId]) -> Result<u64, MembersError> {
-        self.change(channel, users, "SREM").await
-    }
-
-    async fn change(
-        &self,
-        channel: &ChatId,
-        users: &[UserId],
-        op: &str,
-    ) -> Result<u64, MembersError> {
-        let mut conn = self.conn.clone();
-        let mut changed = 0u64;
-        for chunk in users.chunks(10_000) {
-            let mut by_bucket: std::collections::HashMap<u32, Vec<&str>> = Default::default();
-            for u in chunk {
-                by_bucket
-                    .entry(bucket_of(u, self.buckets))
-                    .or_default()
-                    .push(u.as_str());
-            }
-            let mut pipe = redis::pipe();
-            for (b, members) in &by_bucket {
-                pipe.cmd(op).arg(bucket_key(channel, *b)).arg(members);
-            }
-            let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
-            changed += counts.iter().sum::<u64>();
-        }
-        let delta = if op == "SADD" {
-            changed as i64
-        } else {
-            -(changed as i64)
-        };
-        let _: i64 = redis::cmd("INCRBY")
-            .arg(count_key(channel))
-            .arg(delta)
-            .query_async(&mut conn)
-            .await?;
-        Ok(changed)
+        Ok(self.store.remove(channel, users).await?)
     }
 
     /// Number of members.
     pub async fn count(&self, channel: &ChatId) -> Result<u64, MembersError> {
-        let n: Option<i64> = redis::cmd("GET")
-            .arg(count_key(channel))
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(n.unwrap_or(0).max(0) as u64)
+        Ok(self.store.count(channel).await?)
+    }
+
+    /// The member store itself (what the API and authorization use).
+    pub fn store(&self) -> &RedisMembers {
+        &self.store
     }
 
     /// Members online now, counted bucket by bucket (never listed to the caller).
@@ -508,16 +466,6 @@ impl Members {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn buckets_are_stable_and_spread() {
-        assert_eq!(bucket_of("alice", 64), bucket_of("alice", 64));
-        let mut seen = std::collections::HashSet::new();
-        for i in 0..10_000 {
-            seen.insert(bucket_of(&format!("user-{i}"), 64));
-        }
-        assert_eq!(seen.len(), 64);
-    }
 
     #[test]
     fn every_redelivery_fits_the_dedup_window() {

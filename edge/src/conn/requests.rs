@@ -18,6 +18,7 @@ use switchboard_router::{PublishRequest, publish_to_user};
 
 use crate::{
     auth::{AuthError, Identity},
+    authz::{Action, Denied},
     mailbox::{ConnHandle, Outbound, Recovered},
     metrics,
     state::SessionContext,
@@ -35,6 +36,12 @@ impl From<IdError> for Refusal {
 impl From<AuthError> for Refusal {
     fn from(e: AuthError) -> Self {
         Refusal(e.code(), e.to_string())
+    }
+}
+
+impl From<Denied> for Refusal {
+    fn from(Denied(code, message): Denied) -> Self {
+        Refusal(code, message)
     }
 }
 
@@ -64,9 +71,65 @@ pub(crate) struct Session {
     ctx: Arc<SessionContext>,
     conn: ConnHandle,
     identity: Identity,
-    chats: SortedSet<ChatId>,
+    chats: Subscriptions,
     watching: SortedSet<UserId>,
     joined_user_stream: bool,
+}
+
+/// What a subscription token granted in its chat (ADR 0031).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    /// Nothing: the chat was authorized by the token's claim or the mode.
+    None,
+    /// Reading it and receipts.
+    Read,
+    /// And publishing and typing.
+    ReadWrite,
+}
+
+impl Grant {
+    fn allows(self, action: Action) -> bool {
+        match self {
+            Grant::None => false,
+            Grant::Read => matches!(action, Action::Subscribe | Action::Receipt),
+            Grant::ReadWrite => true,
+        }
+    }
+}
+
+/// The session's chats, sorted by id, with what a subscription token
+/// granted in each (bounded by `max_subscriptions`).
+#[derive(Default)]
+struct Subscriptions(Vec<(ChatId, Grant)>);
+
+impl Subscriptions {
+    fn get(&self, chat: &ChatId) -> Option<Grant> {
+        self.0
+            .binary_search_by(|(c, _)| c.cmp(chat))
+            .ok()
+            .map(|at| self.0[at].1)
+    }
+
+    fn insert(&mut self, chat: ChatId, grant: Grant) {
+        match self.0.binary_search_by(|(c, _)| c.cmp(&chat)) {
+            Ok(at) => self.0[at].1 = grant,
+            Err(at) => self.0.insert(at, (chat, grant)),
+        }
+    }
+
+    fn remove(&mut self, chat: &ChatId) -> bool {
+        match self.0.binary_search_by(|(c, _)| c.cmp(chat)) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// A small set: a sorted vector, bounded by the session's limits
@@ -126,7 +189,7 @@ impl Session {
             ctx,
             conn,
             identity,
-            chats: SortedSet::default(),
+            chats: Subscriptions::default(),
             watching: SortedSet::default(),
             joined_user_stream: false,
         }
@@ -267,24 +330,68 @@ impl Session {
         Ok(())
     }
 
-    fn allowed_chat(&self, chat: &str) -> Result<ChatId, Refusal> {
+    /// Whether this socket may do `action` in `chat`: granted by its
+    /// connection token, by the subscription token it subscribed with, or
+    /// by the chat authorization mode (ADR 0031).
+    async fn authorize(&self, chat: &str, action: Action) -> Result<ChatId, Refusal> {
         let chat = ChatId::parse(chat)?;
-        if !self.identity.may_use(&chat) {
-            return Err(Refusal(
-                ErrorCode::Forbidden,
-                format!("token does not allow chat {chat}"),
-            ));
+        if self.identity.grants(&chat) || self.chats.get(&chat).is_some_and(|g| g.allows(action)) {
+            return Ok(chat);
         }
+        self.ctx
+            .authz
+            .check(&self.identity.user, &chat, action)
+            .await?;
         Ok(chat)
     }
 
+    /// A subscription token's grant, checked against this socket's user
+    /// and the chat asked for.
+    fn subscription_grant(&self, token: &str, chat: &ChatId) -> Result<Grant, Refusal> {
+        let grant = self
+            .ctx
+            .auth
+            .verify_subscription(token)
+            .inspect_err(|e| metrics::auth_failure(e.label()))?;
+        if grant.user != self.identity.user {
+            return Err(Refusal(
+                ErrorCode::Forbidden,
+                "subscription token is for another user".into(),
+            ));
+        }
+        if grant.chat != *chat {
+            return Err(Refusal(
+                ErrorCode::Forbidden,
+                format!("subscription token is for chat {}", grant.chat),
+            ));
+        }
+        Ok(if grant.publish {
+            Grant::ReadWrite
+        } else {
+            Grant::Read
+        })
+    }
+
+    /// Drops the chats the hub no longer holds this socket in (it ends a
+    /// removed member's subscriptions by itself).
+    fn forget_ended(&mut self, only: Option<&ChatId>) {
+        let (hub, id) = (&self.ctx.hub, self.conn.id());
+        self.chats.0.retain(|(c, _)| {
+            only.is_some_and(|o| o != c) || hub.holds(&StreamKey::Chat(c.clone()), id)
+        });
+    }
+
     async fn subscribe(&mut self, id: u32, s: v1::Subscribe) -> Result<(), Refusal> {
-        let chat = self.allowed_chat(&s.chat)?;
-        if self.chats.contains(&chat) {
+        let chat = ChatId::parse(&s.chat)?;
+        self.forget_ended(Some(&chat));
+        if self.chats.get(&chat).is_some() {
             return Err(Refusal(
                 ErrorCode::AlreadySubscribed,
                 format!("already subscribed to {chat}"),
             ));
+        }
+        if self.chats.len() >= self.ctx.settings.max_subscriptions {
+            self.forget_ended(None);
         }
         if self.chats.len() >= self.ctx.settings.max_subscriptions {
             return Err(Refusal(
@@ -292,6 +399,13 @@ impl Session {
                 "too many subscriptions".into(),
             ));
         }
+        let checked = std::time::Instant::now();
+        let grant = if s.token.is_empty() {
+            self.authorize(&s.chat, Action::Subscribe).await?;
+            Grant::None
+        } else {
+            self.subscription_grant(&s.token, &chat)?
+        };
         let key = StreamKey::Chat(chat.clone());
         self.conn.send(Outbound::BeginRecovery(key.clone()));
         // The hub's copy of the key from here (see `start`).
@@ -302,7 +416,23 @@ impl Session {
                 return Err(Refusal(ErrorCode::Unavailable, e.to_string()));
             }
         };
-        self.chats.insert(chat.clone());
+        // A removal that reached this edge while the check was answered:
+        // the hub ended the subscriptions it found, not this one yet.
+        if grant == Grant::None
+            && !self.identity.grants(&chat)
+            && self
+                .ctx
+                .authz
+                .removed_since(&self.identity.user, &chat, checked)
+        {
+            self.ctx.hub.leave(&key, self.conn.id()).await;
+            self.conn.send(Outbound::Forget(key));
+            return Err(Refusal(
+                ErrorCode::Forbidden,
+                format!("removed from chat {chat}"),
+            ));
+        }
+        self.chats.insert(chat.clone(), grant);
         let recovery = match self.ctx.history.recover(&key, s.since, &s.epoch).await {
             Ok(r) => r,
             Err(e) => {
@@ -331,6 +461,7 @@ impl Session {
 
     async fn unsubscribe(&mut self, id: u32, chat: &str) -> Result<(), Refusal> {
         let chat = ChatId::parse(chat)?;
+        self.forget_ended(Some(&chat));
         if !self.chats.remove(&chat) {
             return Err(Refusal(
                 ErrorCode::NotSubscribed,
@@ -347,8 +478,10 @@ impl Session {
     async fn publish(&mut self, id: u32, p: v1::Publish) -> Result<(), Refusal> {
         let received = std::time::Instant::now();
         let target = match p.target {
-            Some(publish::Target::Chat(c)) => StreamKey::Chat(self.allowed_chat(&c)?),
-            Some(publish::Target::User(u)) => StreamKey::User(UserId::parse(&u)?),
+            Some(publish::Target::Chat(c)) => {
+                StreamKey::Chat(self.authorize(&c, Action::Publish).await?)
+            }
+            Some(publish::Target::User(u)) => StreamKey::User(self.direct_to(&u).await?),
             None => {
                 return Err(Refusal(
                     ErrorCode::BadRequest,
@@ -390,12 +523,21 @@ impl Session {
         Ok(())
     }
 
+    /// A user this socket's user may message directly (`--dm-policy`).
+    async fn direct_to(&self, user: &str) -> Result<UserId, Refusal> {
+        let to = UserId::parse(user)?;
+        self.ctx.authz.check_dm(&self.identity.user, &to).await?;
+        Ok(to)
+    }
+
     async fn receipt(&mut self, id: u32, r: v1::Receipt) -> Result<(), Refusal> {
         // A receipt goes to a chat, or to one user (on each edge holding a
         // socket of theirs); at most once, like every ephemeral event.
         let to = match r.target {
-            Some(receipt::Target::Chat(c)) => StreamKey::Chat(self.allowed_chat(&c)?),
-            Some(receipt::Target::User(u)) => StreamKey::User(UserId::parse(&u)?),
+            Some(receipt::Target::Chat(c)) => {
+                StreamKey::Chat(self.authorize(&c, Action::Receipt).await?)
+            }
+            Some(receipt::Target::User(u)) => StreamKey::User(self.direct_to(&u).await?),
             None => {
                 return Err(Refusal(
                     ErrorCode::BadRequest,
@@ -431,7 +573,7 @@ impl Session {
     }
 
     async fn typing(&mut self, id: u32, chat: &str) -> Result<(), Refusal> {
-        let chat = self.allowed_chat(chat)?;
+        let chat = self.authorize(chat, Action::Typing).await?;
         let frame = SharedFrame::new(ServerFrame {
             id: 0,
             kind: Some(server_frame::Kind::Typing(TypingEvent {
@@ -527,7 +669,7 @@ impl Session {
 
     /// Leaves every stream and watch and unregisters presence.
     pub(crate) async fn cleanup(&mut self) {
-        for chat in std::mem::take(&mut self.chats) {
+        for (chat, _) in std::mem::take(&mut self.chats.0) {
             self.ctx
                 .hub
                 .leave(&StreamKey::Chat(chat), self.conn.id())

@@ -106,6 +106,7 @@ impl Edge {
             history.clone(),
             Arc::new(EdgeMetrics::new()),
             FanoutLimits { max_frames: 65_536 },
+            test_authz(),
         );
         let (conn, inbox) = ConnHandle::new(1, Encoding::Protobuf, 100_000, 1 << 30);
         for key in streams {
@@ -326,4 +327,18 @@ async fn a_possible_loss_rereads_every_stream() {
     // Both streams with a position were read, at once; the idle one has no
     // epoch to compare against.
     assert_eq!(edge.history.reads_since(t0), [ms(0), ms(0)]);
+}
+
+/// Chat authorization as tests of the hub need it: open.
+fn test_authz() -> Arc<crate::authz::ChatAuth> {
+    Arc::new(crate::authz::ChatAuth::new(
+        crate::authz::AuthzSettings {
+            mode: crate::authz::ChatAuthMode::Open,
+            dm: crate::authz::DmPolicy::Anyone,
+            cache_ttl: std::time::Duration::from_secs(60),
+            cache_entries: 1000,
+        },
+        Arc::new(switchboard_presence::MemoryMembers::new()),
+        None,
+    ))
 }

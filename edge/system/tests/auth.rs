@@ -100,7 +100,10 @@ async fn rs256_and_es256_keys_work_and_hs256_is_then_refused() {
 
 #[tokio::test]
 async fn chat_allowlist_limits_subscribe_and_publish() {
-    let edge = start(config()).await;
+    // The default mode: what the claim does not grant is refused.
+    let mut config = config();
+    config.authz.mode = switchboard_edge::ChatAuthMode::Token;
+    let edge = start(config).await;
     let mut c: Claims = claims("dave");
     c.chats = Some(vec!["allowed".into()]);
     let mut raw = Raw::open(&edge, "switchboard.v1.json").await;

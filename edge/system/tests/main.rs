@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod authorization;
 mod browser;
 mod chat;
 mod client;

@@ -197,6 +197,7 @@ async fn a_wss_reader_that_stops_is_reset() {
         .env("SWITCHBOARD_TLS_CERT_FILE", dir.join("cert.pem"))
         .env("SWITCHBOARD_TLS_KEY_FILE", dir.join("key.pem"))
         .env("SWITCHBOARD_HEARTBEAT_INTERVAL_MS", "1000")
+        .env("SWITCHBOARD_CHAT_AUTH", "open")
         // Only the stall check may close it, not its mailbox.
         .env("SWITCHBOARD_SEND_QUEUE_MAX_BYTES", "67108864")
         .env("SWITCHBOARD_SEND_QUEUE_MAX_FRAMES", "100000")

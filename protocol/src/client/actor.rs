@@ -64,6 +64,8 @@ enum Meta {
     Subscribe {
         chat: String,
         since: Option<u64>,
+        /// The subscription token, kept for re-subscribing.
+        token: String,
     },
     /// The actor's own subscribe after a reconnect.
     Resubscribe {
@@ -87,6 +89,7 @@ impl Meta {
             client_frame::Kind::Subscribe(s) => Meta::Subscribe {
                 chat: s.chat.clone(),
                 since: s.since,
+                token: s.token.clone(),
             },
             client_frame::Kind::Unsubscribe(u) => Meta::Unsubscribe {
                 chat: u.chat.clone(),
@@ -249,6 +252,9 @@ pub(super) struct Actor {
     ready: Option<oneshot::Sender<Result<(), ClientError>>>,
     link: Link,
     cursors: Cursors,
+    /// Subscription tokens of the chats subscribed with one, for
+    /// re-subscribing after a reconnect.
+    sub_tokens: HashMap<String, String>,
     pending: HashMap<u32, Pending>,
     /// Requests made while not connected, sent once the session is back.
     stash: VecDeque<(client_frame::Kind, oneshot::Sender<Reply>)>,
@@ -286,6 +292,7 @@ impl Actor {
             ready: Some(ready),
             link: Link::Stopped,
             cursors,
+            sub_tokens: HashMap::new(),
             pending: HashMap::new(),
             stash: VecDeque::new(),
             next_id: 1,
@@ -428,6 +435,15 @@ impl Actor {
             server_frame::Kind::Receipt(r) => Event::Receipt(r),
             server_frame::Kind::Presence(p) => Event::Presence(p),
             server_frame::Kind::Typing(t) => Event::Typing(t),
+            server_frame::Kind::Unsubscribed(u) => {
+                // The server ended it: not followed, not re-subscribed.
+                self.cursors.forget(&u.chat);
+                self.sub_tokens.remove(&u.chat);
+                Event::Unsubscribed {
+                    chat: u.chat,
+                    reason: u.reason,
+                }
+            }
             server_frame::Kind::TokenExpiring(t) => Event::TokenExpiring {
                 expires_at_ms: t.token_expires_at_ms,
             },
@@ -446,7 +462,12 @@ impl Actor {
             (Meta::Resubscribe { chat, since }, kind) => {
                 return self.on_resubscribed(chat, since, kind).await;
             }
-            (Meta::Subscribe { chat, since }, server_frame::Kind::SubscribeResult(r)) => {
+            (Meta::Subscribe { chat, since, token }, server_frame::Kind::SubscribeResult(r)) => {
+                if token.is_empty() {
+                    self.sub_tokens.remove(&chat);
+                } else {
+                    self.sub_tokens.insert(chat.clone(), token);
+                }
                 let position = r.position.clone().unwrap_or_default();
                 if let Some(event) =
                     self.cursors
@@ -458,6 +479,7 @@ impl Actor {
             }
             (Meta::Unsubscribe { chat }, server_frame::Kind::Ok(ok)) => {
                 self.cursors.forget(&chat);
+                self.sub_tokens.remove(&chat);
                 Ok(server_frame::Kind::Ok(ok))
             }
             (Meta::Refresh { token }, server_frame::Kind::RefreshResult(r)) => {

@@ -64,6 +64,14 @@ pub enum Event {
     Presence(PresenceEvent),
     /// Someone is typing in a chat.
     Typing(TypingEvent),
+    /// The server ended a subscription (the user was removed from the
+    /// chat): it is no longer followed nor re-subscribed on reconnect.
+    Unsubscribed {
+        /// The chat.
+        chat: String,
+        /// Why ("removed").
+        reason: String,
+    },
     /// The token expires soon; call `Client::refresh_token`.
     TokenExpiring {
         /// Expiry, unix ms.

@@ -29,6 +29,7 @@ mod api;
 pub mod config;
 pub mod grpc;
 pub mod http;
+pub mod members;
 mod presence;
 mod process;
 mod stop;

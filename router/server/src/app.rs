@@ -94,6 +94,8 @@ pub async fn run(
         stop.token(),
     ));
     tracing::info!(addr = %config.listen, node = %config.node_id, "switchboard router serving");
+    let member_store: Arc<dyn switchboard_presence::MemberStore> =
+        Arc::new(members.store().clone());
     let api = Arc::new(Api::new(
         config.api_key.clone(),
         config.max_payload_bytes,
@@ -105,6 +107,7 @@ pub async fn run(
         },
     ));
     let state = Arc::new(RouterState {
+        member_store,
         members,
         bus,
         config,

@@ -88,6 +88,11 @@ async fn route(state: Arc<RouterState>, req: Request<Incoming>) -> Response<Body
         (&Method::POST, "/api/presence") => http::presence(req, &state.api).await,
         (&Method::POST, "/api/history") => http::history(req, &state.api).await,
         (_, path) if path.starts_with("/api/channels/") => members_api(&state, req).await,
+        (_, path) if switchboard_node::members::is_members_route(path) => {
+            let (store, bus) = (state.member_store.as_ref(), state.bus.as_ref());
+            let key = state.config.api_key.as_deref();
+            switchboard_node::members::route(req, key, store, bus).await
+        }
         _ => http::not_found(),
     }
 }
@@ -152,14 +157,17 @@ async fn members_api(state: &RouterState, req: Request<Incoming>) -> Response<Bo
                 (Ok(a), Ok(r)) => (a, r),
                 (Err(e), _) | (_, Err(e)) => return api_error(StatusCode::UNPROCESSABLE_ENTITY, e),
             };
-            let added = members.add(&channel, &add).await;
-            let removed = members.remove(&channel, &remove).await;
-            match (added, removed) {
-                (Ok(a), Ok(r)) => json(
+            // The same change as `/api/chats/<chat>/members`, removal
+            // notices included.
+            let (store, bus) = (state.member_store.as_ref(), state.bus.as_ref());
+            match switchboard_node::members::change_members(store, bus, &channel, &add, &remove)
+                .await
+            {
+                Ok(c) => json(
                     StatusCode::OK,
-                    serde_json::json!({"added": a, "removed": r}),
+                    serde_json::json!({"added": c.added, "removed": c.removed}),
                 ),
-                (Err(e), _) | (_, Err(e)) => api_error(StatusCode::SERVICE_UNAVAILABLE, e),
+                Err(e) => api_error(e.status(), e),
             }
         }
         _ => api_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST"),

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_node::Api;
+use switchboard_presence::MemberStore;
 use switchboard_router::{Members, NatsBus};
 
 use crate::Config;
@@ -11,6 +12,8 @@ use crate::Config;
 /// What the HTTP routes serve from.
 pub(crate) struct RouterState {
     pub(crate) members: Arc<Members>,
+    /// The same member sets, for the membership API (ADR 0031).
+    pub(crate) member_store: Arc<dyn MemberStore>,
     pub(crate) bus: Arc<NatsBus>,
     pub(crate) config: Config,
     pub(crate) prometheus: PrometheusHandle,

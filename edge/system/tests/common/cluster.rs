@@ -217,6 +217,7 @@ pub fn edge_process_env(
     vec![
         ("SWITCHBOARD_LISTEN".into(), format!("127.0.0.1:{port}")),
         ("SWITCHBOARD_JWT_SECRET".into(), SECRET.into()),
+        ("SWITCHBOARD_CHAT_AUTH".into(), "open".into()),
         ("SWITCHBOARD_NATS_URL".into(), nats.url()),
         ("SWITCHBOARD_REDIS_URL".into(), redis.redis_url()),
         ("SWITCHBOARD_NODE_ID".into(), node.into()),

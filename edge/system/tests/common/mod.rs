@@ -27,6 +27,9 @@ pub const ROUTER_BIN: &str = env!("CARGO_BIN_EXE_system-router");
 
 pub fn config() -> Config {
     let mut c = Config::for_secret(SECRET);
+    // Tests of everything but authorization use chats freely; the modes
+    // have tests of their own (authorization.rs).
+    c.authz.mode = switchboard_edge::ChatAuthMode::Open;
     // Tests publish much faster than people do; the limit has tests of its
     // own (limits.rs).
     c.rate_publish = switchboard_edge::Rate {
@@ -56,10 +59,11 @@ pub fn claims(user: &str) -> Claims {
         aud: None,
         iss: None,
         chats: None,
+        chat: None,
     }
 }
 
-pub fn token_for(claims: &Claims) -> String {
+pub fn token_for(claims: &impl serde::Serialize) -> String {
     AuthConfig::new(Some(SECRET.as_bytes().to_vec()), None, None, None, 0)
         .unwrap()
         .mint_hs256(claims)

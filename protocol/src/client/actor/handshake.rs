@@ -120,6 +120,7 @@ impl Actor {
         // Pipelined: every Subscribe goes out before the first reply.
         for (chat, cursor) in chats {
             let kind = client_frame::Kind::Subscribe(v1::Subscribe {
+                token: self.sub_tokens.get(&chat).cloned().unwrap_or_default(),
                 chat: chat.clone(),
                 since: Some(cursor.seq),
                 epoch: cursor.epoch,
