@@ -176,6 +176,7 @@ impl EdgeState {
                 bus: b.bus.clone(),
                 presence: b.presence.clone(),
                 history: b.history.clone(),
+                members: b.members.clone(),
             },
         ));
         Ok(Arc::new(EdgeState {

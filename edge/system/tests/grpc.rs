@@ -526,6 +526,26 @@ async fn grpc_on_a_router_process() {
     assert!(users[0].online, "{users:?}");
     assert_eq!(health(grpc_addr, "").await, ServingStatus::Serving);
 
+    // Membership, in the routers' member sets in Redis.
+    let changed = api
+        .update_members(members("ops", &["rita", "sam"], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(changed.added, 2);
+    let count = api
+        .count_members(pb::CountMembersRequest { chat: "ops".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(count.members, 2);
+    let chats = api
+        .list_chats(chats_of("sam", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(chats.chats, ["ops"]);
+
     let e = client(grpc_addr, Some("wrong"))
         .await
         .kick(pb::KickRequest {
@@ -581,4 +601,199 @@ async fn a_health_watch_ends_with_the_stop() {
         .unwrap()
         .unwrap();
     assert_eq!(stopped, switchboard_edge::Stopped::Clean);
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out[9..12].parse().unwrap();
+    let json = out
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or_default();
+    (status, json)
+}
+
+fn members(chat: &str, add: &[&str], remove: &[&str]) -> pb::UpdateMembersRequest {
+    pb::UpdateMembersRequest {
+        chat: chat.into(),
+        add: add.iter().map(|u| u.to_string()).collect(),
+        remove: remove.iter().map(|u| u.to_string()).collect(),
+    }
+}
+
+fn chats_of(user: &str, cursor: &str, limit: u32) -> pb::ListChatsRequest {
+    pb::ListChatsRequest {
+        user: user.into(),
+        cursor: cursor.into(),
+        limit,
+    }
+}
+
+/// Membership over gRPC in `members` mode: the same store and the same
+/// removal notice as the HTTP membership API.
+#[tokio::test]
+async fn grpc_members_admit_list_count_and_remove() {
+    let mut cfg = grpc_config(Some(API_KEY));
+    cfg.authz.mode = switchboard_edge::ChatAuthMode::Members;
+    let edge = start(cfg).await;
+    let mut api = client(edge.grpc_addr().unwrap(), Some(API_KEY)).await;
+    let mut bob = Raw::connected(&edge, "bob").await;
+    let refused = bob.request(json!({"subscribe": {"chat": "team"}})).await;
+    assert_eq!(refused["error"]["code"], 403, "{refused}");
+
+    let changed = api
+        .update_members(members("team", &["bob", "amy"], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((changed.added, changed.removed), (2, 0));
+    let again = api
+        .update_members(members("team", &["bob"], &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.added, 0, "already a member");
+    api.update_members(members("alpha", &["bob"], &[]))
+        .await
+        .unwrap();
+    let count = api
+        .count_members(pb::CountMembersRequest {
+            chat: "team".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(count.members, 2);
+    // The same count over HTTP: one store.
+    let (_, http_count) = get(edge.addr(), "/api/chats/team/members").await;
+    assert_eq!(http_count["members"], 2);
+
+    // A user's chats, a page at a time.
+    let first = api
+        .list_chats(chats_of("bob", "", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (first.chats, first.next_cursor.as_str()),
+        (vec!["alpha".to_string()], "alpha")
+    );
+    let second = api
+        .list_chats(chats_of("bob", "alpha", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.chats, ["team"]);
+    assert_eq!(second.next_cursor, "", "the last page");
+
+    let contacts = api
+        .update_contacts(pb::UpdateContactsRequest {
+            user: "bob".into(),
+            add: vec!["amy".into()],
+            remove: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(contacts.added, 1);
+
+    // Admitted; removed: the live subscription ends with a push.
+    let sub = bob.request(json!({"subscribe": {"chat": "team"}})).await;
+    assert!(sub.get("subscribeResult").is_some(), "{sub}");
+    let removed = api
+        .update_members(members("team", &[], &["bob"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.removed, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let push = loop {
+        assert!(std::time::Instant::now() < deadline, "no unsubscribed push");
+        if let Some(v) = bob.next_within(Duration::from_millis(200)).await
+            && v.get("unsubscribed").is_some()
+        {
+            break v;
+        }
+    };
+    assert_eq!(push["unsubscribed"]["chat"], "team");
+    let refused = bob.request(json!({"subscribe": {"chat": "team"}})).await;
+    assert_eq!(refused["error"]["code"], 403, "{refused}");
+    edge.shutdown().await;
+}
+
+/// Bad membership requests: refused like their HTTP twins, nothing applied.
+#[tokio::test]
+async fn grpc_members_refuse_bad_input_like_http() {
+    let edge = start(grpc_config(Some(API_KEY))).await;
+    let mut api = client(edge.grpc_addr().unwrap(), Some(API_KEY)).await;
+    // A bad id anywhere in the lists applies nothing of the change.
+    let e = api
+        .update_members(members("team", &["ok", "not ok"], &[]))
+        .await
+        .unwrap_err();
+    let (s, b) = post(
+        edge.addr(),
+        "/api/chats/team/members",
+        &json!({"add": ["ok", "not ok"]}),
+    )
+    .await;
+    let message = b["error"]["message"].as_str().unwrap();
+    assert_eq!(refusal(&e), (Code::InvalidArgument, message, s));
+    assert_eq!(s, 422);
+    let e = api
+        .update_members(members("a.b", &["ok"], &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(refusal(&e).0, Code::InvalidArgument);
+    let many: Vec<String> = (0..100_001).map(|i| format!("u{i}")).collect();
+    let too_many = pb::UpdateMembersRequest {
+        chat: "team".into(),
+        add: many,
+        remove: vec![],
+    };
+    let e = api.update_members(too_many).await.unwrap_err();
+    assert_eq!(
+        refusal(&e),
+        (
+            Code::ResourceExhausted,
+            "100001 users in one request; at most 100000",
+            413
+        )
+    );
+    let count = api
+        .count_members(pb::CountMembersRequest {
+            chat: "team".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(count.members, 0, "nothing was applied");
+
+    // Pages: a limit out of range, a bad cursor.
+    let e = api.list_chats(chats_of("ok", "", 5000)).await.unwrap_err();
+    let (s, b) = get(edge.addr(), "/api/users/ok/chats?limit=5000").await;
+    let message = b["error"]["message"].as_str().unwrap();
+    assert_eq!(refusal(&e), (Code::InvalidArgument, message, s));
+    assert_eq!(s, 400);
+    let e = api.list_chats(chats_of("ok", "a.b", 0)).await.unwrap_err();
+    let (s, b) = get(edge.addr(), "/api/users/ok/chats?after=a.b").await;
+    let message = b["error"]["message"].as_str().unwrap();
+    assert_eq!(refusal(&e), (Code::InvalidArgument, message, s));
+    let e = api
+        .update_contacts(pb::UpdateContactsRequest {
+            user: "a b".into(),
+            add: vec![],
+            remove: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refusal(&e).2, 422);
+    edge.shutdown().await;
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use switchboard_presence::{PresenceStore, UserStatus};
+use switchboard_presence::{MemberStore, PresenceStore, UserStatus};
 use switchboard_protocol::{
     ChatId, IdError, StreamKey, UserId,
     v1::{Delivery, ErrorCode, StreamPosition, server_frame},
@@ -18,7 +18,10 @@ use switchboard_router::{
     Bus, History, PublishError, PublishRequest, Published, Publisher, publish_to_user,
 };
 
-use crate::telemetry::api_publish;
+use crate::{
+    members::{self, Changed, MembersApiError},
+    telemetry::api_publish,
+};
 
 /// Users one presence request may ask about.
 pub const MAX_PRESENCE_USERS: usize = 1000;
@@ -45,8 +48,6 @@ pub enum ApiCode {
     Unauthorized,
     /// The API is off on this node (no `--api-key`).
     Disabled,
-    /// This node does not serve the call.
-    NotServed,
     /// A backend (NATS, Redis, the routers) failed; retry later. Retrying
     /// a publish with the same client message id is safe.
     Unavailable,
@@ -61,7 +62,7 @@ impl ApiCode {
             ApiCode::InvalidId => 422,
             ApiCode::TooLarge => 413,
             ApiCode::Unauthorized => 401,
-            ApiCode::Disabled | ApiCode::NotServed => 404,
+            ApiCode::Disabled => 404,
             ApiCode::Unavailable => 503,
         }
     }
@@ -76,7 +77,7 @@ impl ApiCode {
             ApiCode::BadRequest | ApiCode::InvalidId => tonic::Code::InvalidArgument,
             ApiCode::TooLarge => tonic::Code::ResourceExhausted,
             ApiCode::Unauthorized => tonic::Code::Unauthenticated,
-            ApiCode::Disabled | ApiCode::NotServed => tonic::Code::Unimplemented,
+            ApiCode::Disabled => tonic::Code::Unimplemented,
             ApiCode::Unavailable => tonic::Code::Unavailable,
         }
     }
@@ -89,7 +90,6 @@ impl ApiCode {
             ApiCode::TooLarge => "too_large",
             ApiCode::Unauthorized => "unauthorized",
             ApiCode::Disabled => "disabled",
-            ApiCode::NotServed => "not_served",
             ApiCode::Unavailable => "unavailable",
         }
     }
@@ -102,7 +102,7 @@ impl ApiCode {
             ApiCode::InvalidId => ErrorCode::InvalidId,
             ApiCode::TooLarge => ErrorCode::TooLarge,
             ApiCode::Unauthorized => ErrorCode::Unauthorized,
-            ApiCode::Disabled | ApiCode::NotServed => ErrorCode::Unspecified,
+            ApiCode::Disabled => ErrorCode::Unspecified,
             ApiCode::Unavailable => ErrorCode::Unavailable,
         }
     }
@@ -146,6 +146,12 @@ impl ApiError {
 impl From<IdError> for ApiError {
     fn from(e: IdError) -> ApiError {
         ApiError::new(ApiCode::InvalidId, e)
+    }
+}
+
+impl From<MembersApiError> for ApiError {
+    fn from(e: MembersApiError) -> ApiError {
+        ApiError::new(e.code(), e)
     }
 }
 
@@ -252,6 +258,8 @@ pub struct ApiBackends {
     pub presence: Arc<dyn PresenceStore>,
     /// Streams' history, for reads.
     pub history: Arc<dyn History>,
+    /// Chat membership and contacts (ADR 0031).
+    pub members: Arc<dyn MemberStore>,
 }
 
 /// The backend API, shared by both transports of a node.
@@ -493,6 +501,63 @@ impl Api {
     }
 }
 
+impl Api {
+    /// Adds and removes members of `chat` (at most `members::MAX_USERS`
+    /// together), then tells every edge whom it removed.
+    pub async fn update_members(
+        &self,
+        chat: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<Changed, ApiError> {
+        let chat = ChatId::parse(chat)?;
+        let (add, remove) = members::change_lists(add, remove)?;
+        let b = &self.backends;
+        Ok(
+            members::change_members(b.members.as_ref(), b.bus.as_ref(), &chat, &add, &remove)
+                .await?,
+        )
+    }
+
+    /// How many members `chat` has.
+    pub async fn count_members(&self, chat: &str) -> Result<u64, ApiError> {
+        let chat = ChatId::parse(chat)?;
+        self.backends
+            .members
+            .count(&chat)
+            .await
+            .map_err(|e| ApiError::new(ApiCode::Unavailable, e))
+    }
+
+    /// A page of `user`'s chats after the chat `after` (`None`: from the
+    /// first), at most `limit` (`None`: 100); and the next page's cursor.
+    pub async fn list_chats(
+        &self,
+        user: &str,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<(Vec<ChatId>, Option<ChatId>), ApiError> {
+        let user = UserId::parse(user)?;
+        let after = after.map(ChatId::parse).transpose()?;
+        let limit = limit.unwrap_or(100);
+        let b = &self.backends;
+        Ok(members::chats_of(b.members.as_ref(), &user, after.as_ref(), limit).await?)
+    }
+
+    /// Adds and removes contacts of `user` (at most `members::MAX_USERS`
+    /// together).
+    pub async fn update_contacts(
+        &self,
+        user: &str,
+        add: &[String],
+        remove: &[String],
+    ) -> Result<Changed, ApiError> {
+        let user = UserId::parse(user)?;
+        let (add, remove) = members::change_lists(add, remove)?;
+        Ok(members::change_contacts(self.backends.members.as_ref(), &user, &add, &remove).await?)
+    }
+}
+
 /// The key check of the API named `api` (in messages: "publish", "members")
 /// behind `key` (`None`: the API is off), given the presented
 /// `authorization` value, `Bearer <key>`.
@@ -551,6 +616,7 @@ mod tests {
                 bus,
                 presence,
                 history,
+                members: Arc::new(switchboard_presence::MemoryMembers::new()),
             },
         )
     }
@@ -600,7 +666,6 @@ mod tests {
             (ApiCode::TooLarge, 413, Code::ResourceExhausted),
             (ApiCode::Unauthorized, 401, Code::Unauthenticated),
             (ApiCode::Disabled, 404, Code::Unimplemented),
-            (ApiCode::NotServed, 404, Code::Unimplemented),
             (ApiCode::Unavailable, 503, Code::Unavailable),
         ];
         for (code, http, grpc) in cases {

@@ -582,33 +582,63 @@ impl Switchboard for ApiService {
 
     async fn update_members(
         &self,
-        _request: Request<pb::UpdateMembersRequest>,
+        request: Request<pb::UpdateMembersRequest>,
     ) -> Result<Response<pb::UpdateMembersResponse>, Status> {
-        answer(Op::Members, Err(members_not_served()))
+        let r = request.into_inner();
+        let result = self
+            .api
+            .update_members(&r.chat, &r.add, &r.remove)
+            .await
+            .map(|c| pb::UpdateMembersResponse {
+                added: c.added,
+                removed: c.removed,
+            });
+        answer(Op::Members, result)
     }
 
     async fn count_members(
         &self,
-        _request: Request<pb::CountMembersRequest>,
+        request: Request<pb::CountMembersRequest>,
     ) -> Result<Response<pb::CountMembersResponse>, Status> {
-        answer(Op::Members, Err(members_not_served()))
+        let result = self
+            .api
+            .count_members(&request.into_inner().chat)
+            .await
+            .map(|members| pb::CountMembersResponse { members });
+        answer(Op::Members, result)
     }
 
     async fn list_chats(
         &self,
-        _request: Request<pb::ListChatsRequest>,
+        request: Request<pb::ListChatsRequest>,
     ) -> Result<Response<pb::ListChatsResponse>, Status> {
-        answer(Op::Members, Err(members_not_served()))
+        let r = request.into_inner();
+        let after = Some(r.cursor.as_str()).filter(|c| !c.is_empty());
+        let limit = Some(r.limit as usize).filter(|l| *l != 0);
+        let result = self
+            .api
+            .list_chats(&r.user, after, limit)
+            .await
+            .map(|(chats, next)| pb::ListChatsResponse {
+                chats: chats.iter().map(|c| c.as_str().to_owned()).collect(),
+                next_cursor: next.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+            });
+        answer(Op::Members, result)
     }
 
     async fn update_contacts(
         &self,
-        _request: Request<pb::UpdateContactsRequest>,
+        request: Request<pb::UpdateContactsRequest>,
     ) -> Result<Response<pb::UpdateContactsResponse>, Status> {
-        answer(Op::Members, Err(members_not_served()))
+        let r = request.into_inner();
+        let result = self
+            .api
+            .update_contacts(&r.user, &r.add, &r.remove)
+            .await
+            .map(|c| pb::UpdateContactsResponse {
+                added: c.added,
+                removed: c.removed,
+            });
+        answer(Op::Members, result)
     }
-}
-
-fn members_not_served() -> ApiError {
-    ApiError::new(ApiCode::NotServed, "members API not served by this node")
 }

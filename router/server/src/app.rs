@@ -104,6 +104,7 @@ pub async fn run(
             bus: bus.clone(),
             presence: presence.clone(),
             history,
+            members: member_store.clone(),
         },
     ));
     let state = Arc::new(RouterState {
