@@ -328,9 +328,7 @@ impl Api {
 
     /// Checks and publishes one message; the stream it went to.
     pub async fn publish(&self, p: PublishFields) -> Result<(StreamKey, Published), ApiError> {
-        let request = self.publish_request(p).inspect_err(|_| {
-            api_publish("bad_request");
-        })?;
+        let request = self.publish_request(p).inspect_err(count_refused_publish)?;
         let stream = request.target.clone();
         Ok((stream, self.publish_checked(request).await?))
     }
@@ -556,6 +554,14 @@ impl Api {
         let (add, remove) = members::change_lists(add, remove)?;
         Ok(members::change_contacts(self.backends.members.as_ref(), &user, &add, &remove).await?)
     }
+}
+
+/// Counts a publish refused before the publish path, by why.
+pub(crate) fn count_refused_publish(e: &ApiError) {
+    api_publish(match e.code {
+        ApiCode::TooLarge => "too_large",
+        _ => "bad_request",
+    });
 }
 
 /// The key check of the API named `api` (in messages: "publish", "members")

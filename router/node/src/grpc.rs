@@ -105,6 +105,7 @@ impl GrpcServer {
         runtime: &tokio::runtime::Handle,
     ) -> std::io::Result<GrpcServer> {
         listener.set_nonblocking(true)?;
+        gauge!("switchboard_grpc_connections").set(0.0);
         let shutdown = CancellationToken::new();
         let reporter = HealthReporter::new();
         let max_message = max_message_bytes(api.max_payload_bytes());
@@ -507,7 +508,7 @@ impl Switchboard for ApiService {
                 Ok(pb::PublishBatchResponse { results })
             }
             Err(e) => {
-                crate::telemetry::api_publish("bad_request");
+                crate::api::count_refused_publish(&e);
                 Err(e)
             }
         };
