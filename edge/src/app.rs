@@ -45,7 +45,7 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
             presence,
             router,
             members,
-            hook: None,
+            hook: crate::hooks::authorizer(config.authorize_hook.as_ref()),
         });
     };
     crate::metrics::register_cluster_series();
@@ -84,7 +84,7 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
         presence,
         router,
         members,
-        hook: None,
+        hook: crate::hooks::authorizer(config.authorize_hook.as_ref()),
     })
 }
 

@@ -107,6 +107,37 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_auth_cache_entries: Option<usize>,
 
+    /// The backend's authorization hook of `--chat-auth proxy`:
+    /// `http://host[:port]/path` (a JSON POST) or `grpc://host:port` (the
+    /// `switchboard.hooks.v1.Hooks/Authorize` RPC). See docs/operations.md.
+    #[arg(long, env = "SWITCHBOARD_AUTHORIZE_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorize_url: Option<String>,
+
+    /// Deadline of one authorization hook call, ms; past it the request is
+    /// refused (`Unavailable`, fail closed). Default 500.
+    #[arg(long, env = "SWITCHBOARD_AUTHORIZE_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorize_timeout_ms: Option<u64>,
+
+    /// The backend's moderation hook, asked before each client publish is
+    /// sequenced: `http://host[:port]/path` or `grpc://host:port`
+    /// (`Hooks/Moderate`). Unset: no moderation.
+    #[arg(long, env = "SWITCHBOARD_MODERATION_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moderation_url: Option<String>,
+
+    /// Deadline of one moderation call, ms. Default 500.
+    #[arg(long, env = "SWITCHBOARD_MODERATION_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moderation_timeout_ms: Option<u64>,
+
+    /// A moderation call that fails or times out accepts the message as
+    /// sent (true) instead of refusing it with `Unavailable`. Default false.
+    #[arg(long, env = "SWITCHBOARD_MODERATION_FAIL_OPEN", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moderation_fail_open: Option<bool>,
+
     /// Most open sockets. Default: 90% of the process file limit minus 64
     /// (the limit is raised to its hard maximum first). Upgrades beyond get
     /// HTTP 503 with Retry-After.
@@ -298,6 +329,10 @@ pub struct Config {
     pub dev: bool,
     /// Chat authorization (`--chat-auth`, `--dm-policy`, the cache).
     pub authz: crate::authz::AuthzSettings,
+    /// The authorization hook (`--authorize-url`), for `proxy` mode.
+    pub authorize_hook: Option<crate::hooks::HookSettings>,
+    /// The moderation hook (`--moderation-*`); `None`: none.
+    pub moderation: Option<crate::hooks::ModerationSettings>,
     /// Most open sockets.
     pub max_connections: usize,
     /// Largest client WebSocket message, bytes.
@@ -435,6 +470,30 @@ impl Settings {
                 100_000,
             )?,
         };
+        let authorize_hook = match &self.authorize_url {
+            Some(url) => Some(crate::hooks::HookSettings {
+                url: url.parse().map_err(|e| invalid("--authorize-url", e))?,
+                timeout: ms("--authorize-timeout-ms", self.authorize_timeout_ms, 500)?,
+            }),
+            None => None,
+        };
+        if authz.mode == crate::authz::ChatAuthMode::Proxy && authorize_hook.is_none() {
+            return Err(invalid(
+                "--chat-auth",
+                "proxy needs the backend's hook: set --authorize-url",
+            )
+            .into());
+        }
+        let moderation = match &self.moderation_url {
+            Some(url) => Some(crate::hooks::ModerationSettings {
+                hook: crate::hooks::HookSettings {
+                    url: url.parse().map_err(|e| invalid("--moderation-url", e))?,
+                    timeout: ms("--moderation-timeout-ms", self.moderation_timeout_ms, 500)?,
+                },
+                fail_open: self.moderation_fail_open.unwrap_or(false),
+            }),
+            None => None,
+        };
         let max_connections = match self.max_connections {
             Some(0) => return Err(invalid("--max-connections", "must be greater than 0").into()),
             Some(n) => n,
@@ -460,6 +519,8 @@ impl Settings {
             )?,
             dev,
             authz,
+            authorize_hook,
+            moderation,
             max_connections,
             max_frame_bytes,
             max_payload_bytes,

@@ -50,6 +50,7 @@ mod config;
 mod conn;
 mod control;
 mod drain;
+mod hooks;
 mod hub;
 mod inline_map;
 mod mailbox;
@@ -70,6 +71,7 @@ pub use authz::{
     Action, AuthorizeHook, AuthzSettings, ChatAuthMode, DmPolicy, HookDecision, HookError,
 };
 pub use config::{ClusterConfig, Config, ConfigError, Settings};
+pub use hooks::{HookSettings, HookUrl, ModerationSettings};
 pub use process::main;
 pub use ratelimit::Rate;
 pub use switchboard_node::{ClusterSettings, Stopped};

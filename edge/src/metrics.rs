@@ -201,6 +201,7 @@ pub(crate) const ERROR_REPLY_CODES: &[&str] = &[
     "invalid_id",
     "limit_exceeded",
     "token_expired",
+    "rejected",
     "internal",
     "unavailable",
     "unspecified",

@@ -72,6 +72,8 @@ pub(crate) struct SessionContext {
     pub(crate) auth: AuthConfig,
     /// Chat authorization (`--chat-auth`, `--dm-policy`).
     pub(crate) authz: Arc<ChatAuth>,
+    /// The moderation hook (`--moderation-url`), before client publishes.
+    pub(crate) moderation: Option<crate::hooks::Moderation>,
     pub(crate) settings: SessionSettings,
 }
 
@@ -130,6 +132,7 @@ impl EdgeState {
         if config.authz.mode == crate::authz::ChatAuthMode::Proxy && b.hook.is_none() {
             return Err("--chat-auth proxy needs an authorization hook (--authorize-url)".into());
         }
+        crate::hooks::register_series();
         let authz = Arc::new(ChatAuth::new(config.authz, b.members.clone(), b.hook));
         let hub = Hub::new(
             &config.node_id,
@@ -166,6 +169,10 @@ impl EdgeState {
             metrics: metrics.clone(),
             auth: config.auth.clone(),
             authz,
+            moderation: config
+                .moderation
+                .as_ref()
+                .map(|m| crate::hooks::Moderation::new(m, config.max_payload_bytes)),
             settings: SessionSettings::new(&config),
         });
         let api = Arc::new(Api::new(

@@ -19,6 +19,7 @@ use switchboard_router::{PublishRequest, publish_to_user};
 use crate::{
     auth::{AuthError, Identity},
     authz::{Action, Denied},
+    hooks::Moderated,
     mailbox::{ConnHandle, Outbound, Recovered},
     metrics,
     state::SessionContext,
@@ -56,6 +57,7 @@ fn code_label(code: ErrorCode) -> &'static str {
         ErrorCode::InvalidId => "invalid_id",
         ErrorCode::LimitExceeded => "limit_exceeded",
         ErrorCode::TokenExpired => "token_expired",
+        ErrorCode::Rejected => "rejected",
         ErrorCode::Internal => "internal",
         ErrorCode::Unavailable => "unavailable",
         ErrorCode::Unspecified => "unspecified",
@@ -489,11 +491,30 @@ impl Session {
                 ));
             }
         };
+        let payload = match &self.ctx.moderation {
+            // Before sequencing: what is stored and delivered is what the
+            // backend's hook let through (ADR 0034). A bad id is refused
+            // first, so the hook sees only messages the router would take.
+            Some(m) => {
+                switchboard_protocol::validate_client_msg_id(&p.client_msg_id)?;
+                match m
+                    .moderate(&self.identity.user, &target, &p.client_msg_id, p.payload)
+                    .await
+                {
+                    Moderated::Publish(payload) => payload,
+                    Moderated::Rejected(reason) => {
+                        return Err(Refusal(ErrorCode::Rejected, reason));
+                    }
+                    Moderated::Failed(why) => return Err(Refusal(ErrorCode::Unavailable, why)),
+                }
+            }
+            None => p.payload,
+        };
         let req = PublishRequest {
             sender: self.identity.user.clone(),
             target: target.clone(),
             client_msg_id: p.client_msg_id,
-            payload: p.payload,
+            payload,
         };
         let published = self
             .ctx

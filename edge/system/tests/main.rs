@@ -14,6 +14,7 @@ mod deflate;
 mod drain;
 mod failover;
 mod grpc;
+mod hooks;
 mod http;
 mod k6;
 mod limits;
