@@ -119,20 +119,31 @@ async fn start(config: Config, control: tokio::runtime::Handle) -> Result<Arc<Ed
 /// A running edge (for tests and embedding).
 pub struct Edge {
     addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<Stopped, String>>,
 }
 
 impl Edge {
-    /// Starts an edge on an already bound listener.
+    /// Starts an edge on an already bound listener; binds the gRPC
+    /// listener, if the config names one (port 0: any free port, see
+    /// [`Edge::grpc_addr`]).
     pub fn start(config: Config, listener: TcpListener) -> std::io::Result<Edge> {
         let addr = listener.local_addr()?;
+        let grpc = config
+            .grpc_listen
+            .map(std::net::TcpListener::bind)
+            .transpose()?;
+        let grpc_addr = grpc.as_ref().map(|l| l.local_addr()).transpose()?;
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task =
-            tokio::spawn(async move { run(config, listener, token.cancelled_owned()).await });
+            tokio::spawn(
+                async move { serve(config, listener, grpc, token.cancelled_owned()).await },
+            );
         Ok(Edge {
             addr,
+            grpc_addr,
             shutdown,
             task,
         })
@@ -141,6 +152,11 @@ impl Edge {
     /// The listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The gRPC listener's address, if it has one.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     /// Drains (as on SIGTERM) and waits until the edge has stopped.
@@ -163,10 +179,27 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Serves until `shutdown` resolves, then drains and lets go of the
 /// backends within the grace period, whatever they do. Fails only if the
-/// cluster backends cannot be reached at startup.
+/// cluster backends cannot be reached at startup, or `--grpc-listen`
+/// cannot be bound.
 pub async fn run(
     config: Config,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Stopped, String> {
+    let grpc = match config.grpc_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr).map_err(|e| format!("--grpc-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    serve(config, listener, grpc, shutdown).await
+}
+
+/// [`run`] with the gRPC listener already bound.
+async fn serve(
+    config: Config,
+    listener: TcpListener,
+    grpc: Option<std::net::TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Stopped, String> {
     // Raised whether or not the cap was given: a container starts with a
@@ -210,6 +243,32 @@ pub async fn run(
         "switchboard edge listening"
     );
     state.sessions.lease().await;
+    // The API's gRPC twin runs where its HTTP routes do: on the control
+    // runtime, out of the sockets' way (control.rs).
+    let grpc = match grpc {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let ready_state = state.clone();
+            let ready: switchboard_node::grpc::Readiness = Arc::new(move || ready_state.unready());
+            let runtime = state
+                .control
+                .clone()
+                .unwrap_or_else(tokio::runtime::Handle::current);
+            let server = switchboard_node::grpc::GrpcServer::start(
+                listener,
+                state.api.clone(),
+                ready,
+                &runtime,
+            )
+            .map_err(|e| format!("--grpc-listen {addr}: {e}"))?;
+            tracing::info!(addr = %addr, "gRPC API listening");
+            Some(server)
+        }
+        None => None,
+    };
     let reloads = tokio::spawn(reload_tls_on_sighup(state.clone()));
     let stop_accepting = CancellationToken::new();
     let background = CancellationToken::new();
@@ -231,7 +290,11 @@ pub async fn run(
     stop.begin();
     // Every step is bounded whatever NATS and Redis do: the sockets until
     // the work deadline, then the backends until the grace ends.
-    drain::drain(&state, stop_accepting, &stop).await;
+    tokio::join!(drain::drain(&state, stop_accepting, &stop), async {
+        if let Some(grpc) = grpc {
+            grpc.stop(&stop).await;
+        }
+    });
     background.cancel();
     reloads.abort();
     let deadline = stop.deadline();

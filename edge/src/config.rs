@@ -36,6 +36,13 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
 
+    /// host:port of the gRPC listener: the backend API as gRPC
+    /// (`switchboard.api.v1.Switchboard`, behind the same --api-key) and
+    /// the standard health service. Unset: no gRPC.
+    #[arg(long, env = "SWITCHBOARD_GRPC_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_listen: Option<String>,
+
     /// Settings shared with the routers.
     #[command(flatten)]
     #[serde(flatten)]
@@ -315,6 +322,9 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Key for the backend publish API; `None` disables it.
     pub api_key: Option<String>,
+    /// The gRPC listener's address (ADR 0033); `None`: no gRPC. The
+    /// process binds it when it starts.
+    pub grpc_listen: Option<SocketAddr>,
     /// Demo page and dev token endpoint.
     pub dev: bool,
     /// Chat authorization (`--chat-auth`, `--dm-policy`, the cache).
@@ -506,6 +516,10 @@ impl Settings {
             node_id: node.node_id,
             auth,
             api_key: node.api_key,
+            grpc_listen: switchboard_node::config::listen_addr(
+                "--grpc-listen",
+                self.grpc_listen.as_deref(),
+            )?,
             dev,
             authz,
             authorize_hook,

@@ -1,8 +1,8 @@
 //! The listener and the HTTP surface on it: `/ws`, and in dev mode `/` and
-//! `/dev/token`, here; `/healthz`, `/readyz`, `/metrics`,
-//! `POST /api/publish` and `POST /api/kick` answered by
-//! `switchboard_node::http`, as the router answers them.
-use std::{convert::Infallible, sync::Arc, sync::atomic::Ordering, time::Duration};
+//! `/dev/token`, here; `/healthz`, `/readyz`, `/metrics` and the backend
+//! API (`POST /api/publish`, `/api/kick`, `/api/presence`, `/api/history`)
+//! answered by `switchboard_node::http`, as the router answers them.
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -172,33 +172,15 @@ async fn route(
             Err(Refused::RetryLater(why)) => retry_later(why),
         },
         (&Method::GET, "/healthz") => http::health(),
-        (&Method::GET, "/readyz") => {
-            // Not ready: new sockets would fail (no bus, or presence could
-            // not route to them); open ones keep being served.
-            let unready = if state.draining.load(Ordering::Acquire) {
-                Some("draining")
-            } else if !state.bus.connected() {
-                Some("bus (NATS) disconnected")
-            } else if !state.sessions.renewed() {
-                Some("presence (Redis) unavailable")
-            } else {
-                None
-            };
-            http::ready(unready)
-        }
+        (&Method::GET, "/readyz") => http::ready(state.unready()),
         (&Method::GET, "/metrics") => {
             state.refresh_gauges();
             http::metrics(&state.prometheus)
         }
-        (&Method::POST, "/api/publish") => {
-            let config = &state.config;
-            let (key, max) = (config.api_key.as_deref(), config.max_payload_bytes);
-            http::publish(req, key, max, state.router.as_ref()).await
-        }
-        (&Method::POST, "/api/kick") => {
-            let key = state.config.api_key.as_deref();
-            http::kick(req, key, state.bus.as_ref(), state.presence.as_ref()).await
-        }
+        (&Method::POST, "/api/publish") => http::publish(req, &state.api).await,
+        (&Method::POST, "/api/kick") => http::kick(req, &state.api).await,
+        (&Method::POST, "/api/presence") => http::presence(req, &state.api).await,
+        (&Method::POST, "/api/history") => http::history(req, &state.api).await,
         (_, path) if switchboard_node::members::is_members_route(path) => {
             let key = state.config.api_key.as_deref();
             let (store, bus) = (state.members.as_ref(), state.bus.as_ref());

@@ -11,6 +11,7 @@ use std::{
 
 use metrics::gauge;
 use metrics_exporter_prometheus::PrometheusHandle;
+use switchboard_node::{Api, ApiBackends};
 use switchboard_presence::{MemberStore, PresenceStore};
 use switchboard_router::{Bus, EventTap, History, Publisher};
 use tokio_util::task::TaskTracker;
@@ -29,7 +30,6 @@ use crate::{
 pub(crate) struct EdgeState {
     pub(crate) config: Config,
     pub(crate) hub: Arc<Hub>,
-    pub(crate) router: Arc<dyn Publisher>,
     pub(crate) history: Arc<dyn History>,
     pub(crate) presence: Arc<dyn PresenceStore>,
     pub(crate) bus: Arc<dyn Bus>,
@@ -56,6 +56,8 @@ pub(crate) struct EdgeState {
     pub(crate) tap: Option<Arc<EventTap>>,
     /// What each socket's session reaches (clones of the handles above).
     pub(crate) context: Arc<SessionContext>,
+    /// The backend API, shared by its HTTP routes and its gRPC service.
+    pub(crate) api: Arc<Api>,
 }
 
 /// What a socket's session may reach, shared by all sessions behind one
@@ -178,13 +180,23 @@ impl EdgeState {
                 .map(|m| crate::hooks::Moderation::new(m, config.max_payload_bytes)),
             settings: SessionSettings::new(&config),
         });
+        let api = Arc::new(Api::new(
+            config.api_key.clone(),
+            config.max_payload_bytes,
+            ApiBackends {
+                publisher: b.router.clone(),
+                bus: b.bus.clone(),
+                presence: b.presence.clone(),
+                history: b.history.clone(),
+                members: b.members.clone(),
+            },
+        ));
         Ok(Arc::new(EdgeState {
             admission: Arc::new(Admission::new(config.max_connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),
             accept_rate: std::sync::Mutex::new(Bucket::full(config.accept_rate)),
             config,
             hub,
-            router: b.router,
             history: b.history,
             presence: b.presence,
             bus: b.bus,
@@ -199,7 +211,23 @@ impl EdgeState {
             sessions,
             tap: b.tap,
             context,
+            api,
         }))
+    }
+
+    /// Why the edge should get no new work (`/readyz` answers 503, gRPC
+    /// health NOT_SERVING), or `None`: new sockets would fail (no bus, or
+    /// presence could not route to them); open ones keep being served.
+    pub(crate) fn unready(&self) -> Option<&'static str> {
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            Some("draining")
+        } else if !self.bus.connected() {
+            Some("bus (NATS) disconnected")
+        } else if !self.sessions.renewed() {
+            Some("presence (Redis) unavailable")
+        } else {
+            None
+        }
     }
 
     /// Updates gauges that are cheaper to read on scrape than to track.

@@ -179,6 +179,68 @@ async fn backend_publish_api() {
     edge.shutdown().await;
 }
 
+/// Presence in bulk and a stream's history, for backends (the same calls
+/// as gRPC's Presence and History).
+#[tokio::test]
+async fn presence_and_history_api() {
+    let mut cfg = config();
+    cfg.api_key = Some("k3y".into());
+    let edge = start(cfg).await;
+    let auth = [("Authorization", "Bearer k3y")];
+    let mut olga = Raw::connected(&edge, "olga").await;
+    for i in 1..=3 {
+        let body =
+            json!({"chat": "log", "client_msg_id": format!("l{i}"), "text": format!("m{i}")});
+        let (s, b) = http(
+            edge.addr(),
+            "POST",
+            "/api/publish",
+            &auth,
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let ask = json!({"users": ["olga", "nobody"]}).to_string();
+    let (s, b) = http(edge.addr(), "POST", "/api/presence", &auth, &ask).await;
+    assert_eq!(s, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["users"][0]["user"], "olga");
+    assert_eq!(v["users"][0]["online"], true);
+    assert_eq!(v["users"][0]["devices"], 1);
+    assert_eq!(v["users"][1]["online"], false);
+
+    let read = json!({"chat": "log", "after_seq": 1, "limit": 1}).to_string();
+    let (s, b) = http(edge.addr(), "POST", "/api/history", &auth, &read).await;
+    assert_eq!(s, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["stream"], "chat:log");
+    assert_eq!(v["seq"], 3);
+    assert_eq!(v["more"], true);
+    assert_eq!(v["resync_required"], false);
+    assert_eq!(v["messages"][0]["seq"], 2);
+    assert_eq!(v["messages"][0]["client_msg_id"], "l2");
+    assert_eq!(payload_text(&v["messages"][0]), "m2");
+
+    for (body, status) in [
+        (json!({"chat": "log", "limit": 0}), 400),
+        (json!({"chat": "log", "since": 1}), 400),
+        (json!({"chat": "log", "user": "olga"}), 400),
+        (json!({"users": "olga"}), 400),
+    ] {
+        let path = if body.get("users").is_some() {
+            "/api/presence"
+        } else {
+            "/api/history"
+        };
+        let (s, b) = http(edge.addr(), "POST", path, &auth, &body.to_string()).await;
+        assert_eq!(s, status, "{body}: {b}");
+    }
+    let r = olga.request(json!({"ping": {}})).await;
+    assert!(r.get("pong").is_some(), "{r}");
+    edge.shutdown().await;
+}
+
 #[tokio::test]
 async fn dev_endpoints_only_in_dev_mode() {
     let edge = start(config()).await;
@@ -281,7 +343,7 @@ async fn edge_and_router_answer_the_shared_endpoints_alike() {
     let wrong = [("Authorization", "Bearer wrong")];
     // (method, path, headers, body)
     type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
-    let cases: [Case; 10] = [
+    let cases: [Case; 14] = [
         ("GET", "/healthz", &[], ""),
         ("GET", "/readyz", &[], ""),
         ("GET", "/no-such-path", &[], ""),
@@ -297,6 +359,10 @@ async fn edge_and_router_answer_the_shared_endpoints_alike() {
         ("POST", "/api/kick", &[], "{}"),
         ("POST", "/api/kick", &key, r#"{"user":"a b"}"#),
         ("POST", "/api/kick", &key, r#"{"user":"nobody"}"#),
+        ("POST", "/api/presence", &key, r#"{"users":["a b"]}"#),
+        ("POST", "/api/presence", &key, r#"{"users":["nobody"]}"#),
+        ("POST", "/api/history", &key, r#"{"chat":"a.b"}"#),
+        ("POST", "/api/history", &[], r#"{"chat":"c"}"#),
     ];
     for (method, path, headers, body) in cases {
         let from_edge = http(edge, method, path, headers, body).await;

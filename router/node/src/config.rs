@@ -4,6 +4,7 @@
 //! validation that names the flag at fault ([`ConfigError`]), all before a
 //! port is bound.
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -91,6 +92,20 @@ pub fn positive(
     match value.unwrap_or(default) {
         0 => Err(ConfigError::invalid(setting, "must be greater than 0")),
         n => Ok(n),
+    }
+}
+
+/// An optional listener address (`host:port`); unset or empty: none.
+pub fn listen_addr(
+    setting: &'static str,
+    value: Option<&str>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match value.filter(|v| !v.is_empty()) {
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|e| ConfigError::invalid(setting, format!("{text:?}: {e}"))),
+        None => Ok(None),
     }
 }
 
@@ -367,5 +382,10 @@ mod tests {
             .resolve(|| "a.b".into())
             .unwrap_err();
         assert!(err.to_string().contains("--node-id"), "{err}");
+        let err = listen_addr("--grpc-listen", Some("nope")).unwrap_err();
+        assert!(err.to_string().contains("--grpc-listen"), "{err}");
+        assert_eq!(listen_addr("--grpc-listen", Some("")).unwrap(), None);
+        let addr = listen_addr("--grpc-listen", Some("127.0.0.1:7")).unwrap();
+        assert_eq!(addr.map(|a| a.port()), Some(7));
     }
 }

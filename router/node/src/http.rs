@@ -1,16 +1,18 @@
 //! The HTTP answers edges and routers share, written once so both answer
 //! alike: plain-text probes (`/healthz`, `/readyz`) and 404, Prometheus
 //! text at `/metrics`, and the backend API (`POST /api/publish`,
-//! `POST /api/kick`): JSON, errors as `{"error": {"code", "message"}}`,
+//! `/api/kick`, `/api/presence`, `/api/history`): JSON bodies translated
+//! to and from [`Api`] calls, errors as `{"error": {"code", "message"}}`,
 //! behind `Authorization: Bearer <api key>` and off (404) without a key.
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{HeaderMap, Request, Response, StatusCode, body::Incoming, header};
 use metrics_exporter_prometheus::PrometheusHandle;
-use switchboard_presence::PresenceStore;
-use switchboard_router::{Bus, Publisher};
+use serde::Deserialize;
+use serde_json::{Value, json};
 
-use crate::telemetry::api_publish;
+use crate::api::{Api, ApiCode, ApiError, HistoryFields, Op, PublishFields};
+use crate::telemetry::{Transport, api_publish, api_request};
 
 /// Every answer is one buffered body.
 pub type Body = Full<Bytes>;
@@ -74,22 +76,26 @@ pub fn metrics(prometheus: &PrometheusHandle) -> Response<Body> {
     r
 }
 
-/// The API-key check of every `/api/` route; the refusal, if any: 404
-/// while the API is off (no key configured), 401 without the right key.
+/// An [`ApiError`] as an HTTP answer.
+pub fn refused(e: &ApiError) -> Response<Body> {
+    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    api_error(status, &e.message)
+}
+
+/// The key check of every `/api/` route; the refusal, if any: 404 while
+/// the API is off (no key configured), 401 without the right key. `api`
+/// names the API in the refusal ("publish API disabled: set --api-key").
 pub fn refusal(api_key: Option<&str>, headers: &HeaderMap, api: &str) -> Option<Response<Body>> {
-    let Some(key) = api_key else {
-        return Some(api_error(
-            StatusCode::NOT_FOUND,
-            format!("{api} API disabled: set --api-key"),
-        ));
-    };
-    if !crate::has_api_key(headers, key) {
-        return Some(api_error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong API key",
-        ));
-    }
-    None
+    crate::api::check_key(api_key, api, authorization(headers))
+        .err()
+        .map(|e| refused(&e))
+}
+
+/// The `authorization` header's value, if it is text.
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// Reads a request body of at most `limit` bytes; `None` beyond (answer
@@ -104,93 +110,228 @@ pub async fn read_body(body: Incoming, limit: usize) -> Option<Bytes> {
 
 /// 413 for a body over `limit` bytes.
 pub fn too_large(limit: usize) -> Response<Body> {
-    api_error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!("body over {limit} bytes"),
-    )
+    refused(&body_too_large(limit))
 }
 
-fn status(code: u16, otherwise: StatusCode) -> StatusCode {
-    StatusCode::from_u16(code).unwrap_or(otherwise)
+fn body_too_large(limit: usize) -> ApiError {
+    ApiError::new(ApiCode::TooLarge, format_args!("body over {limit} bytes"))
+}
+
+/// The key check, then the body of at most `limit` bytes.
+async fn checked_body(
+    req: Request<Incoming>,
+    api: &Api,
+    op: Op,
+    limit: usize,
+) -> Result<Bytes, Response<Body>> {
+    if let Err(e) = api.authorize(op, authorization(req.headers())) {
+        api_request(Transport::Http, op, Err(e.code));
+        return Err(refused(&e));
+    }
+    match read_body(req.into_body(), limit).await {
+        Some(body) => Ok(body),
+        None => {
+            if op == Op::Publish {
+                api_publish("too_large");
+            }
+            Err(answer(op, Err(body_too_large(limit))))
+        }
+    }
+}
+
+/// A call's result as an answer: 200 with its JSON, or the refusal;
+/// counted either way.
+fn answer(op: Op, result: Result<Value, ApiError>) -> Response<Body> {
+    api_request(
+        Transport::Http,
+        op,
+        result.as_ref().map(|_| ()).map_err(|e| e.code),
+    );
+    match result {
+        Ok(value) => json(StatusCode::OK, value),
+        Err(e) => refused(&e),
+    }
+}
+
+/// A JSON body as `T`; malformed: 400 with serde's message.
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(ApiError::bad_request)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    chat: Option<String>,
+    user: Option<String>,
+    client_msg_id: String,
+    /// Base64 payload.
+    payload: Option<String>,
+    /// UTF-8 payload (exclusive with `payload`).
+    text: Option<String>,
+    /// Sender shown to receivers. Default "backend".
+    sender: Option<String>,
+}
+
+/// Parses a publish body into the API's fields.
+fn publish_fields(body: &[u8]) -> Result<PublishFields, ApiError> {
+    use base64::Engine;
+    let p: PublishBody = parse(body)?;
+    let payload = match (p.payload, p.text) {
+        (Some(b64), None) => Bytes::from(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| ApiError::bad_request(format_args!("payload is not base64: {e}")))?,
+        ),
+        (None, Some(t)) => Bytes::from(t),
+        _ => return Err(ApiError::bad_request("give exactly one of payload, text")),
+    };
+    Ok(PublishFields {
+        chat: p.chat,
+        user: p.user,
+        client_msg_id: p.client_msg_id,
+        payload,
+        sender: p.sender,
+    })
 }
 
 /// `POST /api/publish`: a backend publishes into a chat or to a user.
-pub async fn publish(
-    req: Request<Incoming>,
-    api_key: Option<&str>,
-    max_payload_bytes: usize,
-    publisher: &dyn Publisher,
-) -> Response<Body> {
-    if let Some(refused) = refusal(api_key, req.headers(), "publish") {
-        if refused.status() == StatusCode::UNAUTHORIZED {
-            api_publish("unauthorized");
-        }
-        return refused;
-    }
+pub async fn publish(req: Request<Incoming>, api: &Api) -> Response<Body> {
     // Base64 grows payloads by 4/3; leave room for the JSON around it.
-    let limit = max_payload_bytes * 4 / 3 + 4096;
-    let Some(body) = read_body(req.into_body(), limit).await else {
-        api_publish("too_large");
-        return too_large(limit);
+    let limit = api.max_payload_bytes() * 4 / 3 + 4096;
+    let body = match checked_body(req, api, Op::Publish, limit).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
-    let request = match crate::parse_api_publish(&body) {
-        Ok(r) => r,
-        Err((code, message)) => {
-            api_publish("bad_request");
-            return api_error(status(code, StatusCode::BAD_REQUEST), message);
-        }
-    };
-    let target = request.target.clone();
-    let received = std::time::Instant::now();
-    match publisher.publish(request).await {
-        Ok(p) => {
-            switchboard_router::Hop::Ack
-                .histogram()
-                .record(received.elapsed().as_secs_f64());
-            api_publish(if p.duplicate { "duplicate" } else { "ok" });
-            json(
-                StatusCode::OK,
-                serde_json::json!({
-                    "stream": target.to_string(),
-                    "seq": p.seq,
-                    "timestamp_ms": p.timestamp_ms,
-                    "duplicate": p.duplicate,
-                }),
-            )
-        }
+    let fields = match publish_fields(&body) {
+        Ok(f) => f,
         Err(e) => {
-            api_publish("refused");
-            let code = crate::publish_error_status(&e);
-            api_error(status(code, StatusCode::SERVICE_UNAVAILABLE), e)
+            api_publish("bad_request");
+            return answer(Op::Publish, Err(e));
         }
-    }
+    };
+    let result = api.publish(fields).await.map(|(stream, p)| {
+        json!({
+            "stream": stream.to_string(),
+            "seq": p.seq,
+            "timestamp_ms": p.timestamp_ms,
+            "duplicate": p.duplicate,
+        })
+    });
+    answer(Op::Publish, result)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KickBody {
+    user: String,
+    /// One session (`connectResult.sessionId`); absent: every session.
+    session: Option<String>,
 }
 
 /// `POST /api/kick {"user", "session"?}`: closes the user's sockets (or one
 /// session) on every edge with 4503, through presence like a DM.
-pub async fn kick(
-    req: Request<Incoming>,
-    api_key: Option<&str>,
-    bus: &dyn Bus,
-    presence: &dyn PresenceStore,
-) -> Response<Body> {
-    if let Some(refused) = refusal(api_key, req.headers(), "kick") {
-        return refused;
-    }
-    let Some(body) = read_body(req.into_body(), 4096).await else {
-        return too_large(4096);
+pub async fn kick(req: Request<Incoming>, api: &Api) -> Response<Body> {
+    let body = match checked_body(req, api, Op::Kick, 4096).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
-    let (user, session) = match crate::parse_api_kick(&body) {
-        Ok(k) => k,
-        Err((code, message)) => {
-            return api_error(status(code, StatusCode::BAD_REQUEST), message);
-        }
+    let result = async {
+        let k: KickBody = parse(&body)?;
+        let (user, session) = Api::kick_request(&k.user, k.session.as_deref())?;
+        let edges = api.kick(&user, session).await?;
+        Ok(json!({"user": user.as_str(), "edges": edges}))
     };
-    match crate::kick(bus, presence, &user, session).await {
-        Ok(edges) => json(
-            StatusCode::OK,
-            serde_json::json!({"user": user.as_str(), "edges": edges}),
-        ),
-        Err(e) => api_error(StatusCode::SERVICE_UNAVAILABLE, e),
-    }
+    answer(Op::Kick, result.await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresenceBody {
+    users: Vec<String>,
+}
+
+/// `POST /api/presence {"users": [...]}`: each user's online status, in
+/// the order asked.
+pub async fn presence(req: Request<Incoming>, api: &Api) -> Response<Body> {
+    // 1,000 ids of up to 64 bytes, quoted and separated.
+    let limit = crate::api::MAX_PRESENCE_USERS * 70 + 1024;
+    let body = match checked_body(req, api, Op::Presence, limit).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
+    let result = async {
+        let p: PresenceBody = parse(&body)?;
+        let statuses = api.presence(&p.users).await?;
+        let users: Vec<Value> = statuses
+            .iter()
+            .map(|s| {
+                json!({
+                    "user": s.user.as_str(),
+                    "online": s.online,
+                    "devices": s.devices,
+                    "last_seen_ms": s.last_seen_ms,
+                })
+            })
+            .collect();
+        Ok(json!({ "users": users }))
+    };
+    answer(Op::Presence, result.await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryBody {
+    chat: Option<String>,
+    user: Option<String>,
+    #[serde(default)]
+    after_seq: u64,
+    limit: Option<u32>,
+    #[serde(default)]
+    epoch: String,
+}
+
+/// `POST /api/history {"chat" | "user", "after_seq"?, "limit"?,
+/// "epoch"?}`: a page of a stream's history, payloads in base64.
+pub async fn history(req: Request<Incoming>, api: &Api) -> Response<Body> {
+    let body = match checked_body(req, api, Op::History, 4096).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
+    };
+    let result = async {
+        use base64::Engine;
+        let h: HistoryBody = parse(&body)?;
+        let page = api
+            .history(HistoryFields {
+                chat: h.chat,
+                user: h.user,
+                after_seq: h.after_seq,
+                limit: h.limit,
+                epoch: h.epoch,
+            })
+            .await?;
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let messages: Vec<Value> = page
+            .messages
+            .iter()
+            .map(|d| {
+                json!({
+                    "seq": d.seq,
+                    "sender": d.sender,
+                    "timestamp_ms": d.timestamp_ms,
+                    "client_msg_id": d.client_msg_id,
+                    "payload": b64.encode(&d.payload),
+                })
+            })
+            .collect();
+        let p = &page.position;
+        Ok(json!({
+            "stream": page.stream.to_string(),
+            "seq": p.seq,
+            "epoch": p.epoch,
+            "resync_required": p.resync_required,
+            "messages": messages,
+            "more": page.more,
+        }))
+    };
+    answer(Op::History, result.await)
 }

@@ -5,9 +5,15 @@
 //! - `config`: the settings both take ([`ClusterSettings`], declared once),
 //!   the TOML-file layering under flags and environment, and
 //!   [`ConfigError`], which names the flag at fault.
-//! - `http`: health, readiness, metrics, and the backend API
-//!   (`POST /api/publish`, `POST /api/kick`) with its key check.
-//! - `api`: the backend API's bodies and the kick itself.
+//! - `api`: the backend API as one transport-neutral service ([`Api`]):
+//!   typed requests, typed refusals ([`ApiError`], whose [`ApiCode`]
+//!   maps to an HTTP status and a gRPC code), publish, batch, kick,
+//!   presence and history reads.
+//! - `http`: health, readiness, metrics, and the backend API's JSON
+//!   routes (`POST /api/publish`, `/api/kick`, `/api/presence`,
+//!   `/api/history`) over [`Api`].
+//! - `grpc`: the same API as the gRPC service `switchboard.api.v1`, with
+//!   the standard health service, on a listener of its own.
 //! - `telemetry`: the Prometheus recorder (histogram buckets), process
 //!   metrics, series registered at zero.
 //! - `presence`: presence events and the sweep of crashed nodes' sessions.
@@ -22,6 +28,7 @@
 
 mod api;
 pub mod config;
+pub mod grpc;
 pub mod http;
 pub mod members;
 mod presence;
@@ -30,7 +37,10 @@ mod stop;
 mod tap;
 pub mod telemetry;
 
-pub use api::{has_api_key, kick, parse_api_kick, parse_api_publish, publish_error_status};
+pub use api::{
+    Api, ApiBackends, ApiCode, ApiError, DEFAULT_HISTORY_LIMIT, HistoryFields, HistoryPage,
+    MAX_BATCH_MESSAGES, MAX_HISTORY_LIMIT, MAX_PRESENCE_USERS, Op, PublishFields,
+};
 pub use config::{BackendUrls, ClusterSettings, ConfigError, NodeConfig};
 pub use presence::{announce, sweep_presence};
 pub use process::{fail, serve_main, shutdown_signal, shutdown_signal_with_watchdog};

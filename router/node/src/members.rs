@@ -27,7 +27,11 @@ use switchboard_protocol::{
 };
 use switchboard_router::Bus;
 
-use crate::http::{Body, api_error, json, read_body, refusal, too_large};
+use crate::{
+    api::{ApiCode, Op},
+    http::{Body, api_error, json, read_body, refusal, too_large},
+    telemetry::{Transport, api_request},
+};
 
 /// Most users one change names (added and removed together).
 pub const MAX_USERS: usize = 100_000;
@@ -58,6 +62,16 @@ pub enum MembersApiError {
 }
 
 impl MembersApiError {
+    /// Its kind in the backend API's table (`ApiCode`: HTTP and gRPC).
+    pub fn code(&self) -> ApiCode {
+        match self {
+            MembersApiError::BadRequest(_) => ApiCode::BadRequest,
+            MembersApiError::InvalidId(_) => ApiCode::InvalidId,
+            MembersApiError::TooMany(_) => ApiCode::TooLarge,
+            MembersApiError::Unavailable(_) => ApiCode::Unavailable,
+        }
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -170,15 +184,22 @@ struct Change {
     remove: Vec<String>,
 }
 
+/// The users a change names, counted before their ids are read (the HTTP
+/// body and the gRPC request alike).
+pub fn change_lists(
+    add: &[String],
+    remove: &[String],
+) -> Result<(Vec<UserId>, Vec<UserId>), MembersApiError> {
+    if add.len() + remove.len() > MAX_USERS {
+        return Err(MembersApiError::TooMany(add.len() + remove.len()));
+    }
+    Ok((parse_users(add)?, parse_users(remove)?))
+}
+
 fn parse_change(body: &Bytes) -> Result<(Vec<UserId>, Vec<UserId>), MembersApiError> {
     let change: Change =
         serde_json::from_slice(body).map_err(|e| MembersApiError::BadRequest(e.to_string()))?;
-    if change.add.len() + change.remove.len() > MAX_USERS {
-        return Err(MembersApiError::TooMany(
-            change.add.len() + change.remove.len(),
-        ));
-    }
-    Ok((parse_users(&change.add)?, parse_users(&change.remove)?))
+    change_lists(&change.add, &change.remove)
 }
 
 fn error(e: MembersApiError) -> Response<Body> {
@@ -205,6 +226,11 @@ pub async fn route(
     bus: &dyn Bus,
 ) -> Response<Body> {
     if let Some(refused) = refusal(api_key, req.headers(), "members") {
+        let code = match refused.status() {
+            StatusCode::UNAUTHORIZED => ApiCode::Unauthorized,
+            _ => ApiCode::Disabled,
+        };
+        api_request(Transport::Http, Op::Members, Err(code));
         return refused;
     }
     let path = req.uri().path().to_owned();
@@ -287,5 +313,10 @@ pub async fn route(
         }
         _ => return api_error(StatusCode::NOT_FOUND, "not found"),
     };
+    api_request(
+        Transport::Http,
+        Op::Members,
+        answer.as_ref().map(|_| ()).map_err(MembersApiError::code),
+    );
     answer.unwrap_or_else(error)
 }

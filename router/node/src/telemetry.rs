@@ -8,6 +8,8 @@ use metrics::counter;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use switchboard_router::{HOP_SECONDS, Hop};
 
+use crate::api::{ApiCode, Op};
+
 /// Buckets of every `*_seconds` histogram: 0.5 ms to 5 s.
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
@@ -107,6 +109,13 @@ pub fn register_api_series() {
     for r in API_PUBLISH_RESULTS {
         counter!("switchboard_api_publishes_total", "result" => *r).increment(0);
     }
+    for transport in [Transport::Http, Transport::Grpc] {
+        for op in Op::ALL {
+            for result in [Ok(()), Err(ApiCode::Unauthorized)] {
+                let _ = api_requests(transport, op, result);
+            }
+        }
+    }
     // Both edges and routers talk to Redis through `RedisConn`.
     counter!("switchboard_redis_transaction_redirects_total").increment(0);
     counter!("switchboard_redis_cluster_reconnects_total").increment(0);
@@ -116,4 +125,41 @@ pub fn register_api_series() {
 pub(crate) fn api_publish(result: &'static str) {
     debug_assert!(API_PUBLISH_RESULTS.contains(&result), "{result}");
     counter!("switchboard_api_publishes_total", "result" => result).increment(1);
+}
+
+/// The backend API's two transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// JSON over HTTP/1.1 on the main listener.
+    Http,
+    /// gRPC on `--grpc-listen`.
+    Grpc,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Http => "http",
+            Transport::Grpc => "grpc",
+        }
+    }
+}
+
+fn api_requests(transport: Transport, op: Op, result: Result<(), ApiCode>) -> metrics::Counter {
+    let result = match result {
+        Ok(()) => "ok",
+        Err(code) => code.label(),
+    };
+    counter!(
+        "switchboard_api_requests_total",
+        "transport" => transport.label(),
+        "op" => op.name(),
+        "result" => result,
+    )
+}
+
+/// Counts one backend API call (`switchboard_api_requests_total{transport,
+/// op, result}`); `result` is "ok" or the refusal's [`ApiCode::label`].
+pub(crate) fn api_request(transport: Transport, op: Op, result: Result<(), ApiCode>) {
+    api_requests(transport, op, result).increment(1);
 }

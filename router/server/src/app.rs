@@ -4,7 +4,10 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
-use switchboard_node::{Stop, Stopped};
+use switchboard_node::{
+    Api, ApiBackends, Stop, Stopped,
+    grpc::{GrpcServer, Readiness},
+};
 use switchboard_presence::{PresenceStore, RedisPresence};
 use switchboard_router::{
     Bus, EventTap, History, Hop, Members, MembersSettings, NatsBus, NatsSettings, RedisHistory,
@@ -24,6 +27,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Stopped, String> {
     register_series();
+    // Bound first: a port in use fails the start before any backend is
+    // touched.
+    let grpc_listener = match config.grpc_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr).map_err(|e| format!("--grpc-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let nats = NatsSettings {
         url: config.nats_url.clone(),
         name: config.node_id.clone(),
@@ -69,7 +80,7 @@ pub async fn run(
         None => None,
     };
     let mut router = Router::new(
-        history,
+        history.clone(),
         bus.clone(),
         presence.clone(),
         RouterLimits {
@@ -102,16 +113,42 @@ pub async fn run(
     tracing::info!(addr = %config.listen, node = %config.node_id, "switchboard router serving");
     let member_store: Arc<dyn switchboard_presence::MemberStore> =
         Arc::new(members.store().clone());
+    let api = Arc::new(Api::new(
+        config.api_key.clone(),
+        config.max_payload_bytes,
+        ApiBackends {
+            publisher: router.clone(),
+            bus: bus.clone(),
+            presence: presence.clone(),
+            history,
+            members: member_store.clone(),
+        },
+    ));
     let state = Arc::new(RouterState {
-        router,
         member_store,
         members,
         bus,
-        presence,
         config,
         prometheus,
+        api,
     });
     let http = Http::start(listener, state.clone(), stop.clone());
+    let grpc = match grpc_listener {
+        Some(listener) => {
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let ready_state = state.clone();
+            let ready: Readiness = Arc::new(move || ready_state.unready());
+            let runtime = tokio::runtime::Handle::current();
+            let server = GrpcServer::start(listener, state.api.clone(), ready, &runtime)
+                .map_err(|e| format!("--grpc-listen {addr}: {e}"))?;
+            tracing::info!(addr = %addr, "gRPC API listening");
+            Some(server)
+        }
+        None => None,
+    };
     shutdown.await;
     tracing::info!(
         grace_ms = stop.grace().as_millis() as u64,
@@ -125,6 +162,11 @@ pub async fn run(
     tokio::join!(
         stop.join("publish requests and shard jobs", deadline, nats_task),
         http.stop(&stop),
+        async {
+            if let Some(grpc) = grpc {
+                grpc.stop(&stop).await;
+            }
+        },
     );
     // The events of the publishes just finished are queued: appended
     // before the last flush, within the grace.

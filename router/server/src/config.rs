@@ -29,6 +29,13 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
 
+    /// host:port of the gRPC listener: the backend API as gRPC
+    /// (`switchboard.api.v1.Switchboard`, behind the same --api-key) and
+    /// the standard health service. Unset: no gRPC.
+    #[arg(long, env = "SWITCHBOARD_ROUTER_GRPC_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_listen: Option<String>,
+
     /// Settings shared with the edges.
     #[command(flatten)]
     #[serde(flatten)]
@@ -84,6 +91,9 @@ pub struct Config {
     pub node_id: String,
     /// Key of the backend API; `None` turns it off.
     pub api_key: Option<String>,
+    /// The gRPC listener's address (ADR 0033); `None`: no gRPC. The
+    /// process binds it when it starts.
+    pub grpc_listen: Option<SocketAddr>,
     /// Largest publish payload, bytes.
     pub max_payload_bytes: usize,
     /// History window.
@@ -169,6 +179,10 @@ impl Settings {
             listen,
             node_id: node.node_id,
             api_key: node.api_key,
+            grpc_listen: switchboard_node::config::listen_addr(
+                "--grpc-listen",
+                self.grpc_listen.as_deref(),
+            )?,
             max_payload_bytes: node.max_payload_bytes,
             history: node.history,
             presence_ttl: node.presence_ttl,

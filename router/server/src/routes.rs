@@ -79,33 +79,19 @@ async fn accept(listener: TcpListener, state: Arc<RouterState>, stop: Stop, conn
 }
 
 async fn route(state: Arc<RouterState>, req: Request<Incoming>) -> Response<Body> {
-    let api_key = state.config.api_key.as_deref();
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => http::health(),
-        (&Method::GET, "/readyz") => {
-            let connected = matches!(
-                state.bus.client().connection_state(),
-                async_nats::connection::State::Connected
-            );
-            http::ready((!connected).then_some("bus (NATS) disconnected"))
-        }
+        (&Method::GET, "/readyz") => http::ready(state.unready()),
         (&Method::GET, "/metrics") => http::metrics(&state.prometheus),
-        (&Method::POST, "/api/publish") => {
-            http::publish(
-                req,
-                api_key,
-                state.config.max_payload_bytes,
-                state.router.as_ref(),
-            )
-            .await
-        }
-        (&Method::POST, "/api/kick") => {
-            http::kick(req, api_key, state.bus.as_ref(), state.presence.as_ref()).await
-        }
+        (&Method::POST, "/api/publish") => http::publish(req, &state.api).await,
+        (&Method::POST, "/api/kick") => http::kick(req, &state.api).await,
+        (&Method::POST, "/api/presence") => http::presence(req, &state.api).await,
+        (&Method::POST, "/api/history") => http::history(req, &state.api).await,
         (_, path) if path.starts_with("/api/channels/") => members_api(&state, req).await,
         (_, path) if switchboard_node::members::is_members_route(path) => {
             let (store, bus) = (state.member_store.as_ref(), state.bus.as_ref());
-            switchboard_node::members::route(req, api_key, store, bus).await
+            let key = state.config.api_key.as_deref();
+            switchboard_node::members::route(req, key, store, bus).await
         }
         _ => http::not_found(),
     }

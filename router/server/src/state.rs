@@ -3,19 +3,32 @@
 use std::sync::Arc;
 
 use metrics_exporter_prometheus::PrometheusHandle;
-use switchboard_presence::{MemberStore, PresenceStore};
-use switchboard_router::{Members, NatsBus, Router};
+use switchboard_node::Api;
+use switchboard_presence::MemberStore;
+use switchboard_router::{Members, NatsBus};
 
 use crate::Config;
 
 /// What the HTTP routes serve from.
 pub(crate) struct RouterState {
-    pub(crate) router: Arc<Router>,
     pub(crate) members: Arc<Members>,
     /// The same member sets, for the membership API (ADR 0031).
     pub(crate) member_store: Arc<dyn MemberStore>,
     pub(crate) bus: Arc<NatsBus>,
-    pub(crate) presence: Arc<dyn PresenceStore>,
     pub(crate) config: Config,
     pub(crate) prometheus: PrometheusHandle,
+    /// The backend API, shared by its HTTP routes and its gRPC service.
+    pub(crate) api: Arc<Api>,
+}
+
+impl RouterState {
+    /// Why this router should get no new work (`/readyz` answers 503, gRPC
+    /// health NOT_SERVING), or `None`.
+    pub(crate) fn unready(&self) -> Option<&'static str> {
+        let connected = matches!(
+            self.bus.client().connection_state(),
+            async_nats::connection::State::Connected
+        );
+        (!connected).then_some("bus (NATS) disconnected")
+    }
 }

@@ -221,7 +221,12 @@ async fn events_wait_behind_the_deliveries_of_their_stream() {
     let room = chat("room");
     let mut inbox = sockets(&state, &room, 1, 1).await.remove(0);
     state.hub.hold();
-    state.router.publish(request(&room, 1)).await.unwrap();
+    state
+        .context
+        .router
+        .publish(request(&room, 1))
+        .await
+        .unwrap();
     let typing = SharedFrame::new(ServerFrame {
         id: 0,
         kind: Some(server_frame::Kind::Typing(TypingEvent {
@@ -229,8 +234,13 @@ async fn events_wait_behind_the_deliveries_of_their_stream() {
             user: "alice".into(),
         })),
     });
-    state.router.broadcast("sb.chat.room", typing).await;
-    state.router.publish(request(&room, 2)).await.unwrap();
+    state.context.router.broadcast("sb.chat.room", typing).await;
+    state
+        .context
+        .router
+        .publish(request(&room, 2))
+        .await
+        .unwrap();
     assert_eq!(taken(&mut inbox), Vec::<Option<u64>>::new());
     state.hub.release();
     state.hub.settled().await;
@@ -256,7 +266,12 @@ async fn a_full_lane_drops_deliveries_and_history_fills_them_in() {
     let mut inboxes = sockets(&state, &room, 1, 3).await;
     state.hub.hold();
     for n in 1..=20 {
-        let acked = state.router.publish(request(&room, n)).await.unwrap();
+        let acked = state
+            .context
+            .router
+            .publish(request(&room, n))
+            .await
+            .unwrap();
         assert_eq!(acked.seq, n, "acked whatever the queue");
     }
     assert_eq!(state.hub.fanout_queued(), 2, "the stream's share, no more");
