@@ -188,6 +188,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         let connect_before = Probe::take_if(w.is_first(), &a.pids);
         w.barrier(&format!("round-{r}"), 0).await?;
         // Connect: apart from the subscribes, and not measured as theirs.
+        rec.earliest(&key(r, "connect_start"), now_us());
         let mut opens = Vec::with_capacity((mine.end - mine.start) as usize);
         for u in mine.clone() {
             let permit = gate.clone().acquire_owned().await?;
@@ -210,6 +211,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
                 Err(_) => bail!("round {r}: users still connecting after {timeout:?}"),
             }
         }
+        rec.latest(&key(r, "connect_end"), now_us());
         let connected = sockets.len() as u64;
         rec.add_counter(&key(r, "connected"), connected);
         // What never connected is never sent: skipped, with its reason.
@@ -653,6 +655,37 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         m.insert("import".into(), Value::Null);
     }
     m.insert("rounds".into(), Value::Array(rounds));
+    // The rounds' connect phases, not the whole run between them.
+    let connecting: Option<f64> = (1..=p("rounds") as u32)
+        .map(|n| {
+            Report::span_secs(
+                r.earliest_us
+                    .get(&key(n, "connect_start"))
+                    .copied()
+                    .unwrap_or(0),
+                r.latest_us
+                    .get(&key(n, "connect_end"))
+                    .copied()
+                    .unwrap_or(0),
+            )
+        })
+        .sum();
+    if let Some(secs) = connecting {
+        let c = &r.connections;
+        m.insert(
+            "connections".into(),
+            json!({
+                "attempted": c.attempted,
+                "established": c.established,
+                "failed": c.failed,
+                "refused_with_503": c.refused_with_503,
+                "refused_retried": r.refused_retried(),
+                "not_connected": c.failed,
+                "connect_seconds": secs,
+                "connects_per_second": (secs > 0.0).then(|| c.established as f64 / secs),
+            }),
+        );
+    }
     m
 }
 
@@ -701,10 +734,21 @@ fn round(r: &Report, n: u32) -> Value {
             .unwrap_or_else(Hist::fine)
             .summary()
     };
+    let connect_secs = Report::span_secs(
+        r.earliest_us
+            .get(&key(n, "connect_start"))
+            .copied()
+            .unwrap_or(0),
+        r.latest_us
+            .get(&key(n, "connect_end"))
+            .copied()
+            .unwrap_or(0),
+    );
     json!({
         "round": n,
         "cache": if n == 1 { "cold" } else { "warm" },
         "users_connected": connected,
+        "connect_seconds": connect_secs,
         "subscribes_ok": c("ok"),
         "refused": refused,
         "failed": c("failed"),

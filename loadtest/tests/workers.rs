@@ -404,8 +404,16 @@ async fn subscribe_imports_members_and_counts_refusals_apart_from_failures() {
         assert!(round["subscribes_per_second"].as_f64().unwrap() > 0.0);
         assert_eq!(round["chat_auth"], Value::Null, "no metrics read");
     }
-    // Reconnecting users: a socket per user and round.
+    // Reconnecting users: a socket per user and round, their connect
+    // phases timed apart from the subscribes.
     assert_eq!(u(&r["connections"]["established"]), 40);
+    let connecting: f64 = rounds
+        .iter()
+        .map(|x| x["connect_seconds"].as_f64().unwrap())
+        .sum();
+    // (serde_json reads floats back to within a unit in the last place.)
+    let told = r["connections"]["connect_seconds"].as_f64().unwrap();
+    assert!((told - connecting).abs() < 1e-9, "{told} vs {connecting}");
 
     // Nobody imported: an edge that checks membership refuses every one.
     let fake = common::start(common::Faults {
