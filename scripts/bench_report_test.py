@@ -287,6 +287,70 @@ class FleetCurveTest(unittest.TestCase):
         self.assertEqual(br.differences(repo.root), [])
 
 
+def subscribe_record(name="subscribe", us=(300.0, 120.0), p50=(200.0, 90.0)):
+    """A subscribe record: two rounds, cold then warm."""
+    rec = fanout_record()
+    members = name == "subscribe"
+    rounds = [{"round": i + 1, "cache": "cold" if i == 0 else "warm", "users_connected": 10_000,
+               "subscribes_ok": 500_000, "refused": {}, "failed": 0, "skipped": 0, "window_seconds": 20.0,
+               "subscribes_per_second": 25_000.0,
+               "latency_ms": {"samples": 500_000, "p50": p50[i], "p90": 2 * p50[i], "p95": 3 * p50[i],
+                              "p99": 4 * p50[i], "p999": 5 * p50[i], "max": 6 * p50[i]},
+               "edge_cpu_seconds": us[i] / 2, "edge_cpu_seconds_per_1000_subscribes": us[i] / 1000,
+               "edge_cpu_us_per_subscribe": us[i], "redis_cpu_seconds_per_1000_subscribes": 0.05,
+               "chat_auth": ({"store_allow": 500_000} if i == 0 else {"cache_allow": 500_000}) if members
+               else {"mode_allow": 500_000}} for i in range(2)]
+    report = {"scenario": "subscribe", "workers": 1, "params": {"users": 10_000, "rounds": 2},
+              "users": 10_000, "chats_per_user": 50, "group_size": 100, "chats": 5_000,
+              "subscribes_per_round": 500_000, "edge_chat_auth": "members" if members else "open",
+              "import": {"chats": 5_000, "memberships": 500_000, "memberships_added": 500_000, "seconds": 10.0,
+                         "chats_per_second": 500.0} if members else None,
+              "connections": {"attempted": 20_000, "established": 20_000, "failed": 0, "refused_with_503": 0},
+              "server": {"edge_cpu_seconds": us[0] / 2}, "rounds": rounds}
+    rec.update(benchmark=name, command="scripts/bench subscribe", report=report, series=[], cdf=br._cdf(report))
+    return rec
+
+
+class SubscribeTest(unittest.TestCase):
+    def test_each_round_of_both_modes_is_a_row_and_the_check_is_their_difference(self):
+        lines = br.block_subscribe({"records": {"subscribe": subscribe_record()}})
+        rows = [x for x in lines if x.startswith("| members |")]
+        self.assertEqual(len(rows), 2)
+        self.assertEqual(rows[0].split(" | ")[1:10],
+                         ["1 (cold)", "500,000 of 500,000", "0 / 0 / 0", "25,000", "200 ms / 600 ms / 800 ms / 1,200 ms",
+                          "0.300", "300.00 µs", "0.050", "store allow 500,000"])
+        self.assertIn("| 2 (warm) |", rows[1])
+        self.assertIn("cache allow 500,000", rows[1])
+        self.assertIn("| open (baseline) | not run yet (`scripts/bench subscribe`)", "\n".join(lines))
+        self.assertIn("500,000 memberships imported through the membership API", "\n".join(lines))
+        self.assertNotIn("the membership check cost", "\n".join(lines))
+        both = br.block_subscribe({"records": {"subscribe": subscribe_record(),
+                                               "subscribe-open": subscribe_record("subscribe-open", (100.0, 90.0),
+                                                                                  (50.0, 40.0))}})
+        self.assertIn("the membership check cost 200.00 µs of edge CPU per subscribe with the cache cold "
+                      "(p50 200 ms against 50 ms) and 30.00 µs of edge CPU per subscribe with the cache warm "
+                      "(p50 90 ms against 40 ms).", both[-1])
+        self.assertIn("mode allow 500,000", next(x for x in both if x.startswith("| open (baseline) | 1 (cold)")))
+
+    def test_each_round_is_a_curve_of_the_latency_plot(self):
+        rec = subscribe_record()
+        self.assertEqual(sorted(rec["cdf"]), ["round 1 (cold)", "round 2 (warm)"])
+        self.assertIn(f"{br.PLOTS}/subscribe-latency-cdf.svg", br.plots_of("subscribe", rec))
+
+    def test_its_block_and_runs_render_and_pass_the_check(self):
+        repo = Repo()
+        self.addCleanup(shutil.rmtree, repo.root)
+        repo.add(subscribe_record())
+        repo.add(subscribe_record("subscribe-open", (100.0, 90.0)))
+        repo.render()
+        text = repo.read("docs/benchmarks.md")
+        block = text[text.index("<!-- bench:subscribe:begin -->"):text.index("<!-- bench:subscribe:end -->")]
+        self.assertIn("[subscribe-open](bench/subscribe-open.json) |", block)
+        self.assertIn("#### `subscribe`", text)
+        self.assertIn("#### `subscribe-open`", text)
+        self.assertEqual(br.differences(repo.root), [])
+
+
 class RecordTest(unittest.TestCase):
     def test_records_stay_compact(self):
         rec = fanout_record()

@@ -21,6 +21,10 @@
 //!   edge's CPU per delivery.
 //! - `roll`: N clients follow a chat while the edges restart one at a time
 //!   (`scripts/cluster roll`); reconnect rate, time away, loss and order.
+//! - `subscribe`: N users, each a member of K chats (imported through the
+//!   membership API), connect and subscribe to all of them, in rounds
+//!   (cold, then warm authorization caches); latency and edge CPU per
+//!   subscribe.
 //!
 //! One process may hold only so many sockets (20,000 open files on our
 //! machines), so `--workers N` runs the scenario in N copies of this
@@ -48,6 +52,7 @@ mod report;
 mod roll;
 mod sequence;
 mod storm;
+mod subscribe;
 mod sys;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -110,6 +115,10 @@ enum Scenario {
     /// No Switchboard: CPU of one small write() to a loopback socket, the
     /// floor under a delivery's cost.
     Floor(floor::Args),
+    /// N users, K chats each (members through the API), connect and
+    /// subscribe to all, in rounds: latency and edge CPU per subscribe
+    /// with cold and warm authorization caches.
+    Subscribe(subscribe::Args),
 }
 
 async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> {
@@ -123,6 +132,7 @@ async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> 
         Scenario::Roll(a) => roll::run(a, w).await,
         Scenario::Sequence(a) => sequence::run(a, w).await,
         Scenario::Floor(a) => floor::run(a, w).await,
+        Scenario::Subscribe(a) => subscribe::run(a, w).await,
     }
 }
 
@@ -138,6 +148,7 @@ pub(crate) fn scenario_figures(r: &Report) -> Map<String, Value> {
         "roll" => roll::figures(r),
         "sequence" => sequence::figures(r),
         "floor" => floor::figures(r),
+        "subscribe" => subscribe::figures(r),
         _ => Map::new(),
     }
 }

@@ -184,6 +184,19 @@ impl Recorder {
         e.hists.entry(name.into()).or_default().record(us);
     }
 
+    /// Many samples of one distribution at once (µs), under one lock: a
+    /// task keeps its own and hands them over when done.
+    pub(crate) fn sample_all(&self, name: &str, us: &[u64]) {
+        if us.is_empty() {
+            return;
+        }
+        let mut e = self.extra.lock().expect("extra lock");
+        let h = e.hists.entry(name.into()).or_default();
+        for v in us {
+            h.record(*v);
+        }
+    }
+
     /// A sample buffer for one socket task.
     pub(crate) fn samples(self: &Arc<Self>) -> Batch {
         Batch {

@@ -426,7 +426,7 @@ impl Report {
     }
 
     /// Refused upgrades retried, by HTTP status.
-    fn refused_retried(&self) -> Map<String, Value> {
+    pub(crate) fn refused_retried(&self) -> Map<String, Value> {
         self.counters
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("refused_retried_")?.to_owned(), json!(v))))

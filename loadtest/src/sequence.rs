@@ -158,19 +158,8 @@ const FAILOVER_SERIES: [&str; 2] = [
 /// labels) summed into `rec`'s counters. A router that does not answer is
 /// counted apart, never read as zero.
 async fn scrape(rec: &Recorder, addr: SocketAddr) {
-    let got = async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-        let mut body = Vec::new();
-        s.read_to_end(&mut body).await?;
-        anyhow::Ok(String::from_utf8_lossy(&body).into_owned())
-    };
-    match tokio::time::timeout(REQUEST_TIMEOUT, got).await {
-        Ok(Ok(text)) => {
+    match metrics_text(addr).await {
+        Ok(text) => {
             for name in FAILOVER_SERIES {
                 let v: f64 = text
                     .lines()
@@ -187,6 +176,25 @@ async fn scrape(rec: &Recorder, addr: SocketAddr) {
         }
         _ => rec.add_counter("metrics_unread", 1),
     }
+}
+
+/// The text of one plain HTTP GET of a node's `/metrics` (headers and
+/// all: callers read the lines they know), within [`REQUEST_TIMEOUT`].
+pub(crate) async fn metrics_text(addr: SocketAddr) -> anyhow::Result<String> {
+    let got = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await?;
+        anyhow::Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, got)
+        .await
+        .map_err(|_| anyhow::anyhow!("no /metrics from {addr} within {REQUEST_TIMEOUT:?}"))?
 }
 
 /// A publish slower than this, finishing after the fault, counts its chat

@@ -106,6 +106,18 @@ impl Probe {
         first.then(|| Probe::take(pids))
     }
 
+    /// Edge CPU-seconds from `before` to `after`, if both read them.
+    pub(crate) fn edge_cpu_between(before: Option<Probe>, after: Option<Probe>) -> Option<f64> {
+        let (b, a) = before.zip(after)?;
+        b.edge_cpu.zip(a.edge_cpu).map(|(b, a)| a - b)
+    }
+
+    /// Router CPU-seconds from `before` to `after`, if both read them.
+    pub(crate) fn router_cpu_between(before: Option<Probe>, after: Option<Probe>) -> Option<f64> {
+        let (b, a) = before.zip(after)?;
+        b.router_cpu.zip(a.router_cpu).map(|(b, a)| a - b)
+    }
+
     /// The report's view: memory from `mem` (before connecting, once all
     /// are connected), CPU time over `cpu` (the traffic phase).
     pub(crate) fn server(

@@ -344,6 +344,113 @@ async fn chat_owes_nothing_to_a_user_who_never_got_in() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_imports_members_and_counts_refusals_apart_from_failures() {
+    // 4 groups of 5 users, 3 chats each, a group per chat: group 1's users
+    // lose their socket at their second chat (failed, the third skipped),
+    // group 2's get 503 for their first (refused, the rest go on).
+    let fake = common::start(common::Faults {
+        members_only: true,
+        refuse_chat: Some(("sub-g2-c0".into(), 503)),
+        close_on_chat: Some("sub-g1-c1".into()),
+        ..Default::default()
+    })
+    .await;
+    let (addr, api) = (fake.addr.to_string(), fake.api.to_string());
+    let run = loadtest(&[
+        "--workers",
+        "2",
+        "subscribe",
+        "--addr",
+        &addr,
+        "--sources",
+        "1",
+        "--api-addr",
+        &api,
+        "--api-key",
+        common::API_KEY,
+        "--users",
+        "20",
+        "--group-size",
+        "5",
+        "--chats-per-user",
+        "3",
+        "--rounds",
+        "2",
+        "--settle-secs",
+        "0",
+    ])
+    .await;
+    assert!(run.ok, "stderr:\n{}", run.stderr);
+    let r = &run.report;
+    assert_eq!(r["workers"], 2);
+    assert_eq!((u(&r["chats"]), u(&r["subscribes_per_round"])), (12, 60));
+    assert_eq!(
+        u(&r["import"]["chats"]),
+        12,
+        "each worker its groups' chats"
+    );
+    assert_eq!(u(&r["import"]["memberships_added"]), 60);
+    let rounds = r["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    for (n, round) in rounds.iter().enumerate() {
+        assert_eq!(round["cache"], if n == 0 { "cold" } else { "warm" });
+        assert_eq!(u(&round["users_connected"]), 20, "{round}");
+        assert_eq!(u(&round["subscribes_ok"]), 45, "{round}");
+        assert_eq!(round["refused"], serde_json::json!({"503": 5}), "{round}");
+        assert_eq!(u(&round["failed"]), 5, "{round}");
+        assert_eq!(u(&round["skipped"]), 5, "{round}");
+        // Every answer timed, refusals too.
+        assert_eq!(u(&round["latency_ms"]["samples"]), 50, "{round}");
+        assert!(round["subscribes_per_second"].as_f64().unwrap() > 0.0);
+        assert_eq!(round["chat_auth"], Value::Null, "no metrics read");
+    }
+    // Reconnecting users: a socket per user and round, their connect
+    // phases timed apart from the subscribes.
+    assert_eq!(u(&r["connections"]["established"]), 40);
+    let connecting: f64 = rounds
+        .iter()
+        .map(|x| x["connect_seconds"].as_f64().unwrap())
+        .sum();
+    // (serde_json reads floats back to within a unit in the last place.)
+    let told = r["connections"]["connect_seconds"].as_f64().unwrap();
+    assert!((told - connecting).abs() < 1e-9, "{told} vs {connecting}");
+
+    // Nobody imported: an edge that checks membership refuses every one.
+    let fake = common::start(common::Faults {
+        members_only: true,
+        ..Default::default()
+    })
+    .await;
+    let addr = fake.addr.to_string();
+    let run = loadtest(&[
+        "subscribe",
+        "--addr",
+        &addr,
+        "--sources",
+        "1",
+        "--no-import",
+        "--users",
+        "6",
+        "--group-size",
+        "3",
+        "--chats-per-user",
+        "2",
+        "--rounds",
+        "1",
+        "--settle-secs",
+        "0",
+    ])
+    .await;
+    assert!(run.ok, "stderr:\n{}", run.stderr);
+    let r = &run.report;
+    assert_eq!(r["import"], Value::Null);
+    let round = &r["rounds"][0];
+    assert_eq!(round["refused"], serde_json::json!({"403": 12}), "{round}");
+    assert_eq!(u(&round["subscribes_ok"]), 0);
+    assert_eq!(u(&round["failed"]), 0, "a refusal is not a failure");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_worker_fails_the_run_and_says_which() {
     // The publisher (worker 0's) is turned away.
     let fake = common::start(common::Faults {

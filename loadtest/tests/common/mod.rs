@@ -1,6 +1,8 @@
 //! A small in-process stand-in for an edge: chats with seqs and a short
 //! history, personal streams, receipts, typing and presence, all in one
-//! process and without any limits. It can also misbehave on purpose.
+//! process and without any limits, and a membership API
+//! (`POST /api/chats/<chat>/members`) on a port of its own. It can also
+//! misbehave on purpose.
 use std::{
     collections::{BTreeSet, HashMap},
     net::SocketAddr,
@@ -14,9 +16,9 @@ use futures_util::{SinkExt, StreamExt};
 use switchboard_protocol::{
     Encoding,
     v1::{
-        ConnectResult, Delivery, Ok as OkReply, PresenceEvent, PublishAck, ReceiptEvent,
-        ServerFrame, StreamPosition, SubscribeResult, TypingEvent, client_frame, publish, receipt,
-        server_frame,
+        ConnectResult, Delivery, Error as ErrorFrame, Ok as OkReply, PresenceEvent, PublishAck,
+        ReceiptEvent, ServerFrame, StreamPosition, SubscribeResult, TypingEvent, client_frame,
+        publish, receipt, server_frame,
     },
 };
 use tokio::sync::mpsc;
@@ -28,6 +30,8 @@ use tokio_tungstenite::tungstenite::{
 
 /// The HS256 secret the fake verifies tokens with.
 pub(crate) const SECRET: &str = "test-secret";
+/// The key of the fake's membership API.
+pub(crate) const API_KEY: &str = "test-key";
 
 /// Ways to misbehave.
 #[derive(Default, Clone)]
@@ -39,6 +43,13 @@ pub(crate) struct Faults {
     /// Hold the first Connect of users whose name starts with this for
     /// this long before taking it (a slow edge or network).
     pub(crate) slow_first_connect: Option<(String, std::time::Duration)>,
+    /// Refuse a subscribe to a chat the user is no member of (through the
+    /// membership API) with 403, as an edge in `--chat-auth members` does.
+    pub(crate) members_only: bool,
+    /// Answer every subscribe to this chat with an Error of this code.
+    pub(crate) refuse_chat: Option<(String, u32)>,
+    /// Close the socket instead of answering a subscribe to this chat.
+    pub(crate) close_on_chat: Option<String>,
 }
 
 type Tx = mpsc::UnboundedSender<ServerFrame>;
@@ -57,6 +68,8 @@ struct State {
     users: HashMap<String, (u64, Vec<(u64, Tx)>)>,
     /// Watched user → watchers.
     watchers: HashMap<String, Vec<(u64, Tx)>>,
+    /// Chat → members, as the membership API set them.
+    members: HashMap<String, BTreeSet<String>>,
 }
 
 /// The fake edge; every user that ever connected is in `seen_users`.
@@ -65,6 +78,8 @@ pub(crate) struct Fake {
     pub(crate) seen_users: Arc<Mutex<BTreeSet<String>>>,
     /// Sockets past Connect and not yet closed.
     pub(crate) open: Arc<AtomicU64>,
+    /// The membership API (HTTP/1.1, keep-alive, key [`API_KEY`]).
+    pub(crate) api: SocketAddr,
 }
 
 /// Starts a fake edge on 127.0.0.1 and a free port.
@@ -76,6 +91,7 @@ pub(crate) async fn start(faults: Faults) -> Fake {
     let open = Arc::new(AtomicU64::new(0));
     let ids = Arc::new(AtomicU64::new(1));
     let (seen, count) = (seen_users.clone(), open.clone());
+    let api = start_api(state.clone()).await;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (state, seen, faults) = (state.clone(), seen.clone(), faults.clone());
@@ -90,7 +106,86 @@ pub(crate) async fn start(faults: Faults) -> Fake {
         addr,
         seen_users,
         open,
+        api,
     }
+}
+
+/// Serves `POST /api/chats/<chat>/members {"add": [...]}` into `state`.
+async fn start_api(state: Arc<Mutex<State>>) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request: its head, then Content-Length bytes.
+                    let (path, key, head, len) = loop {
+                        let mut headers = [httparse::EMPTY_HEADER; 16];
+                        let mut req = httparse::Request::new(&mut headers);
+                        if let Ok(httparse::Status::Complete(at)) = req.parse(&buf) {
+                            let header = |name: &str| {
+                                req.headers
+                                    .iter()
+                                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                                    .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                            };
+                            let len = header("content-length").and_then(|v| v.parse().ok());
+                            let key = header("authorization").unwrap_or_default();
+                            break (req.path.unwrap_or("").to_owned(), key, at, len.unwrap_or(0));
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    while buf.len() < head + len {
+                        let mut chunk = [0u8; 4096];
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&buf[head..head + len]).unwrap_or_default();
+                    buf.drain(..head + len);
+                    let chat = path
+                        .strip_prefix("/api/chats/")
+                        .and_then(|p| p.strip_suffix("/members"));
+                    let (status, answer) = match chat {
+                        _ if key != format!("Bearer {API_KEY}") => {
+                            (401, serde_json::json!({"error": {"code": 401}}))
+                        }
+                        Some(chat) => {
+                            let mut s = state.lock().unwrap();
+                            let members = s.members.entry(chat.to_owned()).or_default();
+                            let added = body["add"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|u| u.as_str())
+                                .filter(|u| members.insert(u.to_string()))
+                                .count();
+                            (200, serde_json::json!({"added": added, "removed": 0}))
+                        }
+                        None => (404, serde_json::json!({"error": {"code": 404}})),
+                    };
+                    let answer = answer.to_string();
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if tcp.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
 }
 
 fn push(tx: &Tx, kind: server_frame::Kind) {
@@ -204,6 +299,28 @@ async fn serve(
         let mut s = state.lock().unwrap();
         match kind {
             client_frame::Kind::Subscribe(sub) => {
+                if faults.close_on_chat.as_deref() == Some(sub.chat.as_str()) {
+                    break;
+                }
+                let refused = match &faults.refuse_chat {
+                    Some((chat, code)) if *chat == sub.chat => Some(*code),
+                    _ if faults.members_only
+                        && !s.members.get(&sub.chat).is_some_and(|m| m.contains(&me)) =>
+                    {
+                        Some(403)
+                    }
+                    _ => None,
+                };
+                if let Some(code) = refused {
+                    reply(
+                        f.id,
+                        server_frame::Kind::Error(ErrorFrame {
+                            code,
+                            message: format!("refused {}", sub.chat),
+                        }),
+                    );
+                    continue;
+                }
                 let chat = s.chats.entry(sub.chat.clone()).or_default();
                 chat.subscribers.push((conn, me.clone(), tx.clone()));
                 reply(
