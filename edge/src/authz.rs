@@ -155,6 +155,8 @@ pub struct AuthzSettings {
 
 /// How long a removal is remembered to catch a check that raced it.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(10);
+/// Fewest time between two sweeps of a full cache for expired allows.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The edge's chat authorization.
 pub(crate) struct ChatAuth {
@@ -166,11 +168,14 @@ pub(crate) struct ChatAuth {
     /// (user, chat) → removed at: a check that began before a removal and
     /// ends after it must not cache (or keep) what the removal took back.
     removed: DashMap<(UserId, ChatId), Instant, foldhash::fast::RandomState>,
+    /// When a full cache was last swept for expired allows.
+    swept: std::sync::Mutex<Instant>,
     metrics: AuthzMetrics,
 }
 
 struct AuthzMetrics {
     cache_entries: Gauge,
+    evictions: Counter,
     lookup: Histogram,
 }
 
@@ -198,8 +203,10 @@ impl ChatAuth {
             hook,
             allowed: DashMap::default(),
             removed: DashMap::default(),
+            swept: std::sync::Mutex::new(Instant::now()),
             metrics: AuthzMetrics {
                 cache_entries: gauge!("switchboard_edge_chat_auth_cache_entries"),
+                evictions: counter!("switchboard_edge_chat_auth_cache_evictions_total"),
                 lookup: histogram!("switchboard_edge_chat_auth_lookup_seconds"),
             },
         }
@@ -314,15 +321,29 @@ impl ChatAuth {
         }
     }
 
-    /// Keeps an allow, within the entry bound: when full, expired entries
-    /// go; if none has, the answer is not kept (counted by the gauge
-    /// staying at the bound).
+    /// Keeps an allow, within the entry bound. When full, expired entries
+    /// are swept (at most once per [`SWEEP_EVERY`]: a pass over the whole
+    /// map per miss made a full cache cost more than no cache), and while
+    /// still full an arbitrary entry makes room, so the working set keeps
+    /// turning over instead of the cache freezing on its first entries.
     fn remember(&self, key: (UserId, ChatId), until: Instant) {
         if self.allowed.len() >= self.settings.cache_entries {
             let now = Instant::now();
-            self.allowed.retain(|_, t| *t > now);
+            let sweep = self
+                .swept
+                .try_lock()
+                .ok()
+                .filter(|last| now.duration_since(**last) >= SWEEP_EVERY);
+            if let Some(mut last) = sweep {
+                *last = now;
+                self.allowed.retain(|_, t| *t > now);
+            }
             if self.allowed.len() >= self.settings.cache_entries {
-                return;
+                let victim = self.allowed.iter().next().map(|e| e.key().clone());
+                if let Some(victim) = victim {
+                    self.allowed.remove(&victim);
+                    self.metrics.evictions.increment(1);
+                }
             }
         }
         self.allowed.insert(key, until);
@@ -424,7 +445,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_cache_is_bounded() {
+    async fn the_cache_is_bounded_and_keeps_turning_over_when_full() {
         let store = Arc::new(MemoryMembers::new());
         let auth = ChatAuth::new(settings(ChatAuthMode::Members), store.clone(), None);
         for c in ["a", "b", "c", "d"] {
@@ -433,6 +454,9 @@ mod tests {
             auth.check(&u, &chat, Action::Subscribe).await.unwrap();
         }
         assert_eq!(auth.allowed.len(), 2);
+        // The newest answer is kept: a full cache makes room for it.
+        let (u, d) = ids("u", "d");
+        assert!(auth.allowed.contains_key(&(u, d)));
     }
 
     #[tokio::test]
