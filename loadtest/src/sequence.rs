@@ -1,11 +1,13 @@
 //! Sequencing throughput: N publishers, each into a chat of its own,
 //! publish back to back for D seconds, either as edges do (NATS requests
 //! on `sb.router.publish` that any router replica answers, `--nats`) or
-//! as backends do (a keep-alive HTTP connection to a router's `POST
-//! /api/publish`, `--addr`). Reports acked publishes per second and per
-//! router (and Redis) CPU-second over the publish window, and refusals by
-//! code or HTTP status apart. No sockets and no edges: what is measured is
-//! the routers' publish path and Redis.
+//! as backends do (`--addr`): a keep-alive HTTP connection to a router's
+//! `POST /api/publish`, or with `--transport grpc` an HTTP/2 connection to
+//! its gRPC listener (`Publish`, or `PublishBatch` with `--batch`).
+//! Reports acked publishes per second and per router (and Redis)
+//! CPU-second over the publish window, and refusals by code or HTTP
+//! status, duplicates and unanswered requests apart. No sockets and no
+//! edges: what is measured is the routers' publish path and Redis.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -17,6 +19,8 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
+
+mod grpc;
 
 use crate::{
     coord::Worker,
@@ -36,10 +40,21 @@ pub(crate) struct Args {
     /// NATS picks, on this server (nats://host:port).
     #[arg(long, conflicts_with = "addr", required_unless_present = "addr")]
     nats: Option<String>,
-    /// Publish as backends do: router HTTP addresses (host:port),
-    /// comma-separated; publishers are spread over them in turn.
+    /// Publish as backends do: router API addresses (host:port, the HTTP
+    /// listener or with `--transport grpc` the gRPC one), comma-separated;
+    /// publishers are spread over them in turn.
     #[arg(long, value_delimiter = ',')]
     addr: Vec<SocketAddr>,
+    /// How `--addr` is spoken to: `POST /api/publish` over HTTP/1.1, or
+    /// the gRPC API (`switchboard.api.v1.Switchboard`).
+    #[arg(long, value_enum, default_value_t = Transport::Http)]
+    transport: Transport,
+    /// gRPC only: publishers are grouped this many to a connection, which
+    /// sends one `PublishBatch` call per round carrying the next message
+    /// of each of the group's chats (as many messages in flight as
+    /// without batches, in fewer calls). 1: unary `Publish` calls.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    batch: u32,
     /// Routers behind `--nats` (for the report only).
     #[arg(long, default_value_t = 0)]
     routers: usize,
@@ -77,9 +92,18 @@ pub(crate) struct Args {
     redis_pids: Vec<u32>,
 }
 
+/// How backend publishers reach the routers' API.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Transport {
+    Http,
+    Grpc,
+}
+
 /// What one request came to.
 enum Outcome {
     Acked,
+    /// Answered 200 with `"duplicate": true`: sequenced before.
+    Duplicate,
     /// An HTTP status other than 200.
     Refused(u16),
 }
@@ -103,11 +127,11 @@ impl Api {
 
     /// One request and its whole response on this connection.
     async fn publish(&mut self, head: &str, body: &str) -> anyhow::Result<Outcome> {
-        let (status, _) = self.post(head, body).await?;
-        Ok(if status == 200 {
-            Outcome::Acked
-        } else {
-            Outcome::Refused(status)
+        let (status, body) = self.post(head, body).await?;
+        Ok(match status {
+            200 if is_duplicate(body) => Outcome::Duplicate,
+            200 => Outcome::Acked,
+            _ => Outcome::Refused(status),
         })
     }
 
@@ -146,6 +170,17 @@ impl Api {
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
+}
+
+/// Whether a publish's answer (`{"stream", "seq", "timestamp_ms",
+/// "duplicate"}`) says it was sequenced before.
+fn is_duplicate(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Ack {
+        #[serde(default)]
+        duplicate: bool,
+    }
+    serde_json::from_slice::<Ack>(body).is_ok_and(|a| a.duplicate)
 }
 
 /// Counters read off the routers after a run: what a failover cost.
@@ -279,6 +314,9 @@ async fn nats_publisher(
         let asked = client.request(switchboard_protocol::subject::ROUTER_PUBLISH, body.into());
         match tokio::time::timeout(REQUEST_TIMEOUT, asked).await {
             Ok(Ok(msg)) => match RouterReply::decode(msg.payload).map(|r| r.result) {
+                Ok(Some(router_reply::Result::Ack(ack))) if ack.duplicate => {
+                    rec.add_counter("duplicated", 1)
+                }
                 Ok(Some(router_reply::Result::Ack(_))) => {
                     let now = now_us();
                     Counters::add(&rec.kind(0).received, 1);
@@ -349,6 +387,9 @@ async fn publisher(
                 Counters::add(&rec.kind(0).received, 1);
                 samples.latency(0, sent, now_us());
             }
+            // Every client message id is new: a duplicate means a retry
+            // the scenario never made was sequenced before.
+            Ok(Ok(Outcome::Duplicate)) => rec.add_counter("duplicated", 1),
             Ok(Ok(Outcome::Refused(status))) => rec.add_counter(&format!("refused_{status}"), 1),
             Ok(Err(_)) | Err(_) => {
                 rec.add_counter("unanswered", 1);
@@ -358,7 +399,31 @@ async fn publisher(
     }
 }
 
+/// What the flags allow together, checked before anything runs.
+fn check(a: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.nats.is_none() || a.transport == Transport::Http,
+        "--transport grpc publishes to --addr, not --nats"
+    );
+    anyhow::ensure!(
+        a.batch == 1 || a.transport == Transport::Grpc,
+        "--batch needs --transport grpc (the HTTP API publishes one message a request)"
+    );
+    Ok(())
+}
+
+/// The chats of this worker's publishers (`seq-<i>`), in groups of
+/// `batch`: one connection each.
+fn groups(mine: std::ops::Range<u64>, batch: u32) -> Vec<Vec<u64>> {
+    let ids: Vec<u64> = mine.collect();
+    ids.chunks(batch.max(1) as usize)
+        .map(<[u64]>::to_vec)
+        .collect()
+}
+
 pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
+    check(&a)?;
+    let key = grpc::bearer(&a.api_key)?;
     let rec = Recorder::new(&["publish", "recovery"], 0);
     let fault = std::sync::Arc::new(Fault::default());
     let mine = w.slice(a.publishers as u64);
@@ -384,29 +449,49 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         ),
         None => None,
     };
-    let tasks: Vec<_> = mine
-        .map(|i| {
-            if let Some(client) = &nats {
-                return tokio::spawn(nats_publisher(
+    let tasks: Vec<_> = match (&nats, a.transport) {
+        (_, Transport::Grpc) => groups(mine, a.batch)
+            .into_iter()
+            .map(|ids| {
+                // Groups spread over the routers as publishers do.
+                let addr = a.addr[(ids[0] / u64::from(a.batch)) as usize % a.addr.len()];
+                tokio::spawn(grpc::publisher(
+                    rec.clone(),
+                    addr,
+                    key.clone(),
+                    ids.iter().map(|i| format!("seq-{i}")).collect(),
+                    a.batch > 1,
+                    bytes::Bytes::from(payload.clone()),
+                    until,
+                ))
+            })
+            .collect(),
+        (Some(client), Transport::Http) => mine
+            .map(|i| {
+                tokio::spawn(nats_publisher(
                     rec.clone(),
                     fault.clone(),
                     client.clone(),
                     format!("seq-{i}"),
                     bytes::Bytes::from(payload.clone()),
                     until,
-                ));
-            }
-            let addr = a.addr[i as usize % a.addr.len()];
-            tokio::spawn(publisher(
-                rec.clone(),
-                addr,
-                a.api_key.clone(),
-                format!("seq-{i}"),
-                payload.clone(),
-                until,
-            ))
-        })
-        .collect();
+                ))
+            })
+            .collect(),
+        (None, Transport::Http) => mine
+            .map(|i| {
+                let addr = a.addr[i as usize % a.addr.len()];
+                tokio::spawn(publisher(
+                    rec.clone(),
+                    addr,
+                    a.api_key.clone(),
+                    format!("seq-{i}"),
+                    payload.clone(),
+                    until,
+                ))
+            })
+            .collect(),
+    };
     if let (Some(secs), Some(cmd), true) = (a.fault_at_secs, a.fault_cmd.clone(), w.is_first()) {
         let (fault, rec) = (fault.clone(), rec.clone());
         tokio::spawn(async move {
@@ -443,7 +528,12 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     }
     w.barrier("done", 0).await?;
     let params = json!({
-        "via": if a.nats.is_some() { "nats" } else { "http" },
+        "via": match (&a.nats, a.transport) {
+            (Some(_), _) => "nats",
+            (None, Transport::Http) => "http",
+            (None, Transport::Grpc) => "grpc",
+        },
+        "batch": a.batch,
         "routers": if a.nats.is_some() { a.routers } else { a.addr.len() },
         "addr": a.addr.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "publishers": a.publishers,
@@ -501,9 +591,21 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         "publishers".into(),
         r.params.get("publishers").cloned().unwrap_or_default(),
     );
+    m.insert(
+        "batch".into(),
+        r.params.get("batch").cloned().unwrap_or(json!(1)),
+    );
     m.insert("published".into(), json!(d.sent));
+    // Requests or calls that carried them (a batch is one call).
+    let grpc = r.params.get("via").and_then(Value::as_str) == Some("grpc");
+    m.insert(
+        "calls".into(),
+        json!(if grpc { r.counter("calls") } else { d.sent }),
+    );
     m.insert("acked".into(), json!(acked));
     m.insert("refused_by_status".into(), Value::Object(refused));
+    // Answered as sequenced before although every id was new.
+    m.insert("duplicated".into(), json!(r.counter("duplicated")));
     m.insert("unanswered".into(), json!(r.counter("unanswered")));
     m.insert("connect_errors".into(), json!(r.counter("connect_errors")));
     m.insert("publish_window_seconds".into(), json!(secs));
@@ -561,4 +663,89 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         );
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn args(flags: &[&str]) -> Result<Args, String> {
+        let cli = Cli::try_parse_from(std::iter::once("sequence").chain(flags.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        check(&cli.args).map_err(|e| e.to_string())?;
+        Ok(cli.args)
+    }
+
+    fn refused(flags: &[&str]) -> String {
+        args(flags).err().expect("these flags are refused")
+    }
+
+    #[test]
+    fn batches_are_grpc_calls_to_addresses_only() {
+        let a = args(&[
+            "--addr",
+            "127.0.0.1:1",
+            "--transport",
+            "grpc",
+            "--batch",
+            "16",
+        ])
+        .unwrap();
+        assert!(a.transport == Transport::Grpc && a.batch == 16);
+        assert!(args(&["--addr", "127.0.0.1:1"]).is_ok_and(|a| a.transport == Transport::Http));
+        let http = refused(&["--addr", "127.0.0.1:1", "--batch", "4"]);
+        assert!(http.contains("--batch needs --transport grpc"), "{http}");
+        let nats = refused(&["--nats", "nats://x:1", "--transport", "grpc"]);
+        assert!(nats.contains("not --nats"), "{nats}");
+        assert!(
+            args(&[
+                "--addr",
+                "127.0.0.1:1",
+                "--transport",
+                "grpc",
+                "--batch",
+                "0"
+            ])
+            .is_err()
+        );
+        assert!(
+            args(&[
+                "--addr",
+                "127.0.0.1:1",
+                "--transport",
+                "grpc",
+                "--batch",
+                "1001"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn publishers_are_grouped_batch_to_a_connection() {
+        assert_eq!(
+            groups(4..14, 4),
+            [vec![4, 5, 6, 7], vec![8, 9, 10, 11], vec![12, 13]]
+        );
+        assert_eq!(groups(0..2, 1), [vec![0], vec![1]]);
+        assert!(groups(3..3, 4).is_empty());
+    }
+
+    #[test]
+    fn an_http_answer_says_whether_it_was_a_duplicate() {
+        let ack = |d: bool| {
+            json!({"stream": "chat:a", "seq": 3, "timestamp_ms": 1, "duplicate": d}).to_string()
+        };
+        assert!(is_duplicate(ack(true).as_bytes()));
+        assert!(!is_duplicate(ack(false).as_bytes()));
+        assert!(!is_duplicate(b"not json"));
+    }
 }
