@@ -351,6 +351,67 @@ class SubscribeTest(unittest.TestCase):
         self.assertEqual(br.differences(repo.root), [])
 
 
+def grpc_publish_record(name="grpc-publish", rate=10_000.0, per_cpu=20_000.0, batch=1, refused=None):
+    """A grpc-publish record: the sequence scenario through one router's API."""
+    rec = fanout_record()
+    via = "http" if name == "grpc-publish-http" else "grpc"
+    report = {"scenario": "sequence", "workers": 1, "params": {"via": via, "batch": batch, "publishers": 256},
+              "routers": 1, "via": via, "batch": batch, "publishers": 256, "published": 100_000,
+              "calls": 100_000 // batch, "acked": 100_000, "refused_by_status": refused or {}, "duplicated": 0,
+              "unanswered": 0, "connect_errors": 0, "publish_window_seconds": 10.0,
+              "acked_publishes_per_second": rate, "publishes_per_router_cpu_second": per_cpu,
+              "publishes_per_router_and_redis_cpu_second": per_cpu / 3,
+              "publish_latency_ms": {"samples": 100_000, "p50": 20.0, "p99": 40.0, "max": 50.0},
+              "server": {"router_cpu_seconds": 100_000 / per_cpu}}
+    rec.update(benchmark=name, command="scripts/bench grpc-publish", report=report)
+    return rec
+
+
+class GrpcPublishTest(unittest.TestCase):
+    def test_each_transport_is_a_row_and_the_grpc_ones_are_divided_by_http(self):
+        lines = br.block_grpc_publish({"records": {"grpc-publish": grpc_publish_record(rate=12_000.0,
+                                                                                       per_cpu=25_000.0)}})
+        rows = [x for x in lines if x.startswith("| ")][1:]
+        self.assertEqual(len(rows), 3)
+        self.assertIn("| HTTP/1.1, `POST /api/publish` | not run yet (`scripts/bench grpc-publish`)", rows[0])
+        self.assertEqual(rows[1].split(" | ")[1:8], ["1", "256", "12,000", "25,000", "8,333", "20 ms / 40 ms",
+                                                     "0 / 0 / 0"])
+        self.assertIn("| gRPC, `PublishBatch` | not run yet", rows[2])
+        self.assertNotIn("Against HTTP", "\n".join(lines))
+        recs = {"grpc-publish-http": grpc_publish_record("grpc-publish-http"),
+                "grpc-publish": grpc_publish_record(rate=12_000.0, per_cpu=25_000.0),
+                "grpc-publish-batch": grpc_publish_record("grpc-publish-batch", 30_000.0, 60_000.0, batch=16,
+                                                          refused={"503": 2, "code_503": 1})}
+        lines = br.block_grpc_publish({"records": recs})
+        batch = next(x for x in lines if x.startswith("| gRPC, `PublishBatch` |"))
+        self.assertEqual(batch.split(" | ")[1:3], ["16", "16"])
+        self.assertIn("| 2 503, 1 code_503 / 0 / 0 |", batch)
+        self.assertEqual(lines[-1], "Against HTTP: unary gRPC 1.20× the acked publishes/s and 1.25× the publishes "
+                                    "per router CPU-second; `PublishBatch` (16 publishes a call) 3.00× the acked "
+                                    "publishes/s and 3.00× the publishes per router CPU-second.")
+
+    def test_a_failed_variant_says_so_and_is_not_compared(self):
+        failed = dict(grpc_publish_record(), error="died during the run: router-0", report=None)
+        lines = br.block_grpc_publish({"records": {"grpc-publish-http": grpc_publish_record("grpc-publish-http"),
+                                                   "grpc-publish": failed}})
+        self.assertIn("| gRPC, unary `Publish` | **failed**: died during the run: router-0 |", "\n".join(lines))
+        self.assertNotIn("Against HTTP", "\n".join(lines))
+
+    def test_its_block_and_runs_render_and_pass_the_check(self):
+        repo = Repo()
+        self.addCleanup(shutil.rmtree, repo.root)
+        for name in ("grpc-publish", "grpc-publish-http", "grpc-publish-batch"):
+            repo.add(grpc_publish_record(name, batch=16 if name.endswith("batch") else 1))
+        repo.render()
+        text = repo.read("docs/benchmarks.md")
+        block = text[text.index("<!-- bench:grpc-publish:begin -->"):text.index("<!-- bench:grpc-publish:end -->")]
+        self.assertIn("[grpc-publish-batch](bench/grpc-publish-batch.json) |", block)
+        self.assertIn("Against HTTP: unary gRPC 1.00×", block)
+        for name in ("grpc-publish", "grpc-publish-http", "grpc-publish-batch"):
+            self.assertIn(f"#### `{name}`", text)
+        self.assertEqual(br.differences(repo.root), [])
+
+
 class RecordTest(unittest.TestCase):
     def test_records_stay_compact(self):
         rec = fanout_record()
