@@ -47,6 +47,7 @@ pub use hops::{HOP_SECONDS, Hop};
 pub use members::{
     MEMBER_RETRY_WINDOW, Members, MembersError, MembersSettings, PUSH_STREAM, SHARD_ACK_WAIT_MAX,
     SHARD_CONSUMER, SHARD_MAX_ACK_PENDING, SHARD_MAX_DELIVER, SHARD_STREAM, ShardConsumer,
+    WHOLE_CHAT_MAX_MEMBERS,
 };
 pub use publisher::{Publisher, RemoteRouter, encode_request};
 pub use router::{

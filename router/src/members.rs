@@ -56,6 +56,12 @@ pub const SHARD_ACK_WAIT_MAX: Duration = Duration::from_secs(15);
 /// De-duplication window of both streams: a shard or push job published
 /// again within it (a retry, a redelivered job) is stored once.
 const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+/// Chats with at most this many members get one shard job per post for
+/// all their buckets: one JetStream append and ack instead of one per
+/// bucket, which every small group pays since membership is what
+/// authorizes chats (ADR 0031). Bigger chats keep one job per bucket, so
+/// their member work spreads over the routers.
+pub const WHOLE_CHAT_MAX_MEMBERS: u64 = 1_000;
 /// A publish retried within this long of the original (same client message
 /// id) schedules its member work again, in case the first attempt's
 /// router died between append and shard publish; the de-duplication window
@@ -321,6 +327,21 @@ impl Members {
         Ok(total)
     }
 
+    /// Every member of a chat, all buckets read in one pipeline (the
+    /// chat's keys share its slot).
+    async fn all_members(&self, channel: &ChatId) -> Result<Vec<UserId>, MembersError> {
+        let mut pipe = redis::pipe();
+        for b in 0..self.buckets {
+            pipe.cmd("SMEMBERS").arg(bucket_key(channel, b));
+        }
+        let sets: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(sets
+            .iter()
+            .flatten()
+            .filter_map(|u| UserId::parse(u).ok())
+            .collect())
+    }
+
     /// The members in one bucket (`0..buckets`) of a channel.
     pub async fn bucket(&self, channel: &ChatId, bucket: u32) -> Result<Vec<UserId>, MembersError> {
         let raw: Vec<String> = redis::cmd("SMEMBERS")
@@ -353,21 +374,43 @@ impl Members {
                 Ok(())
             }
             StreamKey::Chat(c) => {
-                if self.count(c).await? == 0 {
+                let members = self.count(c).await?;
+                if members == 0 {
                     return Ok(());
                 }
+                // A retry may choose the other shape if the count crossed
+                // the threshold meanwhile: both then run, and that is safe
+                // (counters and push jobs are de-duplicated per user).
+                let jobs: Vec<(ShardJob, String)> = if members <= WHOLE_CHAT_MAX_MEMBERS {
+                    vec![(
+                        ShardJob {
+                            channel: c.to_string(),
+                            bucket: 0,
+                            delivery: Some(d.clone()),
+                            whole_chat: true,
+                        },
+                        format!("chat:{c}:{}:all", d.seq),
+                    )]
+                } else {
+                    (0..self.buckets)
+                        .map(|bucket| {
+                            let job = ShardJob {
+                                channel: c.to_string(),
+                                bucket,
+                                delivery: Some(d.clone()),
+                                whole_chat: false,
+                            };
+                            (job, format!("chat:{c}:{}:{bucket}", d.seq))
+                        })
+                        .collect()
+                };
                 // All sent before any ack is awaited: one round trip for
                 // the post, not one per bucket.
-                let mut acks = Vec::with_capacity(self.buckets as usize);
-                for bucket in 0..self.buckets {
-                    let job = ShardJob {
-                        channel: c.to_string(),
-                        bucket,
-                        delivery: Some(d.clone()),
-                    };
+                let mut acks = Vec::with_capacity(jobs.len());
+                for (job, id) in jobs {
                     let msg = async_nats::jetstream::message::PublishMessage::build()
                         .payload(job.encode_to_vec().into())
-                        .message_id(format!("chat:{c}:{}:{bucket}", d.seq));
+                        .message_id(id);
                     let ack = self
                         .js
                         .send_publish(SHARD_JOBS, msg)
@@ -418,7 +461,8 @@ impl Members {
         Ok(ack)
     }
 
-    /// One bucket of a channel post: bump unread counters of every member,
+    /// One bucket of a channel post (or every bucket of a small chat's):
+    /// bump unread counters of every member,
     /// and queue a push job for every offline one. Safe to run again for
     /// the same job (a redelivery): no counter is bumped twice for one
     /// post, and a push job already queued within `SB_PUSH`'s
@@ -427,7 +471,11 @@ impl Members {
         let (Ok(channel), Some(d)) = (ChatId::parse(&job.channel), job.delivery) else {
             return Ok(());
         };
-        let members = self.bucket(&channel, job.bucket).await?;
+        let members = if job.whole_chat {
+            self.all_members(&channel).await?
+        } else {
+            self.bucket(&channel, job.bucket).await?
+        };
         let mut conn = self.conn.clone();
         for chunk in members.chunks(1000) {
             // EVAL, not EVALSHA: a pipeline cannot fall back when a

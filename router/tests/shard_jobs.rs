@@ -52,6 +52,7 @@ fn job(channel: &str, bucket: u32, seq: u64) -> ShardJob {
             client_msg_id: format!("p{seq}"),
             ..Default::default()
         }),
+        whole_chat: false,
     }
 }
 
@@ -186,6 +187,28 @@ async fn a_repeated_or_late_shard_job_changes_nothing_on_a_redis_cluster() {
     a_repeated_or_late_job_counts_once(&nats, &cluster.url()).await;
 }
 
+/// Jobs stored in SB_SHARD so far.
+async fn shard_jobs_stored(nats: &Server) -> u64 {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.get_stream(SHARD_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+fn draft(id: &str) -> Draft {
+    Draft {
+        sender: UserId::parse("boss").unwrap(),
+        client_msg_id: id.into(),
+        payload: Bytes::from_static(b"hello"),
+        timestamp_ms: switchboard_protocol::now_ms(),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_scheduled_twice_stores_its_shard_jobs_once() {
     let (nats, redis) = (Server::nats(), Server::redis());
@@ -197,30 +220,48 @@ async fn a_post_scheduled_twice_stores_its_shard_jobs_once() {
         HistoryLimits::default(),
     );
     let target = StreamKey::Chat(news);
-    let draft = Draft {
-        sender: UserId::parse("boss").unwrap(),
-        client_msg_id: "p1".into(),
-        payload: Bytes::from_static(b"hello"),
-        timestamp_ms: switchboard_protocol::now_ms(),
-    };
-    let first = history.append(&target, draft.clone()).await.unwrap();
+    let first = history.append(&target, draft("p1")).await.unwrap();
     m.after_publish(&target, &first.frame).await.unwrap();
     // The retry of a publish whose router died after scheduling.
-    let again = history.append(&target, draft).await.unwrap();
+    let again = history.append(&target, draft("p1")).await.unwrap();
     assert!(again.duplicate);
     m.after_publish(&target, &again.frame).await.unwrap();
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let info = js
-        .get_stream(SHARD_STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
-    assert_eq!(
-        info.state.messages,
-        u64::from(BUCKETS),
-        "one job per bucket"
+    assert_eq!(shard_jobs_stored(&nats).await, 1, "a small chat: one job");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_chat_is_one_job_and_a_large_one_a_job_per_bucket() {
+    let (nats, redis) = (Server::nats(), Server::redis());
+    let m = members(&nats, &redis.url()).await;
+    let history = RedisHistory::new(
+        connect_redis(&redis.url()).await.unwrap(),
+        HistoryLimits::default(),
     );
+    // A group: one job covers every bucket, and does all the members' work.
+    let group = ChatId::parse("group").unwrap();
+    let users: Vec<UserId> = (0..20)
+        .map(|i| UserId::parse(&format!("g{i}")).unwrap())
+        .collect();
+    m.add(&group, &users).await.unwrap();
+    let target = StreamKey::Chat(group);
+    let sent = history.append(&target, draft("g1")).await.unwrap();
+    m.after_publish(&target, &sent.frame).await.unwrap();
+    assert_eq!(shard_jobs_stored(&nats).await, 1);
+    let mut whole = job("group", 0, sent.seq);
+    whole.whole_chat = true;
+    m.process_shard(whole).await.unwrap();
+    assert_eq!(unread(&redis.url(), &users, "group").await, vec![1; 20]);
+    let pushed = push_jobs(&nats).await;
+    assert_eq!(pushed.len(), 20, "every offline member gets a push job");
+
+    // Past the threshold: one job per bucket.
+    let big = ChatId::parse("big").unwrap();
+    let many: Vec<UserId> = (0..=switchboard_router::WHOLE_CHAT_MAX_MEMBERS)
+        .map(|i| UserId::parse(&format!("b{i}")).unwrap())
+        .collect();
+    m.add(&big, &many).await.unwrap();
+    let target = StreamKey::Chat(big);
+    let sent = history.append(&target, draft("b1")).await.unwrap();
+    m.after_publish(&target, &sent.frame).await.unwrap();
+    assert_eq!(shard_jobs_stored(&nats).await, 1 + u64::from(BUCKETS));
 }
