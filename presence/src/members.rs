@@ -277,6 +277,26 @@ impl RedisMembers {
             .copied()
     }
 
+    /// `SADD` or `SREM` on the user's contact set, in chunks.
+    async fn change_contacts(
+        &self,
+        user: &UserId,
+        contacts: &[UserId],
+        op: &str,
+    ) -> Result<u64, PresenceError> {
+        let mut n = 0;
+        for chunk in contacts.chunks(CHUNK) {
+            let names: Vec<&str> = chunk.iter().map(|c| c.as_str()).collect();
+            let changed: u64 = redis::cmd(op)
+                .arg(contacts_key(user))
+                .arg(names)
+                .query_async(&mut self.conn.clone())
+                .await?;
+            n += changed;
+        }
+        Ok(n)
+    }
+
     async fn change(
         &self,
         chat: &ChatId,
@@ -384,17 +404,7 @@ impl MemberStore for RedisMembers {
     }
 
     async fn add_contacts(&self, user: &UserId, contacts: &[UserId]) -> Result<u64, PresenceError> {
-        let mut n = 0;
-        for chunk in contacts.chunks(CHUNK) {
-            let names: Vec<&str> = chunk.iter().map(|c| c.as_str()).collect();
-            let added: u64 = redis::cmd("SADD")
-                .arg(contacts_key(user))
-                .arg(names)
-                .query_async(&mut self.conn.clone())
-                .await?;
-            n += added;
-        }
-        Ok(n)
+        self.change_contacts(user, contacts, "SADD").await
     }
 
     async fn remove_contacts(
@@ -402,17 +412,7 @@ impl MemberStore for RedisMembers {
         user: &UserId,
         contacts: &[UserId],
     ) -> Result<u64, PresenceError> {
-        let mut n = 0;
-        for chunk in contacts.chunks(CHUNK) {
-            let names: Vec<&str> = chunk.iter().map(|c| c.as_str()).collect();
-            let removed: u64 = redis::cmd("SREM")
-                .arg(contacts_key(user))
-                .arg(names)
-                .query_async(&mut self.conn.clone())
-                .await?;
-            n += removed;
-        }
-        Ok(n)
+        self.change_contacts(user, contacts, "SREM").await
     }
 
     async fn is_contact(&self, user: &UserId, from: &UserId) -> Result<bool, PresenceError> {

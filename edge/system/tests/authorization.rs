@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use switchboard_edge::{ChatAuthMode, DmPolicy, SubscriptionClaims};
 
 use crate::common::{
-    cluster::{API_KEY, Cluster, edge_config, post},
+    cluster::{API_KEY, Cluster, edge_config, get, post},
     *,
 };
 
@@ -135,23 +135,6 @@ async fn members_mode_checks_every_chat_request_against_the_api() {
     let unsub = bob.request(json!({"unsubscribe": {"chat": "team"}})).await;
     assert_eq!(code(&unsub), 404, "{unsub}");
     edge.shutdown().await;
-}
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    let json = out
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or_default();
-    (status, json)
 }
 
 /// The next frame carrying `kind` (others skipped), within 5 s.

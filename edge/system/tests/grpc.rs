@@ -20,7 +20,7 @@ use tonic_health::pb::{
 };
 
 use crate::common::{
-    cluster::{API_KEY, post},
+    cluster::{API_KEY, get, post},
     *,
 };
 
@@ -601,23 +601,6 @@ async fn a_health_watch_ends_with_the_stop() {
         .unwrap()
         .unwrap();
     assert_eq!(stopped, switchboard_edge::Stopped::Clean);
-}
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out[9..12].parse().unwrap();
-    let json = out
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or_default();
-    (status, json)
 }
 
 fn members(chat: &str, add: &[&str], remove: &[&str]) -> pb::UpdateMembersRequest {
