@@ -172,39 +172,32 @@ impl Cluster {
     }
 }
 
-/// POSTs JSON to a router or edge HTTP API; returns (status, body).
+/// POSTs JSON to a router or edge HTTP API with the key; returns
+/// (status, JSON body).
 pub async fn post(
     addr: SocketAddr,
     path: &str,
     body: &serde_json::Value,
 ) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = body.to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = out[9..12].parse().unwrap();
-    let json = out
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or_default();
-    (status, json)
+    keyed(addr, &head, &body).await
 }
 
 /// GETs a router or edge HTTP API with the key; returns (status, JSON body).
 pub async fn get(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    keyed(addr, &format!("GET {path} HTTP/1.1"), "").await
+}
+
+/// One request with the API key on a connection of its own.
+async fn keyed(addr: SocketAddr, head: &str, body: &str) -> (u16, serde_json::Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
+        "{head}\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\n\r\n{body}"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut out = String::new();
