@@ -300,7 +300,10 @@ async fn serve(
     let deadline = stop.deadline();
     // The drained sockets' closes are queued: appended before the flush.
     if let Some(tap) = &state.tap {
-        stop.bounded("event tap", deadline, tap.close()).await;
+        // Half of what is left at most: with JetStream down the tap's
+        // retries would take all of it and leave the NATS flush none.
+        stop.bounded("event tap", stop.halfway_to(deadline), tap.close())
+            .await;
     }
     tokio::join!(
         stop.join("accept loop", deadline, accept),

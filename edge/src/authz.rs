@@ -174,14 +174,48 @@ pub(crate) struct ChatAuth {
 }
 
 struct AuthzMetrics {
+    answers: [[Counter; 3]; 4],
     cache_entries: Gauge,
     evictions: Counter,
     lookup: Histogram,
 }
 
-/// Where an answer came from and what it was (`switchboard_edge_chat_auth_total`).
-fn count(source: &'static str, result: &'static str) -> Counter {
-    counter!("switchboard_edge_chat_auth_total", "source" => source, "result" => result)
+/// Where an answer came from (`switchboard_edge_chat_auth_total{source}`).
+#[derive(Clone, Copy)]
+enum Source {
+    Cache,
+    Store,
+    Hook,
+    Mode,
+}
+
+/// What it was (`{result}`).
+#[derive(Clone, Copy)]
+enum Answer {
+    Allow,
+    Deny,
+    Error,
+}
+
+const SOURCES: [&str; 4] = ["cache", "store", "hook", "mode"];
+const ANSWERS: [&str; 3] = ["allow", "deny", "error"];
+
+impl AuthzMetrics {
+    /// Every (source, result) handle, registered at zero once: a request
+    /// then bumps an atomic instead of looking its series up.
+    fn answers() -> [[Counter; 3]; 4] {
+        SOURCES.map(|source| {
+            ANSWERS.map(|result| {
+                let c = counter!("switchboard_edge_chat_auth_total", "source" => source, "result" => result);
+                c.absolute(0);
+                c
+            })
+        })
+    }
+
+    fn count(&self, source: Source, answer: Answer) {
+        self.answers[source as usize][answer as usize].increment(1);
+    }
 }
 
 impl ChatAuth {
@@ -191,11 +225,6 @@ impl ChatAuth {
         members: Arc<dyn MemberStore>,
         hook: Option<Arc<dyn AuthorizeHook>>,
     ) -> Self {
-        for source in ["cache", "store", "hook", "mode"] {
-            for result in ["allow", "deny", "error"] {
-                count(source, result).absolute(0);
-            }
-        }
         gauge!("switchboard_edge_chat_auth_mode", "mode" => settings.mode.as_str()).set(1.0);
         ChatAuth {
             settings,
@@ -205,6 +234,7 @@ impl ChatAuth {
             removed: DashMap::default(),
             swept: std::sync::Mutex::new(Instant::now()),
             metrics: AuthzMetrics {
+                answers: AuthzMetrics::answers(),
                 cache_entries: gauge!("switchboard_edge_chat_auth_cache_entries"),
                 evictions: counter!("switchboard_edge_chat_auth_cache_evictions_total"),
                 lookup: histogram!("switchboard_edge_chat_auth_lookup_seconds"),
@@ -222,11 +252,11 @@ impl ChatAuth {
         let started = Instant::now();
         match self.settings.mode {
             ChatAuthMode::Open => {
-                count("mode", "allow").increment(1);
+                self.metrics.count(Source::Mode, Answer::Allow);
                 return Ok(());
             }
             ChatAuthMode::Token => {
-                count("mode", "deny").increment(1);
+                self.metrics.count(Source::Mode, Answer::Deny);
                 return Err(Denied(
                     ErrorCode::Forbidden,
                     format!("no token grants chat {chat}"),
@@ -236,17 +266,17 @@ impl ChatAuth {
         }
         let key = (user.clone(), chat.clone());
         if self.allowed.get(&key).is_some_and(|until| *until > started) {
-            count("cache", "allow").increment(1);
+            self.metrics.count(Source::Cache, Answer::Allow);
             return Ok(());
         }
         let (source, answer) = match self.settings.mode {
-            ChatAuthMode::Members => ("store", self.ask_store(user, chat).await),
-            _ => ("hook", self.ask_hook(user, chat, action).await),
+            ChatAuthMode::Members => (Source::Store, self.ask_store(user, chat).await),
+            _ => (Source::Hook, self.ask_hook(user, chat, action).await),
         };
         self.metrics.lookup.record(started.elapsed().as_secs_f64());
         match answer {
             Ok((true, ttl)) => {
-                count(source, "allow").increment(1);
+                self.metrics.count(source, Answer::Allow);
                 if self.removed_since(user, chat, started) {
                     return Err(removed(chat));
                 }
@@ -254,14 +284,14 @@ impl ChatAuth {
                 Ok(())
             }
             Ok((false, _)) => {
-                count(source, "deny").increment(1);
+                self.metrics.count(source, Answer::Deny);
                 Err(Denied(
                     ErrorCode::Forbidden,
                     format!("not a member of chat {chat}"),
                 ))
             }
             Err(denied) => {
-                count(source, "error").increment(1);
+                self.metrics.count(source, Answer::Error);
                 Err(denied)
             }
         }
@@ -301,8 +331,15 @@ impl ChatAuth {
                     d.reason
                 },
             )),
-            // Fail closed: an unanswered check refuses.
-            Err(e) => Err(Denied(ErrorCode::Unavailable, e.to_string())),
+            // Fail closed: an unanswered check refuses. The hook's address
+            // and error are for the operator's log, not the client.
+            Err(e) => {
+                tracing::warn!(error = %e, "authorization hook failed; refused (fail closed)");
+                Err(Denied(
+                    ErrorCode::Unavailable,
+                    "authorization hook unavailable".into(),
+                ))
+            }
         }
     }
 

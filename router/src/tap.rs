@@ -218,6 +218,8 @@ impl EventTap {
             .collect();
         tasks.close();
         metrics::gauge!("switchboard_event_tap_queue_max_events").set((per_lane * LANES) as f64);
+        metrics::gauge!("switchboard_event_tap_queue_max_bytes")
+            .set(settings.queue_max_bytes as f64);
         tracing::info!(
             stream = %settings.stream,
             max_age_secs = settings.max_age.as_secs(),
@@ -399,11 +401,10 @@ async fn open_stream(
     Ok((js, stream))
 }
 
-/// FNV-1a of a stream or user: every event of it goes to one lane.
+/// A stable hash of a stream or user (the FNV-1a the epochs use): every
+/// event of it goes to one lane.
 fn lane_of(key: &str) -> usize {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    }) as usize
+    switchboard_protocol::epoch_hash(key) as usize
 }
 
 /// Counts an event that will not reach the stream.

@@ -497,6 +497,16 @@ impl Session {
             // first, so the hook sees only messages the router would take.
             Some(m) => {
                 switchboard_protocol::validate_client_msg_id(&p.client_msg_id)?;
+                // The router's size limit first too: an oversized publish
+                // is 413, whatever the hook would say.
+                let max = m.max_payload_bytes();
+                if p.payload.len() > max {
+                    let e = switchboard_router::PublishError::TooLarge {
+                        len: p.payload.len(),
+                        max,
+                    };
+                    return Err(Refusal(e.code(), e.to_string()));
+                }
                 match m
                     .moderate(&self.identity.user, &target, &p.client_msg_id, p.payload)
                     .await

@@ -399,6 +399,11 @@ async fn moderation_accepts_rejects_and_replaces_before_sequencing() {
         let started = Instant::now();
         let refused = publish(&mut alice, "room", "m4", "slow one").await;
         assert_eq!(code(&refused), 503, "{transport:?} {refused}");
+        // The hook's address stays in the edge's log.
+        assert_eq!(
+            refused["error"]["message"],
+            json!("moderation hook unavailable")
+        );
         assert!(started.elapsed() < SLOW);
         bob.assert_no_delivery(Duration::from_millis(200)).await;
         let ack = publish(&mut alice, "room", "m5", "after").await;
@@ -408,6 +413,12 @@ async fn moderation_accepts_rejects_and_replaces_before_sequencing() {
         let calls = backend.moderate_calls();
         let bad = publish(&mut alice, "room", "", "x").await;
         assert_eq!(code(&bad), 422, "{bad}");
+        assert_eq!(backend.moderate_calls(), calls);
+        // So is a payload over the router's limit: 413, whatever the hook
+        // would have said.
+        let huge = "x".repeat(40_000);
+        let bad = publish(&mut alice, "room", "m6", &huge).await;
+        assert_eq!(code(&bad), 413, "{transport:?} {bad}");
         assert_eq!(backend.moderate_calls(), calls);
 
         let (_, metrics) = http_get(edge.addr(), "/metrics").await;

@@ -138,6 +138,13 @@ impl Stop {
         self.started() + self.inner.grace
     }
 
+    /// Halfway from now to `until`: a step that may wait on a backend
+    /// for all its time leaves the rest to the steps after it.
+    pub fn halfway_to(&self, until: Instant) -> Instant {
+        let now = Instant::now();
+        now + until.saturating_duration_since(now) / 2
+    }
+
     /// Notes that the stop gave up on `what` because `why`, in one log
     /// line with how long after the beginning of the stop.
     pub fn gave_up(&self, what: &str, why: &dyn Display) {

@@ -171,7 +171,10 @@ pub async fn run(
     // The events of the publishes just finished are queued: appended
     // before the last flush, within the grace.
     if let Some(tap) = &tap {
-        stop.bounded("event tap", deadline, tap.close()).await;
+        // Half of what is left at most: with JetStream down the tap's
+        // retries would take all of it and leave the NATS flush none.
+        stop.bounded("event tap", stop.halfway_to(deadline), tap.close())
+            .await;
     }
     tokio::join!(
         stop.join("presence sweep", deadline, sweep),
