@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, Uri, header};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioTimer},
 };
 use metrics::{Counter, Histogram, counter, histogram};
 use serde::{Deserialize, Serialize};
@@ -111,7 +111,13 @@ impl Transport {
                 connector.set_connect_timeout(Some(timeout));
                 connector.set_nodelay(true);
                 Transport::Http {
-                    client: Client::builder(TokioExecutor::new()).build(connector),
+                    // Idle connections are reaped and capped: a slow hook
+                    // opens one per concurrent call.
+                    client: Client::builder(TokioExecutor::new())
+                        .pool_timer(TokioTimer::new())
+                        .pool_idle_timeout(Duration::from_secs(30))
+                        .pool_max_idle_per_host(32)
+                        .build(connector),
                     uri: uri.clone(),
                 }
             }
