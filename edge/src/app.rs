@@ -49,6 +49,7 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
             tap: None,
             members,
             hook: crate::hooks::authorizer(config.authorize_hook.as_ref()),
+            nats: None,
         });
     };
     crate::metrics::register_cluster_series();
@@ -92,7 +93,7 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
     );
     let presence: Arc<dyn PresenceStore> = Arc::new(RedisPresence::new(redis, ttl));
     let router = Arc::new(RemoteRouter::new(
-        client,
+        client.clone(),
         bus.clone(),
         Duration::from_secs(2),
     ));
@@ -104,6 +105,7 @@ pub(crate) async fn backends(config: &Config) -> Result<Backends, String> {
         tap,
         members,
         hook: crate::hooks::authorizer(config.authorize_hook.as_ref()),
+        nats: Some(client),
     })
 }
 
@@ -278,6 +280,13 @@ async fn serve(
         stop_accepting.clone(),
     ));
     let heartbeats = tokio::spawn(state.sessions.clone().heartbeats(background.clone()));
+    // Admin requests from any node's admin API (ADR 0037).
+    let admin_requests = match (state.admin.nats(), state.admin.local()) {
+        (Some(client), Some(local)) => Some(tokio::spawn(
+            switchboard_node::admin::serve_edge_requests(client, local, background.clone()),
+        )),
+        _ => None,
+    };
     let sweeper = tokio::spawn(switchboard_node::sweep_presence(
         state.presence.clone(),
         state.bus.clone(),
@@ -309,6 +318,11 @@ async fn serve(
         stop.join("accept loop", deadline, accept),
         stop.join("presence lease renewal", deadline, heartbeats),
         stop.join("presence sweep", deadline, sweeper),
+        async {
+            if let Some(task) = admin_requests {
+                stop.join("admin requests", deadline, task).await;
+            }
+        },
         // The last presence events of the drained sockets leave here.
         stop.step("NATS flush", deadline, state.bus.flush()),
     );

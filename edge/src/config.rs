@@ -322,6 +322,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Key for the backend publish API; `None` disables it.
     pub api_key: Option<String>,
+    /// Key of the admin API (ADR 0037); `None` disables it.
+    pub admin_key: Option<String>,
     /// The gRPC listener's address (ADR 0033); `None`: no gRPC. The
     /// process binds it when it starts.
     pub grpc_listen: Option<SocketAddr>,
@@ -386,6 +388,8 @@ pub struct Config {
     pub presence_ttl: Duration,
     /// Log filter.
     pub log: String,
+    /// Log line format (`--log-format`).
+    pub log_format: switchboard_node::LogFormat,
     /// The event tap (cluster only): connects, closes and presence
     /// changes of this edge's sockets; `None`: off.
     pub event_tap: Option<switchboard_router::TapSettings>,
@@ -516,6 +520,7 @@ impl Settings {
             node_id: node.node_id,
             auth,
             api_key: node.api_key,
+            admin_key: node.admin_key,
             grpc_listen: switchboard_node::config::listen_addr(
                 "--grpc-listen",
                 self.grpc_listen.as_deref(),
@@ -633,6 +638,7 @@ impl Settings {
             },
             presence_ttl: node.presence_ttl,
             log: node.log,
+            log_format: node.log_format,
             event_tap: node.event_tap,
         })
     }

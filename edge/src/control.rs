@@ -1,6 +1,6 @@
 //! The control runtime: a thread of its own for the HTTP requests that are
-//! not sockets (the backend API and the probes: `/api/*`, `/metrics`,
-//! `/healthz`, `/readyz`).
+//! not sockets (the backend API, the admin API and the probes: `/api/*`,
+//! `/admin/*`, `/metrics`, `/healthz`, `/readyz`).
 //!
 //! A publish is acked before its fan-out (ADR 0027), but on the runtime
 //! that runs the sockets a request still waits for its turn behind every
@@ -17,8 +17,10 @@ use std::thread::JoinHandle;
 use tokio::{runtime::Handle, sync::oneshot};
 
 /// Request lines served on the control runtime.
-pub(crate) const CONTROL_REQUESTS: [&[u8]; 4] = [
+pub(crate) const CONTROL_REQUESTS: [&[u8]; 6] = [
     b"POST /api/",
+    b"GET /admin/",
+    b"POST /admin/",
     b"GET /metrics",
     b"GET /healthz",
     b"GET /readyz",
@@ -84,6 +86,8 @@ mod tests {
         for line in [
             &b"POST /api/publish HTTP/1.1"[..],
             b"POST /api/kick HTTP/1.1",
+            b"GET /admin/edges HTTP/1.1",
+            b"POST /admin/kick HTTP/1.1",
             b"GET /metrics HTTP/1.1",
             b"GET /healthz HTTP/1.1",
             b"GET /readyz HTTP/1.1",

@@ -2,8 +2,12 @@
 //! closed in batches with jittered reconnect advice (spread over
 //! `--reconnect-jitter-max-ms`, see `CloseReason::reconnect_delay_range_ms`),
 //! and their tasks are awaited until the stop's work deadline. A handshake
-//! that finishes during the drain gets the same advice at once.
-use std::{sync::atomic::Ordering, time::Duration};
+//! that finishes during the drain gets the same advice at once. The same
+//! batches run without a stop when an operator drains the edge ([`begin`]).
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use switchboard_node::Stop;
 use switchboard_protocol::CloseReason;
@@ -31,15 +35,10 @@ fn batches(sockets: usize, batch: usize, grace: Duration) -> (usize, Duration) {
     (batches, pause)
 }
 
-/// Stops accepting, closes every socket in batches and waits for their
-/// tasks (each unregisters its presence session) until the stop's work
-/// deadline; what is left then is given up on, by name.
-pub(crate) async fn drain(state: &EdgeState, stop_accepting: CancellationToken, stop: &Stop) {
-    let started = tokio::time::Instant::now();
-    let grace = stop.grace();
-    let unregisters_failed = state.sessions.unregisters_failed();
-    state.draining.store(true, Ordering::SeqCst);
-    stop_accepting.cancel();
+/// Closes every open socket with reconnect advice, in batches spread over
+/// the first half of `grace`. The caller has set `draining`, so sockets
+/// that finish their handshake meanwhile get the same advice at once.
+async fn close_in_batches(state: &EdgeState, grace: Duration) {
     let conns = state.hub.conns();
     let batch = state.config.drain_batch_size;
     let (batches, pause) = batches(conns.len(), batch, grace);
@@ -52,6 +51,35 @@ pub(crate) async fn drain(state: &EdgeState, stop_accepting: CancellationToken, 
             tokio::time::sleep(pause).await;
         }
     }
+}
+
+/// The drain an operator asks for (`switchboard-ctl drain`, ADR 0037):
+/// readiness fails, new sockets are refused with 503, and the open ones
+/// are closed in batches as on SIGTERM, but the process keeps running:
+/// its listener still answers probes, metrics and the APIs, and its
+/// presence lease stays. Returns false if a drain had already begun.
+pub(crate) fn begin(state: Arc<EdgeState>, runtime: &tokio::runtime::Handle) -> bool {
+    if state.draining.swap(true, Ordering::SeqCst) {
+        return false;
+    }
+    tracing::info!("drain requested through the admin API");
+    runtime.spawn(async move {
+        let grace = state.config.shutdown_grace;
+        close_in_batches(&state, grace).await;
+    });
+    true
+}
+
+/// Stops accepting, closes every socket in batches and waits for their
+/// tasks (each unregisters its presence session) until the stop's work
+/// deadline; what is left then is given up on, by name.
+pub(crate) async fn drain(state: &EdgeState, stop_accepting: CancellationToken, stop: &Stop) {
+    let started = tokio::time::Instant::now();
+    let grace = stop.grace();
+    let unregisters_failed = state.sessions.unregisters_failed();
+    state.draining.store(true, Ordering::SeqCst);
+    stop_accepting.cancel();
+    close_in_batches(state, grace).await;
     state.tracker.close();
     if tokio::time::timeout_at(stop.work_deadline(), state.tracker.wait())
         .await

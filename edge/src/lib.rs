@@ -20,7 +20,9 @@
 //! - `wire`: a socket's write side (the batch, the per-stream order filter,
 //!   deflate), kept in its `mailbox` so the fan-out writes to an idle
 //!   socket directly, without waking its task.
-//! - `drain`: batched close with jittered advice on shutdown.
+//! - `drain`: batched close with jittered advice on shutdown (or when an
+//!   operator asks, through the admin API).
+//! - `admin`: this edge's status and drain for the admin API (ADR 0037).
 //! - `state`: `EdgeState`, and the narrow `SessionContext` sessions see.
 //! - `presence`: the node lease, heartbeats and restore, each socket's
 //!   presence session and the per-user ordering of its announcements.
@@ -42,6 +44,7 @@
 //! presence sweep, shutdown) is `switchboard-node`.
 #![warn(missing_docs)]
 
+mod admin;
 mod admission;
 mod app;
 mod auth;

@@ -16,7 +16,7 @@ pub fn main() -> ExitCode {
         Err(e) => return switchboard_node::fail(NAME, &e),
     };
     let (log, listen, grace) = (config.log.clone(), config.listen, config.shutdown_grace);
-    switchboard_node::serve_main(NAME, &log, listen, |listener| {
+    switchboard_node::serve_main(NAME, &log, config.log_format, listen, |listener| {
         if config.dev {
             tracing::warn!(
                 "DEV MODE: demo page at / and unauthenticated tokens at /dev/token; never use in production"

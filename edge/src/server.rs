@@ -1,7 +1,8 @@
 //! The listener and the HTTP surface on it: `/ws`, and in dev mode `/` and
 //! `/dev/token`, here; `/healthz`, `/readyz`, `/metrics` and the backend
 //! API (`POST /api/publish`, `/api/kick`, `/api/presence`, `/api/history`)
-//! answered by `switchboard_node::http`, as the router answers them.
+//! answered by `switchboard_node::http`, and the admin API (`/admin/*`,
+//! `switchboard_node::admin`), as the router answers them.
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
@@ -181,6 +182,9 @@ async fn route(
         (&Method::POST, "/api/kick") => http::kick(req, &state.api).await,
         (&Method::POST, "/api/presence") => http::presence(req, &state.api).await,
         (&Method::POST, "/api/history") => http::history(req, &state.api).await,
+        (_, path) if switchboard_node::admin::is_admin_route(path) => {
+            switchboard_node::admin::route(req, &state.admin).await
+        }
         (_, path) if switchboard_node::members::is_members_route(path) => {
             let key = state.config.api_key.as_deref();
             let (store, bus) = (state.members.as_ref(), state.bus.as_ref());

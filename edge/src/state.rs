@@ -11,7 +11,10 @@ use std::{
 
 use metrics::gauge;
 use metrics_exporter_prometheus::PrometheusHandle;
-use switchboard_node::{Api, ApiBackends};
+use switchboard_node::{
+    Api, ApiBackends,
+    admin::{Admin, AdminBackends, StoreCounts},
+};
 use switchboard_presence::{MemberStore, PresenceStore};
 use switchboard_router::{Bus, EventTap, History, Publisher};
 use tokio_util::task::TaskTracker;
@@ -58,6 +61,8 @@ pub(crate) struct EdgeState {
     pub(crate) context: Arc<SessionContext>,
     /// The backend API, shared by its HTTP routes and its gRPC service.
     pub(crate) api: Arc<Api>,
+    /// The admin API (ADR 0037).
+    pub(crate) admin: Arc<Admin>,
 }
 
 /// What a socket's session may reach, shared by all sessions behind one
@@ -120,6 +125,8 @@ pub(crate) struct Backends {
     pub(crate) members: Arc<dyn MemberStore>,
     /// The backend's authorization hook (`proxy` mode).
     pub(crate) hook: Option<Arc<dyn crate::authz::AuthorizeHook>>,
+    /// The NATS connection (cluster): admin requests to other edges.
+    pub(crate) nats: Option<async_nats::Client>,
 }
 
 impl EdgeState {
@@ -191,7 +198,24 @@ impl EdgeState {
                 members: b.members.clone(),
             },
         ));
-        Ok(Arc::new(EdgeState {
+        let runtime = tokio::runtime::Handle::current();
+        let admin_key = config.admin_key.clone();
+        Ok(Arc::new_cyclic(|weak| EdgeState {
+            admin: Arc::new(Admin::new(
+                admin_key,
+                AdminBackends {
+                    api: api.clone(),
+                    presence: b.presence.clone(),
+                    history: b.history.clone(),
+                    chats: Arc::new(StoreCounts(b.members.clone())),
+                    nats: b.nats,
+                    local: Some(Arc::new(crate::admin::AdminEdge {
+                        node: config.node_id.clone(),
+                        state: weak.clone(),
+                        runtime,
+                    })),
+                },
+            )),
             admission: Arc::new(Admission::new(config.max_connections)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes)),
             accept_rate: std::sync::Mutex::new(Bucket::full(config.accept_rate)),

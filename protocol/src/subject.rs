@@ -4,6 +4,7 @@
 //!
 //! - `sb.chat.<chat>`: a chat's deliveries and ephemeral events.
 //! - `sb.edge.<edge>.user.<user>`: a user's personal stream on one edge.
+//! - `sb.edge.<edge>.admin`: admin requests to one edge (ADR 0037).
 //! - `sb.presence.<user>`: a user's online/offline events.
 //! - `sb.router.publish`: publish requests to the routers (queue group
 //!   [`ROUTER_QUEUE`]).
@@ -71,6 +72,13 @@ pub fn chat_subject(chat: &ChatId) -> String {
 /// one subscription ([`edge_users_wildcard`]) for all its users.
 pub fn edge_user_subject(node: &str, user: &UserId) -> String {
     format!("sb.edge.{node}.user.{user}")
+}
+
+/// Admin requests to one edge (its status, a drain), from the admin API
+/// of any node (ADR 0037): request-reply, JSON both ways. Not matched by
+/// [`edge_users_wildcard`].
+pub fn edge_admin_subject(node: &str) -> String {
+    format!("sb.edge.{node}.admin")
 }
 
 /// What an edge subscribes to for the personal streams of its users.

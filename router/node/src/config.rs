@@ -121,6 +121,17 @@ pub fn millis(
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// The settings edges and routers share: backends, identity, API key,
 /// limits every node of a cluster must agree on, and logging. Flattened
 /// into each process's settings, so the flag, the environment variable
@@ -151,6 +162,14 @@ pub struct ClusterSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
 
+    /// Key of the admin API (`/admin/*`, what `switchboard-ctl` calls:
+    /// the node registry, presence, stream positions, kicks, drains),
+    /// for operators; a different secret from --api-key (ADR 0037).
+    /// Unset: the admin API is off.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_KEY", hide_env_values = true)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_key: Option<String>,
+
     /// Largest publish payload, bytes. Default 32768.
     #[arg(long, env = "SWITCHBOARD_MAX_PAYLOAD_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -177,6 +196,13 @@ pub struct ClusterSettings {
     #[arg(long, env = "SWITCHBOARD_LOG")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+
+    /// Log lines as `text` (for people) or `json` (one JSON object per
+    /// line, for log pipelines; docs/operations.md lists the fields).
+    /// Default text.
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
 
     /// Append every sequenced message, every socket's connect and close
     /// and every online/offline change to a JetStream stream for backends
@@ -241,6 +267,10 @@ pub struct NodeConfig {
     pub backends: Option<BackendUrls>,
     /// Log filter.
     pub log: String,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Key of the admin API; `None` turns it off.
+    pub admin_key: Option<String>,
     /// The event tap; `None`: off.
     pub event_tap: Option<switchboard_router::TapSettings>,
 }
@@ -297,6 +327,8 @@ impl ClusterSettings {
             presence_ttl: millis("--presence-ttl-ms", self.presence_ttl_ms, 30_000)?,
             backends,
             log: self.log.unwrap_or_else(|| "info".into()),
+            log_format: self.log_format.unwrap_or_default(),
+            admin_key: self.admin_key.filter(|k| !k.is_empty()),
             event_tap,
         })
     }

@@ -26,8 +26,10 @@
 //! The publish path itself is `switchboard-router`'s library.
 #![warn(missing_docs)]
 
+pub mod admin;
 mod api;
 pub mod config;
+pub mod ctl;
 pub mod grpc;
 pub mod http;
 pub mod members;
@@ -41,7 +43,7 @@ pub use api::{
     Api, ApiBackends, ApiCode, ApiError, DEFAULT_HISTORY_LIMIT, HistoryFields, HistoryPage,
     MAX_BATCH_MESSAGES, MAX_HISTORY_LIMIT, MAX_PRESENCE_USERS, Op, PublishFields,
 };
-pub use config::{BackendUrls, ClusterSettings, ConfigError, NodeConfig};
+pub use config::{BackendUrls, ClusterSettings, ConfigError, LogFormat, NodeConfig};
 pub use presence::{announce, sweep_presence};
-pub use process::{fail, serve_main, shutdown_signal, shutdown_signal_with_watchdog};
+pub use process::{fail, init_logging, serve_main, shutdown_signal, shutdown_signal_with_watchdog};
 pub use stop::{EXIT_GAVE_UP, Stop, Stopped, WATCHDOG_MARGIN, arm_watchdog};

@@ -8,27 +8,40 @@ use std::{fmt::Display, future::Future, net::SocketAddr, process::ExitCode, time
 
 use tokio::net::TcpListener;
 
-use crate::stop::{Stopped, arm_watchdog};
+use crate::{
+    config::LogFormat,
+    stop::{Stopped, arm_watchdog},
+};
 
 /// How long the runtime's teardown waits for blocking tasks (a DNS
 /// lookup, say) once `serve` has returned.
 const TEARDOWN: Duration = Duration::from_millis(500);
 
 /// Sets up logging with `log` (tracing `EnvFilter` syntax; "info" when it
-/// does not parse), starts a runtime, binds `listen` and runs `serve` on
-/// the listener until it returns; its [`Stopped`] is the exit status.
-pub fn serve_main<F, Fut, E>(name: &str, log: &str, listen: SocketAddr, serve: F) -> ExitCode
+/// does not parse) in `format`, starts a runtime, binds `listen` and runs
+/// `serve` on the listener until it returns; its [`Stopped`] is the exit
+/// status.
+pub fn serve_main<F, Fut, E>(
+    name: &str,
+    log: &str,
+    format: LogFormat,
+    listen: SocketAddr,
+    serve: F,
+) -> ExitCode
 where
     F: FnOnce(TcpListener) -> Fut,
     Fut: Future<Output = Result<Stopped, E>>,
     E: Display,
 {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging(log, format);
+    let fail = |name: &str, e: &dyn Display| match format {
+        LogFormat::Text => fail(name, e),
+        // One JSON object per line to the end: the reason as an error event.
+        LogFormat::Json => {
+            tracing::error!(process = name, error = %e, "cannot start or stopped on an error");
+            ExitCode::from(64)
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -49,6 +62,21 @@ where
     // Dropping a runtime waits for its blocking tasks without a limit.
     runtime.shutdown_timeout(TEARDOWN);
     code
+}
+
+/// Logging to stdout (as before: the text format's lines too) with the filter `log` in `format`. JSON lines carry
+/// the stable fields `timestamp` (RFC 3339, UTC), `level`, `target`,
+/// `message`, the event's own fields beside them, and `span` / `spans`
+/// (the current span and its parents, each with its fields) where the
+/// event happened inside one.
+pub fn init_logging(log: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Prints `name: e` to stderr; exit code 64 (bad configuration or a

@@ -6,6 +6,7 @@ use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use switchboard_node::{
     Api, ApiBackends, Stop, Stopped,
+    admin::{Admin, AdminBackends},
     grpc::{GrpcServer, Readiness},
 };
 use switchboard_presence::{PresenceStore, RedisPresence};
@@ -120,11 +121,23 @@ pub async fn run(
             publisher: router.clone(),
             bus: bus.clone(),
             presence: presence.clone(),
-            history,
+            history: history.clone(),
             members: member_store.clone(),
         },
     ));
+    let admin = Arc::new(Admin::new(
+        config.admin_key.clone(),
+        AdminBackends {
+            api: api.clone(),
+            presence: presence.clone(),
+            history,
+            chats: Arc::new(crate::state::ChannelCounts(members.clone())),
+            nats: Some(bus.client().clone()),
+            local: None,
+        },
+    ));
     let state = Arc::new(RouterState {
+        admin,
         member_store,
         members,
         bus,

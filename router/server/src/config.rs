@@ -91,6 +91,8 @@ pub struct Config {
     pub node_id: String,
     /// Key of the backend API; `None` turns it off.
     pub api_key: Option<String>,
+    /// Key of the admin API (ADR 0037); `None` turns it off.
+    pub admin_key: Option<String>,
     /// The gRPC listener's address (ADR 0033); `None`: no gRPC. The
     /// process binds it when it starts.
     pub grpc_listen: Option<SocketAddr>,
@@ -116,6 +118,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Log filter.
     pub log: String,
+    /// Log line format (`--log-format`).
+    pub log_format: switchboard_node::LogFormat,
     /// The event tap (`--event-tap*`); `None`: off.
     pub event_tap: Option<switchboard_router::TapSettings>,
 }
@@ -179,6 +183,7 @@ impl Settings {
             listen,
             node_id: node.node_id,
             api_key: node.api_key,
+            admin_key: node.admin_key,
             grpc_listen: switchboard_node::config::listen_addr(
                 "--grpc-listen",
                 self.grpc_listen.as_deref(),
@@ -194,6 +199,7 @@ impl Settings {
             redis_append_batch,
             shutdown_grace: millis("--shutdown-grace-ms", self.shutdown_grace_ms, 10_000)?,
             log: node.log,
+            log_format: node.log_format,
             event_tap: node.event_tap,
         })
     }

@@ -39,7 +39,7 @@ pub fn main() -> ExitCode {
         Err(e) => return switchboard_node::fail(NAME, &e),
     };
     let (log, listen, grace) = (config.log.clone(), config.listen, config.shutdown_grace);
-    switchboard_node::serve_main(NAME, &log, listen, |listener| {
+    switchboard_node::serve_main(NAME, &log, config.log_format, listen, |listener| {
         run(
             config,
             listener,

@@ -88,6 +88,9 @@ async fn route(state: Arc<RouterState>, req: Request<Incoming>) -> Response<Body
         (&Method::POST, "/api/presence") => http::presence(req, &state.api).await,
         (&Method::POST, "/api/history") => http::history(req, &state.api).await,
         (_, path) if path.starts_with("/api/channels/") => members_api(&state, req).await,
+        (_, path) if switchboard_node::admin::is_admin_route(path) => {
+            switchboard_node::admin::route(req, &state.admin).await
+        }
         (_, path) if switchboard_node::members::is_members_route(path) => {
             let (store, bus) = (state.member_store.as_ref(), state.bus.as_ref());
             let key = state.config.api_key.as_deref();

@@ -2,9 +2,14 @@
 //! (so neither imports the other's module).
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use metrics_exporter_prometheus::PrometheusHandle;
-use switchboard_node::Api;
+use switchboard_node::{
+    Api, ApiError,
+    admin::{Admin, ChatCount, ChatCounts, unavailable},
+};
 use switchboard_presence::MemberStore;
+use switchboard_protocol::ChatId;
 use switchboard_router::{Members, NatsBus};
 
 use crate::Config;
@@ -19,6 +24,26 @@ pub(crate) struct RouterState {
     pub(crate) prometheus: PrometheusHandle,
     /// The backend API, shared by its HTTP routes and its gRPC service.
     pub(crate) api: Arc<Api>,
+    /// The admin API (ADR 0037).
+    pub(crate) admin: Arc<Admin>,
+}
+
+/// A chat's member and online counts from its member buckets, for the
+/// admin API: a router can count who is online (each bucket's members
+/// against presence, a thousand at a time).
+pub(crate) struct ChannelCounts(pub(crate) Arc<Members>);
+
+impl ChatCounts for ChannelCounts {
+    fn counts<'a>(&'a self, chat: &'a ChatId) -> BoxFuture<'a, Result<ChatCount, ApiError>> {
+        Box::pin(async move {
+            let members = self.0.count(chat).await.map_err(unavailable)?;
+            let online = self.0.online_count(chat).await.map_err(unavailable)?;
+            Ok(ChatCount {
+                members,
+                online: Some(online),
+            })
+        })
+    }
 }
 
 impl RouterState {

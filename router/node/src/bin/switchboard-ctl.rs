@@ -1,0 +1,4 @@
+//! `switchboard-ctl`: see [`switchboard_node::ctl`].
+fn main() -> std::process::ExitCode {
+    switchboard_node::ctl::main()
+}
