@@ -97,60 +97,21 @@ async fn json_logs_parse_line_by_line_and_hold_no_secret() {
     let _ = alice.until_close().await;
 
     // A drain on SIGTERM, logged to the end.
-    let _ = Raw::connected_addr(addr, "bob").await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let out = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::task::spawn_blocking(move || child.wait_with_output()),
-    )
-    .await
-    .expect("the edge stops")
-    .unwrap()
-    .unwrap();
-    assert_eq!(out.status.code(), Some(0));
-
-    let text = format!(
-        "{}{}",
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap()
+    let _bob = Raw::connected_addr(addr, "bob").await;
+    let out = stop(child).await;
+    let text = json_lines(
+        out,
+        &[
+            "switchboard edge listening",
+            "shutdown signal received",
+            "draining",
+            "edge stopped",
+        ],
     );
-    let mut messages = Vec::new();
-    let mut lines = 0;
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        lines += 1;
-        let v: Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-        for field in ["timestamp", "level", "target"] {
-            assert!(v[field].is_string(), "no {field}: {line}");
-        }
-        if let Some(m) = v["message"].as_str() {
-            messages.push(m.to_owned());
-        }
-    }
-    assert!(lines >= 5, "{text}");
-    for wanted in [
-        "switchboard edge listening",
-        "shutdown signal received",
-        "draining",
-        "edge stopped",
-    ] {
-        assert!(
-            messages.iter().any(|m| m == wanted),
-            "{wanted:?} not logged: {text}"
-        );
-    }
-    let (header, payload, signature) = {
-        let mut parts = good.split('.');
-        (
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-        )
-    };
+    // A token's claims and signature; its header is the same for every
+    // HS256 token, not a secret.
+    let mut parts = good.split('.').skip(1);
+    let (payload, signature) = (parts.next().unwrap(), parts.next().unwrap());
     for secret in [
         good.as_str(),
         forged.as_str(),
@@ -163,6 +124,100 @@ async fn json_logs_parse_line_by_line_and_hold_no_secret() {
     ] {
         assert!(!text.contains(secret), "{secret:?} logged: {text}");
     }
-    // The JWT header is the same for every HS256 token: not a secret.
-    let _ = header;
+}
+
+/// The output of a stopped process whose every line must be a JSON object
+/// with the stable fields; the `wanted` messages must be among them.
+fn json_lines(out: std::process::Output, wanted: &[&str]) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap()
+    );
+    let mut messages = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        for field in ["timestamp", "level", "target"] {
+            assert!(v[field].is_string(), "no {field}: {line}");
+        }
+        if let Some(m) = v["message"].as_str() {
+            messages.push(m.to_owned());
+        }
+    }
+    for wanted in wanted {
+        assert!(
+            messages.iter().any(|m| m == wanted),
+            "{wanted:?} not logged: {text}"
+        );
+    }
+    text
+}
+
+/// Stops a child with SIGTERM and collects its output (at most 20 s).
+async fn stop(child: std::process::Child) -> std::process::Output {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || child.wait_with_output()),
+    )
+    .await
+    .expect("the process stops")
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    out
+}
+
+#[tokio::test]
+async fn a_routers_json_logs_parse_line_by_line_and_hold_no_key() {
+    let (nats, redis) = (
+        switchboard_testkit::Server::nats(),
+        switchboard_testkit::Server::redis(),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = Command::new(ROUTER_BIN)
+        .args(["--log-format", "json", "--log", "trace"])
+        .env("SWITCHBOARD_ROUTER_LISTEN", addr.to_string())
+        .env("SWITCHBOARD_NATS_URL", nats.url())
+        .env("SWITCHBOARD_REDIS_URL", redis.url())
+        .env("SWITCHBOARD_API_KEY", API_KEY)
+        .env("SWITCHBOARD_ADMIN_KEY", ADMIN_KEY)
+        .env("SWITCHBOARD_NODE_ID", "router-logged")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_listening(addr, "router").await;
+    let publish = json!({"chat": "room", "client_msg_id": "1", "text": "hello"});
+    assert_eq!(
+        call(addr, "POST", "/api/publish", API_KEY, &publish).await,
+        200
+    );
+    assert_eq!(
+        call(addr, "POST", "/api/publish", WRONG_KEY, &publish).await,
+        401
+    );
+    let kick = json!({"user": "alice"});
+    assert_eq!(
+        call(addr, "POST", "/admin/kick", ADMIN_KEY, &kick).await,
+        200
+    );
+    assert_eq!(
+        call(addr, "POST", "/admin/kick", WRONG_KEY, &kick).await,
+        401
+    );
+    let out = stop(child).await;
+    let text = json_lines(
+        out,
+        &["switchboard router serving", "shutdown signal received"],
+    );
+    for secret in [API_KEY, ADMIN_KEY, WRONG_KEY] {
+        assert!(!text.contains(secret), "{secret:?} logged: {text}");
+    }
 }
