@@ -209,6 +209,11 @@ MUST_FAIL: dict[str, tuple[dict, str]] = {
         "give host:port only",
     ),
     "Redis over TLS": (merge(DEFAULTS, {"externalRedis": {"url": "rediss://r:6380"}}), "not built into Switchboard"),
+    "admin key equal to the API key": (
+        merge(DEFAULTS, {"auth": {"apiKey": "k", "adminKey": "k"}}),
+        "auth.adminKey: must differ from auth.apiKey",
+    ),
+    "unknown log format": (merge(DEFAULTS, {"logFormat": "xml"}), "logFormat: expected text or json"),
     "existingSecret and inline keys": (
         merge(DEFAULTS, {"auth": {"existingSecret": "keys", "existingSecretKeys": {"jwtSecret": "s"}}}),
         "not both",
@@ -897,11 +902,13 @@ def write_rules(out: Path) -> int:
 
 
 # A render whose edge and router configuration operate.rs starts the real
-# binaries with: edge.settings of several TOML types, an API key.
+# binaries with: edge.settings of several TOML types, an API key, an admin
+# key, JSON logs.
 POD_CONFIG = merge(
     DEFAULTS,
     {
-        "auth": {"apiKey": "check-chart-api-key"},
+        "auth": {"apiKey": "check-chart-api-key", "adminKey": "check-chart-admin-key"},
+        "logFormat": "json",
         "edge": {
             "settings": {
                 "allowed_origins": ["https://app.example.com", "https://*.example.com"],

@@ -126,14 +126,12 @@ async fn json_logs_parse_line_by_line_and_hold_no_secret() {
     }
 }
 
-/// The output of a stopped process whose every line must be a JSON object
-/// with the stable fields; the `wanted` messages must be among them.
+/// The stderr of a stopped process, whose every line must be a JSON
+/// object with the stable fields (stdout stays empty); the `wanted`
+/// messages must be among them.
 fn json_lines(out: std::process::Output, wanted: &[&str]) -> String {
-    let text = format!(
-        "{}{}",
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap()
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "stdout is empty");
+    let text = String::from_utf8(out.stderr).unwrap();
     let mut messages = Vec::new();
     for line in text.lines().filter(|l| !l.is_empty()) {
         let v: Value =

@@ -64,6 +64,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "switchboard.apiKeyKey" -}}
 {{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKeys.apiKey }}{{ else if .Values.auth.apiKey }}api-key{{ end }}
 {{- end }}
+{{- define "switchboard.adminKeyKey" -}}
+{{- if .Values.auth.existingSecret }}{{ .Values.auth.existingSecretKeys.adminKey }}{{ else if .Values.auth.adminKey }}admin-key{{ end }}
+{{- end }}
 
 {{/* Subchart Service names follow the upstream charts' fullname rule. */}}
 {{- define "switchboard.subchartFullname" -}}
@@ -134,6 +137,15 @@ app.kubernetes.io/component: {{ .component }}
       name: {{ include "switchboard.secretName" . }}
       key: {{ include "switchboard.apiKeyKey" . }}
 {{- end }}
+{{- if include "switchboard.adminKeyKey" . }}
+- name: SWITCHBOARD_ADMIN_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "switchboard.secretName" . }}
+      key: {{ include "switchboard.adminKeyKey" . }}
+{{- end }}
+- name: SWITCHBOARD_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
 {{- end }}
 
 {{/* A flat map as TOML. Hand-written because Helm reads every YAML number
@@ -168,7 +180,7 @@ for integer settings. */}}
 
 {{/* Edge settings the chart writes itself; edge.settings may not repeat them. */}}
 {{- define "switchboard.chartOwnedEdgeKeys" -}}
-listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitter_max_ms jwt_secret jwt_public_key_file api_key tls_cert_file tls_key_file nats redis presence_ttl_ms history_max_messages history_max_age_ms max_payload_bytes log dev event_tap event_tap_stream event_tap_max_age_secs event_tap_max_bytes event_tap_replicas
+listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitter_max_ms jwt_secret jwt_public_key_file api_key admin_key log_format tls_cert_file tls_key_file nats redis presence_ttl_ms history_max_messages history_max_age_ms max_payload_bytes log dev event_tap event_tap_stream event_tap_max_age_secs event_tap_max_bytes event_tap_replicas
 {{- end }}
 
 {{/* The edge's TOML file: chart-derived settings, then edge.settings. */}}
@@ -200,8 +212,14 @@ listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitt
 {{/* Fails the render on a configuration that cannot work. */}}
 {{- define "switchboard.validate" -}}
 {{- $a := .Values.auth }}
-{{- if and $a.existingSecret (or $a.jwtSecret $a.jwtPublicKey $a.apiKey) }}
-{{- fail "auth: set either auth.existingSecret (with auth.existingSecretKeys) or the inline auth.jwtSecret/jwtPublicKey/apiKey, not both" }}
+{{- if and $a.existingSecret (or $a.jwtSecret $a.jwtPublicKey $a.apiKey $a.adminKey) }}
+{{- fail "auth: set either auth.existingSecret (with auth.existingSecretKeys) or the inline auth.jwtSecret/jwtPublicKey/apiKey/adminKey, not both" }}
+{{- end }}
+{{- if and $a.adminKey (eq $a.adminKey $a.apiKey) }}
+{{- fail "auth.adminKey: must differ from auth.apiKey (docs/adr/0037)" }}
+{{- end }}
+{{- if not (has (toString .Values.logFormat) (list "text" "json")) }}
+{{- fail (printf "logFormat: expected text or json, not %q" (toString .Values.logFormat)) }}
 {{- end }}
 {{- if not (or (include "switchboard.jwtSecretKey" .) (include "switchboard.jwtPublicKeyKey" .)) }}
 {{- fail "auth: no JWT key configured. Set auth.jwtSecret (HS256) or auth.jwtPublicKey (RS256/ES256 PEM), or auth.existingSecret with auth.existingSecretKeys.jwtSecret or .jwtPublicKey" }}

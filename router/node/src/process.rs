@@ -64,7 +64,8 @@ where
     code
 }
 
-/// Logging to stdout (as before: the text format's lines too) with the filter `log` in `format`. JSON lines carry
+/// Logging to stderr (as docs/operations.md always said; stdout stays
+/// empty) with the filter `log` in `format`. JSON lines carry
 /// the stable fields `timestamp` (RFC 3339, UTC), `level`, `target`,
 /// `message`, the event's own fields beside them, and `span` / `spans`
 /// (the current span and its parents, each with its fields) where the
@@ -72,7 +73,9 @@ where
 pub fn init_logging(log: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
