@@ -16,12 +16,15 @@ COPY . .
 # protox compiles the .proto files in build.rs: no protoc in the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p switchboard-edge -p switchboard-router-server \
+    cargo build --release --locked -p switchboard-edge -p switchboard-router-server -p switchboard-node \
     && mkdir /out \
-    && cp target/release/switchboard-edge target/release/switchboard-router /out/
+    && cp target/release/switchboard-edge target/release/switchboard-router target/release/switchboard-ctl /out/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS router
 COPY --from=build /out/switchboard-router /usr/local/bin/switchboard-router
+# The operator's CLI: `kubectl exec deploy/<release>-router -- switchboard-ctl edges`
+# reaches this router on its default URL with the pod's SWITCHBOARD_ADMIN_KEY.
+COPY --from=build /out/switchboard-ctl /usr/local/bin/switchboard-ctl
 USER 65532:65532
 ENV SWITCHBOARD_ROUTER_LISTEN=0.0.0.0:8090
 EXPOSE 8090
