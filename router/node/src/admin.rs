@@ -447,7 +447,144 @@ fn last_of(query: &str) -> Result<u64, ApiError> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use bytes::Bytes;
+    use switchboard_presence::{MemoryMembers, MemoryPresence, Session};
+    use switchboard_router::{Bus, MemoryBus, MemoryHistory, Router, RouterLimits};
+
     use super::*;
+    use crate::api::{ApiBackends, PublishFields};
+
+    struct Solo(AtomicBool);
+
+    impl LocalEdge for Solo {
+        fn node(&self) -> &str {
+            "solo"
+        }
+        fn status(&self) -> EdgeStatus {
+            EdgeStatus {
+                node: "solo".into(),
+                version: "v".into(),
+                sockets: 3,
+                draining: self.0.load(Ordering::SeqCst),
+                deliveries_total: 0,
+                sent_frames_total: 0,
+            }
+        }
+        fn drain(&self) -> EdgeStatus {
+            self.0.store(true, Ordering::SeqCst);
+            self.status()
+        }
+    }
+
+    /// A standalone node's admin API on memory backends, and its API.
+    fn admin(key: Option<&str>) -> (Admin, Arc<Api>, Arc<dyn PresenceStore>) {
+        let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+        let history: Arc<dyn History> = Arc::new(MemoryHistory::new(Default::default()));
+        let presence: Arc<dyn PresenceStore> = Arc::new(MemoryPresence::new(30_000, 100));
+        let members: Arc<dyn MemberStore> = Arc::new(MemoryMembers::new());
+        let router = Arc::new(Router::new(
+            history.clone(),
+            bus.clone(),
+            presence.clone(),
+            RouterLimits {
+                max_payload_bytes: 100,
+            },
+        ));
+        let api = Arc::new(Api::new(
+            Some("publish-key".into()),
+            100,
+            ApiBackends {
+                publisher: router,
+                bus,
+                presence: presence.clone(),
+                history: history.clone(),
+                members: members.clone(),
+            },
+        ));
+        let admin = Admin::new(
+            key.map(str::to_owned),
+            AdminBackends {
+                api: api.clone(),
+                presence: presence.clone(),
+                history,
+                chats: Arc::new(StoreCounts(members)),
+                nats: None,
+                local: Some(Arc::new(Solo(AtomicBool::new(false)))),
+            },
+        );
+        (admin, api, presence)
+    }
+
+    #[test]
+    fn only_the_admin_key_opens_the_admin_api() {
+        let (on, _, _) = admin(Some("admin-key"));
+        assert_eq!(on.authorize(Some("Bearer admin-key")), Ok(()));
+        for wrong in [None, Some("Bearer publish-key"), Some("admin-key")] {
+            let e = on.authorize(wrong).unwrap_err();
+            assert_eq!(e.code, ApiCode::Unauthorized, "{wrong:?}");
+        }
+        let (off, _, _) = admin(None);
+        let e = off.authorize(Some("Bearer admin-key")).unwrap_err();
+        assert_eq!(e.code, ApiCode::Disabled);
+        assert_eq!(e.message, "admin API disabled: set --admin-key");
+    }
+
+    #[tokio::test]
+    async fn a_standalone_node_answers_for_itself() {
+        let (admin, api, presence) = admin(Some("k"));
+        presence.node_heartbeat("solo", "addr", now_ms()).await.unwrap();
+        let session = Session {
+            user: UserId::parse("ann").unwrap(),
+            session_id: "solo-1".into(),
+            node: "solo".into(),
+        };
+        presence.register(&session, now_ms()).await.unwrap();
+        let edges = admin.edges().await.unwrap();
+        assert_eq!(edges.len(), 1);
+        assert_eq!(edges[0]["node"], "solo");
+        assert_eq!(edges[0]["addr"], "addr");
+        assert_eq!(edges[0]["sockets"], 3);
+        assert_eq!(edges[0]["reachable"], true);
+        let ann = admin.user("ann").await.unwrap();
+        assert_eq!(ann["devices"], 1);
+        assert_eq!(ann["edges"], json!(["solo"]));
+
+        for i in 0..5 {
+            api.publish(PublishFields {
+                chat: Some("c".into()),
+                client_msg_id: format!("m{i}"),
+                payload: Bytes::from_static(b"secret"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        let stream = StreamKey::Chat(ChatId::parse("c").unwrap());
+        let page = admin.stream(stream.clone(), 2).await.unwrap();
+        assert_eq!(page["seq"], 5);
+        let msgs = page["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[0]["seq"], 4);
+        assert_eq!(msgs[1]["client_msg_id"], "m4");
+        assert_eq!(msgs[1]["payload_bytes"], 6);
+        assert!(!page.to_string().contains("secret"), "{page}");
+        let e = admin.stream(stream, 1001).await.unwrap_err();
+        assert_eq!(e.code, ApiCode::BadRequest);
+
+        let chat = admin.chat("c").await.unwrap();
+        assert_eq!(chat, json!({"chat": "c", "members": 0, "online": null}));
+
+        let drained = admin.drain("solo").await.unwrap();
+        assert!(drained.draining);
+        let e = admin.drain("other").await.unwrap_err();
+        assert_eq!(e.code, ApiCode::Unavailable);
+        assert_eq!(
+            admin.drain("a.b").await.unwrap_err().code,
+            ApiCode::InvalidId
+        );
+    }
 
     #[test]
     fn last_is_read_from_the_query() {
