@@ -2,7 +2,9 @@
 //! real nats-server and redis-server. Every subcommand runs twice, for
 //! people and with `--json`, through the same library code as the binary
 //! (`switchboard_node::ctl`), over the admin API; the publish key and a
-//! wrong key are refused, and a node without an admin key has none.
+//! wrong key are refused, and a node without an admin key has none. The
+//! binary itself (this package's `system-ctl`, the shipped `main`) runs
+//! too, for its exit status, stdout and stderr.
 use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
@@ -14,6 +16,25 @@ use switchboard_testkit::Server;
 use crate::common::{cluster::*, *};
 
 const ADMIN_KEY: &str = "operator-admin-key";
+/// `switchboard_node::ctl::main`, as `switchboard-ctl` runs it.
+const CTL_BIN: &str = env!("CARGO_BIN_EXE_system-ctl");
+
+/// Runs the binary with the key in its environment: (exit code, stdout,
+/// stderr).
+async fn ctl_process(addr: SocketAddr, key: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = tokio::process::Command::new(CTL_BIN);
+    cmd.arg("--url")
+        .arg(format!("http://{addr}"))
+        .args(args)
+        .env("SWITCHBOARD_ADMIN_KEY", key)
+        .env_remove("SWITCHBOARD_CTL_URL");
+    let out = cmd.output().await.unwrap();
+    (
+        out.status.code(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
 
 struct Fleet {
     _nats: Server,
@@ -279,6 +300,19 @@ async fn the_admin_api_refuses_a_wrong_key_and_the_publish_key() {
         // The publish key's own helper: refused on the admin routes.
         assert_eq!(get(addr, "/admin/edges").await.0, 401);
     }
+    // The binary: the key from the environment, a table on stdout, exit 0;
+    // a wrong key: the reason on stderr, nothing on stdout, exit 1.
+    let (code, out, err) = ctl_process(router, ADMIN_KEY, &["edges"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("EDGE") && out.contains("edge-1"), "{out}");
+    let (code, out, err) = ctl_process(router, ADMIN_KEY, &["--json", "user", "alice"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let alice: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(alice["online"], false, "{out}");
+    let (code, out, err) = ctl_process(router, API_KEY, &["drain", "edge-0"]).await;
+    assert_eq!(code, Some(1));
+    assert_eq!(out, "");
+    assert_eq!(err, "switchboard-ctl: 401: missing or wrong API key\n");
     // Nothing was drained by the refused requests.
     let edges = ctl_json(router, &["edges"]).await;
     assert_eq!(edge(&edges, "edge-0")["draining"], false, "{edges}");

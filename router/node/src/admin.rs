@@ -534,7 +534,10 @@ mod tests {
     #[tokio::test]
     async fn a_standalone_node_answers_for_itself() {
         let (admin, api, presence) = admin(Some("k"));
-        presence.node_heartbeat("solo", "addr", now_ms()).await.unwrap();
+        presence
+            .node_heartbeat("solo", "addr", now_ms())
+            .await
+            .unwrap();
         let session = Session {
             user: UserId::parse("ann").unwrap(),
             session_id: "solo-1".into(),
