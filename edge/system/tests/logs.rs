@@ -95,6 +95,18 @@ async fn json_logs_parse_line_by_line_and_hold_no_secret() {
         401
     );
     let _ = alice.until_close().await;
+    // Counted, by call and result (the metrics hold no key either).
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    for series in [
+        r#"switchboard_admin_requests_total{call="kick",result="ok"} 1"#,
+        r#"switchboard_admin_requests_total{call="edges",result="ok"} 1"#,
+        r#"switchboard_admin_requests_total{call="edges",result="unauthorized"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == series),
+            "{series} not on /metrics"
+        );
+    }
 
     // A drain on SIGTERM, logged to the end.
     let _bob = Raw::connected_addr(addr, "bob").await;
@@ -218,4 +230,35 @@ async fn a_routers_json_logs_parse_line_by_line_and_hold_no_key() {
     for secret in [API_KEY, ADMIN_KEY, WRONG_KEY] {
         assert!(!text.contains(secret), "{secret:?} logged: {text}");
     }
+}
+
+/// A failure after logging began is a JSON line too (the port is taken).
+#[tokio::test]
+async fn a_failure_to_start_is_a_json_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let out = Command::new(EDGE_BIN)
+        .args(["--log-format", "json"])
+        .env("SWITCHBOARD_LISTEN", addr.to_string())
+        .env("SWITCHBOARD_JWT_SECRET", SECRET)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let last = lines.last().expect("a line");
+    assert_eq!(last["level"], "ERROR", "{text}");
+    assert_eq!(last["process"], "switchboard-edge", "{text}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("cannot listen on {addr}")),
+        "{text}"
+    );
+    assert!(!text.contains(SECRET));
 }

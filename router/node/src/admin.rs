@@ -378,15 +378,26 @@ struct KickBody {
     session: Option<String>,
 }
 
-/// Answers an admin route: the key check, then the call.
-pub async fn route(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
-    let authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    if let Err(e) = admin.authorize(authorization) {
-        return http::refused(&e);
+/// The admin calls, as the `call` label of
+/// `switchboard_admin_requests_total` (`other`: no such route).
+pub(crate) const CALLS: [&str; 7] = ["edges", "drain", "user", "stream", "chat", "kick", "other"];
+
+/// The call a request names (a bounded label).
+fn call_of(method: &Method, parts: &[&str]) -> &'static str {
+    match (method, parts) {
+        (&Method::GET, ["edges"]) => "edges",
+        (&Method::POST, ["edges", _, "drain"]) => "drain",
+        (&Method::GET, ["users", _]) => "user",
+        (&Method::GET, ["streams", _, _]) => "stream",
+        (&Method::GET, ["chats", _]) => "chat",
+        (&Method::POST, ["kick"]) => "kick",
+        _ => "other",
     }
+}
+
+/// Answers an admin route: the key check, then the call; counted in
+/// `switchboard_admin_requests_total{call, result}`.
+pub async fn route(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -395,6 +406,19 @@ pub async fn route(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
         .split('/')
         .filter(|p| !p.is_empty())
         .collect();
+    let call = call_of(&method, &parts);
+    let count = |result: &'static str| {
+        metrics::counter!("switchboard_admin_requests_total", "call" => call, "result" => result)
+            .increment(1);
+    };
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = admin.authorize(authorization) {
+        count(e.code.label());
+        return http::refused(&e);
+    }
     let result = match (&method, parts.as_slice()) {
         (&Method::GET, ["edges"]) => admin.edges().await.map(|e| json!({ "edges": e })),
         (&Method::POST, ["edges", edge, "drain"]) => admin.drain(edge).await.map(|s| json!(s)),
@@ -414,11 +438,20 @@ pub async fn route(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
             },
             None => Err(ApiError::new(ApiCode::TooLarge, "body over 4096 bytes")),
         },
-        _ => return http::api_error(StatusCode::NOT_FOUND, "no such admin route"),
+        _ => {
+            count("not_found");
+            return http::api_error(StatusCode::NOT_FOUND, "no such admin route");
+        }
     };
     match result {
-        Ok(v) => http::json(StatusCode::OK, v),
-        Err(e) => http::refused(&e),
+        Ok(v) => {
+            count("ok");
+            http::json(StatusCode::OK, v)
+        }
+        Err(e) => {
+            count(e.code.label());
+            http::refused(&e)
+        }
     }
 }
 

@@ -116,6 +116,12 @@ pub fn register_api_series() {
             }
         }
     }
+    for call in crate::admin::CALLS {
+        for result in ["ok", ApiCode::Unauthorized.label()] {
+            counter!("switchboard_admin_requests_total", "call" => call, "result" => result)
+                .increment(0);
+        }
+    }
     // Both edges and routers talk to Redis through `RedisConn`.
     counter!("switchboard_redis_transaction_redirects_total").increment(0);
     counter!("switchboard_redis_cluster_reconnects_total").increment(0);
