@@ -115,6 +115,9 @@ pub enum CtlError {
     /// The node could not be reached or answered garbage.
     #[error("{0}")]
     Transport(String),
+    /// A bad argument, refused before asking.
+    #[error("{0}")]
+    Usage(String),
     /// Writing the output failed.
     #[error("output: {0}")]
     Output(#[from] std::io::Error),
@@ -154,7 +157,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write, clear: bool) -> Result<(), CtlEr
             edges_table(out, &v)
         }
         Command::User { user } => {
-            let v = client.get(&format!("/admin/users/{user}")).await?;
+            let v = client.get(&format!("/admin/users/{}", id(user)?)).await?;
             if cli.json {
                 return line(out, &v);
             }
@@ -175,8 +178,8 @@ pub async fn run(cli: Cli, out: &mut dyn Write, clear: bool) -> Result<(), CtlEr
         }
         Command::Stream { chat, user, last } => {
             let path = match (chat, user) {
-                (Some(c), _) => format!("/admin/streams/chat/{c}?last={last}"),
-                (None, Some(u)) => format!("/admin/streams/user/{u}?last={last}"),
+                (Some(c), _) => format!("/admin/streams/chat/{}?last={last}", id(c)?),
+                (None, Some(u)) => format!("/admin/streams/user/{}?last={last}", id(u)?),
                 (None, None) => unreachable!("clap requires --chat or --user"),
             };
             let v = client.get(&path).await?;
@@ -209,7 +212,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write, clear: bool) -> Result<(), CtlEr
             )
         }
         Command::Chat { chat } => {
-            let v = client.get(&format!("/admin/chats/{chat}")).await?;
+            let v = client.get(&format!("/admin/chats/{}", id(chat)?)).await?;
             if cli.json {
                 return line(out, &v);
             }
@@ -237,7 +240,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write, clear: bool) -> Result<(), CtlEr
         }
         Command::Drain { edge } => {
             let v = client
-                .post(&format!("/admin/edges/{edge}/drain"), &json!({}))
+                .post(&format!("/admin/edges/{}/drain", id(edge)?), &json!({}))
                 .await?;
             if cli.json {
                 return line(out, &v);
@@ -259,6 +262,14 @@ pub async fn run(cli: Cli, out: &mut dyn Write, clear: bool) -> Result<(), CtlEr
             top(&client, out, cli.json, clear, *interval_ms, iterations).await
         }
     }
+}
+
+/// `text` if it is a valid id (user, chat and node ids share the rules),
+/// so it can go into a path as it is.
+fn id(text: &str) -> Result<&str, CtlError> {
+    switchboard_protocol::UserId::parse(text)
+        .map(|_| text)
+        .map_err(|e| CtlError::Usage(format!("{text:?}: {e}")))
 }
 
 /// Refreshes the per-edge view every `interval_ms`, `iterations` times
@@ -582,6 +593,14 @@ mod tests {
             parse_answer(b"garbage"),
             Err(CtlError::Transport(_))
         ));
+    }
+
+    #[test]
+    fn ids_are_checked_before_they_go_into_a_path() {
+        assert_eq!(id("alice").unwrap(), "alice");
+        for bad in ["a b", "a/b", "", "a.b"] {
+            assert!(matches!(id(bad), Err(CtlError::Usage(_))), "{bad:?}");
+        }
     }
 
     #[test]
