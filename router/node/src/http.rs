@@ -91,6 +91,23 @@ pub fn refusal(api_key: Option<&str>, headers: &HeaderMap, api: &str) -> Option<
         .map(|e| refused(&e))
 }
 
+/// The percent-decoded value of `name` in a query string (`a=1&b=x%3Ay`),
+/// the first if it repeats. Names are compared as sent (after decoding).
+/// A `+` stays a `+`: ids may contain it (protocol.md, "Ids"), and no id
+/// holds a space. Bytes that do not decode to UTF-8 become U+FFFD, which
+/// no id accepts.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| percent_encoding::percent_decode_str(k).decode_utf8_lossy() == name)
+        .map(|(_, v)| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+}
+
 /// The `authorization` header's value, if it is text.
 fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -334,4 +351,23 @@ pub async fn history(req: Request<Incoming>, api: &Api) -> Response<Body> {
         }))
     };
     answer(Op::History, result.await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_param;
+
+    #[test]
+    fn query_params_are_percent_decoded_and_plus_stays() {
+        let q = "limit=5&after=team%3A42&user=a+b&x";
+        assert_eq!(query_param(q, "after").as_deref(), Some("team:42"));
+        assert_eq!(query_param(q, "limit").as_deref(), Some("5"));
+        assert_eq!(query_param(q, "user").as_deref(), Some("a+b"));
+        assert_eq!(query_param(q, "x"), None);
+        assert_eq!(query_param(q, "missing"), None);
+        // Not UTF-8: replaced, so no id parser accepts it.
+        assert_eq!(query_param("user=%FF", "user").as_deref(), Some("\u{fffd}"));
+        // A dangling escape stays as sent.
+        assert_eq!(query_param("user=a%4", "user").as_deref(), Some("a%4"));
+    }
 }
