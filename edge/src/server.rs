@@ -220,6 +220,7 @@ fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
         sub: user.clone(),
         exp,
         nbf: None,
+        iat: Some(jsonwebtoken::get_current_timestamp()),
         aud: None,
         iss: None,
         chats: None,
@@ -233,4 +234,3 @@ fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
         None => api_error(StatusCode::NOT_FOUND, "dev tokens need an HS256 secret"),
     }
 }
-

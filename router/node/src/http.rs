@@ -243,10 +243,15 @@ struct KickBody {
     user: String,
     /// One session (`connectResult.sessionId`); absent: every session.
     session: Option<String>,
+    /// Also revoke the user's tokens issued until now, for this long
+    /// (ADR 0039); absent: a kick only.
+    revoke_secs: Option<u64>,
 }
 
-/// `POST /api/kick {"user", "session"?}`: closes the user's sockets (or one
-/// session) on every edge with 4503, through presence like a DM.
+/// `POST /api/kick {"user", "session"?, "revoke_secs"?}`: closes the
+/// user's sockets (or one session) on every edge with 4503, through
+/// presence like a DM; with `revoke_secs`, first revokes the user's
+/// tokens issued until now.
 pub async fn kick(req: Request<Incoming>, api: &Api) -> Response<Body> {
     let body = match checked_body(req, api, Op::Kick, 4096).await {
         Ok(b) => b,
@@ -255,8 +260,16 @@ pub async fn kick(req: Request<Incoming>, api: &Api) -> Response<Body> {
     let result = async {
         let k: KickBody = parse(&body)?;
         let (user, session) = Api::kick_request(&k.user, k.session.as_deref())?;
+        let revoked_until = match k.revoke_secs {
+            Some(secs) => Some(api.revoke(&user, secs).await?),
+            None => None,
+        };
         let edges = api.kick(&user, session).await?;
-        Ok(json!({"user": user.as_str(), "edges": edges}))
+        let mut answer = json!({"user": user.as_str(), "edges": edges});
+        if let Some(until) = revoked_until {
+            answer["revoked_until_ms"] = json!(until);
+        }
+        Ok(answer)
     };
     answer(Op::Kick, result.await)
 }
