@@ -20,6 +20,7 @@ mod k6;
 mod limits;
 mod operate;
 mod redis_modes;
+mod scenarios;
 mod stall;
 mod stop;
 mod tap;
