@@ -13,6 +13,7 @@ mod cluster;
 mod deflate;
 mod drain;
 mod failover;
+mod fuzz;
 mod grpc;
 mod hooks;
 mod http;
