@@ -207,7 +207,7 @@ async fn chat_platform_auth_service_tokens_deliver_chat_and_friend_requests_to_t
     )
     .await;
     let d = bob.deliveries(1).await;
-    assert_eq!(texts(&d), [request.clone()]);
+    assert_eq!(texts(&d), [request]);
     assert_eq!(
         (d[0]["user"].as_str(), d[0]["sender"].as_str()),
         (Some("bob"), Some("friends"))
