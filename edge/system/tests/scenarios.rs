@@ -745,3 +745,77 @@ async fn high_load_messenger_dms_groups_channels_receipts_push_and_two_accounts_
     assert!(r.get("pong").is_some(), "{r}");
     c.shutdown().await;
 }
+
+/// Revocation on a standalone edge (the in-memory store) and over the
+/// gRPC API: the same kick with `revoke_secs` keeps the user out, `0` is a
+/// plain kick, and a duration out of range is refused before anything
+/// is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standalone_edge_revokes_over_grpc_and_refuses_a_bad_revocation() {
+    use switchboard_protocol::api::v1::{self as pb, switchboard_client::SwitchboardClient};
+    let mut cfg = config();
+    cfg.api_key = Some(API_KEY.into());
+    cfg.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
+    let edge = start(cfg).await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", edge.grpc_addr().unwrap()))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut api = SwitchboardClient::with_interceptor(channel, |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {API_KEY}").parse().unwrap(),
+        );
+        Ok(req)
+    });
+
+    for bad in [json!(0), json!(30 * 24 * 3600 + 1), json!(-1)] {
+        let (status, body) = post(
+            edge.addr(),
+            "/api/kick",
+            &json!({"user": "mallory", "revoke_secs": bad}),
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    let mut mallory = Raw::connected(&edge, "mallory").await;
+    let mut sam = Raw::connected(&edge, "sam").await;
+    // revoke_secs 0 over gRPC: a plain kick; sam comes straight back.
+    let kicked = api
+        .kick(pb::KickRequest {
+            user: "sam".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((kicked.edges, kicked.revoked_until_ms), (1, 0));
+    assert_eq!(sam.until_close().await.0, Some(4503));
+    Raw::connected(&edge, "sam").await;
+    // With revoke_secs: kicked, and kept out.
+    let kicked = api
+        .kick(pb::KickRequest {
+            user: "mallory".into(),
+            revoke_secs: 60,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        kicked.revoked_until_ms > now_secs() as i64 * 1000,
+        "{kicked:?}"
+    );
+    assert_eq!(mallory.until_close().await.0, Some(4503));
+    let (mut raw, reply) = login(&edge, &token("mallory")).await;
+    assert_eq!(reply["error"]["message"], "token revoked", "{reply}");
+    assert_eq!(raw.until_close().await.0, Some(4501));
+    let metrics = http_get(edge.addr(), "/metrics").await.1;
+    assert!(
+        metrics.contains("switchboard_edge_auth_failures_total{reason=\"revoked\"} 1"),
+        "counted"
+    );
+    edge.shutdown().await;
+}
