@@ -509,8 +509,13 @@ async fn storage_notifications_reach_all_of_the_owners_devices_and_nobody_else()
     c.shutdown().await;
 }
 
-/// Push jobs queued for `users` on the JetStream push stream (`sb.push.<user>`).
-async fn push_jobs(nats: &switchboard_testkit::Server, users: &[&str]) -> HashMap<String, usize> {
+/// Push jobs queued per user on the JetStream push stream
+/// (`sb.push.<user>`), once each of `want` has at least its count (or
+/// after 5 s, as they are then).
+async fn push_jobs(
+    nats: &switchboard_testkit::Server,
+    want: &[(&str, usize)],
+) -> HashMap<String, usize> {
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let stream = js
         .get_stream(switchboard_router::PUSH_STREAM)
@@ -524,7 +529,10 @@ async fn push_jobs(nats: &switchboard_testkit::Server, users: &[&str]) -> HashMa
             let (subject, n) = item.unwrap();
             jobs.insert(subject.trim_start_matches("sb.push.").to_owned(), n);
         }
-        if users.iter().all(|u| jobs.contains_key(*u)) {
+        if want
+            .iter()
+            .all(|(u, n)| jobs.get(*u).is_some_and(|got| got >= n))
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -677,7 +685,7 @@ async fn high_load_messenger_dms_groups_channels_receipts_push_and_two_accounts_
     // Offline users get push jobs: dave and erin for the post (members,
     // offline), erin once more for a DM; nobody who was online.
     publish(&mut group[2], json!({"user": "erin"}), "dm-erin", "ping me").await;
-    let jobs = push_jobs(&c.nats, &["dave", "erin"]).await;
+    let jobs = push_jobs(&c.nats, &[("dave", 1), ("erin", 2)]).await;
     assert_eq!(
         (jobs.get("dave"), jobs.get("erin")),
         (Some(&1), Some(&2)),
