@@ -18,6 +18,11 @@ pub struct Claims {
     /// Not before, unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    /// Issued at, unix seconds: a token issued before its user's
+    /// revocation (or without `iat`) is refused while the revocation
+    /// lasts (ADR 0039).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     /// Audience.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
@@ -76,6 +81,8 @@ pub struct Identity {
     pub user: UserId,
     /// Expiry, unix ms.
     pub expires_at_ms: i64,
+    /// Issue time (`iat`), unix ms; `None` without the claim.
+    pub issued_at_ms: Option<i64>,
     /// Chats the token grants outright (`chats` claim); `None`: none, the
     /// chat authorization mode decides every chat.
     pub chats: Option<Arc<[ChatId]>>,
@@ -85,6 +92,12 @@ impl Identity {
     /// Whether the token's `chats` claim grants `chat`.
     pub fn grants(&self, chat: &ChatId) -> bool {
         self.chats.as_ref().is_some_and(|list| list.contains(chat))
+    }
+
+    /// Whether a revocation of tokens issued before `before_ms` covers
+    /// this one: issued before it, or with no `iat` to tell (ADR 0039).
+    pub fn revoked_by(&self, before_ms: i64) -> bool {
+        self.issued_at_ms.is_none_or(|iat| iat < before_ms)
     }
 }
 
@@ -118,6 +131,10 @@ pub enum AuthError {
     /// A refresh token names another user.
     #[error("token is for another user")]
     OtherUser,
+    /// The user's tokens issued before a time were revoked (kick with
+    /// `revoke_secs`, ADR 0039); a token issued since is needed.
+    #[error("token revoked")]
+    Revoked,
     /// The edge has no key configured.
     #[error("no token key configured: set --jwt-secret or --jwt-public-key-file")]
     NoKey,
@@ -147,6 +164,7 @@ impl AuthError {
             AuthError::WrongAudienceOrIssuer => "audience_or_issuer",
             AuthError::Subject(_) => "subject",
             AuthError::OtherUser => "other_user",
+            AuthError::Revoked => "revoked",
             AuthError::NoKey | AuthError::BadKey(_) => "config",
         }
     }
@@ -230,6 +248,9 @@ impl AuthConfig {
         Ok(Identity {
             user,
             expires_at_ms: expires_ms(claims.exp)?,
+            issued_at_ms: claims
+                .iat
+                .map(|s| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX)),
             chats,
         })
     }
@@ -343,12 +364,27 @@ mod tests {
         jsonwebtoken::get_current_timestamp()
     }
 
+    #[test]
+    fn a_revocation_covers_tokens_issued_before_it_or_without_iat() {
+        let mut c = claims("mallory", now() + 60);
+        let no_iat = cfg().verify(&cfg().mint_hs256(&c).unwrap()).unwrap();
+        assert_eq!(no_iat.issued_at_ms, None);
+        assert!(no_iat.revoked_by(0));
+        c.iat = Some(1_000);
+        let id = cfg().verify(&cfg().mint_hs256(&c).unwrap()).unwrap();
+        assert_eq!(id.issued_at_ms, Some(1_000_000));
+        assert!(id.revoked_by(1_000_001));
+        assert!(!id.revoked_by(1_000_000), "issued at the mark: after it");
+        assert_eq!(AuthError::Revoked.code(), ErrorCode::Unauthorized);
+    }
+
     fn cfg() -> AuthConfig {
         AuthConfig::new(Some(b"secret".to_vec()), None, None, None, 0).unwrap()
     }
 
     fn claims(sub: &str, exp: u64) -> Claims {
         Claims {
+            iat: None,
             sub: sub.into(),
             exp,
             nbf: None,

@@ -21,6 +21,8 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use switchboard_presence::{MemberStore, PresenceError};
 use switchboard_protocol::{ChatId, UserId, v1::ErrorCode};
 
+use crate::auth::{AuthError, Identity};
+
 /// How chats not granted by a token are decided (`--chat-auth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -340,6 +342,20 @@ impl ChatAuth {
                     "authorization hook unavailable".into(),
                 ))
             }
+        }
+    }
+
+    /// Whether `identity`'s token still stands: refused with 401 when its
+    /// user's tokens issued before it were revoked (ADR 0039), 503 when
+    /// the store cannot tell (fail closed, as for membership).
+    pub(crate) async fn check_revoked(&self, identity: &Identity) -> Result<(), Denied> {
+        match self.members.revoked_before(&identity.user).await {
+            Ok(Some(before)) if identity.revoked_by(before) => Err(Denied(
+                ErrorCode::Unauthorized,
+                AuthError::Revoked.to_string(),
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(Denied(ErrorCode::Unavailable, format!("revocations: {e}"))),
         }
     }
 

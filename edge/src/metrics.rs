@@ -175,6 +175,7 @@ pub(crate) const AUTH_FAILURE_REASONS: &[&str] = &[
     "audience_or_issuer",
     "subject",
     "other_user",
+    "revoked",
     "config",
 ];
 pub(crate) const UPGRADE_REJECT_REASONS: &[&str] = &[

@@ -215,12 +215,7 @@ fn retry_later(why: &str) -> Response<Body> {
 }
 
 fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
-    let user = query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "user")
-        .map(|(_, v)| percent_decode(v))
-        .unwrap_or_default();
+    let user = http::query_param(query, "user").unwrap_or_default();
     if let Err(e) = UserId::parse(&user) {
         return api_error(StatusCode::UNPROCESSABLE_ENTITY, e);
     }
@@ -229,6 +224,7 @@ fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
         sub: user.clone(),
         exp,
         nbf: None,
+        iat: Some(jsonwebtoken::get_current_timestamp()),
         aud: None,
         iss: None,
         chats: None,
@@ -241,27 +237,4 @@ fn dev_token(state: &EdgeState, query: &str) -> Response<Body> {
         ),
         None => api_error(StatusCode::NOT_FOUND, "dev tokens need an HS256 secret"),
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -60,7 +60,7 @@ PROCESS_METRICS = {
     "process_threads",
     "process_start_time_seconds",
 }
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "HTTPRoute"}
 
 try:
     import helm_python as helm
@@ -178,6 +178,41 @@ VARIANTS: dict[str, dict] = {
     ),
     # The event tap (ADR 0032): edge TOML keys and router env the binaries know.
     "event-tap": merge(DEFAULTS, {"cluster": {"eventTap": {"enabled": True, "replicas": 3}}}),
+    # Everything optional around the pods: Ingress and Gateway API route with
+    # WebSocket timeouts, NetworkPolicies (egress too), a ServiceAccount.
+    "exposure": merge(
+        DEFAULTS,
+        {
+            "edge": {
+                "ingress": {
+                    "enabled": True,
+                    "className": "nginx",
+                    "tls": [{"hosts": ["chat.example.com"], "secretName": "chat-tls"}],
+                },
+                "httpRoute": {
+                    "enabled": True,
+                    "parentRefs": [{"name": "public", "namespace": "gateways", "sectionName": "https"}],
+                    "hostnames": ["chat.example.com"],
+                },
+            },
+            "networkPolicy": {
+                "enabled": True,
+                "apiFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "backend"}}}],
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                "egress": {"enabled": True, "extra": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 443}]}]},
+            },
+            "serviceAccount": {"create": True, "annotations": {"example.com/role": "switchboard"}},
+        },
+    ),
+    # An existing ServiceAccount, a TLS edge behind the Ingress, ingress-only policies.
+    "exposure-existing-sa": merge(
+        DEFAULTS,
+        {
+            "edge": {"ingress": {"enabled": True}, "tls": {"enabled": True, "secretName": "edge-tls"}},
+            "networkPolicy": {"enabled": True},
+            "serviceAccount": {"name": "switchboard-runner"},
+        },
+    ),
 }
 # The Redis URL each variant must give edges and routers alike ($(REDIS_PASSWORD) is expanded by Kubernetes).
 REDIS_URLS = {
@@ -224,6 +259,14 @@ MUST_FAIL: dict[str, tuple[dict, str]] = {
     ),
     "dev mode": (merge(DEFAULTS, {"edge": {"settings": {"dev": True}}}), "edge.settings.dev"),
     "TLS without a Secret": (merge(DEFAULTS, {"edge": {"tls": {"enabled": True}}}), "edge.tls.secretName"),
+    "HTTPRoute without a Gateway": (
+        merge(DEFAULTS, {"edge": {"httpRoute": {"enabled": True}}}),
+        "edge.httpRoute.parentRefs",
+    ),
+    "Ingress that cuts quiet sockets": (
+        merge(DEFAULTS, {"edge": {"ingress": {"enabled": True, "webSocketTimeoutSeconds": 30}}}),
+        "edge.ingress.webSocketTimeoutSeconds",
+    ),
 }
 
 
@@ -417,6 +460,36 @@ def check_service_monitor(p: Problems, where: str, sm: dict, services: list[dict
     return job
 
 
+def check_http_route(p: Problems, where: str, route: dict, services: list[dict]) -> None:
+    """Gateway API v1 HTTPRoute (no schema in kubernetes-validate): the fields
+    the chart sets, and a backend that is a rendered Service port."""
+    p.check(route.get("apiVersion") == "gateway.networking.k8s.io/v1", where, "apiVersion must be gateway.networking.k8s.io/v1")
+    spec = route.get("spec", {})
+    p.check(set(spec) <= {"parentRefs", "hostnames", "rules"}, where, f"unknown spec fields {sorted(set(spec))}")
+    p.check(
+        bool(spec.get("parentRefs")) and all(isinstance(r, dict) and r.get("name") for r in spec["parentRefs"]),
+        where,
+        "parentRefs need a name each",
+    )
+    for rule in spec.get("rules") or []:
+        p.check(set(rule) <= {"matches", "timeouts", "backendRefs", "filters"}, where, f"unknown rule fields {sorted(rule)}")
+        for m in rule.get("matches", []):
+            path = m.get("path", {})
+            p.check(path.get("type") in ("PathPrefix", "Exact", "RegularExpression"), where, f"path type {path.get('type')!r}")
+            p.check(str(path.get("value", "")).startswith("/"), where, f"path {path.get('value')!r} must start with /")
+        for key, value in (rule.get("timeouts") or {}).items():
+            p.check(key in ("request", "backendRequest"), where, f"unknown timeout {key}")
+            p.check(re.fullmatch(r"(\d+(h|m|s|ms))+", str(value)) is not None, where, f"timeout {value!r} is not a Gateway API duration")
+        for ref in rule.get("backendRefs") or []:
+            svc = next((s for s in services if s["metadata"]["name"] == ref.get("name")), None)
+            if p.check(svc is not None, where, f"backendRef {ref.get('name')} is not a rendered Service"):
+                p.check(
+                    ref.get("port") in [pt["port"] for pt in svc["spec"]["ports"]],
+                    where,
+                    f"backendRef port {ref.get('port')} is not a port of {kn(svc)}",
+                )
+
+
 ANCHORS: set[str] = set()
 
 
@@ -472,6 +545,8 @@ def validate(p: Problems, rendered: dict[str, list[dict]], metrics: set[str]) ->
                 jobs.add(check_service_monitor(p, where, obj, services))
             elif obj["kind"] == "PrometheusRule":
                 check_prometheus_rule(p, where, obj, metrics)
+            elif obj["kind"] == "HTTPRoute":
+                check_http_route(p, where, obj, services)
             else:
                 for v in KUBE_VERSIONS:
                     try:
@@ -796,6 +871,57 @@ def cross_checks(p: Problems, rendered: dict[str, list[dict]], metrics: set[str]
                 variant,
                 f"Redis URLs {urls}, want {REDIS_URLS[variant]} on both",
             )
+
+        # Ingress: routes to the edge Service's port, with WebSocket timeouts.
+        for ing in (o for o in objs if o["kind"] == "Ingress"):
+            where = f"{variant} {kn(ing)}"
+            edge_svc = next((o for o in objs if o["kind"] == "Service" and pod_matches(o["spec"]["selector"], edge)), None)
+            for rule in ing["spec"].get("rules", []):
+                for path in rule["http"]["paths"]:
+                    b = path["backend"]["service"]
+                    p.check(
+                        edge_svc is not None
+                        and b["name"] == edge_svc["metadata"]["name"]
+                        and b["port"].get("number") in [pt["port"] for pt in edge_svc["spec"]["ports"]],
+                        where,
+                        f"backend {b} is not the edge Service's port",
+                    )
+                    p.check(not path["path"].startswith("/api"), where, "the backend API must not be routed publicly")
+            ann = ing["metadata"].get("annotations", {})
+            for key in ("proxy-read-timeout", "proxy-send-timeout"):
+                value = ann.get(f"nginx.ingress.kubernetes.io/{key}")
+                p.check(str(value).isdigit() and int(value) >= 60, where, f"{key} {value!r}: sockets need >= 60 s")
+        # NetworkPolicies select one Deployment each and name its ports.
+        for np in (o for o in objs if o["kind"] == "NetworkPolicy"):
+            where = f"{variant} {kn(np)}"
+            matched = [d for d in deploys if pod_matches(np["spec"]["podSelector"].get("matchLabels", {}), d)]
+            if not p.check(len(matched) == 1, where, f"podSelector matches {len(matched)} Deployments, expected 1"):
+                continue
+            names = {pt.get("name") for pt in matched[0]["spec"]["template"]["spec"]["containers"][0].get("ports", [])}
+            for rule in np["spec"].get("ingress", []):
+                for pt in rule.get("ports", []):
+                    p.check(pt["port"] in names, where, f"ingress port {pt['port']!r} is not a container port {names}")
+            p.check(
+                any(pt["port"] == "http" for r in np["spec"].get("ingress", []) for pt in r.get("ports", [])),
+                where,
+                "probes and /metrics need the http port open",
+            )
+            if "Egress" in np["spec"].get("policyTypes", []):
+                ports = {pt.get("port") for r in np["spec"].get("egress", []) for pt in r.get("ports", [])}
+                p.check({53, 4222, 6379} <= ports, where, f"egress misses DNS, NATS or Redis: {ports}")
+        # Both Deployments run as the ServiceAccount named, without its token.
+        sa_name = merge(yaml.safe_load((CHART / "values.yaml").read_text()), VARIANTS[variant])["serviceAccount"]
+        for d in (edge, router):
+            pod = d["spec"]["template"]["spec"]
+            where = f"{variant} {kn(d)}"
+            p.check(pod.get("automountServiceAccountToken") is False, where, "no API token in the pods")
+            name = pod.get("serviceAccountName")
+            if sa_name["create"] or sa_name["name"]:
+                p.check(name is not None, where, "serviceAccountName not set")
+            if sa_name["create"]:
+                p.check(("ServiceAccount", name) in by_kind, where, f"ServiceAccount {name} is not rendered")
+            elif sa_name["name"]:
+                p.check(name == sa_name["name"], where, f"serviceAccountName {name!r}, want {sa_name['name']!r}")
 
         # The subchart wiring uses the upstream charts' Service names.
         if variant == "subcharts":

@@ -55,6 +55,14 @@ pub trait MemberStore: Send + Sync + 'static {
     ) -> Result<u64, PresenceError>;
     /// Whether `from` may message `user` directly (is one of its contacts).
     async fn is_contact(&self, user: &UserId, from: &UserId) -> Result<bool, PresenceError>;
+    /// Revokes `user`'s tokens issued before `before_ms` (unix ms) for
+    /// `ttl_ms`, which should cover the longest token lifetime (ADR 0039).
+    /// A later revocation replaces an earlier one.
+    async fn revoke(&self, user: &UserId, before_ms: i64, ttl_ms: u64)
+    -> Result<(), PresenceError>;
+    /// The live revocation of `user`: tokens issued before this unix ms
+    /// (or without `iat`) are refused.
+    async fn revoked_before(&self, user: &UserId) -> Result<Option<i64>, PresenceError>;
 }
 
 /// Membership in this process's memory (standalone). Bounded by what the
@@ -64,6 +72,8 @@ pub struct MemoryMembers {
     chats: DashMap<ChatId, HashSet<UserId>>,
     by_user: DashMap<UserId, BTreeSet<ChatId>>,
     contacts: DashMap<UserId, HashSet<UserId>>,
+    /// user → (revoked before, unix ms; until, unix ms).
+    revoked: DashMap<UserId, (i64, i64)>,
 }
 
 impl MemoryMembers {
@@ -156,6 +166,26 @@ impl MemberStore for MemoryMembers {
     async fn is_contact(&self, user: &UserId, from: &UserId) -> Result<bool, PresenceError> {
         Ok(self.contacts.get(user).is_some_and(|s| s.contains(from)))
     }
+
+    async fn revoke(
+        &self,
+        user: &UserId,
+        before_ms: i64,
+        ttl_ms: u64,
+    ) -> Result<(), PresenceError> {
+        let now = switchboard_protocol::now_ms();
+        // Expired marks go with each new one: the map holds live ones only,
+        // bounded by the revocations of one token lifetime.
+        self.revoked.retain(|_, (_, until)| *until > now);
+        let until = now.saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+        self.revoked.insert(user.clone(), (before_ms, until));
+        Ok(())
+    }
+
+    async fn revoked_before(&self, user: &UserId) -> Result<Option<i64>, PresenceError> {
+        let now = switchboard_protocol::now_ms();
+        Ok(self.revoked.get(user).filter(|e| e.1 > now).map(|e| e.0))
+    }
 }
 
 /// Membership in Redis (single, Cluster or Sentinel): every key of a chat
@@ -193,6 +223,12 @@ fn chats_key(user: &UserId) -> String {
 
 fn contacts_key(user: &UserId) -> String {
     format!("sb:{{user:{user}}}:contacts")
+}
+
+/// `user`'s revocation mark: the unix ms before which its tokens were
+/// issued, expiring with the mark (ADR 0039).
+fn revoked_key(user: &UserId) -> String {
+    format!("sb:{{user:{user}}}:revoked")
 }
 
 /// The bucket count disagrees with the one the data was written with.
@@ -422,6 +458,29 @@ impl MemberStore for RedisMembers {
             .query_async(&mut self.conn.clone())
             .await?)
     }
+
+    async fn revoke(
+        &self,
+        user: &UserId,
+        before_ms: i64,
+        ttl_ms: u64,
+    ) -> Result<(), PresenceError> {
+        let () = redis::cmd("SET")
+            .arg(revoked_key(user))
+            .arg(before_ms)
+            .arg("PX")
+            .arg(ttl_ms.max(1))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    async fn revoked_before(&self, user: &UserId) -> Result<Option<i64>, PresenceError> {
+        Ok(redis::cmd("GET")
+            .arg(revoked_key(user))
+            .query_async(&mut self.conn.clone())
+            .await?)
+    }
 }
 
 #[cfg(test)]
@@ -435,5 +494,25 @@ mod tests {
             .map(|i| bucket_of(&format!("user-{i}"), 64))
             .collect();
         assert_eq!(seen.len(), 64);
+    }
+
+    #[tokio::test]
+    async fn a_memory_revocation_lasts_its_ttl_and_the_latest_wins() {
+        let store = MemoryMembers::new();
+        let (mallory, bob) = (
+            UserId::parse("mallory").unwrap(),
+            UserId::parse("bob").unwrap(),
+        );
+        assert_eq!(store.revoked_before(&mallory).await.unwrap(), None);
+        store.revoke(&mallory, 1_000, 60_000).await.unwrap();
+        store.revoke(&mallory, 2_000, 60_000).await.unwrap();
+        assert_eq!(store.revoked_before(&mallory).await.unwrap(), Some(2_000));
+        assert_eq!(store.revoked_before(&bob).await.unwrap(), None);
+        // Expired: gone for the reader, and swept by the next revocation.
+        store.revoke(&bob, 3_000, 1).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert_eq!(store.revoked_before(&bob).await.unwrap(), None);
+        store.revoke(&mallory, 4_000, 60_000).await.unwrap();
+        assert_eq!(store.revoked.len(), 1);
     }
 }

@@ -1,12 +1,10 @@
 //! Raw bytes from a client socket into the edge's frame-at-a-time reader:
 //! never a panic, and never a payload over the message limit.
+//! The body is in `../targets.rs`, shared with the test suite's smoke run.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
-const MAX: usize = 4096;
+#[path = "../targets.rs"]
+mod targets;
 
-fuzz_target!(|data: &[u8]| {
-    for len in switchboard_edge::fuzzing::read_frames(data, MAX) {
-        assert!(len <= MAX, "a {len}-byte payload passed a {MAX}-byte limit");
-    }
-});
+fuzz_target!(|data: &[u8]| targets::frames(data));

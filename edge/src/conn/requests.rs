@@ -260,6 +260,19 @@ impl Session {
             self.refuse(id, Refusal(ErrorCode::Unavailable, e.to_string()));
             return Err(CloseReason::Unavailable);
         }
+        // After registering: a kick that revokes (ADR 0039) writes its mark
+        // before it looks the user up in presence, so either this read
+        // sees the mark or the kick sees this session.
+        if let Err(denied) = self.ctx.authz.check_revoked(&self.identity).await {
+            let reason = if denied.0 == ErrorCode::Unauthorized {
+                metrics::auth_failure(AuthError::Revoked.label());
+                CloseReason::Unauthorized
+            } else {
+                CloseReason::Unavailable
+            };
+            self.refuse(id, denied.into());
+            return Err(reason);
+        }
         let recovery = match self
             .ctx
             .history
@@ -322,7 +335,7 @@ impl Session {
                 );
                 Ok(())
             }
-            client_frame::Kind::Refresh(r) => self.refresh(id, &r.token),
+            client_frame::Kind::Refresh(r) => self.refresh(id, &r.token).await,
             client_frame::Kind::WatchPresence(w) => self.watch(id, w.users).await,
             client_frame::Kind::UnwatchPresence(w) => self.unwatch(id, w.users).await,
         };
@@ -619,7 +632,7 @@ impl Session {
         Ok(())
     }
 
-    fn refresh(&mut self, id: u32, token: &str) -> Result<(), Refusal> {
+    async fn refresh(&mut self, id: u32, token: &str) -> Result<(), Refusal> {
         let fresh = self
             .ctx
             .auth
@@ -629,6 +642,17 @@ impl Session {
             metrics::auth_failure(AuthError::OtherUser.label());
             return Err(AuthError::OtherUser.into());
         }
+        // A refresh is the periodic re-check of a live socket: a revoked
+        // token does not extend it (ADR 0039).
+        self.ctx
+            .authz
+            .check_revoked(&fresh)
+            .await
+            .inspect_err(|d| {
+                if d.0 == ErrorCode::Unauthorized {
+                    metrics::auth_failure(AuthError::Revoked.label());
+                }
+            })?;
         let expires = fresh.expires_at_ms;
         self.identity = fresh;
         self.conn.send(Outbound::TokenExpiry(expires));

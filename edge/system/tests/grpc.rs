@@ -214,6 +214,7 @@ async fn grpc_publish_batch_kick_presence_and_history_on_an_edge() {
         .kick(pb::KickRequest {
             user: "ivan".into(),
             session: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -421,6 +422,7 @@ async fn grpc_refuses_bad_input_like_http_and_changes_nothing() {
         let request = pb::KickRequest {
             user: user.into(),
             session: session.into(),
+            ..Default::default()
         };
         let e = api.kick(request).await.unwrap_err();
         let mut body = json!({"user": user});
@@ -551,6 +553,7 @@ async fn grpc_on_a_router_process() {
         .kick(pb::KickRequest {
             user: "rita".into(),
             session: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -559,6 +562,7 @@ async fn grpc_on_a_router_process() {
         .kick(pb::KickRequest {
             user: "rita".into(),
             session: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

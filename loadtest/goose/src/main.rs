@@ -3,7 +3,7 @@
 //!
 //! Run with (edge or router, API key set):
 //!   SWITCHBOARD_API_KEY=dev-key cargo run --release --manifest-path loadtest/goose/Cargo.toml -- \
-//!     --host http://127.0.0.1:18090 --users 20 --increase-rate 10 --run-time 30s
+//!     --host http://127.0.0.1:18070 --users 20 --increase-rate 10 --run-time 30s
 //!
 //! Each goose user is one backend: it posts to a chat of its own and to a
 //! personal stream, with client message ids unique per user and request,

@@ -408,6 +408,28 @@ impl Api {
         Ok((user, session.map(str::to_owned)))
     }
 
+    /// Revokes `user`'s tokens issued until now for `secs` seconds (1 to
+    /// [`MAX_REVOKE_SECS`]; cover the longest token lifetime): while the
+    /// mark lasts, edges refuse those tokens at connect and refresh with
+    /// 401 `token revoked`, and only a token issued later (`iat`) gets in
+    /// (ADR 0039). Call before [`Api::kick`], so a socket opening
+    /// meanwhile is either refused or found by the kick. Returns the unix
+    /// ms the mark lasts until.
+    pub async fn revoke(&self, user: &UserId, secs: u64) -> Result<i64, ApiError> {
+        if !(1..=MAX_REVOKE_SECS).contains(&secs) {
+            return Err(ApiError::bad_request(format_args!(
+                "revoke_secs is {secs}, it must be 1 to {MAX_REVOKE_SECS}"
+            )));
+        }
+        let now = switchboard_protocol::now_ms();
+        self.backends
+            .members
+            .revoke(user, now, secs * 1000)
+            .await
+            .map_err(|e| ApiError::new(ApiCode::Unavailable, e))?;
+        Ok(now + secs as i64 * 1000)
+    }
+
     /// Closes `user`'s sockets (or one session) on every edge holding one,
     /// with 4503 `kicked`: a revoked login, a banned account. Returns how
     /// many edges were told. The client is told not to reconnect by
@@ -564,6 +586,9 @@ pub(crate) fn count_refused_publish(e: &ApiError) {
     });
 }
 
+/// Longest revocation a kick may ask for (`revoke_secs`): 30 days.
+pub(crate) const MAX_REVOKE_SECS: u64 = 30 * 24 * 3600;
+
 /// The key check of the API named `api` (in messages: "publish", "members")
 /// behind `key` (`None`: the API is off), given the presented
 /// `authorization` value, `Bearer <key>`.
@@ -581,18 +606,17 @@ pub(crate) fn check_key(
     let presented = authorization
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !constant_time_eq(presented.as_bytes(), key.as_bytes()) {
+    // Constant time in the bytes compared; only the length may leak.
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(
+        presented.as_bytes(),
+        key.as_bytes(),
+    )) {
         return Err(ApiError::new(
             ApiCode::Unauthorized,
             "missing or wrong API key",
         ));
     }
     Ok(())
-}
-
-/// Compares secrets in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -523,9 +523,14 @@ impl Switchboard for ApiService {
         let session = Some(k.session.as_str()).filter(|s| !s.is_empty());
         let result = async {
             let (user, session) = Api::kick_request(&k.user, session)?;
+            let revoked_until_ms = match k.revoke_secs {
+                0 => 0,
+                secs => self.api.revoke(&user, secs).await?,
+            };
             let edges = self.api.kick(&user, session).await?;
             Ok(pb::KickResponse {
                 edges: edges as u32,
+                revoked_until_ms,
             })
         };
         answer(Op::Kick, result.await)

@@ -91,6 +91,23 @@ pub fn refusal(api_key: Option<&str>, headers: &HeaderMap, api: &str) -> Option<
         .map(|e| refused(&e))
 }
 
+/// The percent-decoded value of `name` in a query string (`a=1&b=x%3Ay`),
+/// the first if it repeats. Names are compared as sent (after decoding).
+/// A `+` stays a `+`: ids may contain it (protocol.md, "Ids"), and no id
+/// holds a space. Bytes that do not decode to UTF-8 become U+FFFD, which
+/// no id accepts.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| percent_encoding::percent_decode_str(k).decode_utf8_lossy() == name)
+        .map(|(_, v)| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+}
+
 /// The `authorization` header's value, if it is text.
 fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -226,10 +243,15 @@ struct KickBody {
     user: String,
     /// One session (`connectResult.sessionId`); absent: every session.
     session: Option<String>,
+    /// Also revoke the user's tokens issued until now, for this long
+    /// (ADR 0039); absent: a kick only.
+    revoke_secs: Option<u64>,
 }
 
-/// `POST /api/kick {"user", "session"?}`: closes the user's sockets (or one
-/// session) on every edge with 4503, through presence like a DM.
+/// `POST /api/kick {"user", "session"?, "revoke_secs"?}`: closes the
+/// user's sockets (or one session) on every edge with 4503, through
+/// presence like a DM; with `revoke_secs`, first revokes the user's
+/// tokens issued until now.
 pub async fn kick(req: Request<Incoming>, api: &Api) -> Response<Body> {
     let body = match checked_body(req, api, Op::Kick, 4096).await {
         Ok(b) => b,
@@ -238,8 +260,16 @@ pub async fn kick(req: Request<Incoming>, api: &Api) -> Response<Body> {
     let result = async {
         let k: KickBody = parse(&body)?;
         let (user, session) = Api::kick_request(&k.user, k.session.as_deref())?;
+        let revoked_until = match k.revoke_secs {
+            Some(secs) => Some(api.revoke(&user, secs).await?),
+            None => None,
+        };
         let edges = api.kick(&user, session).await?;
-        Ok(json!({"user": user.as_str(), "edges": edges}))
+        let mut answer = json!({"user": user.as_str(), "edges": edges});
+        if let Some(until) = revoked_until {
+            answer["revoked_until_ms"] = json!(until);
+        }
+        Ok(answer)
     };
     answer(Op::Kick, result.await)
 }
@@ -334,4 +364,23 @@ pub async fn history(req: Request<Incoming>, api: &Api) -> Response<Body> {
         }))
     };
     answer(Op::History, result.await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_param;
+
+    #[test]
+    fn query_params_are_percent_decoded_and_plus_stays() {
+        let q = "limit=5&after=team%3A42&user=a+b&x";
+        assert_eq!(query_param(q, "after").as_deref(), Some("team:42"));
+        assert_eq!(query_param(q, "limit").as_deref(), Some("5"));
+        assert_eq!(query_param(q, "user").as_deref(), Some("a+b"));
+        assert_eq!(query_param(q, "x"), None);
+        assert_eq!(query_param(q, "missing"), None);
+        // Not UTF-8: replaced, so no id parser accepts it.
+        assert_eq!(query_param("user=%FF", "user").as_deref(), Some("\u{fffd}"));
+        // A dangling escape stays as sent.
+        assert_eq!(query_param("user=a%4", "user").as_deref(), Some("a%4"));
+    }
 }

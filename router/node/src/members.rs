@@ -29,7 +29,7 @@ use switchboard_router::Bus;
 
 use crate::{
     api::{ApiCode, Op},
-    http::{Body, api_error, json, read_body, refusal, too_large},
+    http::{Body, api_error, json, query_param, read_body, refusal, too_large},
     telemetry::{Transport, api_request},
 };
 
@@ -275,16 +275,13 @@ pub async fn route(
             async {
                 let user = UserId::parse(&id)?;
                 let (mut after, mut limit) = (None, 100);
-                for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-                    match k {
-                        "after" if !v.is_empty() => after = Some(ChatId::parse(v)?),
-                        "limit" => {
-                            limit = v.parse().map_err(|_| {
-                                MembersApiError::BadRequest(format!("limit {v:?} is not a number"))
-                            })?
-                        }
-                        _ => {}
-                    }
+                if let Some(v) = query_param(&query, "after").filter(|v| !v.is_empty()) {
+                    after = Some(ChatId::parse(&v)?);
+                }
+                if let Some(v) = query_param(&query, "limit") {
+                    limit = v.parse().map_err(|_| {
+                        MembersApiError::BadRequest(format!("limit {v:?} is not a number"))
+                    })?;
                 }
                 let (chats, next) = chats_of(store, &user, after.as_ref(), limit).await?;
                 Ok(json(

@@ -56,6 +56,7 @@ pub fn claims(user: &str) -> Claims {
         sub: user.into(),
         exp: now_secs() + 3600,
         nbf: None,
+        iat: None,
         aud: None,
         iss: None,
         chats: None,
