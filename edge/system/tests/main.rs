@@ -9,6 +9,7 @@ mod authorization;
 mod browser;
 mod chat;
 mod client;
+mod conformance;
 mod cluster;
 mod deflate;
 mod drain;

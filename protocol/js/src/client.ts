@@ -155,7 +155,12 @@ export class Client {
   private sessionValue: ConnectResult | undefined;
   private stateValue: ClientState = "connecting";
 
-  private constructor(options: ClientOptions) {
+  /**
+   * A client that has not dialled yet: register listeners with `on`, then
+   * call `connect`, so that the deliveries recovered right after Connect
+   * reach them.
+   */
+  constructor(options: ClientOptions) {
     const WS = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (!WS) throw new TypeError("no WebSocket implementation: pass options.WebSocket (e.g. the `ws` package on Node 20)");
     this.opts = {
@@ -181,12 +186,19 @@ export class Client {
    * "server" (401, 440), an overloaded edge with kind "http" (503) in Node
    * or "dial" in browsers.
    */
-  static connect(options: ClientOptions): Promise<Client> {
-    const client = new Client(options);
+  connect(): Promise<void> {
+    if (this.ready || this.phase !== "stopped" || this.sessionValue) return Promise.reject(new SwitchboardError("protocol", "connect() called twice"));
     return new Promise((resolve, reject) => {
-      client.ready = { resolve: () => resolve(client), reject };
-      client.dial();
+      this.ready = { resolve, reject };
+      this.dial();
     });
+  }
+
+  /** `new Client(options)` and `connect()` in one, for apps that attach listeners afterwards (they miss nothing only when `userSince` is unset). */
+  static async connect(options: ClientOptions): Promise<Client> {
+    const client = new Client(options);
+    await client.connect();
+    return client;
   }
 
   // ---- public API ----
