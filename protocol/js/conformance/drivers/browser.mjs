@@ -15,7 +15,7 @@ const here = dirname(fileURLToPath(import.meta.url));
 export async function browserDriver() {
   const bundle = await build({
     stdin: {
-      contents: `import { makeAgent } from "./agent.mjs";
+      contents: `import { makeAgent } from "../agent.mjs";
         const agents = []; 
         window.__sb = {
           open() { agents.push(makeAgent(WebSocket, (user, why) => window.__sbToken(user, why))); return agents.length - 1; },
