@@ -52,7 +52,10 @@ async fn run(client: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "conformance failed for {client}\n{log}");
+    assert!(
+        out.status.success(),
+        "conformance failed for {client}\n{log}"
+    );
     // Every scenario ran for this client, or is skipped by the list.
     let results: Value =
         serde_json::from_str(&std::fs::read_to_string(out_file.path()).unwrap()).unwrap();
@@ -129,8 +132,14 @@ fn table() -> String {
 #[test]
 fn clients_doc_table_matches_the_scenario_list() {
     let doc = std::fs::read_to_string(repo().join("docs/clients.md")).unwrap();
-    let (begin, end) = ("<!-- conformance-table:begin -->\n", "<!-- conformance-table:end -->");
-    let start = doc.find(begin).expect("docs/clients.md has the table markers") + begin.len();
+    let (begin, end) = (
+        "<!-- conformance-table:begin -->\n",
+        "<!-- conformance-table:end -->",
+    );
+    let start = doc
+        .find(begin)
+        .expect("docs/clients.md has the table markers")
+        + begin.len();
     let stop = doc[start..].find(end).unwrap() + start;
     let want = table();
     assert!(

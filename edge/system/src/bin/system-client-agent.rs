@@ -78,14 +78,14 @@ fn millis(v: &Value, default: u64) -> Duration {
     Duration::from_millis(v.as_u64().unwrap_or(default))
 }
 
-async fn connect(
-    args: &Value,
-    slot: &Mutex<Option<Client>>,
-    out: &Out,
-) -> Result<Value, Value> {
+async fn connect(args: &Value, slot: &Mutex<Option<Client>>, out: &Out) -> Result<Value, Value> {
     let urls: Vec<String> = args["urls"]
         .as_array()
-        .map(|a| a.iter().filter_map(|u| u.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|u| u.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let Some((url, fallbacks)) = urls.split_first() else {
         return Err(json!({"kind": "protocol", "message": "no url"}));
@@ -131,9 +131,15 @@ async fn call(client: &Client, op: &str, args: &Value) -> Result<Value, Value> {
             }
             .map_err(error)?;
             let p = result.position.unwrap_or_default();
-            Ok(json!({"seq": p.seq, "epoch": p.epoch, "recovered": p.recovered, "resyncRequired": p.resync_required}))
+            Ok(
+                json!({"seq": p.seq, "epoch": p.epoch, "recovered": p.recovered, "resyncRequired": p.resync_required}),
+            )
         }
-        "unsubscribe" => client.unsubscribe(&s("chat")).await.map(|()| Value::Null).map_err(error),
+        "unsubscribe" => client
+            .unsubscribe(&s("chat"))
+            .await
+            .map(|()| Value::Null)
+            .map_err(error),
         "publish" => {
             let (text, id) = (s("text"), s("clientMsgId"));
             let mut attempt = 0;
@@ -168,20 +174,36 @@ async fn call(client: &Client, op: &str, args: &Value) -> Result<Value, Value> {
             .map(|()| Value::Null)
             .map_err(error)
         }
-        "typing" => client.typing(&s("chat")).await.map(|()| Value::Null).map_err(error),
+        "typing" => client
+            .typing(&s("chat"))
+            .await
+            .map(|()| Value::Null)
+            .map_err(error),
         "watchPresence" => {
             let users: Vec<String> = args["users"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|u| u.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|u| u.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
-            client.watch_presence(users).await.map(|()| Value::Null).map_err(error)
+            client
+                .watch_presence(users)
+                .await
+                .map(|()| Value::Null)
+                .map_err(error)
         }
         "ping" => {
             let start = std::time::Instant::now();
             client.ping().await.map_err(error)?;
             Ok(json!({"rttMs": start.elapsed().as_millis() as u64}))
         }
-        "refreshToken" => client.refresh_token(&s("token")).await.map(|_| json!({})).map_err(error),
+        "refreshToken" => client
+            .refresh_token(&s("token"))
+            .await
+            .map(|_| json!({}))
+            .map_err(error),
         "positions" => {
             let p = client.positions().await.map_err(error)?;
             let chats: serde_json::Map<String, Value> = p
@@ -189,7 +211,9 @@ async fn call(client: &Client, op: &str, args: &Value) -> Result<Value, Value> {
                 .iter()
                 .map(|(c, cur)| (c.clone(), json!({"seq": cur.seq, "epoch": cur.epoch})))
                 .collect();
-            Ok(json!({"personal": {"seq": p.personal.seq, "epoch": p.personal.epoch}, "chats": chats}))
+            Ok(
+                json!({"personal": {"seq": p.personal.seq, "epoch": p.personal.epoch}, "chats": chats}),
+            )
         }
         "state" => Ok(json!(if client.is_closed() { "closed" } else { "live" })),
         "close" => {
