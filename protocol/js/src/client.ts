@@ -137,6 +137,8 @@ export class Client {
   private readonly subTokens = new Map<string, string>();
   private readonly pending = new Map<number, Pending>();
   private stash: Stashed[] = [];
+  /** The last publish queued per stream ("chat:<id>", "user:<id>"): the next one waits for it. */
+  private readonly publishing = new Map<string, Promise<void>>();
   private ws: WebSocketLike | undefined;
   private phase: "dialing" | "connecting" | "resuming" | "live" | "idle" | "parked" | "stopped" = "stopped";
   private timer: ReturnType<typeof setTimeout> | undefined;
@@ -249,11 +251,30 @@ export class Client {
    * A retryable failure (dropped connection, timeout, 429/500/503) is
    * retried with the same client message id, which the server
    * de-duplicates, up to `publishRetries` times with full-jitter backoff.
+   * Publishes to one stream go out one at a time, in call order: the
+   * server sequences concurrent publishes in any order, and a sender's
+   * messages must keep theirs.
    */
-  async publish(
+  publish(
     target: { chat: string } | { user: string },
     payload: Uint8Array | string,
     opts: { clientMsgId?: string } = {},
+  ): Promise<PublishAck> {
+    const key = "chat" in target ? `chat:${target.chat}` : `user:${target.user}`;
+    const before = this.publishing.get(key) ?? Promise.resolve();
+    const run = before.then(() => this.publishNow(target, payload, opts));
+    const tail = run.then(() => {}, () => {});
+    this.publishing.set(key, tail);
+    void tail.then(() => {
+      if (this.publishing.get(key) === tail) this.publishing.delete(key);
+    });
+    return run;
+  }
+
+  private async publishNow(
+    target: { chat: string } | { user: string },
+    payload: Uint8Array | string,
+    opts: { clientMsgId?: string },
   ): Promise<PublishAck> {
     const clientMsgId = opts.clientMsgId ?? newMessageId(this.opts.random);
     const frame: ClientFrame = { publish: { ...target, clientMsgId, payload: toBytes(payload) } };

@@ -208,3 +208,25 @@ test("a server silent past its heartbeat is given up on", () => withServer(async
   await server.session();
   await client.close();
 }));
+
+test("publishes to one stream go out one at a time, in call order", () => withServer(async (server) => {
+  const connecting = Client.connect(options(server));
+  const { peer } = await server.session();
+  const client = await connecting;
+  const first = client.publish({ chat: "room" }, "1");
+  const second = client.publish({ chat: "room" }, "2");
+  const other = client.publish({ chat: "elsewhere" }, "x");
+  const f1 = await peer.next();
+  const fx = await peer.next();
+  assert.equal(f1.publish.payload, b64("1"));
+  assert.equal(fx.publish.chat, "elsewhere", "another stream does not wait");
+  // The second waits for the first's ack.
+  await assert.rejects(peer.next(200));
+  peer.reply(f1, { publishAck: { chat: "room", seq: "1" } });
+  const f2 = await peer.next();
+  assert.equal(f2.publish.payload, b64("2"));
+  peer.reply(f2, { publishAck: { chat: "room", seq: "2" } });
+  peer.reply(fx, { publishAck: { chat: "elsewhere", seq: "1" } });
+  assert.deepEqual([(await first).seq, (await second).seq, (await other).seq], [1, 2, 1]);
+  await client.close();
+}));

@@ -79,8 +79,12 @@ class Peer {
   next(timeoutMs = 5000) {
     if (this.inbox.length) return Promise.resolve(this.inbox.shift());
     return new Promise((resolve, reject) => {
-      const t = setTimeout(() => reject(new Error("no frame from the client")), timeoutMs);
-      this.wakers.push((f) => { clearTimeout(t); resolve(f); });
+      const waker = (f) => { clearTimeout(t); resolve(f); };
+      const t = setTimeout(() => {
+        this.wakers.splice(this.wakers.indexOf(waker), 1);
+        reject(new Error("no frame from the client"));
+      }, timeoutMs);
+      this.wakers.push(waker);
     });
   }
 
