@@ -43,7 +43,7 @@ export function errorJson(e) {
  * them); opts.refresh says when the client may ask: "always", "rejected"
  * (not before expiry: the token must run out) or "never".
  */
-export function makeAgent(WebSocket, getToken) {
+export function makeAgent(WebSocket, getToken, withCa) {
   let ops;
   const events = [];
   return {
@@ -53,7 +53,8 @@ export function makeAgent(WebSocket, getToken) {
           url: o.urls[0],
           fallbackUrls: o.urls.slice(1),
           token: o.token,
-          WebSocket,
+          // A driver that can trust a custom CA wraps its WebSocket (Node's `ws` takes `ca`).
+          WebSocket: o.caFile && withCa ? withCa(WebSocket, o.caFile) : WebSocket,
           codec: o.encoding === "proto" ? protobufCodec : jsonCodec,
           backoffBaseMs: o.backoffBaseMs ?? 100,
           backoffMaxMs: o.backoffMaxMs ?? 2000,

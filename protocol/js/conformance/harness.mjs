@@ -5,14 +5,19 @@
 // (duplicate deliveries, a dropped connection, a 503 storm).
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { createServer, request } from "node:http";
+import { request as tlsRequest } from "node:https";
 import { connect as tcpConnect, createServer as tcpServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
 import WebSocket, { WebSocketServer } from "ws";
 
 export const SECRET = "conformance-secret";
+/** The system tests' test CA and its localhost certificate (edge/system/tests/fixtures). */
+const FIXTURES = join(dirname(fileURLToPath(import.meta.url)), "../../../edge/system/tests/fixtures");
+export const TEST_CA_FILE = join(FIXTURES, "tls_ca_a.pem");
 export const API_KEY = "conformance-key";
 
 const b64url = (b) => Buffer.from(b).toString("base64url");
@@ -87,8 +92,9 @@ class Proc {
 
 /** An edge process: standalone, or in a cluster when `cluster` is given. */
 export class Edge {
-  static async start({ env = {}, cluster, node = "edge", port } = {}) {
+  static async start({ env = {}, cluster, node = "edge", port, tls = false } = {}) {
     const e = new Edge();
+    e.tls = tls;
     e.port = port ?? (await freePort());
     e.node = node;
     e.env = {
@@ -102,6 +108,7 @@ export class Edge {
       SWITCHBOARD_RATE_PUBLISH_PER_SEC: "10000",
       SWITCHBOARD_RATE_PUBLISH_BURST: "10000",
       SWITCHBOARD_PRESENCE_TTL_MS: "1500",
+      ...(tls ? { SWITCHBOARD_TLS_CERT_FILE: join(FIXTURES, "tls_cert_a.pem"), SWITCHBOARD_TLS_KEY_FILE: join(FIXTURES, "tls_key_a.pem") } : {}),
       ...(cluster ? { SWITCHBOARD_NATS_URL: cluster.nats.url, SWITCHBOARD_REDIS_URL: cluster.redis.url } : {}),
       ...env,
     };
@@ -114,7 +121,8 @@ export class Edge {
     await waitListening(this.port, this.node);
   }
 
-  get url() { return `ws://127.0.0.1:${this.port}/ws`; }
+  /** wss:// names `localhost`, the name the test certificate carries. */
+  get url() { return this.tls ? `wss://localhost:${this.port}/ws` : `ws://127.0.0.1:${this.port}/ws`; }
   get addr() { return `127.0.0.1:${this.port}`; }
 
   /** SIGTERM: the edge drains (Disconnect 4000 with advice) and exits. */
@@ -125,7 +133,7 @@ export class Edge {
   restart() { return this.start(); }
 
   /** The backend API with the key: [status, body]. */
-  api(path, body) { return httpJson(this.port, path, body); }
+  api(path, body) { return httpJson(this.port, path, body, this.tls); }
 
   /** A backend publish (`{chat|user, client_msg_id, text}`), retried while the edge answers 503. */
   async publish(body, tries = 50) {
@@ -139,7 +147,7 @@ export class Edge {
 
   /** One series of /metrics, summed over its labels matching `filter`. */
   async metric(name, filter = "") {
-    const [, text] = await httpGet(this.port, "/metrics");
+    const [, text] = await httpGet(this.port, "/metrics", this.tls);
     let sum = 0;
     for (const line of text.split("\n")) {
       if (line.startsWith(name) && line.includes(filter) && (line[name.length] === " " || line[name.length] === "{")) {
@@ -150,10 +158,10 @@ export class Edge {
   }
 }
 
-function httpJson(port, path, body) {
+function httpJson(port, path, body, tls = false) {
   return new Promise((resolve, reject) => {
     const data = JSON.stringify(body);
-    const req = request({ host: "127.0.0.1", port, path, method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${API_KEY}`, "content-length": Buffer.byteLength(data) } }, (res) => {
+    const req = (tls ? tlsRequest : request)({ host: "127.0.0.1", port, path, method: "POST", ...tlsOptions(tls), headers: { "content-type": "application/json", authorization: `Bearer ${API_KEY}`, "content-length": Buffer.byteLength(data) } }, (res) => {
       let out = "";
       res.on("data", (d) => (out += d));
       res.on("end", () => { let j; try { j = JSON.parse(out); } catch { j = out; } resolve([res.statusCode, j]); });
@@ -163,9 +171,11 @@ function httpJson(port, path, body) {
   });
 }
 
-function httpGet(port, path) {
+const tlsOptions = (tls) => (tls ? { ca: readFileSync(TEST_CA_FILE), servername: "localhost" } : {});
+
+function httpGet(port, path, tls = false) {
   return new Promise((resolve, reject) => {
-    request({ host: "127.0.0.1", port, path }, (res) => {
+    (tls ? tlsRequest : request)({ host: "127.0.0.1", port, path, ...tlsOptions(tls) }, (res) => {
       let out = "";
       res.on("data", (d) => (out += d));
       res.on("end", () => resolve([res.statusCode, out]));
@@ -249,7 +259,8 @@ export class FaultProxy {
     return p;
   }
 
-  get url() { return `ws://127.0.0.1:${this.port}/ws`; }
+  /** wss:// names `localhost`, the name the test certificate carries. */
+  get url() { return this.tls ? `wss://localhost:${this.port}/ws` : `ws://127.0.0.1:${this.port}/ws`; }
 
   pipe(client, protocol) {
     const upstream = new WebSocket(this.target(), protocol ? protocol.split(",").map((s) => s.trim()) : undefined, { perMessageDeflate: false });

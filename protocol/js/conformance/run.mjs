@@ -53,8 +53,8 @@ for (const s of list) {
     caps: driver.caps,
     user: (name) => `${name}-${tag}`,
     chat: (name) => `${name}-${tag}`,
-    async edge(env = {}, cluster, node = "edge") {
-      const e = await Edge.start({ env, cluster, node });
+    async edge(env = {}, cluster, node = "edge", more = {}) {
+      const e = await Edge.start({ env, cluster, node, ...more });
       cleanup.push(() => e.kill());
       return e;
     },

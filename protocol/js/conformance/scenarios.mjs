@@ -2,7 +2,7 @@
 // every client: `h` (run.mjs) starts edges, clusters and fault proxies,
 // and opens clients through the driver under test.
 import assert from "node:assert/strict";
-import { mint, sleep } from "./harness.mjs";
+import { TEST_CA_FILE, mint, sleep } from "./harness.mjs";
 
 /** Each delivery exactly once and in order: seqs 1..n without a repeat. */
 function assertExactlyOnce(ds, texts) {
@@ -428,6 +428,21 @@ export const scenarios = {
     await a.waitFor("reconnected", () => true, 10_000);
     await a.waitDeliveries({ chat }, 2);
     assertExactlyOnce(a.deliveries({ chat }), texts("m", 2));
+  },
+
+  async "wss-test-ca"(h) {
+    const edge = await h.edge({}, undefined, "edge", { tls: true });
+    const chat = h.chat("room");
+    const a = await h.client("alice", { urls: [edge.url], caFile: TEST_CA_FILE });
+    await a.subscribe(chat);
+    const ack = await a.publish({ chat }, "over tls", `tls-${h.tag}`);
+    const [d] = await a.waitDeliveries({ chat }, 1);
+    assert.equal(d.seq, ack.seq);
+    assert.equal(d.text, "over tls");
+    // Without the test CA (default roots) the certificate is refused.
+    const refused = await h.tryConnect("bob", { urls: [edge.url], reconnect: false });
+    assert.ok(refused.err, "a client without the CA is refused");
+    assert.equal(refused.err.kind, "dial", JSON.stringify(refused.err));
   },
 
   async "kick-terminal"(h) {

@@ -13,7 +13,7 @@ use std::{sync::Arc, time::Duration};
 use serde_json::{Value, json};
 use switchboard_protocol::{
     Encoding,
-    client::{Client, ClientConfig, ClientError, Event, StreamId, full_jitter_delay},
+    client::{Client, ClientConfig, ClientError, Event, StreamId, full_jitter_delay, tls},
     v1::ReceiptKind,
 };
 use tokio::{
@@ -90,7 +90,17 @@ async fn connect(args: &Value, slot: &Mutex<Option<Client>>, out: &Out) -> Resul
     let Some((url, fallbacks)) = urls.split_first() else {
         return Err(json!({"kind": "protocol", "message": "no url"}));
     };
+    // wss:// to a test CA's certificate: trust that CA only.
+    let tls = match args["caFile"].as_str() {
+        Some(file) => {
+            let pem = std::fs::read(file)
+                .map_err(|e| json!({"kind": "protocol", "message": format!("{file}: {e}")}))?;
+            Some(tls::custom_ca(&pem).map_err(error)?)
+        }
+        None => None,
+    };
     let config = ClientConfig {
+        tls,
         fallback_urls: fallbacks.to_vec(),
         encoding: if args["encoding"] == "json" {
             Encoding::Json
