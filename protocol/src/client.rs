@@ -27,7 +27,9 @@
 //! inflated under tungstenite by [`DeflateStream`], and the client
 //! compresses what it sends from `deflate::DEFAULT_MIN_BYTES` on.
 //!
-//! Only plain `ws://` URLs: the crate is built without TLS.
+//! `wss://` URLs go over rustls (ring provider), trusting the bundled
+//! webpki roots unless [`ClientConfig::tls`] says otherwise (see
+//! [`tls::custom_ca`] for a private CA).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), switchboard_protocol::client::ClientError> {
@@ -54,6 +56,7 @@ mod event;
 mod link;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
 use std::time::Duration;
 

@@ -10,6 +10,7 @@ mod browser;
 mod chat;
 mod client;
 mod cluster;
+mod conformance;
 mod ctl;
 mod deflate;
 mod drain;

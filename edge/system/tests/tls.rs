@@ -278,3 +278,71 @@ async fn a_wss_reader_that_stops_is_reset() {
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An edge on WSS with certificate `a`, chats open to anyone.
+fn open_edge_with_tls(dir: &Path, port: u16) -> Child {
+    Command::new(EDGE_BIN)
+        .env("SWITCHBOARD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SWITCHBOARD_JWT_SECRET", SECRET)
+        .env("SWITCHBOARD_CHAT_AUTH", "open")
+        .env("SWITCHBOARD_TLS_CERT_FILE", dir.join("cert.pem"))
+        .env("SWITCHBOARD_TLS_KEY_FILE", dir.join("key.pem"))
+        .env("SWITCHBOARD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_dials_wss_trusting_a_custom_ca() {
+    use switchboard_protocol::client::{Client, ClientConfig, ClientError, Event, tls};
+    let dir = std::env::temp_dir().join(format!("sb-tls-client-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    install(&dir, "a");
+    let port = free_port();
+    let mut child = open_edge_with_tls(&dir, port);
+    wait_listening(([127, 0, 0, 1], port).into(), "wss edge").await;
+    let url = format!("wss://localhost:{port}/ws");
+    let ca = |name: &str| tls::custom_ca(&std::fs::read(fixture(name)).unwrap()).unwrap();
+    let config = |tls| ClientConfig {
+        tls,
+        reconnect: false,
+        ..ClientConfig::new(url.clone(), token("wanda"))
+    };
+
+    let (client, mut events) = Client::connect(config(Some(ca("tls_ca_a.pem"))))
+        .await
+        .expect("wss with the edge's CA");
+    client.subscribe("wss-room").await.unwrap();
+    let ack = client
+        .publish_chat("wss-room", "w-1", "over tls")
+        .await
+        .unwrap();
+    let delivered = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(Event::Delivery(d)) = events.recv().await {
+                return d;
+            }
+        }
+    })
+    .await
+    .expect("a delivery over wss");
+    assert_eq!(
+        (delivered.seq, &delivered.payload[..]),
+        (ack.seq, &b"over tls"[..])
+    );
+    client.close().await;
+
+    // Another CA's certificate, and a test CA under the default webpki
+    // roots, are refused in the handshake.
+    for tls in [Some(ca("tls_ca_b.pem")), None] {
+        let refused = Client::connect(config(tls)).await.unwrap_err();
+        assert!(matches!(refused, ClientError::Io(_)), "{refused:?}");
+    }
+    // A CA file without certificates is a TLS setup error.
+    assert!(matches!(tls::custom_ca(b""), Err(ClientError::Tls(_))));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -17,8 +17,8 @@ use crate::Encoding;
 /// ```
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// WebSocket URL of the edge, `ws://host:port/ws`. Only plain `ws://`:
-    /// this crate is built without TLS.
+    /// WebSocket URL of the edge: `wss://host/ws`, or `ws://host:port/ws`
+    /// (development, or behind a TLS-terminating load balancer).
     pub url: String,
     /// JWT sent in `Connect.token`. [`Client::refresh_token`] replaces it,
     /// for the open session and for later reconnects.
@@ -70,6 +70,13 @@ pub struct ClientConfig {
     /// way): the server then compresses long frames and the client its
     /// long requests. Default false.
     pub deflate: bool,
+    /// TLS for `wss://` URLs: [`tls::webpki_roots`] (the default when
+    /// `None`: public certificates) or [`tls::custom_ca`] (a private or
+    /// test CA), or any rustls config built with the ring provider.
+    ///
+    /// [`tls::webpki_roots`]: super::tls::webpki_roots
+    /// [`tls::custom_ca`]: super::tls::custom_ca
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
@@ -92,6 +99,7 @@ impl ClientConfig {
             user_since: None,
             user_epoch: String::new(),
             deflate: false,
+            tls: None,
         }
     }
 }
@@ -116,6 +124,7 @@ impl fmt::Debug for ClientConfig {
             .field("user_since", &self.user_since)
             .field("user_epoch", &self.user_epoch)
             .field("deflate", &self.deflate)
+            .field("tls", &self.tls.as_ref().map(|_| "custom"))
             .finish()
     }
 }

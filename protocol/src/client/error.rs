@@ -53,6 +53,11 @@ pub enum ClientError {
     /// The server sent a frame that does not fit the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// TLS could not be set up: a CA file without certificates, a host
+    /// that is not a valid server name. (A failed handshake, such as an
+    /// untrusted certificate, is `Io`.)
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A socket error.
     #[error("I/O error: {0}")]
     Io(#[source] std::io::Error),

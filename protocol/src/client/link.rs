@@ -21,7 +21,10 @@ use tokio_tungstenite::{
     },
 };
 
-use super::{ClientError, DeflateStream};
+use super::{
+    ClientError, DeflateStream,
+    tls::{self, Io},
+};
 use crate::{
     CloseReason, DecodeError, Encoding, deflate,
     v1::{ClientFrame, ServerFrame},
@@ -29,7 +32,7 @@ use crate::{
 
 /// An open socket.
 pub(super) struct Ws {
-    stream: WebSocketStream<DeflateStream<TcpStream>>,
+    stream: WebSocketStream<DeflateStream<Io>>,
     /// permessage-deflate was agreed and lets us compress what we send.
     compress: bool,
 }
@@ -41,12 +44,14 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// (tungstenite's own default).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Opens the WebSocket, offering the encoding's subprotocol and, with
+/// Opens the WebSocket (`ws://`, or `wss://` with `tls`, default the
+/// webpki roots), offering the encoding's subprotocol and, with
 /// `offer_deflate`, permessage-deflate.
 pub(super) async fn dial(
     url: String,
     encoding: Encoding,
     offer_deflate: bool,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 ) -> Result<Ws, ClientError> {
     let mut request = url.as_str().into_client_request()?;
     request.headers_mut().insert(
@@ -60,20 +65,27 @@ pub(super) async fn dial(
         );
     }
     let uri = request.uri();
-    if uri.scheme_str() != Some("ws") {
-        // Built without TLS, as `connect_async` would say.
-        return Err(tungstenite::Error::Url(UrlError::TlsFeatureNotEnabled).into());
-    }
+    let secure = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => return Err(tungstenite::Error::Url(UrlError::UnsupportedUrlScheme).into()),
+    };
     let host = uri
         .host()
         .ok_or(tungstenite::Error::Url(UrlError::NoHostName))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
     // Dialed here rather than by `connect_async`, to put the deflate
-    // stream under tungstenite.
+    // stream under tungstenite (and over TLS).
     let tcp = TcpStream::connect((host, port))
         .await
         .map_err(ClientError::Io)?;
+    let _ = tcp.set_nodelay(true);
+    let tcp = if secure {
+        tls::handshake(tcp, host, tls).await?
+    } else {
+        Io::Plain(tcp)
+    };
     let io = if offer_deflate {
         DeflateStream::before_upgrade(tcp, MAX_MESSAGE_BYTES)
     } else {

@@ -30,7 +30,12 @@ impl Actor {
             i => fallbacks[i - 1].clone(),
         };
         self.dials = self.dials.wrapping_add(1);
-        let future = link::dial(url, self.config.encoding, self.config.deflate);
+        let future = link::dial(
+            url,
+            self.config.encoding,
+            self.config.deflate,
+            self.config.tls.clone(),
+        );
         self.link = Link::Dialing {
             future: Box::pin(future),
             deadline: Instant::now() + self.config.request_timeout,

@@ -115,7 +115,10 @@ impl Lost {
                 Some(after) => Wait::RetryAfter(*after),
                 None => Wait::Backoff,
             }),
-            ClientError::Http { .. } | ClientError::WebSocket(Error::Url(_)) => Next::Stop,
+            // The URL or the TLS settings are wrong: a retry would repeat it.
+            ClientError::Http { .. }
+            | ClientError::WebSocket(Error::Url(_))
+            | ClientError::Tls(_) => Next::Stop,
             _ => Next::Retry(Wait::Backoff),
         };
         Lost {
