@@ -18,6 +18,7 @@ mod hooks;
 mod http;
 mod k6;
 mod limits;
+mod nats_cluster;
 mod operate;
 mod redis_modes;
 mod stall;
