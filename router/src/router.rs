@@ -252,10 +252,8 @@ impl Router {
         }
         if (!appended.duplicate || recent_retry)
             && let Some(m) = &self.members
-            && let Err(e) = m.after_publish(&req.target, &appended.frame).await
         {
-            metrics::counter!("switchboard_router_member_work_errors_total").increment(1);
-            tracing::warn!(error = %e, stream = %req.target, "member work (shard jobs, push hand-off) failed");
+            member_work(m, &req.target, &appended.frame).await;
         }
         Ok(Published {
             seq: appended.seq,
@@ -288,6 +286,38 @@ impl Router {
             metrics::counter!("switchboard_router_bus_errors_total", "reason" => e.reason())
                 .increment(1);
             tracing::debug!(error = %e, subject, "ephemeral publish failed");
+        }
+    }
+}
+
+/// How long a publish's member work is tried again before the publish is
+/// acked without it: long enough for a NATS cluster to elect new stream
+/// leaders after losing a server (a few seconds), short enough for the
+/// edge's request to this router not to time out first.
+const MEMBER_WORK_RETRY: std::time::Duration = std::time::Duration::from_secs(4);
+
+/// A publish's member work (shard jobs, the push hand-off), tried again
+/// with backoff while it fails: JetStream refuses or times out while a
+/// server of its cluster is lost, and every step is idempotent (jobs are
+/// de-duplicated by message id), so a retry stores each job once. What
+/// still fails is counted and logged, as before.
+async fn member_work(m: &crate::Members, target: &StreamKey, frame: &SharedFrame) {
+    let deadline = tokio::time::Instant::now() + MEMBER_WORK_RETRY;
+    let mut wait = std::time::Duration::from_millis(50);
+    loop {
+        match m.after_publish(target, frame).await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                metrics::counter!("switchboard_router_member_work_retries_total").increment(1);
+                tracing::debug!(error = %e, stream = %target, "member work failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_millis(800));
+            }
+            Err(e) => {
+                metrics::counter!("switchboard_router_member_work_errors_total").increment(1);
+                tracing::warn!(error = %e, stream = %target, "member work (shard jobs, push hand-off) failed");
+                return;
+            }
         }
     }
 }

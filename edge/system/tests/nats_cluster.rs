@@ -228,17 +228,28 @@ async fn finish_and_check(t: Traffic) -> Vec<String> {
 /// Every acked DM to an offline user is exactly one job in `SB_PUSH`.
 async fn check_push_jobs(nats: &NatsCluster, users: &[String]) {
     let js = async_nats::jetstream::new(nats_client(nats).await);
-    let stream = js.get_stream(PUSH_STREAM).await.unwrap();
     let want: HashSet<&str> = users.iter().map(String::as_str).collect();
     let mut per_user: HashMap<String, u64> = HashMap::new();
-    for _ in 0..100 {
+    // A stream whose leader was on the lost server answers once the others
+    // elected a new one; until then requests time out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
         per_user.clear();
-        let mut subjects = stream.info_with_subjects("sb.push.>").await.unwrap();
+        let Ok(stream) = js.get_stream(PUSH_STREAM).await else {
+            continue;
+        };
+        let Ok(mut subjects) = stream.info_with_subjects("sb.push.>").await else {
+            continue;
+        };
+        let mut complete = true;
         while let Some(item) = subjects.next().await {
-            let (subject, n) = item.unwrap();
+            let Ok((subject, n)) = item else {
+                complete = false;
+                break;
+            };
             per_user.insert(subject.trim_start_matches("sb.push.").to_owned(), n as u64);
         }
-        if per_user.len() >= want.len() {
+        if complete && per_user.len() >= want.len() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -252,6 +263,7 @@ async fn check_push_jobs(nats: &NatsCluster, users: &[String]) {
 /// Every product stream is R3.
 async fn check_replicas(nats: &NatsCluster) {
     let js = async_nats::jetstream::new(nats_client(nats).await);
+    // Every router and edge has created or updated them by now.
     for name in [PUSH_STREAM, SHARD_STREAM, EVENT_STREAM] {
         let mut stream = js.get_stream(name).await.unwrap();
         assert_eq!(stream.info().await.unwrap().config.num_replicas, 3, "{name}");

@@ -152,7 +152,10 @@ pub async fn start_router_with(
 /// Waits until some router answers on the publish subject.
 pub async fn wait_for_routers(nats: &impl NatsUrl) {
     let client = nats_client(nats).await;
-    for _ in 0..100 {
+    // Routers of a NATS cluster take a while: their R3 streams are
+    // created by the cluster's metadata leader.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
         if let Ok(Ok(_)) = tokio::time::timeout(
             Duration::from_millis(200),
             client.request(ROUTER_PUBLISH, "x".into()),
