@@ -152,7 +152,10 @@ struct Traffic {
 }
 
 async fn start_traffic(s: &Setup) -> Traffic {
-    let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let mut t = Traffic {
         stop: stop.clone(),
         done: done.clone(),
@@ -161,9 +164,10 @@ async fn start_traffic(s: &Setup) -> Traffic {
         clients: Vec::new(),
     };
     for (i, e) in s.edges.iter().enumerate() {
-        let (client, events) = Client::connect(ClientConfig::new(ws_url(e), token(&format!("reader{i}"))))
-            .await
-            .unwrap();
+        let (client, events) =
+            Client::connect(ClientConfig::new(ws_url(e), token(&format!("reader{i}"))))
+                .await
+                .unwrap();
         for c in 0..CHATS {
             client.subscribe(&chat(c)).await.unwrap();
         }
@@ -172,11 +176,13 @@ async fn start_traffic(s: &Setup) -> Traffic {
     }
     for w in 0..WRITERS {
         let e = &s.edges[w % s.edges.len()];
-        let (client, _events) = Client::connect(ClientConfig::new(ws_url(e), token(&format!("writer{w}"))))
-            .await
-            .unwrap();
+        let (client, _events) =
+            Client::connect(ClientConfig::new(ws_url(e), token(&format!("writer{w}"))))
+                .await
+                .unwrap();
         t.clients.push(client.clone());
-        t.writers.push(tokio::spawn(writer(client, w, stop.clone())));
+        t.writers
+            .push(tokio::spawn(writer(client, w, stop.clone())));
     }
     t
 }
@@ -193,7 +199,11 @@ async fn finish_and_check(t: Traffic) -> Vec<String> {
         acked.push.extend(a.push);
     }
     t.done.store(true, Ordering::SeqCst);
-    assert!(acked.chat.len() > 50, "too little traffic: {}", acked.chat.len());
+    assert!(
+        acked.chat.len() > 50,
+        "too little traffic: {}",
+        acked.chat.len()
+    );
     for (r, handle) in t.readers.into_iter().enumerate() {
         let (got, resyncs) = handle.await.unwrap();
         assert_eq!(resyncs, 0, "reader{r} was told to re-sync");
@@ -207,8 +217,11 @@ async fn finish_and_check(t: Traffic) -> Vec<String> {
             );
             let ids: HashSet<&str> = list.iter().map(|(id, _)| id.as_str()).collect();
             assert_eq!(ids.len(), list.len(), "reader{r}: a message twice");
-            let want: Vec<&(String, String, u64)> =
-                acked.chat.iter().filter(|(ch, _, _)| *ch == chat(c)).collect();
+            let want: Vec<&(String, String, u64)> = acked
+                .chat
+                .iter()
+                .filter(|(ch, _, _)| *ch == chat(c))
+                .collect();
             let by_id: HashMap<&str, u64> = list.iter().map(|(id, s)| (id.as_str(), *s)).collect();
             for (ch, id, seq) in want {
                 assert_eq!(
@@ -254,7 +267,10 @@ async fn check_push_jobs(nats: &NatsCluster, users: &[String]) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let missing: Vec<&&str> = want.iter().filter(|u| !per_user.contains_key(**u)).collect();
+    let missing: Vec<&&str> = want
+        .iter()
+        .filter(|u| !per_user.contains_key(**u))
+        .collect();
     assert!(missing.is_empty(), "push jobs lost: {missing:?}");
     assert!(per_user.values().all(|n| *n == 1), "a push job twice");
     assert_eq!(per_user.len(), want.len());
@@ -266,7 +282,11 @@ async fn check_replicas(nats: &NatsCluster) {
     // Every router and edge has created or updated them by now.
     for name in [PUSH_STREAM, SHARD_STREAM, EVENT_STREAM] {
         let mut stream = js.get_stream(name).await.unwrap();
-        assert_eq!(stream.info().await.unwrap().config.num_replicas, 3, "{name}");
+        assert_eq!(
+            stream.info().await.unwrap().config.num_replicas,
+            3,
+            "{name}"
+        );
     }
 }
 
