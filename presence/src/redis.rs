@@ -224,7 +224,21 @@ impl RedisPresence {
                     .arg(now_ms)
                     .arg(SEEN_TTL_MS);
             }
-            let became: Vec<i64> = pipe.query_async(&mut conn).await?;
+            let became: Vec<i64> = match pipe.query_async(&mut conn).await {
+                Ok(b) => b,
+                Err(e) => {
+                    // Handed back for the next sweep (or the caller's
+                    // retry): popped and dropped, these sessions would stay
+                    // in their users' hashes, online for good. UNREGISTER
+                    // is idempotent for those that were removed.
+                    let _: Result<(), _> = redis::cmd("SADD")
+                        .arg(node_key(node))
+                        .arg(&members)
+                        .query_async(&mut conn)
+                        .await;
+                    return Err(e.into());
+                }
+            };
             let offline: Vec<UserId> = parsed
                 .into_iter()
                 .zip(became)
