@@ -86,6 +86,14 @@ pub(crate) struct Args {
     /// Seconds a killed process stays down before it is started again.
     #[arg(long, default_value_t = 3)]
     down_secs: u64,
+    /// Seconds a killed Redis node stays down at least: longer than the
+    /// cluster's failover (`cluster-node-timeout`, 5 s in scripts/cluster),
+    /// so its replica takes over and it comes back as a replica. A master
+    /// without persistence restarted sooner keeps its slots, empty, and
+    /// its replica then drops their data too: a whole-shard loss, a
+    /// deployment error (ADR 0041), not a failover.
+    #[arg(long, default_value_t = 10)]
+    redis_down_secs: u64,
     /// Seconds a paused process stays frozen.
     #[arg(long, default_value_t = 3)]
     pause_secs: u64,
@@ -147,6 +155,19 @@ fn kind_of(target: &str) -> &str {
     target.rsplit_once('-').map_or(target, |(k, _)| k)
 }
 
+/// How long each fault lasts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Downtimes {
+    /// A killed edge, router or NATS server.
+    pub(crate) down: Duration,
+    /// A killed Redis node.
+    pub(crate) redis_down: Duration,
+    /// A paused process.
+    pub(crate) pause: Duration,
+    /// After a NATS or Redis target is back, before another of its kind.
+    pub(crate) recover: Duration,
+}
+
 /// The fault schedule: `faults` steps at seeded times within the traffic,
 /// each a kill (two in three) or a pause of a seeded target, such that at
 /// most one NATS and one Redis target is out at a time (and none within
@@ -157,13 +178,17 @@ pub(crate) fn schedule(
     faults: u32,
     duration: Duration,
     targets: &[String],
-    down: Duration,
-    pause: Duration,
-    recover: Duration,
+    t: Downtimes,
 ) -> Vec<Fault> {
+    let Downtimes {
+        down,
+        redis_down,
+        pause,
+        recover,
+    } = t;
     let mut rng = Seeded::new(seed);
     let span = duration.as_millis() as u64;
-    let longest = down.max(pause).as_millis() as u64;
+    let longest = down.max(pause).max(redis_down).as_millis() as u64;
     // Faults start within the traffic and are undone before it ends.
     let window = span.saturating_sub(longest + 1000).max(1);
     let mut times: Vec<u64> = (0..faults).map(|_| 500 + rng.below(window)).collect();
@@ -204,7 +229,9 @@ pub(crate) fn schedule(
         let Some(target) = eligible.get(pick as usize) else {
             continue;
         };
-        let (action, for_ms) = if how < 2 {
+        let (action, for_ms) = if how < 2 && kind_of(target) == "redis" {
+            ("kill", redis_down.as_millis() as u64)
+        } else if how < 2 {
             ("kill", down.as_millis() as u64)
         } else {
             ("stop", pause.as_millis() as u64)
@@ -530,9 +557,12 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         a.faults,
         duration,
         &a.targets,
-        Duration::from_secs(a.down_secs),
-        Duration::from_secs(a.pause_secs),
-        Duration::from_secs(a.recover_secs),
+        Downtimes {
+            down: Duration::from_secs(a.down_secs),
+            redis_down: Duration::from_secs(a.redis_down_secs),
+            pause: Duration::from_secs(a.pause_secs),
+            recover: Duration::from_secs(a.recover_secs),
+        },
     );
     anyhow::ensure!(
         a.faults == 0 || !faults.is_empty(),
@@ -727,6 +757,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         "seed": seed,
         "targets": a.targets,
         "down_secs": a.down_secs,
+        "redis_down_secs": a.redis_down_secs,
         "pause_secs": a.pause_secs,
         "recover_secs": a.recover_secs,
         "schedule": faults,
@@ -769,6 +800,7 @@ pub(crate) fn figures(r: &Report) -> Map<String, Value> {
         "excused_by_resync",
         "resync_streams",
         "duplicated",
+        "duplicated_across_resync",
         "reordered",
         "foreign",
         "conflicting_seqs",
@@ -800,9 +832,12 @@ mod tests {
             faults,
             Duration::from_secs(600),
             &targets(),
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-            Duration::from_secs(10),
+            Downtimes {
+                down: Duration::from_secs(5),
+                redis_down: Duration::from_secs(10),
+                pause: Duration::from_secs(5),
+                recover: Duration::from_secs(10),
+            },
         )
     }
 

@@ -99,6 +99,10 @@ pub(crate) struct Verdict {
     /// Deliveries of a message the socket already had (same sender and
     /// client message id in the same stream), whatever their seq.
     pub(crate) duplicated: u64,
+    /// Of those, the ones in a later epoch of a stream the socket was told
+    /// to re-sync (history lost its de-duplication record with the rest):
+    /// counted, not failures.
+    pub(crate) duplicated_across_resync: u64,
     /// Deliveries whose seq is below one the socket already had in that
     /// stream and epoch.
     pub(crate) reordered: u64,
@@ -181,7 +185,8 @@ pub(crate) fn check(h: &Histories) -> Verdict {
     // Per socket: foreign deliveries, duplicates and order.
     let mut seen = [0u64; 3];
     for s in &h.sockets {
-        let mut had: HashSet<(&str, &Msg)> = HashSet::new();
+        // Each message's epoch where the socket first got it.
+        let mut had: HashMap<(&str, &Msg), &str> = HashMap::new();
         let mut last: HashMap<&str, (&str, u64)> = HashMap::new();
         for d in &s.deliveries {
             if !s.follows.contains(&d.stream) {
@@ -195,7 +200,11 @@ pub(crate) fn check(h: &Histories) -> Verdict {
                 });
                 continue;
             }
-            if !had.insert((d.stream.as_str(), &d.msg)) {
+            if let Some(first) = had.get(&(d.stream.as_str(), &d.msg)) {
+                if *first != d.epoch && s.resync.contains(&d.stream) {
+                    v.duplicated_across_resync += 1;
+                    continue;
+                }
                 v.duplicated += 1;
                 seen[1] += 1;
                 v.note("duplicated", seen[1], || {
@@ -206,6 +215,7 @@ pub(crate) fn check(h: &Histories) -> Verdict {
                 });
                 continue;
             }
+            had.insert((d.stream.as_str(), &d.msg), d.epoch.as_str());
             match last.get(d.stream.as_str()) {
                 Some((epoch, seq)) if *epoch == d.epoch && d.seq <= *seq => {
                     v.reordered += 1;
@@ -324,6 +334,7 @@ pub(crate) fn counters(v: &Verdict) -> BTreeMap<&'static str, u64> {
         ("excused_by_resync", v.excused_by_resync),
         ("resync_streams", v.resync_streams),
         ("duplicated", v.duplicated),
+        ("duplicated_across_resync", v.duplicated_across_resync),
         ("reordered", v.reordered),
         ("foreign", v.foreign),
         ("conflicting_seqs", v.conflicting_seqs),
@@ -454,6 +465,21 @@ mod tests {
         let v = check(&h);
         assert!(!v.passed());
         assert_eq!(v.duplicated, 1, "{v:?}");
+        // Again in a new epoch, but the socket was never told to re-sync.
+        let mut h = clean();
+        let e2 = Delivery {
+            seq: 1,
+            epoch: "e2".into(),
+            ..again.clone()
+        };
+        bob(&mut h).deliveries.push(e2.clone());
+        assert_eq!(check(&h).duplicated, 1);
+        // Told to re-sync: history lost the first epoch (and the record
+        // that de-duplicates the retry); counted apart.
+        bob(&mut h).resync.insert(chat_stream("g"));
+        let v = check(&h);
+        assert!(v.passed(), "{v:?}");
+        assert_eq!((v.duplicated, v.duplicated_across_resync), (0, 1));
     }
 
     #[test]
