@@ -122,10 +122,9 @@ async fn writer(client: Client, w: usize, stop: Arc<AtomicBool>) -> Acked {
 
 /// A reader's deliveries per chat (client msg id, seq) in arrival order,
 /// and how many times it was told to re-sync.
-async fn reader(
-    mut events: switchboard_protocol::client::Events,
-    done: Arc<AtomicBool>,
-) -> (HashMap<String, Vec<(String, u64)>>, usize) {
+type Seen = (HashMap<String, Vec<(String, u64)>>, usize);
+
+async fn reader(mut events: switchboard_protocol::client::Events, done: Arc<AtomicBool>) -> Seen {
     let mut got: HashMap<String, Vec<(String, u64)>> = HashMap::new();
     let mut resyncs = 0;
     loop {
@@ -147,7 +146,7 @@ struct Traffic {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicBool>,
     writers: Vec<tokio::task::JoinHandle<Acked>>,
-    readers: Vec<tokio::task::JoinHandle<(HashMap<String, Vec<(String, u64)>>, usize)>>,
+    readers: Vec<tokio::task::JoinHandle<Seen>>,
     clients: Vec<Client>,
 }
 
