@@ -461,7 +461,10 @@ mod tests {
         assert_eq!(check(&h).duplicated, 1);
         // The same message again under a new seq (a retry sequenced twice).
         let mut h = clean();
-        bob(&mut h).deliveries.push(Delivery { seq: 4, ..again });
+        bob(&mut h).deliveries.push(Delivery {
+            seq: 4,
+            ..again.clone()
+        });
         let v = check(&h);
         assert!(!v.passed());
         assert_eq!(v.duplicated, 1, "{v:?}");
