@@ -677,7 +677,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         None => Vec::new(),
     };
     rec.latest("traffic_end", now_us());
-    w.barrier("traffic done", 0).await?;
+    w.barrier("traffic-done", 0).await?;
     // Every socket gets the rest, until quiet.
     let _ = done_tx.send(true);
     let settle = Instant::now() + Duration::from_secs(a.settle_secs);
