@@ -29,6 +29,35 @@ use crate::{config::Config, hub::Hub};
 /// rare at thousands of connects per second (48 bytes each).
 const STRIPES: usize = 4096;
 
+/// How long a presence write that must not be lost is tried again while
+/// the store fails (a Redis master failing over takes a few seconds):
+/// dropping what a previous run left, and a closed socket's unregister.
+/// Without it, a failed one leaves a session behind that this node's
+/// lease keeps alive: the user stays online for as long as the node runs.
+const WRITE_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `op` until it succeeds or [`WRITE_RETRY`] passes, with backoff.
+async fn retried<T, F, Fut>(what: &str, mut op: F) -> Result<T, PresenceError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, PresenceError>>,
+{
+    let deadline = tokio::time::Instant::now() + WRITE_RETRY;
+    let mut wait = std::time::Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+                tracing::debug!(error = %e, what, "presence write failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// This node's presence lease and the presence sessions of its sockets.
 pub(crate) struct Sessions {
     store: Arc<dyn PresenceStore>,
@@ -114,7 +143,11 @@ impl Sessions {
     /// under the same node id left behind go offline (announced), then the
     /// lease exists before the first socket registers.
     pub(crate) async fn lease(&self) {
-        match self.store.drop_node(&self.node, now_ms()).await {
+        let dropped = retried("drop previous sessions", || {
+            self.store.drop_node(&self.node, now_ms())
+        })
+        .await;
+        match dropped {
             Ok(gone) => {
                 for (user, at) in gone {
                     let tap = self.tap.as_deref();
@@ -258,7 +291,9 @@ impl Sessions {
             if let Some(tap) = &self.tap {
                 tap.connection(&session.user, &session.session_id, false);
             }
-            self.store.unregister(session, now_ms()).await
+            // Only this session of this node is removed, so trying again
+            // is safe (session ids are never reused by one run).
+            retried("unregister", || self.store.unregister(session, now_ms())).await
         };
         match unregistered {
             Ok(Transition::BecameOffline { last_seen_ms }) => {

@@ -21,6 +21,11 @@
 //!   edge's CPU per delivery.
 //! - `roll`: N clients follow a chat while the edges restart one at a time
 //!   (`scripts/cluster roll`); reconnect rate, time away, loss and order.
+//! - `chaos`: users chat in groups, DMs and a channel while a seeded
+//!   schedule kills, pauses and restarts edges, routers, NATS servers and
+//!   Redis nodes; then a checker judges every client's history: nothing
+//!   acked lost, duplicated, reordered or misdelivered. Exits non-zero
+//!   when the verdict fails.
 //! - `subscribe`: N users, each a member of K chats (imported through the
 //!   membership API), connect and subscribe to all of them, in rounds
 //!   (cold, then warm authorization caches); latency and edge CPU per
@@ -38,6 +43,7 @@
 //! Run with: cargo run --release -p switchboard-loadtest -- channel --help
 mod accounting;
 mod channel;
+mod chaos;
 mod chat;
 mod conn;
 mod coord;
@@ -119,6 +125,9 @@ enum Scenario {
     /// subscribe to all, in rounds: latency and edge CPU per subscribe
     /// with cold and warm authorization caches.
     Subscribe(subscribe::Args),
+    /// Groups, DMs and a channel under a seeded schedule of process kills,
+    /// pauses and restarts; then the exactly-once-in-order checker.
+    Chaos(chaos::Args),
 }
 
 async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> {
@@ -133,6 +142,7 @@ async fn run_scenario(scenario: Scenario, w: &Worker) -> anyhow::Result<Report> 
         Scenario::Sequence(a) => sequence::run(a, w).await,
         Scenario::Floor(a) => floor::run(a, w).await,
         Scenario::Subscribe(a) => subscribe::run(a, w).await,
+        Scenario::Chaos(a) => chaos::run(a, w).await,
     }
 }
 
@@ -149,6 +159,7 @@ pub(crate) fn scenario_figures(r: &Report) -> Map<String, Value> {
         "sequence" => sequence::figures(r),
         "floor" => floor::figures(r),
         "subscribe" => subscribe::figures(r),
+        "chaos" => chaos::figures(r),
         _ => Map::new(),
     }
 }
@@ -195,6 +206,11 @@ fn run() -> anyhow::Result<()> {
         }
     }
     println!("{}", serde_json::to_string_pretty(&report.render())?);
+    // A chaos run is a test: its verdict is the exit status.
+    anyhow::ensure!(
+        report.scenario != "chaos" || chaos::passed(&report),
+        "the chaos checker failed (see the report's figures and examples)"
+    );
     Ok(())
 }
 

@@ -195,8 +195,15 @@ impl RedisPresence {
         let mut gone = Vec::new();
         let mut swept = 0;
         while swept < max {
-            // SPOP hands each session to exactly one sweeper.
-            let members: Vec<String> = redis::cmd("SPOP")
+            // Read, not popped: a member leaves the node's set only once
+            // its user's removal is confirmed. Popped first, a failure in
+            // between (a Redis Cluster master failing over refuses every
+            // command for a moment, even putting them back) left the
+            // sessions in their users' hashes with nothing to sweep them:
+            // online for good. Two sweepers may read the same members;
+            // UNREGISTER removes a session once, so each user still goes
+            // offline exactly once.
+            let members: Vec<String> = redis::cmd("SRANDMEMBER")
                 .arg(node_key(node))
                 .arg(SWEEP_BATCH)
                 .query_async(&mut conn)
@@ -224,7 +231,11 @@ impl RedisPresence {
                     .arg(now_ms)
                     .arg(SEEN_TTL_MS);
             }
-            let became: Vec<i64> = pipe.query_async(&mut conn).await?;
+            let became: Vec<i64> = if parsed.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query_async(&mut conn).await?
+            };
             let offline: Vec<UserId> = parsed
                 .into_iter()
                 .zip(became)
@@ -242,6 +253,11 @@ impl RedisPresence {
                 let _: () = pipe.query_async(&mut conn).await?;
                 gone.extend(offline.into_iter().map(|u| (u, now_ms)));
             }
+            let _: () = redis::cmd("SREM")
+                .arg(node_key(node))
+                .arg(&members)
+                .query_async(&mut conn)
+                .await?;
         }
         Ok((gone, true))
     }

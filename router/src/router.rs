@@ -252,10 +252,8 @@ impl Router {
         }
         if (!appended.duplicate || recent_retry)
             && let Some(m) = &self.members
-            && let Err(e) = m.after_publish(&req.target, &appended.frame).await
         {
-            metrics::counter!("switchboard_router_member_work_errors_total").increment(1);
-            tracing::warn!(error = %e, stream = %req.target, "member work (shard jobs, push hand-off) failed");
+            member_work(m, &req.target, &appended.frame).await;
         }
         Ok(Published {
             seq: appended.seq,
@@ -265,19 +263,35 @@ impl Router {
     }
 
     async fn deliver(&self, target: &StreamKey, frame: SharedFrame) {
-        let sent = match target {
-            StreamKey::Chat(c) => self.bus.publish(&chat_subject(c), frame).await,
-            StreamKey::User(u) => {
-                crate::publish_to_user(self.bus.as_ref(), self.presence.as_ref(), u, frame)
-                    .await
-                    .map(|_| ())
-            }
-        };
-        if let Err(e) = sent {
-            // Stored but not delivered live: receivers repair from history.
+        // A receiver repairs a lost delivery from history only when a later
+        // message of the stream shows it the gap: the last message of a
+        // conversation would wait for the next one. So a failed publish
+        // (the bus reconnecting, presence unreadable while Redis fails
+        // over) is tried again for a while; receivers de-duplicate by seq.
+        let deadline = tokio::time::Instant::now() + DELIVER_RETRY;
+        let mut wait = std::time::Duration::from_millis(50);
+        loop {
+            let sent = match target {
+                StreamKey::Chat(c) => self.bus.publish(&chat_subject(c), frame.clone()).await,
+                StreamKey::User(u) => crate::publish_to_user(
+                    self.bus.as_ref(),
+                    self.presence.as_ref(),
+                    u,
+                    frame.clone(),
+                )
+                .await
+                .map(|_| ()),
+            };
+            let Err(e) = sent else { return };
             metrics::counter!("switchboard_router_bus_errors_total", "reason" => e.reason())
                 .increment(1);
-            tracing::warn!(error = %e, stream = %target, "delivery publish failed; receivers will recover from history");
+            if tokio::time::Instant::now() + wait >= deadline {
+                // Stored but not delivered live: receivers repair from history.
+                tracing::warn!(error = %e, stream = %target, "delivery publish failed; receivers will recover from history");
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_millis(800));
         }
     }
 
@@ -288,6 +302,44 @@ impl Router {
             metrics::counter!("switchboard_router_bus_errors_total", "reason" => e.reason())
                 .increment(1);
             tracing::debug!(error = %e, subject, "ephemeral publish failed");
+        }
+    }
+}
+
+/// How long a failed live delivery is tried again before it is left to
+/// the receivers' gap repair (the publish is acked only after): longer
+/// than a Redis master's failover (presence unreadable meanwhile).
+const DELIVER_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a publish's member work is tried again before the publish is
+/// acked without it: long enough for a NATS cluster to elect new stream
+/// leaders after losing a server, or a Redis master's replica to take over
+/// (presence unreadable meanwhile). An edge that times out meanwhile
+/// retries the publish elsewhere; that duplicate schedules the work again.
+const MEMBER_WORK_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A publish's member work (shard jobs, the push hand-off), tried again
+/// with backoff while it fails: JetStream refuses or times out while a
+/// server of its cluster is lost, and every step is idempotent (jobs are
+/// de-duplicated by message id), so a retry stores each job once. What
+/// still fails is counted and logged, as before.
+async fn member_work(m: &crate::Members, target: &StreamKey, frame: &SharedFrame) {
+    let deadline = tokio::time::Instant::now() + MEMBER_WORK_RETRY;
+    let mut wait = std::time::Duration::from_millis(50);
+    loop {
+        match m.after_publish(target, frame).await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() + wait < deadline => {
+                metrics::counter!("switchboard_router_member_work_retries_total").increment(1);
+                tracing::debug!(error = %e, stream = %target, "member work failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_millis(800));
+            }
+            Err(e) => {
+                metrics::counter!("switchboard_router_member_work_errors_total").increment(1);
+                tracing::warn!(error = %e, stream = %target, "member work (shard jobs, push hand-off) failed");
+                return;
+            }
         }
     }
 }

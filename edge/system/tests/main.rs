@@ -22,6 +22,7 @@ mod http;
 mod k6;
 mod limits;
 mod logs;
+mod nats_cluster;
 mod operate;
 mod redis_modes;
 mod scenarios;

@@ -6,6 +6,8 @@
 //! [`RedisCluster`] starts a real Redis Cluster (three masters, three
 //! replicas) and [`RedisSentinel`] a primary, a replica and three sentinels,
 //! so the state tier's contracts run against every deployment mode.
+//! [`NatsCluster`] starts three `nats-server`s joined by routes, with
+//! clustered JetStream, so streams can be R3 and a server can be lost.
 //!
 //! Depends on nothing of ours, so any crate can dev-depend on it.
 #![warn(missing_docs)]
@@ -111,6 +113,18 @@ pub struct Server {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// For a node of a [`NatsCluster`]: its name, cluster (route) port and
+    /// every node's route port.
+    nats_peer: Option<NatsPeer>,
+}
+
+#[derive(Debug, Clone)]
+struct NatsPeer {
+    name: String,
+    cluster_port: u16,
+    /// HTTP monitoring port (`/healthz` says when JetStream is current).
+    monitor_port: u16,
+    routes: Vec<u16>,
 }
 
 impl Server {
@@ -131,6 +145,7 @@ impl Server {
             port: 0,
             dir,
             child: None,
+            nats_peer: None,
         };
         let mut last_err = String::new();
         for _ in 0..5 {
@@ -158,6 +173,20 @@ impl Server {
                     .arg(&store)
                     .arg("-l")
                     .arg(&log);
+                if let Some(peer) = &self.nats_peer {
+                    let routes: Vec<String> = peer
+                        .routes
+                        .iter()
+                        .map(|p| format!("nats://127.0.0.1:{p}"))
+                        .collect();
+                    c.args(["--server_name", &peer.name, "--cluster_name", "sb"])
+                        .arg("-m")
+                        .arg(peer.monitor_port.to_string())
+                        .arg("--cluster")
+                        .arg(format!("nats://127.0.0.1:{}", peer.cluster_port))
+                        .arg("--routes")
+                        .arg(routes.join(","));
+                }
                 c
             }
             Kind::Redis | Kind::ClusterNode | Kind::Replica(_) => {
@@ -602,6 +631,154 @@ impl RedisCluster {
     }
 }
 
+/// `GET path` on 127.0.0.1:`port` over HTTP/1.0: the body, when the
+/// status is 200.
+fn http_get_ok(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: t\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    (head.split(' ').nth(1) == Some("200")).then(|| body.to_owned())
+}
+
+/// Three `nats-server`s in one cluster ("sb"): routes between all of them
+/// on free ports, JetStream clustered (each server its own store dir), so
+/// streams may have 3 replicas and survive the loss of one server. Killed
+/// on drop.
+pub struct NatsCluster {
+    nodes: Vec<Server>,
+}
+
+impl NatsCluster {
+    /// Starts three servers and waits until every one reports JetStream
+    /// current (a metadata leader elected, `/healthz` ok).
+    pub fn start() -> NatsCluster {
+        NatsCluster::start_n(3)
+    }
+
+    /// Starts `n` servers (3 or 5 make sense: JetStream needs a majority).
+    pub fn start_n(n: usize) -> NatsCluster {
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            match NatsCluster::try_start(n) {
+                Ok(c) => return c,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("nats cluster did not start: {last_err}");
+    }
+
+    fn try_start(n: usize) -> Result<NatsCluster, String> {
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for (i, cluster_port) in routes.iter().enumerate() {
+            let mut s = Server {
+                kind: Kind::Nats,
+                port: free_port(),
+                dir: tempfile::tempdir().map_err(|e| e.to_string())?,
+                child: None,
+                nats_peer: Some(NatsPeer {
+                    name: format!("n{i}"),
+                    cluster_port: *cluster_port,
+                    monitor_port: free_port(),
+                    routes: routes.clone(),
+                }),
+            };
+            s.spawn()?;
+            nodes.push(s);
+        }
+        let cluster = NatsCluster { nodes };
+        cluster
+            .wait_ready()
+            .map_err(|e| format!("{e}\n{}", cluster.logs()))?;
+        Ok(cluster)
+    }
+
+    /// Waits until every running server says JetStream is current
+    /// (`/healthz` ok: it knows the metadata leader and has caught up on
+    /// every stream it holds), e.g. after a [`Server::restart`].
+    pub fn wait_ready(&self) -> Result<(), String> {
+        wait_until(30, "every nats server healthy", || {
+            self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                let port = n.nats_peer.as_ref().map(|p| p.monitor_port);
+                port.and_then(|p| http_get_ok(p, "/healthz"))
+                    .is_some_and(|b| b.contains("ok"))
+            })
+        })
+    }
+
+    /// `nats://127.0.0.1:P1,nats://127.0.0.1:P2,...`: every server, as
+    /// edges and routers take it.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Server::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The servers.
+    pub fn nodes(&mut self) -> &mut [Server] {
+        &mut self.nodes
+    }
+
+    /// The name of the JetStream metadata leader now, as the running
+    /// servers see it (`/jsz`).
+    pub fn meta_leader(&self) -> Option<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .filter_map(|n| http_get_ok(n.nats_peer.as_ref()?.monitor_port, "/jsz"))
+            .find_map(|body| {
+                let at = body.find("\"leader\"")?;
+                let rest = body[at + 8..].split_once('"')?.1;
+                Some(rest.split_once('"')?.0.to_owned())
+            })
+    }
+
+    /// Client connections the server at `index` holds now (`/connz`);
+    /// 0 when it does not answer.
+    pub fn client_connections(&self, index: usize) -> usize {
+        let Some(peer) = &self.nodes[index].nats_peer else {
+            return 0;
+        };
+        http_get_ok(peer.monitor_port, "/connz")
+            .and_then(|body| {
+                let at = body.find("\"num_connections\"")?;
+                let rest = body[at + 17..].trim_start_matches([':', ' ']);
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().ok()
+            })
+            .unwrap_or(0)
+    }
+
+    /// `GET path` on the monitoring port of the server at `index` (e.g.
+    /// `/jsz?streams=true`): the JSON body, or `None` when it does not
+    /// answer 200.
+    pub fn monitor(&self, index: usize, path: &str) -> Option<String> {
+        http_get_ok(self.nodes[index].nats_peer.as_ref()?.monitor_port, path)
+    }
+
+    /// Index of the server named `name` (`n0`, `n1`, ...).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.nats_peer.as_ref().is_some_and(|p| p.name == name))
+    }
+
+    /// Every server's log, for a failure message.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- nats {} ---\n{}", n.port, n.log()))
+            .collect()
+    }
+}
+
 /// One primary, one replica and three sentinels (quorum 2, a primary is
 /// declared down after one second), killed on drop.
 pub struct RedisSentinel {
@@ -721,6 +898,23 @@ mod tests {
             s.restart();
             assert!(TcpStream::connect(addr).is_ok());
         }
+    }
+
+    #[test]
+    fn a_nats_cluster_forms_loses_a_server_and_takes_it_back() {
+        let mut c = NatsCluster::start();
+        assert_eq!(c.url().split(',').count(), 3);
+        let leader = c.meta_leader().expect("a metadata leader");
+        let i = c.index_of(&leader).expect("the leader is one of ours");
+        c.nodes()[i].kill();
+        // The other two elect a new leader among themselves.
+        wait_until(30, "a new leader", || {
+            c.meta_leader().is_some_and(|l| l != leader)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+        c.nodes()[i].restart();
+        c.wait_ready()
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     }
 
     #[test]

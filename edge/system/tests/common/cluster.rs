@@ -7,7 +7,7 @@ use clap::Parser;
 use switchboard_edge::{ClusterConfig, Config, Edge};
 use switchboard_protocol::subject::ROUTER_PUBLISH;
 use switchboard_router_server::{Settings as RouterSettings, run as run_router};
-use switchboard_testkit::{RedisCluster, RedisSentinel, Server};
+use switchboard_testkit::{NatsCluster, RedisCluster, RedisSentinel, Server};
 use tokio_util::sync::CancellationToken;
 
 use super::{SECRET, config};
@@ -38,6 +38,35 @@ impl RedisUrl for RedisSentinel {
     }
 }
 
+/// Anything edges and routers can take NATS URLs from: one server, or
+/// every server of a NATS cluster (comma-separated).
+pub trait NatsUrl {
+    fn nats_url(&self) -> String;
+}
+
+impl NatsUrl for Server {
+    fn nats_url(&self) -> String {
+        self.url()
+    }
+}
+
+impl NatsUrl for NatsCluster {
+    fn nats_url(&self) -> String {
+        self.url()
+    }
+}
+
+/// A NATS client of these servers (comma-separated URLs).
+pub async fn nats_client(nats: &impl NatsUrl) -> async_nats::Client {
+    let url = nats.nats_url();
+    let servers: Vec<&str> = url.split(',').collect();
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .unwrap()
+}
+
 pub struct RouterNode {
     pub addr: SocketAddr,
     stop: CancellationToken,
@@ -63,31 +92,31 @@ pub struct Cluster {
     pub edges: Vec<Edge>,
 }
 
-pub fn edge_config(nats: &Server, redis: &impl RedisUrl, node: &str) -> Config {
+pub fn edge_config(nats: &impl NatsUrl, redis: &impl RedisUrl, node: &str) -> Config {
     let mut c = config();
     c.node_id = node.into();
     c.api_key = Some(API_KEY.into());
     c.presence_ttl = Duration::from_millis(1500);
     c.cluster = Some(ClusterConfig {
-        nats_url: nats.url(),
+        nats_url: nats.nats_url(),
         redis_url: redis.redis_url(),
         subscription_capacity: 8192,
     });
     c
 }
 
-pub async fn start_router(nats: &Server, redis: &impl RedisUrl, node: &str) -> RouterNode {
+pub async fn start_router(nats: &impl NatsUrl, redis: &impl RedisUrl, node: &str) -> RouterNode {
     start_router_with(nats, redis, node, &[]).await
 }
 
 /// A router with these flags besides the usual ones.
 pub async fn start_router_with(
-    nats: &Server,
+    nats: &impl NatsUrl,
     redis: &impl RedisUrl,
     node: &str,
     extra: &[&str],
 ) -> RouterNode {
-    let (nats_url, redis_url) = (nats.url(), redis.redis_url());
+    let (nats_url, redis_url) = (nats.nats_url(), redis.redis_url());
     let mut args = vec![
         "switchboard-router",
         "--nats",
@@ -121,9 +150,12 @@ pub async fn start_router_with(
 }
 
 /// Waits until some router answers on the publish subject.
-pub async fn wait_for_routers(nats: &Server) {
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    for _ in 0..100 {
+pub async fn wait_for_routers(nats: &impl NatsUrl) {
+    let client = nats_client(nats).await;
+    // Routers of a NATS cluster take a while: their R3 streams are
+    // created by the cluster's metadata leader.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
         if let Ok(Ok(_)) = tokio::time::timeout(
             Duration::from_millis(200),
             client.request(ROUTER_PUBLISH, "x".into()),
@@ -137,7 +169,7 @@ pub async fn wait_for_routers(nats: &Server) {
     panic!("no router answered");
 }
 
-pub async fn start_edge(nats: &Server, redis: &impl RedisUrl, node: &str) -> Edge {
+pub async fn start_edge(nats: &impl NatsUrl, redis: &impl RedisUrl, node: &str) -> Edge {
     super::start(edge_config(nats, redis, node)).await
 }
 
@@ -216,7 +248,7 @@ async fn keyed(addr: SocketAddr, head: &str, body: &str) -> (u16, serde_json::Va
 /// A cluster edge as a child process of the real binary (so it can really
 /// be SIGKILLed), once it listens.
 pub async fn spawn_edge_process(
-    nats: &Server,
+    nats: &impl NatsUrl,
     redis: &impl RedisUrl,
     node: &str,
 ) -> (std::process::Child, SocketAddr) {
@@ -234,7 +266,7 @@ pub async fn spawn_edge_process(
 
 /// Environment for an edge run as a child process in this cluster.
 pub fn edge_process_env(
-    nats: &Server,
+    nats: &impl NatsUrl,
     redis: &impl RedisUrl,
     node: &str,
     port: u16,
@@ -243,7 +275,7 @@ pub fn edge_process_env(
         ("SWITCHBOARD_LISTEN".into(), format!("127.0.0.1:{port}")),
         ("SWITCHBOARD_JWT_SECRET".into(), SECRET.into()),
         ("SWITCHBOARD_CHAT_AUTH".into(), "open".into()),
-        ("SWITCHBOARD_NATS_URL".into(), nats.url()),
+        ("SWITCHBOARD_NATS_URL".into(), nats.nats_url()),
         ("SWITCHBOARD_REDIS_URL".into(), redis.redis_url()),
         ("SWITCHBOARD_NODE_ID".into(), node.into()),
         ("SWITCHBOARD_PRESENCE_TTL_MS".into(), "1500".into()),
