@@ -35,8 +35,10 @@ use crate::{
     order::{Arrival, Gap, StreamOrder},
 };
 
+mod audience;
 mod lanes;
 
+use audience::{Audience, Snapshot};
 pub(crate) use lanes::FanoutLimits;
 use lanes::{HistoryAnswer, Lane, Work};
 
@@ -48,19 +50,18 @@ const FANOUT_TURN: usize = 128;
 /// so subscribe/unsubscribe on the bus never run out of order.
 const INTEREST_STRIPES: usize = 64;
 
-/// The sockets of one stream (or one user's presence watchers). Most
-/// streams on an edge are personal streams with one socket, kept inline.
+/// One user's presence watchers (a stream's sockets are an `Audience`).
 type Subs = InlineMap<u64, ConnHandle, std::hash::RandomState>;
 
 struct StreamEntry {
-    subs: Subs,
+    subs: Audience,
     order: StreamOrder,
 }
 
 impl StreamEntry {
     fn new() -> Self {
         StreamEntry {
-            subs: Subs::default(),
+            subs: Audience::default(),
             order: StreamOrder::new(),
         }
     }
@@ -433,10 +434,10 @@ impl Hub {
         key: &StreamKey,
         batch: &mut Vec<Work>,
         taken: Instant,
-    ) -> (StreamKey, Vec<SharedFrame>, Vec<ConnHandle>) {
+    ) -> (StreamKey, Vec<SharedFrame>, Snapshot) {
         let mut repairs = Vec::new();
         let mut out = Vec::with_capacity(batch.len());
-        let mut conns = Vec::new();
+        let mut conns = Snapshot::None;
         let mut stream = key.clone();
         let mut entry = self.streams.get_mut(key);
         let held = entry.as_ref().map_or(0, |e| e.order.held());
@@ -496,7 +497,7 @@ impl Hub {
         if let Some(e) = entry.as_mut() {
             self.count_held(held, e.order.held());
             if !out.is_empty() {
-                conns.extend(e.subs.values().cloned());
+                conns = e.subs.snapshot();
                 stream = e.key().clone();
             }
         }
