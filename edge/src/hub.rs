@@ -45,6 +45,9 @@ use lanes::{HistoryAnswer, Lane, Work};
 /// Sockets a fan-out writes before it lets other tasks run: about a
 /// millisecond of writes, so a channel's post delays nothing else by more.
 const FANOUT_TURN: usize = 128;
+/// Audiences from this size have a lone frame's fan-out shared out over
+/// the runtime's worker threads: a post reaches its last socket sooner.
+const SPREAD_FROM_SOCKETS: usize = 2048;
 
 /// Interest changes are serialized per subject through one of these locks,
 /// so subscribe/unsubscribe on the bus never run out of order.
@@ -89,6 +92,8 @@ pub(crate) struct Hub {
     /// The runtime the fan-out and repairs run on: the sockets' own, also
     /// when a frame is queued from the control runtime (an API publish).
     runtime: tokio::runtime::Handle,
+    /// Its worker threads.
+    workers: usize,
     /// Tests hold the fan-out back to see what a publish waits for.
     #[cfg(test)]
     held: std::sync::atomic::AtomicBool,
@@ -127,6 +132,7 @@ impl Hub {
             metrics,
             lanes: DashMap::new(),
             runtime: tokio::runtime::Handle::current(),
+            workers: tokio::runtime::Handle::current().metrics().num_workers(),
             queued: AtomicUsize::new(0),
             fanout,
             authz,
@@ -334,26 +340,94 @@ impl Hub {
     /// with them: written at once, in one write per socket, to the idle ones
     /// by this task, queued for the others' writer tasks (ADR 0028). Yields
     /// after every `FANOUT_TURN` sockets, so a large audience neither holds
-    /// a worker thread nor any lock for the whole of it. Returns the
-    /// sockets offered to.
+    /// a worker thread nor any lock for the whole of it. With `spread`, a
+    /// large audience is shared out by turns with a helper task per other
+    /// worker thread (ADR 0042). Returns the sockets offered to.
     async fn fan_out(
         &self,
         stream: &StreamKey,
-        conns: &[ConnHandle],
+        conns: &Snapshot,
         frames: &[SharedFrame],
+        spread: bool,
     ) -> usize {
         if frames.is_empty() {
             return 0;
         }
-        let mut delivered = 0;
-        for (turn, chunk) in conns.chunks(FANOUT_TURN).enumerate() {
-            if turn > 0 {
-                tokio::task::yield_now().await;
+        let helpers = if spread && conns.len() >= SPREAD_FROM_SOCKETS {
+            self.workers.saturating_sub(1)
+        } else {
+            0
+        };
+        let delivered = if helpers == 0 {
+            self.metrics.fanouts_alone.increment(1);
+            let mut delivered = 0;
+            for (turn, chunk) in conns.chunks(FANOUT_TURN).enumerate() {
+                if turn > 0 {
+                    tokio::task::yield_now().await;
+                }
+                delivered += self.offer_all(stream, chunk, frames);
             }
-            delivered += self.offer_all(stream, chunk, frames);
-        }
+            delivered
+        } else {
+            self.metrics.fanouts_spread.increment(1);
+            self.fan_out_spread(stream, conns, frames, helpers).await
+        };
         self.metrics.deliveries.increment(delivered);
         conns.len()
+    }
+
+    /// A fan-out shared by turns between this task and `helpers` more,
+    /// which take the next turn from a common cursor until none is left;
+    /// it ends when all of them have, so the stream's next batch still
+    /// reaches each socket after this one.
+    async fn fan_out_spread(
+        &self,
+        stream: &StreamKey,
+        conns: &Snapshot,
+        frames: &[SharedFrame],
+        helpers: usize,
+    ) -> u64 {
+        let cursor = Arc::new(AtomicUsize::new(0));
+        let mut joins = Vec::with_capacity(helpers);
+        if let Some(hub) = self.me.upgrade() {
+            for _ in 0..helpers {
+                let (hub, cursor) = (hub.clone(), cursor.clone());
+                let (stream, conns, frames) = (stream.clone(), conns.clone(), frames.to_vec());
+                // Unconstrained, like the lane's drain: its writes are sockets.
+                joins.push(self.runtime.spawn(tokio::task::unconstrained(async move {
+                    hub.take_turns(&stream, &conns, &frames, &cursor).await
+                })));
+            }
+        }
+        let mut delivered = self.take_turns(stream, conns, frames, &cursor).await;
+        for join in joins {
+            delivered += join.await.unwrap_or(0);
+        }
+        delivered
+    }
+
+    async fn take_turns(
+        &self,
+        stream: &StreamKey,
+        conns: &[ConnHandle],
+        frames: &[SharedFrame],
+        cursor: &AtomicUsize,
+    ) -> u64 {
+        let mut delivered = 0;
+        let mut first = true;
+        loop {
+            let at = cursor.fetch_add(1, Relaxed) * FANOUT_TURN;
+            let Some(chunk) = conns.get(at..) else { break };
+            if chunk.is_empty() {
+                break;
+            }
+            if !first {
+                tokio::task::yield_now().await;
+            }
+            first = false;
+            delivered += self.offer_all(stream, &chunk[..chunk.len().min(FANOUT_TURN)], frames);
+        }
+        delivered
     }
 
     /// Offers frames to each of `conns`; returns the frames they took.

@@ -33,6 +33,7 @@ pub(crate) struct Many {
 }
 
 /// A stream's sockets as they were when taken.
+#[derive(Clone)]
 pub(crate) enum Snapshot {
     None,
     One(ConnHandle),
