@@ -46,7 +46,8 @@ use lanes::{HistoryAnswer, Lane, Work};
 /// millisecond of writes, so a channel's post delays nothing else by more.
 const FANOUT_TURN: usize = 128;
 /// Audiences from this size have a lone frame's fan-out shared out over
-/// the runtime's worker threads: a post reaches its last socket sooner.
+/// the runtime's worker threads but one: a post reaches its last socket
+/// sooner.
 const SPREAD_FROM_SOCKETS: usize = 2048;
 
 /// Interest changes are serialized per subject through one of these locks,
@@ -341,8 +342,8 @@ impl Hub {
     /// by this task, queued for the others' writer tasks (ADR 0028). Yields
     /// after every `FANOUT_TURN` sockets, so a large audience neither holds
     /// a worker thread nor any lock for the whole of it. With `spread`, a
-    /// large audience is shared out by turns with a helper task per other
-    /// worker thread (ADR 0042). Returns the sockets offered to.
+    /// large audience is shared out by turns with a helper task per worker
+    /// thread beyond two (ADR 0042). Returns the sockets offered to.
     async fn fan_out(
         &self,
         stream: &StreamKey,
@@ -353,8 +354,10 @@ impl Hub {
         if frames.is_empty() {
             return 0;
         }
+        // One worker is left to everything else (small chats' fan-outs,
+        // reads): a post that took every thread made them all wait.
         let helpers = if spread && conns.len() >= SPREAD_FROM_SOCKETS {
-            self.workers.saturating_sub(1)
+            self.workers.saturating_sub(2)
         } else {
             0
         };
