@@ -35,32 +35,37 @@ use crate::{
     order::{Arrival, Gap, StreamOrder},
 };
 
+mod audience;
 mod lanes;
 
+use audience::{Audience, Snapshot};
 pub(crate) use lanes::FanoutLimits;
 use lanes::{HistoryAnswer, Lane, Work};
 
 /// Sockets a fan-out writes before it lets other tasks run: about a
 /// millisecond of writes, so a channel's post delays nothing else by more.
 const FANOUT_TURN: usize = 128;
+/// Audiences from this size have a lone frame's fan-out shared out over
+/// the runtime's worker threads but one: a post reaches its last socket
+/// sooner.
+const SPREAD_FROM_SOCKETS: usize = 2048;
 
 /// Interest changes are serialized per subject through one of these locks,
 /// so subscribe/unsubscribe on the bus never run out of order.
 const INTEREST_STRIPES: usize = 64;
 
-/// The sockets of one stream (or one user's presence watchers). Most
-/// streams on an edge are personal streams with one socket, kept inline.
+/// One user's presence watchers (a stream's sockets are an `Audience`).
 type Subs = InlineMap<u64, ConnHandle, std::hash::RandomState>;
 
 struct StreamEntry {
-    subs: Subs,
+    subs: Audience,
     order: StreamOrder,
 }
 
 impl StreamEntry {
     fn new() -> Self {
         StreamEntry {
-            subs: Subs::default(),
+            subs: Audience::default(),
             order: StreamOrder::new(),
         }
     }
@@ -88,6 +93,8 @@ pub(crate) struct Hub {
     /// The runtime the fan-out and repairs run on: the sockets' own, also
     /// when a frame is queued from the control runtime (an API publish).
     runtime: tokio::runtime::Handle,
+    /// Its worker threads.
+    workers: usize,
     /// Tests hold the fan-out back to see what a publish waits for.
     #[cfg(test)]
     held: std::sync::atomic::AtomicBool,
@@ -126,6 +133,7 @@ impl Hub {
             metrics,
             lanes: DashMap::new(),
             runtime: tokio::runtime::Handle::current(),
+            workers: tokio::runtime::Handle::current().metrics().num_workers(),
             queued: AtomicUsize::new(0),
             fanout,
             authz,
@@ -333,26 +341,96 @@ impl Hub {
     /// with them: written at once, in one write per socket, to the idle ones
     /// by this task, queued for the others' writer tasks (ADR 0028). Yields
     /// after every `FANOUT_TURN` sockets, so a large audience neither holds
-    /// a worker thread nor any lock for the whole of it. Returns the
-    /// sockets offered to.
+    /// a worker thread nor any lock for the whole of it. With `spread`, a
+    /// large audience is shared out by turns with a helper task per worker
+    /// thread beyond two (ADR 0042). Returns the sockets offered to.
     async fn fan_out(
         &self,
         stream: &StreamKey,
-        conns: &[ConnHandle],
+        conns: &Snapshot,
         frames: &[SharedFrame],
+        spread: bool,
     ) -> usize {
         if frames.is_empty() {
             return 0;
         }
-        let mut delivered = 0;
-        for (turn, chunk) in conns.chunks(FANOUT_TURN).enumerate() {
-            if turn > 0 {
-                tokio::task::yield_now().await;
+        // One worker is left to everything else (small chats' fan-outs,
+        // reads): a post that took every thread made them all wait.
+        let helpers = if spread && conns.len() >= SPREAD_FROM_SOCKETS {
+            self.workers.saturating_sub(2)
+        } else {
+            0
+        };
+        let delivered = if helpers == 0 {
+            self.metrics.fanouts_alone.increment(1);
+            let mut delivered = 0;
+            for (turn, chunk) in conns.chunks(FANOUT_TURN).enumerate() {
+                if turn > 0 {
+                    tokio::task::yield_now().await;
+                }
+                delivered += self.offer_all(stream, chunk, frames);
             }
-            delivered += self.offer_all(stream, chunk, frames);
-        }
+            delivered
+        } else {
+            self.metrics.fanouts_spread.increment(1);
+            self.fan_out_spread(stream, conns, frames, helpers).await
+        };
         self.metrics.deliveries.increment(delivered);
         conns.len()
+    }
+
+    /// A fan-out shared by turns between this task and `helpers` more,
+    /// which take the next turn from a common cursor until none is left;
+    /// it ends when all of them have, so the stream's next batch still
+    /// reaches each socket after this one.
+    async fn fan_out_spread(
+        &self,
+        stream: &StreamKey,
+        conns: &Snapshot,
+        frames: &[SharedFrame],
+        helpers: usize,
+    ) -> u64 {
+        let cursor = Arc::new(AtomicUsize::new(0));
+        let mut joins = Vec::with_capacity(helpers);
+        if let Some(hub) = self.me.upgrade() {
+            for _ in 0..helpers {
+                let (hub, cursor) = (hub.clone(), cursor.clone());
+                let (stream, conns, frames) = (stream.clone(), conns.clone(), frames.to_vec());
+                // Unconstrained, like the lane's drain: its writes are sockets.
+                joins.push(self.runtime.spawn(tokio::task::unconstrained(async move {
+                    hub.take_turns(&stream, &conns, &frames, &cursor).await
+                })));
+            }
+        }
+        let mut delivered = self.take_turns(stream, conns, frames, &cursor).await;
+        for join in joins {
+            delivered += join.await.unwrap_or(0);
+        }
+        delivered
+    }
+
+    async fn take_turns(
+        &self,
+        stream: &StreamKey,
+        conns: &[ConnHandle],
+        frames: &[SharedFrame],
+        cursor: &AtomicUsize,
+    ) -> u64 {
+        let mut delivered = 0;
+        let mut first = true;
+        loop {
+            let at = cursor.fetch_add(1, Relaxed) * FANOUT_TURN;
+            let Some(chunk) = conns.get(at..) else { break };
+            if chunk.is_empty() {
+                break;
+            }
+            if !first {
+                tokio::task::yield_now().await;
+            }
+            first = false;
+            delivered += self.offer_all(stream, &chunk[..chunk.len().min(FANOUT_TURN)], frames);
+        }
+        delivered
     }
 
     /// Offers frames to each of `conns`; returns the frames they took.
@@ -433,10 +511,10 @@ impl Hub {
         key: &StreamKey,
         batch: &mut Vec<Work>,
         taken: Instant,
-    ) -> (StreamKey, Vec<SharedFrame>, Vec<ConnHandle>) {
+    ) -> (StreamKey, Vec<SharedFrame>, Snapshot) {
         let mut repairs = Vec::new();
         let mut out = Vec::with_capacity(batch.len());
-        let mut conns = Vec::new();
+        let mut conns = Snapshot::None;
         let mut stream = key.clone();
         let mut entry = self.streams.get_mut(key);
         let held = entry.as_ref().map_or(0, |e| e.order.held());
@@ -496,7 +574,7 @@ impl Hub {
         if let Some(e) = entry.as_mut() {
             self.count_held(held, e.order.held());
             if !out.is_empty() {
-                conns.extend(e.subs.values().cloned());
+                conns = e.subs.snapshot();
                 stream = e.key().clone();
             }
         }

@@ -28,9 +28,8 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use hyper_util::rt::TokioIo;
 use switchboard_protocol::{CloseReason, Encoding, SharedFrame, StreamKey};
-use tokio::io::{AsyncWrite, WriteHalf};
+use tokio::io::AsyncWrite;
 
 use crate::{
     metrics::EdgeMetrics,
@@ -38,7 +37,7 @@ use crate::{
 };
 
 /// A served socket's write half.
-pub(crate) type Sink = WriteHalf<TokioIo<hyper::upgrade::Upgraded>>;
+pub(crate) type Sink = crate::conn::socket::SocketWrite;
 
 /// What a connection's writer can be asked to do.
 pub(crate) enum Outbound {

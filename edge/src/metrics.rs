@@ -25,6 +25,9 @@ pub(crate) struct EdgeMetrics {
     /// Frames the fan-out wrote to a socket itself / queued for its writer.
     pub(crate) offers_direct: Counter,
     pub(crate) offers_queued: Counter,
+    /// Fan-outs run by the lane's task alone / shared out over the worker threads.
+    pub(crate) fanouts_alone: Counter,
+    pub(crate) fanouts_spread: Counter,
     pub(crate) delivery_latency: Histogram,
     pub(crate) subscriptions: Gauge,
     pub(crate) duplicates_dropped: Counter,
@@ -146,6 +149,8 @@ impl EdgeMetrics {
             slow_consumer_drops: counter!("switchboard_edge_queue_drops_total", "reason" => "slow_consumer"),
             offers_direct: counter!("switchboard_edge_fanout_offers_total", "path" => "direct"),
             offers_queued: counter!("switchboard_edge_fanout_offers_total", "path" => "queued"),
+            fanouts_alone: counter!("switchboard_edge_fanouts_total", "mode" => "alone"),
+            fanouts_spread: counter!("switchboard_edge_fanouts_total", "mode" => "spread"),
             delivery_latency: histogram!("switchboard_edge_delivery_latency_seconds"),
             subscriptions: gauge!("switchboard_edge_subscriptions"),
             duplicates_dropped: counter!("switchboard_edge_duplicate_deliveries_total"),

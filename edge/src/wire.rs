@@ -121,27 +121,43 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
             rest: false,
             overflow: false,
         };
-        for frame in frames {
-            match self.live_in(Some(stream), frame, metrics) {
-                Live::Buffered | Live::Held => direct.taken += 1,
+        // At moderate rates a fan-out offers one frame: it goes out
+        // without being copied into a batch first.
+        if let [frame] = frames
+            && !self.out.pending()
+        {
+            match self.admit(Some(stream), frame, metrics) {
+                Live::Buffered => {
+                    direct.taken = 1;
+                    let (opcode, compressed, bytes) = self.shared_bytes(frame, metrics);
+                    direct.bytes = self.out.write_frame_now(opcode, compressed, bytes);
+                }
+                Live::Held => direct.taken = 1,
                 Live::Skipped => {}
                 Live::Overflow => direct.overflow = true,
             }
-        }
-        direct.frames = self.out.take_frames();
-        // No task waits on this write: a socket that is not writable keeps
-        // the rest for the writer task, whose own poll registers its waker.
-        let mut cx = Context::from_waker(Waker::noop());
-        while self.out.pending() {
-            match self.out.poll_write_some(&mut cx) {
-                Poll::Ready(Ok(n)) => {
-                    direct.bytes += n;
-                    self.progressed = true;
+        } else {
+            for frame in frames {
+                match self.live_in(Some(stream), frame, metrics) {
+                    Live::Buffered | Live::Held => direct.taken += 1,
+                    Live::Skipped => {}
+                    Live::Overflow => direct.overflow = true,
                 }
-                // The writer task meets the same error on its next write.
-                Poll::Ready(Err(_)) | Poll::Pending => break,
+            }
+            // No task waits on this write: a socket that is not writable
+            // keeps the rest for the writer task, whose own poll registers
+            // its waker.
+            let mut cx = Context::from_waker(Waker::noop());
+            while self.out.pending() {
+                match self.out.poll_write_some(&mut cx) {
+                    Poll::Ready(Ok(n)) => direct.bytes += n,
+                    // The writer task meets the same error on its next write.
+                    Poll::Ready(Err(_)) | Poll::Pending => break,
+                }
             }
         }
+        direct.frames = self.out.take_frames();
+        self.progressed |= direct.bytes > 0;
         direct.rest = self.out.pending();
         direct
     }
@@ -155,6 +171,22 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     /// of the frame's key, which the socket's own entry shares, so the
     /// lookup compares addresses instead of reading another copy's bytes.
     fn live_in(
+        &mut self,
+        stream: Option<&StreamKey>,
+        frame: &SharedFrame,
+        metrics: &EdgeMetrics,
+    ) -> Live {
+        let live = self.admit(stream, frame, metrics);
+        if live == Live::Buffered {
+            self.write_shared(frame, metrics);
+        }
+        live
+    }
+
+    /// The order filter's verdict on a live frame: `Buffered` means it is
+    /// to be written now (the caller writes it), `Held` that it was kept
+    /// behind its stream's recovery.
+    fn admit(
         &mut self,
         stream: Option<&StreamKey>,
         frame: &SharedFrame,
@@ -182,7 +214,6 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
                 None => return Live::Skipped,
             }
         }
-        self.write_shared(frame, metrics);
         Live::Buffered
     }
 
@@ -239,17 +270,27 @@ impl<W: AsyncWrite + Unpin> Wire<W> {
     /// Buffers a frame shared with other sockets: on a compressing socket
     /// its compressed form, made once by the first socket that needs it.
     pub(crate) fn write_shared(&mut self, frame: &SharedFrame, metrics: &EdgeMetrics) {
+        let (opcode, compressed, bytes) = self.shared_bytes(frame, metrics);
+        self.out.push_frame(opcode, compressed, bytes);
+    }
+
+    /// How a shared frame goes out on this socket: its opcode, whether
+    /// compressed, and its bytes.
+    fn shared_bytes<'f>(
+        &self,
+        frame: &'f SharedFrame,
+        metrics: &EdgeMetrics,
+    ) -> (OpCode, bool, &'f [u8]) {
         let opcode = self.data_opcode();
         let enc = self.encoding;
         if self.deflate_min_bytes == 0 {
-            self.out.push(opcode, frame.encoded(enc));
-            return;
+            return (opcode, false, frame.encoded(enc));
         }
         let d = frame.deflated(enc, self.deflate_min_bytes as usize);
         if d.compressed_now {
             let m = &metrics.deflate;
             m.compressed(&m.shared, frame.encoded(enc).len(), d.bytes.len());
         }
-        self.out.push_frame(opcode, d.compressed, d.bytes);
+        (opcode, d.compressed, d.bytes)
     }
 }

@@ -12,13 +12,8 @@ use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, upgrade::UpgradeFut};
 use http_body_util::Empty;
 use hyper::{Request, Response, body::Incoming};
-use hyper_util::rt::TokioIo;
 use switchboard_protocol::{CloseReason, Encoding};
-use tokio::{
-    io::{ReadHalf, WriteHalf},
-    net::TcpStream,
-    time::Instant,
-};
+use tokio::{net::TcpStream, time::Instant};
 use tracing::Instrument;
 
 use crate::{
@@ -35,6 +30,7 @@ mod handshake;
 pub(crate) mod inbound;
 mod reader;
 mod requests;
+pub(crate) mod socket;
 mod upgrade;
 mod writer;
 
@@ -43,15 +39,15 @@ use self::{
     inbound::Inbound,
     reader::ReaderExit,
     requests::Session,
+    socket::{SocketRead, SocketWrite},
     writer::{Reset, Writer, WriterExit},
 };
 pub(crate) use upgrade::Refused;
 
-type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 /// The read side of a socket: one frame at a time, no idle buffer.
-type Reader = Inbound<ReadHalf<Upgraded>>;
+type Reader = Inbound<SocketRead>;
 /// The write side: frames coalesced into one syscall per flush.
-type Writing = BatchWriter<WriteHalf<Upgraded>>;
+type Writing = BatchWriter<SocketWrite>;
 
 /// Answers `GET /ws`: the request passes the checks of `upgrade`, and
 /// once upgraded the socket is served in a task of its own.
@@ -81,7 +77,7 @@ async fn serve(state: Arc<EdgeState>, fut: UpgradeFut, accepted: Accepted) {
             }
         };
         // Nothing was read yet, so fastwebsockets' buffer holds nothing.
-        let (r, w) = tokio::io::split(ws.into_inner());
+        let (r, w) = socket::split(ws.into_inner());
         let mut rd = Inbound::new(r, state.config.max_frame_bytes, accepted.deflate);
         let mut wr = BatchWriter::new(w);
         // Boxed: runs once, and its state must not stay in every socket's task.
@@ -269,15 +265,9 @@ fn release(rd: Reader, wr: Option<Writing>, reset: Option<Reset>, stall_limit: D
     // The writer keeps its write side to the end; without it the socket
     // is simply dropped.
     let Some(wr) = wr else { return };
-    let io = rd.into_inner().unsplit(wr.into_inner()).into_inner();
-    // The upgrade hides the stream hyper was given; it is one of these.
-    let set = match io.downcast::<TokioIo<TcpStream>>() {
-        Ok(plain) => before_close(plain.io.inner(), reset, stall_limit),
-        Err(io) => match io.downcast::<TokioIo<tokio_rustls::server::TlsStream<TcpStream>>>() {
-            Ok(tls) => before_close(tls.io.inner().get_ref().0, reset, stall_limit),
-            Err(_) => Err(std::io::ErrorKind::Unsupported.into()),
-        },
-    };
+    let set = socket::before_close(rd.into_inner(), wr.into_inner(), |tcp| {
+        before_close(tcp, reset, stall_limit)
+    });
     if let Err(e) = set {
         tracing::debug!(error = %e, "socket options not set before close");
     }

@@ -145,6 +145,11 @@ impl Hub {
         let mut idle = 0;
         let mut batch = Vec::new();
         loop {
+            // A lane that keeps up (nothing queued behind this batch) has
+            // its fan-out spread over the worker threads, for latency; one
+            // with a backlog is saturated and fans out from this task
+            // alone, so frames batch and each socket gets fewer writes.
+            let backlog;
             {
                 let Some(mut lane) = self.lanes.get_mut(&key) else {
                     return;
@@ -163,6 +168,7 @@ impl Hub {
                     }
                     batch.push(work);
                 }
+                backlog = !lane.queue.is_empty();
             }
             if batch.is_empty() {
                 // Removed only while still empty: a frame queued since
@@ -179,7 +185,7 @@ impl Hub {
             }
             let taken = Instant::now();
             let (stream, frames, conns) = self.order_batch(&key, &mut batch, taken);
-            let pushed = self.fan_out(&stream, &conns, &frames).await;
+            let pushed = self.fan_out(&stream, &conns, &frames, !backlog).await;
             // Once per fan-out; a batch held for a gap reached no socket.
             if pushed > 0 {
                 self.metrics

@@ -13,9 +13,9 @@
 //! the socket took is remembered, so a batch never goes out twice or torn.
 use std::{
     future::poll_fn,
-    io,
+    io::{self, IoSlice},
     pin::Pin,
-    task::{Context, Poll, ready},
+    task::{Context, Poll, Waker, ready},
 };
 
 use fastwebsockets::{Frame, OpCode, Payload};
@@ -71,6 +71,60 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
         self.buf.extend_from_slice(&head[..n]);
         self.buf.extend_from_slice(payload);
         self.frames = self.frames.saturating_add(1);
+    }
+
+    /// Hands one frame straight to an idle socket, without waiting and
+    /// without buffering it first: the header and the shared payload go
+    /// out in one vectored write, and only what the socket did not take
+    /// is copied into the batch for the writer task (the fan-out's common
+    /// case costs no allocation). Returns the bytes the socket took.
+    /// A stream without vectored writes (TLS) buffers the frame and writes
+    /// the batch as `poll_write_some` does.
+    pub(crate) fn write_frame_now(
+        &mut self,
+        opcode: OpCode,
+        compressed: bool,
+        payload: &[u8],
+    ) -> usize {
+        let mut cx = Context::from_waker(Waker::noop());
+        if self.pending() || !self.inner.is_write_vectored() {
+            self.push_frame(opcode, compressed, payload);
+            let mut took = 0;
+            while self.pending() {
+                match self.poll_write_some(&mut cx) {
+                    Poll::Ready(Ok(n)) => took += n,
+                    Poll::Ready(Err(_)) | Poll::Pending => break,
+                }
+            }
+            return took;
+        }
+        let mut head = [0u8; MAX_HEAD + 4];
+        let n = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
+        if compressed {
+            head[0] |= RSV1;
+        }
+        self.frames = self.frames.saturating_add(1);
+        let total = n + payload.len();
+        let parts = [IoSlice::new(&head[..n]), IoSlice::new(payload)];
+        let took = match Pin::new(&mut self.inner).poll_write_vectored(&mut cx, &parts) {
+            Poll::Ready(Ok(took)) => took.min(total),
+            // Pending: the writer task waits for the socket. An error: the
+            // writer meets it on its own write of what is buffered here.
+            Poll::Ready(Err(_)) | Poll::Pending => 0,
+        };
+        if took < total {
+            let rest = total - took;
+            self.buf.reserve(rest);
+            if took < n {
+                self.buf.extend_from_slice(&head[took..n]);
+                self.buf.extend_from_slice(payload);
+            } else {
+                self.buf.extend_from_slice(&payload[took - n..]);
+            }
+        } else if let Poll::Pending = Pin::new(&mut self.inner).poll_flush(&mut cx) {
+            self.unflushed = true;
+        }
+        took
     }
 
     /// Frames buffered since the last call.
@@ -244,5 +298,56 @@ mod tests {
         assert_eq!(w.buffered(), 102);
         w.flush().await.unwrap();
         assert_eq!((w.buffered(), w.buf.capacity()), (0, 0));
+    }
+
+    /// A TCP pair on loopback: the accepted end's owned write half (as an
+    /// edge's socket writes) and the connecting end.
+    async fn tcp_pair() -> (tokio::net::tcp::OwnedWriteHalf, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let (_read, write) = server.into_split();
+        // The read half may go: the write half keeps the stream open.
+        (write, client)
+    }
+
+    #[tokio::test]
+    async fn a_frame_written_now_goes_out_unbuffered_or_its_rest_is_kept() {
+        let (w, client) = tcp_pair().await;
+        let mut w = BatchWriter::new(w);
+        // Taken whole: nothing buffered, nothing allocated.
+        assert_eq!(w.write_frame_now(OpCode::Binary, false, b"small"), 7);
+        assert!(!w.pending());
+        assert_eq!(w.buf.capacity(), 0);
+        // Larger than the socket takes while its peer does not read: the
+        // rest waits in the batch, and a frame after it goes out behind.
+        let big = vec![9u8; 4 << 20];
+        let took = w.write_frame_now(OpCode::Binary, false, &big);
+        assert!(took < big.len(), "the kernel took all of {took}");
+        assert!(w.pending());
+        // Behind a batch still owed it is buffered (the batch goes on).
+        w.write_frame_now(OpCode::Text, false, b"after");
+        assert!(w.pending());
+        assert_eq!(w.take_frames(), 3);
+        let reader = tokio::spawn(async move {
+            let mut ws = WebSocket::after_handshake(client, Role::Client);
+            ws.set_max_message_size(8 << 20);
+            let mut got = Vec::new();
+            for _ in 0..3 {
+                let f = ws.read_frame().await.unwrap();
+                got.push((f.opcode, f.payload.len(), f.payload.first().copied()));
+            }
+            got
+        });
+        w.flush().await.unwrap();
+        let got = reader.await.unwrap();
+        assert_eq!(got[0], (OpCode::Binary, 5, Some(b's')));
+        assert_eq!(got[1], (OpCode::Binary, big.len(), Some(9)), "not torn");
+        assert_eq!(got[2], (OpCode::Text, 5, Some(b'a')));
     }
 }

@@ -397,3 +397,49 @@ async fn protobuf_clients_and_json_clients_share_a_chat() {
     assert_eq!(d.seq, 1);
     edge.shutdown().await;
 }
+
+/// A client may send its first frame right behind the upgrade request,
+/// before the 101 arrives: the edge read those bytes with the request and
+/// must hand them to the socket, not lose them (the plain-TCP socket is
+/// taken back out of the upgrade, ADR 0042).
+#[tokio::test]
+async fn a_connect_sent_behind_the_upgrade_request_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::protocol::Role};
+
+    let edge = start(config()).await;
+    let connect = json!({"id": 1, "connect": {"token": token("eager")}}).to_string();
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: switchboard.v1.json\r\n\r\n"
+    )
+    .into_bytes();
+    // One masked text frame (a zero mask leaves the payload as it is).
+    let len = u16::try_from(connect.len()).unwrap();
+    bytes.extend_from_slice(&[0x81, 0x80 | 126]);
+    bytes.extend_from_slice(&len.to_be_bytes());
+    bytes.extend_from_slice(&[0, 0, 0, 0]);
+    bytes.extend_from_slice(connect.as_bytes());
+    let mut tcp = tokio::net::TcpStream::connect(edge.addr()).await.unwrap();
+    tcp.write_all(&bytes).await.unwrap();
+    // The 101's head, byte by byte so nothing of the first frame is taken.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let ws = WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(tcp), Role::Client, None).await;
+    let mut raw = Raw::new(ws);
+    raw.next_id = 2;
+    let reply = raw.next().await.expect("a reply to the early Connect");
+    assert_eq!(reply["id"], 1, "{reply}");
+    assert!(reply.get("connectResult").is_some(), "{reply}");
+    // The socket works on from there.
+    let r = raw.request(json!({"subscribe": {"chat": "early"}})).await;
+    assert!(r.get("subscribeResult").is_some(), "{r}");
+    publish_chat(&mut raw, "early", "e1", "hello").await;
+    assert_eq!(payload_text(&raw.deliveries(1).await[0]), "hello");
+    edge.shutdown().await;
+}

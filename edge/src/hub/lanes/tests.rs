@@ -177,6 +177,48 @@ async fn one_publisher_to_ten_thousand_sockets_is_acked_before_any_fan_out() {
     stop.cancel();
 }
 
+/// A lone post to a large audience is shared out over the worker threads
+/// but one (ADR 0042): every socket still gets every post once, in order,
+/// also when the posts follow each other while one is still going out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_lone_post_to_a_crowd_is_spread_over_the_workers_and_stays_in_order() {
+    const SOCKETS: u64 = 5_000;
+    const POSTS: u64 = 30;
+    let (state, addr, stop) = edge(65_536).await;
+    let crowd = chat("crowd");
+    let mut inboxes = sockets(&state, &crowd, 1, SOCKETS).await;
+    let mut api = Api::connect(addr).await;
+    for n in 1..=POSTS {
+        assert_eq!(api.publish(("chat", "crowd"), &format!("m{n}")).await, n);
+        // Every other post waits for the last one to go out, so some find
+        // the lane idle (spread) and some find it busy.
+        if n % 2 == 0 {
+            tokio::time::timeout(Duration::from_secs(60), state.hub.settled())
+                .await
+                .expect("the fan-out finishes");
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(60), state.hub.settled())
+        .await
+        .expect("the fan-out finishes");
+    let all: Vec<Option<u64>> = (1..=POSTS).map(Some).collect();
+    for (i, inbox) in inboxes.iter_mut().enumerate() {
+        assert_eq!(
+            taken(inbox),
+            all,
+            "socket {i} got a post twice, late or never"
+        );
+    }
+    let text = state.prometheus.render();
+    let spread = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"switchboard_edge_fanouts_total{mode="spread"} "#))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(spread >= (POSTS / 2) as f64, "spread fan-outs: {spread}");
+    stop.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn personal_streams_are_acked_first_and_kicks_do_not_wait() {
     let (state, addr, stop) = edge(65_536).await;
