@@ -121,7 +121,7 @@ impl<W: AsyncWrite + Unpin> BatchWriter<W> {
             } else {
                 self.buf.extend_from_slice(&payload[took - n..]);
             }
-        } else if let Poll::Pending = Pin::new(&mut self.inner).poll_flush(&mut cx) {
+        } else if Pin::new(&mut self.inner).poll_flush(&mut cx).is_pending() {
             self.unflushed = true;
         }
         took
