@@ -409,12 +409,10 @@ async fn a_connect_sent_behind_the_upgrade_request_is_served() {
 
     let edge = start(config()).await;
     let connect = json!({"id": 1, "connect": {"token": token("eager")}}).to_string();
-    let mut bytes = format!(
-        "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: switchboard.v1.json\r\n\r\n"
-    )
-    .into_bytes();
+    let mut bytes = b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Protocol: switchboard.v1.json\r\n\r\n"
+        .to_vec();
     // One masked text frame (a zero mask leaves the payload as it is).
     let len = u16::try_from(connect.len()).unwrap();
     bytes.extend_from_slice(&[0x81, 0x80 | 126]);
