@@ -52,10 +52,10 @@ fn keep_talking(mut raw: Raw, stop: CancellationToken) -> JoinHandle<Raw> {
 /// 300 ms so the edge never finds it silent; collects deliveries until
 /// cancelled.
 fn busy(raw: Raw, stop: CancellationToken) -> JoinHandle<Vec<Value>> {
-    busy_until(raw, stop, usize::MAX)
+    busy_until(raw, stop, 0)
 }
 
-/// `busy`, ending by itself once it has `until` deliveries.
+/// `busy`, stopping only once it also has `until` deliveries.
 fn busy_until(mut raw: Raw, stop: CancellationToken, until: usize) -> JoinHandle<Vec<Value>> {
     tokio::spawn(async move {
         let mut deliveries = Vec::new();
@@ -68,13 +68,10 @@ fn busy_until(mut raw: Raw, stop: CancellationToken, until: usize) -> JoinHandle
                 next_ping += Duration::from_millis(300);
             }
             tokio::select! {
-                _ = stop.cancelled() => return deliveries,
+                _ = stop.cancelled(), if deliveries.len() >= until => return deliveries,
                 v = raw.next_within(Duration::from_millis(100)) => {
                     if let Some(d) = v.as_ref().and_then(|v| v.get("delivery")) {
                         deliveries.push(d.clone());
-                        if deliveries.len() >= until {
-                            return deliveries;
-                        }
                     }
                 }
             }
@@ -138,9 +135,9 @@ async fn a_reader_that_stops_is_reset_within_two_heartbeats_and_its_slot_reused(
     let stop = CancellationToken::new();
     let stalled = keep_talking(stalled, stop.clone());
     let total: u64 = 300;
-    // Ends once it has every message: on a loaded box the 9 MB may
-    // still be on their way to it when the checks below are done.
-    let fast = busy_until(fast, CancellationToken::new(), total as usize);
+    // Stops only once it has every message: on a loaded box the 9 MB
+    // may still be on their way to it when the checks below are done.
+    let fast = busy_until(fast, stop.clone(), total as usize);
     let watched = watch(edge.addr().port(), port, Duration::from_secs(30));
 
     // 9 MB: beyond what the kernel buffers for the stalled socket (the
