@@ -28,3 +28,5 @@ mod stall;
 mod stop;
 mod tap;
 mod tls;
+#[cfg(feature = "otel")]
+mod traces;
