@@ -191,6 +191,11 @@ struct Nodes {
 }
 
 async fn start_nodes(endpoint: Option<&str>) -> Nodes {
+    start_nodes_with(trace_env(endpoint)).await
+}
+
+/// [`start_nodes`] with these trace settings on each node.
+async fn start_nodes_with(traces: Vec<(String, String)>) -> Nodes {
     let nats = Server::nats();
     let redis = Server::redis();
     let router_port = free_port();
@@ -205,7 +210,7 @@ async fn start_nodes(endpoint: Option<&str>) -> Nodes {
             ("SWITCHBOARD_API_KEY".into(), API_KEY.into()),
             ("SWITCHBOARD_NODE_ID".into(), "router-0".into()),
         ])
-        .envs(trace_env(endpoint))
+        .envs(traces.clone())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -219,7 +224,7 @@ async fn start_nodes(endpoint: Option<&str>) -> Nodes {
         let port = free_port();
         let child = Command::new(EDGE_BIN)
             .envs(edge_process_env(&nats, &redis, node, port))
-            .envs(trace_env(endpoint))
+            .envs(traces.clone())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -420,4 +425,86 @@ async fn post_traced(
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     (out[9..12].parse().unwrap(), out)
+}
+
+#[tokio::test]
+async fn at_ratio_zero_nothing_is_exported_and_deliveries_carry_no_header() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let mut env = trace_env(Some(&endpoint));
+    env[1].1 = "0".into();
+    let nodes = start_nodes_with(env).await;
+    let requests = spy(&nodes.nats, switchboard_protocol::subject::ROUTER_PUBLISH).await;
+    let deliveries = spy(&nodes.nats, "sb.chat.room").await;
+    let _clients = publish_across(&nodes, "unsampled").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(receiver.spans().is_empty(), "{:?}", receiver.spans());
+    // The request says "not sampled", so the router does not sample it
+    // afresh; the delivery carries nothing for the edges to look at.
+    let requests = requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1);
+    let tp = requests[0].clone().expect("an unsampled context");
+    assert!(tp.starts_with("00-") && tp.ends_with("-00"), "{tp}");
+    let deliveries = deliveries.lock().unwrap().clone();
+    assert_eq!(deliveries, vec![None]);
+}
+
+/// Standalone (one edge process, the in-process bus), the router's and
+/// the fan-out's spans are in the publish's trace too.
+#[tokio::test]
+async fn a_standalone_edge_links_its_own_spans() {
+    let (receiver, endpoint) = Receiver::start().await;
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let _edge = Proc(
+        Command::new(EDGE_BIN)
+            .envs([
+                ("SWITCHBOARD_LISTEN".to_owned(), addr.to_string()),
+                ("SWITCHBOARD_JWT_SECRET".into(), SECRET.into()),
+                ("SWITCHBOARD_CHAT_AUTH".into(), "open".into()),
+                ("SWITCHBOARD_NODE_ID".into(), "alone".into()),
+            ])
+            .envs(trace_env(Some(&endpoint)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(addr, "edge").await;
+    let mut bob = Raw::connected_addr(addr, "bob").await;
+    let r = bob.request(json!({"subscribe": {"chat": "room"}})).await;
+    assert!(r.get("subscribeResult").is_some(), "{r}");
+    let mut alice = Raw::connected_addr(addr, "alice").await;
+    let ack = alice
+        .request(json!({"publish": {"chat": "room", "clientMsgId": "m1", "payload": b64("hi")}}))
+        .await;
+    assert!(ack.get("publishAck").is_some(), "{ack}");
+    bob.deliveries(1).await;
+
+    let publish = receiver
+        .wait_for("edge.publish", |s| s.name == "edge.publish")
+        .await;
+    let trace = publish.trace_id.clone();
+    let in_trace = |name: &'static str| {
+        let trace = trace.clone();
+        move |s: &Span| s.name == name && s.trace_id == trace
+    };
+    let sequenced = receiver
+        .wait_for("router.publish", in_trace("router.publish"))
+        .await;
+    assert_eq!(sequenced.parent_span_id, publish.span_id);
+    let delivered = receiver
+        .wait_for("router.deliver", in_trace("router.deliver"))
+        .await;
+    assert_eq!(delivered.parent_span_id, sequenced.span_id);
+    let fanout = receiver
+        .wait_for("edge.fanout", in_trace("edge.fanout"))
+        .await;
+    assert_eq!(fanout.parent_span_id, delivered.span_id);
+    assert_eq!(fanout.attr("sockets"), Some("1"));
+    assert!(
+        receiver
+            .spans()
+            .iter()
+            .all(|s| s.service == "switchboard-edge" && s.node == "alone")
+    );
 }
