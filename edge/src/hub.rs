@@ -433,7 +433,7 @@ impl Hub {
         key: &StreamKey,
         batch: &mut Vec<Work>,
         taken: Instant,
-        spans: &mut Vec<Box<tracing::Span>>,
+        spans: &mut Vec<tracing::Span>,
     ) -> (StreamKey, Vec<SharedFrame>, Vec<ConnHandle>) {
         let mut repairs = Vec::new();
         let mut out = Vec::with_capacity(batch.len());
@@ -457,7 +457,7 @@ impl Hub {
                     trace,
                 } => {
                     if let Some(span) = trace {
-                        spans.push(span);
+                        spans.push(*span);
                     }
                     self.metrics
                         .hops

@@ -206,8 +206,8 @@ pub struct ClusterSettings {
 
     /// OTLP/gRPC endpoint to export traces to, `http://host:port` (an
     /// OpenTelemetry Collector's 4317, Jaeger, Tempo); unset: no traces.
-    /// Needs a build with the `otel` feature (the shipped images have it;
-    /// ADR 0038). Default unset.
+    /// Needs the `otel` cargo feature, on by default (ADR 0038). Default
+    /// unset.
     #[arg(long, env = "SWITCHBOARD_OTLP_ENDPOINT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
@@ -488,5 +488,37 @@ mod tests {
         assert_eq!(listen_addr("--grpc-listen", Some("")).unwrap(), None);
         let addr = listen_addr("--grpc-listen", Some("127.0.0.1:7")).unwrap();
         assert_eq!(addr.map(|a| a.port()), Some(7));
+    }
+
+    #[test]
+    fn traces_are_off_without_an_endpoint_and_checked_with_one() {
+        let with = |endpoint: Option<&str>, ratio: Option<f64>| {
+            ClusterSettings {
+                otlp_endpoint: endpoint.map(Into::into),
+                trace_sample_ratio: ratio,
+                ..Default::default()
+            }
+            .resolve(|| "n1".into())
+        };
+        assert_eq!(with(None, None).unwrap().traces, None);
+        assert_eq!(with(Some(""), Some(1.0)).unwrap().traces, None);
+        for (endpoint, ratio, flag) in [
+            (Some("http://c:4317"), Some(1.5), "--trace-sample-ratio"),
+            (None, Some(-0.1), "--trace-sample-ratio"),
+            (Some("c:4317"), None, "--otlp-endpoint"),
+            (Some("https://c:4317"), None, "--otlp-endpoint"),
+        ] {
+            let err = with(endpoint, ratio).unwrap_err().to_string();
+            assert!(err.contains(flag), "{err}");
+        }
+        let on = with(Some("http://c:4317"), None);
+        if cfg!(feature = "otel") {
+            let traces = on.unwrap().traces.expect("on");
+            assert_eq!(traces.sample_ratio, 0.01);
+            assert_eq!(traces.node_id, "n1");
+        } else {
+            let err = on.unwrap_err().to_string();
+            assert!(err.contains("without trace export"), "{err}");
+        }
     }
 }

@@ -37,8 +37,15 @@ pub(crate) fn init(
         .with_tonic()
         .with_endpoint(&traces.otlp_endpoint)
         .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| format!("--otlp-endpoint {}: {e}", traces.otlp_endpoint))?;
+        .build();
+    let exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => {
+            // Logging as without traces, so the failure is logged as usual.
+            crate::init_logging(log, format);
+            return Err(format!("--otlp-endpoint {}: {e}", traces.otlp_endpoint));
+        }
+    };
     let resource = Resource::builder_empty()
         .with_attributes([
             KeyValue::new("service.name", name.to_owned()),
