@@ -185,6 +185,7 @@ struct Nodes {
     nats: Server,
     _redis: Server,
     router: SocketAddr,
+    router_grpc: SocketAddr,
     edge_a: SocketAddr,
     edge_b: SocketAddr,
     _procs: Vec<Proc>,
@@ -198,7 +199,7 @@ async fn start_nodes(endpoint: Option<&str>) -> Nodes {
 async fn start_nodes_with(traces: Vec<(String, String)>) -> Nodes {
     let nats = Server::nats();
     let redis = Server::redis();
-    let router_port = free_port();
+    let (router_port, grpc_port) = (free_port(), free_port());
     let router = Command::new(ROUTER_BIN)
         .envs([
             (
@@ -209,6 +210,10 @@ async fn start_nodes_with(traces: Vec<(String, String)>) -> Nodes {
             ("SWITCHBOARD_REDIS_URL".into(), redis.url()),
             ("SWITCHBOARD_API_KEY".into(), API_KEY.into()),
             ("SWITCHBOARD_NODE_ID".into(), "router-0".into()),
+            (
+                "SWITCHBOARD_ROUTER_GRPC_LISTEN".into(),
+                format!("127.0.0.1:{grpc_port}"),
+            ),
         ])
         .envs(traces.clone())
         .stdout(Stdio::null())
@@ -238,6 +243,7 @@ async fn start_nodes_with(traces: Vec<(String, String)>) -> Nodes {
         nats,
         _redis: redis,
         router,
+        router_grpc: SocketAddr::from(([127, 0, 0, 1], grpc_port)),
         edge_a: edges[0],
         edge_b: edges[1],
         _procs: procs,
@@ -373,6 +379,25 @@ async fn one_trace_links_the_publish_the_router_and_the_delivering_edges_fanout(
         .await;
     assert_eq!(fanout.node, "edge-b");
 
+    // And through the gRPC API, from its `traceparent` metadata.
+    let grpc_trace = "0af7651916cd43dd8448eb211c80319c";
+    grpc_publish_traced(
+        nodes.router_grpc,
+        &format!("00-{grpc_trace}-{backend_span}-01"),
+    )
+    .await;
+    let api = receiver
+        .wait_for("api.publish over gRPC", |s| {
+            s.name == "api.publish" && s.trace_id == grpc_trace
+        })
+        .await;
+    assert_eq!(api.parent_span_id, backend_span);
+    receiver
+        .wait_for("the gRPC publish's edge.fanout", |s| {
+            s.name == "edge.fanout" && s.trace_id == grpc_trace
+        })
+        .await;
+
     // Ids, counts and sizes only: never a payload or a token.
     let token = token("alice");
     for s in receiver.spans() {
@@ -507,4 +532,31 @@ async fn a_standalone_edge_links_its_own_spans() {
             .iter()
             .all(|s| s.service == "switchboard-edge" && s.node == "alone")
     );
+}
+
+/// A gRPC `Publish` to `room` with `traceparent` metadata.
+async fn grpc_publish_traced(addr: SocketAddr, traceparent: &str) {
+    use switchboard_protocol::api::v1::{
+        PublishRequest, publish_request, switchboard_client::SwitchboardClient,
+    };
+    wait_listening(addr, "router gRPC").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = SwitchboardClient::new(channel);
+    let mut request = tonic::Request::new(PublishRequest {
+        target: Some(publish_request::Target::Chat("room".into())),
+        client_msg_id: "g1".into(),
+        payload: bytes::Bytes::from_static(b"over gRPC"),
+        sender: String::new(),
+    });
+    let md = request.metadata_mut();
+    md.insert(
+        "authorization",
+        format!("Bearer {API_KEY}").parse().unwrap(),
+    );
+    md.insert("traceparent", traceparent.parse().unwrap());
+    client.publish(request).await.unwrap();
 }
