@@ -390,6 +390,8 @@ pub struct Config {
     pub log: String,
     /// Log line format (`--log-format`).
     pub log_format: switchboard_node::LogFormat,
+    /// Trace export (`--otlp-endpoint`, ADR 0038); `None`: off.
+    pub traces: Option<switchboard_node::TraceSettings>,
     /// The event tap (cluster only): connects, closes and presence
     /// changes of this edge's sockets; `None`: off.
     pub event_tap: Option<switchboard_router::TapSettings>,
@@ -639,6 +641,7 @@ impl Settings {
             presence_ttl: node.presence_ttl,
             log: node.log,
             log_format: node.log_format,
+            traces: node.traces,
             event_tap: node.event_tap,
         })
     }

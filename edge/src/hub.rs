@@ -511,6 +511,7 @@ impl Hub {
         key: &StreamKey,
         batch: &mut Vec<Work>,
         taken: Instant,
+        spans: &mut Vec<tracing::Span>,
     ) -> (StreamKey, Vec<SharedFrame>, Snapshot) {
         let mut repairs = Vec::new();
         let mut out = Vec::with_capacity(batch.len());
@@ -531,7 +532,11 @@ impl Hub {
                     seq,
                     frame,
                     queued_at,
+                    trace,
                 } => {
+                    if let Some(span) = trace {
+                        spans.push(*span);
+                    }
                     self.metrics
                         .hops
                         .queue
@@ -672,22 +677,69 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// A frame from the bus: a delivery joins its stream's lane, with its
+    /// fan-out span when traces are on and it is traced: in a cluster
+    /// when it came with a `traceparent`, standalone when it was published
+    /// inside a traced span of this process (the in-process bus calls in
+    /// on the publisher's task). One span per delivery on this edge,
+    /// never per socket.
+    fn arrive(&self, subject: &str, frame: SharedFrame, traceparent: Option<&str>) {
+        match frame.delivery_position() {
+            Some((key, seq)) => {
+                let trace = if switchboard_router::trace::enabled() {
+                    fanout_span(&key, seq, traceparent)
+                } else {
+                    None
+                };
+                self.enqueue(
+                    key,
+                    Work::Delivery {
+                        seq,
+                        frame,
+                        queued_at: Instant::now(),
+                        trace,
+                    },
+                )
+            }
+            None => self.on_event(subject, frame),
+        }
+    }
+}
+
+/// The `edge.fanout` span of one delivery (traces on): the child of a
+/// remote `traceparent`, else of the current span if there is one.
+fn fanout_span(key: &StreamKey, seq: u64, traceparent: Option<&str>) -> Option<Box<tracing::Span>> {
+    if traceparent.is_none() && tracing::Span::current().is_none() {
+        // Not traced: a root here would start traces nobody asked for.
+        return None;
+    }
+    let span = tracing::info_span!(
+        target: switchboard_router::trace::TARGET,
+        "edge.fanout",
+        otel.kind = "consumer",
+        stream = %key,
+        seq,
+        sockets = tracing::field::Empty,
+    );
+    if let Some(tp) = traceparent {
+        switchboard_router::trace::set_parent(&span, tp);
+    }
+    Some(Box::new(span))
+}
+
 impl BusHandler for Hub {
     /// Queues the frame for its stream's fan-out and returns: this runs on
     /// the publisher's task standalone, and on a NATS subscription's task
     /// in a cluster.
     fn on_frame(&self, subject: &str, frame: SharedFrame) {
-        match frame.delivery_position() {
-            Some((key, seq)) => self.enqueue(
-                key,
-                Work::Delivery {
-                    seq,
-                    frame,
-                    queued_at: Instant::now(),
-                },
-            ),
-            None => self.on_event(subject, frame),
-        }
+        self.arrive(subject, frame, None);
+    }
+
+    /// A delivery with a trace context gets its `edge.fanout` span, a
+    /// child of the router's delivery (ADR 0038).
+    fn on_traced_frame(&self, subject: &str, frame: SharedFrame, traceparent: &str) {
+        self.arrive(subject, frame, Some(traceparent));
     }
 
     /// After a bus reconnect or a slow-consumer drop, every stream with

@@ -16,7 +16,13 @@ pub fn main() -> ExitCode {
         Err(e) => return switchboard_node::fail(NAME, &e),
     };
     let (log, listen, grace) = (config.log.clone(), config.listen, config.shutdown_grace);
-    switchboard_node::serve_main(NAME, &log, config.log_format, listen, |listener| {
+    let traces = config.traces.clone();
+    let logging = switchboard_node::Logging {
+        filter: &log,
+        format: config.log_format,
+        traces: traces.as_ref(),
+    };
+    switchboard_node::serve_main(NAME, logging, listen, |listener| {
         if config.dev {
             tracing::warn!(
                 "DEV MODE: demo page at / and unauthenticated tokens at /dev/token; never use in production"

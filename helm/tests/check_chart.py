@@ -176,6 +176,8 @@ VARIANTS: dict[str, dict] = {
         DEFAULTS,
         {"externalRedis": {"mode": "cluster", "hosts": ["r0:6379", "r1:6379", "r2:6379"], "existingSecret": "redis-pw"}},
     ),
+    # Traces (ADR 0038): both Deployments get the endpoint and the ratio.
+    "tracing": merge(DEFAULTS, {"tracing": {"otlpEndpoint": "http://otel-collector:4317", "sampleRatio": 0.05}}),
     # The event tap (ADR 0032): edge TOML keys and router env the binaries know.
     "event-tap": merge(DEFAULTS, {"cluster": {"eventTap": {"enabled": True, "replicas": 3}}}),
     # Everything optional around the pods: Ingress and Gateway API route with
@@ -249,6 +251,14 @@ MUST_FAIL: dict[str, tuple[dict, str]] = {
         "auth.adminKey: must differ from auth.apiKey",
     ),
     "unknown log format": (merge(DEFAULTS, {"logFormat": "xml"}), "logFormat: expected text or json"),
+    "OTLP endpoint without a scheme": (
+        merge(DEFAULTS, {"tracing": {"otlpEndpoint": "otel-collector:4317"}}),
+        "tracing.otlpEndpoint: expected http://host:port",
+    ),
+    "sample ratio above 1": (
+        merge(DEFAULTS, {"tracing": {"otlpEndpoint": "http://c:4317", "sampleRatio": 2}}),
+        "tracing.sampleRatio: expected 0.0 to 1.0",
+    ),
     "existingSecret and inline keys": (
         merge(DEFAULTS, {"auth": {"existingSecret": "keys", "existingSecretKeys": {"jwtSecret": "s"}}}),
         "not both",
@@ -922,6 +932,14 @@ def cross_checks(p: Problems, rendered: dict[str, list[dict]], metrics: set[str]
                 p.check(("ServiceAccount", name) in by_kind, where, f"ServiceAccount {name} is not rendered")
             elif sa_name["name"]:
                 p.check(name == sa_name["name"], where, f"serviceAccountName {name!r}, want {sa_name['name']!r}")
+
+        # Traces: every pod exports to the one endpoint at the one ratio;
+        # none without an endpoint.
+        for d in (edge, router):
+            env = env_map(d["spec"]["template"]["spec"]["containers"][0])
+            got = (env.get("SWITCHBOARD_OTLP_ENDPOINT", {}).get("value"), env.get("SWITCHBOARD_TRACE_SAMPLE_RATIO", {}).get("value"))
+            want = ("http://otel-collector:4317", "0.05") if variant == "tracing" else (None, None)
+            p.check(got == want, f"{variant} {kn(d)}", f"trace settings {got}, want {want}")
 
         # The subchart wiring uses the upstream charts' Service names.
         if variant == "subcharts":

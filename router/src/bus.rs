@@ -32,6 +32,13 @@ pub trait BusHandler: Send + Sync + 'static {
     /// publisher's task, before its ack.
     fn on_frame(&self, subject: &str, frame: SharedFrame);
 
+    /// [`BusHandler::on_frame`] for a frame that came with a W3C
+    /// `traceparent` (ADR 0038); by default the context is ignored.
+    fn on_traced_frame(&self, subject: &str, frame: SharedFrame, traceparent: &str) {
+        let _ = traceparent;
+        self.on_frame(subject, frame);
+    }
+
     /// Frames may have been lost (bus reconnect, slow consumer): re-check
     /// every stream against history. Must not block.
     fn on_possible_loss(&self) {}

@@ -16,6 +16,7 @@
 //! - [`EventTap`]: every sequenced message, connection and presence
 //!   change appended to a JetStream stream for backends (ADR 0032).
 //! - [`Hop`]: the per-hop latency breakdown (`switchboard_hop_seconds`).
+//! - [`trace`]: trace context carried from publish to delivery (ADR 0038).
 //! - [`redact_url`]: backend URLs as logs and errors may show them.
 //!
 //! The processes around it (HTTP, configuration, telemetry) live in
@@ -30,6 +31,7 @@ mod members;
 mod publisher;
 mod router;
 mod tap;
+pub mod trace;
 mod urls;
 
 pub use bus::{

@@ -81,12 +81,21 @@ impl RemoteRouter {
     async fn request(&self, req: PublishRequest) -> Result<Published, PublishError> {
         let body = encode_request(&req);
         let mut last = RequestError::new(RequestErrorKind::TimedOut);
+        // The publish's trace context, for the router's span (ADR 0038).
+        let headers = crate::trace::nats_headers(false);
         for attempt in 0..self.attempts {
-            let sent = tokio::time::timeout(
-                self.timeout,
-                self.client.request(ROUTER_PUBLISH, body.clone()),
-            )
-            .await;
+            let sent = match &headers {
+                None => {
+                    let asked = self.client.request(ROUTER_PUBLISH, body.clone());
+                    tokio::time::timeout(self.timeout, asked).await
+                }
+                Some(h) => {
+                    let asked =
+                        self.client
+                            .request_with_headers(ROUTER_PUBLISH, h.clone(), body.clone());
+                    tokio::time::timeout(self.timeout, asked).await
+                }
+            };
             let msg = match sent {
                 Ok(Ok(m)) => m,
                 Ok(Err(e)) => {

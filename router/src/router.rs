@@ -7,6 +7,7 @@ use switchboard_protocol::{
     IdError, SharedFrame, StreamKey, UserId, subject::chat_subject, v1::ErrorCode,
     validate_client_msg_id,
 };
+use tracing::Instrument;
 
 use crate::{Bus, Draft, History, HistoryError};
 
@@ -209,7 +210,44 @@ impl Router {
     /// sequenced and stored; delivery over the bus is at-most-once and gaps
     /// are repaired by receivers from history.
     pub async fn publish(&self, req: PublishRequest) -> Result<Published, PublishError> {
-        self.try_publish(req).await.inspect_err(PublishError::count)
+        self.publish_from(req, None).await
+    }
+
+    /// [`Router::publish`] for a request that came with a W3C
+    /// `traceparent` (a NATS header): with traces on, its `router.publish`
+    /// span continues that trace (ADR 0038).
+    pub async fn publish_from(
+        &self,
+        req: PublishRequest,
+        traceparent: Option<&str>,
+    ) -> Result<Published, PublishError> {
+        if !crate::trace::enabled() {
+            return self.try_publish(req).await.inspect_err(PublishError::count);
+        }
+        let span = tracing::info_span!(
+            target: crate::trace::TARGET,
+            "router.publish",
+            otel.kind = "server",
+            stream = %req.target,
+            payload_bytes = req.payload.len(),
+            seq = tracing::field::Empty,
+            duplicate = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        if let Some(tp) = traceparent {
+            crate::trace::set_parent(&span, tp);
+        }
+        let done = self.try_publish(req).instrument(span.clone()).await;
+        match &done {
+            Ok(p) => {
+                span.record("seq", p.seq);
+                span.record("duplicate", p.duplicate);
+            }
+            Err(e) => {
+                span.record("error", e.reason());
+            }
+        }
+        done.inspect_err(PublishError::count)
     }
 
     async fn try_publish(&self, req: PublishRequest) -> Result<Published, PublishError> {
@@ -241,7 +279,20 @@ impl Router {
                 .increment(1);
         } else {
             metrics::counter!("switchboard_router_publishes_total", "result" => "ok").increment(1);
-            self.deliver(&req.target, appended.frame.clone()).await;
+            if crate::trace::enabled() {
+                let span = tracing::info_span!(
+                    target: crate::trace::TARGET,
+                    "router.deliver",
+                    otel.kind = "producer",
+                    stream = %req.target,
+                    seq = appended.seq,
+                );
+                self.deliver(&req.target, appended.frame.clone())
+                    .instrument(span)
+                    .await;
+            } else {
+                self.deliver(&req.target, appended.frame.clone()).await;
+            }
         }
         // Queued, never awaited; a retry's second queueing appends nothing
         // when the first got through.

@@ -15,6 +15,7 @@ use switchboard_protocol::{
     },
 };
 use switchboard_router::{PublishRequest, publish_to_user};
+use tracing::Instrument;
 
 use crate::{
     auth::{AuthError, Identity},
@@ -491,6 +492,29 @@ impl Session {
     }
 
     async fn publish(&mut self, id: u32, p: v1::Publish) -> Result<(), Refusal> {
+        if !switchboard_router::trace::enabled() {
+            return self.publish_traced(id, p).await;
+        }
+        // Its trace goes on to the router and the delivering edges (ADR 0038).
+        let span = tracing::info_span!(
+            target: switchboard_router::trace::TARGET,
+            "edge.publish",
+            otel.kind = "server",
+            payload_bytes = p.payload.len(),
+            stream = tracing::field::Empty,
+            seq = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let done = self.publish_traced(id, p).instrument(span.clone()).await;
+        if let Err(Refusal(code, _)) = &done {
+            span.record("error", code.as_str_name());
+        }
+        done
+    }
+
+    /// [`Self::publish`] inside its span, if any: records the stream and
+    /// the seq on it.
+    async fn publish_traced(&mut self, id: u32, p: v1::Publish) -> Result<(), Refusal> {
         let received = std::time::Instant::now();
         let target = match p.target {
             Some(publish::Target::Chat(c)) => {
@@ -533,6 +557,10 @@ impl Session {
             }
             None => p.payload,
         };
+        let traced = switchboard_router::trace::enabled();
+        if traced {
+            tracing::Span::current().record("stream", tracing::field::display(&target));
+        }
         let req = PublishRequest {
             sender: self.identity.user.clone(),
             target: target.clone(),
@@ -545,6 +573,9 @@ impl Session {
             .publish(req)
             .await
             .map_err(|e| Refusal(e.code(), e.to_string()))?;
+        if traced {
+            tracing::Span::current().record("seq", published.seq);
+        }
         self.ctx
             .metrics
             .hops

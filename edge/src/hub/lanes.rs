@@ -58,6 +58,9 @@ pub(super) enum Work {
         seq: u64,
         frame: SharedFrame,
         queued_at: Instant,
+        /// Its `edge.fanout` span, when traces are on and it is traced
+        /// (ADR 0038): ends once the fan-out that carried it is done.
+        trace: Option<Box<tracing::Span>>,
     },
     /// An unsequenced frame (receipt, typing) for the stream's sockets.
     Event(SharedFrame),
@@ -144,6 +147,7 @@ impl Hub {
     async fn drain(self: Arc<Self>, key: StreamKey) {
         let mut idle = 0;
         let mut batch = Vec::new();
+        let mut spans = Vec::new();
         loop {
             // A lane that keeps up (nothing queued behind this batch) has
             // its fan-out spread over the worker threads, for latency; one
@@ -184,8 +188,12 @@ impl Hub {
                 continue;
             }
             let taken = Instant::now();
-            let (stream, frames, conns) = self.order_batch(&key, &mut batch, taken);
+            let (stream, frames, conns) = self.order_batch(&key, &mut batch, taken, &mut spans);
             let pushed = self.fan_out(&stream, &conns, &frames, !backlog).await;
+            // Traced deliveries (ADR 0038): their spans end here.
+            for span in spans.drain(..) {
+                span.record("sockets", pushed);
+            }
             // Once per fan-out; a batch held for a gap reached no socket.
             if pushed > 0 {
                 self.metrics

@@ -30,3 +30,5 @@ mod stall;
 mod stop;
 mod tap;
 mod tls;
+#[cfg(feature = "otel")]
+mod traces;

@@ -146,6 +146,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 - name: SWITCHBOARD_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
+{{- with .Values.tracing }}
+{{- if .otlpEndpoint }}
+- name: SWITCHBOARD_OTLP_ENDPOINT
+  value: {{ .otlpEndpoint | quote }}
+- name: SWITCHBOARD_TRACE_SAMPLE_RATIO
+  value: {{ .sampleRatio | toString | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* A flat map as TOML. Hand-written because Helm reads every YAML number
@@ -217,6 +225,14 @@ listen node_id max_connections shutdown_grace_ms drain_batch_size reconnect_jitt
 {{- end }}
 {{- if and $a.adminKey (eq $a.adminKey $a.apiKey) }}
 {{- fail "auth.adminKey: must differ from auth.apiKey (docs/adr/0037)" }}
+{{- end }}
+{{- with .Values.tracing }}
+{{- if and .otlpEndpoint (not (hasPrefix "http://" (toString .otlpEndpoint))) }}
+{{- fail (printf "tracing.otlpEndpoint: expected http://host:port (OTLP over gRPC), not %q" (toString .otlpEndpoint)) }}
+{{- end }}
+{{- if or (lt (float64 .sampleRatio) 0.0) (gt (float64 .sampleRatio) 1.0) }}
+{{- fail (printf "tracing.sampleRatio: expected 0.0 to 1.0, not %v" .sampleRatio) }}
+{{- end }}
 {{- end }}
 {{- if not (has (toString .Values.logFormat) (list "text" "json")) }}
 {{- fail (printf "logFormat: expected text or json, not %q" (toString .Values.logFormat)) }}

@@ -17,6 +17,7 @@ use switchboard_protocol::{
 use switchboard_router::{
     Bus, History, PublishError, PublishRequest, Published, Publisher, publish_to_user,
 };
+use tracing::Instrument;
 
 use crate::{
     members::{self, Changed, MembersApiError},
@@ -328,6 +329,40 @@ impl Api {
 
     /// Checks and publishes one message; the stream it went to.
     pub async fn publish(&self, p: PublishFields) -> Result<(StreamKey, Published), ApiError> {
+        self.publish_from(p, None).await
+    }
+
+    /// [`Api::publish`] with the caller's W3C `traceparent`: with traces
+    /// on, an `api.publish` span (a child of it, if given) covers the
+    /// publish and its trace goes on to the router and the edges (ADR 0038).
+    pub async fn publish_from(
+        &self,
+        p: PublishFields,
+        traceparent: Option<&str>,
+    ) -> Result<(StreamKey, Published), ApiError> {
+        if !switchboard_router::trace::enabled() {
+            return self.publish_untraced(p).await;
+        }
+        let span = tracing::info_span!(
+            target: switchboard_router::trace::TARGET,
+            "api.publish",
+            otel.kind = "server",
+            payload_bytes = p.payload.len(),
+            stream = tracing::field::Empty,
+            seq = tracing::field::Empty,
+        );
+        if let Some(tp) = traceparent {
+            switchboard_router::trace::set_parent(&span, tp);
+        }
+        let done = self.publish_untraced(p).instrument(span.clone()).await;
+        if let Ok((stream, published)) = &done {
+            span.record("stream", tracing::field::display(stream));
+            span.record("seq", published.seq);
+        }
+        done
+    }
+
+    async fn publish_untraced(&self, p: PublishFields) -> Result<(StreamKey, Published), ApiError> {
         let request = self.publish_request(p).inspect_err(count_refused_publish)?;
         let stream = request.target.clone();
         Ok((stream, self.publish_checked(request).await?))

@@ -204,6 +204,22 @@ pub struct ClusterSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
 
+    /// OTLP/gRPC endpoint to export traces to, `http://host:port` (an
+    /// OpenTelemetry Collector's 4317, Jaeger, Tempo); unset: no traces.
+    /// Needs the `otel` cargo feature, on by default (ADR 0038). Default
+    /// unset.
+    #[arg(long, env = "SWITCHBOARD_OTLP_ENDPOINT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Share of publishes that start a trace here, 0.0 to 1.0. Parent-based:
+    /// a publish that arrives with a trace context (a backend's
+    /// `traceparent`, an edge's NATS header) follows that trace's decision
+    /// instead. Default 0.01.
+    #[arg(long, env = "SWITCHBOARD_TRACE_SAMPLE_RATIO")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_sample_ratio: Option<f64>,
+
     /// Append every sequenced message, every socket's connect and close
     /// and every online/offline change to a JetStream stream for backends
     /// to consume (docs/operations.md, "Event tap"). Cluster mode only.
@@ -273,6 +289,57 @@ pub struct NodeConfig {
     pub admin_key: Option<String>,
     /// The event tap; `None`: off.
     pub event_tap: Option<switchboard_router::TapSettings>,
+    /// Trace export; `None`: off.
+    pub traces: Option<TraceSettings>,
+}
+
+/// Where and how much to trace (ADR 0038).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    /// OTLP/gRPC endpoint, `http://host:port`.
+    pub otlp_endpoint: String,
+    /// Share of root publishes sampled, 0.0 to 1.0 (parent-based).
+    pub sample_ratio: f64,
+    /// This node's id (`service.instance.id`).
+    pub node_id: String,
+}
+
+impl TraceSettings {
+    fn resolve(
+        endpoint: Option<String>,
+        ratio: Option<f64>,
+        node_id: &str,
+    ) -> Result<Option<TraceSettings>, ConfigError> {
+        let sample_ratio = ratio.unwrap_or(0.01);
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            return Err(ConfigError::invalid(
+                "--trace-sample-ratio",
+                format!("{sample_ratio} is not between 0.0 and 1.0"),
+            ));
+        }
+        let Some(otlp_endpoint) = endpoint.filter(|e| !e.is_empty()) else {
+            return Ok(None);
+        };
+        if !otlp_endpoint.starts_with("http://") {
+            return Err(ConfigError::invalid(
+                "--otlp-endpoint",
+                format!(
+                    "{otlp_endpoint}: give http://host:port (OTLP over gRPC without TLS; a collector next to the node forwards over TLS)"
+                ),
+            ));
+        }
+        if !cfg!(feature = "otel") {
+            return Err(ConfigError::invalid(
+                "--otlp-endpoint",
+                "this binary was built without trace export (cargo feature `otel`)",
+            ));
+        }
+        Ok(Some(TraceSettings {
+            otlp_endpoint,
+            sample_ratio,
+            node_id: node_id.to_owned(),
+        }))
+    }
 }
 
 /// Where a cluster's NATS and Redis are.
@@ -314,6 +381,7 @@ impl ClusterSettings {
                 "the event tap needs cluster mode (--nats and --redis): it appends to a JetStream stream, and a standalone edge has no NATS",
             ));
         }
+        let traces = TraceSettings::resolve(self.otlp_endpoint, self.trace_sample_ratio, &node_id)?;
         Ok(NodeConfig {
             node_id,
             api_key: self.api_key.filter(|k| !k.is_empty()),
@@ -326,6 +394,7 @@ impl ClusterSettings {
             },
             presence_ttl: millis("--presence-ttl-ms", self.presence_ttl_ms, 30_000)?,
             backends,
+            traces,
             log: self.log.unwrap_or_else(|| "info".into()),
             log_format: self.log_format.unwrap_or_default(),
             admin_key: self.admin_key.filter(|k| !k.is_empty()),
@@ -419,5 +488,37 @@ mod tests {
         assert_eq!(listen_addr("--grpc-listen", Some("")).unwrap(), None);
         let addr = listen_addr("--grpc-listen", Some("127.0.0.1:7")).unwrap();
         assert_eq!(addr.map(|a| a.port()), Some(7));
+    }
+
+    #[test]
+    fn traces_are_off_without_an_endpoint_and_checked_with_one() {
+        let with = |endpoint: Option<&str>, ratio: Option<f64>| {
+            ClusterSettings {
+                otlp_endpoint: endpoint.map(Into::into),
+                trace_sample_ratio: ratio,
+                ..Default::default()
+            }
+            .resolve(|| "n1".into())
+        };
+        assert_eq!(with(None, None).unwrap().traces, None);
+        assert_eq!(with(Some(""), Some(1.0)).unwrap().traces, None);
+        for (endpoint, ratio, flag) in [
+            (Some("http://c:4317"), Some(1.5), "--trace-sample-ratio"),
+            (None, Some(-0.1), "--trace-sample-ratio"),
+            (Some("c:4317"), None, "--otlp-endpoint"),
+            (Some("https://c:4317"), None, "--otlp-endpoint"),
+        ] {
+            let err = with(endpoint, ratio).unwrap_err().to_string();
+            assert!(err.contains(flag), "{err}");
+        }
+        let on = with(Some("http://c:4317"), None);
+        if cfg!(feature = "otel") {
+            let traces = on.unwrap().traces.expect("on");
+            assert_eq!(traces.sample_ratio, 0.01);
+            assert_eq!(traces.node_id, "n1");
+        } else {
+            let err = on.unwrap_err().to_string();
+            assert!(err.contains("without trace export"), "{err}");
+        }
     }
 }

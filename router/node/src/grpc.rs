@@ -472,9 +472,19 @@ impl Switchboard for ApiService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        // A backend's own trace goes on through the publish (ADR 0038).
+        let traceparent = switchboard_router::trace::enabled()
+            .then(|| {
+                request
+                    .metadata()
+                    .get(switchboard_router::trace::TRACEPARENT)
+            })
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let result = self
             .api
-            .publish(publish_fields(request.into_inner()))
+            .publish_from(publish_fields(request.into_inner()), traceparent.as_deref())
             .await
             .map(|(stream, p)| published(&stream, &p));
         answer(Op::Publish, result)

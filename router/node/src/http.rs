@@ -215,6 +215,12 @@ fn publish_fields(body: &[u8]) -> Result<PublishFields, ApiError> {
 pub async fn publish(req: Request<Incoming>, api: &Api) -> Response<Body> {
     // Base64 grows payloads by 4/3; leave room for the JSON around it.
     let limit = api.max_payload_bytes() * 4 / 3 + 4096;
+    // A backend's own trace goes on through the publish (ADR 0038).
+    let traceparent = switchboard_router::trace::enabled()
+        .then(|| req.headers().get(switchboard_router::trace::TRACEPARENT))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = match checked_body(req, api, Op::Publish, limit).await {
         Ok(b) => b,
         Err(refused) => return refused,
@@ -226,14 +232,17 @@ pub async fn publish(req: Request<Incoming>, api: &Api) -> Response<Body> {
             return answer(Op::Publish, Err(e));
         }
     };
-    let result = api.publish(fields).await.map(|(stream, p)| {
-        json!({
-            "stream": stream.to_string(),
-            "seq": p.seq,
-            "timestamp_ms": p.timestamp_ms,
-            "duplicate": p.duplicate,
-        })
-    });
+    let result = api
+        .publish_from(fields, traceparent.as_deref())
+        .await
+        .map(|(stream, p)| {
+            json!({
+                "stream": stream.to_string(),
+                "seq": p.seq,
+                "timestamp_ms": p.timestamp_ms,
+                "duplicate": p.duplicate,
+            })
+        });
     answer(Op::Publish, result)
 }
 

@@ -38,12 +38,16 @@ mod process;
 mod stop;
 mod tap;
 pub mod telemetry;
+#[cfg(feature = "otel")]
+mod traces;
 
 pub use api::{
     Api, ApiBackends, ApiCode, ApiError, DEFAULT_HISTORY_LIMIT, HistoryFields, HistoryPage,
     MAX_BATCH_MESSAGES, MAX_HISTORY_LIMIT, MAX_PRESENCE_USERS, Op, PublishFields,
 };
-pub use config::{BackendUrls, ClusterSettings, ConfigError, LogFormat, NodeConfig};
+pub use config::{BackendUrls, ClusterSettings, ConfigError, LogFormat, NodeConfig, TraceSettings};
 pub use presence::{announce, sweep_presence};
-pub use process::{fail, init_logging, serve_main, shutdown_signal, shutdown_signal_with_watchdog};
+pub use process::{
+    Logging, fail, init_logging, serve_main, shutdown_signal, shutdown_signal_with_watchdog,
+};
 pub use stop::{EXIT_GAVE_UP, Stop, Stopped, WATCHDOG_MARGIN, arm_watchdog};

@@ -17,14 +17,24 @@ use crate::{
 /// lookup, say) once `serve` has returned.
 const TEARDOWN: Duration = Duration::from_millis(500);
 
-/// Sets up logging with `log` (tracing `EnvFilter` syntax; "info" when it
-/// does not parse) in `format`, starts a runtime, binds `listen` and runs
-/// `serve` on the listener until it returns; its [`Stopped`] is the exit
-/// status.
+/// How a process logs and traces.
+#[derive(Debug, Clone, Copy)]
+pub struct Logging<'a> {
+    /// Log filter (tracing `EnvFilter` syntax; "info" when it does not parse).
+    pub filter: &'a str,
+    /// Log line format.
+    pub format: LogFormat,
+    /// Trace export (ADR 0038); `None`: off.
+    pub traces: Option<&'a crate::TraceSettings>,
+}
+
+/// Sets up logging (and trace export) as `logging` says, starts a
+/// runtime, binds `listen` and runs `serve` on the listener until it
+/// returns; its [`Stopped`] is the exit status. Spans not yet exported
+/// are sent before the process exits (bounded by the exporter's timeout).
 pub fn serve_main<F, Fut, E>(
     name: &str,
-    log: &str,
-    format: LogFormat,
+    logging: Logging<'_>,
     listen: SocketAddr,
     serve: F,
 ) -> ExitCode
@@ -33,7 +43,7 @@ where
     Fut: Future<Output = Result<Stopped, E>>,
     E: Display,
 {
-    init_logging(log, format);
+    let format = logging.format;
     let fail = |name: &str, e: &dyn Display| match format {
         LogFormat::Text => fail(name, e),
         // One JSON object per line to the end: the reason as an error event.
@@ -47,7 +57,18 @@ where
         .build()
     {
         Ok(r) => r,
-        Err(e) => return fail(name, &e),
+        Err(e) => {
+            init_logging(logging.filter, format);
+            return fail(name, &e);
+        }
+    };
+    // The OTLP exporter's gRPC channel lives on this runtime.
+    let exporting = {
+        let _in_runtime = runtime.enter();
+        match init_tracing(name, logging) {
+            Ok(t) => t,
+            Err(e) => return fail(name, &e),
+        }
     };
     let code = runtime.block_on(async move {
         let listener = match TcpListener::bind(listen).await {
@@ -59,9 +80,36 @@ where
             Err(e) => fail(name, &e),
         }
     });
+    // The last spans, while the runtime still drives the exporter.
+    if let Some(flush) = exporting {
+        flush();
+    }
     // Dropping a runtime waits for its blocking tasks without a limit.
     runtime.shutdown_timeout(TEARDOWN);
     code
+}
+
+/// What flushes the trace exporter at the end.
+type Flush = Box<dyn FnOnce()>;
+
+/// Logging, plus trace export when `logging.traces` asks for it; then
+/// what to call at the end to send the spans not yet exported.
+fn init_tracing(name: &str, logging: Logging<'_>) -> Result<Option<Flush>, String> {
+    let Some(traces) = logging.traces else {
+        init_logging(logging.filter, logging.format);
+        return Ok(None);
+    };
+    #[cfg(feature = "otel")]
+    {
+        crate::traces::init(name, logging.filter, logging.format, traces).map(Some)
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        // Refused by the configuration already.
+        let _ = (name, traces);
+        init_logging(logging.filter, logging.format);
+        Err("this binary was built without trace export (cargo feature `otel`)".into())
+    }
 }
 
 /// Logging to stderr (as docs/operations.md always said; stdout stays

@@ -120,6 +120,8 @@ pub struct Config {
     pub log: String,
     /// Log line format (`--log-format`).
     pub log_format: switchboard_node::LogFormat,
+    /// Trace export (`--otlp-endpoint`, ADR 0038); `None`: off.
+    pub traces: Option<switchboard_node::TraceSettings>,
     /// The event tap (`--event-tap*`); `None`: off.
     pub event_tap: Option<switchboard_router::TapSettings>,
 }
@@ -200,6 +202,7 @@ impl Settings {
             shutdown_grace: millis("--shutdown-grace-ms", self.shutdown_grace_ms, 10_000)?,
             log: node.log,
             log_format: node.log_format,
+            traces: node.traces,
             event_tap: node.event_tap,
         })
     }

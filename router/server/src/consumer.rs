@@ -56,7 +56,12 @@ fn request_of(p: RouterPublish) -> Result<PublishRequest, RouterReply> {
 }
 
 /// Answers one publish request.
-async fn handle_publish(router: &Router, payload: bytes::Bytes) -> RouterReply {
+/// A `traceparent` header continues the publisher's trace (ADR 0038).
+async fn handle_publish(
+    router: &Router,
+    payload: bytes::Bytes,
+    traceparent: Option<&str>,
+) -> RouterReply {
     let req = match RouterPublish::decode(payload)
         .map_err(|e| error_reply(ErrorCode::BadRequest, e.to_string()))
     {
@@ -70,7 +75,7 @@ async fn handle_publish(router: &Router, payload: bytes::Bytes) -> RouterReply {
         StreamKey::Chat(c) => (c.to_string(), String::new()),
         StreamKey::User(u) => (String::new(), u.to_string()),
     };
-    match router.publish(req).await {
+    match router.publish_from(req, traceparent).await {
         Ok(p) => RouterReply {
             result: Some(router_reply::Result::Ack(PublishAck {
                 chat,
@@ -141,7 +146,8 @@ pub(crate) async fn serve(
                 let (router, client) = (router.clone(), client.clone());
                 tokio::spawn(async move {
                     let started = std::time::Instant::now();
-                    let reply = handle_publish(&router, msg.payload).await;
+                    let traceparent = switchboard_router::trace::nats_traceparent(msg.headers.as_ref());
+                    let reply = handle_publish(&router, msg.payload, traceparent).await;
                     metrics::histogram!("switchboard_router_publish_duration_seconds").record(started.elapsed().as_secs_f64());
                     if let Err(e) = client.publish(reply_to, reply.encode_to_vec().into()).await {
                         tracing::debug!(error = %e, "reply failed; the edge retries");

@@ -134,13 +134,20 @@ impl Bus for NatsBus {
 
     async fn publish(&self, subject: &str, frame: SharedFrame) -> Result<(), BusError> {
         let bytes = frame.encoded(Encoding::Protobuf).clone();
-        self.client
-            .publish(subject.to_owned(), bytes)
-            .await
-            .map_err(|source| BusError::Publish {
-                subject: subject.to_owned(),
-                source,
-            })
+        // The delivery's trace context rides along only when there is
+        // one: traces on and this publish sampled (ADR 0038).
+        let sent = match crate::trace::nats_headers(true) {
+            None => self.client.publish(subject.to_owned(), bytes).await,
+            Some(headers) => {
+                self.client
+                    .publish_with_headers(subject.to_owned(), headers, bytes)
+                    .await
+            }
+        };
+        sent.map_err(|source| BusError::Publish {
+            subject: subject.to_owned(),
+            source,
+        })
     }
 
     async fn subscribe(&self, subject: &str) -> Result<(), BusError> {
@@ -190,8 +197,13 @@ impl Bus for NatsBus {
                 };
                 // The message's own subject: a wildcard subscription
                 // carries the user in its last token.
+                // A header is looked at only when the message has headers:
+                // untraced deliveries cost nothing more.
                 if let Some(h) = handler.get() {
-                    h.on_frame(msg.subject.as_str(), frame);
+                    match crate::trace::nats_traceparent(msg.headers.as_ref()) {
+                        None => h.on_frame(msg.subject.as_str(), frame),
+                        Some(tp) => h.on_traced_frame(msg.subject.as_str(), frame, tp),
+                    }
                 }
             }
         });
