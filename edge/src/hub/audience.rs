@@ -10,6 +10,9 @@
 //! array in order, and only a subscribe or unsubscribe that meets a
 //! fan-out in progress copies it (ADR 0042).
 //!
+//! A socket joins at a random place in the array, so the order of a
+//! post's writes does not follow the order sockets were opened in.
+//!
 //! Most streams (personal ones) hold one socket for their whole life:
 //! that one is kept inline, and the whole type is three words.
 use std::{collections::HashMap, ops::Deref, sync::Arc};
@@ -107,8 +110,18 @@ impl Audience {
                 match m.at.get(&id) {
                     Some(&i) => conns[i as usize] = conn,
                     None => {
-                        m.at.insert(id, conns.len() as u32);
+                        // At a random place: sockets opened together (one
+                        // client process's, one host's) are not written in
+                        // one burst by every post, as a hash map's order
+                        // never did either.
+                        let last = conns.len();
                         conns.push(conn);
+                        let at = rand::random_range(0..=last);
+                        conns.swap(at, last);
+                        if at != last {
+                            m.at.insert(conns[last].id(), last as u32);
+                        }
+                        m.at.insert(id, at as u32);
                     }
                 }
                 *self = Audience::Many(m);
@@ -218,6 +231,24 @@ mod tests {
         a.remove(&60);
         let Audience::Many(m) = &a else { panic!() };
         assert_eq!(Arc::as_ptr(&m.conns), ptr);
+    }
+
+    #[test]
+    fn every_socket_is_found_by_its_id_after_random_joins_and_leaves() {
+        let mut a = Audience::default();
+        for id in 0..1000 {
+            a.insert(id, conn(id));
+            if id % 3 == 0 {
+                a.remove(&(id / 2));
+            }
+        }
+        let Audience::Many(m) = &a else { panic!() };
+        assert_eq!(m.at.len(), m.conns.len());
+        for (i, c) in m.conns.iter().enumerate() {
+            assert_eq!(m.at[&c.id()], i as u32, "{} indexed at its place", c.id());
+        }
+        let first: Vec<u64> = m.conns.iter().take(50).map(|c| c.id()).collect();
+        assert!(first.windows(2).any(|w| w[0] > w[1]), "not in join order");
     }
 
     #[test]
