@@ -18,7 +18,7 @@ use switchboard_protocol::{
     subject::presence_subject,
     v1::{PresenceEvent, ServerFrame, server_frame},
 };
-use switchboard_router::{Bus, BusHandler, EventTap, Publisher};
+use switchboard_router::{Bus, BusHandler, EventTap, Publisher, retry::Backoff};
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_util::sync::CancellationToken;
 
@@ -34,28 +34,24 @@ const STRIPES: usize = 4096;
 /// dropping what a previous run left, and a closed socket's unregister.
 /// Without it, a failed one leaves a session behind that this node's
 /// lease keeps alive: the user stays online for as long as the node runs.
-const WRITE_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+const WRITE_RETRY: Backoff = Backoff {
+    first: std::time::Duration::from_millis(100),
+    max: std::time::Duration::from_secs(1),
+    limit: std::time::Duration::from_secs(10),
+};
 
 /// Runs `op` until it succeeds or [`WRITE_RETRY`] passes, with backoff.
-async fn retried<T, F, Fut>(what: &str, mut op: F) -> Result<T, PresenceError>
+async fn retried<T, F, Fut>(what: &str, op: F) -> Result<T, PresenceError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, PresenceError>>,
 {
-    let deadline = tokio::time::Instant::now() + WRITE_RETRY;
-    let mut wait = std::time::Duration::from_millis(100);
-    loop {
-        match op().await {
-            Ok(v) => return Ok(v),
-            Err(e) if tokio::time::Instant::now() + wait < deadline => {
-                metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
-                tracing::debug!(error = %e, what, "presence write failed; trying again");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_secs(1));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    WRITE_RETRY
+        .retry(op, |e| {
+            metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+            tracing::debug!(error = %e, what, "presence write failed; trying again");
+        })
+        .await
 }
 
 /// This node's presence lease and the presence sessions of its sockets.

@@ -29,6 +29,7 @@ mod history;
 mod hops;
 mod members;
 mod publisher;
+pub mod retry;
 mod router;
 mod tap;
 pub mod trace;

@@ -1,5 +1,5 @@
 //! Validating, sequencing and delivering one publish.
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use switchboard_presence::PresenceStore;
@@ -9,7 +9,7 @@ use switchboard_protocol::{
 };
 use tracing::Instrument;
 
-use crate::{Bus, Draft, History, HistoryError};
+use crate::{Bus, Draft, History, HistoryError, retry::Backoff};
 
 /// Limits the router enforces on every publish.
 #[derive(Debug, Clone, Copy)]
@@ -319,30 +319,34 @@ impl Router {
         // conversation would wait for the next one. So a failed publish
         // (the bus reconnecting, presence unreadable while Redis fails
         // over) is tried again for a while; receivers de-duplicate by seq.
-        let deadline = tokio::time::Instant::now() + DELIVER_RETRY;
-        let mut wait = std::time::Duration::from_millis(50);
-        loop {
-            let sent = match target {
-                StreamKey::Chat(c) => self.bus.publish(&chat_subject(c), frame.clone()).await,
-                StreamKey::User(u) => crate::publish_to_user(
-                    self.bus.as_ref(),
-                    self.presence.as_ref(),
-                    u,
-                    frame.clone(),
-                )
-                .await
-                .map(|_| ()),
-            };
-            let Err(e) = sent else { return };
+        let sent = DELIVER_RETRY
+            .retry(
+                || async {
+                    match target {
+                        StreamKey::Chat(c) => {
+                            self.bus.publish(&chat_subject(c), frame.clone()).await
+                        }
+                        StreamKey::User(u) => crate::publish_to_user(
+                            self.bus.as_ref(),
+                            self.presence.as_ref(),
+                            u,
+                            frame.clone(),
+                        )
+                        .await
+                        .map(|_| ()),
+                    }
+                },
+                |e: &crate::BusError| {
+                    metrics::counter!("switchboard_router_bus_errors_total", "reason" => e.reason())
+                        .increment(1);
+                },
+            )
+            .await;
+        if let Err(e) = sent {
             metrics::counter!("switchboard_router_bus_errors_total", "reason" => e.reason())
                 .increment(1);
-            if tokio::time::Instant::now() + wait >= deadline {
-                // Stored but not delivered live: receivers repair from history.
-                tracing::warn!(error = %e, stream = %target, "delivery publish failed; receivers will recover from history");
-                return;
-            }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(std::time::Duration::from_millis(800));
+            // Stored but not delivered live: receivers repair from history.
+            tracing::warn!(error = %e, stream = %target, "delivery publish failed; receivers will recover from history");
         }
     }
 
@@ -360,14 +364,18 @@ impl Router {
 /// How long a failed live delivery is tried again before it is left to
 /// the receivers' gap repair (the publish is acked only after): longer
 /// than a Redis master's failover (presence unreadable meanwhile).
-const DELIVER_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+const DELIVER_RETRY: Backoff = Backoff {
+    first: Duration::from_millis(50),
+    max: Duration::from_millis(800),
+    limit: Duration::from_secs(10),
+};
 
 /// How long a publish's member work is tried again before the publish is
 /// acked without it: long enough for a NATS cluster to elect new stream
 /// leaders after losing a server, or a Redis master's replica to take over
 /// (presence unreadable meanwhile). An edge that times out meanwhile
 /// retries the publish elsewhere; that duplicate schedules the work again.
-const MEMBER_WORK_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
+const MEMBER_WORK_RETRY: Backoff = DELIVER_RETRY;
 
 /// A publish's member work (shard jobs, the push hand-off), tried again
 /// with backoff while it fails: JetStream refuses or times out while a
@@ -375,23 +383,18 @@ const MEMBER_WORK_RETRY: std::time::Duration = std::time::Duration::from_secs(10
 /// de-duplicated by message id), so a retry stores each job once. What
 /// still fails is counted and logged, as before.
 async fn member_work(m: &crate::Members, target: &StreamKey, frame: &SharedFrame) {
-    let deadline = tokio::time::Instant::now() + MEMBER_WORK_RETRY;
-    let mut wait = std::time::Duration::from_millis(50);
-    loop {
-        match m.after_publish(target, frame).await {
-            Ok(()) => return,
-            Err(e) if tokio::time::Instant::now() + wait < deadline => {
+    let done = MEMBER_WORK_RETRY
+        .retry(
+            || m.after_publish(target, frame),
+            |e| {
                 metrics::counter!("switchboard_router_member_work_retries_total").increment(1);
                 tracing::debug!(error = %e, stream = %target, "member work failed; trying again");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_millis(800));
-            }
-            Err(e) => {
-                metrics::counter!("switchboard_router_member_work_errors_total").increment(1);
-                tracing::warn!(error = %e, stream = %target, "member work (shard jobs, push hand-off) failed");
-                return;
-            }
-        }
+            },
+        )
+        .await;
+    if let Err(e) = done {
+        metrics::counter!("switchboard_router_member_work_errors_total").increment(1);
+        tracing::warn!(error = %e, stream = %target, "member work (shard jobs, push hand-off) failed");
     }
 }
 
