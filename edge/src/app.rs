@@ -303,6 +303,14 @@ async fn serve(
                 .check_positions(state.config.position_check_interval, background.clone()),
         )
     });
+    let registrations = state.config.cluster.is_some().then(|| {
+        tokio::spawn(
+            state
+                .sessions
+                .clone()
+                .check_sessions(state.config.position_check_interval, background.clone()),
+        )
+    });
     shutdown.await;
     let stop = Stop::new(state.config.shutdown_grace);
     stop.begin();
@@ -330,6 +338,11 @@ async fn serve(
         async {
             if let Some(task) = positions {
                 stop.join("position checks", deadline, task).await;
+            }
+        },
+        async {
+            if let Some(task) = registrations {
+                stop.join("presence checks", deadline, task).await;
             }
         },
         async {

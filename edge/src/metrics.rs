@@ -228,6 +228,10 @@ pub(crate) fn register_cluster_series() {
     switchboard_node::telemetry::register_cluster_series();
     counter!("switchboard_edge_presence_errors_total").increment(0);
     counter!("switchboard_edge_presence_restores_total").increment(0);
+    counter!("switchboard_edge_presence_reregistered_total").increment(0);
+    counter!("switchboard_edge_position_checks_total").increment(0);
+    counter!("switchboard_edge_position_repairs_total").increment(0);
+    counter!("switchboard_edge_position_check_errors_total").increment(0);
     counter!("switchboard_edge_router_retries_total").increment(0);
 }
 

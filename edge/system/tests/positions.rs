@@ -4,7 +4,8 @@
 //! dies (the receiving edge, on another server of the cluster, sees no
 //! disconnect: only the periodic position check finds it), and a stream
 //! joined before its first message whose seq 1 was lost around an edge's
-//! NATS reconnect (the sweep after the reconnect must read it).
+//! NATS reconnect (the sweep after the reconnect must read it), and a
+//! presence registration lost in a Redis Cluster failover.
 use std::time::Duration;
 
 use crate::common::{cluster::*, *};
@@ -14,7 +15,7 @@ use switchboard_protocol::{
     client::{Client, ClientConfig, Event, Events},
 };
 use switchboard_router::{Draft, History, HistoryLimits, RedisHistory, connect_redis};
-use switchboard_testkit::{NatsCluster, Server};
+use switchboard_testkit::{NatsCluster, RedisCluster, Server};
 
 /// The next delivery within `within`: (seq, client message id).
 async fn next_delivery(events: &mut Events, within: Duration) -> Option<(u64, String)> {
@@ -121,4 +122,69 @@ async fn a_reconnect_reads_a_stream_joined_before_its_first_message() {
         "the sweep after the reconnect skipped the stream"
     );
     edge.shutdown().await;
+}
+
+/// Cause 4 of ADR 0044: a presence registration a Redis Cluster master
+/// acknowledged and died with before its replica had it. Routers then
+/// find no edge for the user, and the edge's lease (another slot) is
+/// intact, so nothing else notices: the edge's session check registers it
+/// again, the user is online again and a DM finds the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registration_lost_in_a_redis_failover_is_made_again() {
+    let mut redis = RedisCluster::start();
+    let nats = Server::nats();
+    // A user whose slot is on another master than the node leases.
+    let (lease_master, _) = redis.master_and_replica_of("sb:nodes").unwrap();
+    let user = (0..100)
+        .map(|i| format!("lost{i}"))
+        .find(|u| {
+            let key = format!("sb:{{user:{u}}}:sessions");
+            redis.master_and_replica_of(&key).unwrap().0 != lease_master
+        })
+        .expect("a user on another master");
+    let key = format!("sb:{{user:{user}}}:sessions");
+    let (master, replica) = redis.master_and_replica_of(&key).unwrap();
+    let router = start_router(&nats, &redis, "router-0").await;
+    wait_for_routers(&nats).await;
+    let mut config = edge_config(&nats, &redis, "edge-0");
+    config.position_check_interval = Duration::from_secs(1);
+    let edge = start(config).await;
+    tokio::task::block_in_place(|| redis.wait_replicated(master, replica)).unwrap();
+    // The registration is acked by the master and never replicated.
+    tokio::task::block_in_place(|| {
+        redis.stall_replication(master, replica, &format!("filler{{user:{user}}}"))
+    });
+    let (_client, mut events) = Client::connect(ClientConfig::new(ws_url(&edge), token(&user)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.nodes()[master].kill();
+    redis.nodes()[replica].resume();
+    tokio::task::block_in_place(|| redis.wait_promoted(replica))
+        .unwrap_or_else(|e| panic!("{e}\n{}", redis.logs()));
+    // Online again within the check's interval (and the failover's slack).
+    let online = || async {
+        let (status, body) = post(edge.addr(), "/api/presence", &json!({"users": [user]})).await;
+        status == 200 && body["users"][0]["online"] == true
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !online().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost registration was never made again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The routers find the edge again: a DM arrives at once.
+    let (status, body) = post(
+        router.addr,
+        "/api/publish",
+        &json!({"user": user, "client_msg_id": "after", "text": "after"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let got = next_delivery(&mut events, Duration::from_millis(900)).await;
+    assert_eq!(got.map(|(_, id)| id), Some("after".to_owned()));
+    edge.shutdown().await;
+    router.stop().await;
 }
