@@ -294,6 +294,23 @@ async fn serve(
         state.config.presence_ttl / 3,
         background.clone(),
     ));
+    // Cluster only: the memory bus loses nothing (ADR 0044).
+    let positions = state.config.cluster.is_some().then(|| {
+        tokio::spawn(
+            state
+                .hub
+                .clone()
+                .check_positions(state.config.position_check_interval, background.clone()),
+        )
+    });
+    let registrations = state.config.cluster.is_some().then(|| {
+        tokio::spawn(
+            state
+                .sessions
+                .clone()
+                .check_sessions(state.config.position_check_interval, background.clone()),
+        )
+    });
     shutdown.await;
     let stop = Stop::new(state.config.shutdown_grace);
     stop.begin();
@@ -318,6 +335,16 @@ async fn serve(
         stop.join("accept loop", deadline, accept),
         stop.join("presence lease renewal", deadline, heartbeats),
         stop.join("presence sweep", deadline, sweeper),
+        async {
+            if let Some(task) = positions {
+                stop.join("position checks", deadline, task).await;
+            }
+        },
+        async {
+            if let Some(task) = registrations {
+                stop.join("presence checks", deadline, task).await;
+            }
+        },
         async {
             if let Some(task) = admin_requests {
                 stop.join("admin requests", deadline, task).await;

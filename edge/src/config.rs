@@ -293,6 +293,14 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deflate_min_bytes: Option<usize>,
 
+    /// How often every stream with local sockets is checked against
+    /// history's positions, ms (cluster only, ADR 0044): a stream whose
+    /// last message the bus lost is repaired within about this long even
+    /// when nothing signalled the loss. Default 15000.
+    #[arg(long, env = "SWITCHBOARD_POSITION_CHECK_INTERVAL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position_check_interval_ms: Option<u64>,
+
     /// Messages NATS buffers per subscription before dropping (the edge
     /// then repairs from history). Default 8192.
     #[arg(long, env = "SWITCHBOARD_NATS_SUBSCRIPTION_CAPACITY")]
@@ -386,6 +394,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// This node's presence lease.
     pub presence_ttl: Duration,
+    /// How often streams are checked against history (cluster only).
+    pub position_check_interval: Duration,
     /// Log filter.
     pub log: String,
     /// Log line format (`--log-format`).
@@ -639,6 +649,11 @@ impl Settings {
                 }),
             },
             presence_ttl: node.presence_ttl,
+            position_check_interval: ms(
+                "--position-check-interval-ms",
+                self.position_check_interval_ms,
+                15_000,
+            )?,
             log: node.log,
             log_format: node.log_format,
             traces: node.traces,

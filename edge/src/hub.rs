@@ -13,9 +13,12 @@
 //! is queued in its stream's lane (`lanes.rs`) and a task per busy stream
 //! fans the lane out in order, so a publish is acked once stored whatever
 //! its audience (ADR 0027).
-use std::sync::{
-    Arc, Weak,
-    atomic::{AtomicUsize, Ordering::Relaxed},
+use std::{
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::Duration,
 };
 
 use dashmap::DashMap;
@@ -26,6 +29,7 @@ use switchboard_protocol::{
 };
 use switchboard_router::{Bus, BusError, BusHandler, History};
 use tokio::{sync::Mutex, time::Instant};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     authz::ChatAuth,
@@ -49,6 +53,20 @@ const FANOUT_TURN: usize = 128;
 /// the runtime's worker threads but one: a post reaches its last socket
 /// sooner.
 const SPREAD_FROM_SOCKETS: usize = 2048;
+
+/// Streams whose positions one history read asks for (ADR 0044): one
+/// pipeline per batch.
+const POSITION_BATCH: usize = 256;
+/// How long a stream a position check found behind may take to catch up
+/// by itself before it is repaired: its frame may be on the bus or in its
+/// lane still.
+const POSITION_GRACE: Duration = Duration::from_secs(1);
+/// After a possible loss every stream is checked at once and again this
+/// much later: a subscription made again on reconnect reaches the other
+/// NATS servers of a cluster over their routes a little after the edge's
+/// own server took it, and a frame published there meanwhile found no
+/// interest (ADR 0044).
+const INTEREST_SETTLE: Duration = Duration::from_secs(2);
 
 /// Interest changes are serialized per subject through one of these locks,
 /// so subscribe/unsubscribe on the bus never run out of order.
@@ -630,6 +648,131 @@ impl Hub {
         }
     }
 
+    /// The streams with local sockets now.
+    fn stream_keys(&self) -> Vec<StreamKey> {
+        self.streams.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// Checks every stream with local sockets against history's positions,
+    /// once per `interval`, a batch at a time spread over most of it (ADR
+    /// 0044, "positioning"): a stream whose last frames the bus lost, with
+    /// nothing after them to reveal the hole and no event saying so, is
+    /// repaired within about one interval. Cluster only: the memory bus
+    /// loses nothing.
+    pub(crate) async fn check_positions(
+        self: Arc<Self>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut round = tokio::time::interval_at(Instant::now() + interval, interval);
+        round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = round.tick() => {}
+            }
+            let keys = self.stream_keys();
+            let batches = keys.len().div_ceil(POSITION_BATCH).max(1) as u32;
+            // A round ends before the next one is due.
+            let pace = interval * 3 / 4 / batches;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.clone().check_streams(keys, pace, POSITION_GRACE) => {}
+            }
+        }
+    }
+
+    /// Reads the positions of `keys`, `POSITION_BATCH` per read and `pace`
+    /// apart, and repairs the streams history is ahead of: at once with no
+    /// `grace`, else those still behind after it. Returns the streams whose
+    /// positions could not be read.
+    async fn check_streams(
+        self: Arc<Self>,
+        keys: Vec<StreamKey>,
+        pace: Duration,
+        grace: Duration,
+    ) -> Vec<StreamKey> {
+        let mut failed = Vec::new();
+        for (i, batch) in keys.chunks(POSITION_BATCH).enumerate() {
+            if i > 0 && !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
+            let positions = match self.history.positions(batch).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.metrics.position_errors.increment(1);
+                    tracing::debug!(error = %e, streams = batch.len(), "position check failed");
+                    failed.extend_from_slice(batch);
+                    continue;
+                }
+            };
+            self.metrics.position_checks.increment(batch.len() as u64);
+            let behind: Vec<Behind> = batch
+                .iter()
+                .zip(positions)
+                .filter_map(|(key, at)| {
+                    let e = self.streams.get(key)?;
+                    e.order.behind(at.seq, &at.epoch).then(|| Behind {
+                        key: key.clone(),
+                        was: e.order.epoch().to_owned(),
+                        at,
+                    })
+                })
+                .collect();
+            if behind.is_empty() {
+                continue;
+            }
+            if grace.is_zero() {
+                self.repair_behind(behind);
+            } else {
+                let hub = self.clone();
+                self.runtime.spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    hub.repair_behind(behind);
+                });
+            }
+        }
+        failed
+    }
+
+    /// Starts a repair of each stream still behind its checked position.
+    fn repair_behind(&self, behind: Vec<Behind>) {
+        let now = Instant::now();
+        for Behind { key, was, at } in behind {
+            let due = self.streams.get_mut(&key).and_then(|mut e| {
+                // A stream gone on to another epoch since: the position may
+                // be older than that.
+                if e.order.epoch() != was {
+                    return None;
+                }
+                let held = e.order.held();
+                let due = e.order.on_behind(at.seq, &at.epoch, now);
+                self.count_held(held, e.order.held());
+                due
+            });
+            if let Some(due) = due {
+                self.metrics.position_repairs.increment(1);
+                tracing::debug!(stream = %key, seq = at.seq, "position check: stream behind history");
+                self.spawn_repair(key, due);
+            }
+        }
+    }
+
+    /// Reads each stream itself, one after the other, with the repair's
+    /// back-off while history is down: the sweep for streams whose
+    /// positions could not be read.
+    async fn sweep(self: &Arc<Self>, keys: Vec<StreamKey>) {
+        for key in keys {
+            let at = self
+                .streams
+                .get_mut(&key)
+                .and_then(|mut e| e.order.on_possible_loss(Instant::now()));
+            if let Some(at) = at {
+                self.clone().repair(key, at).await;
+            }
+        }
+    }
+
     /// A kick sent to one of this edge's users: closes their sockets, or
     /// the one session named (session ids are `<node>-<conn id>`).
     fn kick(&self, key: &StreamKey, d: &Disconnect) {
@@ -743,28 +886,41 @@ impl BusHandler for Hub {
     }
 
     /// After a bus reconnect or a slow-consumer drop, every stream with
-    /// local sockets is checked against history for what went missing.
+    /// local sockets is checked against history's positions, and the ones
+    /// behind are read; once more `INTEREST_SETTLE` later. A stream whose
+    /// position could not be read is read itself.
     fn on_possible_loss(&self) {
         // A removal may be among what was lost.
         self.authz.on_possible_loss();
         let Some(hub) = self.me.upgrade() else { return };
-        let keys: Vec<StreamKey> = self.streams.iter().map(|e| e.key().clone()).collect();
+        let keys = self.stream_keys();
         tracing::info!(
             streams = keys.len(),
             "bus may have dropped frames; checking streams against history"
         );
         self.runtime.spawn(tokio::task::unconstrained(async move {
-            for key in keys {
-                let at = hub
-                    .streams
-                    .get_mut(&key)
-                    .and_then(|mut e| e.order.on_possible_loss(Instant::now()));
-                if let Some(at) = at {
-                    hub.clone().repair(key, at).await;
-                }
-            }
+            let failed = hub
+                .clone()
+                .check_streams(keys, Duration::ZERO, Duration::ZERO)
+                .await;
+            hub.sweep(failed).await;
+            tokio::time::sleep(INTEREST_SETTLE).await;
+            let keys = hub.stream_keys();
+            let failed = hub
+                .clone()
+                .check_streams(keys, Duration::ZERO, Duration::ZERO)
+                .await;
+            hub.sweep(failed).await;
         }));
     }
+}
+
+/// A stream a position check found behind history.
+struct Behind {
+    key: StreamKey,
+    /// The stream's epoch when it was found so.
+    was: String,
+    at: StreamPosition,
 }
 
 #[cfg(test)]

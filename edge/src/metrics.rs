@@ -38,6 +38,11 @@ pub(crate) struct EdgeMetrics {
     pub(crate) pending_dropped: Counter,
     pub(crate) fanout_dropped_deliveries: Counter,
     pub(crate) fanout_dropped_events: Counter,
+    /// Streams checked against history's positions (ADR 0044), the ones
+    /// found behind (a repair started), and position reads that failed.
+    pub(crate) position_checks: Counter,
+    pub(crate) position_repairs: Counter,
+    pub(crate) position_errors: Counter,
     pub(crate) hops: HopMetrics,
     pub(crate) deflate: DeflateMetrics,
 }
@@ -161,6 +166,9 @@ impl EdgeMetrics {
             pending_dropped: counter!("switchboard_edge_reorder_dropped_total"),
             fanout_dropped_deliveries: counter!("switchboard_edge_fanout_dropped_total", "kind" => "delivery"),
             fanout_dropped_events: counter!("switchboard_edge_fanout_dropped_total", "kind" => "event"),
+            position_checks: counter!("switchboard_edge_position_checks_total"),
+            position_repairs: counter!("switchboard_edge_position_repairs_total"),
+            position_errors: counter!("switchboard_edge_position_check_errors_total"),
             hops: HopMetrics::new(),
             deflate: DeflateMetrics::new(),
         }
@@ -220,6 +228,10 @@ pub(crate) fn register_cluster_series() {
     switchboard_node::telemetry::register_cluster_series();
     counter!("switchboard_edge_presence_errors_total").increment(0);
     counter!("switchboard_edge_presence_restores_total").increment(0);
+    counter!("switchboard_edge_presence_reregistered_total").increment(0);
+    counter!("switchboard_edge_position_checks_total").increment(0);
+    counter!("switchboard_edge_position_repairs_total").increment(0);
+    counter!("switchboard_edge_position_check_errors_total").increment(0);
     counter!("switchboard_edge_router_retries_total").increment(0);
 }
 

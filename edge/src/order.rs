@@ -15,7 +15,7 @@
 //! Every socket gets each stream's messages once and in seq order, and
 //! nothing that the stream's history window still holds is lost; what the
 //! window no longer holds is reported to the client, never skipped
-//! silently. Six parts keep that promise:
+//! silently. Seven parts keep that promise:
 //!
 //! 1. **The router sequences, stores, then publishes** (`Router::publish`
 //!    in `switchboard-router`, `router/src/router.rs`). `History::append`
@@ -42,8 +42,11 @@
 //!    no longer has the hole (or stays down) the held frames go out and
 //!    clients see the skip. A new epoch restarts the stream at seq 1, or,
 //!    when its first frame to arrive is past 1 (a failover fenced the
-//!    stream and its seqs go on, ADR 0019), where history says it starts. After a bus reconnect or a slow consumer every
-//!    stream is read again since its last seq.
+//!    stream and its seqs go on, ADR 0019), where history says it starts.
+//!    After a bus reconnect or a slow consumer every stream's position is
+//!    checked against history (at once and again a little later, while
+//!    the interest travels between NATS servers) and the streams behind
+//!    are read since their last seq, a stream not yet given an epoch too.
 //! 4. **A socket's resume merges history with live frames** (the writer,
 //!    `Outbound::BeginRecovery` and `Outbound::Recovered`). Subscribe and
 //!    Connect queue `BeginRecovery` before they join the stream, so every
@@ -61,6 +64,14 @@
 //!    client reports `ResyncRequired`, as it does for a seq that skips or
 //!    a new epoch on a live delivery; the app re-syncs that stream from
 //!    its own backend.
+//! 7. **The edge checks positions** (`Hub::check_positions`, ADR 0044).
+//!    A repair needs a trigger: a later frame, or the bus reporting a
+//!    loss. A stream's last message lost with neither (a publish into a
+//!    NATS server that died, seen by no one; a presence write lost in a
+//!    Redis failover) is found by the periodic check of every stream's
+//!    (epoch, seq) against history ([`StreamOrder::behind`]), in cluster
+//!    mode once per `--position-check-interval-ms`: delivered within
+//!    about that long, while the window holds it.
 use std::{collections::BTreeMap, time::Duration};
 
 use switchboard_protocol::SharedFrame;
@@ -182,6 +193,11 @@ impl StreamOrder {
         self.pending.len()
     }
 
+    /// The epoch of the last seq ("" before any delivery or history).
+    pub(crate) fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
     /// Seeds the position from a history read, so a frame lost right after
     /// the first subscribe is noticed as a gap.
     pub(crate) fn on_position(&mut self, seq: u64, epoch: &str) {
@@ -274,6 +290,47 @@ impl StreamOrder {
         Some(self.start_repair(true, now))
     }
 
+    /// Whether history standing at (`seq`, `epoch`) (a position check,
+    /// `History::positions`) holds a delivery this stream has not fanned
+    /// out: a later seq of its epoch, or any seq of another epoch. A
+    /// stream without history yet (empty `epoch`) holds nothing, and a
+    /// stream still joining (neither read nor delivered to) is not checked.
+    pub(crate) fn behind(&self, seq: u64, epoch: &str) -> bool {
+        // A stream still joining is seeded by its join's own read.
+        let joining = !self.known && self.epoch.is_empty();
+        if epoch.is_empty() || seq == 0 || joining {
+            return false;
+        }
+        if self.epoch.is_empty() || self.epoch == epoch {
+            seq > self.last_seq
+        } else {
+            true
+        }
+    }
+
+    /// A position check found history ahead of this stream (`behind`) with
+    /// nothing on the way to say so: the bus lost the stream's last
+    /// frames. `Some`: read at that instant (as `on_possible_loss`). When
+    /// history is in another epoch that no delivery brought here, the
+    /// stream restarts where history says that epoch starts, as it does
+    /// for a new epoch's frame past seq 1.
+    pub(crate) fn on_behind(&mut self, seq: u64, epoch: &str, now: Instant) -> Option<Instant> {
+        if !self.behind(seq, epoch) {
+            return None;
+        }
+        if !self.repairing && !self.epoch.is_empty() && self.epoch != epoch {
+            self.epoch = epoch.to_owned();
+            self.last_seq = 0;
+            self.known = true;
+            self.overflowed = false;
+            self.epoch_start = true;
+            // Held frames of the old epoch are dropped, as a new epoch's
+            // frame drops them (its frames are read from history).
+            self.pending.clear();
+        }
+        self.on_possible_loss(now)
+    }
+
     fn start_repair(&mut self, force: bool, at: Instant) -> Instant {
         self.repairing = true;
         self.outages = 0;
@@ -284,9 +341,11 @@ impl StreamOrder {
     /// A repair's read is due: what to read, or `None` when nothing is left
     /// to repair (the repair is over).
     pub(crate) fn due_read(&mut self) -> Option<HistoryRead> {
-        // The sweep skips a stream without an epoch: no delivery seen and
-        // no history at the last read, so nothing to compare against.
-        let forced = self.force && !self.epoch.is_empty();
+        // A forced read covers a stream without an epoch too (no delivery
+        // seen, no history at the last read): its first message, lost on
+        // the bus, is what such a read finds (issue #19). Not one still
+        // joining (no read, no delivery yet): its join's read seeds it.
+        let forced = self.force && (self.known || !self.epoch.is_empty());
         if self.pending.is_empty() && !forced {
             self.repairing = false;
             self.force = false;
@@ -302,13 +361,24 @@ impl StreamOrder {
     /// The answer to the read `due_read` asked for. Any error is an outage:
     /// the frames are still in history.
     pub(crate) fn on_history<E>(&mut self, answer: Result<Recovery, E>, now: Instant) -> Answered {
-        self.force = false;
+        let forced = std::mem::take(&mut self.force);
         self.reading = false;
+        // A stream that had no history when it was joined takes the epoch
+        // of its first history, as it would from its first delivery.
+        if self.epoch.is_empty()
+            && self.last_seq == 0
+            && let Ok(r) = &answer
+            && !r.position.resync_required
+        {
+            self.epoch.clone_from(&r.position.epoch);
+        }
         let may_wait = self.outages < MAX_OUTAGE_RETRIES;
         // An outage is not a lost message: hold what arrived (bounded) and
         // read again later.
         if answer.is_err() && may_wait && self.pending.len() < MAX_PENDING_PER_STREAM {
             self.outages += 1;
+            // A sweep's read with nothing held is still owed: keep it forced.
+            self.force = forced;
             let wait = (GAP_TIMEOUT * 2u32.pow(self.outages)).min(MAX_OUTAGE_BACKOFF);
             return Answered {
                 deliver: Vec::new(),
@@ -357,12 +427,41 @@ impl StreamOrder {
                     next_read: (!done).then(|| now + GAP_TIMEOUT),
                 }
             }
-            _ => {
+            other => {
                 // History no longer has the missing seqs (or stayed down):
                 // deliver what is held, in order; clients see the gap and
                 // re-sync from their own last seq.
                 self.overflowed = false;
                 self.repairing = false;
+                // With nothing held (a sweep or a position check), what the
+                // window still has goes out instead, and the stream stands
+                // where history does: clients see the skip now, and the
+                // next check does not find the stream behind again.
+                if self.pending.is_empty()
+                    && let Ok(r) = other
+                    && !r.position.epoch.is_empty()
+                    && (self.epoch.is_empty() || self.epoch == r.position.epoch)
+                {
+                    self.epoch = r.position.epoch;
+                    for f in r.frames {
+                        if let Some((_, seq)) = f.delivery_position() {
+                            self.pending.insert(seq, f);
+                        }
+                    }
+                    let mut deliver = Vec::with_capacity(self.pending.len());
+                    for (seq, f) in std::mem::take(&mut self.pending) {
+                        if seq > self.last_seq {
+                            self.last_seq = seq;
+                            deliver.push(f);
+                        }
+                    }
+                    self.last_seq = self.last_seq.max(r.position.seq);
+                    return Answered {
+                        deliver,
+                        gap: Some(Gap::Unrecoverable),
+                        next_read: None,
+                    };
+                }
                 let mut deliver = Vec::with_capacity(self.pending.len());
                 for (seq, f) in std::mem::take(&mut self.pending) {
                     if seq > self.last_seq {

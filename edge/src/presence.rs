@@ -29,6 +29,9 @@ use crate::{config::Config, hub::Hub};
 /// rare at thousands of connects per second (48 bytes each).
 const STRIPES: usize = 4096;
 
+/// Sessions whose registration one read checks (ADR 0044).
+const CHECK_BATCH: usize = 256;
+
 /// How long a presence write that must not be lost is tried again while
 /// the store fails (a Redis master failing over takes a few seconds):
 /// dropping what a previous run left, and a closed socket's unregister.
@@ -232,6 +235,106 @@ impl Sessions {
                     metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
                     tracing::warn!(error = %e, "presence restore failed");
                 }
+            }
+        }
+    }
+
+    /// Checks once per `interval` that the store still holds every local
+    /// session, a batch of `CHECK_BATCH` per read spread over most of the
+    /// interval (ADR 0044): a registration a Redis master acknowledged and
+    /// died with before its replica had it is gone after the failover,
+    /// routers find no edge for the user, and the lease (one key, in
+    /// another slot) says nothing. A missing session is registered again
+    /// (announced online if that brings the user back), then every stream
+    /// is checked against history for what the routers could not send.
+    pub(crate) async fn check_sessions(
+        self: Arc<Self>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let start = tokio::time::Instant::now() + interval;
+        let mut round = tokio::time::interval_at(start, interval);
+        round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = round.tick() => {}
+            }
+            let live: Vec<(u64, UserId)> = self
+                .live
+                .iter()
+                .map(|e| (*e.key(), e.value().clone()))
+                .collect();
+            let batches = live.len().div_ceil(CHECK_BATCH).max(1) as u32;
+            let pace = interval * 3 / 4 / batches;
+            let mut restored = 0;
+            for (i, batch) in live.chunks(CHECK_BATCH).enumerate() {
+                if i > 0 {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(pace) => {}
+                    }
+                }
+                let sessions: Vec<Session> = batch
+                    .iter()
+                    .map(|(id, user)| self.session_of(user, *id))
+                    .collect();
+                let held = match self.store.registered(&sessions).await {
+                    Ok(held) => held,
+                    Err(e) => {
+                        metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+                        tracing::debug!(error = %e, "presence check failed");
+                        continue;
+                    }
+                };
+                for ((id, _), s) in batch
+                    .iter()
+                    .zip(&sessions)
+                    .zip(held)
+                    .filter(|x| !x.1)
+                    .map(|x| x.0)
+                {
+                    if self.register_again(*id, s).await {
+                        restored += 1;
+                    }
+                }
+            }
+            if restored > 0 {
+                tracing::warn!(
+                    sessions = restored,
+                    "presence lost sessions of this node; registered them again"
+                );
+                metrics::counter!("switchboard_edge_presence_reregistered_total")
+                    .increment(restored);
+                self.hub.on_possible_loss();
+            }
+        }
+    }
+
+    /// Registers a session the store lost, unless its socket closed
+    /// meanwhile (its unregister, under the same lock, has the last word)
+    /// or it is there now (a register that was still on its way).
+    async fn register_again(&self, conn_id: u64, s: &Session) -> bool {
+        let _order = self.ordered(&s.user).await;
+        if !self.live.contains_key(&conn_id) {
+            return false;
+        }
+        if let Ok(held) = self.store.registered(std::slice::from_ref(s)).await
+            && held.first() == Some(&true)
+        {
+            return false;
+        }
+        match self.store.register(s, now_ms()).await {
+            Ok(transition) => {
+                if transition == Transition::BecameOnline {
+                    self.announce(&s.user, true, now_ms(), 1).await;
+                }
+                true
+            }
+            Err(e) => {
+                metrics::counter!("switchboard_edge_presence_errors_total").increment(1);
+                tracing::debug!(error = %e, "presence register again failed");
+                false
             }
         }
     }

@@ -105,6 +105,12 @@ pub(crate) struct Args {
     /// for retried publishes to be acked.
     #[arg(long, default_value_t = 60)]
     settle_secs: u64,
+    /// The edges' position check interval (`--position-check-interval-ms`,
+    /// ADR 0044), seconds: once the traffic stopped, every socket waits at
+    /// least this long and a margin for nothing more to come, so a lost
+    /// last message the check repairs is in before the verdict.
+    #[arg(long, default_value_t = 15)]
+    position_check_secs: u64,
     /// Seconds the closed users' presence may take to expire (a session
     /// on a killed edge ends with its TTL).
     #[arg(long, default_value_t = 45)]
@@ -435,6 +441,14 @@ async fn talk(
     (acks, unacked)
 }
 
+/// How long a socket must have got nothing, once the traffic stopped,
+/// before its record is judged: longer than a reconnecting client's
+/// backoff between tries, and than the edges' position check interval
+/// plus its grace and a read (a lost last message comes by then).
+pub(crate) fn settle_quiet(position_check: Duration) -> Duration {
+    Duration::from_secs(8).max(position_check + Duration::from_secs(5))
+}
+
 /// Records every delivery and re-sync of one client until its events end
 /// or `done` fires and nothing came for `quiet`.
 async fn listen(
@@ -588,6 +602,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let gate = Arc::new(tokio::sync::Semaphore::new(a.target.concurrency.max(1)));
     let mut joins = Vec::new();
+    let quiet = settle_quiet(Duration::from_secs(a.position_check_secs));
     for (k, id) in ids.iter().enumerate() {
         let n = urls.len();
         let mut config = ClientConfig::new(urls[k % n].clone(), conn::token(&a.target.secret, id));
@@ -617,13 +632,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
             follows,
             ..SocketHistory::default()
         };
-        listeners.push(tokio::spawn(listen(
-            events,
-            h,
-            done_rx.clone(),
-            // Longer than a reconnecting client's backoff between tries.
-            Duration::from_secs(8),
-        )));
+        listeners.push(tokio::spawn(listen(events, h, done_rx.clone(), quiet)));
         users.push(Arc::new(User {
             id,
             client,
@@ -680,7 +689,8 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
     w.barrier("traffic-done", 0).await?;
     // Every socket gets the rest, until quiet.
     let _ = done_tx.send(true);
-    let settle = Instant::now() + Duration::from_secs(a.settle_secs);
+    // Each socket waits `quiet` at least: the whole settle takes longer.
+    let settle = Instant::now() + Duration::from_secs(a.settle_secs).max(quiet * 2);
     for l in listeners {
         match tokio::time::timeout_at(settle, l).await {
             Ok(h) => histories.sockets.push(h?),
@@ -760,6 +770,7 @@ pub(crate) async fn run(a: Args, w: &Worker) -> anyhow::Result<Report> {
         "redis_down_secs": a.redis_down_secs,
         "pause_secs": a.pause_secs,
         "recover_secs": a.recover_secs,
+        "position_check_secs": a.position_check_secs,
         "schedule": faults,
     });
     if w.is_first() {
@@ -839,6 +850,14 @@ mod tests {
                 recover: Duration::from_secs(10),
             },
         )
+    }
+
+    #[test]
+    fn the_settle_outlasts_the_edges_position_checks() {
+        // Issue #19: a lost last message is repaired by the next check.
+        assert_eq!(settle_quiet(Duration::from_secs(1)), Duration::from_secs(8));
+        let check = Duration::from_secs(15);
+        assert!(settle_quiet(check) >= check + Duration::from_secs(2));
     }
 
     #[test]

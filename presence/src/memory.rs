@@ -77,6 +77,15 @@ impl Devices {
         removed
     }
 
+    /// The node of one session.
+    fn get(&self, id: &str) -> Option<&String> {
+        match self {
+            Devices::One(one, node) if one == id => Some(node),
+            Devices::Many(m) => m.get(id),
+            _ => None,
+        }
+    }
+
     /// Keeps the sessions whose node passes `keep`.
     fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         match self {
@@ -166,6 +175,18 @@ impl PresenceStore for MemoryPresence {
         } else {
             Transition::BecameOnline
         })
+    }
+
+    async fn registered(&self, sessions: &[Session]) -> Result<Vec<bool>, PresenceError> {
+        Ok(sessions
+            .iter()
+            .map(|s| {
+                self.users
+                    .get(&s.user)
+                    .and_then(|e| e.sessions.get(&s.session_id).map(|n| *n == s.node))
+                    .unwrap_or(false)
+            })
+            .collect())
     }
 
     async fn unregister(&self, s: &Session, now_ms: i64) -> Result<Transition, PresenceError> {

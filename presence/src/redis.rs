@@ -294,6 +294,24 @@ impl PresenceStore for RedisPresence {
         })
     }
 
+    /// One pipeline of `HGET`s (on a Redis Cluster sent to their slots'
+    /// nodes concurrently).
+    async fn registered(&self, sessions: &[Session]) -> Result<Vec<bool>, PresenceError> {
+        if sessions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for s in sessions {
+            pipe.hget(sessions_key(&s.user), &s.session_id);
+        }
+        let nodes: Vec<Option<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(sessions
+            .iter()
+            .zip(nodes)
+            .map(|(s, n)| n.as_deref() == Some(s.node.as_str()))
+            .collect())
+    }
+
     async fn unregister(&self, s: &Session, now_ms: i64) -> Result<Transition, PresenceError> {
         let mut conn = self.conn.clone();
         let became: i64 = self

@@ -76,6 +76,10 @@ pub trait PresenceStore: Send + Sync + 'static {
         sessions: &[Session],
         now_ms: i64,
     ) -> Result<Vec<UserId>, PresenceError>;
+    /// Which of `sessions` the store holds, for their node, in the order
+    /// asked: a node's check that no registration was lost (a write a
+    /// Redis master acknowledged and died with before its replica had it).
+    async fn registered(&self, sessions: &[Session]) -> Result<Vec<bool>, PresenceError>;
     /// Status of many users in one call.
     async fn status(&self, users: &[UserId], now_ms: i64)
     -> Result<Vec<UserStatus>, PresenceError>;

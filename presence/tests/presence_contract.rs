@@ -62,6 +62,26 @@ async fn contract(p: Arc<dyn PresenceStore>) {
     let st = p.status(&[u("a")], 60).await.unwrap();
     assert_eq!((st[0].online, st[0].last_seen_ms), (false, 40));
 
+    // Which sessions the store holds, for their node, in the order asked.
+    p.register(&s("r1", "s1", "e1"), 60).await.unwrap();
+    p.register(&s("r2", "s2", "e2"), 60).await.unwrap();
+    p.register(&s("r2", "s3", "e2"), 60).await.unwrap();
+    let asked = [
+        s("r1", "s1", "e1"),
+        s("r1", "s1", "e2"),
+        s("r2", "s3", "e2"),
+        s("nobody", "s9", "e1"),
+        s("a", "s1", "e1"),
+    ];
+    assert_eq!(
+        p.registered(&asked).await.unwrap(),
+        [true, false, true, false, false]
+    );
+    assert!(p.registered(&[]).await.unwrap().is_empty());
+    for (user, id, node) in [("r1", "s1", "e1"), ("r2", "s2", "e2"), ("r2", "s3", "e2")] {
+        p.unregister(&s(user, id, node), 60).await.unwrap();
+    }
+
     // A crashed node: its lease runs out and its sessions expire once.
     p.node_heartbeat("dead", "", 100).await.unwrap();
     p.node_heartbeat("alive", "", 100).await.unwrap();

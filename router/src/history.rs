@@ -113,6 +113,16 @@ pub trait History: Send + Sync + 'static {
         since: Option<u64>,
         epoch: &str,
     ) -> Result<Recovery, HistoryError>;
+    /// Where each of `streams` stands (seq and epoch; 0 and "" without
+    /// history), in the order asked: the edge's position checks (ADR
+    /// 0044). A backend that can reads them all in one round trip.
+    async fn positions(&self, streams: &[StreamKey]) -> Result<Vec<StreamPosition>, HistoryError> {
+        let mut out = Vec::with_capacity(streams.len());
+        for s in streams {
+            out.push(self.recover(s, None, "").await?.position);
+        }
+        Ok(out)
+    }
     /// Streams currently held (a gauge).
     fn streams(&self) -> usize;
 }

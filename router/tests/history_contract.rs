@@ -114,6 +114,26 @@ async fn contract(h: Arc<dyn History>) {
     // Personal streams behave the same.
     let u = StreamKey::User(UserId::parse("carol").unwrap());
     assert_eq!(h.append(&u, draft("dave", "x")).await.unwrap().seq, 1);
+
+    // Positions, many streams at once (on a cluster, several slots), in
+    // the order asked; a stream without history stands at (0, "").
+    let asked = [chat("c1"), chat("never"), u.clone(), chat("other")];
+    let at: Vec<(u64, String)> = h
+        .positions(&asked)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.seq, p.epoch))
+        .collect();
+    assert_eq!((at[0].0, at[0].1.as_str()), (7, epoch.as_str()));
+    assert_eq!(at[1], (0, String::new()));
+    assert_eq!(at[2].0, 1);
+    assert_eq!(at[3].0, 1);
+    for (p, key) in at.iter().zip(&asked) {
+        let one = h.recover(key, None, "").await.unwrap().position;
+        assert_eq!(*p, (one.seq, one.epoch), "{key}");
+    }
+    assert!(h.positions(&[]).await.unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -441,15 +441,118 @@ fn a_possible_loss_reads_history_with_nothing_held() {
     assert_eq!((a.gap, a.next_read), (None, None));
 }
 
+/// Issue #19: a stream joined before its first message (no history, no
+/// epoch) whose seq 1 the bus lost. The sweep after the loss must read it.
 #[test]
-fn a_possible_loss_skips_a_stream_without_an_epoch() {
+fn a_possible_loss_reads_a_stream_without_an_epoch() {
     let t0 = Instant::now();
     let mut o = StreamOrder::new();
     o.on_position(0, "");
     assert_eq!(o.on_possible_loss(t0), Some(t0));
-    assert_eq!(o.due_read(), None, "nothing to compare against");
-    // The repair is over: the next loss claims the stream again.
+    let read = o.due_read().expect("a stream without history is read too");
+    assert_eq!(read.since, 0);
+    assert_eq!(read.epoch, "");
+    let a = o.on_history(answer([1], false), t0);
+    assert_eq!(seqs(&a.deliver), [1]);
+    assert_eq!((a.gap, a.next_read), (Some(Gap::Repaired), None));
+    // It took the epoch of its history: the next live frame follows on.
+    assert_eq!(next(&mut o, 2, t0), [2]);
+    // With still nothing in history, the read finds nothing and ends.
+    let mut o = StreamOrder::new();
+    o.on_position(0, "");
     assert_eq!(o.on_possible_loss(t0), Some(t0));
+    o.due_read().unwrap();
+    let nothing = Ok::<_, ()>(Recovery {
+        position: StreamPosition::default(),
+        frames: Vec::new(),
+    });
+    let a = o.on_history(nothing, t0);
+    assert_eq!((a.deliver.len(), a.gap, a.next_read), (0, None, None));
+    assert_eq!(o.on_possible_loss(t0), Some(t0), "the repair is over");
+}
+
+#[test]
+fn a_position_check_finds_a_lost_last_message() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    assert_eq!(next(&mut o, 6, t0), [6]);
+    assert!(!o.behind(6, "e"), "history stands where the stream does");
+    assert!(!o.behind(0, ""), "no history");
+    assert_eq!(o.on_behind(6, "e", t0), None);
+    // Seq 7 was stored and its frame lost; nothing followed it.
+    assert!(o.behind(7, "e"));
+    assert_eq!(o.on_behind(7, "e", t0), Some(t0));
+    assert_eq!(o.on_behind(7, "e", t0), None, "one repair at a time");
+    assert_eq!(o.due_read().unwrap().since, 6);
+    let a = o.on_history(answer([7], false), t0);
+    assert_eq!((seqs(&a.deliver), a.next_read), (vec![7], None));
+    assert!(!o.behind(7, "e"));
+    // A stream without history when it was joined: any seq is ahead.
+    let mut o = StreamOrder::new();
+    o.on_position(0, "");
+    assert!(o.behind(1, "e"));
+    assert_eq!(o.on_behind(1, "e", t0), Some(t0));
+    o.due_read().unwrap();
+    let a = o.on_history(answer([1], false), t0);
+    assert_eq!(seqs(&a.deliver), [1]);
+    assert!(!o.behind(1, "e"));
+}
+
+#[test]
+fn a_sweep_read_that_finds_history_down_is_tried_again() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    assert_eq!(o.on_possible_loss(t0), Some(t0));
+    assert_eq!(o.due_read().unwrap().since, 5);
+    let a = o.on_history(DOWN, t0);
+    assert_eq!(a.gap, Some(Gap::Retried));
+    let again = a.next_read.expect("read again after the back-off");
+    // Nothing is held: the read is still owed to the sweep.
+    assert_eq!(o.due_read().expect("read with nothing held").since, 5);
+    let a = o.on_history(answer([6], false), again);
+    assert_eq!((seqs(&a.deliver), a.next_read), (vec![6], None));
+}
+
+#[test]
+fn a_stream_still_joining_is_left_to_its_own_read() {
+    let t0 = Instant::now();
+    // Joined, its history read not back yet: the read will seed it, and a
+    // read since 0 now would hand the whole window to its sockets.
+    let mut o = StreamOrder::new();
+    assert!(!o.behind(7, "e"));
+    assert_eq!(o.on_behind(7, "e", t0), None);
+    assert_eq!(o.on_possible_loss(t0), Some(t0));
+    assert_eq!(o.due_read(), None);
+}
+
+#[test]
+fn a_position_check_in_another_epoch_reads_where_it_starts() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    // A failover fenced the stream at 32 and its new epoch's first frame,
+    // 33, was lost: history is in epoch "new", nothing arrived of it.
+    assert!(o.behind(33, "new"));
+    assert_eq!(o.on_behind(33, "new", t0), Some(t0));
+    let read = o.due_read().unwrap();
+    assert_eq!((read.since, read.epoch.as_str()), (0, "new"));
+    let a = o.on_history(answer_in("new", [33]), t0);
+    assert_eq!(seqs(&a.deliver), [33]);
+    assert_eq!(a.next_read, None);
+    assert!(!o.behind(33, "new"));
+}
+
+#[test]
+fn a_check_past_the_window_delivers_what_it_holds_and_catches_up() {
+    let t0 = Instant::now();
+    let mut o = at(5);
+    // 6..=9 were lost and the window now starts at 8.
+    assert_eq!(o.on_behind(9, "e", t0), Some(t0));
+    o.due_read().unwrap();
+    let a = o.on_history(answer([8, 9], true), t0);
+    assert_eq!(seqs(&a.deliver), [8, 9], "the client sees the skip now");
+    assert_eq!(a.gap, Some(Gap::Unrecoverable));
+    assert!(!o.behind(9, "e"), "the next check finds nothing to do");
+    assert_eq!(next(&mut o, 10, t0), [10]);
 }
 
 #[test]

@@ -24,6 +24,7 @@ mod limits;
 mod logs;
 mod nats_cluster;
 mod operate;
+mod positions;
 mod redis_modes;
 mod scenarios;
 mod stall;

@@ -435,6 +435,36 @@ impl History for RedisHistory {
         })
     }
 
+    /// One pipeline of two GETs per stream (on a Redis Cluster the
+    /// connection sends them to their slots' nodes concurrently).
+    async fn positions(&self, streams: &[StreamKey]) -> Result<Vec<StreamPosition>, HistoryError> {
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for stream in streams {
+            let p = prefix(stream);
+            pipe.get(format!("{p}:epoch")).get(format!("{p}:seq"));
+        }
+        let raw: Vec<Option<String>> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(raw
+            .chunks(2)
+            .map(|pair| StreamPosition {
+                epoch: pair[0].clone().unwrap_or_default(),
+                seq: pair
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+                ..Default::default()
+            })
+            .collect())
+    }
+
     fn streams(&self) -> usize {
         // Not tracked for Redis (the keyspace is shared by the cluster).
         0
