@@ -356,24 +356,6 @@ class SubscribeTest(unittest.TestCase):
         self.assertEqual(sorted(rec["cdf"]), ["round 1 (cold)", "round 2 (warm)"])
         self.assertIn(f"{br.PLOTS}/subscribe-latency-cdf.svg", br.plots_of("subscribe", rec))
 
-    def test_each_point_is_set_beside_the_floor_at_the_fleets_pacing(self):
-        floor = fanout_record()
-        floor["benchmark"] = "fleet-curve-floor"
-        floor["report"] = {"scenario": "floor", "params": {"sockets": 9000, "rate": 1, "payload_bytes": 135},
-                           "us_per_write": 10.0, "writes_per_cpu_second": 100_000.0}
-        fleet = fleet_curve_record(sockets=1_000_000, edges=55, cpu=40.0, posts=3)
-        fleet["benchmark"] = "fleet"
-        recs = {"fleet-curve-floor": floor, "fleet-curve-19000x4": fleet_curve_record(), "fleet": fleet}
-        lines = br.block_fleet_curve({"records": recs})
-        self.assertIn("10.00 µs", lines[0])
-        self.assertIn("at 1 round/s", lines[0])
-        # 47,500 per edge CPU-second is 21 µs per delivery: 48% of the floor's pace.
-        row = next(x for x in lines if x.startswith("| 19,000 | 4 |"))
-        self.assertIn("| 47,500 | 48% |", row)
-        measured, verdict = br.judged(recs, "fleet", br.fleet_cpu_row)
-        self.assertIn("75% of the loopback floor at the fleet's pacing, 100,000 writes per CPU-second", measured)
-        self.assertEqual(verdict, "**miss**")
-
     def test_its_block_and_runs_render_and_pass_the_check(self):
         repo = Repo()
         self.addCleanup(shutil.rmtree, repo.root)
@@ -433,24 +415,6 @@ class GrpcPublishTest(unittest.TestCase):
                                                    "grpc-publish": failed}})
         self.assertIn("| gRPC, unary `Publish` | **failed**: died during the run: router-0 |", "\n".join(lines))
         self.assertNotIn("Against HTTP", "\n".join(lines))
-
-    def test_each_point_is_set_beside_the_floor_at_the_fleets_pacing(self):
-        floor = fanout_record()
-        floor["benchmark"] = "fleet-curve-floor"
-        floor["report"] = {"scenario": "floor", "params": {"sockets": 9000, "rate": 1, "payload_bytes": 135},
-                           "us_per_write": 10.0, "writes_per_cpu_second": 100_000.0}
-        fleet = fleet_curve_record(sockets=1_000_000, edges=55, cpu=40.0, posts=3)
-        fleet["benchmark"] = "fleet"
-        recs = {"fleet-curve-floor": floor, "fleet-curve-19000x4": fleet_curve_record(), "fleet": fleet}
-        lines = br.block_fleet_curve({"records": recs})
-        self.assertIn("10.00 µs", lines[0])
-        self.assertIn("at 1 round/s", lines[0])
-        # 47,500 per edge CPU-second is 21 µs per delivery: 48% of the floor's pace.
-        row = next(x for x in lines if x.startswith("| 19,000 | 4 |"))
-        self.assertIn("| 47,500 | 48% |", row)
-        measured, verdict = br.judged(recs, "fleet", br.fleet_cpu_row)
-        self.assertIn("75% of the loopback floor at the fleet's pacing, 100,000 writes per CPU-second", measured)
-        self.assertEqual(verdict, "**miss**")
 
     def test_its_block_and_runs_render_and_pass_the_check(self):
         repo = Repo()
