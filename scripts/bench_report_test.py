@@ -431,6 +431,58 @@ class GrpcPublishTest(unittest.TestCase):
         self.assertEqual(br.differences(repo.root), [])
 
 
+def fuzz_record(target="frames", cpu=3650.0, dirty=False, result="ok", crash=None):
+    """A campaign record as scripts/fuzz writes it."""
+    return {
+        "target": target, "crate_dir": "edge/fuzz", "command": f"scripts/fuzz --minutes 60 --jobs 2 {target}",
+        "commit": "1" * 40, "dirty": dirty, "toolchain": "rustc test", "machine": {"cpus": 2, "kernel": "test"},
+        "started": "2026-12-05T18:00:00Z", "wall_seconds": 1900, "cpu_seconds": cpu, "cpu_budget_seconds": 3600,
+        "rounds": 2, "jobs": 2, "executions": 50_000_000, "corpus_before": 100, "corpus_after": 120,
+        "result": result, "crash_input": crash,
+    }
+
+
+class FuzzTest(unittest.TestCase):
+    def row(self, target, **kw):
+        lines = br.block_fuzz({"fuzz": {target: fuzz_record(target, **kw)}})
+        return next(l for l in lines if l.startswith(f"| `{target}` |"))
+
+    def test_an_hour_on_a_clean_tree_without_a_crash_is_of_record(self):
+        row = self.row("frames")
+        self.assertIn("| 3,650 (3,600) | 50,000,000 | 100 → 120 | **no crash** in at least one CPU-hour |", row)
+        self.assertIn("[frames](fuzz/frames.json)", row)
+
+    def test_short_dirty_and_crashed_campaigns_say_so(self):
+        self.assertIn("under the CPU-hour (1,800 CPU-s)", self.row("ids", cpu=1800.0))
+        self.assertIn("not of record (made on an uncommitted tree)", self.row("ids", dirty=True))
+        row = self.row("ids", result="failed", crash="artifacts/ids/crash-1")
+        self.assertIn("**crash**: `artifacts/ids/crash-1`", row)
+        self.assertNotIn("no crash", row)
+
+    def test_every_target_has_a_row_and_one_without_a_record_says_how_to_run_it(self):
+        lines = br.block_fuzz({"fuzz": {}})
+        self.assertEqual(len(lines), 2 + len(br.FUZZ_TARGETS))
+        self.assertIn("not run yet (`scripts/fuzz --minutes 60 --jobs 2 decode_server`)", "\n".join(lines))
+
+    def test_the_block_renders_from_the_records_and_a_changed_record_fails_the_check(self):
+        repo = Repo()
+        self.addCleanup(shutil.rmtree, repo.root)
+        os.makedirs(os.path.join(repo.root, br.FUZZ))
+        path = os.path.join(repo.root, br.FUZZ, "frames.json")
+        with open(path, "w") as f:
+            json.dump(fuzz_record(), f)
+        repo.render()
+        self.assertIn("**no crash** in at least one CPU-hour", repo.read("docs/benchmarks.md"))
+        self.assertEqual(br.differences(repo.root), [])
+        with open(path, "w") as f:
+            json.dump(fuzz_record(cpu=100.0), f)
+        self.assertTrue(br.differences(repo.root)[0].startswith("docs/benchmarks.md:"))
+        with open(os.path.join(repo.root, br.FUZZ, "ids.json"), "w") as f:
+            json.dump(fuzz_record("frames"), f)
+        with self.assertRaises(SystemExit):
+            br.differences(repo.root)
+
+
 class RecordTest(unittest.TestCase):
     def test_records_stay_compact(self):
         rec = fanout_record()
