@@ -483,6 +483,37 @@ class FuzzTest(unittest.TestCase):
             br.differences(repo.root)
 
 
+class SmallBaseTest(unittest.TestCase):
+    """The small run's ports: free, and outside the ephemeral range when
+    any base allows it (a port inside it can be taken between the check
+    and the bind)."""
+
+    def test_a_default_range_keeps_the_first_free_base(self):
+        self.assertEqual(br.small_base((32768, 60999), free=lambda p: True), 28000)
+
+    def test_a_widened_range_moves_every_port_below_it(self):
+        base = br.small_base((10000, 65000), free=lambda p: True)
+        self.assertEqual(base, 4900)
+        self.assertTrue(all(1024 <= p < 10000 for p in br.small_ports(base)))
+
+    def test_a_taken_port_skips_its_base_and_outside_bases_still_come_first(self):
+        taken = set(br.small_ports(4900))
+        base = br.small_base((10000, 65000), free=lambda p: p not in taken)
+        self.assertEqual(base, 6000)
+        self.assertFalse(any(10000 <= p <= 65000 for p in br.small_ports(base)))
+
+    def test_with_no_base_outside_the_range_the_first_free_one_is_taken(self):
+        self.assertEqual(br.small_base((1024, 65535), free=lambda p: p > 30000), 34600)
+        self.assertIsNone(br.small_base((1024, 65535), free=lambda p: False))
+
+    def test_the_ports_are_those_scripts_cluster_uses(self):
+        ports = br.small_ports(18000)
+        # NATS clients and routes, Redis data and bus, sentinels, router gRPC, standalone edge, routers, edges.
+        for p in (14222, 14232, 14242, 16379, 16384, 16389, 16399, 16404, 18050, 18060, 18070, 18080, 18089):
+            self.assertIn(p, ports)
+        self.assertEqual(len(ports), len(set(ports)))
+
+
 class RecordTest(unittest.TestCase):
     def test_records_stay_compact(self):
         rec = fanout_record()
