@@ -294,22 +294,20 @@ async fn serve(
         state.config.presence_ttl / 3,
         background.clone(),
     ));
-    // Cluster only: the memory bus loses nothing (ADR 0044).
-    let positions = state.config.cluster.is_some().then(|| {
-        tokio::spawn(
-            state
-                .hub
-                .clone()
-                .check_positions(state.config.position_check_interval, background.clone()),
-        )
-    });
-    let registrations = state.config.cluster.is_some().then(|| {
-        tokio::spawn(
-            state
-                .sessions
-                .clone()
-                .check_sessions(state.config.position_check_interval, background.clone()),
-        )
+    // Cluster only: the memory bus and store lose nothing (ADR 0044).
+    let checks = state.config.cluster.is_some().then(|| {
+        let every = state.config.position_check_interval;
+        let (hub, sessions, stop) = (
+            state.hub.clone(),
+            state.sessions.clone(),
+            background.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::join!(
+                hub.check_positions(every, stop.clone()),
+                sessions.check_sessions(every, stop),
+            );
+        })
     });
     shutdown.await;
     let stop = Stop::new(state.config.shutdown_grace);
@@ -336,13 +334,9 @@ async fn serve(
         stop.join("presence lease renewal", deadline, heartbeats),
         stop.join("presence sweep", deadline, sweeper),
         async {
-            if let Some(task) = positions {
-                stop.join("position checks", deadline, task).await;
-            }
-        },
-        async {
-            if let Some(task) = registrations {
-                stop.join("presence checks", deadline, task).await;
+            if let Some(task) = checks {
+                stop.join("position and presence checks", deadline, task)
+                    .await;
             }
         },
         async {

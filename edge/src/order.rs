@@ -437,30 +437,19 @@ impl StreamOrder {
                 // window still has goes out instead, and the stream stands
                 // where history does: clients see the skip now, and the
                 // next check does not find the stream behind again.
+                let mut stands_at = 0;
                 if self.pending.is_empty()
                     && let Ok(r) = other
                     && !r.position.epoch.is_empty()
                     && (self.epoch.is_empty() || self.epoch == r.position.epoch)
                 {
                     self.epoch = r.position.epoch;
+                    stands_at = r.position.seq;
                     for f in r.frames {
                         if let Some((_, seq)) = f.delivery_position() {
                             self.pending.insert(seq, f);
                         }
                     }
-                    let mut deliver = Vec::with_capacity(self.pending.len());
-                    for (seq, f) in std::mem::take(&mut self.pending) {
-                        if seq > self.last_seq {
-                            self.last_seq = seq;
-                            deliver.push(f);
-                        }
-                    }
-                    self.last_seq = self.last_seq.max(r.position.seq);
-                    return Answered {
-                        deliver,
-                        gap: Some(Gap::Unrecoverable),
-                        next_read: None,
-                    };
                 }
                 let mut deliver = Vec::with_capacity(self.pending.len());
                 for (seq, f) in std::mem::take(&mut self.pending) {
@@ -469,6 +458,7 @@ impl StreamOrder {
                         deliver.push(f);
                     }
                 }
+                self.last_seq = self.last_seq.max(stands_at);
                 Answered {
                     deliver,
                     gap: Some(Gap::Unrecoverable),

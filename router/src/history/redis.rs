@@ -454,12 +454,7 @@ impl History for RedisHistory {
             .chunks(2)
             .map(|pair| StreamPosition {
                 epoch: pair[0].clone().unwrap_or_default(),
-                seq: pair
-                    .get(1)
-                    .cloned()
-                    .flatten()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0),
+                seq: pair[1].as_deref().and_then(|s| s.parse().ok()).unwrap_or(0),
                 ..Default::default()
             })
             .collect())
