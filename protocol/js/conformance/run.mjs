@@ -70,7 +70,8 @@ for (const s of list) {
     },
     async tryConnect(name, o) {
       const user = h.user(name);
-      const backend = await driver.open((u, _why) => mint(u, o.ttlSecs ?? 3600));
+      // Tokens the client asks for later live refreshTtlSecs (default: as the first).
+      const backend = await driver.open((u, _why) => mint(u, o.refreshTtlSecs ?? o.ttlSecs ?? 3600));
       const r = await backend.connect({ user, token: mint(user, o.ttlSecs ?? 3600), encoding: client.encoding, ...o });
       if (r.ok) {
         const handle = new Handle(backend, user);
